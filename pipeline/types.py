@@ -1,0 +1,128 @@
+"""Frozen hand-off types between pipeline stages (units in the field names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.labels import LabelTable
+
+
+def _frozen_array(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a)
+    a.setflags(write=False)
+    return a
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A CT volume in Hounsfield units on a regular grid.
+
+    ``hu`` is float32 with axes ``(k, r, c)`` = (slice, row, column): ``hu[k]`` is the
+    k-th slice in ascending order along the slice normal (row direction x column
+    direction), ``hu[k, r, c]`` the pixel in row r and column c of that slice.
+
+    ``affine_lps`` (4x4, mm) maps the homogeneous index ``(k, r, c, 1)`` to a point
+    in the patient coordinate system (LPS, PS3.3 C.7.6.2.1.1):
+    column 0 = step between slices, column 1 = PixelSpacing[0] x column direction
+    (ImageOrientationPatient[3:6]), column 2 = PixelSpacing[1] x row direction
+    (ImageOrientationPatient[0:3]), column 3 = ImagePositionPatient of slice 0.
+
+    ``sop_instance_uids[k]`` is the source instance of slice k.
+    """
+
+    hu: np.ndarray
+    affine_lps: np.ndarray
+    frame_of_reference_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    sop_instance_uids: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.hu.ndim != 3:
+            raise ValueError(f"Volume.hu must be 3-D (k, r, c); shape is {self.hu.shape}")
+        if self.affine_lps.shape != (4, 4):
+            raise ValueError(f"Volume.affine_lps must be 4x4; shape is {self.affine_lps.shape}")
+        if len(self.sop_instance_uids) not in (0, self.hu.shape[0]):
+            raise ValueError(
+                f"Volume has {self.hu.shape[0]} slices but {len(self.sop_instance_uids)} source SOP Instance UIDs"
+            )
+        object.__setattr__(self, "hu", _frozen_array(self.hu))
+        object.__setattr__(self, "affine_lps", _frozen_array(np.asarray(self.affine_lps, dtype=np.float64)))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.hu.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing_mm(self) -> tuple[float, float, float]:
+        """Voxel size along (k, r, c) in mm."""
+        return tuple(float(np.linalg.norm(self.affine_lps[:3, i])) for i in range(3))  # type: ignore[return-value]
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in cm³ (= ml)."""
+        return float(abs(np.linalg.det(self.affine_lps[:3, :3]))) / 1000.0
+
+
+@dataclass(frozen=True)
+class PatientInfo:
+    """What the measurements and reports need about the patient (PHI: never log it)."""
+
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
+    patient_name: str = ""
+    birth_date: str = ""
+    sex: str = ""  # "F", "M", "O" or ""
+    age: str = ""  # PatientAge, e.g. "067Y"
+    height_m: float | None = None  # PatientSize
+    weight_kg: float | None = None  # PatientWeight
+
+
+@dataclass(frozen=True)
+class SelectedSeries:
+    """The series chosen from a study, and which rule decided it."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    paths: tuple[Path, ...]
+    rule: str  # human-readable: why this series won
+    description: str = ""  # SeriesDescription
+    convolution_kernel: str = ""
+    slice_thickness_mm: float | None = None
+    rejected: tuple[tuple[str, str], ...] = ()  # (SeriesInstanceUID, reason) for the others
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """A label map on a volume's grid.
+
+    ``label_map[k, r, c]`` is a structure id of ``labels`` (0 = background);
+    ``side_map`` is 0 (none), 1 (right) or 2 (left), the patient's side, split at the
+    midline; both have the volume's shape and axis order.
+    """
+
+    label_map: np.ndarray
+    side_map: np.ndarray
+    labels: LabelTable
+    model_name: str
+    model_version: str
+    affine_lps: np.ndarray = field(repr=False, default_factory=lambda: np.eye(4))
+
+    def __post_init__(self) -> None:
+        if self.label_map.shape != self.side_map.shape:
+            raise ValueError(
+                f"label_map shape {self.label_map.shape} differs from side_map shape {self.side_map.shape}"
+            )
+        object.__setattr__(self, "label_map", _frozen_array(self.label_map))
+        object.__setattr__(self, "side_map", _frozen_array(self.side_map))
+        object.__setattr__(self, "affine_lps", _frozen_array(np.asarray(self.affine_lps, dtype=np.float64)))
+
+
+SIDE_NONE = 0
+SIDE_RIGHT = 1
+SIDE_LEFT = 2
+SIDE_NAMES = {SIDE_NONE: "none", SIDE_RIGHT: "right", SIDE_LEFT: "left"}
