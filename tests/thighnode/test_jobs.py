@@ -1,0 +1,104 @@
+"""The durable job store: transitions, quiet period, reopening, crash recovery."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from thighnode.jobs import (
+    DECLINED,
+    DONE,
+    FAILED,
+    READY,
+    RECEIVED,
+    RUNNING,
+    JobStore,
+    JobStoreError,
+    StudyProgress,
+)
+
+S1 = "1.2.3.4"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> JobStore:
+    s = JobStore(tmp_path / "t.db")
+    yield s
+    s.close()
+
+
+def test_study_becomes_ready_after_quiet_period(store: JobStore) -> None:
+    assert store.sync([StudyProgress(S1, 100.0)], now=101.0, quiet_period_s=30) == []
+    (job,) = store.jobs(study_uid=S1)
+    assert job.state == RECEIVED
+    assert store.sync([StudyProgress(S1, 100.0)], now=129.9, quiet_period_s=30) == []
+    assert store.sync([StudyProgress(S1, 100.0)], now=130.0, quiet_period_s=30) == [job.id]
+    assert store.get(job.id).state == READY
+
+
+def test_late_instances_push_the_quiet_period_and_reopen_a_ready_study(store: JobStore) -> None:
+    store.sync([StudyProgress(S1, 100.0)], now=100.0, quiet_period_s=30)
+    store.sync([StudyProgress(S1, 120.0)], now=125.0, quiet_period_s=30)
+    (job,) = store.jobs(study_uid=S1)
+    assert job.state == RECEIVED and job.received_through == 120.0
+    store.sync([StudyProgress(S1, 120.0)], now=150.0, quiet_period_s=30)
+    assert store.get(job.id).state == READY
+    store.sync([StudyProgress(S1, 151.0)], now=152.0, quiet_period_s=30)
+    assert store.get(job.id).state == RECEIVED
+    assert "reopened" in store.get(job.id).reason
+    assert len(store.jobs(study_uid=S1)) == 1
+
+
+def test_instances_after_processing_create_a_new_job(store: JobStore) -> None:
+    store.sync([StudyProgress(S1, 100.0)], now=200.0, quiet_period_s=30)
+    job = store.claim_next(now=201.0)
+    assert job is not None and job.state == RUNNING and job.attempts == 1
+    store.finish(job.id, DONE, "ok", timings_s={"select": 0.1}, now=210.0)
+    store.sync([StudyProgress(S1, 300.0)], now=301.0, quiet_period_s=30)
+    jobs = store.jobs(study_uid=S1)
+    assert [j.state for j in jobs] == [RECEIVED, DONE]
+    assert f"after job {job.id}" in jobs[0].reason
+    assert store.get(job.id).timings_s == {"select": 0.1}
+
+
+def test_claim_is_exclusive_and_skips_studies_already_running(store: JobStore) -> None:
+    store.sync([StudyProgress(S1, 1.0), StudyProgress("1.2.3.5", 2.0)], now=100.0, quiet_period_s=1)
+    a = store.claim_next(now=100.0)
+    b = store.claim_next(now=100.0)
+    assert a is not None and b is not None and a.study_uid != b.study_uid
+    assert store.claim_next(now=100.0) is None
+
+
+def test_recover_puts_running_jobs_back_to_ready_and_logs_events(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    s = JobStore(db)
+    s.sync([StudyProgress(S1, 1.0)], now=100.0, quiet_period_s=1)
+    job = s.claim_next(now=100.0)
+    assert job is not None
+    s.close()  # a crash: the job stays running on disk
+    s2 = JobStore(db)
+    assert s2.get(job.id).state == RUNNING
+    assert s2.recover(now=200.0) == [job.id]
+    assert s2.get(job.id).state == READY
+    assert [e.to_state for e in s2.events(job.id)] == [RECEIVED, READY, RUNNING, READY]
+    again = s2.claim_next(now=201.0)
+    assert again is not None and again.id == job.id and again.attempts == 2
+    s2.finish(job.id, DECLINED, "gantry tilt 18.5 degrees", now=202.0)
+    assert s2.get(job.id).reason == "gantry tilt 18.5 degrees"
+    s2.close()
+
+
+def test_impossible_transitions_are_refused_with_a_clear_message(store: JobStore) -> None:
+    store.sync([StudyProgress(S1, 1.0)], now=100.0, quiet_period_s=1)
+    (job,) = store.jobs(study_uid=S1)
+    with pytest.raises(JobStoreError, match="expected state 'running', found 'ready'"):
+        store.finish(job.id, DONE, "x")
+    with pytest.raises(JobStoreError, match="must be one of"):
+        store.finish(job.id, READY, "x")
+    claimed = store.claim_next()
+    assert claimed is not None
+    store.finish(claimed.id, FAILED, "boom")
+    store.retry(claimed.id)
+    assert store.get(claimed.id).state == READY
+    assert store.counts() == {READY: 1}

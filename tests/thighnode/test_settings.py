@@ -1,0 +1,73 @@
+"""Configuration: defaults, file over defaults, environment overrides, validation messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from thighnode.settings import ConfigError, load_settings
+
+
+def test_defaults_load_and_match_documented_values(tmp_path: Path) -> None:
+    s = load_settings(environ={"THIGHNODE_HOME": str(tmp_path)})
+    assert s.node.ae_title == "THIGHNODE"
+    assert s.node.port == 11112
+    assert s.node.quiet_period_s == 30
+    assert s.node.data_dir == tmp_path / "var"
+    assert s.security.allowed_calling_aets == ()
+    assert s.destinations == ()
+    assert s.db_path == tmp_path / "var" / "thighnode.db"
+
+
+def test_file_overrides_defaults_and_keeps_the_rest(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(
+        '[node]\nport = 4000\n[security]\nallowed_calling_aets = ["CT1"]\nallowed_peers = ["10.1.0.0/16", "127.0.0.1"]\n'
+        '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 4242\n'
+    )
+    s = load_settings(cfg, environ={})
+    assert s.node.port == 4000
+    assert s.node.ae_title == "THIGHNODE"
+    assert s.security.allowed_calling_aets == ("CT1",)
+    assert s.security.allowed_peers == ("10.1.0.0/16", "127.0.0.1/32")
+    assert s.destination("pacs").port == 4242
+
+
+def test_environment_overrides_a_key(tmp_path: Path) -> None:
+    s = load_settings(
+        environ={
+            "THIGHNODE_NODE__PORT": "11113",
+            "THIGHNODE_NODE__AE_TITLE": "NODE2",
+            "THIGHNODE_SECURITY__ALLOWED_CALLING_AETS": '["A", "B"]',
+            "THIGHNODE_DESTINATIONS": '[{name = "p", ae_title = "P", host = "127.0.0.1", port = 104}]',
+        }
+    )
+    assert s.node.port == 11113
+    assert s.node.ae_title == "NODE2"
+    assert s.security.allowed_calling_aets == ("A", "B")
+    assert s.destinations[0].ae_title == "P"
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"THIGHNODE_NODE__PORT": "70000"}, "node.port = 70000: allowed 1..65535"),
+        ({"THIGHNODE_NODE__PORT": "abc"}, "node.port = 'abc': must be an integer"),
+        ({"THIGHNODE_NODE__AE_TITLE": "A" * 17}, "1 to 16 characters"),
+        ({"THIGHNODE_NODE__PROT": "1"}, "unknown key node.prot"),
+        ({"THIGHNODE_BOGUS__X": "1"}, "unknown section 'bogus'"),
+        ({"THIGHNODE_SECURITY__ALLOWED_PEERS": '["10.0.0.300"]'}, "allowed_peers[0] = '10.0.0.300'"),
+        ({"THIGHNODE_MODEL__DEVICE": "tpu"}, "model.device = 'tpu': allowed auto, cpu, cuda, cuda:N"),
+        ({"THIGHNODE_DESTINATIONS": '[{name = "p", host = "h", port = 1}]'}, "lacks the key 'ae_title'"),
+    ],
+)
+def test_invalid_values_name_key_value_and_allowed(env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ=env)
+    assert fragment in str(info.value)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml", environ={})

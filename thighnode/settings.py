@@ -1,0 +1,426 @@
+"""Node configuration: one TOML file plus ``THIGHNODE_*`` environment overrides.
+
+The defaults live in ``config/node.toml``. A file given with ``--config`` is read
+*over* those defaults (keys it leaves out keep their default). Then environment
+variables ``THIGHNODE_<SECTION>__<KEY>`` override single keys; their value is
+parsed as a TOML value (``11113``, ``true``, ``["CT1", "PACS"]``) and taken as
+a plain string when it is not valid TOML. ``THIGHNODE_DESTINATIONS`` takes a TOML
+array of inline tables.
+
+Everything is validated once, at start, and each message names the key, the value
+seen and what is allowed.
+
+Relative paths (``node.data_dir``, ``model.bundle``) are resolved against
+``THIGHNODE_HOME`` when set, else the current working directory; a relative
+bundle path that does not exist there is also looked up in the install root
+(where the demonstration bundle ships).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from node_errors import NodeError
+
+INSTALL_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG_PATH = INSTALL_ROOT / "config" / "node.toml"
+ENV_PREFIX = "THIGHNODE_"
+
+
+class ConfigError(NodeError):
+    """The configuration is invalid; the message names key, value and what is allowed."""
+
+
+# ---------------------------------------------------------------------------
+# Validators: each returns the normalised value or raises ConfigError.
+
+
+def _ae_title(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} = {value!r}: must be a string (an AE title)")
+    stripped = value.strip(" ")
+    if not 1 <= len(stripped) <= 16:
+        raise ConfigError(f"{key} = {value!r}: an AE title has 1 to 16 characters (PS3.5 6.2, VR AE)")
+    if any(ord(ch) < 0x20 or ord(ch) > 0x7E or ch == "\\" for ch in stripped):
+        raise ConfigError(
+            f"{key} = {value!r}: an AE title may hold printable ASCII characters except backslash (PS3.5 6.2)"
+        )
+    return stripped
+
+
+def _int_range(lo: int, hi: int | None = None) -> Callable[[str, Any], int]:
+    def check(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r}: must be an integer")
+        if value < lo or (hi is not None and value > hi):
+            allowed = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            raise ConfigError(f"{key} = {value!r}: allowed {allowed}")
+        return value
+
+    return check
+
+
+def _float_range(lo: float, hi: float | None = None, *, lo_open: bool = False) -> Callable[[str, Any], float]:
+    def check(key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} = {value!r}: must be a number")
+        value = float(value)
+        too_low = value <= lo if lo_open else value < lo
+        if too_low or (hi is not None and value > hi):
+            low = f"> {lo}" if lo_open else f">= {lo}"
+            allowed = f"{low} and <= {hi}" if hi is not None else low
+            raise ConfigError(f"{key} = {value!r}: allowed {allowed}")
+        return value
+
+    return check
+
+
+def _string(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key} = {value!r}: must be a non-empty string")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[str, Any], str]:
+    def check(key: str, value: Any) -> str:
+        if value not in choices:
+            raise ConfigError(f"{key} = {value!r}: allowed {', '.join(choices)}")
+        return value
+
+    return check
+
+
+def _device(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not (
+        value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())
+    ):
+        raise ConfigError(f"{key} = {value!r}: allowed auto, cpu, cuda, cuda:N")
+    return value
+
+
+def _host(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value or any(ch.isspace() for ch in value):
+        raise ConfigError(f"{key} = {value!r}: must be an IP address or host name")
+    return value
+
+
+def _ae_list(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key} = {value!r}: must be a list of AE titles, e.g. [\"CT1\", \"PACS\"]")
+    return tuple(_ae_title(f"{key}[{i}]", v) for i, v in enumerate(value))
+
+
+def _network_list(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key} = {value!r}: must be a list of addresses or networks, e.g. [\"10.0.0.0/8\"]")
+    out = []
+    for i, v in enumerate(value):
+        try:
+            out.append(str(ipaddress.ip_network(str(v), strict=False)))
+        except ValueError:
+            raise ConfigError(
+                f"{key}[{i}] = {v!r}: must be an IPv4/IPv6 address or network in CIDR form (e.g. 192.168.1.0/24)"
+            ) from None
+    return tuple(out)
+
+
+def _path(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key} = {value!r}: must be a path (string)")
+    return value
+
+
+# section -> key -> validator
+_SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
+    "node": {
+        "ae_title": _ae_title,
+        "host": _host,
+        "port": _int_range(1, 65535),
+        "data_dir": _path,
+        "quiet_period_s": _float_range(0.0),
+        "max_associations": _int_range(1, 1000),
+        "max_pdu_bytes": _int_range(0, 2**32 - 1),
+        "acse_timeout_s": _float_range(0.0, lo_open=True),
+        "dimse_timeout_s": _float_range(0.0, lo_open=True),
+        "network_timeout_s": _float_range(0.0, lo_open=True),
+        "min_free_disk_mb": _int_range(0),
+        "log_level": _choice("DEBUG", "INFO", "WARNING", "ERROR"),
+    },
+    "retention": {
+        "keep_received_days": _float_range(0.0),
+        "keep_outputs_days": _float_range(0.0),
+    },
+    "processing": {
+        "max_slice_thickness_mm": _float_range(0.0, lo_open=True),
+        "min_slices": _int_range(2),
+        "workers": _int_range(1, 16),
+        "job_timeout_s": _float_range(0.0, lo_open=True),
+    },
+    "model": {
+        "bundle": _path,
+        "device": _device,
+        "sw_batch_size": _int_range(1, 256),
+        "overlap": _float_range(0.0, 0.95),
+    },
+    "outbox": {
+        "send_interval_s": _float_range(0.0, lo_open=True),
+        "base_delay_s": _float_range(0.0),
+        "max_delay_s": _float_range(0.0),
+        "max_attempts": _int_range(1),
+    },
+    "security": {
+        "allowed_calling_aets": _ae_list,
+        "allowed_peers": _network_list,
+    },
+}
+
+_DESTINATION_SCHEMA: dict[str, Callable[[str, Any], Any]] = {
+    "name": _string,
+    "ae_title": _ae_title,
+    "host": _host,
+    "port": _int_range(1, 65535),
+}
+
+
+# ---------------------------------------------------------------------------
+# The settings objects.
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    ae_title: str
+    host: str
+    port: int
+    data_dir: Path
+    quiet_period_s: float
+    max_associations: int
+    max_pdu_bytes: int
+    acse_timeout_s: float
+    dimse_timeout_s: float
+    network_timeout_s: float
+    min_free_disk_mb: int
+    log_level: str
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    keep_received_days: float
+    keep_outputs_days: float
+
+
+@dataclass(frozen=True)
+class ProcessingSettings:
+    max_slice_thickness_mm: float
+    min_slices: int
+    workers: int
+    job_timeout_s: float
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    bundle: Path
+    device: str
+    sw_batch_size: int
+    overlap: float
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    send_interval_s: float
+    base_delay_s: float
+    max_delay_s: float
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    allowed_calling_aets: tuple[str, ...]
+    allowed_peers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DestinationSettings:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: NodeSettings
+    retention: RetentionSettings
+    processing: ProcessingSettings
+    model: ModelSettings
+    outbox: OutboxSettings
+    security: SecuritySettings
+    destinations: tuple[DestinationSettings, ...] = ()
+    sources: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.node.data_dir / "spool"
+
+    @property
+    def db_path(self) -> Path:
+        return self.node.data_dir / "thighnode.db"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.node.data_dir / "outputs"
+
+    def destination(self, name: str) -> DestinationSettings:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        known = ", ".join(d.name for d in self.destinations) or "none configured"
+        raise ConfigError(f"destination {name!r} is not configured; configured: {known}")
+
+
+# ---------------------------------------------------------------------------
+# Loading.
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any], source: str) -> dict[str, Any]:
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for section, value in over.items():
+        if section == "destinations":
+            merged["destinations"] = value
+            continue
+        if section not in _SCHEMA:
+            raise ConfigError(
+                f"{source}: unknown section [{section}]; allowed: {', '.join([*_SCHEMA, 'destinations'])}"
+            )
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        merged.setdefault(section, {}).update(value)
+    return merged
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == f"{ENV_PREFIX}HOME":
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        if rest == "destinations":
+            out["destinations"] = _parse_env_value(raw)
+            continue
+        if "__" not in rest:
+            raise ConfigError(
+                f"environment variable {name}: expected THIGHNODE_<SECTION>__<KEY>, e.g. THIGHNODE_NODE__PORT"
+            )
+        section, key = rest.split("__", 1)
+        if section not in _SCHEMA:
+            raise ConfigError(f"environment variable {name}: unknown section {section!r}; allowed: {', '.join(_SCHEMA)}")
+        out.setdefault(section, {})[key] = _parse_env_value(raw)
+    return out
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def load_settings(
+    path: Path | str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read the defaults, then ``path`` (if given), then environment overrides; validate."""
+    environ = os.environ if environ is None else environ
+    sources = [str(DEFAULT_CONFIG_PATH)]
+    data = _read_toml(DEFAULT_CONFIG_PATH)
+    if path is not None:
+        path = Path(path)
+        data = _merge(data, _read_toml(path), str(path))
+        sources.append(str(path))
+    env = _env_overrides(environ)
+    if env:
+        data = _merge(data, env, "environment")
+        sources.append("environment")
+
+    values: dict[str, dict[str, Any]] = {}
+    for section, schema in _SCHEMA.items():
+        given = data.get(section, {})
+        unknown = sorted(set(given) - set(schema))
+        if unknown:
+            raise ConfigError(
+                f"unknown key {section}.{unknown[0]}; allowed keys in [{section}]: {', '.join(schema)}"
+            )
+        missing = [k for k in schema if k not in given]
+        if missing:
+            raise ConfigError(f"missing key {section}.{missing[0]} (no default found in {DEFAULT_CONFIG_PATH})")
+        values[section] = {k: check(f"{section}.{k}", given[k]) for k, check in schema.items()}
+
+    destinations = []
+    raw_dests = data.get("destinations", [])
+    if not isinstance(raw_dests, list):
+        raise ConfigError(f"destinations = {raw_dests!r}: must be an array of tables ([[destinations]])")
+    for i, dest in enumerate(raw_dests):
+        if not isinstance(dest, dict):
+            raise ConfigError(f"destinations[{i}] = {dest!r}: must be a table with name, ae_title, host, port")
+        unknown = sorted(set(dest) - set(_DESTINATION_SCHEMA))
+        if unknown:
+            raise ConfigError(
+                f"unknown key destinations[{i}].{unknown[0]}; allowed: {', '.join(_DESTINATION_SCHEMA)}"
+            )
+        missing = [k for k in _DESTINATION_SCHEMA if k not in dest]
+        if missing:
+            raise ConfigError(f"destinations[{i}] lacks the key {missing[0]!r} (name, ae_title, host, port are required)")
+        destinations.append(
+            DestinationSettings(**{k: check(f"destinations[{i}].{k}", dest[k]) for k, check in _DESTINATION_SCHEMA.items()})
+        )
+    names = [d.name for d in destinations]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"destinations: names must be unique; saw {names}")
+
+    base = Path(environ.get(f"{ENV_PREFIX}HOME") or os.getcwd())
+    node = dict(values["node"])
+    node["data_dir"] = _resolve(base, node["data_dir"])
+    model = dict(values["model"])
+    bundle = _resolve(base, model["bundle"])
+    if not bundle.exists() and not Path(model["bundle"]).is_absolute():
+        bundle = INSTALL_ROOT / model["bundle"]
+    model["bundle"] = bundle
+    if values["outbox"]["max_delay_s"] < values["outbox"]["base_delay_s"]:
+        raise ConfigError(
+            f"outbox.max_delay_s = {values['outbox']['max_delay_s']}: must be >= outbox.base_delay_s "
+            f"({values['outbox']['base_delay_s']})"
+        )
+
+    return Settings(
+        node=NodeSettings(**node),
+        retention=RetentionSettings(**values["retention"]),
+        processing=ProcessingSettings(**values["processing"]),
+        model=ModelSettings(**model),
+        outbox=OutboxSettings(**values["outbox"]),
+        security=SecuritySettings(**values["security"]),
+        destinations=tuple(destinations),
+        sources=tuple(sources),
+    )
