@@ -177,6 +177,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "base_delay_s": _float_range(0.0),
         "max_delay_s": _float_range(0.0),
         "max_attempts": _int_range(1),
+        "max_age_days": _float_range(0.0, lo_open=True),
     },
     "security": {
         "allowed_calling_aets": _ae_list,
@@ -240,6 +241,7 @@ class OutboxSettings:
     base_delay_s: float
     max_delay_s: float
     max_attempts: int
+    max_age_days: float
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,43 @@
+# thighnode: the two set-up commands are `make serve` and `make test` (see README).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+CONFIG ?=
+PYTEST_ARGS ?=
+
+.PHONY: install serve test bench demo train-demo evaluate-demo clean
+
+# A venv with the pinned torch first (the CPU build on a CPU host, CUDA on a GPU host),
+# then the project with its test extras.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Run the node on its embedded default: SQLite and folders under ./var, CPU if no GPU.
+serve: install
+	$(BIN)/thighnode serve $(if $(CONFIG),--config $(CONFIG))
+
+test: install
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/bench_ingress.py
+	$(BIN)/python bench/bench_inference.py
+
+# Train the shipped demonstration bundle from phantoms (fixed seed; see README).
+train-demo: install
+	$(BIN)/thighnode train config/train_demo.toml
+
+evaluate-demo: install
+	$(BIN)/thighnode evaluate --bundle bundles/thighnode_demo --phantoms 6 --seed 9000
+
+demo: install
+	$(BIN)/python deploy/demo.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

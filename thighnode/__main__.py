@@ -1,0 +1,5 @@
+import sys
+
+from thighnode.cli import main
+
+sys.exit(main())

@@ -1,0 +1,256 @@
+"""The running node: ingress, the scheduler (assembly, dispatch, outbox, retention) and workers.
+
+Exactly one node process may use a data directory: :class:`Node` takes an
+exclusive ``flock`` on ``<data_dir>/thighnode.lock``, so the APScheduler jobs
+(assembly, outbox sending with backoff, retention) run in one process only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import IO
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from dicomout.outbox import Outbox, RetryPolicy, send_pending
+from dicomout.sender import Destination
+from node_errors import NodeError
+from scp.ae import IngressServer, start_ingress
+from scp.index import InstanceIndex
+from scp.types import IngressConfig
+from thighnode.jobs import FINAL_STATES, Job, JobStore, StudyProgress
+from thighnode.settings import Settings
+from thighnode.workflow import SegmenterLike, Workflow
+
+log = logging.getLogger(__name__)
+
+
+class NodeStartError(NodeError):
+    """The node cannot start (data directory locked, model bundle invalid, port busy...)."""
+
+
+def destinations_of(settings: Settings) -> dict[str, Destination]:
+    """The configured destinations as the sender's type."""
+    return {
+        d.name: Destination(
+            name=d.name,
+            ae_title=d.ae_title,
+            host=d.host,
+            port=d.port,
+            calling_ae_title=settings.node.ae_title,
+            timeout_s=settings.node.dimse_timeout_s,
+        )
+        for d in settings.destinations
+    }
+
+
+def ingress_config_of(settings: Settings) -> IngressConfig:
+    return IngressConfig(
+        ae_title=settings.node.ae_title,
+        host=settings.node.host,
+        port=settings.node.port,
+        spool_dir=settings.spool_dir,
+        db_path=settings.db_path,
+        allowed_calling_aets=settings.security.allowed_calling_aets,
+        allowed_peers=settings.security.allowed_peers,
+        min_free_disk_mb=settings.node.min_free_disk_mb,
+        acse_timeout_s=settings.node.acse_timeout_s,
+        dimse_timeout_s=settings.node.dimse_timeout_s,
+        network_timeout_s=settings.node.network_timeout_s,
+        maximum_pdu_size=settings.node.max_pdu_bytes,
+        maximum_associations=settings.node.max_associations,
+    )
+
+
+def retry_policy_of(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(
+        base_delay_s=max(settings.outbox.base_delay_s, 0.001),
+        max_delay_s=max(settings.outbox.max_delay_s, settings.outbox.base_delay_s, 0.001),
+        max_attempts=settings.outbox.max_attempts,
+        max_age_s=settings.outbox.max_age_days * 86400.0,
+    )
+
+
+class Node:
+    """Ingress + scheduler + workers over one data directory."""
+
+    def __init__(self, settings: Settings, *, load_model: bool = True) -> None:
+        self.settings = settings
+        self._load_model = load_model
+        self._lock_file: IO[str] | None = None
+        self._segmenter: SegmenterLike | None = None
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.index: InstanceIndex | None = None
+        self.jobs: JobStore | None = None
+        self.outbox: Outbox | None = None
+        self._ingress: IngressServer | None = None
+        self._scheduler: BackgroundScheduler | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._workflow: Workflow | None = None
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        s = self.settings
+        s.node.data_dir.mkdir(parents=True, exist_ok=True)
+        s.spool_dir.mkdir(parents=True, exist_ok=True)
+        s.outputs_dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        t0 = time.perf_counter()
+        self.index = InstanceIndex(s.db_path)
+        self.jobs = JobStore(s.db_path)
+        self.outbox = Outbox(s.db_path, retry_policy_of(s))
+        recovered = self.jobs.recover()
+        if recovered:
+            log.info("resumed %d job(s) left running by the previous process: %s", len(recovered), recovered)
+        if self._load_model:
+            self._segmenter = self._build_segmenter()
+        self._workflow = Workflow(s, self.index, lambda: self._segmenter)
+        self._executor = ThreadPoolExecutor(max_workers=s.processing.workers, thread_name_prefix="job")
+        self._ingress = start_ingress(ingress_config_of(s), self.index)
+        tick_s = max(0.2, min(1.0, s.node.quiet_period_s / 4 or 0.2))
+        self._scheduler = BackgroundScheduler(timezone="UTC")
+        self._scheduler.add_job(self.tick, "interval", seconds=tick_s, id="assemble", max_instances=1, coalesce=True)
+        self._scheduler.add_job(
+            self.send_outbox, "interval", seconds=s.outbox.send_interval_s, id="outbox", max_instances=1, coalesce=True
+        )
+        self._scheduler.add_job(self.purge, "interval", hours=1, id="retention", max_instances=1, coalesce=True)
+        self._scheduler.start()
+        log.info(
+            "node %s listening on %s:%d, data in %s, started in %.2f s",
+            s.node.ae_title, s.node.host, s.node.port, s.node.data_dir, time.perf_counter() - t0,
+        )
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=True)
+            self._scheduler = None
+        if self._ingress is not None:
+            self._ingress.stop()
+            self._ingress = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        for store in (self.index, self.jobs, self.outbox):
+            close = getattr(store, "close", None)
+            if close is not None:
+                close()
+        self._release_lock()
+        log.info("node stopped")
+
+    def _take_lock(self) -> None:
+        path = self.settings.node.data_dir / "thighnode.lock"
+        f = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise NodeStartError(
+                f"data directory {self.settings.node.data_dir} is in use by another thighnode process "
+                f"(lock {path} is held); one node process per data directory"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._lock_file = f
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    def _build_segmenter(self) -> SegmenterLike:
+        from pipeline.bundle import load_bundle
+        from pipeline.inference import Segmenter
+        from pipeline.labels import load_label_table
+
+        m = self.settings.model
+        t = time.perf_counter()
+        try:
+            bundle = load_bundle(m.bundle, load_label_table(), device=m.device)
+        except NodeError as exc:
+            raise NodeStartError(f"model bundle {m.bundle} cannot be used: {exc.message}") from exc
+        segmenter = Segmenter(bundle, device=m.device, sw_batch_size=m.sw_batch_size, overlap=m.overlap)
+        log.info("model %s %s loaded in %.2f s", bundle.name, bundle.version, time.perf_counter() - t)
+        return segmenter
+
+    # -- scheduled work -----------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Assembly: create/reopen jobs, promote quiet studies, hand ready jobs to free workers."""
+        assert self.index is not None and self.jobs is not None and self._executor is not None
+        try:
+            progress = [StudyProgress(a.study_instance_uid, a.last_received_at) for a in self.index.activity()]
+            self.jobs.sync(progress, time.time(), self.settings.node.quiet_period_s)
+            while not self._stopping.is_set():
+                with self._busy_lock:
+                    if self._busy >= self.settings.processing.workers:
+                        return
+                    job = self.jobs.claim_next()
+                    if job is None:
+                        return
+                    self._busy += 1
+                self._executor.submit(self._run_job, job)
+        except Exception:  # noqa: BLE001 - a scheduler job must not die
+            log.exception("assembly tick failed")
+
+    def _run_job(self, job: Job) -> None:
+        assert self._workflow is not None and self.jobs is not None
+        try:
+            outcome = self._workflow.run(job)
+            self.jobs.finish(
+                job.id, outcome.state, outcome.reason,
+                series_uid=outcome.series_uid, timings_s=outcome.timings_s, result=outcome.result,
+            )
+        except Exception:  # noqa: BLE001
+            log.exception("job %d: could not record its outcome", job.id)
+        finally:
+            with self._busy_lock:
+                self._busy -= 1
+
+    def send_outbox(self) -> int:
+        assert self.outbox is not None
+        try:
+            return send_pending(self.outbox, destinations_of(self.settings))
+        except Exception:  # noqa: BLE001
+            log.exception("outbox run failed")
+            return 0
+
+    def purge(self, now: float | None = None) -> int:
+        """Retention: delete spooled files of studies idle for longer than keep_received_days
+        whose jobs are all final. Returns the number of studies purged."""
+        assert self.index is not None and self.jobs is not None
+        now = time.time() if now is None else now
+        horizon = now - self.settings.retention.keep_received_days * 86400.0
+        purged = 0
+        for activity in self.index.activity():
+            if activity.last_received_at > horizon:
+                continue
+            jobs = self.jobs.jobs(study_uid=activity.study_instance_uid)
+            if any(j.state not in FINAL_STATES for j in jobs):
+                continue
+            study_dir = self.settings.spool_dir / activity.study_instance_uid
+            forget = getattr(self.index, "forget", None)
+            if forget is not None:
+                forget(activity.study_instance_uid)
+            shutil.rmtree(study_dir, ignore_errors=True)
+            purged += 1
+            log.info("retention: purged study %s (idle since %.0f)", activity.study_instance_uid, activity.last_received_at)
+        return purged
+
+    def wait(self) -> None:
+        """Block until :meth:`stop` is called from a signal handler."""
+        while not self._stopping.wait(1.0):
+            pass
+
