@@ -1,0 +1,600 @@
+"""C-STORE SCU: send DICOM files to a configured destination (and C-ECHO it).
+
+Implements the SCU side of the Storage Service Class (PS3.4 Annex B) and the
+Verification Service Class (PS3.4 Annex A) over one association per batch
+(PS3.8 7.1). Presentation contexts are negotiated as in PS3.8 9.3.2.2 / 7.1.1.13:
+for each SOP Class in the batch we propose
+
+* one context with the uncompressed syntaxes: the files' own native little-endian
+  syntax(es) first, then Explicit VR Little Endian and Implicit VR Little Endian
+  as fallbacks (pynetdicom re-encodes between them);
+* one context per compressed (or big-endian) transfer syntax seen for that class,
+  so that compressed objects travel as they are.
+
+If the peer accepts a SOP Class only uncompressed, a compressed object is
+decompressed with pydicom before it is sent (so the uncompressed context is also
+proposed for classes whose files are all compressed). A class for which the peer
+accepts no context at all is reported per object as *refused*, permanently;
+nothing of it is sent and the rest of the batch goes on. At most 128 contexts are
+proposed per association (PS3.8 9.3.2.2); larger plans are split over several
+associations.
+
+Per-object failures are returned as :class:`SendResult` with ``ok=False``, never
+raised; so are association failures (every object of the batch then carries the
+same transient error naming the destination).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, VERIFICATION_SERVICE_CLASS_STATUS
+
+from dicomout.errors import DestinationError, SendError
+
+LOGGER = logging.getLogger(__name__)
+
+# --- DIMSE statuses (PS3.7 Annex C, PS3.4 B.2.3) -----------------------------------
+STATUS_SUCCESS = 0x0000
+#: Warning: Attribute List Error (PS3.7 C.4.2); the object was stored.
+STATUS_WARNING_ATTRIBUTE_LIST = 0x0001
+#: Storage warnings (coercion of data elements, elements discarded, data set does
+#: not match SOP Class ...) lie in this range (PS3.4 B.2.3); the object was stored.
+STATUS_WARNING_FIRST = 0xB000
+STATUS_WARNING_LAST = 0xBFFF
+#: Refused: Out of Resources (PS3.4 B.2.3) - transient.
+STATUS_OUT_OF_RESOURCES_FIRST = 0xA700
+STATUS_OUT_OF_RESOURCES_LAST = 0xA7FF
+#: Error: Data Set does not match SOP Class (PS3.4 B.2.3) - permanent.
+STATUS_DATASET_MISMATCH_FIRST = 0xA900
+STATUS_DATASET_MISMATCH_LAST = 0xA9FF
+#: Error: Cannot understand (PS3.4 B.2.3) - permanent.
+STATUS_CANNOT_UNDERSTAND_FIRST = 0xC000
+STATUS_CANNOT_UNDERSTAND_LAST = 0xCFFF
+#: Refused: SOP Class not supported (PS3.7 C.5.20) - permanent.
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+#: Failure: Invalid SOP Instance (PS3.7 C.5.8) - permanent.
+STATUS_INVALID_SOP_INSTANCE = 0x0117
+#: Refused: Not Authorized (PS3.7 C.5.21) - permanent until someone reconfigures the peer.
+STATUS_NOT_AUTHORIZED = 0x0124
+#: Failure: Duplicate SOP Instance (PS3.7 C.5.9) - permanent.
+STATUS_DUPLICATE_SOP_INSTANCE = 0x0111
+
+#: PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255, so 128 at most.
+MAX_PRESENTATION_CONTEXTS = 128
+
+_PERMANENT_STATUSES = frozenset(
+    {
+        STATUS_SOP_CLASS_NOT_SUPPORTED,
+        STATUS_INVALID_SOP_INSTANCE,
+        STATUS_NOT_AUTHORIZED,
+        STATUS_DUPLICATE_SOP_INSTANCE,
+    }
+)
+_FALLBACK_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+def is_stored(status: int) -> bool:
+    """True for Success (0x0000) and Warning (0x0001, 0xB000-0xBFFF) C-STORE statuses."""
+    return (
+        status == STATUS_SUCCESS
+        or status == STATUS_WARNING_ATTRIBUTE_LIST
+        or STATUS_WARNING_FIRST <= status <= STATUS_WARNING_LAST
+    )
+
+
+def is_permanent_failure(status: int) -> bool:
+    """True when a failed C-STORE status means retrying the same object cannot help."""
+    return (
+        status in _PERMANENT_STATUSES
+        or STATUS_DATASET_MISMATCH_FIRST <= status <= STATUS_DATASET_MISMATCH_LAST
+        or STATUS_CANNOT_UNDERSTAND_FIRST <= status <= STATUS_CANNOT_UNDERSTAND_LAST
+    )
+
+
+def describe_status(status: int) -> str:
+    """``0xA700 (Refused: Out of Resources)`` style text for logs and errors."""
+    known = STORAGE_SERVICE_CLASS_STATUS.get(status) or VERIFICATION_SERVICE_CLASS_STATUS.get(status)
+    if known is None:
+        for first, last, text in (
+            (STATUS_WARNING_FIRST, STATUS_WARNING_LAST, "Warning"),
+            (STATUS_OUT_OF_RESOURCES_FIRST, STATUS_OUT_OF_RESOURCES_LAST, "Refused: Out of Resources"),
+            (STATUS_DATASET_MISMATCH_FIRST, STATUS_DATASET_MISMATCH_LAST, "Error: Data Set does not match SOP Class"),
+            (STATUS_CANNOT_UNDERSTAND_FIRST, STATUS_CANNOT_UNDERSTAND_LAST, "Error: Cannot understand"),
+        ):
+            if first <= status <= last:
+                return f"0x{status:04X} ({text})"
+        return f"0x{status:04X}"
+    return f"0x{status:04X} ({known[1] or known[0]})"
+
+
+# --- destination ---------------------------------------------------------------------
+def _check_ae_title(field_name: str, value: str) -> None:
+    """AE VR (PS3.5 6.2): 1-16 characters of the default repertoire, no backslash or
+    control characters, not only spaces (leading/trailing spaces are insignificant)."""
+    allowed = "1-16 printable ASCII characters, no backslash, not blank"
+    if not isinstance(value, str):
+        raise DestinationError(f"Destination.{field_name} must be a string; got {value!r} (allowed: {allowed})")
+    if not value.strip():
+        raise DestinationError(f"Destination.{field_name} is blank: {value!r} (allowed: {allowed})")
+    if len(value) > 16:
+        raise DestinationError(
+            f"Destination.{field_name} {value!r} has {len(value)} characters (allowed: {allowed})"
+        )
+    bad = [c for c in value if not (0x20 <= ord(c) <= 0x7E) or c == "\\"]
+    if bad:
+        raise DestinationError(
+            f"Destination.{field_name} {value!r} contains {''.join(bad)!r} (allowed: {allowed})"
+        )
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A remote DICOM AE that receives our objects (a PACS, a viewer, Orthanc).
+
+    ``timeout_s`` bounds the TCP connect, the association negotiation (ACSE) and
+    each DIMSE response. ``max_pdu`` is the maximum PDU length we are willing to
+    receive (PS3.8 D.1.1); 0 means unlimited.
+    """
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    calling_ae_title: str = "THIGHNODE"
+    timeout_s: float = 30.0
+    max_pdu: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise DestinationError(f"Destination.name must be a non-empty string; got {self.name!r}")
+        _check_ae_title("ae_title", self.ae_title)
+        _check_ae_title("calling_ae_title", self.calling_ae_title)
+        if not isinstance(self.host, str) or not self.host.strip() or any(c.isspace() for c in self.host):
+            raise DestinationError(
+                f"Destination.host of {self.name!r} is {self.host!r} (allowed: a host name or IP address)"
+            )
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
+            raise DestinationError(
+                f"Destination.port of {self.name!r} is {self.port!r} (allowed: an integer 1-65535)"
+            )
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
+            raise DestinationError(
+                f"Destination.timeout_s of {self.name!r} is {self.timeout_s!r} (allowed: a number > 0)"
+            )
+        if (
+            isinstance(self.max_pdu, bool)
+            or not isinstance(self.max_pdu, int)
+            or not (self.max_pdu == 0 or 4096 <= self.max_pdu <= 0xFFFFFFFF)
+        ):
+            raise DestinationError(
+                f"Destination.max_pdu of {self.name!r} is {self.max_pdu!r} "
+                "(allowed: 0 for unlimited, or 4096-4294967295 bytes)"
+            )
+
+    @property
+    def label(self) -> str:
+        """``PACS (PACS@127.0.0.1:4242)``: how the destination is named in messages."""
+        return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
+
+
+# --- results ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SendResult:
+    """Outcome of sending one file.
+
+    ``ok`` is true only for a Success or Warning status. ``permanent`` says, for a
+    failure, that retrying the same object to the same destination cannot help.
+    ``transfer_syntax_uid`` is the syntax of the accepted context used (empty when
+    nothing was sent).
+    """
+
+    path: Path
+    sop_instance_uid: str
+    sop_class_uid: str
+    status: int | None
+    ok: bool
+    error: str = ""
+    permanent: bool = False
+    transfer_syntax_uid: str = ""
+
+    def to_error(self, destination: str, *, job_id: int | None = None, study_uid: str | None = None) -> SendError | None:
+        """The failure as a :class:`SendError` (None when the object was stored)."""
+        if self.ok:
+            return None
+        return SendError(
+            self.error,
+            destination=destination,
+            status=self.status,
+            permanent=self.permanent,
+            job_id=job_id,
+            study_uid=study_uid,
+        )
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    """Outcome of a C-ECHO (PS3.4 Annex A) to a destination."""
+
+    destination: str
+    ok: bool
+    status: int | None
+    error: str = ""
+    duration_s: float = 0.0
+
+
+# --- planning --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _ObjectHeader:
+    """What the plan needs from a file (read without its pixel data)."""
+
+    index: int
+    path: Path
+    sop_class_uid: UID
+    sop_instance_uid: str
+    transfer_syntax_uid: UID
+
+
+def _needs_own_syntax(ts: UID) -> bool:
+    """Compressed or big-endian objects cannot be re-encoded by pynetdicom."""
+    return ts.is_compressed or not ts.is_little_endian
+
+
+@dataclass(frozen=True)
+class PresentationContextPlan:
+    """One presentation context to propose: an abstract syntax and its transfer syntaxes."""
+
+    sop_class_uid: str
+    transfer_syntax_uids: tuple[str, ...]
+
+
+def plan_contexts(objects: Sequence[tuple[str, str]]) -> list[PresentationContextPlan]:
+    """The presentation contexts for ``(sop_class_uid, transfer_syntax_uid)`` pairs.
+
+    Per SOP Class: one uncompressed context (the native little-endian syntaxes seen,
+    then Explicit VR LE, then Implicit VR LE) and one context per compressed or
+    big-endian syntax seen. Order follows first appearance.
+    """
+    native: dict[str, list[UID]] = {}
+    own: dict[str, list[UID]] = {}
+    for sop_class, ts_text in objects:
+        ts = UID(ts_text)
+        native.setdefault(sop_class, [])
+        own.setdefault(sop_class, [])
+        bucket = own[sop_class] if _needs_own_syntax(ts) else native[sop_class]
+        if ts not in bucket:
+            bucket.append(ts)
+    plans: list[PresentationContextPlan] = []
+    for sop_class in native:
+        syntaxes: list[UID] = list(native[sop_class])
+        syntaxes += [ts for ts in _FALLBACK_SYNTAXES if ts not in syntaxes]
+        plans.append(PresentationContextPlan(sop_class, tuple(str(ts) for ts in syntaxes)))
+        plans += [PresentationContextPlan(sop_class, (str(ts),)) for ts in own[sop_class]]
+    return plans
+
+
+def _chunk_by_contexts(headers: list[_ObjectHeader]) -> Iterator[tuple[list[_ObjectHeader], list[PresentationContextPlan]]]:
+    """Split the batch so that no association proposes more than 128 contexts; all
+    files of one SOP Class stay in the same association."""
+    by_class: dict[str, list[_ObjectHeader]] = {}
+    for header in headers:
+        by_class.setdefault(str(header.sop_class_uid), []).append(header)
+    chunk: list[_ObjectHeader] = []
+    contexts: list[PresentationContextPlan] = []
+    for members in by_class.values():
+        plan = plan_contexts([(str(h.sop_class_uid), str(h.transfer_syntax_uid)) for h in members])
+        if contexts and len(contexts) + len(plan) > MAX_PRESENTATION_CONTEXTS:
+            yield chunk, contexts
+            chunk, contexts = [], []
+        chunk += members
+        contexts += plan[:MAX_PRESENTATION_CONTEXTS]
+    if chunk:
+        yield chunk, contexts
+
+
+def _read_header(index: int, path: Path) -> _ObjectHeader | SendResult:
+    """The header of a Part 10 file, or a permanent failure result."""
+    try:
+        ds = dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
+        return SendResult(path, "", "", None, False, f"cannot read {path} as a DICOM Part 10 file: {exc}", True)
+    meta = getattr(ds, "file_meta", None)
+    ts = getattr(meta, "TransferSyntaxUID", None)
+    sop_class = ds.get("SOPClassUID") or getattr(meta, "MediaStorageSOPClassUID", None)
+    sop_instance = ds.get("SOPInstanceUID") or getattr(meta, "MediaStorageSOPInstanceUID", None)
+    missing = [
+        name
+        for name, value in (
+            ("TransferSyntaxUID (0002,0010)", ts),
+            ("SOPClassUID (0008,0016)", sop_class),
+            ("SOPInstanceUID (0008,0018)", sop_instance),
+        )
+        if not value
+    ]
+    if missing:
+        return SendResult(
+            path,
+            str(sop_instance or ""),
+            str(sop_class or ""),
+            None,
+            False,
+            f"{path} lacks {', '.join(missing)}; a C-STORE needs all of them (PS3.10 7.1, PS3.4 B.4)",
+            True,
+        )
+    invalid = [
+        f"{name} {value!s}"
+        for name, value in (("TransferSyntaxUID", ts), ("SOPClassUID", sop_class))
+        if not UID(str(value)).is_valid
+    ]
+    if invalid:
+        return SendResult(
+            path,
+            str(sop_instance),
+            str(sop_class),
+            None,
+            False,
+            f"{path} has an invalid {', '.join(invalid)} (allowed: a UID, PS3.5 9.1)",
+            True,
+        )
+    return _ObjectHeader(index, path, UID(str(sop_class)), str(sop_instance), UID(str(ts)))
+
+
+# --- association ---------------------------------------------------------------------
+def _make_ae(destination: Destination) -> AE:
+    ae = AE(ae_title=destination.calling_ae_title)
+    ae.connection_timeout = destination.timeout_s
+    ae.acse_timeout = destination.timeout_s
+    ae.dimse_timeout = destination.timeout_s
+    ae.network_timeout = destination.timeout_s
+    ae.maximum_pdu_size = destination.max_pdu
+    return ae
+
+
+def _associate(ae: AE, destination: Destination) -> Association:
+    """Open an association or raise a transient :class:`SendError` naming the destination.
+
+    The returned association may be closed when the peer accepted it with none of the
+    proposed presentation contexts (then ``accepted_contexts`` is empty)."""
+    received: list[object] = []
+
+    def handle_acse_recv(event: evt.Event) -> None:
+        received.append(event.primitive)  # type: ignore[attr-defined]
+
+    assoc = ae.associate(
+        destination.host,
+        destination.port,
+        ae_title=destination.ae_title,
+        max_pdu=destination.max_pdu,
+        evt_handlers=[(evt.EVT_ACSE_RECV, handle_acse_recv)],
+    )
+    if assoc.is_established:
+        return assoc
+    if assoc.rejected_contexts and not assoc.accepted_contexts and not assoc.is_rejected:
+        # PS3.8 9.3.3.2: the peer accepted the association but none of the proposed
+        # contexts; pynetdicom then aborts. The caller reports each SOP Class as refused.
+        return assoc
+    if assoc.is_rejected:
+        reason = ""
+        for primitive in received:
+            if getattr(primitive, "result_str", None) and getattr(primitive, "reason_str", None):
+                reason = f": {primitive.result_str}, {primitive.reason_str}"  # type: ignore[attr-defined]
+        message = (
+            f"destination {destination.label} rejected the association from calling AE "
+            f"{destination.calling_ae_title!r}{reason}"
+        )
+    elif received:
+        message = (
+            f"destination {destination.label} aborted the association from calling AE "
+            f"{destination.calling_ae_title!r} (no presentation context accepted, or the peer gave up)"
+        )
+    else:
+        message = (
+            f"cannot open an association with destination {destination.label}: connection refused, "
+            f"unreachable or no answer within {destination.timeout_s:g} s"
+        )
+    raise SendError(message, destination=destination.name, permanent=False)
+
+
+def _accepted_by_class(assoc: Association) -> dict[str, list[UID]]:
+    accepted: dict[str, list[UID]] = {}
+    for cx in assoc.accepted_contexts:
+        if cx.abstract_syntax and cx.transfer_syntax:
+            accepted.setdefault(str(cx.abstract_syntax), []).append(UID(cx.transfer_syntax[0]))
+    return accepted
+
+
+def _prepare_dataset(header: _ObjectHeader, accepted: list[UID], destination: Destination) -> tuple[Dataset, UID]:
+    """Read the file and make it sendable in one of the accepted syntaxes (decompressing
+    when only an uncompressed syntax was accepted); raise a permanent SendError otherwise."""
+    sop_name = header.sop_class_uid.name
+    if not accepted:
+        raise SendError(
+            f"destination {destination.label} refused SOP class {sop_name} "
+            f"({header.sop_class_uid}); nothing sent",
+            destination=destination.name,
+            permanent=True,
+        )
+    ts = header.transfer_syntax_uid
+    uncompressed_le = [a for a in accepted if not _needs_own_syntax(a)]
+    try:
+        ds = dcmread(header.path)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
+        raise SendError(
+            f"cannot read {header.path} as a DICOM Part 10 file: {exc}", destination=destination.name, permanent=True
+        ) from exc
+    if ts in accepted:
+        return ds, ts
+    if not _needs_own_syntax(ts) and uncompressed_le:
+        return ds, uncompressed_le[0]
+    if ts.is_compressed and uncompressed_le:
+        try:
+            ds.decompress()
+        except Exception as exc:  # pydicom raises several types from its pixel backends
+            raise SendError(
+                f"destination {destination.label} accepted {sop_name} only uncompressed and "
+                f"{header.path} ({ts.name}) could not be decompressed: {exc}; nothing sent",
+                destination=destination.name,
+                permanent=True,
+            ) from exc
+        LOGGER.info(
+            "decompressed SOP Instance UID %s from %s for %s (compressed syntax not accepted)",
+            header.sop_instance_uid,
+            ts.name,
+            destination.name,
+        )
+        return ds, uncompressed_le[0]
+    raise SendError(
+        f"destination {destination.label} accepted SOP class {sop_name} only with "
+        f"{', '.join(a.name for a in accepted)}; {header.path} is {ts.name} and cannot be "
+        "converted; nothing sent",
+        destination=destination.name,
+        permanent=True,
+    )
+
+
+def _store_one(assoc: Association, header: _ObjectHeader, accepted: list[UID], destination: Destination) -> SendResult:
+    """C-STORE one object on an open association; never raises."""
+    sop_class = str(header.sop_class_uid)
+
+    def failure(error: str, status: int | None, permanent: bool, ts: str = "") -> SendResult:
+        return SendResult(header.path, header.sop_instance_uid, sop_class, status, False, error, permanent, ts)
+
+    try:
+        ds, ts = _prepare_dataset(header, accepted, destination)
+    except SendError as exc:
+        return failure(exc.message, None, exc.permanent)
+    try:
+        rsp = assoc.send_c_store(ds)
+    except (ValueError, AttributeError) as exc:
+        return failure(f"cannot encode {header.path} for {destination.label}: {exc}", None, True, str(ts))
+    except RuntimeError as exc:
+        return failure(f"association with destination {destination.label} was lost: {exc}", None, False, str(ts))
+    except Exception as exc:  # noqa: BLE001 - never raise for one object; retried, then given up
+        LOGGER.exception("unexpected error sending SOP Instance UID %s to %s", header.sop_instance_uid, destination.name)
+        return failure(f"unexpected error sending to destination {destination.label}: {exc!r}", None, False, str(ts))
+    status = rsp.get("Status") if rsp else None
+    if status is None:
+        return failure(
+            f"no C-STORE response from destination {destination.label} within {destination.timeout_s:g} s "
+            "(association aborted or timed out)",
+            None,
+            False,
+            str(ts),
+        )
+    status = int(status)
+    if is_stored(status):
+        error = "" if status == STATUS_SUCCESS else f"stored with warning {describe_status(status)}"
+        return SendResult(header.path, header.sop_instance_uid, sop_class, status, True, error, False, str(ts))
+    comment = rsp.get("ErrorComment")
+    return failure(
+        f"destination {destination.label} answered {describe_status(status)} for "
+        f"{header.sop_class_uid.name}" + (f": {comment}" if comment else ""),
+        status,
+        is_permanent_failure(status),
+        str(ts),
+    )
+
+
+def send_files(paths: Sequence[Path], destination: Destination) -> list[SendResult]:
+    """C-STORE ``paths`` to ``destination`` over one association (PS3.4 Annex B).
+
+    Returns one :class:`SendResult` per path, in order. Never raises for a failure of
+    an object or of the association.
+    """
+    results: dict[int, SendResult] = {}
+    headers: list[_ObjectHeader] = []
+    for index, path in enumerate(paths):
+        read = _read_header(index, Path(path))
+        if isinstance(read, SendResult):
+            results[index] = read
+        else:
+            headers.append(read)
+
+    for chunk, contexts in _chunk_by_contexts(headers):
+        ae = _make_ae(destination)
+        for plan in contexts:
+            ae.add_requested_context(plan.sop_class_uid, list(plan.transfer_syntax_uids))
+        try:
+            assoc = _associate(ae, destination)
+        except SendError as exc:
+            for header in chunk:
+                results[header.index] = SendResult(
+                    header.path, header.sop_instance_uid, str(header.sop_class_uid), None, False, exc.message, False
+                )
+            continue
+        try:
+            accepted = _accepted_by_class(assoc)
+            LOGGER.debug(
+                "association with %s: %d contexts proposed, %d accepted",
+                destination.name,
+                len(contexts),
+                len(assoc.accepted_contexts),
+            )
+            for header in chunk:
+                class_accepted = accepted.get(str(header.sop_class_uid), [])
+                if class_accepted and not assoc.is_established:
+                    results[header.index] = SendResult(
+                        header.path,
+                        header.sop_instance_uid,
+                        str(header.sop_class_uid),
+                        None,
+                        False,
+                        f"association with destination {destination.label} was lost before this object was sent",
+                        False,
+                    )
+                    continue
+                results[header.index] = _store_one(assoc, header, class_accepted, destination)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+            ae.shutdown()
+    return [results[i] for i in range(len(paths))]
+
+
+def echo(destination: Destination) -> EchoResult:
+    """C-ECHO ``destination`` (Verification SOP Class, PS3.4 Annex A); never raises."""
+    started = time.monotonic()
+    ae = _make_ae(destination)
+    ae.add_requested_context(Verification)
+    try:
+        assoc = _associate(ae, destination)
+    except SendError as exc:
+        return EchoResult(destination.name, False, None, exc.message, time.monotonic() - started)
+    try:
+        if not assoc.is_established:
+            return EchoResult(
+                destination.name,
+                False,
+                None,
+                f"destination {destination.label} refused SOP class Verification ({Verification}); "
+                "it does not answer C-ECHO",
+                time.monotonic() - started,
+            )
+        rsp = assoc.send_c_echo()
+        status = rsp.get("Status") if rsp else None
+        if status is None:
+            return EchoResult(
+                destination.name,
+                False,
+                None,
+                f"no C-ECHO response from destination {destination.label} within {destination.timeout_s:g} s",
+                time.monotonic() - started,
+            )
+        status = int(status)
+        ok = status == STATUS_SUCCESS
+        error = "" if ok else f"destination {destination.label} answered C-ECHO with {describe_status(status)}"
+        return EchoResult(destination.name, ok, status, error, time.monotonic() - started)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()

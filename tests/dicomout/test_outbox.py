@@ -1,0 +1,236 @@
+"""Unit tests of the persistent outbox (no network)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from dicomout.errors import OutputError
+from dicomout.outbox import (
+    STATE_FAILED,
+    STATE_PENDING,
+    STATE_SENT,
+    Outbox,
+    RetryPolicy,
+    send_pending,
+)
+from dicomout.sender import Destination
+
+T0 = 1_700_000_000.0
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _enqueue(outbox: Outbox, n: int = 1, *, destination: str = "PACS", study: str = "1.2.3", now: float = T0) -> list[int]:
+    return [
+        outbox.enqueue(
+            Path(f"/data/out/{i}.dcm"),
+            destination,
+            job_id=7,
+            study_uid=study,
+            sop_class_uid=CT,
+            sop_instance_uid=f"{study}.{i}",
+            now=now,
+        )
+        for i in range(n)
+    ]
+
+
+def test_enqueue_creates_pending_item_due_now(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "node.db")
+    (item_id,) = _enqueue(outbox)
+    item = outbox.get(item_id)
+    assert item is not None
+    assert (item.state, item.attempts, item.destination, item.job_id) == (STATE_PENDING, 0, "PACS", 7)
+    assert item.path == Path("/data/out/0.dcm")
+    assert item.study_instance_uid == "1.2.3" and item.sop_instance_uid == "1.2.3.0"
+    assert item.created_at == T0 and item.next_attempt_at == T0
+    assert [i.id for i in outbox.due(T0)] == [item_id]
+    assert outbox.due(T0 - 1) == []
+
+
+def test_enqueue_is_idempotent_and_requeues_with_new_path(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "node.db")
+    (item_id,) = _enqueue(outbox)
+    item = outbox.due(T0)[0]
+    outbox.mark_sent(item, 0, T0 + 1)
+    again = outbox.enqueue(
+        Path("/data/out/reprocessed.dcm"), "PACS", job_id=8, study_uid="1.2.3",
+        sop_class_uid=CT, sop_instance_uid="1.2.3.0", now=T0 + 100,
+    )
+    assert again == item_id
+    items = outbox.items()
+    assert len(items) == 1
+    (requeued,) = items
+    assert requeued.state == STATE_PENDING and requeued.attempts == 0 and requeued.sent_at is None
+    assert requeued.path == Path("/data/out/reprocessed.dcm") and requeued.job_id == 8
+    assert requeued.created_at == T0 + 100 and requeued.generation == item.generation + 1
+    # the same object for another destination is another item
+    other = outbox.enqueue(Path("/x.dcm"), "VIEWER", job_id=8, study_uid="1.2.3", sop_class_uid=CT,
+                           sop_instance_uid="1.2.3.0", now=T0)
+    assert other != item_id and outbox.counts() == {STATE_PENDING: 2, STATE_SENT: 0, STATE_FAILED: 0}
+
+
+def test_outcome_of_a_send_racing_a_requeue_is_not_recorded(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "node.db")
+    _enqueue(outbox)
+    stale = outbox.due(T0)[0]
+    _enqueue(outbox, now=T0 + 5)  # reprocessing while the old file was on the wire
+    assert outbox.mark_sent(stale, 0, T0 + 6) is None
+    assert outbox.items()[0].state == STATE_PENDING
+
+
+def test_backoff_schedule_doubles_and_is_capped(tmp_path: Path) -> None:
+    policy = RetryPolicy(base_delay_s=10.0, max_delay_s=60.0, max_attempts=50, max_age_s=1e9)
+    outbox = Outbox(tmp_path / "node.db", policy)
+    _enqueue(outbox)
+    now = T0
+    delays = []
+    for _ in range(6):
+        (item,) = outbox.due(now)
+        updated = outbox.mark_retry(item, "connection refused", None, now)
+        assert updated is not None and updated.state == STATE_PENDING
+        delays.append(updated.next_attempt_at - now)
+        assert outbox.due(updated.next_attempt_at - 0.5) == []
+        now = updated.next_attempt_at
+    assert delays == [10.0, 20.0, 40.0, 60.0, 60.0, 60.0]
+    final = outbox.items()[0]
+    assert final.attempts == 6 and final.last_error == "connection refused" and final.last_status is None
+
+
+def test_default_policy_is_10_s_doubling_capped_at_one_hour() -> None:
+    policy = RetryPolicy()
+    assert [policy.delay_s(n) for n in (1, 2, 3, 9, 10, 200)] == [10.0, 20.0, 40.0, 2560.0, 3600.0, 3600.0]
+
+
+def test_gives_up_after_max_attempts(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "node.db", RetryPolicy(max_attempts=3))
+    _enqueue(outbox)
+    now = T0
+    states = []
+    for _ in range(3):
+        (item,) = outbox.due(now)
+        updated = outbox.mark_retry(item, "association rejected", 0xA700, now)
+        assert updated is not None
+        states.append(updated.state)
+        now = updated.next_attempt_at
+    assert states == [STATE_PENDING, STATE_PENDING, STATE_FAILED]
+    failed = outbox.items()[0]
+    assert failed.attempts == 3 and failed.last_status == 0xA700
+    assert "association rejected" in failed.last_error and "3 attempts" in failed.last_error
+    assert outbox.due(now + 1e6) == []
+
+
+def test_gives_up_after_max_age(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "node.db", RetryPolicy(max_age_s=3600.0))
+    _enqueue(outbox)
+    (item,) = outbox.due(T0)
+    assert outbox.mark_retry(item, "refused", None, T0 + 10).state == STATE_PENDING  # type: ignore[union-attr]
+    (item,) = outbox.due(T0 + 3600)
+    updated = outbox.mark_retry(item, "refused", None, T0 + 3600)
+    assert updated is not None and updated.state == STATE_FAILED and "max_age_s" in updated.last_error
+
+
+def test_permanent_error_fails_at_once(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "node.db")
+    _enqueue(outbox)
+    (item,) = outbox.due(T0)
+    updated = outbox.mark_retry(item, "refused SOP class", None, T0, permanent=True)
+    assert updated is not None
+    assert (updated.state, updated.attempts, updated.last_error) == (STATE_FAILED, 1, "refused SOP class")
+    assert outbox.counts() == {STATE_PENDING: 0, STATE_SENT: 0, STATE_FAILED: 1}
+
+
+def test_restart_on_the_same_db_resumes_pending_items(tmp_path: Path) -> None:
+    db = tmp_path / "node.db"
+    first = Outbox(db)
+    ids = _enqueue(first, 3)
+    first.mark_sent(first.due(T0)[0], 0, T0)
+    first.mark_retry(first.due(T0)[0], "connection refused", None, T0)
+    del first  # "crash"
+    second = Outbox(db)
+    assert second.counts() == {STATE_PENDING: 2, STATE_SENT: 1, STATE_FAILED: 0}
+    assert [i.id for i in second.due(T0)] == [ids[2]]
+    assert [i.id for i in second.due(T0 + 10)] == ids[1:]
+    assert second.items()[1].attempts == 1
+
+
+def test_items_by_study_and_counts(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "node.db")
+    _enqueue(outbox, 2, study="1.2.3")
+    _enqueue(outbox, 3, study="1.2.4")
+    assert len(outbox.items()) == 5
+    assert {i.sop_instance_uid for i in outbox.items("1.2.4")} == {"1.2.4.0", "1.2.4.1", "1.2.4.2"}
+    assert outbox.items("9.9") == []
+    outbox.mark_sent(outbox.items("1.2.3")[0], 0, T0)
+    assert outbox.counts() == {STATE_PENDING: 4, STATE_SENT: 1, STATE_FAILED: 0}
+
+
+def test_shares_the_db_file_with_other_tables_and_uses_wal(tmp_path: Path) -> None:
+    db = tmp_path / "node.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, state TEXT)")
+        conn.execute("INSERT INTO jobs (state) VALUES ('done')")
+    outbox = Outbox(db)
+    _enqueue(outbox)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT state FROM jobs").fetchall() == [("done",)]
+
+
+def test_enqueue_rejects_blank_uids(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "node.db")
+    with pytest.raises(OutputError, match="sop_instance_uid is '' "):
+        outbox.enqueue(Path("/x.dcm"), "PACS", job_id=1, study_uid="1.2", sop_class_uid=CT, sop_instance_uid="")
+
+
+def test_retry_policy_validation() -> None:
+    with pytest.raises(OutputError, match="max_attempts is 0"):
+        RetryPolicy(max_attempts=0)
+    with pytest.raises(OutputError, match="max_delay_s 5.0 is below base_delay_s 10.0"):
+        RetryPolicy(max_delay_s=5.0)
+
+
+def test_concurrent_enqueues_from_threads(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "node.db")
+
+    def worker(w: int) -> None:
+        for i in range(20):
+            outbox.enqueue(Path(f"/{w}/{i}.dcm"), "PACS", job_id=w, study_uid="1.2",
+                           sop_class_uid=CT, sop_instance_uid=f"1.2.{i}", now=T0)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outbox.counts()[STATE_PENDING] == 20  # same 20 objects, re-queued, never duplicated
+
+
+def test_send_pending_fails_items_of_unconfigured_destination(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "node.db")
+    _enqueue(outbox, 2, destination="OLDPACS")
+    configured = {"PACS": Destination("PACS", "PACS", "127.0.0.1", 4242)}
+    assert send_pending(outbox, configured, now=T0) == 0
+    items = outbox.items()
+    assert [i.state for i in items] == [STATE_FAILED, STATE_FAILED]
+    assert items[0].last_error == "destination 'OLDPACS' is no longer configured (configured: PACS)"
+
+
+def test_send_pending_with_nothing_due_sends_nothing(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "node.db")
+    _enqueue(outbox, now=T0 + 60)
+    assert send_pending(outbox, {}, now=T0) == 0
+    assert outbox.counts()[STATE_PENDING] == 1
+
+
+def test_send_pending_fails_unreadable_file_permanently(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "node.db")
+    outbox.enqueue(tmp_path / "gone.dcm", "PACS", job_id=1, study_uid="1.2", sop_class_uid=CT,
+                   sop_instance_uid="1.2.3", now=T0)
+    # no server listens: the file is checked before any association is opened
+    assert send_pending(outbox, {"PACS": Destination("PACS", "PACS", "127.0.0.1", 9)}, now=T0) == 0
+    (item,) = outbox.items()
+    assert item.state == STATE_FAILED and "cannot read" in item.last_error and "gone.dcm" in item.last_error
