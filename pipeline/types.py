@@ -126,3 +126,105 @@ SIDE_NONE = 0
 SIDE_RIGHT = 1
 SIDE_LEFT = 2
 SIDE_NAMES = {SIDE_NONE: "none", SIDE_RIGHT: "right", SIDE_LEFT: "left"}
+
+
+# ---------------------------------------------------------------------------
+# Measurements (pipeline/measure.py produces them; dicomout's SEG/SR/PDF builders read them).
+
+SIDE_BOTH = "both"
+GROUP_GLUTEAL = "gluteal"
+GROUP_ABOVE_KNEE = "above_knee"
+GROUP_ALL = "all"
+
+# Quality flag codes (QualityFlag.code)
+FLAG_PARTIAL_TOP = "partial_fov_top"  # cut by the superior end of the field of view: volume is partial
+FLAG_PARTIAL_BOTTOM = "partial_fov_bottom"  # cut by the inferior end
+FLAG_METAL = "metal"  # metal (implant) in or near the structure: HU values unreliable
+FLAG_IMPLAUSIBLE_VOLUME = "implausible_volume"  # outside the plausible range for the patient's size
+FLAG_NO_HEIGHT = "no_height"  # no PatientSize and none recorded: no height-adjusted values
+FLAG_EMPTY = "not_found"  # the structure was not found on this side
+
+
+@dataclass(frozen=True)
+class QualityFlag:
+    """Something a reader must see. ``structure`` is a label key or "" for the study."""
+
+    code: str
+    message: str
+    structure: str = ""
+    side: str = ""  # "left", "right", "both" or ""
+
+
+@dataclass(frozen=True)
+class StructureMeasurement:
+    """One structure on one side ("left", "right") or both sides together ("both")."""
+
+    label_id: int
+    key: str
+    name: str
+    group: str
+    side: str
+    voxel_count: int
+    volume_ml: float
+    mean_hu: float
+    std_hu: float
+    mass_g: float
+    fat_fraction: float  # fraction of voxels within -190..-30 HU inside the structure
+    flags: tuple[str, ...] = ()  # QualityFlag codes that concern this structure and side
+
+    @property
+    def is_partial(self) -> bool:
+        return FLAG_PARTIAL_TOP in self.flags or FLAG_PARTIAL_BOTTOM in self.flags
+
+
+@dataclass(frozen=True)
+class GroupMeasurement:
+    """Muscle totals of a group (gluteal, above_knee, all) on a side or both, as in the SMI paper."""
+
+    group: str
+    side: str
+    structure_keys: tuple[str, ...]
+    volume_ml: float
+    mass_g: float
+    volume_per_height2_cm3_m2: float | None  # volume / height²
+    smi_kg_m2: float | None  # mass (kg) / height² (m²)
+    includes_partial: bool  # a member structure is cut by the field of view
+
+
+@dataclass(frozen=True)
+class SarcopeniaAssessment:
+    """SMI of the configured group against the site's threshold for the patient's sex."""
+
+    group: str
+    smi_kg_m2: float
+    threshold_kg_m2: float
+    below_threshold: bool
+    calibrated_for_ct: bool  # False: default AWGS 2014 DXA values, not calibrated for CT
+    source: str  # where the threshold comes from
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """All measurements of one segmented study."""
+
+    structures: tuple[StructureMeasurement, ...]
+    groups: tuple[GroupMeasurement, ...]
+    flags: tuple[QualityFlag, ...]
+    height_m: float | None
+    height_source: str  # "PatientSize", "recorded" or "" (unknown)
+    sex: str
+    density_formula: str  # how mass was derived from HU (for the report)
+    sarcopenia: SarcopeniaAssessment | None = None
+    voxel_volume_ml: float = 0.0
+
+    def structure(self, key: str, side: str) -> StructureMeasurement | None:
+        for s in self.structures:
+            if s.key == key and s.side == side:
+                return s
+        return None
+
+    def group(self, group: str, side: str = SIDE_BOTH) -> GroupMeasurement | None:
+        for g in self.groups:
+            if g.group == group and g.side == side:
+                return g
+        return None
