@@ -199,6 +199,19 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_patient_set_height(args: argparse.Namespace) -> int:
+    from thighnode.results import ResultsStore
+
+    settings = _settings(args)
+    store = ResultsStore(settings.db_path)
+    try:
+        store.set_height(args.patient_id, args.height_m, issuer=args.issuer)
+    finally:
+        store.close()
+    print(f"height {args.height_m:.2f} m recorded; used for this patient's studies without PatientSize")
+    return 0
+
+
 # -- phantom / train / evaluate ------------------------------------------------------------
 
 
@@ -279,6 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("retry", "put a failed job back in the queue")
     p.add_argument("job", type=int)
     p.set_defaults(func=cmd_retry)
+
+    patient = sub.add_parser("patient", help="patient data the node uses (height)")
+    patient_sub = patient.add_subparsers(dest="patient_command", required=True)
+    p = patient_sub.add_parser("set-height", help="record a patient's height (when studies lack PatientSize)")
+    p.add_argument("--config", type=Path, default=None, help="node configuration file (TOML)")
+    p.add_argument("patient_id", help="PatientID (0010,0020) as in the studies")
+    p.add_argument("height_m", type=float, help="height in metres, e.g. 1.72")
+    p.add_argument("--issuer", default="", help="IssuerOfPatientID (0010,0021), if the site uses one")
+    p.set_defaults(func=cmd_patient_set_height)
 
     p = add("phantom", "generate labelled thigh CT phantoms (NIfTI pairs, DICOM series, ground truth)")
     p.add_argument("--out", required=True, help="output directory")

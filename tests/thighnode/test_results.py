@@ -1,0 +1,56 @@
+"""The results database: heights and measurements round-trip; priors are found by patient."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.types import GroupMeasurement, Measurements, QualityFlag, StructureMeasurement
+from thighnode.results import ResultsError, ResultsStore
+
+
+def _measurements(volume: float) -> Measurements:
+    s = StructureMeasurement(
+        label_id=11, key="gluteus_maximus", name="Gluteus maximus", group="gluteal", side="right",
+        voxel_count=1000, volume_ml=volume, mean_hu=45.5, std_hu=12.0, mass_g=volume * 1.045,
+        fat_fraction=0.05, flags=("partial_fov_top",),
+    )
+    g = GroupMeasurement(
+        group="gluteal", side="both", structure_keys=("gluteus_maximus",), volume_ml=volume,
+        mass_g=volume * 1.045, volume_per_height2_cm3_m2=volume / 2.56, smi_kg_m2=volume * 1.045 / 1000 / 2.56,
+        includes_partial=True,
+    )
+    return Measurements(
+        structures=(s,), groups=(g,),
+        flags=(QualityFlag("partial_fov_top", "cut at the top", "gluteus_maximus", "right"),),
+        height_m=1.6, height_source="PatientSize", sex="F", density_formula="1+HU/1000", voxel_volume_ml=0.008,
+    )
+
+
+def test_heights_are_validated_and_recorded(tmp_path: Path) -> None:
+    store = ResultsStore(tmp_path / "r.db")
+    with pytest.raises(ResultsError, match="allowed 0.5..2.5"):
+        store.set_height("P1", 172)
+    store.set_height("P1", 1.72)
+    store.set_height("P1", 1.74)
+    assert store.height("P1") == 1.74
+    assert store.height("P1", issuer="HOSP") == 1.74  # an issuer-less record matches
+    assert store.height("P2") is None
+    store.close()
+
+
+def test_results_round_trip_and_are_replaced_on_reprocessing(tmp_path: Path) -> None:
+    store = ResultsStore(tmp_path / "r.db")
+    common = dict(series_uid="1.2.3.9", patient_id="P1", issuer="", model_name="m", model_version="1")
+    store.save(study_uid="1.2.3", job_id=1, study_date="20240101", measurements=_measurements(500.0), **common)
+    store.save(study_uid="1.2.3", job_id=2, study_date="20240101", measurements=_measurements(510.0), **common)
+    store.save(study_uid="1.2.4", job_id=3, study_date="20240601", measurements=_measurements(450.0), **common)
+    got = store.get("1.2.3")
+    assert got is not None and got.job_id == 2
+    s = got.measurements.structure("gluteus_maximus", "right")
+    assert s is not None and s.volume_ml == 510.0 and s.flags == ("partial_fov_top",)
+    assert got.measurements.group("gluteal").smi_kg_m2 == pytest.approx(510 * 1.045 / 1000 / 2.56)
+    assert got.measurements.flags[0].structure == "gluteus_maximus"
+    assert [r.study_uid for r in store.studies_of_patient("P1")] == ["1.2.3", "1.2.4"]
+    store.close()
