@@ -228,3 +228,106 @@ class Measurements:
             if g.group == group and g.side == side:
                 return g
         return None
+
+
+# ---------------------------------------------------------------------------
+# Longitudinal comparison with the patient's prior study (pipeline/compare.py produces it).
+
+
+@dataclass(frozen=True)
+class StructureProfile:
+    """Cross-sectional area of one structure on one side along the leg.
+
+    ``z_mm[i]`` is the slice position relative to the anatomical landmark (positive = superior),
+    ``area_mm2[i]`` the structure's area in that slice, ``mean_hu[i]`` its mean HU there,
+    ``fat_voxels[i]``/``voxels[i]`` its fat and total voxel counts; ``slice_mm`` the slice spacing.
+    """
+
+    key: str
+    side: str
+    z_mm: tuple[float, ...]
+    area_mm2: tuple[float, ...]
+    mean_hu: tuple[float, ...]
+    voxels: tuple[int, ...]
+    fat_voxels: tuple[int, ...]
+    slice_mm: float
+
+
+@dataclass(frozen=True)
+class AnatomicalProfiles:
+    """Per structure and side profiles of one study, aligned on a bone landmark per side.
+
+    ``landmark_z_mm[side]`` is the patient z (LPS, mm) of the landmark (the top of the femoral head)
+    on that side, or None when it is not in the field of view; ``fov_z_mm[side]`` the covered range
+    relative to the landmark (lo, hi).
+    """
+
+    landmark: str
+    landmark_z_mm: dict[str, float | None]
+    fov_z_mm: dict[str, tuple[float, float] | None]
+    profiles: tuple[StructureProfile, ...]
+    metal_z_mm: dict[str, tuple[float, float] | None]  # z range (relative) of metal on each side
+
+
+@dataclass(frozen=True)
+class StructureChange:
+    """Change of one structure on one side between the prior and the current study.
+
+    Values are over the common range of the leg both scans cover (``common_range_mm`` relative to
+    the landmark), not over each scan's whole field of view. ``compared`` is False (and the values
+    None) when a fair comparison is impossible; ``reason`` says why (partial, metal, no landmark).
+    """
+
+    key: str
+    name: str
+    group: str
+    side: str
+    compared: bool
+    reason: str
+    common_range_mm: tuple[float, float] | None
+    prior_volume_ml: float | None
+    current_volume_ml: float | None
+    change_ml: float | None
+    change_ratio: float | None  # change / prior volume
+    change_per_height2_cm3_m2: float | None
+    prior_mass_g: float | None
+    current_mass_g: float | None
+    change_mass_g: float | None
+    prior_mean_hu: float | None
+    current_mean_hu: float | None
+    change_mean_hu: float | None
+    prior_fat_fraction: float | None
+    current_fat_fraction: float | None
+    change_fat_fraction: float | None
+    flags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The current study against the patient's prior study."""
+
+    prior_study_uid: str
+    prior_study_date: str
+    current_study_date: str
+    interval_days: int | None
+    landmark: str
+    method: str  # one sentence a reader can check: how the two scans were aligned and cut
+    changes: tuple[StructureChange, ...]
+    operated_side: str = ""  # side with metal in either scan ("left"/"right"/""), shown beside the other
+    height_m: float | None = None
+
+    def change(self, key: str, side: str) -> StructureChange | None:
+        for c in self.changes:
+            if c.key == key and c.side == side:
+                return c
+        return None
+
+
+@dataclass(frozen=True)
+class PriorSearch:
+    """Where the node looked for a prior study and what it found (for the report when none)."""
+
+    found: bool
+    prior_study_uid: str = ""
+    looked_in: tuple[str, ...] = ()  # e.g. ("results database", "PACS query/retrieve (PACS@10.0.0.5:104)")
+    message: str = ""
