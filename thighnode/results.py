@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from node_errors import NodeError
-from pipeline.types import GroupMeasurement, Measurements, QualityFlag, StructureMeasurement
+from pipeline.types import (
+    Comparison,
+    GroupMeasurement,
+    Measurements,
+    QualityFlag,
+    StructureChange,
+    StructureMeasurement,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS patient_heights (
@@ -64,6 +71,12 @@ CREATE TABLE IF NOT EXISTS structure_results (
     fat_fraction REAL NOT NULL,
     flags TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (study_uid, key, side)
+);
+CREATE TABLE IF NOT EXISTS comparisons (
+    study_uid TEXT PRIMARY KEY,
+    prior_study_uid TEXT NOT NULL,
+    comparison_json TEXT NOT NULL,
+    created_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS group_results (
     study_uid TEXT NOT NULL,
@@ -245,11 +258,45 @@ class ResultsStore:
             ]
         return [r for r in (self.get(u) for u in uids) if r is not None]
 
+    def save_comparison(self, study_uid: str, comparison: Comparison, now: float | None = None) -> None:
+        """Store (replace) the comparison of a study with its prior."""
+        payload = {**comparison.__dict__, "changes": [c.__dict__ for c in comparison.changes]}
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO comparisons(study_uid, prior_study_uid, comparison_json, created_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(study_uid) DO UPDATE SET prior_study_uid = excluded.prior_study_uid, "
+                "comparison_json = excluded.comparison_json, created_at = excluded.created_at",
+                (study_uid, comparison.prior_study_uid, json.dumps(payload), time.time() if now is None else now),
+            )
+
+    def comparison(self, study_uid: str) -> Comparison | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT comparison_json FROM comparisons WHERE study_uid = ?", (study_uid,)
+            ).fetchone()
+        return None if row is None else _comparison(json.loads(row["comparison_json"]))
+
+    def comparisons(self) -> dict[str, Comparison]:
+        """Every stored comparison, by the current study's UID."""
+        with self._lock:
+            rows = self._db.execute("SELECT study_uid, comparison_json FROM comparisons").fetchall()
+        return {r["study_uid"]: _comparison(json.loads(r["comparison_json"])) for r in rows}
+
     def all_studies(self) -> list[StudyResult]:
         with self._lock:
             uids = [r["study_uid"] for r in self._db.execute(
                 "SELECT study_uid FROM study_results ORDER BY patient_id, study_date").fetchall()]
         return [r for r in (self.get(u) for u in uids) if r is not None]
+
+
+def _comparison(payload: dict[str, Any]) -> Comparison:
+    changes = []
+    for c in payload.pop("changes"):
+        if c.get("common_range_mm") is not None:
+            c["common_range_mm"] = tuple(c["common_range_mm"])
+        c["flags"] = tuple(c.get("flags", ()))
+        changes.append(StructureChange(**c))
+    return Comparison(**payload, changes=tuple(changes))
 
 
 def _study_result(row: sqlite3.Row, srows: list[sqlite3.Row], grows: list[sqlite3.Row]) -> StudyResult:

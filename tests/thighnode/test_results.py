@@ -54,3 +54,24 @@ def test_results_round_trip_and_are_replaced_on_reprocessing(tmp_path: Path) -> 
     assert got.measurements.flags[0].structure == "gluteus_maximus"
     assert [r.study_uid for r in store.studies_of_patient("P1")] == ["1.2.3", "1.2.4"]
     store.close()
+
+
+def test_comparisons_round_trip(tmp_path: Path) -> None:
+    from pipeline.types import Comparison, StructureChange
+
+    change = StructureChange(
+        key="vastus_lateralis", name="Vastus lateralis", group="anterior", side="right", compared=True, reason="",
+        common_range_mm=(-300.0, -80.0), prior_volume_ml=600.0, current_volume_ml=540.0, change_ml=-60.0,
+        change_ratio=-0.1, change_per_height2_cm3_m2=-60 / 2.56, prior_mass_g=630.0, current_mass_g=565.0,
+        change_mass_g=-65.0, prior_mean_hu=50.0, current_mean_hu=45.0, change_mean_hu=-5.0,
+        prior_fat_fraction=0.03, current_fat_fraction=0.05, change_fat_fraction=0.02, flags=("metal",),
+    )
+    comp = Comparison(
+        prior_study_uid="1.2.3", prior_study_date="20240101", current_study_date="20240301", interval_days=60,
+        landmark="top of femoral head", method="common range", changes=(change,), operated_side="right", height_m=1.6,
+    )
+    store = ResultsStore(tmp_path / "r.db")
+    store.save_comparison("1.2.4", comp)
+    assert store.comparison("1.2.4") == comp
+    assert list(store.comparisons()) == ["1.2.4"]
+    store.close()
