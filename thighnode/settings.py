@@ -108,6 +108,12 @@ def _device(key: str, value: Any) -> str:
     return value
 
 
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} = {value!r}: must be true or false")
+    return value
+
+
 def _host(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value or any(ch.isspace() for ch in value):
         raise ConfigError(f"{key} = {value!r}: must be an IP address or host name")
@@ -179,6 +185,13 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "max_attempts": _int_range(1),
         "max_age_days": _float_range(0.0, lo_open=True),
     },
+    "sarcopenia": {
+        "group": _choice("gluteal", "above_knee", "all"),
+        "threshold_female_kg_m2": _float_range(0.0, 50.0, lo_open=True),
+        "threshold_male_kg_m2": _float_range(0.0, 50.0, lo_open=True),
+        "calibrated_for_ct": _bool,
+        "source": _string,
+    },
     "security": {
         "allowed_calling_aets": _ae_list,
         "allowed_peers": _network_list,
@@ -245,6 +258,15 @@ class OutboxSettings:
 
 
 @dataclass(frozen=True)
+class SarcopeniaSettings:
+    group: str
+    threshold_female_kg_m2: float
+    threshold_male_kg_m2: float
+    calibrated_for_ct: bool
+    source: str
+
+
+@dataclass(frozen=True)
 class SecuritySettings:
     allowed_calling_aets: tuple[str, ...]
     allowed_peers: tuple[str, ...]
@@ -265,6 +287,7 @@ class Settings:
     processing: ProcessingSettings
     model: ModelSettings
     outbox: OutboxSettings
+    sarcopenia: SarcopeniaSettings
     security: SecuritySettings
     destinations: tuple[DestinationSettings, ...] = ()
     sources: tuple[str, ...] = field(default=(), compare=False)
@@ -422,6 +445,7 @@ def load_settings(
         processing=ProcessingSettings(**values["processing"]),
         model=ModelSettings(**model),
         outbox=OutboxSettings(**values["outbox"]),
+        sarcopenia=SarcopeniaSettings(**values["sarcopenia"]),
         security=SecuritySettings(**values["security"]),
         destinations=tuple(destinations),
         sources=tuple(sources),
