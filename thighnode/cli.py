@@ -317,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, default=None, help="checkpoint to resume from")
     p.set_defaults(func=cmd_train)
 
+    from thighnode.cohort import add_cohort_parser
+
+    add_cohort_parser(sub)
+
     p = add("evaluate", "per-structure Dice and volume difference of a bundle on a labelled set")
     p.add_argument("--bundle", required=True)
     p.add_argument("--data", default=None, help="labelled set (NIfTI pairs); default: fresh phantoms")
