@@ -1,33 +1,42 @@
 """Choose the one CT series of a study that the pipeline will segment.
 
-Only headers are read (``pydicom.dcmread(..., stop_before_pixels=True)``). The rules,
-in order:
+Only headers are read (``pydicom.dcmread(..., stop_before_pixels=True)``). A *slice* is
+a single-frame instance or one frame of a multi-frame Enhanced CT (PS3.3 A.38) / Legacy
+Converted Enhanced CT (A.70) object, whose per-frame attributes come from the
+Multi-frame Functional Groups (C.7.6.16, read through
+:func:`pipeline.volume.frame_headers`). The rules, in order:
 
 Hard rules (a series failing one is rejected with the reason):
 
 1. every instance belongs to the study (StudyInstanceUID);
 2. Modality is ``CT`` (PS3.3 C.7.3.1.1.1);
-3. SOPClassUID is CT Image Storage (PS3.4 B.5). Enhanced / Legacy Converted Enhanced
-   CT (multi-frame, PS3.3 A.38 / A.70) is *declined* here with that reason;
-   :func:`pipeline.volume.load_volume` reads single-frame CT Image Storage only;
-4. ImageType (PS3.3 C.8.2.1.1.1) holds no ``LOCALIZER`` / ``SCOUT`` value;
+3. SOPClassUID is CT Image Storage, Enhanced CT Image Storage or Legacy Converted
+   Enhanced CT Image Storage (PS3.4 B.5), the same for every instance; a multi-frame
+   class must carry its PerFrameFunctionalGroupsSequence (an object without it is
+   declined: its frames have no geometry);
+4. ImageType (PS3.3 C.8.2.1.1.1, C.8.15.2.1.1) and, per frame, FrameType
+   (CTImageFrameTypeSequence, C.8.15.3.1) hold no ``LOCALIZER`` / ``SCOUT`` value;
 5. axial: the slice normal (row x column direction of ImageOrientationPatient,
-   PS3.3 C.7.6.2.1.1) lies within :data:`AXIAL_MAX_ANGLE_DEG` of the patient z axis.
+   PS3.3 C.7.6.2.1.1; PlaneOrientationSequence for a frame) lies within
+   :data:`AXIAL_MAX_ANGLE_DEG` of the patient z axis.
    When GantryDetectorTilt is set, the limit widens to ``|tilt| + 5°`` so that a
    tilted-gantry axial series is *selected* here and declined by ``load_volume`` with
    a tilt reason (tilt is judged there, from the header and the slice positions);
-6. at least ``min_slices`` instances;
-7. slice thickness (SliceThickness, else the median distance between slice
-   positions) at most ``max_slice_thickness_mm``.
+6. at least ``min_slices`` slices (instances, or frames of multi-frame objects);
+7. slice thickness (SliceThickness, of PixelMeasuresSequence for a frame, else the
+   median distance between slice positions) at most ``max_slice_thickness_mm``.
 
 Preferences among the survivors (the first that differs decides):
 
 a. ImageType ``ORIGINAL\\PRIMARY`` over DERIVED / SECONDARY (a derived series is
-   only chosen when no original one survives; the rule says so);
-b. a soft-tissue kernel over a bone / lung / sharp one (:func:`classify_kernel`);
+   only chosen when no original one survives; the rule says so); for frames, their
+   FrameType;
+b. a soft-tissue kernel over a bone / lung / sharp one (:func:`classify_kernel`;
+   ConvolutionKernel of the first slice: for a frame, from CTReconstructionSequence, or
+   the Unassigned Converted Attributes of a Legacy Converted object);
 c. the thinnest slices;
 d. the most coverage along the slice normal;
-e. the most instances, then the lowest SeriesNumber, then SeriesInstanceUID
+e. the most slices, then the lowest SeriesNumber, then SeriesInstanceUID
    (only so that the result is deterministic).
 """
 
@@ -51,6 +60,7 @@ from pydicom.uid import UID
 
 from pipeline.errors import SelectionError
 from pipeline.types import PatientInfo, SelectedSeries
+from pipeline.volume import frame_headers, is_multi_frame
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +163,9 @@ class _Candidate:
     image_type: str
     thickness_mm: float | None
     coverage_mm: float
-    n_instances: int
+    n_instances: int  # slices: instances, or frames of multi-frame objects
     series_number: int
+    multi_frame: bool = False
 
     def key(self) -> tuple[Any, ...]:
         return (
@@ -173,7 +184,7 @@ _PREFERENCES: tuple[str, ...] = (
     "soft-tissue kernel over bone/lung/sharp",
     "thinnest slices",
     "most coverage along the slice normal",
-    "most instances",
+    "most slices",
     "lowest SeriesNumber",
     "lowest SeriesInstanceUID",
 )
@@ -190,7 +201,7 @@ def _describe(c: _Candidate, rule_index: int) -> str:
     if rule_index == 3:
         return f"{c.coverage_mm:.1f} mm coverage"
     if rule_index == 4:
-        return f"{c.n_instances} instances"
+        return f"{c.n_instances} frames" if c.multi_frame else f"{c.n_instances} instances"
     if rule_index == 5:
         return f"SeriesNumber {c.series_number}"
     return f"SeriesInstanceUID {c.series_uid}"
@@ -238,6 +249,31 @@ def _normal(ds: Dataset) -> np.ndarray | None:
     return None if norm < 1e-6 else n / norm
 
 
+def _image_type(ds: Dataset, keyword: str = "ImageType") -> tuple[str, ...]:
+    return tuple(str(v).upper() for v in (ds.get(keyword) or ()))
+
+
+def _sop_class_reason(ds: Dataset, path: Path) -> str:
+    """Why an instance's SOPClassUID rules its series out (hard rule 3), or ''."""
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    allowed = (
+        f"allowed: {CT_IMAGE_STORAGE} (CT Image Storage), {ENHANCED_CT_IMAGE_STORAGE} (Enhanced CT Image Storage), "
+        f"{LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE} (Legacy Converted Enhanced CT Image Storage)"
+    )
+    name = UID(sop_class).name if sop_class else "missing"
+    if sop_class in (ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE):
+        if not ds.get("PerFrameFunctionalGroupsSequence"):
+            return (
+                f"SOPClassUID is {sop_class} ({name}) (multi-frame Enhanced CT is not supported without its "
+                f"Multi-frame Functional Groups: PerFrameFunctionalGroupsSequence (5200,9230) is missing in "
+                f"{path.name}, so its frames have no geometry); {allowed} with the functional groups of PS3.3 C.7.6.16"
+            )
+        return ""
+    if sop_class != CT_IMAGE_STORAGE:
+        return f"SOPClassUID is {sop_class or '(missing)'} ({name}); {allowed}"
+    return ""
+
+
 def _check_series(
     series_uid: str,
     paths: Sequence[Path],
@@ -258,20 +294,9 @@ def _check_series(
     modality = str(first.get("Modality", "") or "")
     if modality != "CT":
         return None, f"Modality is {modality!r}; allowed: 'CT'", description
-    sop_class = str(first.get("SOPClassUID", "") or "")
-    if sop_class != CT_IMAGE_STORAGE:
-        name = UID(sop_class).name if sop_class else "missing"
-        extra = (
-            " (multi-frame Enhanced CT is not supported; the scanner can send single-frame CT Image Storage)"
-            if sop_class in (ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE)
-            else ""
-        )
-        return (
-            None,
-            f"SOPClassUID is {sop_class or '(missing)'} ({name}){extra}; "
-            f"allowed: {CT_IMAGE_STORAGE} (CT Image Storage)",
-            description,
-        )
+    reason = _sop_class_reason(first, paths[0])
+    if reason:
+        return None, reason, description
 
     # Headers of every instance: image type, positions, study membership.
     headers: list[Dataset] = [first]
@@ -280,6 +305,23 @@ def _check_series(
             headers.append(_read_header(p))
         except (InvalidDicomError, OSError) as exc:
             return None, f"{p.name} is not readable as DICOM ({exc})", description
+    sop_class = str(first.get("SOPClassUID", "") or "")
+    for h, p in zip(headers[1:], paths[1:]):
+        other = str(h.get("SOPClassUID", "") or "")
+        if other != sop_class:
+            return (
+                None,
+                f"mixed SOPClassUID: {p.name} has {other or '(missing)'}, {paths[0].name} has {sop_class}; "
+                "allowed: one SOP class per series",
+                description,
+            )
+        reason = _sop_class_reason(h, p)
+        if reason:
+            return None, reason, description
+    multi_frame = is_multi_frame(first)
+    # One header per slice (the frames of multi-frame objects).
+    slices: list[tuple[Dataset, Dataset]] = [(h, f) for h in headers for f in frame_headers(h)]
+    unit = "frame(s)" if multi_frame else "instance(s)"
 
     foreign = [str(h.get("StudyInstanceUID", "")) for h in headers if h.get("StudyInstanceUID") != study_instance_uid]
     if foreign:
@@ -289,37 +331,50 @@ def _check_series(
             description,
         )
 
-    image_types = [tuple(str(v).upper() for v in (h.get("ImageType") or ())) for h in headers]
-    localizers = [t for t in image_types if "LOCALIZER" in t or "SCOUT" in t]
+    # Per slice: the instance's ImageType, and a frame's FrameType where it has one.
+    image_types = [_image_type(h) for h, _ in slices]
+    frame_types = [_image_type(f, "FrameType") if f is not h else () for h, f in slices]
+    localizers = [
+        t for pair in zip(image_types, frame_types) for t in pair if "LOCALIZER" in t or "SCOUT" in t
+    ]
     if localizers:
         shown = "\\".join(localizers[0])
+        n_bad = sum(1 for i, f in zip(image_types, frame_types) if {"LOCALIZER", "SCOUT"} & set(i + f))
+        what = "ImageType/FrameType" if multi_frame else "ImageType"
         return (
             None,
-            f"ImageType is {shown} in {len(localizers)} of {len(headers)} instance(s): "
+            f"{what} is {shown} in {n_bad} of {len(slices)} {unit}: "
             "localizer/scout images are not a volume; allowed: no LOCALIZER or SCOUT value",
             description,
         )
-    original_primary = all(t[:2] == ("ORIGINAL", "PRIMARY") for t in image_types)
+    original_primary = all((f or i)[:2] == ("ORIGINAL", "PRIMARY") for i, f in zip(image_types, frame_types))
 
-    normal = _normal(first)
+    first_slice = slices[0][1] if slices else first
+    normal = _normal(first_slice)
     if normal is None:
         return None, "ImageOrientationPatient (0020,0037) is missing or invalid; required to judge axial", description
     angle = math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
-    tilt = _float(first, "GantryDetectorTilt") or 0.0
+    tilt = _float(first_slice, "GantryDetectorTilt") or 0.0
     limit = max(AXIAL_MAX_ANGLE_DEG, abs(tilt) + TILT_ANGLE_MARGIN_DEG) if tilt else AXIAL_MAX_ANGLE_DEG
     if angle > limit:
         return (
             None,
             f"not axial: slice normal is {angle:.1f} degrees from the patient z axis "
-            f"(ImageOrientationPatient {list(first.ImageOrientationPatient)}); allowed: <= {limit:g} degrees",
+            f"(ImageOrientationPatient {list(first_slice.ImageOrientationPatient)}); allowed: <= {limit:g} degrees",
             description,
         )
 
-    if len(paths) < min_slices:
+    if len(slices) < min_slices:
+        if multi_frame:
+            return (
+                None,
+                f"{len(slices)} frame(s) in {len(headers)} multi-frame instance(s); at least {min_slices} required",
+                description,
+            )
         return None, f"{len(paths)} instance(s); at least {min_slices} required", description
 
     offsets: list[float] = []
-    for h in headers:
+    for _, h in slices:
         ipp = h.get("ImagePositionPatient")
         if ipp is not None and len(ipp) == 3:
             try:
@@ -328,7 +383,7 @@ def _check_series(
                 pass
     offsets.sort()
     coverage = offsets[-1] - offsets[0] if len(offsets) >= 2 else 0.0
-    thickness = _float(first, "SliceThickness")
+    thickness = _float(first_slice, "SliceThickness")
     if (thickness is None or thickness <= 0) and len(offsets) >= 2:
         gaps = np.diff(offsets)
         thickness = float(np.median(gaps)) if float(np.median(gaps)) > 0 else None
@@ -339,7 +394,7 @@ def _check_series(
             description,
         )
 
-    kernel = _first_str(first.get("ConvolutionKernel"))
+    kernel = _first_str(first_slice.get("ConvolutionKernel"))
     try:
         series_number = int(first.get("SeriesNumber") or 0)
     except (TypeError, ValueError):
@@ -355,8 +410,9 @@ def _check_series(
             image_type="\\".join(image_types[0]),
             thickness_mm=thickness,
             coverage_mm=coverage,
-            n_instances=len(paths),
+            n_instances=len(slices),
             series_number=series_number,
+            multi_frame=multi_frame,
         ),
         "",
         description,
@@ -409,7 +465,8 @@ def select_series(
     candidates.sort(key=_Candidate.key)
     winner = candidates[0]
     hard = (
-        f"modality CT, CT Image Storage, no localizer, axial, >= {min_slices} slices, "
+        "modality CT, CT Image Storage or (Legacy Converted) Enhanced CT, no localizer, axial, "
+        f">= {min_slices} slices, "
         f"thickness <= {max_slice_thickness_mm:g} mm"
     )
     if len(candidates) == 1:
@@ -438,7 +495,7 @@ def select_series(
         )
 
     logger.info(
-        "select_series end: study %s, chose %s (%d instances) of %d series in %.2f s; rule: %s",
+        "select_series end: study %s, chose %s (%d slices) of %d series in %.2f s; rule: %s",
         study_instance_uid,
         winner.series_uid,
         winner.n_instances,

@@ -1,22 +1,50 @@
-"""Load a single-frame CT series into a :class:`pipeline.types.Volume` in Hounsfield units.
+"""Load a CT series into a :class:`pipeline.types.Volume` in Hounsfield units.
 
-Headers are read first (``stop_before_pixels``) to sort and validate the geometry;
-then a float32 array is preallocated and filled slice by slice, so that loading holds
-about one copy of the volume plus one decoded slice (a 512x512x600 series needs
-~630 MB, not several GB). Compressed transfer syntaxes (JPEG Lossless, JPEG-LS,
-JPEG 2000, RLE) decode through pydicom's pixel plugins.
+A series is single-frame CT Image Storage instances (PS3.3 A.3), or one or more
+multi-frame Enhanced CT (A.38) / Legacy Converted Enhanced CT (A.70) instances, or a mix
+of those: every *frame* is a slice. Headers are read first (``stop_before_pixels``) to
+sort and validate the geometry; then a float32 array is preallocated and filled slice
+by slice (frame by frame for multi-frame objects, through
+:func:`pydicom.pixels.iter_pixels`), so that loading holds about one copy of the volume
+plus one decoded slice (a 512x512x600 series needs ~630 MB, not several GB). Compressed
+transfer syntaxes (JPEG Lossless, JPEG-LS, JPEG 2000, RLE) decode through pydicom's
+pixel plugins, single- and multi-frame alike.
+
+Multi-frame objects (PS3.3 C.7.6.16 Multi-frame Functional Groups): the attributes a
+single-frame instance has at the top level come, for frame ``i``, from the
+PerFrameFunctionalGroupsSequence item ``i`` or else the SharedFunctionalGroupsSequence
+item (:func:`frame_headers` lifts them to the top level of one header per frame):
+ImagePositionPatient from PlanePositionSequence (C.7.6.16.2.3),
+ImageOrientationPatient from PlaneOrientationSequence (C.7.6.16.2.4), PixelSpacing and
+SliceThickness from PixelMeasuresSequence (C.7.6.16.2.1), RescaleSlope/Intercept from
+PixelValueTransformationSequence (C.7.6.16.2.9), FrameType from CTImageFrameTypeSequence
+(C.8.15.3.1), ConvolutionKernel from CTReconstructionSequence (C.8.15.3.7) and
+GantryDetectorTilt from CTAcquisitionDetailsSequence (C.8.15.3.3); for a Legacy
+Converted object those two may sit in the Unassigned Per-Frame / Shared Converted
+Attributes Sequences (C.7.6.16.2.25), and finally at the top level.
+
+**Slices and frames.** ``Volume.sop_instance_uids[k]`` is the SOP Instance UID of the
+source of slice ``k``; for a multi-frame source the same UID repeats for each of its
+frames. Slice ``k`` of a multi-frame source is frame ``n`` (1-based, as DICOM numbers
+frames, e.g. ReferencedFrameNumber) of that instance: :func:`source_frames` gives
+``(SOPInstanceUID, frame number)`` for every slice in the volume's order (frame number 1
+for a single-frame instance), which is what a DICOM-SEG needs to reference its source
+frames (PS3.3 C.7.6.16.2.6 Derivation Image / C.10.9 Referenced Frame Number).
 
 Rules implemented (each failure raises :class:`pipeline.errors.VolumeError` saying what
-was checked, the value seen and what is allowed):
+was checked, the value seen and what is allowed). They apply to slices, that is, to the
+frames of multi-frame objects as to single-frame instances:
 
-* Modality ``CT`` and SOPClassUID CT Image Storage, single frame (PS3.3 A.3); multi-frame
-  objects (Enhanced CT, NumberOfFrames > 1) are declined.
+* Modality ``CT``; SOPClassUID CT Image Storage with one frame (PS3.3 A.3), or Enhanced
+  CT / Legacy Converted Enhanced CT with a PerFrameFunctionalGroupsSequence of
+  NumberOfFrames items; one SOP class per volume.
 * The Image Plane and Image Pixel attributes needed for geometry and HU are present
   (PS3.3 C.7.6.2, C.7.6.3, C.8.2.1: ImagePositionPatient, ImageOrientationPatient,
-  PixelSpacing, Rows, Columns, RescaleIntercept, RescaleSlope, PixelData).
+  PixelSpacing, Rows, Columns, RescaleIntercept, RescaleSlope, PixelData), at the top
+  level or, for multi-frame objects, in the functional groups of every frame.
 * All slices share ImageOrientationPatient (within :data:`ORIENTATION_TOLERANCE`),
   Rows/Columns, PixelSpacing (within :data:`PIXEL_SPACING_TOLERANCE_MM`),
-  SeriesInstanceUID and FrameOfReferenceUID.
+  SeriesInstanceUID, FrameOfReferenceUID and SOPClassUID.
 * No gantry/detector tilt: GantryDetectorTilt (0018,1120) is 0, and the slice positions
   lie along the slice normal (row direction x column direction, PS3.3 C.7.6.2.1.1):
   a slice may be at most :data:`POSITION_LATERAL_TOLERANCE_MM` off that line, or
@@ -25,7 +53,7 @@ was checked, the value seen and what is allowed):
 * Even spacing: every distance between neighbouring slices is within
   ``max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_FRACTION * median)`` (0.05 mm or 1 %) of
   the median; a gap (missing slices) or uneven reconstruction is declined.
-* At least ``min_slices`` slices.
+* At least ``min_slices`` slices (frames, for multi-frame objects).
 
 Slices are sorted by their position along the normal, ascending, whatever the file
 order, InstanceNumber order or PatientPosition. The affine is the one documented on
@@ -43,7 +71,7 @@ import logging
 import math
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +80,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pydicom.pixels import iter_pixels
 from pydicom.uid import UID
 
 from pipeline.errors import VolumeError
@@ -60,6 +90,10 @@ from pipeline.types import Volume
 logger = logging.getLogger(__name__)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
+MULTI_FRAME_CT_STORAGE: tuple[str, ...] = (ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE)
+"""Multi-frame CT SOP classes whose frames are read as slices (PS3.3 A.38, A.70)."""
 
 ORIENTATION_TOLERANCE = 1e-4
 """Largest difference between ImageOrientationPatient components of two slices."""
@@ -85,13 +119,155 @@ _REQUIRED = (
     ("RescaleSlope", "(0028,1053)"),
 )
 
+# Where a frame's attribute lives in the Multi-frame Functional Groups: the functional
+# group sequences searched in order, each first in the frame's PerFrameFunctionalGroupsSequence
+# item, then in the SharedFunctionalGroupsSequence item (PS3.3 C.7.6.16.1.1: a macro is in one
+# or the other). Keywords in _TOP_LEVEL_FALLBACK are finally taken from the top level.
+_FRAME_ATTRIBUTES: Mapping[str, tuple[str, ...]] = {
+    "ImagePositionPatient": ("PlanePositionSequence",),
+    "ImageOrientationPatient": ("PlaneOrientationSequence",),
+    "PixelSpacing": ("PixelMeasuresSequence",),
+    "SliceThickness": ("PixelMeasuresSequence",),
+    "SpacingBetweenSlices": ("PixelMeasuresSequence",),
+    "RescaleIntercept": ("PixelValueTransformationSequence",),
+    "RescaleSlope": ("PixelValueTransformationSequence",),
+    "RescaleType": ("PixelValueTransformationSequence",),
+    "FrameType": ("CTImageFrameTypeSequence",),
+    "ConvolutionKernel": (
+        "CTReconstructionSequence",
+        "UnassignedPerFrameConvertedAttributesSequence",
+        "UnassignedSharedConvertedAttributesSequence",
+    ),
+    "GantryDetectorTilt": (
+        "CTAcquisitionDetailsSequence",
+        "UnassignedPerFrameConvertedAttributesSequence",
+        "UnassignedSharedConvertedAttributesSequence",
+    ),
+}
+_TOP_LEVEL_FALLBACK = frozenset({"ConvolutionKernel", "GantryDetectorTilt"})
+_INSTANCE_ATTRIBUTES: tuple[str, ...] = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "Modality",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SeriesDescription",
+    "SeriesNumber",
+    "FrameOfReferenceUID",
+    "ImageType",
+    "NumberOfFrames",
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "PixelRepresentation",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+)
+
+
+def is_multi_frame(ds: Dataset) -> bool:
+    """Whether ``ds`` is an Enhanced / Legacy Converted Enhanced CT object, whose frames are slices."""
+    return str(ds.get("SOPClassUID", "")) in MULTI_FRAME_CT_STORAGE
+
+
+def _number_of_frames(ds: Dataset) -> int:
+    frames = ds.get("NumberOfFrames")
+    try:
+        return int(frames) if frames not in (None, "") else 1
+    except (TypeError, ValueError):
+        return 1
+
+
+def _group_item(container: Dataset | None, sequence_keyword: str) -> Dataset | None:
+    if container is None:
+        return None
+    seq = container.get(sequence_keyword)
+    return seq[0] if seq else None
+
+
+def frame_headers(ds: Dataset) -> list[Dataset]:
+    """One header per frame of ``ds``, with the frame's attributes at the top level.
+
+    For a single-frame instance that is ``[ds]``. For an Enhanced / Legacy Converted
+    Enhanced CT object it is one new :class:`Dataset` per PerFrameFunctionalGroupsSequence
+    item (frame ``i + 1`` at index ``i``), holding the instance attributes the loader and
+    the selection need (SOPInstanceUID, SeriesInstanceUID, Rows, ImageType ...) and each
+    keyword of the functional groups table in this module taken from the frame's
+    per-frame item, else the shared item (PS3.3 C.7.6.16.1.1). The elements are shared
+    with ``ds``, not copied: treat the result as read-only. A missing attribute stays
+    missing (callers name it); items beyond NumberOfFrames are ignored.
+    """
+    if not is_multi_frame(ds):
+        return [ds]
+    shared = _group_item(ds, "SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    instance = Dataset()
+    for kw in _INSTANCE_ATTRIBUTES:
+        elem = ds.data_element(kw) if kw in ds else None
+        if elem is not None:
+            instance[elem.tag] = elem
+    views: list[Dataset] = []
+    for frame_item in list(per_frame)[: _number_of_frames(ds)]:
+        view = Dataset()
+        view.update(instance)
+        for kw, sequences in _FRAME_ATTRIBUTES.items():
+            for seq_kw in sequences:
+                found = None
+                for container in (frame_item, shared):
+                    item = _group_item(container, seq_kw)
+                    if item is not None and kw in item and item[kw].value not in (None, ""):
+                        found = item.data_element(kw)
+                        break
+                if found is not None:
+                    view[found.tag] = found
+                    break
+            else:
+                if kw in _TOP_LEVEL_FALLBACK and kw in ds:
+                    elem = ds.data_element(kw)
+                    if elem is not None:
+                        view[elem.tag] = elem
+        views.append(view)
+    return views
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """One slice as read from the headers: a single-frame instance or one frame of a multi-frame one."""
+
+    header: Dataset  # the instance's header, or the frame's (frame_headers)
+    path: Path
+    frame_number: int  # 1-based within its instance
+    multi_frame: bool
+    where: str  # "SOPInstanceUID x" or "SOPInstanceUID x frame n"
+
 
 @dataclass(frozen=True)
 class _Slice:
     path: Path
     sop_instance_uid: str
+    frame_number: int  # 1-based within its instance
+    multi_frame: bool
     position_mm: np.ndarray
     offset_mm: float  # position along the normal
+    rescale_slope: float  # of the frame; single-frame slices are rescaled from their file (_fill_slice)
+    rescale_intercept: float
+
+    @property
+    def label(self) -> str:
+        """SOPInstanceUID, with the frame number for a multi-frame source."""
+        return f"{self.sop_instance_uid} frame {self.frame_number}" if self.multi_frame else self.sop_instance_uid
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """What the header pass found: slices in volume order and the grid."""
+
+    slices: tuple[_Slice, ...]
+    affine: np.ndarray
+    rows: int
+    cols: int
+    padding: Mapping[Path, tuple[int, int] | None]  # multi-frame instances only
+    first: Dataset
 
 
 def _name(ds: Dataset, path: Path) -> str:
@@ -110,6 +286,17 @@ def _floats(ds: Dataset, keyword: str, tag: str, n: int, where: str) -> np.ndarr
     return arr
 
 
+def _float(ds: Dataset, keyword: str, tag: str, where: str) -> float:
+    value = ds.get(keyword)
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as exc:
+        raise VolumeError(f"{keyword} {tag} of {where} is {value!r}: not a number ({exc})") from exc
+    if not math.isfinite(v):
+        raise VolumeError(f"{keyword} {tag} of {where} is {value!r}; allowed: a finite number")
+    return v
+
+
 def _read_headers(paths: Sequence[Path]) -> list[Dataset]:
     headers = []
     for p in paths:
@@ -126,28 +313,61 @@ def _check_instance(ds: Dataset, path: Path) -> None:
     if modality != "CT":
         raise VolumeError(f"Modality (0008,0060) of {where} is {modality!r}; allowed: 'CT'")
     sop_class = str(ds.get("SOPClassUID", ""))
-    frames = ds.get("NumberOfFrames")
-    try:
-        n_frames = int(frames) if frames not in (None, "") else 1
-    except (TypeError, ValueError):
-        n_frames = 1
-    if n_frames > 1:
+    name = UID(sop_class).name if sop_class else "missing"
+    n_frames = _number_of_frames(ds)
+    if sop_class in MULTI_FRAME_CT_STORAGE:
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+        if per_frame is None:
+            raise VolumeError(
+                f"SOPClassUID (0008,0016) of {where} is {sop_class} ({name}) but PerFrameFunctionalGroupsSequence "
+                "(5200,9230) is missing; allowed: a multi-frame object whose Multi-frame Functional Groups "
+                "(PS3.3 C.7.6.16) give the geometry of every frame"
+            )
+        if n_frames < 1 or len(per_frame) != n_frames:
+            raise VolumeError(
+                f"{where} has NumberOfFrames (0028,0008) {ds.get('NumberOfFrames')!r} but "
+                f"{len(per_frame)} PerFrameFunctionalGroupsSequence (5200,9230) item(s); allowed: one item per frame"
+            )
+    elif n_frames > 1:
         raise VolumeError(
             f"{where} is a multi-frame object (NumberOfFrames {n_frames}, SOPClassUID {sop_class}); "
-            "allowed: single-frame CT Image Storage (multi-frame is not supported)"
+            f"allowed: one frame for {CT_IMAGE_STORAGE} (CT Image Storage); multi-frame CT must be "
+            f"{ENHANCED_CT_IMAGE_STORAGE} (Enhanced CT) or {LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE} "
+            "(Legacy Converted Enhanced CT) with functional groups"
         )
-    if sop_class != CT_IMAGE_STORAGE:
-        name = UID(sop_class).name if sop_class else "missing"
+    elif sop_class != CT_IMAGE_STORAGE:
         raise VolumeError(
             f"SOPClassUID (0008,0016) of {where} is {sop_class or '(missing)'} ({name}); "
-            f"allowed: {CT_IMAGE_STORAGE} (CT Image Storage, single frame; Enhanced CT is not supported)"
+            f"allowed: {CT_IMAGE_STORAGE} (CT Image Storage), {ENHANCED_CT_IMAGE_STORAGE} (Enhanced CT Image "
+            f"Storage), {LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE} (Legacy Converted Enhanced CT Image Storage)"
         )
+    multi = sop_class in MULTI_FRAME_CT_STORAGE
     for keyword, tag in _REQUIRED:
+        if multi and keyword in _FRAME_ATTRIBUTES:
+            continue  # checked per frame (_frames_of)
         if ds.get(keyword) in (None, ""):
             raise VolumeError(f"{keyword} {tag} is missing or empty in {where}; it is required to build the volume")
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     if spp != 1:
         raise VolumeError(f"SamplesPerPixel (0028,0002) of {where} is {spp}; allowed: 1")
+
+
+def _frames_of(ds: Dataset, path: Path) -> list[_Frame]:
+    """The slices of one checked instance, with the per-frame required attributes checked."""
+    if not is_multi_frame(ds):
+        return [_Frame(header=ds, path=path, frame_number=1, multi_frame=False, where=_name(ds, path))]
+    frames = []
+    for i, view in enumerate(frame_headers(ds)):
+        where = f"{_name(ds, path)} frame {i + 1}"
+        for keyword, tag in _REQUIRED:
+            if keyword in _FRAME_ATTRIBUTES and view.get(keyword) in (None, ""):
+                groups = "/".join(_FRAME_ATTRIBUTES[keyword])
+                raise VolumeError(
+                    f"{keyword} {tag} is missing or empty in {where} (looked in its PerFrameFunctionalGroupsSequence "
+                    f"item and the SharedFunctionalGroupsSequence, {groups}); it is required to build the volume"
+                )
+        frames.append(_Frame(header=view, path=path, frame_number=i + 1, multi_frame=True, where=where))
+    return frames
 
 
 def _padding_range(ds: Dataset) -> tuple[int, int] | None:
@@ -171,54 +391,64 @@ def _padding_range(ds: Dataset) -> tuple[int, int] | None:
     return min(pad, limit), max(pad, limit)
 
 
-def load_volume(paths: Sequence[Path], *, min_slices: int = 20) -> Volume:
-    """Read a single-frame CT series into a :class:`Volume` in HU (float32, axes (k, r, c)).
-
-    ``paths`` are the instance files of one series, in any order. Raises
-    :class:`VolumeError` when the series is not a regular axial-stack volume (see the
-    module docstring for every check and its tolerance).
-    """
-    started = time.monotonic()
-    paths = [Path(p) for p in paths]
-    if len(paths) < max(min_slices, 1):
-        raise VolumeError(f"the series has {len(paths)} instance(s); at least {max(min_slices, 1)} required")
+def _geometry(paths: Sequence[Path], *, min_slices: int) -> _Geometry:
+    """Read and validate the headers of a series; the slices sorted along the normal and the affine."""
+    required = max(min_slices, 1)
+    if not paths:
+        raise VolumeError(f"the series has 0 instance(s); at least {required} required")
     headers = _read_headers(paths)
+    frames: list[_Frame] = []
+    padding: dict[Path, tuple[int, int] | None] = {}
     for ds, p in zip(headers, paths):
         _check_instance(ds, p)
+        frames.extend(_frames_of(ds, p))
+        if is_multi_frame(ds):
+            padding[p] = _padding_range(ds)
+    n_multi = sum(1 for ds in headers if is_multi_frame(ds))
+    if len(frames) < required:
+        if n_multi:
+            raise VolumeError(
+                f"the series has {len(frames)} slice(s) (frames of {n_multi} multi-frame instance(s) and "
+                f"{len(paths) - n_multi} single-frame instance(s)); at least {required} required"
+            )
+        raise VolumeError(f"the series has {len(paths)} instance(s); at least {required} required")
 
-    first = headers[0]
-    series_uid = str(first.get("SeriesInstanceUID", ""))
-    logger.info("load_volume start: series %s, %d instances", series_uid, len(paths))
+    first = frames[0].header
+    where0 = frames[0].where
 
     # Consistency of the plane and grid.
-    iop0 = _floats(first, "ImageOrientationPatient", "(0020,0037)", 6, _name(first, paths[0]))
-    ps0 = _floats(first, "PixelSpacing", "(0028,0030)", 2, _name(first, paths[0]))
+    iop0 = _floats(first, "ImageOrientationPatient", "(0020,0037)", 6, where0)
+    ps0 = _floats(first, "PixelSpacing", "(0028,0030)", 2, where0)
     rows, cols = int(first.Rows), int(first.Columns)
-    for ds, p in zip(headers[1:], paths[1:]):
-        where = _name(ds, p)
+    for fr in frames[1:]:
+        ds, where = fr.header, fr.where
         iop = _floats(ds, "ImageOrientationPatient", "(0020,0037)", 6, where)
         if np.max(np.abs(iop - iop0)) > ORIENTATION_TOLERANCE:
             raise VolumeError(
                 f"mixed ImageOrientationPatient (0020,0037): {where} has {iop.tolist()}, "
-                f"{_name(first, paths[0])} has {iop0.tolist()}; allowed: all equal within {ORIENTATION_TOLERANCE:g}"
+                f"{where0} has {iop0.tolist()}; allowed: all equal within {ORIENTATION_TOLERANCE:g}"
             )
         if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
             raise VolumeError(
                 f"mixed Rows/Columns (0028,0010)/(0028,0011): {where} is {int(ds.Rows)}x{int(ds.Columns)}, "
-                f"{_name(first, paths[0])} is {rows}x{cols}; allowed: all equal"
+                f"{where0} is {rows}x{cols}; allowed: all equal"
             )
         ps = _floats(ds, "PixelSpacing", "(0028,0030)", 2, where)
         if np.max(np.abs(ps - ps0)) > PIXEL_SPACING_TOLERANCE_MM:
             raise VolumeError(
                 f"mixed PixelSpacing (0028,0030): {where} has {ps.tolist()} mm, "
-                f"{_name(first, paths[0])} has {ps0.tolist()} mm; "
+                f"{where0} has {ps0.tolist()} mm; "
                 f"allowed: all equal within {PIXEL_SPACING_TOLERANCE_MM:g} mm"
             )
-        for keyword, tag in (("SeriesInstanceUID", "(0020,000E)"), ("FrameOfReferenceUID", "(0020,0052)")):
+        for keyword, tag in (
+            ("SeriesInstanceUID", "(0020,000E)"),
+            ("FrameOfReferenceUID", "(0020,0052)"),
+            ("SOPClassUID", "(0008,0016)"),
+        ):
             if str(ds.get(keyword, "")) != str(first.get(keyword, "")):
                 raise VolumeError(
                     f"mixed {keyword} {tag}: {where} has {ds.get(keyword)!r}, "
-                    f"{_name(first, paths[0])} has {first.get(keyword)!r}; allowed: one value per volume"
+                    f"{where0} has {first.get(keyword)!r}; allowed: one value per volume"
                 )
 
     row_dir, col_dir = iop0[:3], iop0[3:]
@@ -236,34 +466,38 @@ def load_volume(paths: Sequence[Path], *, min_slices: int = 20) -> Volume:
     normal = np.cross(row_dir, col_dir)
     normal /= np.linalg.norm(normal)
 
+    positions = [_floats(fr.header, "ImagePositionPatient", "(0020,0032)", 3, fr.where) for fr in frames]
+
     # Tilt from the header.
-    for ds, p in zip(headers, paths):
-        tilt_value = ds.get("GantryDetectorTilt")
+    for fr in frames:
+        tilt_value = fr.header.get("GantryDetectorTilt")
         if tilt_value in (None, ""):
             continue
         tilt = float(tilt_value)
         if abs(tilt) > TILT_TOLERANCE_DEG:
             raise VolumeError(
-                f"gantry/detector tilt: GantryDetectorTilt (0018,1120) of {_name(ds, p)} is {tilt:g} degrees"
-                f"{_geometric_tilt_note(headers, paths, normal)}; allowed: 0 (tilted series are not resampled)"
+                f"gantry/detector tilt: GantryDetectorTilt (0018,1120) of {fr.where} is {tilt:g} degrees"
+                f"{_geometric_tilt_note(positions, normal)}; allowed: 0 (tilted series are not resampled)"
             )
 
     slices = sorted(
         (
             _Slice(
-                path=p,
-                sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+                path=fr.path,
+                sop_instance_uid=str(fr.header.get("SOPInstanceUID", "")),
+                frame_number=fr.frame_number,
+                multi_frame=fr.multi_frame,
                 position_mm=pos,
                 offset_mm=float(pos @ normal),
+                rescale_slope=_float(fr.header, "RescaleSlope", "(0028,1053)", fr.where) if fr.multi_frame else 1.0,
+                rescale_intercept=(
+                    _float(fr.header, "RescaleIntercept", "(0028,1052)", fr.where) if fr.multi_frame else 0.0
+                ),
             )
-            for ds, p, pos in (
-                (ds, p, _floats(ds, "ImagePositionPatient", "(0020,0032)", 3, _name(ds, p)))
-                for ds, p in zip(headers, paths)
-            )
+            for fr, pos in zip(frames, positions)
         ),
         key=lambda s: s.offset_mm,
     )
-    del headers
 
     # Positions along the normal (tilt seen in the geometry).
     p0 = slices[0].position_mm
@@ -289,7 +523,7 @@ def load_volume(paths: Sequence[Path], *, min_slices: int = 20) -> Volume:
         a, b = slices[i], slices[i + 1]
         raise VolumeError(
             f"duplicate slice position {[round(v, 3) for v in a.position_mm.tolist()]} mm: SOPInstanceUID "
-            f"{a.sop_instance_uid} and {b.sop_instance_uid} (distance {abs(gaps[i]):.3f} mm along the normal); "
+            f"{a.label} and {b.label} (distance {abs(gaps[i]):.3f} mm along the normal); "
             f"allowed: one slice per position (>= {DUPLICATE_TOLERANCE_MM:g} mm apart)"
         )
 
@@ -305,7 +539,7 @@ def load_volume(paths: Sequence[Path], *, min_slices: int = 20) -> Volume:
             raise VolumeError(
                 f"uneven slice spacing along the normal: min {gaps.min():.3f}, median {median:.3f}, "
                 f"max {gaps.max():.3f} mm ({bad.size} of {gaps.size} gaps off the median; worst between "
-                f"SOPInstanceUID {slices[worst].sop_instance_uid} and {slices[worst + 1].sop_instance_uid}){hint}; "
+                f"SOPInstanceUID {slices[worst].label} and {slices[worst + 1].label}){hint}; "
                 f"allowed: every gap within {tol:.3f} mm of the median (1% or {SPACING_TOLERANCE_MM:g} mm, "
                 "whichever is larger)"
             )
@@ -318,23 +552,52 @@ def load_volume(paths: Sequence[Path], *, min_slices: int = 20) -> Volume:
     affine[:3, 1] = col_dir * ps0[0]
     affine[:3, 2] = row_dir * ps0[1]
     affine[:3, 3] = p0
+    return _Geometry(slices=tuple(slices), affine=affine, rows=rows, cols=cols, padding=padding, first=first)
 
-    hu = np.empty((len(slices), rows, cols), dtype=np.float32)
-    for k, s in enumerate(slices):
-        _fill_slice(hu[k], s.path, rows, cols)
+
+def load_volume(paths: Sequence[Path], *, min_slices: int = 20) -> Volume:
+    """Read a CT series into a :class:`Volume` in HU (float32, axes (k, r, c)).
+
+    ``paths`` are the instance files of one series, in any order: single-frame CT Image
+    Storage, and/or Enhanced CT / Legacy Converted Enhanced CT objects whose frames are
+    slices (a series split over several multi-frame instances is one volume).
+    ``min_slices`` counts slices, i.e. frames of multi-frame objects. Raises
+    :class:`VolumeError` when the series is not a regular axial-stack volume (see the
+    module docstring for every check and its tolerance). ``sop_instance_uids[k]`` is
+    the source instance of slice k (repeated per frame; :func:`source_frames` gives the
+    frame numbers).
+    """
+    started = time.monotonic()
+    paths = [Path(p) for p in paths]
+    logger.info("load_volume start: %d instance file(s)", len(paths))
+    geo = _geometry(paths, min_slices=min_slices)
+    first = geo.first
+    series_uid = str(first.get("SeriesInstanceUID", ""))
+
+    hu = np.empty((len(geo.slices), geo.rows, geo.cols), dtype=np.float32)
+    by_instance: dict[Path, dict[int, tuple[int, _Slice]]] = {}
+    for k, s in enumerate(geo.slices):
+        if s.multi_frame:
+            by_instance.setdefault(s.path, {})[s.frame_number - 1] = (k, s)
+        else:
+            _fill_slice(hu[k], s.path, geo.rows, geo.cols)
+    for path, wanted in by_instance.items():
+        _fill_frames(hu, path, wanted, geo.rows, geo.cols, geo.padding.get(path))
 
     volume = Volume(
         hu=hu,
-        affine_lps=affine,
+        affine_lps=geo.affine,
         frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
         study_instance_uid=str(first.get("StudyInstanceUID", "")),
         series_instance_uid=series_uid,
         sop_class_uid=str(first.SOPClassUID),
-        sop_instance_uids=tuple(s.sop_instance_uid for s in slices),
+        sop_instance_uids=tuple(s.sop_instance_uid for s in geo.slices),
     )
     logger.info(
-        "load_volume end: series %s, shape %s, spacing %s mm in %.2f s",
+        "load_volume end: series %s, %d instance(s) (%d multi-frame), shape %s, spacing %s mm in %.2f s",
         series_uid,
+        len(paths),
+        len(by_instance),
         volume.shape,
         tuple(round(v, 4) for v in volume.spacing_mm),
         time.monotonic() - started,
@@ -342,24 +605,44 @@ def load_volume(paths: Sequence[Path], *, min_slices: int = 20) -> Volume:
     return volume
 
 
-def _geometric_tilt_note(headers: Sequence[Dataset], paths: Sequence[Path], normal: np.ndarray) -> str:
+def source_frames(paths: Sequence[Path]) -> list[tuple[str, int]]:
+    """``(SOPInstanceUID, frame number)`` of every slice, in the order of :func:`load_volume`'s Volume.
+
+    Element ``k`` is the source of ``Volume.hu[k]`` for the same ``paths``: the frame
+    number is 1-based within its instance (PS3.3 C.7.6.16, as ReferencedFrameNumber
+    counts) and 1 for a single-frame instance. Reads headers only; raises
+    :class:`VolumeError` for the same header problems as :func:`load_volume` (any slice
+    count is accepted).
+    """
+    geo = _geometry([Path(p) for p in paths], min_slices=1)
+    return [(s.sop_instance_uid, s.frame_number) for s in geo.slices]
+
+
+def _geometric_tilt_note(positions: Sequence[np.ndarray], normal: np.ndarray) -> str:
     """', positions x degrees off the normal' from the two outermost slices, or ''."""
-    try:
-        pos = np.asarray([[float(v) for v in ds.ImagePositionPatient] for ds in headers])
-    except (AttributeError, TypeError, ValueError):
+    if len(positions) < 2:
         return ""
+    pos = np.asarray(positions)
     along = pos @ normal
     a, b = pos[int(np.argmin(along))], pos[int(np.argmax(along))]
     d = b - a
     dn = float(d @ normal)
-    if len(pos) < 2 or np.linalg.norm(d) == 0:
+    if np.linalg.norm(d) == 0:
         return ""
     angle = math.degrees(math.atan2(float(np.linalg.norm(d - dn * normal)), abs(dn)))
     return f" (slice positions deviate {angle:.1f} degrees from the slice normal)"
 
 
+def _decode_error(where: str, ts: Any, exc: Exception) -> VolumeError:
+    name = UID(str(ts)).name if ts else "unknown"
+    return VolumeError(
+        f"cannot decode the pixel data of {where} (TransferSyntaxUID {ts} {name}): {exc}; "
+        "allowed: uncompressed, JPEG Lossless, JPEG-LS, JPEG 2000, RLE"
+    )
+
+
 def _fill_slice(out: np.ndarray, path: Path, rows: int, cols: int) -> None:
-    """Decode one instance into ``out`` (rows x cols, float32) in HU."""
+    """Decode one single-frame instance into ``out`` (rows x cols, float32) in HU."""
     ds = pydicom.dcmread(path)
     where = _name(ds, path)
     if "PixelData" not in ds:
@@ -368,11 +651,7 @@ def _fill_slice(out: np.ndarray, path: Path, rows: int, cols: int) -> None:
     try:
         stored: Any = ds.pixel_array
     except Exception as exc:  # the decoders raise many types; name the file and syntax
-        name = UID(str(ts)).name if ts else "unknown"
-        raise VolumeError(
-            f"cannot decode the pixel data of {where} (TransferSyntaxUID {ts} {name}): {exc}; "
-            "allowed: uncompressed, JPEG Lossless, JPEG-LS, JPEG 2000, RLE"
-        ) from exc
+        raise _decode_error(where, ts, exc) from exc
     if stored.shape != (rows, cols):
         raise VolumeError(f"pixel data of {where} has shape {stored.shape}; allowed: {(rows, cols)} (Rows x Columns)")
     slope = float(ds.RescaleSlope)
@@ -383,3 +662,57 @@ def _fill_slice(out: np.ndarray, path: Path, rows: int, cols: int) -> None:
     if padding is not None:
         lo, hi = padding
         out[(stored >= lo) & (stored <= hi)] = PADDING_HU
+
+
+def _fill_frames(
+    hu: np.ndarray,
+    path: Path,
+    wanted: Mapping[int, tuple[int, _Slice]],
+    rows: int,
+    cols: int,
+    padding: tuple[int, int] | None,
+) -> None:
+    """Decode the frames of one multi-frame instance into their slices of ``hu``, one frame at a time.
+
+    ``wanted`` maps a 0-based frame index to (slice k, slice); each frame gets its own
+    RescaleSlope/Intercept (Pixel Value Transformation, PS3.3 C.7.6.16.2.9).
+    """
+    some = next(iter(wanted.values()))[1]
+    where = f"SOPInstanceUID {some.sop_instance_uid}" if some.sop_instance_uid else f"file {path.name}"
+    indices = sorted(wanted)
+    decoded = 0
+    try:
+        meta = read_file_meta_info(path)
+        ts = meta.get("TransferSyntaxUID", "")
+    except (InvalidDicomError, OSError):
+        ts = ""
+    frames = iter_pixels(path, indices=indices)
+    while True:
+        try:
+            stored = next(frames)
+        except StopIteration:
+            break
+        except AttributeError as exc:  # pydicom: no Pixel Data element
+            raise VolumeError(
+                f"PixelData (7FE0,0010) is missing in {where} ({exc}); required for every frame"
+            ) from exc
+        except Exception as exc:  # the decoders raise many types; name the file and syntax
+            raise _decode_error(where, ts, exc) from exc
+        index = indices[decoded]
+        decoded += 1
+        k, s = wanted[index]
+        if stored.shape != (rows, cols):
+            raise VolumeError(
+                f"pixel data of {s.label} has shape {stored.shape}; allowed: {(rows, cols)} (Rows x Columns)"
+            )
+        out = hu[k]
+        np.multiply(stored, s.rescale_slope, out=out, casting="unsafe")
+        out += np.float32(s.rescale_intercept)
+        if padding is not None:
+            lo, hi = padding
+            out[(stored >= lo) & (stored <= hi)] = PADDING_HU
+    if decoded != len(indices):
+        raise VolumeError(
+            f"pixel data of {where} gave {decoded} frame(s); allowed: the {len(indices)} frame(s) "
+            "that NumberOfFrames (0028,0008) and PerFrameFunctionalGroupsSequence (5200,9230) announce"
+        )

@@ -35,10 +35,12 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     CTImageStorage,
+    EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
+    LegacyConvertedEnhancedCTImageStorage,
     RLELossless,
     UID,
     generate_uid,
@@ -50,6 +52,7 @@ __all__ = [
     "COMPRESSED_TRANSFER_SYNTAXES",
     "write_ct_series",
     "write_localizer",
+    "write_enhanced_ct",
     "slice_positions",
     "default_hu",
 ]
@@ -135,6 +138,42 @@ def _ds_str(v: float) -> str:
     if len(s) > 16:
         s = f"{v:.8g}"
     return "0" if s in ("-0", "-0.0") else s
+
+
+def _stored_values(
+    hu: HuSource,
+    *,
+    positions: np.ndarray,
+    row: np.ndarray,
+    col: np.ndarray,
+    pixel_spacing: tuple[float, float],
+    shape: tuple[int, int, int],
+    rescale_slope: float,
+    rescale_intercept: float,
+) -> np.ndarray:
+    """Stored int16 values (slice order k) of ``hu`` (array, function of LPS or None)."""
+    n_slices, rows, cols = shape
+    if hu is None or callable(hu):
+        f = hu if hu is not None else default_hu
+        kk, rr, cc = np.meshgrid(np.arange(n_slices), np.arange(rows), np.arange(cols), indexing="ij")
+        pts = (
+            positions[kk]
+            + (rr * pixel_spacing[0])[..., None] * col
+            + (cc * pixel_spacing[1])[..., None] * row
+        )
+        hu_arr = np.asarray(f(pts[..., 0], pts[..., 1], pts[..., 2]), dtype=np.float64)
+        hu_arr = np.broadcast_to(hu_arr, (n_slices, rows, cols))
+    else:
+        hu_arr = np.asarray(hu, dtype=np.float64)
+        if hu_arr.shape != (n_slices, rows, cols):
+            raise ValueError(f"hu has shape {hu_arr.shape}; expected {(n_slices, rows, cols)}")
+    stored = np.round((hu_arr - rescale_intercept) / rescale_slope)
+    if stored.min() < -32768 or stored.max() > 32767:
+        raise ValueError(
+            f"stored values {stored.min()}..{stored.max()} do not fit int16 "
+            f"(slope {rescale_slope}, intercept {rescale_intercept})"
+        )
+    return stored.astype(np.int16)
 
 
 def write_ct_series(
@@ -247,28 +286,16 @@ def write_ct_series(
         gantry_tilt=gantry_tilt,
     )
 
-    # HU grid in slice order k.
-    if hu is None or callable(hu):
-        f = hu if hu is not None else default_hu
-        kk, rr, cc = np.meshgrid(np.arange(n_slices), np.arange(rows), np.arange(cols), indexing="ij")
-        pts = (
-            positions[kk]
-            + (rr * pixel_spacing[0])[..., None] * col
-            + (cc * pixel_spacing[1])[..., None] * row
-        )
-        hu_arr = np.asarray(f(pts[..., 0], pts[..., 1], pts[..., 2]), dtype=np.float64)
-        hu_arr = np.broadcast_to(hu_arr, (n_slices, rows, cols))
-    else:
-        hu_arr = np.asarray(hu, dtype=np.float64)
-        if hu_arr.shape != (n_slices, rows, cols):
-            raise ValueError(f"hu has shape {hu_arr.shape}; expected {(n_slices, rows, cols)}")
-    stored = np.round((hu_arr - rescale_intercept) / rescale_slope)
-    if stored.min() < -32768 or stored.max() > 32767:
-        raise ValueError(
-            f"stored values {stored.min()}..{stored.max()} do not fit int16 "
-            f"(slope {rescale_slope}, intercept {rescale_intercept})"
-        )
-    stored = stored.astype(np.int16)
+    stored = _stored_values(
+        hu,
+        positions=positions,
+        row=row,
+        col=col,
+        pixel_spacing=pixel_spacing,
+        shape=(n_slices, rows, cols),
+        rescale_slope=rescale_slope,
+        rescale_intercept=rescale_intercept,
+    )
 
     thickness = slice_spacing if slice_thickness is None else slice_thickness
     normal = np.cross(row, col)
@@ -464,3 +491,304 @@ def write_localizer(
         file_prefix=file_prefix,
     )
     return paths[0]
+
+
+def _item(**attributes: Any) -> Dataset:
+    """A sequence item with the given keyword attributes."""
+    item = Dataset()
+    for kw, v in attributes.items():
+        setattr(item, kw, v)
+    return item
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    return _item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)
+
+
+def write_enhanced_ct(
+    out_dir: Path,
+    *,
+    n_frames: int = 20,
+    rows: int = 64,
+    cols: int = 64,
+    pixel_spacing: tuple[float, float] = (0.8, 0.8),
+    slice_spacing: float = 2.0,
+    row_dir: Sequence[float] = (1, 0, 0),
+    col_dir: Sequence[float] = (0, 1, 0),
+    origin: Sequence[float] = (-25.6, -25.6, 0.0),
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    frame_uid: str | None = None,
+    hu: HuSource = None,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    reverse_frame_order: bool = False,
+    sop_class_uid: str = EnhancedCTImageStorage,
+    seed: str | int = 0,
+    series_number: int = 1,
+    kernel: str = "STANDARD",
+    description: str = "",
+    rescale_slope: float = 1.0,
+    rescale_intercept: float = -1024.0,
+    per_frame_groups: bool = False,
+    file_name: str = "ECT0000.dcm",
+) -> Path:
+    """Write one multi-frame Enhanced CT Image (PS3.3 A.38.1) or Legacy Converted Enhanced CT
+    Image (PS3.3 A.70) into ``out_dir`` (created) and return its path.
+
+    The geometry and HU values are those :func:`write_ct_series` writes for the same
+    arguments (``n_frames`` = ``n_slices``; no gantry tilt): slice ``k`` lies at
+    ``origin + k * slice_spacing * (row_dir x col_dir)``, and ``hu`` is an array in slice
+    order ``k`` or a function of LPS (``None``: :func:`default_hu`). With the same
+    ``study_uid``/``frame_uid`` (derived from PatientID by default) both writers put a
+    value at the same LPS point, so loaders can be compared one against the other.
+
+    Multi-frame Functional Groups (C.7.6.16): per frame, Frame Content (StackID "1",
+    InStackPositionNumber k + 1, DimensionIndexValues) and Plane Position (Patient);
+    shared (or per frame when ``per_frame_groups``) Plane Orientation, Pixel Measures,
+    Pixel Value Transformation (RescaleType HU), Frame VOI LUT and, for Enhanced CT, the CT
+    macros (CT Image Frame Type ORIGINAL\\PRIMARY\\VOLUME\\NONE, CT Reconstruction with
+    ``kernel`` as ConvolutionKernel, CT Acquisition Details with GantryDetectorTilt 0 ...).
+    A Legacy Converted Enhanced CT (``sop_class_uid`` LegacyConvertedEnhancedCTImageStorage)
+    carries ConvolutionKernel and GantryDetectorTilt in the Unassigned Shared Converted
+    Attributes Sequence instead, and references made-up source CT Image instances.
+
+    Args:
+        reverse_frame_order: frame 1 holds the last slice (frames run down the normal).
+        transfer_syntax: Explicit/Implicit VR Little Endian, JPEG-LS Lossless, JPEG 2000
+            Lossless (rows, cols >= 32) or RLE Lossless; every frame is encoded.
+        seed: mixed into the derived SeriesInstanceUID and SOPInstanceUID, so that several
+            instances of one ``series_uid`` (a series split over multi-frame objects) differ.
+        per_frame_groups: put Plane Orientation, Pixel Measures, Pixel Value Transformation
+            and (Enhanced CT) CT Reconstruction in every PerFrameFunctionalGroupsSequence
+            item rather than in the SharedFunctionalGroupsSequence.
+        file_name: name of the file in ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    transfer_syntax = UID(transfer_syntax)
+    sop_class_uid = UID(sop_class_uid)
+    if sop_class_uid not in (EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage):
+        raise ValueError(
+            f"sop_class_uid {sop_class_uid} ({sop_class_uid.name}) is not supported; allowed: "
+            f"{EnhancedCTImageStorage} (Enhanced CT), {LegacyConvertedEnhancedCTImageStorage} (Legacy Converted)"
+        )
+    if transfer_syntax not in _UNCOMPRESSED + COMPRESSED_TRANSFER_SYNTAXES:
+        raise ValueError(
+            f"transfer_syntax {transfer_syntax} ({transfer_syntax.name}) is not supported; "
+            f"allowed: {[str(u) for u in _UNCOMPRESSED + COMPRESSED_TRANSFER_SYNTAXES]}"
+        )
+    if transfer_syntax == JPEG2000Lossless and min(rows, cols) < 32:
+        raise ValueError(f"JPEG 2000 needs rows and cols >= 32 (OpenJPEG's 6 resolutions); got {rows}x{cols}")
+    legacy = sop_class_uid == LegacyConvertedEnhancedCTImageStorage
+    pat = dict(DEFAULT_PATIENT)
+    if study_uid is None:
+        study_uid = generate_uid(entropy_srcs=["study", pat["PatientID"]])
+    if frame_uid is None:
+        frame_uid = generate_uid(entropy_srcs=["frame", study_uid])
+    if series_uid is None:
+        series_uid = generate_uid(
+            entropy_srcs=[
+                "enhanced-series", study_uid, sop_class_uid, str(series_number), description, kernel, str(seed)
+            ]
+        )
+    sop_uid = generate_uid(entropy_srcs=["enhanced-sop", series_uid, str(seed)])
+
+    row, col, step = _tilted_directions(row_dir, col_dir, 0.0)
+    positions = slice_positions(n_frames, slice_spacing=slice_spacing, row_dir=row_dir, col_dir=col_dir, origin=origin)
+    stored = _stored_values(
+        hu,
+        positions=positions,
+        row=row,
+        col=col,
+        pixel_spacing=pixel_spacing,
+        shape=(n_frames, rows, cols),
+        rescale_slope=rescale_slope,
+        rescale_intercept=rescale_intercept,
+    )
+    slice_of_frame = [n_frames - 1 - f if reverse_frame_order else f for f in range(n_frames)]
+
+    ds = _base_dataset(
+        pat=pat,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        frame_uid=frame_uid,
+        sop_class_uid=sop_class_uid,
+        sop_uid=sop_uid,
+        series_number=series_number,
+        modality="CT",
+        description=description,
+        patient_position="HFS",
+    )
+    # Enhanced CT Image (C.8.15.2) / Legacy Converted Enhanced CT: image description.
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    ds.PixelPresentation = "MONOCHROME"
+    ds.VolumetricProperties = "VOLUME"
+    ds.VolumeBasedCalculationTechnique = "NONE"
+    ds.ContentQualification = "PRODUCT"
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.AcquisitionNumber = 1
+    ds.AcquisitionDateTime = "20240315101600"
+    ds.AcquisitionDuration = 10.0
+    # Multi-frame Functional Groups (C.7.6.16)
+    ds.InstanceNumber = 1
+    ds.ContentDate = "20240315"
+    ds.ContentTime = "101600"
+    ds.NumberOfFrames = n_frames
+    # Image Pixel (C.7.6.3)
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = cols
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    # Acquisition Context (C.7.6.14)
+    ds.AcquisitionContextSequence = []
+    # Multi-frame Dimension (C.7.6.17): stack, position in stack.
+    dim_uid = generate_uid(entropy_srcs=["dimension", sop_uid])
+    ds.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=dim_uid)]
+    ds.DimensionOrganizationType = "3D"
+    ds.DimensionIndexSequence = [
+        _item(
+            DimensionOrganizationUID=dim_uid,
+            DimensionIndexPointer=0x00209056,  # StackID
+            FunctionalGroupPointer=0x00209111,  # FrameContentSequence
+            DimensionDescriptionLabel="Stack ID",
+        ),
+        _item(
+            DimensionOrganizationUID=dim_uid,
+            DimensionIndexPointer=0x00209057,  # InStackPositionNumber
+            FunctionalGroupPointer=0x00209111,
+            DimensionDescriptionLabel="In-Stack Position Number",
+        ),
+    ]
+
+    ct_groups = _enhanced_ct_groups(kernel=kernel, rows=rows, cols=cols, pixel_spacing=pixel_spacing)
+    movable: dict[str, Dataset] = {
+        "PlaneOrientationSequence": _item(ImageOrientationPatient=[_ds_str(v) for v in (*row, *col)]),
+        "PixelMeasuresSequence": _item(
+            PixelSpacing=[_ds_str(pixel_spacing[0]), _ds_str(pixel_spacing[1])],
+            SliceThickness=_ds_str(slice_spacing),
+        ),
+        "PixelValueTransformationSequence": _item(
+            RescaleIntercept=_ds_str(rescale_intercept), RescaleSlope=_ds_str(rescale_slope), RescaleType="HU"
+        ),
+    }
+    if not legacy:
+        movable["CTReconstructionSequence"] = ct_groups.pop("CTReconstructionSequence")
+    shared = Dataset()
+    shared.FrameVOILUTSequence = [_item(WindowCenter="40", WindowWidth="400")]
+    shared.FrameAnatomySequence = [
+        _item(AnatomicRegionSequence=[_code("68367000", "SCT", "Thigh")], FrameLaterality="B")
+    ]
+    if legacy:
+        shared.CTImageFrameTypeSequence = [ct_groups["CTImageFrameTypeSequence"]]
+        shared.UnassignedSharedConvertedAttributesSequence = [
+            _item(
+                ConvolutionKernel=kernel,
+                GantryDetectorTilt="0",
+                KVP="120",
+                ReconstructionDiameter=_ds_str(max(rows * pixel_spacing[0], cols * pixel_spacing[1])),
+            )
+        ]
+    else:
+        for kw, item in ct_groups.items():
+            setattr(shared, kw, [item])
+        shared.IrradiationEventIdentificationSequence = [
+            _item(IrradiationEventUID=generate_uid(entropy_srcs=["irradiation", series_uid]))
+        ]
+    if not per_frame_groups:
+        for kw, item in movable.items():
+            setattr(shared, kw, [item])
+    ds.SharedFunctionalGroupsSequence = [shared]
+
+    per_frame: list[Dataset] = []
+    for f in range(n_frames):
+        k = slice_of_frame[f]
+        item = Dataset()
+        content = _item(
+            StackID="1",
+            InStackPositionNumber=k + 1,
+            DimensionIndexValues=[1, k + 1],
+        )
+        if legacy:
+            content.FrameAcquisitionNumber = 1
+        else:
+            content.FrameAcquisitionDateTime = "20240315101600"
+            content.FrameReferenceDateTime = "20240315101600"
+            content.FrameAcquisitionDuration = 500.0
+        item.FrameContentSequence = [content]
+        item.PlanePositionSequence = [_item(ImagePositionPatient=[_ds_str(v) for v in positions[k]])]
+        if legacy:
+            source_uid = generate_uid(entropy_srcs=["legacy-source", series_uid, str(seed), str(k)])
+            item.ConversionSourceAttributesSequence = [
+                _item(ReferencedSOPClassUID=CTImageStorage, ReferencedSOPInstanceUID=source_uid)
+            ]
+            item.UnassignedPerFrameConvertedAttributesSequence = [
+                _item(SliceLocation=_ds_str(float(positions[k] @ step)))
+            ]
+        if per_frame_groups:
+            for kw, group in movable.items():
+                setattr(item, kw, [_copy_item(group)])
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    ds.PixelData = stored[slice_of_frame].tobytes()
+    _set_transfer_syntax(ds, transfer_syntax)
+    path = out_dir / file_name
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _copy_item(item: Dataset) -> Dataset:
+    out = Dataset()
+    for elem in item:
+        out.add_new(elem.tag, elem.VR, elem.value)
+    return out
+
+
+def _enhanced_ct_groups(*, kernel: str, rows: int, cols: int, pixel_spacing: tuple[float, float]) -> dict[str, Dataset]:
+    """The CT-specific functional group macros of Enhanced CT (PS3.3 C.8.15.3), one item each."""
+    fov = max(rows * pixel_spacing[0], cols * pixel_spacing[1])
+    return {
+        "CTImageFrameTypeSequence": _item(
+            FrameType=["ORIGINAL", "PRIMARY", "VOLUME", "NONE"],
+            PixelPresentation="MONOCHROME",
+            VolumetricProperties="VOLUME",
+            VolumeBasedCalculationTechnique="NONE",
+        ),
+        "CTAcquisitionTypeSequence": _item(AcquisitionType="SPIRAL", ConstantVolumeFlag="NO", FluoroscopyFlag="NO"),
+        "CTAcquisitionDetailsSequence": _item(
+            DataCollectionDiameter="500",
+            GantryDetectorTilt="0",
+            TableHeight="150",
+            RotationDirection="CW",
+            RevolutionTime=0.5,
+            SingleCollimationWidth=0.6,
+            TotalCollimationWidth=38.4,
+        ),
+        "CTTableDynamicsSequence": _item(TableSpeed=50.0, TableFeedPerRotation=25.0, SpiralPitchFactor=0.65),
+        "CTPositionSequence": _item(
+            TablePosition=0.0,
+            ReconstructionTargetCenterPatient=[0.0, 0.0, 0.0],
+            DataCollectionCenterPatient=[0.0, 0.0, 0.0],
+        ),
+        "CTGeometrySequence": _item(DistanceSourceToDetector=1040.0, DistanceSourceToDataCollectionCenter=570.0),
+        "CTReconstructionSequence": _item(
+            ReconstructionAlgorithm="FILTER_BACK_PROJ",
+            ConvolutionKernel=kernel,
+            ConvolutionKernelGroup="SOFT_TISSUE",
+            ReconstructionDiameter=_ds_str(fov),
+            ReconstructionPixelSpacing=[float(pixel_spacing[0]), float(pixel_spacing[1])],
+            ReconstructionAngle=360.0,
+            ImageFilter="NONE",
+        ),
+        "CTExposureSequence": _item(
+            ExposureTimeInms=500.0, XRayTubeCurrentInmA=200.0, ExposureInmAs=100.0, ExposureModulationType="NONE"
+        ),
+        "CTXRayDetailsSequence": _item(
+            KVP="120", FocalSpots="1.2", FilterType="BODY FILTER", FilterMaterial="ALUMINUM"
+        ),
+    }
