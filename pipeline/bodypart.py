@@ -1,0 +1,291 @@
+"""Is this a thigh CT? Decline studies that show no femur before measuring anything.
+
+Two independent checks; both must pass (:func:`check_thigh_ct`):
+
+(a) Image-based and model-free (:func:`find_femoral_shafts`): in every axial slice,
+    bone (HU > ``bone_hu``) is split into 2-D connected components with their holes
+    filled (the fatty marrow inside the cortical ring), and each component is classed
+    by its area, roundness (equivalent diameter / major-axis length from its second
+    moments: 1 for a disc, 0.71 for a 2:1 ellipse) and lateral offset from the body
+    midline (x-centroid of the body, HU > ``body_hu``, in that slice). A femoral shaft
+    cross-section is a compact round component of ``min_area_cm2``..``max_area_cm2``
+    lying ``min_offset_mm``..``max_offset_mm`` to one side of the midline. A slice
+    counts when it holds one on the patient's left AND one on the right, and the femora
+    are found when such slices run over at least ``min_femur_length_mm`` of z (gaps of
+    one slice allowed). What is rejected, and why:
+
+    * spine, sacrum, sternum, pubic symphysis: centroid near the midline;
+    * ribs, fibula-sized or thin bone: too small, or elongated;
+    * iliac wings, the pelvic ring, femoral neck and trochanters: large or elongated;
+    * arms held at the sides (humeri): too far lateral.
+
+    Femoral heads (about 45 mm wide, merged with the acetabulum at this threshold) and
+    the trochanteric region are mostly rejected as large/elongated: the check looks for
+    the shaft, so a scan that ends just below the hip joints shows little of it.
+
+(b) When a segmentation is given: its ``femur`` label has at least
+    ``min_femur_label_ml`` on at least one side.
+
+Slices are taken along the array axis most aligned with patient z (from the affine),
+so the check does not depend on slice order. In-plane, images finer than
+:data:`WORK_PIXEL_MM` are subsampled for speed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from pipeline.errors import DeclinedError
+from pipeline.types import SIDE_LEFT, SIDE_RIGHT, Segmentation, Volume
+
+logger = logging.getLogger(__name__)
+
+WORK_PIXEL_MM = 1.4
+"""In-plane pixels finer than this are subsampled by an integer stride."""
+_SLAB_VOXELS = 16_000_000
+_STRUCT_2D = np.zeros((3, 3, 3), dtype=bool)
+_STRUCT_2D[1] = True  # 8-connected within a slice, never across slices
+_STRUCT_2D.setflags(write=False)
+
+
+@dataclass(frozen=True)
+class FemurShaftCriteria:
+    """What counts as a femoral shaft cross-section (defaults: adult femoral shafts)."""
+
+    bone_hu: float = 300.0
+    body_hu: float = -300.0
+    min_area_cm2: float = 2.0
+    max_area_cm2: float = 15.0
+    min_roundness: float = 0.75
+    min_offset_mm: float = 30.0
+    max_offset_mm: float = 170.0
+    max_gap_slices: int = 1
+
+
+@dataclass(frozen=True)
+class FemurShaftSearch:
+    """What the image-based check found.
+
+    ``run_mm``: z extent (mm) of the longest run of slices holding a left and a right
+    shaft candidate; ``seen``: (kind of rejected bone component, number of slices it was
+    seen in), kinds being "midline bone (spine, sacrum, sternum, symphysis)", "small or
+    thin bone (ribs)", "large or elongated bone (iliac wings, pelvis, femoral neck)",
+    "far-lateral bone (arms)" and "round bone on one side only".
+    """
+
+    n_slices: int
+    z_min_mm: float
+    z_max_mm: float
+    pair_slices: int
+    run_mm: float
+    run_z_mm: tuple[float, float] | None
+    seen: tuple[tuple[str, int], ...]
+
+    def describe(self) -> str:
+        seen = ", ".join(f"{kind} in {n} slices" for kind, n in self.seen if n) or "none"
+        run = (
+            f"{self.run_mm:.0f} mm (z {self.run_z_mm[0]:.0f}..{self.run_z_mm[1]:.0f} mm)"
+            if self.run_z_mm is not None
+            else "0 mm"
+        )
+        return (
+            f"{self.pair_slices} of {self.n_slices} axial slices (z {self.z_min_mm:.0f}..{self.z_max_mm:.0f} mm) "
+            f"hold a round compact bone cross-section left and right of the midline; the longest run covers {run}; "
+            f"other bone components seen: {seen}"
+        )
+
+
+_KIND_MIDLINE = "midline bone (spine, sacrum, sternum, symphysis)"
+_KIND_SMALL = "small or thin bone (ribs)"
+_KIND_LARGE = "large or elongated bone (iliac wings, pelvis, femoral neck)"
+_KIND_FAR = "far-lateral bone (arms)"
+_KIND_SINGLE = "round bone on one side only"
+_KINDS = (_KIND_MIDLINE, _KIND_SMALL, _KIND_LARGE, _KIND_FAR, _KIND_SINGLE)
+
+
+def _component_moments(labels: np.ndarray, n: int) -> np.ndarray:
+    """Per component 1..n: [count, Σk, Σr, Σc, Σr², Σc², Σrc] (index units)."""
+    flat = labels.ravel()
+    fg = np.flatnonzero(flat)
+    lab = flat[fg]
+    k, r, c = np.unravel_index(fg, labels.shape)
+    out = np.empty((n + 1, 7))
+    out[:, 0] = np.bincount(lab, minlength=n + 1)
+    for i, w in enumerate((k, r, c, r * r, c * c, r * c), start=1):
+        out[:, i] = np.bincount(lab, weights=w.astype(np.float64), minlength=n + 1)
+    return out[1:]
+
+
+def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
+    """Fill in-plane holes of every slice (background not connected to the slice border)."""
+    bg, _ = ndimage.label(~mask, structure=_STRUCT_2D)
+    border = np.zeros(bg.max() + 1, dtype=bool)
+    for face in (bg[:, 0, :], bg[:, -1, :], bg[:, :, 0], bg[:, :, -1]):
+        border[face] = True
+    border[0] = True
+    return mask | ~border[bg]
+
+
+def find_femoral_shafts(volume: Volume, criteria: FemurShaftCriteria | None = None) -> FemurShaftSearch:
+    """Search every axial slice for a left and a right femoral shaft cross-section."""
+    crit = criteria if criteria is not None else FemurShaftCriteria()
+    affine = volume.affine_lps
+    axis = int(np.argmax(np.abs(affine[2, :3])))
+    in_plane = [a for a in range(3) if a != axis]
+    spacing = volume.spacing_mm
+    strides = [max(1, int(WORK_PIXEL_MM // spacing[a])) for a in in_plane]
+    hu = np.moveaxis(volume.hu, axis, 0)[:, :: strides[0], :: strides[1]]
+    # affine of the working grid: (slice, row', col') -> LPS
+    cols = np.stack([affine[:3, axis], affine[:3, in_plane[0]] * strides[0], affine[:3, in_plane[1]] * strides[1]], axis=1)
+    origin = affine[:3, 3]
+    pixel_mm2 = float(np.linalg.norm(np.cross(cols[:, 1], cols[:, 2])))
+    plane = cols[:, 1:]  # 3x2: in-plane index -> mm
+    nk = hu.shape[0]
+    z = origin[2] + cols[2, 0] * np.arange(nk)
+    slab = max(1, _SLAB_VOXELS // max(1, hu.shape[1] * hu.shape[2]))
+
+    left = np.zeros(nk, dtype=bool)
+    right = np.zeros(nk, dtype=bool)
+    kinds = {kind: np.zeros(nk, dtype=bool) for kind in _KINDS}
+    for k0 in range(0, nk, slab):
+        block = np.asarray(hu[k0 : k0 + slab])
+        kk = block.shape[0]
+        # body midline per slice: index centroid of the body, mapped to x
+        body = block > crit.body_hu
+        n_body = body.sum(axis=(1, 2)).astype(np.float64)
+        r_mean = (body.sum(axis=2) * np.arange(block.shape[1])).sum(axis=1) / np.maximum(n_body, 1)
+        c_mean = (body.sum(axis=1) * np.arange(block.shape[2])).sum(axis=1) / np.maximum(n_body, 1)
+        ks = np.arange(k0, k0 + kk)
+        mid_x = origin[0] + cols[0, 0] * ks + cols[0, 1] * r_mean + cols[0, 2] * c_mean
+        del body
+        bone = _fill_holes_2d(block > crit.bone_hu)
+        labels, n = ndimage.label(bone, structure=_STRUCT_2D)
+        del bone
+        if n == 0:
+            continue
+        m = _component_moments(labels, n)
+        del labels
+        cnt = m[:, 0]
+        kc, rc, cc = m[:, 1] / cnt, m[:, 2] / cnt, m[:, 3] / cnt
+        var_r = m[:, 4] / cnt - rc * rc
+        var_c = m[:, 5] / cnt - cc * cc
+        cov_rc = m[:, 6] / cnt - rc * cc
+        cov_idx = np.stack([np.stack([var_r, cov_rc], -1), np.stack([cov_rc, var_c], -1)], -2)  # (n, 2, 2)
+        # second moments in mm (each pixel also has its own extent: + 1/12 per axis)
+        cov_idx = cov_idx + np.eye(2) / 12.0
+        cov_mm = plane @ cov_idx @ plane.T  # (n, 3, 3), rank 2
+        lam_max = np.linalg.eigvalsh(cov_mm)[:, -1]
+        area_mm2 = cnt * pixel_mm2
+        major_mm = 4.0 * np.sqrt(np.maximum(lam_max, 1e-9))
+        roundness = 2.0 * np.sqrt(area_mm2 / math.pi) / major_mm
+        slice_idx = np.rint(kc).astype(np.intp)
+        x = origin[0] + cols[0, 0] * (slice_idx + k0) + cols[0, 1] * rc + cols[0, 2] * cc
+        offset = x - mid_x[slice_idx]
+        small = area_mm2 < crit.min_area_cm2 * 100.0
+        large = area_mm2 > crit.max_area_cm2 * 100.0
+        elongated = roundness < crit.min_roundness
+        midline = np.abs(offset) < crit.min_offset_mm
+        far = np.abs(offset) > crit.max_offset_mm
+        candidate = ~small & ~large & ~elongated & ~midline & ~far
+        seen_k = {
+            _KIND_MIDLINE: midline & ~small,
+            _KIND_SMALL: small & ~midline,
+            _KIND_LARGE: (large | (elongated & ~small)) & ~midline,
+            _KIND_FAR: far & ~small & ~large & ~elongated,
+        }
+        for kind, sel in seen_k.items():
+            kinds[kind][k0 + slice_idx[sel]] = True
+        # LPS: x grows toward the patient's left
+        left[k0 + slice_idx[candidate & (offset > 0)]] = True
+        right[k0 + slice_idx[candidate & (offset < 0)]] = True
+    pair = left & right
+    kinds[_KIND_SINGLE] = (left | right) & ~pair
+    run_mm, run_z = _longest_run(pair, z, abs(float(cols[2, 0])), crit.max_gap_slices)
+    return FemurShaftSearch(
+        n_slices=nk,
+        z_min_mm=float(z.min()),
+        z_max_mm=float(z.max()),
+        pair_slices=int(pair.sum()),
+        run_mm=run_mm,
+        run_z_mm=run_z,
+        seen=tuple((kind, int(kinds[kind].sum())) for kind in _KINDS),
+    )
+
+
+def _longest_run(flags: np.ndarray, z: np.ndarray, dz: float, max_gap: int) -> tuple[float, tuple[float, float] | None]:
+    """z extent (mm, slice thickness included) of the longest run of True with gaps <= max_gap."""
+    hits = np.flatnonzero(flags)
+    if hits.size == 0:
+        return 0.0, None
+    breaks = np.flatnonzero(np.diff(hits) > max_gap + 1)
+    starts = np.concatenate([[hits[0]], hits[breaks + 1]])
+    ends = np.concatenate([hits[breaks], [hits[-1]]])
+    best = int(np.argmax(ends - starts))
+    a, b = int(starts[best]), int(ends[best])
+    lo, hi = sorted((float(z[a]), float(z[b])))
+    return hi - lo + dz, (lo, hi)
+
+
+def femur_label_volumes_ml(segmentation: Segmentation, voxel_ml: float) -> tuple[float, float] | None:
+    """(right, left) volume in cm³ of the segmentation's ``femur`` label; None if the table has none.
+
+    ``voxel_ml``: the voxel volume of the grid (the volume's; the segmentation is on it).
+    """
+    if "femur" not in segmentation.labels.keys():
+        return None
+    fid = segmentation.labels.by_key("femur").id
+    mask = segmentation.label_map == fid
+    sides = np.bincount(segmentation.side_map[mask].ravel(), minlength=3)
+    return float(sides[SIDE_RIGHT] * voxel_ml), float(sides[SIDE_LEFT] * voxel_ml)
+
+
+def check_thigh_ct(
+    volume: Volume,
+    segmentation: Segmentation | None = None,
+    *,
+    min_femur_length_mm: float = 60.0,
+    min_femur_label_ml: float = 30.0,
+    criteria: FemurShaftCriteria | None = None,
+) -> None:
+    """Raise :class:`DeclinedError` ("not a thigh CT: ...") unless both femur checks pass.
+
+    (a) :func:`find_femoral_shafts` finds a left and a right shaft over at least
+    ``min_femur_length_mm`` of z; (b) when ``segmentation`` (on the volume's grid) is
+    given, its femur label has at least ``min_femur_label_ml`` on one side. The message
+    lists every check that failed with what was seen.
+    """
+    t0 = time.perf_counter()
+    search = find_femoral_shafts(volume, criteria)
+    problems = []
+    if search.run_mm < min_femur_length_mm:
+        problems.append(
+            f"no femoral shafts over {min_femur_length_mm:.0f} mm of z: {search.describe()}"
+        )
+    label_text = ""
+    if segmentation is not None:
+        if segmentation.label_map.shape != volume.hu.shape:
+            raise ValueError(
+                f"segmentation shape {segmentation.label_map.shape} differs from volume shape {volume.hu.shape}"
+            )
+        femur = femur_label_volumes_ml(segmentation, volume.voxel_volume_ml)
+        if femur is None:
+            problems.append(f"the label table of {segmentation.model_name} has no 'femur' label")
+        else:
+            label_text = f"femur label right {femur[0]:.1f} cm³, left {femur[1]:.1f} cm³"
+            if max(femur) < min_femur_label_ml:
+                problems.append(
+                    f"the segmentation's {label_text}; at least {min_femur_label_ml:.0f} cm³ on one side is needed"
+                )
+    logger.info(
+        "thigh check: %d slices, femur pair run %.0f mm, %s, %s in %.2f s",
+        search.n_slices, search.run_mm, label_text or "no segmentation",
+        "declined" if problems else "passed", time.perf_counter() - t0,
+    )
+    if problems:
+        raise DeclinedError("not a thigh CT: " + "; ".join(problems), study_uid=volume.study_instance_uid or None)
