@@ -1,0 +1,46 @@
+"""Run dicom3tools' ``dciodvfy`` on a file and collect what it reports (test support).
+
+``dciodvfy`` checks a DICOM file against the IOD of its SOP Class (PS3.3): missing or
+empty required attributes, bad enumerated values, VR and VM violations. It prints one
+finding per line on stderr, prefixed ``Error -`` or ``Warning -``. The installed build
+(dicom3tools 2022) predates Label Map Segmentation Storage (PS3.4, 2024), so for that
+SOP Class it can only say that it does not know the IOD (:data:`UNKNOWN_IOD`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.conftest import require_tool
+
+UNKNOWN_IOD = "Error - Information Object Not found"
+"""What dciodvfy prints for a SOP Class it has no IOD definition for."""
+
+
+@dataclass(frozen=True)
+class DciodvfyReport:
+    """Lines dciodvfy printed for one file."""
+
+    errors: tuple[str, ...]
+    warnings: tuple[str, ...]
+    output: str
+
+
+def run_dciodvfy(path: Path, *, timeout_s: float = 120.0) -> DciodvfyReport:
+    """Run ``dciodvfy`` on ``path`` and split its output into error and warning lines."""
+    exe = require_tool("dciodvfy")
+    proc = subprocess.run(
+        [exe, str(path)], capture_output=True, text=True, errors="replace", timeout=timeout_s
+    )
+    output = proc.stdout + proc.stderr
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = tuple(line for line in lines if line.startswith("Error"))
+    warnings = tuple(line for line in lines if line.startswith("Warning"))
+    return DciodvfyReport(errors=errors, warnings=warnings, output=output)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The ``Error`` lines dciodvfy reports for ``path`` (empty when the file conforms)."""
+    return list(run_dciodvfy(path).errors)
