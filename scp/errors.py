@@ -1,0 +1,28 @@
+"""Errors raised by the DICOM ingress (``scp``).
+
+Every class derives from :class:`node_errors.NodeError` through :class:`IngressError`;
+each message says what was checked, the value seen and what is allowed.
+"""
+
+from __future__ import annotations
+
+from node_errors import NodeError
+
+
+class IngressError(NodeError):
+    """Base of the ingress errors."""
+
+
+class IngressConfigError(IngressError):
+    """An :class:`scp.types.IngressConfig` field has a value that is not allowed."""
+
+
+class InvalidUIDError(IngressError):
+    """A UID received from the network is not a valid UI value (PS3.5 6.2, 9.1).
+
+    Such a UID is never used to build a file name.
+    """
+
+
+class UnknownStudyError(IngressError):
+    """The instance index holds no instance of the requested study."""

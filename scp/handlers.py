@@ -1,0 +1,401 @@
+"""Event handlers of the C-STORE SCP, bound with pynetdicom's ``evt_handlers``.
+
+Each handler is a plain callable; its dependencies come in as extra arguments, e.g.
+``(evt.EVT_C_STORE, handle_store, [index, config, association_log])``. Every
+association runs on its own thread, so what the handlers share (the index, the
+config, the association log) is immutable or thread-safe.
+
+The C-STORE handler implements the Storage Service Class SCP (PS3.4 Annex B): it
+never decodes pixel data, writes the bytes as received (the transfer syntax the
+sender chose, no transcoding) durably to the spool, records them in the index, and
+only then answers Success. It never raises: every failure is logged with the SOP
+Instance UID and answered with one of the named statuses below (PS3.4 B.2.3,
+PS3.7 Annex C), with an Error Comment (0000,0902) saying why.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import shutil
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from io import BytesIO
+from typing import TYPE_CHECKING, BinaryIO, cast
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
+from pydicom.uid import UID
+from pynetdicom.dsutils import encode_file_meta
+
+from scp.errors import InvalidUIDError
+from scp.spool import validate_uid, write_instance
+from scp.types import IngressConfig, ReceivedInstance
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pynetdicom.association import Association
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.events import Event
+
+    from scp.index import InstanceIndex
+
+LOGGER = logging.getLogger(__name__)
+
+# --- DIMSE statuses (PS3.4 B.2.3 Storage Service Class, PS3.7 Annex C general) ----------
+STATUS_SUCCESS = 0x0000
+#: Refused: Out of Resources - the spool's free space is below the floor, or disk full.
+STATUS_OUT_OF_RESOURCES = 0xA700
+#: Failure: Processing Failure - an unexpected error (I/O, database); logged with a trace.
+STATUS_PROCESSING_FAILURE = 0x0110
+#: Failure: Invalid Object Instance - the Affected SOP Instance UID is not a valid UID.
+STATUS_INVALID_SOP_INSTANCE = 0x0117
+#: Error: Cannot Understand - the dataset's header could not be parsed.
+STATUS_CANNOT_UNDERSTAND = 0xC000
+#: Error: Cannot Understand - StudyInstanceUID or SeriesInstanceUID is missing.
+STATUS_MISSING_UID = 0xC001
+#: Error: Cannot Understand - StudyInstanceUID or SeriesInstanceUID is not a valid UID.
+STATUS_INVALID_UID = 0xC002
+
+# --- A-ASSOCIATE-RJ values (PS3.8 9.3.4) ----------------------------------------------
+REJECT_RESULT_PERMANENT = 0x01
+REJECT_SOURCE_SERVICE_USER = 0x01
+REJECT_SOURCE_SERVICE_PROVIDER_PRESENTATION = 0x03
+REJECT_DIAG_NO_REASON = 0x01
+REJECT_DIAG_CALLING_AE_NOT_RECOGNISED = 0x03
+REJECT_DIAG_CALLED_AE_NOT_RECOGNISED = 0x07
+REJECT_DIAG_LOCAL_LIMIT_EXCEEDED = 0x02
+
+_BYTES_PER_MB = 1024 * 1024
+_ERROR_COMMENT_MAX_CHARS = 64  # LO VR
+
+_MODALITY = 0x00080060
+_STUDY_INSTANCE_UID = 0x0020000D
+_SERIES_INSTANCE_UID = 0x0020000E
+_HEADER_TAGS: list[BaseTag | int] = [_MODALITY, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID]
+_PREAMBLE_AND_PREFIX = b"\x00" * 128 + b"DICM"
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The few attributes of a received dataset the ingress needs (stripped, may be empty)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str
+
+
+def read_header(fp: BinaryIO, transfer_syntax_uid: str) -> InstanceHeader:
+    """Read Modality, StudyInstanceUID and SeriesInstanceUID from an encoded dataset.
+
+    ``fp`` holds the dataset without file meta, encoded in ``transfer_syntax_uid``,
+    and is read from its start. Reading stops after (0020,000E); other values are
+    skipped, never decoded, and the pixel data is never reached.
+    """
+    ts = UID(transfer_syntax_uid)
+    fp.seek(0)
+    if ts.is_deflated:
+        # Deflated Explicit VR Little Endian: the whole dataset is one raw deflate stream.
+        fp = BytesIO(zlib.decompressobj(-zlib.MAX_WBITS).decompress(fp.read()))
+    ds = read_dataset(
+        fp,
+        ts.is_implicit_VR,
+        ts.is_little_endian,
+        stop_when=_past_series_uid,
+        specific_tags=_HEADER_TAGS,
+    )
+    return InstanceHeader(
+        study_instance_uid=_text(ds.get(_STUDY_INSTANCE_UID)),
+        series_instance_uid=_text(ds.get(_SERIES_INSTANCE_UID)),
+        modality=_text(ds.get(_MODALITY)),
+    )
+
+
+def _past_series_uid(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag > _SERIES_INSTANCE_UID
+
+
+def _text(element: object) -> str:
+    value = getattr(element, "value", None)
+    if value is None:
+        return ""
+    return str(value).strip(" \x00")
+
+
+class AssociationLog:
+    """Counts per association for the one log line written when it closes (thread-safe)."""
+
+    @dataclass
+    class _Counts:
+        started: float
+        calling_ae: str
+        called_ae: str
+        address: str
+        stored: int = 0
+        duplicates: int = 0
+        failed: int = 0
+        bytes_stored: int = 0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[int, AssociationLog._Counts] = {}
+
+    def opened(self, assoc: Association) -> None:
+        counts = AssociationLog._Counts(
+            started=time.monotonic(),
+            calling_ae=assoc.requestor.ae_title,
+            called_ae=assoc.acceptor.ae_title,
+            address=_peer(assoc),
+        )
+        with self._lock:
+            self._open[id(assoc)] = counts
+
+    def count(self, assoc: Association, outcome: str, size_bytes: int = 0) -> None:
+        """outcome: "stored", "duplicate" or "failed"."""
+        with self._lock:
+            counts = self._open.get(id(assoc))
+            if counts is None:
+                return
+            if outcome == "stored":
+                counts.stored += 1
+                counts.bytes_stored += size_bytes
+            elif outcome == "duplicate":
+                counts.duplicates += 1
+            else:
+                counts.failed += 1
+
+    def closed(self, assoc: Association) -> None:
+        with self._lock:
+            counts = self._open.pop(id(assoc), None)
+        if counts is None:
+            return  # rejected or never accepted: logged where it was refused
+        how = "released" if assoc.is_released else "aborted" if assoc.is_aborted else "closed"
+        LOGGER.info(
+            "association %s -> %s from %s %s: %d stored (%.1f MB), %d duplicates, %d failed, %.2f s",
+            counts.calling_ae,
+            counts.called_ae,
+            counts.address,
+            how,
+            counts.stored,
+            counts.bytes_stored / _BYTES_PER_MB,
+            counts.duplicates,
+            counts.failed,
+            time.monotonic() - counts.started,
+        )
+
+
+def handle_echo(event: Event) -> int:
+    """C-ECHO (Verification Service Class, PS3.4 Annex A): always Success."""
+    return STATUS_SUCCESS
+
+
+def handle_store(
+    event: Event,
+    index: InstanceIndex,
+    config: IngressConfig,
+    association_log: AssociationLog | None = None,
+) -> int | Dataset:
+    """C-STORE: write the instance durably, record it, then answer Success.
+
+    Order: disk floor, SOP Instance UID check, duplicate (Success without writing),
+    header (Study/Series UID, Modality; pixel data never decoded), durable write,
+    index record, Success. Never raises.
+    """
+    assoc = event.assoc
+    sop_uid = "<unknown>"
+    try:
+        received_at = time.time()
+        request = cast("C_STORE", event.request)
+        sop_uid = str(request.AffectedSOPInstanceUID or "")
+
+        free_bytes = shutil.disk_usage(config.spool_dir).free
+        if free_bytes < config.min_free_disk_mb * _BYTES_PER_MB:
+            LOGGER.warning(
+                "refused SOP Instance %s: %d MB free in %s, the floor is %d MB",
+                sop_uid,
+                free_bytes // _BYTES_PER_MB,
+                config.spool_dir,
+                config.min_free_disk_mb,
+            )
+            return _failure(assoc, association_log, STATUS_OUT_OF_RESOURCES, "spool disk below free-space floor")
+
+        try:
+            validate_uid(sop_uid, "AffectedSOPInstanceUID")
+        except InvalidUIDError as exc:
+            LOGGER.warning("refused C-STORE: %s", exc)
+            return _failure(assoc, association_log, STATUS_INVALID_SOP_INSTANCE, "invalid Affected SOP Instance UID")
+
+        if index.has(sop_uid):
+            LOGGER.info("SOP Instance %s already received: acknowledged, not written again", sop_uid)
+            if association_log is not None:
+                association_log.count(assoc, "duplicate")
+            return STATUS_SUCCESS
+
+        transfer_syntax = str(event.context.transfer_syntax)
+        stream = request.DataSet  # BytesIO of the dataset exactly as received
+        if stream is None:
+            LOGGER.warning("refused SOP Instance %s: the C-STORE request carries no dataset", sop_uid)
+            return _failure(assoc, association_log, STATUS_CANNOT_UNDERSTAND, "no dataset in the C-STORE request")
+        try:
+            header = read_header(stream, transfer_syntax)
+        except Exception as exc:  # noqa: BLE001 - any parse error means "cannot understand"
+            LOGGER.warning("refused SOP Instance %s: header unreadable (%s: %s)", sop_uid, type(exc).__name__, exc)
+            return _failure(assoc, association_log, STATUS_CANNOT_UNDERSTAND, "dataset header cannot be parsed")
+        missing = [
+            keyword
+            for keyword, value in (
+                ("StudyInstanceUID", header.study_instance_uid),
+                ("SeriesInstanceUID", header.series_instance_uid),
+            )
+            if not value
+        ]
+        if missing:
+            LOGGER.warning("refused SOP Instance %s: %s missing", sop_uid, " and ".join(missing))
+            return _failure(assoc, association_log, STATUS_MISSING_UID, f"{' and '.join(missing)} missing")
+        try:
+            validate_uid(header.study_instance_uid, "StudyInstanceUID")
+            validate_uid(header.series_instance_uid, "SeriesInstanceUID")
+        except InvalidUIDError as exc:
+            LOGGER.warning("refused SOP Instance %s: %s", sop_uid, exc)
+            return _failure(assoc, association_log, STATUS_INVALID_UID, "invalid Study or Series Instance UID")
+
+        calling_ae = assoc.requestor.ae_title
+        file_meta = event.file_meta
+        file_meta.SourceApplicationEntityTitle = calling_ae
+        head = _PREAMBLE_AND_PREFIX + encode_file_meta(file_meta)
+        with stream.getbuffer() as dataset:  # no copy of the (large) dataset
+            path = write_instance(
+                config.spool_dir,
+                header.study_instance_uid,
+                header.series_instance_uid,
+                sop_uid,
+                (head, dataset),
+            )
+            size_bytes = len(head) + len(dataset)
+
+        is_new = index.record(
+            ReceivedInstance(
+                sop_instance_uid=sop_uid,
+                sop_class_uid=str(request.AffectedSOPClassUID or ""),
+                study_instance_uid=header.study_instance_uid,
+                series_instance_uid=header.series_instance_uid,
+                modality=header.modality,
+                transfer_syntax_uid=transfer_syntax,
+                path=path,
+                size_bytes=size_bytes,
+                calling_ae=calling_ae,
+                peer_address=_peer(assoc),
+                received_at=received_at,
+            )
+        )
+        if association_log is not None:
+            association_log.count(assoc, "stored" if is_new else "duplicate", size_bytes)
+        return STATUS_SUCCESS
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            LOGGER.error("could not store SOP Instance %s: disk full (%s)", sop_uid, exc)
+            return _failure(assoc, association_log, STATUS_OUT_OF_RESOURCES, "spool disk full")
+        LOGGER.exception("could not store SOP Instance %s", sop_uid)
+        return _failure(assoc, association_log, STATUS_PROCESSING_FAILURE, f"I/O error: {exc.strerror or exc}")
+    except Exception as exc:
+        LOGGER.exception("could not store SOP Instance %s", sop_uid)
+        return _failure(assoc, association_log, STATUS_PROCESSING_FAILURE, f"{type(exc).__name__} while storing")
+
+
+def _failure(assoc: Association, association_log: AssociationLog | None, status: int, comment: str) -> Dataset:
+    if association_log is not None:
+        association_log.count(assoc, "failed")
+    rsp = Dataset()
+    rsp.Status = status
+    rsp.ErrorComment = comment[:_ERROR_COMMENT_MAX_CHARS]
+    return rsp
+
+
+def _peer(assoc: Association) -> str:
+    return str(assoc.requestor.address)
+
+
+def handle_requested(event: Event, config: IngressConfig) -> None:
+    """A-ASSOCIATE-RQ received: refuse peers outside ``config.allowed_peers``, and make
+    every accepted context take the sender's first proposed transfer syntax.
+
+    Called and calling AE titles are checked by pynetdicom itself right after this
+    (``AE.require_called_aet`` / ``AE.require_calling_aet``); see :func:`handle_rejected`.
+    """
+    assoc = event.assoc
+    address = _peer(assoc)
+    if not config.peer_allowed(address):
+        rq = assoc.requestor.primitive
+        LOGGER.warning(
+            "rejected association from %s:%s (calling AE %s, called AE %s): peer address not in allowed_peers",
+            address,
+            assoc.requestor.port,
+            getattr(rq, "calling_ae_title", "?"),
+            getattr(rq, "called_ae_title", "?"),
+        )
+        assoc.acse.send_reject(REJECT_RESULT_PERMANENT, REJECT_SOURCE_SERVICE_USER, REJECT_DIAG_NO_REASON)
+        assoc.kill()  # waits for the peer to close after reading the A-ASSOCIATE-RJ
+        return
+    prefer_requestor_transfer_syntaxes(assoc)
+
+
+def prefer_requestor_transfer_syntaxes(assoc: Association) -> None:
+    """Order each supported context's transfer syntaxes as the requestor proposed them.
+
+    pynetdicom's acceptor takes, for each proposed context, the first of the
+    *acceptor's* transfer syntaxes that the requestor proposed. Reordering this
+    association's copy of the supported contexts to follow the requestor's order
+    makes it accept the sender's first proposed syntax that we support, so what we
+    store is what the sender chose (PS3.8 9.3.3.2 leaves the choice to the acceptor).
+    """
+    primitive = assoc.requestor.primitive
+    if primitive is None:
+        return
+    proposed: dict[str, list[str]] = {}
+    for cx in primitive.presentation_context_definition_list:
+        order = proposed.setdefault(str(cx.abstract_syntax), [])
+        order.extend(ts for ts in cx.transfer_syntax if ts not in order)
+    for cx in assoc.acceptor.supported_contexts:
+        wanted = proposed.get(str(cx.abstract_syntax))
+        if not wanted:
+            continue
+        ours = list(cx.transfer_syntax)
+        first: list[str | bytes | UID] = [UID(ts) for ts in wanted if ts in ours]
+        cx.transfer_syntax = first + [ts for ts in ours if ts not in first]
+
+
+def handle_rejected(event: Event) -> None:
+    """pynetdicom rejected an association (AE titles, association limit): log who and why."""
+    assoc = event.assoc
+    rq = assoc.requestor.primitive
+    rj = assoc.acceptor.primitive
+    diagnostic = getattr(rj, "diagnostic", None)
+    source = getattr(rj, "result_source", None)
+    if source == REJECT_SOURCE_SERVICE_USER and diagnostic == REJECT_DIAG_CALLED_AE_NOT_RECOGNISED:
+        reason = "called AE not recognised"
+    elif source == REJECT_SOURCE_SERVICE_USER and diagnostic == REJECT_DIAG_CALLING_AE_NOT_RECOGNISED:
+        reason = "calling AE not recognised"
+    elif source == REJECT_SOURCE_SERVICE_PROVIDER_PRESENTATION and diagnostic == REJECT_DIAG_LOCAL_LIMIT_EXCEEDED:
+        reason = "maximum number of associations reached"
+    else:
+        reason = f"result source {source}, diagnostic {diagnostic}"
+    LOGGER.warning(
+        "rejected association from %s:%s (calling AE %s, called AE %s): %s",
+        _peer(assoc),
+        assoc.requestor.port,
+        getattr(rq, "calling_ae_title", "?"),
+        getattr(rq, "called_ae_title", "?"),
+        reason,
+    )
+
+
+def handle_accepted(event: Event, association_log: AssociationLog) -> None:
+    """Association accepted: start its counts."""
+    association_log.opened(event.assoc)
+
+
+def handle_conn_close(event: Event, association_log: AssociationLog) -> None:
+    """Connection closed: write the association's one log line."""
+    association_log.closed(event.assoc)

@@ -1,0 +1,261 @@
+"""The instance index: which instances were received, where they are, and per-study activity.
+
+It lives in the node's SQLite file beside other modules' tables (jobs, outbox); it
+creates and touches only ``instances`` and ``studies`` (and the index
+``instances_by_study``).
+
+Durability: the database is in WAL mode with ``synchronous=FULL`` on our connection,
+so :meth:`InstanceIndex.record` returns only once the WAL has been fsync'ed - the
+C-STORE handler answers Success after that, never before.
+
+Threads: pynetdicom serves each association on its own thread. The index keeps ONE
+connection behind a lock rather than one per thread: SQLite admits one writer at a time
+anyway, so per-thread connections would buy no write concurrency, would add
+SQLITE_BUSY waits between our own threads, and would leak a connection for every
+association thread that ends (they are short-lived and not ours to clean up).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from pathlib import Path
+
+from scp.errors import IngressError, UnknownStudyError
+from scp.types import ReceivedInstance, ReceivedStudy, StudyActivity
+
+LOGGER = logging.getLogger(__name__)
+
+#: The modality whose instances go into ReceivedStudy.series.
+CT_MODALITY = "CT"
+
+#: last_received_at moves forward by at least this much on each new instance (s).
+_MIN_STEP_S = 1e-3
+
+#: How long to wait for another connection's write lock on the shared file (ms).
+_BUSY_TIMEOUT_MS = 30_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid    TEXT PRIMARY KEY,
+    sop_class_uid       TEXT NOT NULL,
+    study_instance_uid  TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    modality            TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    path                TEXT NOT NULL,
+    size_bytes          INTEGER NOT NULL,
+    calling_ae          TEXT NOT NULL,
+    peer_address        TEXT NOT NULL,
+    received_at         REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_by_study ON instances (study_instance_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    study_instance_uid TEXT PRIMARY KEY,
+    first_received_at  REAL NOT NULL,
+    last_received_at   REAL NOT NULL,
+    instance_count     INTEGER NOT NULL,
+    non_ct_count       INTEGER NOT NULL
+);
+"""
+
+_INSERT_INSTANCE = """
+INSERT OR IGNORE INTO instances (
+    sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, modality,
+    transfer_syntax_uid, path, size_bytes, calling_ae, peer_address, received_at
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+# last_received_at strictly increases on every new instance, even if the clock steps
+# back, so that the job store sees every late arrival.
+_UPSERT_STUDY = f"""
+INSERT INTO studies (
+    study_instance_uid, first_received_at, last_received_at, instance_count, non_ct_count
+) VALUES (?, ?, ?, 1, ?)
+ON CONFLICT (study_instance_uid) DO UPDATE SET
+    last_received_at = max(excluded.last_received_at, studies.last_received_at + {_MIN_STEP_S}),
+    first_received_at = min(studies.first_received_at, excluded.first_received_at),
+    instance_count = studies.instance_count + 1,
+    non_ct_count = studies.non_ct_count + excluded.non_ct_count
+"""
+
+_INSTANCE_COLUMNS = (
+    "sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, modality, "
+    "transfer_syntax_uid, path, size_bytes, calling_ae, peer_address, received_at"
+)
+
+
+class InstanceIndex:
+    """Thread-safe SQLite index of received instances (see the module docstring)."""
+
+    def __init__(self, db_path: Path) -> None:
+        self._db_path = Path(db_path)
+        self._lock = threading.Lock()
+        self._db_path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(
+            self._db_path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_MS / 1000
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise IngressError(
+                    f"SQLite journal_mode of {self._db_path} is {mode!r} after asking for WAL; "
+                    "the index needs WAL (a local file system with shared-memory support)"
+                )
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+        except BaseException:
+            conn.close()
+            raise
+        self._conn: sqlite3.Connection | None = conn
+
+    @property
+    def db_path(self) -> Path:
+        return self._db_path
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise IngressError(f"the instance index {self._db_path} is closed")
+        return self._conn
+
+    def record(self, inst: ReceivedInstance) -> bool:
+        """Record ``inst`` and update its study's activity in one durable transaction.
+
+        Returns True when the instance is new, False when its SOP Instance UID was
+        already recorded (then nothing changes). Returns after the commit is on disk.
+        """
+        non_ct = 0 if inst.modality == CT_MODALITY else 1
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = conn.execute(
+                    _INSERT_INSTANCE,
+                    (
+                        inst.sop_instance_uid,
+                        inst.sop_class_uid,
+                        inst.study_instance_uid,
+                        inst.series_instance_uid,
+                        inst.modality,
+                        inst.transfer_syntax_uid,
+                        str(inst.path),
+                        inst.size_bytes,
+                        inst.calling_ae,
+                        inst.peer_address,
+                        inst.received_at,
+                    ),
+                )
+                if cur.rowcount == 0:
+                    conn.execute("ROLLBACK")
+                    return False
+                conn.execute(
+                    _UPSERT_STUDY,
+                    (inst.study_instance_uid, inst.received_at, inst.received_at, non_ct),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return True
+
+    def has(self, sop_uid: str) -> bool:
+        """True when an instance with this SOP Instance UID is recorded."""
+        with self._lock:
+            row = (
+                self._connection().execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_uid,)).fetchone()
+            )
+        return row is not None
+
+    def activity(self) -> list[StudyActivity]:
+        """Every study's activity, least recently received first."""
+        with self._lock:
+            rows = (
+                self._connection()
+                .execute(
+                    "SELECT study_instance_uid, first_received_at, last_received_at, instance_count, "
+                    "non_ct_count FROM studies ORDER BY last_received_at, study_instance_uid"
+                )
+                .fetchall()
+            )
+        return [StudyActivity(*row) for row in rows]
+
+    def instances(self, study_uid: str) -> list[ReceivedInstance]:
+        """The study's instances, every modality, in the order they were recorded."""
+        with self._lock:
+            rows = (
+                self._connection()
+                .execute(
+                    f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE study_instance_uid = ? ORDER BY rowid",
+                    (study_uid,),
+                )
+                .fetchall()
+            )
+        return [_instance_from_row(row) for row in rows]
+
+    def get_study(self, study_uid: str) -> ReceivedStudy:
+        """The study as received so far: CT files by series, non-CT instances counted.
+
+        Raises :class:`UnknownStudyError` when no instance of the study is recorded.
+        """
+        with self._lock:
+            conn = self._connection()
+            study = conn.execute(
+                "SELECT last_received_at FROM studies WHERE study_instance_uid = ?", (study_uid,)
+            ).fetchone()
+            rows = conn.execute(
+                "SELECT series_instance_uid, modality, path, calling_ae FROM instances "
+                "WHERE study_instance_uid = ? ORDER BY rowid",
+                (study_uid,),
+            ).fetchall()
+        if study is None or not rows:
+            raise UnknownStudyError("no instance of this study is recorded in the instance index", study_uid=study_uid)
+        series: dict[str, list[Path]] = {}
+        excluded: dict[str, int] = {}
+        calling_aes: dict[str, None] = {}
+        for series_uid, modality, path, calling_ae in rows:
+            calling_aes.setdefault(calling_ae, None)
+            if modality == CT_MODALITY:
+                series.setdefault(series_uid, []).append(Path(path))
+            else:
+                excluded[modality] = excluded.get(modality, 0) + 1
+        return ReceivedStudy(
+            study_instance_uid=study_uid,
+            calling_aes=tuple(calling_aes),
+            series={uid: tuple(paths) for uid, paths in series.items()},
+            excluded_counts=excluded,
+            instance_count=len(rows),
+            last_received_at=float(study[0]),
+        )
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> InstanceIndex:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _instance_from_row(row: tuple) -> ReceivedInstance:
+    (sop, sop_class, study, series, modality, ts, path, size, calling_ae, peer, received_at) = row
+    return ReceivedInstance(
+        sop_instance_uid=sop,
+        sop_class_uid=sop_class,
+        study_instance_uid=study,
+        series_instance_uid=series,
+        modality=modality,
+        transfer_syntax_uid=ts,
+        path=Path(path),
+        size_bytes=int(size),
+        calling_ae=calling_ae,
+        peer_address=peer,
+        received_at=float(received_at),
+    )

@@ -1,0 +1,105 @@
+"""scp.spool: UID validation and the durable write."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from scp.errors import InvalidUIDError
+from scp.spool import instance_path, remove_temporaries, validate_uid, write_instance
+
+STUDY = "1.2.826.0.1.3680043.8.498.1"
+SERIES = "1.2.826.0.1.3680043.8.498.1.2"
+SOP = "1.2.826.0.1.3680043.8.498.1.2.3"
+
+
+@pytest.mark.parametrize("uid", ["0", "1.2", "1.2.0.3", "1.2.840.10008.5.1.4.1.1.2", "9" * 64, "1." + "2" * 62])
+def test_valid_uids_pass(uid: str) -> None:
+    assert validate_uid(uid, "SOPInstanceUID") == uid
+
+
+@pytest.mark.parametrize(
+    ("uid", "fragment"),
+    [
+        ("", "is empty"),
+        ("1.2.03", "not a valid UID"),
+        ("01.2", "not a valid UID"),
+        ("1..2", "not a valid UID"),
+        ("1.2.", "not a valid UID"),
+        (".1.2", "not a valid UID"),
+        ("1.2.a", "not a valid UID"),
+        ("1.2 ", "not a valid UID"),
+        ("../../etc", "not a valid UID"),
+        ("1/2", "not a valid UID"),
+        ("1" * 65, "65 characters long"),
+        (None, "must be a UID string"),
+    ],
+)
+def test_invalid_uids_raise_with_keyword_value_and_rule(uid: object, fragment: str) -> None:
+    with pytest.raises(InvalidUIDError) as info:
+        validate_uid(uid, "SeriesInstanceUID")
+    message = str(info.value)
+    assert "SeriesInstanceUID" in message
+    assert fragment in message
+    assert "digits and dots" in message
+
+
+def test_write_creates_file_with_identical_content_and_no_temporaries(tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    path = write_instance(tmp_path, STUDY, SERIES, SOP, data)
+    assert path == tmp_path / STUDY / SERIES / f"{SOP}.dcm"
+    assert path == instance_path(tmp_path, STUDY, SERIES, SOP)
+    assert path.read_bytes() == data
+    assert sorted(p.name for p in path.parent.iterdir()) == [f"{SOP}.dcm"]
+
+
+def test_write_joins_a_sequence_of_buffers_in_order(tmp_path: Path) -> None:
+    head = b"\x00" * 128 + b"DICM"
+    body = bytearray(os.urandom(70_000))
+    path = write_instance(tmp_path, STUDY, SERIES, SOP, (head, memoryview(body), b""))
+    assert path.read_bytes() == head + bytes(body)
+
+
+def test_write_replaces_an_existing_file_atomically(tmp_path: Path) -> None:
+    write_instance(tmp_path, STUDY, SERIES, SOP, b"first")
+    path = write_instance(tmp_path, STUDY, SERIES, SOP, b"second")
+    assert path.read_bytes() == b"second"
+    assert len(list(path.parent.iterdir())) == 1
+
+
+@pytest.mark.parametrize(
+    ("study", "series", "sop"),
+    [("..", SERIES, SOP), (STUDY, "1.2/../../x", SOP), (STUDY, SERIES, "1.02"), (STUDY, SERIES, "")],
+)
+def test_invalid_uid_writes_nothing(tmp_path: Path, study: str, series: str, sop: str) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with pytest.raises(InvalidUIDError):
+        write_instance(spool, study, series, sop, b"data")
+    assert list(spool.rglob("*")) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spool"]
+
+
+def test_failed_write_leaves_no_temporary(tmp_path: Path) -> None:
+    class Exploding:
+        def __len__(self) -> int:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        write_instance(tmp_path, STUDY, SERIES, SOP, [b"ok", Exploding()])  # type: ignore[list-item]
+    series_dir = tmp_path / STUDY / SERIES
+    assert series_dir.is_dir()
+    assert list(series_dir.iterdir()) == []
+
+
+def test_remove_temporaries_deletes_only_leftover_temporaries(tmp_path: Path) -> None:
+    kept = write_instance(tmp_path, STUDY, SERIES, SOP, b"kept")
+    leftover = kept.parent / f".{SOP}.0123abcd.tmp"
+    leftover.write_bytes(b"half")
+    other = kept.parent / "notes.tmp"  # not ours: no leading dot
+    other.write_bytes(b"x")
+    assert remove_temporaries(tmp_path) == 1
+    assert not leftover.exists()
+    assert kept.read_bytes() == b"kept" and other.exists()

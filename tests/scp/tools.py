@@ -1,0 +1,40 @@
+"""Helpers for the ingress tests: dcmtk programs and a bit-preserving storescp for reference."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.conftest import require_tool
+from tests.support.ports import free_port, wait_for_port
+
+AE_TITLE = "THIGHNODE"
+
+
+def run_tool(*args: str | Path, timeout_s: float = 180.0) -> subprocess.CompletedProcess[str]:
+    """Run a dcmtk program, capturing its output (never raises on a non-zero exit)."""
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout_s, check=False)
+
+
+@contextmanager
+def storescp_bit_preserving(out_dir: Path) -> Iterator[int]:
+    """dcmtk storescp writing what it receives exactly as read (+B) into out_dir; yields its port."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen(
+        [require_tool("storescp"), "+B", "-od", str(out_dir), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_port(port, timeout_s=30.0)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
