@@ -25,6 +25,7 @@ from scp.ae import IngressServer, start_ingress
 from scp.index import InstanceIndex
 from scp.types import IngressConfig
 from thighnode.jobs import FINAL_STATES, Job, JobStore, StudyProgress
+from thighnode.results import ResultsStore
 from thighnode.settings import Settings
 from thighnode.workflow import SegmenterLike, Workflow
 
@@ -91,6 +92,7 @@ class Node:
         self.index: InstanceIndex | None = None
         self.jobs: JobStore | None = None
         self.outbox: Outbox | None = None
+        self.results: ResultsStore | None = None
         self._ingress: IngressServer | None = None
         self._scheduler: BackgroundScheduler | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -113,7 +115,10 @@ class Node:
             log.info("resumed %d job(s) left running by the previous process: %s", len(recovered), recovered)
         if self._load_model:
             self._segmenter = self._build_segmenter()
-        self._workflow = Workflow(s, self.index, lambda: self._segmenter)
+        self.results = ResultsStore(s.db_path)
+        self._workflow = Workflow(
+            s, self.index, lambda: self._segmenter, results=self.results, outbox=self.outbox
+        )
         self._executor = ThreadPoolExecutor(max_workers=s.processing.workers, thread_name_prefix="job")
         self._ingress = start_ingress(ingress_config_of(s), self.index)
         tick_s = max(0.2, min(1.0, s.node.quiet_period_s / 4 or 0.2))
@@ -140,7 +145,7 @@ class Node:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
-        for store in (self.index, self.jobs, self.outbox):
+        for store in (self.index, self.jobs, self.outbox, self.results):
             close = getattr(store, "close", None)
             if close is not None:
                 close()

@@ -91,6 +91,12 @@ def _string(key: str, value: Any) -> str:
     return value
 
 
+def _text(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} = {value!r}: must be a string")
+    return value
+
+
 def _choice(*choices: str) -> Callable[[str, Any], str]:
     def check(key: str, value: Any) -> str:
         if value not in choices:
@@ -178,6 +184,16 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "sw_batch_size": _int_range(1, 256),
         "overlap": _float_range(0.0, 0.95),
     },
+    "outputs": {
+        "seg_type": _choice("BINARY", "LABELMAP"),
+        "labelmap_compression": _choice("RLE", "JPEGLS", "JPEG2000", "none"),
+        "send_seg": _bool,
+        "send_sr": _bool,
+        "send_pdf": _bool,
+        "manufacturer": _string,
+        "institution_name": _text,
+        "device_serial": _string,
+    },
     "outbox": {
         "send_interval_s": _float_range(0.0, lo_open=True),
         "base_delay_s": _float_range(0.0),
@@ -249,6 +265,18 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
+class OutputsSettings:
+    seg_type: str
+    labelmap_compression: str
+    send_seg: bool
+    send_sr: bool
+    send_pdf: bool
+    manufacturer: str
+    institution_name: str
+    device_serial: str
+
+
+@dataclass(frozen=True)
 class OutboxSettings:
     send_interval_s: float
     base_delay_s: float
@@ -286,6 +314,7 @@ class Settings:
     retention: RetentionSettings
     processing: ProcessingSettings
     model: ModelSettings
+    outputs: OutputsSettings
     outbox: OutboxSettings
     sarcopenia: SarcopeniaSettings
     security: SecuritySettings
@@ -444,6 +473,7 @@ def load_settings(
         retention=RetentionSettings(**values["retention"]),
         processing=ProcessingSettings(**values["processing"]),
         model=ModelSettings(**model),
+        outputs=OutputsSettings(**values["outputs"]),
         outbox=OutboxSettings(**values["outbox"]),
         sarcopenia=SarcopeniaSettings(**values["sarcopenia"]),
         security=SecuritySettings(**values["security"]),

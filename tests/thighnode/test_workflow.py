@@ -1,0 +1,174 @@
+"""The workflow from received files to queued SEG/SR/PDF, with a segmenter that returns the
+phantom's ground truth (this tests the wiring and the outputs, not the model)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from dicomout.outbox import Outbox
+from pipeline.labels import load_label_table
+from pipeline.phantom import PhantomParams, generate_phantom, write_dicom_series
+from pipeline.postprocess import split_sides
+from pipeline.types import Segmentation, Volume
+from scp.index import InstanceIndex
+from scp.types import ReceivedInstance
+from tests.support.dciodvfy import dciodvfy_errors
+from thighnode.jobs import DECLINED, DONE, JobStore, StudyProgress
+from thighnode.results import ResultsStore
+from thighnode.settings import load_settings
+from thighnode.workflow import Workflow
+
+STUDY = "1.2.826.0.1.3680043.8.498.77001"
+
+
+class TruthSegmenter:
+    """Returns the phantom's own labels, resampled onto the loaded volume by position."""
+
+    def __init__(self, phantom, labels) -> None:  # noqa: ANN001
+        self._phantom = phantom
+        self._labels = labels
+
+    def segment(self, volume: Volume) -> Segmentation:
+        # The DICOM series is written on the phantom's grid; match slices by z.
+        z_vol = volume.affine_lps[2, 3] + np.arange(volume.shape[0]) * volume.affine_lps[2, 0]
+        z_ph = self._phantom.affine_lps[2, 3] + np.arange(self._phantom.labels.shape[0]) * self._phantom.affine_lps[2, 0]
+        idx = np.array([int(np.argmin(np.abs(z_ph - z))) for z in z_vol])
+        label_map = self._phantom.labels[idx]
+        assert label_map.shape == volume.shape
+        side_map = split_sides(label_map, volume.affine_lps, self._phantom.midline_x_mm)
+        return Segmentation(label_map, side_map, self._labels, "truth", "0.0.1", volume.affine_lps)
+
+
+def _index_series(index: InstanceIndex, paths: list[Path], study: str) -> None:
+    for p in paths:
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        index.record(
+            ReceivedInstance(
+                sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID, study_instance_uid=study,
+                series_instance_uid=ds.SeriesInstanceUID, modality="CT", transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+                path=p, size_bytes=p.stat().st_size, calling_ae="TEST", peer_address="127.0.0.1", received_at=time.time(),
+            )
+        )
+
+
+@pytest.fixture(scope="module")
+def phantom_study(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    labels = load_label_table()
+    phantom = generate_phantom(PhantomParams(seed=5, spacing_mm=(4.0, 3.0, 3.0), implant="left", height_m=1.6, sex="F"))
+    out = tmp_path_factory.mktemp("ph")
+    paths = write_dicom_series(
+        phantom, out / "dicom", patient_id="TN-WF-1", patient_name="Test^Workflow", patient_sex="F",
+        birth_date="19500101", height_m=1.6, study_uid=STUDY, series_uid=STUDY + ".2",
+        frame_of_reference_uid=STUDY + ".3", study_date="20240301", accession="A1",
+    )
+    return phantom, labels, paths
+
+
+def _run(tmp_path: Path, phantom_study, extra_env: dict[str, str] | None = None):  # noqa: ANN001, ANN202
+    phantom, labels, paths = phantom_study
+    env = {"THIGHNODE_HOME": str(tmp_path),
+           "THIGHNODE_DESTINATIONS": '[{name = "pacs", ae_title = "PACS", host = "127.0.0.1", port = 4242}]',
+           **(extra_env or {})}
+    settings = load_settings(environ=env)
+    index = InstanceIndex(settings.db_path)
+    _index_series(index, paths, STUDY)
+    jobs = JobStore(settings.db_path)
+    jobs.sync([StudyProgress(STUDY, 0.0)], now=100.0, quiet_period_s=1)
+    job = jobs.claim_next()
+    results = ResultsStore(settings.db_path)
+    outbox = Outbox(settings.db_path)
+    seg = TruthSegmenter(phantom, labels)
+    wf = Workflow(settings, index, lambda: seg, results=results, outbox=outbox)
+    outcome = wf.run(job)
+    return settings, outcome, results, outbox
+
+
+def test_a_phantom_study_yields_valid_seg_sr_pdf_queued_for_the_pacs(tmp_path: Path, phantom_study) -> None:  # noqa: ANN001
+    phantom, labels, paths = phantom_study
+    settings, outcome, results, outbox = _run(tmp_path, phantom_study)
+    assert outcome.state == DONE, outcome.reason
+    assert set(outcome.timings_s) >= {"select", "load", "check", "segment", "measure", "seg", "sr", "pdf", "queue"}
+    kinds = {o["kind"]: Path(o["path"]) for o in outcome.result["outputs"]}
+    assert set(kinds) == {"seg", "sr", "pdf"}
+    for kind, path in kinds.items():
+        assert dciodvfy_errors(path) == [], f"{kind}: dciodvfy errors"
+    items = outbox.items(study_uid=STUDY)
+    assert sorted(i.destination for i in items) == ["pacs"] * 3
+
+    # The SR's volumes equal the voxel volumes of the SEG's segments, read back.
+    seg = hd.seg.segread(kinds["seg"])
+    sr = hd.sr.srread(kinds["sr"])
+    spacing = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    voxel_ml = float(spacing.PixelSpacing[0]) * float(spacing.PixelSpacing[1]) * float(spacing.SliceThickness) / 1000
+    by_uid = {}
+    for number in seg.segment_numbers:
+        desc = seg.get_segment_description(number)
+        mask = seg.get_volume(segment_numbers=[number], combine_segments=False).array
+        by_uid[str(desc.tracking_uid)] = float(mask.sum()) * voxel_ml
+    report = sr.content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    groups = report.get_volumetric_roi_measurement_groups()
+    assert len(groups) >= 40
+    checked = 0
+    for group in groups:
+        volume = [m for m in group.get_measurements() if m.name.value == "118565006"]
+        if not volume:
+            continue
+        assert str(group.tracking_uid) in by_uid
+        assert volume[0].value == pytest.approx(by_uid[str(group.tracking_uid)], rel=1e-3)
+        checked += 1
+    assert checked >= 40
+
+    # Measurements are in the results database; the implant side is flagged; SMI follows from the height.
+    stored = results.get(STUDY)
+    assert stored is not None and stored.patient_id == "TN-WF-1" and stored.study_date == "20240301"
+    m = stored.measurements
+    all_both = m.group("all", "both")
+    assert all_both.smi_kg_m2 == pytest.approx(all_both.mass_g / 1000 / 1.6**2, rel=1e-6)
+    metal_sides = {s.side for s in m.structures if "metal" in s.flags}
+    assert "left" in metal_sides and "right" not in metal_sides
+
+
+def test_reprocessing_replaces_outputs_with_the_same_uids(tmp_path: Path, phantom_study) -> None:  # noqa: ANN001
+    _, first, _, _ = _run(tmp_path / "a", phantom_study)
+    _, second, _, _ = _run(tmp_path / "b", phantom_study)
+    assert [o["sop_instance_uid"] for o in first.result["outputs"]] == [
+        o["sop_instance_uid"] for o in second.result["outputs"]
+    ]
+
+
+def test_labelmap_option_is_honoured(tmp_path: Path, phantom_study) -> None:  # noqa: ANN001
+    _, outcome, _, _ = _run(tmp_path, phantom_study, {"THIGHNODE_OUTPUTS__SEG_TYPE": "LABELMAP"})
+    assert outcome.state == DONE, outcome.reason
+    seg_path = next(Path(o["path"]) for o in outcome.result["outputs"] if o["kind"] == "seg")
+    ds = pydicom.dcmread(seg_path, stop_before_pixels=True)
+    assert ds.SegmentationType == "LABELMAP"
+
+
+def test_a_study_without_femur_is_declined_and_nothing_is_queued(tmp_path: Path, shared_data: Path) -> None:
+    paths = sorted((shared_data / "tcia-pancreas-ct" / "dcm").glob("*.dcm"))
+    study = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    env = {"THIGHNODE_HOME": str(tmp_path),
+           "THIGHNODE_DESTINATIONS": '[{name = "pacs", ae_title = "PACS", host = "127.0.0.1", port = 4242}]'}
+    settings = load_settings(environ=env)
+    index = InstanceIndex(settings.db_path)
+    _index_series(index, paths, study)
+    jobs = JobStore(settings.db_path)
+    jobs.sync([StudyProgress(study, 0.0)], now=100.0, quiet_period_s=1)
+    job = jobs.claim_next()
+    outbox = Outbox(settings.db_path)
+
+    class MustNotRun:
+        def segment(self, volume: Volume) -> Segmentation:
+            raise AssertionError("the image check must decline before the model runs")
+
+    outcome = Workflow(settings, index, lambda: MustNotRun(), outbox=outbox).run(job)
+    assert outcome.state == DECLINED
+    assert "not a thigh CT" in outcome.reason
+    assert outbox.items(study_uid=study) == []
