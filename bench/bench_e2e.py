@@ -1,0 +1,132 @@
+"""End-to-end benchmark: scanner (dcmtk storescu) → thighnode → PACS (Orthanc).
+
+Generates a 512x512 phantom thigh CT (about 300 slices), starts a real Orthanc and a real
+`thighnode serve` (demo bundle, CPU unless a GPU is visible) on free loopback ports, pushes the study,
+and prints:
+
+- end-to-end latency: study ready (quiet period over) → last output acknowledged by Orthanc;
+- the time of each stage (select, load, check, segment, measure, seg, sr, pdf, queue);
+- the node's peak resident memory (VmHWM);
+- the size of each output object.
+
+Usage: .venv/bin/python bench/bench_e2e.py [--slices 300] [--seg-type BINARY|LABELMAP]
+Figures only; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.phantom import PhantomParams, generate_phantom, write_dicom_series  # noqa: E402
+from tests.support.node import NodeProcess  # noqa: E402
+from tests.support.orthanc import OrthancServer  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
+
+
+def _peak_rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--seg-type", default="BINARY", choices=["BINARY", "LABELMAP"])
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="thighnode-bench-e2e-"))
+    try:
+        t = time.perf_counter()
+        height = 1.65
+        # The phantom spans about 535 mm (iliac crest to knee) at 1.65 m: choose dz for `slices` slices.
+        dz = round(535.0 / args.slices, 2)
+        phantom = generate_phantom(PhantomParams(seed=11, height_m=height, spacing_mm=(dz, 1.6, 1.6)))
+        paths = write_dicom_series(
+            phantom, tmp / "study", patient_id="BENCH-1", patient_name="Bench^E2E", patient_sex="F",
+            birth_date="19500101", height_m=height, study_uid="1.2.826.0.1.3680043.8.498.990001",
+            series_uid="1.2.826.0.1.3680043.8.498.990002", frame_of_reference_uid="1.2.826.0.1.3680043.8.498.990003",
+            study_date="20240301", accession="BENCH", pixel_spacing_mm=0.8, matrix=512,
+        )
+        n = len(paths)
+        size_mb = sum(p.stat().st_size for p in paths) / 1e6
+        print(f"study: {n} slices 512x512, {size_mb:.0f} MB, generated in {time.perf_counter() - t:.1f} s")
+
+        node_port = free_port()
+        with OrthancServer(tmp / "orthanc", modalities={"THIGHNODE": ("THIGHNODE", "127.0.0.1", node_port)}) as pacs:
+            extra = (
+                f'[outputs]\nseg_type = "{args.seg_type}"\n\n'
+                f'[[destinations]]\nname = "pacs"\nae_title = "{pacs.aet}"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\n'
+            )
+            node = NodeProcess(tmp / "node", quiet_period_s=2.0, extra_config=extra, load_model=True, port=node_port)
+            (tmp / "node").mkdir(parents=True, exist_ok=True)
+            node.start(timeout_s=300)
+            try:
+                t_send = time.time()
+                out = subprocess.run(
+                    ["storescu", "-aet", "CTSCANNER", "-aec", "THIGHNODE", "127.0.0.1", str(node.port), *map(str, paths)],
+                    capture_output=True, text=True, timeout=1800,
+                )
+                t_sent = time.time()
+                if out.returncode != 0:
+                    print(out.stderr)
+                    return 1
+                print(f"C-STORE of the study: {t_sent - t_send:.1f} s ({n / (t_sent - t_send):.1f} instances/s)")
+                status = node.wait_for(
+                    lambda s: any(j["state"] in ("done", "declined", "failed") for j in s["jobs"])
+                    and s["outbox_counts"].get("pending", 0) == 0,
+                    timeout_s=3600, what="the study's outputs to be delivered",
+                )
+                peak = _peak_rss_mb(node.proc.pid) if node.proc else float("nan")
+            finally:
+                node.stop()
+            db = node.data_dir / "thighnode.db"
+            import sqlite3
+
+            con = sqlite3.connect(db)
+            job_id, state, reason, timings = con.execute(
+                "SELECT id, state, reason, timings_json FROM jobs ORDER BY id DESC LIMIT 1"
+            ).fetchone()
+            ready_at = con.execute(
+                "SELECT at FROM job_events WHERE job_id = ? AND to_state = 'ready' ORDER BY id LIMIT 1", (job_id,)
+            ).fetchone()[0]
+            last_sent = con.execute("SELECT MAX(sent_at) FROM outbox WHERE state = 'sent'").fetchone()[0]
+            outputs = con.execute("SELECT path FROM outbox").fetchall()
+            con.close()
+            print(f"job {job_id}: {state} ({reason})")
+            if last_sent is None:
+                print("nothing was delivered")
+                return 1
+            print(f"end-to-end latency (ready -> last object acknowledged by Orthanc): {last_sent - ready_at:.1f} s")
+            print("stage timings (s): " + json.dumps(json.loads(timings)))
+            print(f"node peak resident memory (VmHWM): {peak:.0f} MB")
+            for (path,) in outputs:
+                p = Path(path)
+                if p.exists():
+                    print(f"  {p.name[:4]:<5} {p.stat().st_size / 1e6:8.2f} MB")
+            print(f"Orthanc holds {pacs.count_instances()} instances")
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"kept {tmp}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

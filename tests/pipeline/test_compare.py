@@ -1,0 +1,424 @@
+"""pipeline.compare: anatomical alignment and the common-range comparison with the prior study.
+
+Phantom pairs of the same subject (same ``seed``, another ``scan_seed``) with atrophy,
+shorter fields of view, other slice spacings and an implant; the expected changes come
+from the phantoms' own ground truth (label counts), not from pipeline.compare.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline.compare import (
+    FLAG_PARTIAL_COMMON_RANGE,
+    LANDMARK,
+    CompareError,
+    anatomical_profiles,
+    compare_studies,
+    interval_days,
+)
+from pipeline.errors import PipelineError
+from pipeline.labels import LabelTable, load_label_table
+from pipeline.measure import MeasurementSettings, load_measurement_settings, measure
+from pipeline.phantom import Phantom, PhantomParams, generate_phantom, ground_truth
+from pipeline.types import (
+    FLAG_METAL,
+    AnatomicalProfiles,
+    Comparison,
+    Measurements,
+    PatientInfo,
+    Segmentation,
+    StructureMeasurement,
+    StructureProfile,
+    Volume,
+)
+
+SEED = 5
+HEIGHT_M = 1.65
+BASE: dict[str, Any] = {"seed": SEED, "height_m": HEIGHT_M, "spacing_mm": (4.0, 3.0, 3.0)}
+ATROPHY = {"vastus_lateralis:right": 0.8, "adductor_longus:right": 0.85, "gluteus_maximus:right": 0.9}
+
+
+@dataclass(frozen=True)
+class Scan:
+    phantom: Phantom
+    volume: Volume
+    segmentation: Segmentation
+    measurements: Measurements
+    profiles: AnatomicalProfiles
+
+    @property
+    def truth(self) -> dict:
+        return ground_truth(self.phantom, self.segmentation.labels)["structures"]
+
+
+@pytest.fixture(scope="module")
+def table() -> LabelTable:
+    return load_label_table()
+
+
+@pytest.fixture(scope="module")
+def settings() -> MeasurementSettings:
+    return load_measurement_settings()
+
+
+def _volume(hu: np.ndarray, affine: np.ndarray) -> Volume:
+    return Volume(
+        hu=hu, affine_lps=affine, frame_of_reference_uid="1.2.3", study_instance_uid="1.2.3.1",
+        series_instance_uid="1.2.3.2", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uids=(),
+    )
+
+
+def _sides(p: Phantom) -> np.ndarray:
+    """Side map by the phantom's own rule: x > midline -> left (2), else right (1), on labelled voxels."""
+    left = np.broadcast_to(p.side_of_columns()[None, None, :], p.labels.shape)
+    return np.where(p.labels > 0, np.where(left, 2, 1), 0).astype(np.uint8)
+
+
+def _scan(table: LabelTable, settings: MeasurementSettings, **params: Any) -> Scan:
+    p = generate_phantom(PhantomParams(**{**BASE, **params}), table)
+    volume = _volume(p.hu, p.affine_lps)
+    seg = Segmentation(p.labels, _sides(p), table, "phantom", "0", affine_lps=p.affine_lps)
+    m = measure(volume, seg, PatientInfo(sex="F", height_m=HEIGHT_M), settings)
+    return Scan(p, volume, seg, m, anatomical_profiles(volume, seg))
+
+
+def _compare(current: Scan, prior: Scan, **kwargs: Any) -> Comparison:
+    args: dict[str, Any] = {
+        "current_study_date": "20240301", "prior_study_date": "20231001",
+        "prior_study_uid": "1.2.3.99", "height_m": HEIGHT_M,
+    }
+    args.update(kwargs)
+    return compare_studies(current.measurements, current.profiles, prior.measurements, prior.profiles, **args)
+
+
+def _truth_ratio(current: Scan, prior: Scan, key: str, side: str) -> float:
+    """Whole-scan volume ratio - 1 from the phantoms' label counts."""
+    return current.truth[key][side]["volume_ml"] / prior.truth[key][side]["volume_ml"] - 1.0
+
+
+def _voxel_stats(scan: Scan, key: str, side: str) -> tuple[float, float]:
+    """Mean HU and fat fraction (-190..-30 HU) of a structure on one side, from the phantom's arrays."""
+    p = scan.phantom
+    mask = p.labels == scan.segmentation.labels.by_key(key).id
+    left = p.side_of_columns()
+    mask[:, :, ~left if side == "left" else left] = False
+    hu = p.hu[mask].astype(np.float64)
+    return float(hu.mean()), float(((hu >= -190.0) & (hu <= -30.0)).mean())
+
+
+def _muscles(table: LabelTable) -> list[str]:
+    return [label.key for label in table.labels if not label.is_bone]
+
+
+@pytest.fixture(scope="module")
+def prior(table: LabelTable, settings: MeasurementSettings) -> Scan:
+    return _scan(table, settings)
+
+
+@pytest.fixture(scope="module")
+def rescan(table: LabelTable, settings: MeasurementSettings) -> Scan:
+    return _scan(table, settings, scan_seed=11)
+
+
+@pytest.fixture(scope="module")
+def atrophied(table: LabelTable, settings: MeasurementSettings) -> Scan:
+    return _scan(table, settings, scan_seed=12, atrophy=ATROPHY)
+
+
+@pytest.fixture(scope="module")
+def short_fov(table: LabelTable, settings: MeasurementSettings) -> Scan:
+    # bottom and top not on the prior's 4-mm slice grid: the slices are shifted by 1.5 mm
+    return _scan(table, settings, scan_seed=13, fov_bottom_mm=-298.5, fov_top_mm=-10.3)
+
+
+@pytest.fixture(scope="module")
+def thin_slices(table: LabelTable, settings: MeasurementSettings) -> Scan:
+    return _scan(table, settings, scan_seed=14, spacing_mm=(3.0, 3.0, 3.0))
+
+
+@pytest.fixture(scope="module")
+def implant(table: LabelTable, settings: MeasurementSettings) -> Scan:
+    return _scan(table, settings, scan_seed=15, implant="right")
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+def test_profiles_integrate_to_the_measurements(prior: Scan) -> None:
+    """Over the whole scan, a profile holds the same voxels, volume and mass as measure() found."""
+    lo, hi = prior.profiles.fov_z_mm["right"]  # type: ignore[misc]
+    assert hi - lo == pytest.approx(prior.volume.hu.shape[0] * 4.0)
+    for p in prior.profiles.profiles:
+        m = prior.measurements.structure(p.key, p.side)
+        assert m is not None
+        assert sum(p.voxels) == m.voxel_count
+        assert sum(p.area_mm2) * p.slice_mm / 1000.0 == pytest.approx(m.volume_ml, rel=1e-9)
+        mass = sum(a * p.slice_mm * (1 + h / 1000.0) for a, h in zip(p.area_mm2, p.mean_hu)) / 1000.0
+        assert mass == pytest.approx(m.mass_g, rel=1e-6)
+        assert sum(p.fat_voxels) / sum(p.voxels) == pytest.approx(m.fat_fraction, rel=1e-9)
+        assert list(p.z_mm) == sorted(p.z_mm)
+
+
+def test_landmark_is_the_top_of_the_femoral_head(prior: Scan) -> None:
+    p = prior.phantom
+    femur = prior.segmentation.labels.by_key("femur").id
+    z = p.affine_lps[2, 3] + p.affine_lps[2, 0] * np.arange(p.hu.shape[0])
+    for side, code in (("right", 1), ("left", 2)):
+        has_femur = ((p.labels == femur) & (prior.segmentation.side_map == code)).any(axis=(1, 2))
+        top_slice = float(z[np.flatnonzero(has_femur).max()])
+        lm = prior.profiles.landmark_z_mm[side]
+        assert lm is not None and top_slice <= lm <= top_slice + 4.0
+    assert prior.profiles.landmark == LANDMARK
+    assert prior.profiles.metal_z_mm == {"right": None, "left": None}
+
+
+def test_profiles_of_slices_stored_superior_to_inferior_are_the_same(prior: Scan, table: LabelTable) -> None:
+    flipped_affine = prior.phantom.affine_lps.copy()
+    n = prior.volume.hu.shape[0]
+    flipped_affine[:3, 3] += flipped_affine[:3, 0] * (n - 1)
+    flipped_affine[:3, 0] *= -1
+    volume = _volume(prior.volume.hu[::-1].copy(), flipped_affine)
+    seg = Segmentation(
+        prior.segmentation.label_map[::-1].copy(), prior.segmentation.side_map[::-1].copy(), table, "phantom", "0",
+        affine_lps=flipped_affine,
+    )
+    flipped = anatomical_profiles(volume, seg)
+    assert flipped.landmark_z_mm == pytest.approx(prior.profiles.landmark_z_mm)
+    assert flipped.fov_z_mm == prior.profiles.fov_z_mm
+    assert len(flipped.profiles) == len(prior.profiles.profiles)
+    for a, b in zip(flipped.profiles, prior.profiles.profiles):
+        assert (a.key, a.side, a.z_mm, a.voxels, a.fat_voxels) == (b.key, b.side, b.z_mm, b.voxels, b.fat_voxels)
+        assert a.mean_hu == pytest.approx(b.mean_hu)
+
+
+def test_one_side_without_femur_falls_back_to_the_other_side(prior: Scan, table: LabelTable) -> None:
+    femur = table.by_key("femur").id
+    labels = np.array(prior.segmentation.label_map)
+    labels[(labels == femur) & (prior.segmentation.side_map == 2)] = 0
+    sides = np.where(labels > 0, prior.segmentation.side_map, 0).astype(np.uint8)
+    seg = Segmentation(labels, sides, table, "phantom", "0", affine_lps=prior.phantom.affine_lps)
+    profiles = anatomical_profiles(prior.volume, seg)
+    assert profiles.landmark_z_mm["left"] == profiles.landmark_z_mm["right"] == prior.profiles.landmark_z_mm["right"]
+    assert "left side taken from the right femoral head" in profiles.landmark
+
+
+def test_shape_mismatch_is_a_pipeline_error(prior: Scan, table: LabelTable) -> None:
+    small = np.zeros((2, 3, 4), np.uint8)
+    seg = Segmentation(small, small, table, "phantom", "0")
+    with pytest.raises(CompareError, match="differs from volume shape") as info:
+        anatomical_profiles(prior.volume, seg)
+    assert isinstance(info.value, PipelineError)
+
+
+# --------------------------------------------------------------------------- (a) same patient, other noise
+
+
+def test_rescan_without_atrophy_shows_no_change(prior: Scan, rescan: Scan, table: LabelTable) -> None:
+    c = _compare(rescan, prior)
+    compared = [ch for ch in c.changes if ch.compared]
+    assert len(compared) >= 2 * len(_muscles(table)) - 4
+    for ch in compared:
+        assert ch.change_ratio is not None and abs(ch.change_ratio) < 0.01, (ch.key, ch.side, ch.change_ratio)
+        if FLAG_PARTIAL_COMMON_RANGE not in ch.flags:  # whole structure in both: HU straight from the voxels
+            hu_now, fat_now = _voxel_stats(rescan, ch.key, ch.side)
+            hu_before, fat_before = _voxel_stats(prior, ch.key, ch.side)
+            assert ch.change_mean_hu == pytest.approx(hu_now - hu_before, abs=1e-6)
+            assert ch.change_fat_fraction == pytest.approx(fat_now - fat_before, abs=1e-9)
+    assert c.operated_side == ""
+    assert c.landmark == LANDMARK
+    assert "common range" in c.method and "(right)" in c.method and "(left)" in c.method
+
+
+# --------------------------------------------------------------------------- (b) atrophy on the right
+
+
+def test_atrophy_on_the_right_matches_the_ground_truth(prior: Scan, atrophied: Scan, table: LabelTable) -> None:
+    c = _compare(atrophied, prior)
+    for key, fraction in ((k.split(":")[0], v) for k, v in ATROPHY.items()):
+        ch = c.change(key, "right")
+        assert ch is not None and ch.compared
+        truth = _truth_ratio(atrophied, prior, key, "right")
+        assert truth == pytest.approx(fraction - 1.0, abs=0.01)  # the phantom did what was asked
+        assert ch.change_ratio == pytest.approx(truth, abs=0.02)
+        assert ch.change_ml == pytest.approx(ch.current_volume_ml - ch.prior_volume_ml)  # type: ignore[operator]
+        assert ch.change_ml < 0  # type: ignore[operator]
+    for key in _muscles(table):
+        for side in ("right", "left"):
+            ch = c.change(key, side)
+            if ch is None or not ch.compared:
+                continue
+            assert ch.change_ratio == pytest.approx(_truth_ratio(atrophied, prior, key, side), abs=0.02), (key, side)
+            if side == "left":
+                assert abs(ch.change_ratio) < 0.01, (key, ch.change_ratio)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- (c) shorter field of view
+
+
+def test_shorter_follow_up_compares_only_the_common_range(prior: Scan, short_fov: Scan, table: LabelTable) -> None:
+    c = _compare(short_fov, prior)
+    cut = 0
+    for ch in c.changes:
+        if not ch.compared or ch.key not in _muscles(table):
+            continue
+        assert ch.common_range_mm is not None
+        truth = _truth_ratio(short_fov, prior, ch.key, ch.side)
+        if FLAG_PARTIAL_COMMON_RANGE in ch.flags:
+            assert "common range" in ch.reason and f"{ch.common_range_mm[0]:.0f}" in ch.reason
+            if truth < -0.10 and ch.prior_volume_ml > 50:  # type: ignore[operator]
+                cut += 1  # the whole-scan volumes would show a false loss of more than 10 %
+                assert abs(ch.change_ratio) < 0.025, (ch.key, ch.side, ch.change_ratio, truth)  # type: ignore[arg-type]
+        else:
+            # not cut by either scan: the common-range value is the whole structure
+            assert ch.change_ratio == pytest.approx(truth, abs=0.005), (ch.key, ch.side)
+    assert cut >= 16  # vasti, hamstrings, adductor magnus ... on both sides
+    vl = c.change("vastus_lateralis", "right")
+    assert vl is not None and FLAG_PARTIAL_COMMON_RANGE in vl.flags
+    lo, hi = vl.common_range_mm  # type: ignore[misc]
+    lm = prior.profiles.landmark_z_mm["right"]
+    assert lo + lm == pytest.approx(-298.5 - 2.0, abs=1.5)  # type: ignore[operator]
+    assert hi + lm == pytest.approx(-10.3, abs=4.0)  # type: ignore[operator]
+
+
+# --------------------------------------------------------------------------- (d) other slice spacing
+
+
+def test_other_slice_spacing_without_atrophy_shows_no_change(prior: Scan, thin_slices: Scan, table: LabelTable) -> None:
+    c = _compare(thin_slices, prior)
+    for side in ("right", "left"):
+        total_prior = total_current = 0.0
+        for key in _muscles(table):
+            ch = c.change(key, side)
+            if ch is None or not ch.compared:
+                continue
+            if FLAG_PARTIAL_COMMON_RANGE not in ch.flags:
+                assert ch.change_ratio == pytest.approx(_truth_ratio(thin_slices, prior, key, side), abs=0.005)
+            if ch.prior_volume_ml > 100:  # type: ignore[operator]
+                assert abs(ch.change_ratio) < 0.015, (key, side, ch.change_ratio)  # type: ignore[arg-type]
+            total_prior += ch.prior_volume_ml  # type: ignore[operator]
+            total_current += ch.current_volume_ml  # type: ignore[operator]
+        assert total_current / total_prior - 1.0 == pytest.approx(0.0, abs=0.005)
+
+
+# --------------------------------------------------------------------------- (e) implant
+
+
+def test_implant_flags_metal_on_the_operated_side_only(prior: Scan, implant: Scan, table: LabelTable) -> None:
+    c = _compare(implant, prior)
+    assert c.operated_side == "right"
+    assert implant.profiles.metal_z_mm["right"] is not None and implant.profiles.metal_z_mm["left"] is None
+    assert "right side taken from the left femoral head" in implant.profiles.landmark
+    near = [k for k in implant.phantom.metal_structures if k in _muscles(table)]
+    assert near
+    for key in near:
+        ch = c.change(key, "right")
+        assert ch is not None and ch.compared and FLAG_METAL in ch.flags, key
+        assert ch.change_mean_hu is None and ch.change_fat_fraction is None and ch.change_mass_g is None
+        assert ch.current_mean_hu is None and ch.prior_mass_g is None
+        assert ch.change_ml is not None and "metal" in ch.reason
+    for key in _muscles(table):
+        ch = c.change(key, "left")
+        if ch is None or not ch.compared:
+            continue
+        assert FLAG_METAL not in ch.flags, key
+        assert ch.change_mean_hu is not None and ch.change_mass_g is not None
+        assert abs(ch.change_ratio) < 0.01, (key, ch.change_ratio)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- (f) no landmark
+
+
+def test_femoral_head_cut_means_no_comparison(prior: Scan, table: LabelTable, settings: MeasurementSettings) -> None:
+    cut = _scan(table, settings, scan_seed=16, fov_top_mm=-85.0)
+    assert cut.profiles.landmark_z_mm == {"right": None, "left": None}
+    assert cut.profiles.fov_z_mm == {"right": None, "left": None}
+    c = _compare(cut, prior)
+    assert c.changes
+    for ch in c.changes:
+        assert not ch.compared and ch.change_ml is None and ch.change_ratio is None
+        assert "no landmark" in ch.reason and "current" in ch.reason and "prior" not in ch.reason
+    back = compare_studies(
+        prior.measurements, prior.profiles, cut.measurements, cut.profiles, current_study_date="20240301",
+        prior_study_date="20231001", prior_study_uid="1.2", height_m=HEIGHT_M,
+    )
+    assert all(not ch.compared and "femoral head not in the prior scan's field of view" in ch.reason for ch in back.changes)
+
+
+# --------------------------------------------------------------------------- (g) dates, height, integration
+
+
+def test_interval_and_change_per_height_squared(prior: Scan, atrophied: Scan) -> None:
+    assert interval_days("20240301", "20231001") == 152
+    assert interval_days("", "20231001") is None
+    assert interval_days("20241301", "20231001") is None
+    c = _compare(atrophied, prior)
+    assert c.interval_days == 152 and c.height_m == HEIGHT_M and c.prior_study_uid == "1.2.3.99"
+    ch = c.change("vastus_lateralis", "right")
+    assert ch is not None and ch.change_ml is not None
+    assert ch.change_per_height2_cm3_m2 == pytest.approx(ch.change_ml / HEIGHT_M**2)
+    assert ch.change_mass_g == pytest.approx(ch.current_mass_g - ch.prior_mass_g)  # type: ignore[operator]
+    c2 = compare_studies(
+        dataclasses.replace(atrophied.measurements, height_m=None), atrophied.profiles,
+        dataclasses.replace(prior.measurements, height_m=None), prior.profiles, current_study_date="2024-03-01",
+        prior_study_date="20231001", prior_study_uid="1.2", height_m=None,
+    )
+    assert c2.interval_days is None and c2.height_m is None
+    assert all(ch.change_per_height2_cm3_m2 is None for ch in c2.changes)
+
+
+def _profile(key: str, z: np.ndarray, slice_mm: float, area: float = 100.0, hu: float = 50.0) -> StructureProfile:
+    n = int(area / 10.0)  # 10 mm² pixels
+    return StructureProfile(
+        key=key, side="right", z_mm=tuple(float(v) for v in z), area_mm2=(area,) * len(z), mean_hu=(hu,) * len(z),
+        voxels=(n,) * len(z), fat_voxels=(0,) * len(z), slice_mm=slice_mm,
+    )
+
+
+def _measurements(keys: list[str], table: LabelTable) -> Measurements:
+    structures = tuple(
+        StructureMeasurement(table.by_key(k).id, k, table.by_key(k).name, table.by_key(k).group, "right",
+                             1, 1.0, 0.0, 0.0, 1.0, 0.0)
+        for k in keys
+    )
+    return Measurements(structures, (), (), None, "", "F", "")
+
+
+def test_partial_slices_integrate_the_same_anatomy_at_any_spacing(table: LabelTable) -> None:
+    """A constant 100 mm² cross-section: volume = 100 mm² x the length inside the common range, exactly."""
+    # prior: 4-mm slices covering -200..+40 mm; current: 3-mm slices covering -151..+50 mm
+    z4 = -198.0 + 4.0 * np.arange(60)
+    z3 = -149.5 + 3.0 * np.arange(67)
+    prior = AnatomicalProfiles(
+        LANDMARK, {"right": -70.0, "left": None}, {"right": (-200.0, 40.0), "left": None},
+        (_profile("vastus_lateralis", z4, 4.0), _profile("sartorius", z4[z4 < -170], 4.0)),
+        {"right": None, "left": None},
+    )
+    current = AnatomicalProfiles(
+        LANDMARK, {"right": -72.0, "left": None}, {"right": (-151.0, 50.0), "left": None},
+        (_profile("vastus_lateralis", z3, 3.0, hu=40.0),),
+        {"right": None, "left": None},
+    )
+    keys = ["vastus_lateralis", "sartorius"]
+    c = compare_studies(
+        _measurements(keys, table), current, _measurements(keys, table), prior, current_study_date="20240102",
+        prior_study_date="20240101", prior_study_uid="1.2", height_m=1.6,
+    )
+    vl = c.change("vastus_lateralis", "right")
+    assert vl is not None and vl.compared and vl.common_range_mm == (-151.0, 40.0)
+    assert vl.prior_volume_ml == pytest.approx(100.0 * 191.0 / 1000.0)
+    assert vl.current_volume_ml == pytest.approx(100.0 * 191.0 / 1000.0)
+    assert vl.change_ratio == pytest.approx(0.0, abs=1e-12)
+    assert FLAG_PARTIAL_COMMON_RANGE in vl.flags  # both scans extend beyond the common range
+    assert vl.change_mean_hu == pytest.approx(-10.0)
+    assert vl.prior_mass_g == pytest.approx(100.0 * 191.0 * 1.05 / 1000.0)
+    sa = c.change("sartorius", "right")
+    assert sa is not None and not sa.compared and "not present in the common range" in sa.reason
+    assert "current" in sa.reason and sa.change_ml is None
+    assert c.change("vastus_lateralis", "left") is None  # in neither scan on the left
+    assert "-151..40 mm (right)" in c.method and "nothing on the left (no landmark" in c.method
