@@ -126,6 +126,49 @@ FLAG_CODES: MappingProxyType[str, Code] = MappingProxyType(
 UNKNOWN_FLAG = _private("TN0199", "Other quality flag")
 
 
+# --- Longitudinal comparison with the prior study (dicomout.sr, prior=Comparison) ----
+
+STUDY_INSTANCE_UID = Code("110180", "DCM", "Study Instance UID")
+"""UIDREF of the prior study in the comparison group (CID 10001 "UID Types")."""
+STUDY_DATE = Code("111060", "DCM", "Study Date")
+"""DATE of the prior study in the comparison group."""
+COMPARISON_WITH_PRIOR_DONE = Code("122140", "DCM", "Comparison with Prior Study Done")
+"""Qualitative evaluation (value :data:`YES` / :data:`NO`): per structure and side whether it
+was compared, and in the patient-level group whether any prior study was compared."""
+
+VOLUME_CHANGE = _private("TN0201", "Volume change since prior study")
+VOLUME_CHANGE_RATIO = _private("TN0202", "Volume change since prior study relative to prior volume")
+VOLUME_CHANGE_PER_HEIGHT2 = _private("TN0203", "Volume change since prior study per height squared")
+MASS_CHANGE = _private("TN0204", "Mass change since prior study")
+MEAN_ATTENUATION_CHANGE = _private("TN0205", "Mean attenuation change since prior study")
+FAT_FRACTION_CHANGE = _private("TN0206", "Fat fraction change since prior study")
+PRIOR_VOLUME_COMMON_RANGE = _private("TN0207", "Prior study volume over the common range")
+CURRENT_VOLUME_COMMON_RANGE = _private("TN0208", "Current study volume over the common range")
+COMMON_RANGE_INFERIOR = _private("TN0209", "Inferior limit of the common range from the landmark")
+COMMON_RANGE_SUPERIOR = _private("TN0210", "Superior limit of the common range from the landmark")
+"""Change values over the part of the leg both scans cover (StructureChange, pipeline.types);
+no PS3.16 concept names a change of a measurement between two studies."""
+COMPARISON_INTERVAL = _private("TN0211", "Interval since prior study")
+COMPARISON_METHOD = _private("TN0212", "Comparison method")
+COMPARISON_LANDMARK = _private("TN0213", "Alignment landmark")
+COMPARISON_NOTE = _private("TN0214", "Comparison note")
+"""TEXT: why a structure was not compared, or over which range / with which caveat it was."""
+COMPARISON_FLAG = _private("TN0215", "Comparison quality flag")
+"""Concept name of the qualitative evaluations carrying StructureChange.flags."""
+OPERATED_SIDE = _private("TN0216", "Side with metal in either study")
+"""Qualitative evaluation (value: laterality, CID 244) of Comparison.operated_side."""
+PRIOR_STUDY_SEARCH = _private("TN0217", "Prior study search")
+"""TEXT: where the node looked for a prior study and what it found."""
+
+COMPARISON_FLAG_CODES: MappingProxyType[str, Code] = MappingProxyType(
+    {
+        "partial_common_range": _private("TN0107", "Compared over the common range only"),
+        FLAG_METAL: _private("TN0108", "Metal near the structure in either study: HU values withheld"),
+    }
+)
+"""Value of a comparison-flag evaluation per StructureChange flag (pipeline.compare)."""
+
+
 # --- UCUM units (PS3.16 CID 82 "Units of Measurement") --------------------------------
 
 UNIT_CM3 = Code("cm3", "UCUM", "cubic centimeter")
@@ -135,6 +178,8 @@ UNIT_PERCENT = Code("%", "UCUM", "percent")
 UNIT_M = Code("m", "UCUM", "meter")
 UNIT_CM3_PER_M2 = Code("cm3/m2", "UCUM", "cubic centimeter per square meter")
 UNIT_KG_PER_M2 = Code("kg/m2", "UCUM", "kilogram per square meter")
+UNIT_MM = Code("mm", "UCUM", "millimeter")
+UNIT_DAY = Code("d", "UCUM", "day")
 
 
 def laterality(side: str) -> Code | None:
@@ -147,6 +192,15 @@ def flag_code(flag: str) -> Code:
     code = FLAG_CODES.get(flag)
     if code is None:
         logger.warning("quality flag %r has no code; using %s", flag, UNKNOWN_FLAG.value)
+        return UNKNOWN_FLAG
+    return code
+
+
+def comparison_flag_code(flag: str) -> Code:
+    """Coded value of a comparison flag; unknown flags get :data:`UNKNOWN_FLAG` (logged)."""
+    code = COMPARISON_FLAG_CODES.get(flag)
+    if code is None:
+        logger.warning("comparison flag %r has no code; using %s", flag, UNKNOWN_FLAG.value)
         return UNKNOWN_FLAG
     return code
 

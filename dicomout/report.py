@@ -23,11 +23,21 @@ Layout (A4 portrait):
   flagged cells are tinted (partial field of view: orange, volume prefixed with "≥";
   metal: red; implausible volume: violet); then the methods (density formula, voxel
   size, height source). Long tables continue on further pages.
-* **last page** -- a bar chart of the volume of each muscle, right and left bars side
-  by side (partial structures hatched), and the section "Comparison with prior study":
-  this is where the longitudinal change table (per structure and group: prior value,
-  current value, absolute and % change) and a change chart will go once
-  ``comparison`` is implemented; today it says no comparison is shown.
+* **volume chart page** -- a bar chart of the volume of each muscle, right and left bars
+  side by side (partial structures hatched), and the section "Comparison with prior
+  study": the pages where the comparison is, or (no ``comparison``) "No prior study
+  found" with where the node looked (``prior_search``), or that none was compared.
+* **comparison pages** (only with a ``comparison``, pipeline.types.Comparison) -- prior
+  study date and UID, interval (days), landmark, operated side, height and the method
+  sentence; a table per structure with right and left side by side (the operated side
+  and the contralateral one named in the column titles): prior and current volume over
+  the common range (cm³), change (cm³), change in % of the prior volume and change per
+  height² (cm³/m²); cells tinted and notes for "not compared" (numbered reasons under
+  the table), "partial" (compared over z a..b mm only) and "metal" (HU values withheld).
+  Long tables continue on further pages. Then a page with the group totals (sums over
+  the structures compared on each side, per label group, all muscles, and bone) and two
+  bar charts like the hip-fracture paper's Figures 7 and 8: change per muscle and side in
+  cm³ and in % of the prior volume, not-compared sides omitted, flagged ones hatched.
 
 Orientation: pictures are drawn in the radiological convention (patient right on the
 image left, anterior up on the axial slice, superior up on the coronal reformat). The
@@ -69,10 +79,13 @@ from pipeline.types import (
     GROUP_ALL,
     GROUP_GLUTEAL,
     SIDE_BOTH,
+    Comparison,
     GroupMeasurement,
     Measurements,
     PatientInfo,
+    PriorSearch,
     Segmentation,
+    StructureChange,
     StructureMeasurement,
     Volume,
 )
@@ -97,6 +110,8 @@ OVERLAY_ALPHA = 0.4
 MAX_DISPLAY_PIXELS = 320
 """Pictures are decimated (integer stride) so that neither side exceeds this."""
 STRUCTURE_ROWS_PER_PAGE = 38
+COMPARISON_ROWS_PER_PAGE = 30
+"""Rows of the change table per page (the first page also holds the comparison's header)."""
 
 _A4_INCHES = (8.27, 11.69)
 _THIGH_MUSCLE_GROUPS = ("anterior", "medial", "posterior")
@@ -149,6 +164,17 @@ _RIGHT_COLOR = "#3b6fb6"
 _LEFT_COLOR = "#e08a2c"
 _SEX_WORDS = {"F": "female", "M": "male", "O": "other"}
 _DASH = "—"
+_MINUS = "−"
+_FLAG_PARTIAL_COMMON_RANGE = "partial_common_range"
+"""StructureChange flag (pipeline.compare.FLAG_PARTIAL_COMMON_RANGE): compared over the common range only."""
+_LABEL_GROUP_TITLES = {  # label table groups (config/labels.toml)
+    "gluteal": "Gluteal",
+    "anterior": "Anterior thigh",
+    "medial": "Medial thigh",
+    "posterior": "Posterior thigh",
+    "other": "Other",
+    "bone": "Bone",
+}
 
 
 class ReportError(OutputError):
@@ -818,7 +844,15 @@ def _structure_page(fig: Any, top: float, rows: list[list[_Cell]], continued: bo
         y -= 0.0135
 
 
-def _chart_page(fig: Any, top: float, measurements: Measurements, labels: LabelTable, comparison: object | None) -> None:
+def _chart_page(
+    fig: Any,
+    top: float,
+    measurements: Measurements,
+    labels: LabelTable,
+    comparison: Comparison | None,
+    prior_search: PriorSearch | None,
+    comparison_pages: str,
+) -> None:
     fig.text(0.06, top, "Muscle volumes by side", fontsize=10, fontweight="bold", va="top")
     muscle_keys = [k for k in _structure_order(measurements, labels) if k not in {l.key for l in labels.labels if l.is_bone}]
     names, right_v, left_v, right_p, left_p = [], [], [], [], []
@@ -864,14 +898,355 @@ def _chart_page(fig: Any, top: float, measurements: Measurements, labels: LabelT
         ax.text(0.5, 0.5, "No muscle volumes to chart.", ha="center", va="center")
     y_text = chart_bottom - 0.05
     fig.text(0.06, y_text, "Comparison with prior study", fontsize=10, fontweight="bold", va="top")
-    # The longitudinal comparison (a prior study of the same patient) will be drawn here:
-    # a change table per structure and group (prior, current, change in cm³ and %), then a
-    # chart of the % change per muscle and side.
-    if comparison is None:
-        text = "No prior study was compared in this report."
+    y_text -= 0.022
+    if comparison is not None:
+        lines = [
+            f"Compared with the prior study of {_format_date(comparison.prior_study_date)}"
+            + (f" ({comparison.interval_days} days earlier)" if comparison.interval_days is not None else "")
+            + f": see {comparison_pages}.",
+        ]
+    elif prior_search is not None:
+        lines = _prior_search_lines(prior_search)
     else:
-        text = "A prior study was supplied, but this report version does not yet show the comparison."
-    fig.text(0.07, y_text - 0.022, text, fontsize=8, va="top")
+        lines = ["No prior study was compared in this report."]
+    for i, line in enumerate(lines):
+        style = {"fontweight": "bold"} if i == 0 else {}
+        y_text = _wrapped_text(fig, 0.07, y_text, line, width=140, line_step=0.0135, fontsize=8, **style)
+
+# ---------------------------------------------------------------------------
+# Longitudinal comparison (Comparison, pipeline/compare.py)
+
+
+@dataclass(frozen=True)
+class _ComparisonTable:
+    """The rows of the per-structure change table and the notes printed under it."""
+
+    rows: list[list[_Cell]]
+    notes: list[str]
+
+
+def _signed(value: float | None, digits: int) -> str:
+    """``+1.2`` / ``−3.4`` (typographic minus) or a dash."""
+    if value is None or not math.isfinite(value):
+        return _DASH
+    return f"{value:+.{digits}f}".replace("-", _MINUS)
+
+
+def _range_text(rng: tuple[float, float] | None) -> str:
+    if rng is None:
+        return "?"
+    return f"{rng[0]:.0f}..{rng[1]:.0f}".replace("-", _MINUS)
+
+
+def _side_titles(operated: str) -> dict[str, str]:
+    """Column titles of the right and left sides, the operated one marked."""
+    titles = {"right": "Right", "left": "Left"}
+    if operated in ("right", "left"):
+        other = "left" if operated == "right" else "right"
+        titles[operated] += " (operated side)"
+        titles[other] += " (contralateral)"
+    elif operated == SIDE_BOTH:
+        titles = {side: title + " (operated side)" for side, title in titles.items()}
+    return titles
+
+
+def _change_order(comparison: Comparison, labels: LabelTable) -> list[str]:
+    """Structure keys of the comparison in label table order (unknown keys last, sorted)."""
+    present = {c.key for c in comparison.changes}
+    order = [k for k in labels.keys() if k in present]
+    return order + sorted(present - set(order))
+
+
+def _change_tint(c: StructureChange | None) -> str | None:
+    if c is None:
+        return None
+    if not c.compared:
+        return _FLAG_TINT[FLAG_EMPTY]
+    if FLAG_METAL in c.flags:
+        return _FLAG_TINT[FLAG_METAL]
+    if _FLAG_PARTIAL_COMMON_RANGE in c.flags:
+        return _FLAG_TINT[FLAG_PARTIAL_TOP]
+    return None
+
+
+def _comparison_table(comparison: Comparison, labels: LabelTable) -> _ComparisonTable:
+    """One row per structure, right and left side by side; reasons for "not compared" become
+    numbered notes, the partial ranges and the metal caveat notes under the table."""
+    colours = {label.key: label.color for label in labels.labels}
+    reasons: dict[str, int] = {}
+    partial_ranges: dict[str, set[tuple[float, float] | None]] = {"right": set(), "left": set()}
+    metal = False
+    rows: list[list[_Cell]] = []
+    for key in _change_order(comparison, labels):
+        by_side = {side: comparison.change(key, side) for side in ("right", "left")}
+        any_c = by_side["right"] or by_side["left"]
+        row = [_Cell(any_c.name if any_c is not None else key, align="left", swatch=colours.get(key))]
+        notes: dict[str, str] = {}
+        for side in ("right", "left"):
+            c = by_side[side]
+            tint = _change_tint(c)
+            if c is None or not c.compared:
+                row += [_Cell(_DASH, tint=tint)] * 5
+                if c is not None:
+                    number = reasons.setdefault(c.reason or "no reason given", len(reasons) + 1)
+                    notes[side] = f"not compared [{number}]"
+                continue
+            row += [
+                _Cell(_num(c.prior_volume_ml, 1), tint=tint),
+                _Cell(_num(c.current_volume_ml, 1), tint=tint),
+                _Cell(_signed(c.change_ml, 1), tint=tint, bold=True),
+                _Cell(_signed(None if c.change_ratio is None else 100.0 * c.change_ratio, 1), tint=tint),
+                _Cell(_signed(c.change_per_height2_cm3_m2, 1), tint=tint),
+            ]
+            words = []
+            if _FLAG_PARTIAL_COMMON_RANGE in c.flags:
+                words.append("partial")
+                partial_ranges[side].add(c.common_range_mm)
+            if FLAG_METAL in c.flags:
+                words.append("metal")
+                metal = True
+            words += [_FLAG_SHORT.get(f, f) for f in c.flags if f not in (_FLAG_PARTIAL_COMMON_RANGE, FLAG_METAL)]
+            if words:
+                notes[side] = ", ".join(words)
+        if set(notes) == {"right", "left"} and notes["right"] == notes["left"]:
+            text = f"R+L: {notes['right']}"
+        else:
+            text = "; ".join(f"{side[0].upper()}: {note}" for side, note in notes.items())
+        row.append(_Cell(text, align="left"))
+        rows.append(row)
+    lines = [f"[{n}] not compared: {reason}" for reason, n in reasons.items()]
+    for side in ("right", "left"):
+        for rng in sorted(partial_ranges[side], key=lambda r: r or (0.0, 0.0)):
+            lines.append(
+                f"partial ({side}): compared over z {_range_text(rng)} mm only (from the landmark); the structure "
+                "extends beyond the range both scans cover, and what lies outside is not compared."
+            )
+    if metal:
+        lines.append(
+            "metal: HU values withheld (mean HU, fat fraction and mass changes are not given); "
+            "the volume change may be affected by the metal artefact."
+        )
+    return _ComparisonTable(rows=rows, notes=lines)
+
+
+def _group_change_rows(comparison: Comparison, labels: LabelTable) -> list[list[_Cell]]:
+    """Sums over the compared structures of each label group and side (and all muscles)."""
+    bone_groups = {label.group for label in labels.labels if label.is_bone}
+    label_groups = [g for g in dict.fromkeys(label.group for label in labels.labels) if g not in bone_groups]
+    label_groups += sorted({c.group for c in comparison.changes} - set(label_groups) - bone_groups)
+    h2 = comparison.height_m**2 if comparison.height_m else None
+    selections = [(g, _LABEL_GROUP_TITLES.get(g, g.replace("_", " ").capitalize()), {g}) for g in label_groups]
+    selections.append(("all", "All muscles", set(label_groups)))
+    selections += [(g, _LABEL_GROUP_TITLES.get(g, g.capitalize()), {g}) for g in sorted(bone_groups)]
+    rows: list[list[_Cell]] = []
+    for _, title, members in selections:
+        entries = [c for c in comparison.changes if c.group in members]
+        if not entries:
+            continue
+        row = [_Cell(title, align="left", bold=title == "All muscles")]
+        counts = []
+        for side in ("right", "left"):
+            on_side = [c for c in entries if c.side == side]
+            used = [c for c in on_side if c.compared and c.prior_volume_ml is not None and c.current_volume_ml is not None]
+            counts.append(f"{side[0].upper()} {len(used)}/{len(on_side)}")
+            if not used:
+                row += [_Cell(_DASH)] * 5
+                continue
+            prior = sum(c.prior_volume_ml for c in used)  # type: ignore[misc]
+            current = sum(c.current_volume_ml for c in used)  # type: ignore[misc]
+            change = current - prior
+            flagged = any(c.flags for c in used)
+            tint = _FLAG_TINT[FLAG_PARTIAL_TOP] if flagged else None
+            row += [
+                _Cell(_num(prior, 1), tint=tint),
+                _Cell(_num(current, 1), tint=tint),
+                _Cell(_signed(change, 1), tint=tint, bold=True),
+                _Cell(_signed(100.0 * change / prior if prior > 0 else None, 1), tint=tint),
+                _Cell(_signed(change / h2 if h2 else None, 1), tint=tint),
+            ]
+        row.append(_Cell(", ".join(counts) + " compared", align="left"))
+        rows.append(row)
+    return rows
+
+
+_CHANGE_HEADER = ["prior", "current", "Δ cm³", "Δ %", "Δ/h²"]
+
+
+def _change_table(ax: Any, first: str, rows: list[list[_Cell]], titles: dict[str, str], n_lines: int, notes: str) -> None:
+    _draw_table(
+        ax,
+        [first, *_CHANGE_HEADER, *_CHANGE_HEADER, notes],
+        rows,
+        [0.15, *([0.058, 0.062, 0.06, 0.05, 0.05] * 2), 0.29],
+        row_height=1.0 / n_lines,
+        font_size=6.6,
+        top_spans=((1, 5, titles["right"]), (6, 10, titles["left"])),
+    )
+
+
+def _comparison_intro(fig: Any, y: float, comparison: Comparison) -> float:
+    days = comparison.interval_days
+    interval = _DASH if days is None else f"{days} days" + (f" ({days / 30.44:.1f} months)" if abs(days) >= 60 else "")
+    operated = {
+        "right": "right (metal in either scan); the contralateral left is shown beside it",
+        "left": "left (metal in either scan); the contralateral right is shown beside it",
+        SIDE_BOTH: "both sides (metal on both sides in either scan)",
+    }.get(comparison.operated_side, "none (no metal found in either scan)")
+    height = f"{comparison.height_m:.2f} m" if comparison.height_m else "unknown (no change per height²)"
+    items = [
+        ("Prior study", f"{_format_date(comparison.prior_study_date)}   (StudyInstanceUID {comparison.prior_study_uid})"),
+        ("Current study", _format_date(comparison.current_study_date)),
+        ("Interval", interval),
+        ("Landmark", comparison.landmark or _DASH),
+        ("Operated side", operated),
+        ("Height", height),
+    ]
+    for key, value in items:
+        fig.text(0.06, y, f"{key}:", fontsize=7.5, color="#444444", va="top")
+        fig.text(0.17, y, value, fontsize=7.5, va="top", fontweight="bold" if key == "Interval" else "normal")
+        y -= 0.0128
+    fig.text(0.06, y, "Method:", fontsize=7.5, color="#444444", va="top")
+    y = _wrapped_text(fig, 0.17, y, comparison.method or _DASH, width=112, line_step=0.0125, fontsize=7.5)
+    y = _wrapped_text(
+        fig, 0.06, y - 0.003,
+        "Volumes (cm³) over the common range of the leg both scans cover, not over each whole scan; "
+        "Δ = current − prior, Δ % of the prior volume, Δ/h² = Δ cm³ / height² (cm³/m²). Changes of mean HU, "
+        "mass and fat fraction are in the structured report (SR).",
+        width=150, line_step=0.0122, fontsize=7, color="#444444",
+    )
+    return y - 0.004
+
+
+def _comparison_table_page(
+    fig: Any, top: float, comparison: Comparison, rows: list[list[_Cell]], notes: list[str], *, continued: bool, last: bool
+) -> None:
+    from matplotlib.patches import Rectangle
+
+    fig.text(0.06, top, "Comparison with prior study" + (" — continued" if continued else ""),
+             fontsize=10, fontweight="bold", va="top")
+    y = top - 0.022
+    if not continued:
+        y = _comparison_intro(fig, y, comparison)
+    row_h_fig = 0.0152
+    n_lines = len(rows) + 2
+    ax = _content_axes(fig, y - row_h_fig * n_lines, y)
+    if rows:
+        _change_table(ax, "Structure", rows, _side_titles(comparison.operated_side), n_lines, "Notes")
+    else:
+        ax.text(0, 0.9, "The comparison holds no structure.", fontsize=8, va="top")
+    y -= row_h_fig * n_lines + 0.012
+    if not last:
+        return
+    for colour, text in (
+        (_FLAG_TINT[FLAG_PARTIAL_TOP], "partial: compared over the common range only"),
+        (_FLAG_TINT[FLAG_METAL], "metal nearby: HU values withheld"),
+        (_FLAG_TINT[FLAG_EMPTY], "not compared"),
+    ):
+        fig.add_artist(Rectangle((0.06, y - 0.009), 0.018, 0.009, transform=fig.transFigure, facecolor=colour,
+                                 edgecolor="#777777", lw=0.3))
+        fig.text(0.084, y - 0.0045, text, fontsize=7, va="center")
+        y -= 0.013
+    y -= 0.006
+    for line in notes:
+        y = _wrapped_text(fig, 0.06, y, line, width=150, line_step=0.0122, fontsize=7)
+
+
+def _change_bars(
+    ax: Any, names: list[str], values: dict[str, list[float | None]], flagged: dict[str, list[bool]],
+    titles: dict[str, str], xlabel: str, *, show_names: bool,
+) -> None:
+    """Horizontal change bars per muscle, right and left side by side (like the paper's
+    Figures 7 and 8); a side that was not compared has no bar, a flagged one is hatched."""
+    from matplotlib.ticker import MaxNLocator
+
+    y = np.arange(len(names), dtype=float)
+    h = 0.38
+    for side, offset, colour in (("right", -h / 2, _RIGHT_COLOR), ("left", h / 2, _LEFT_COLOR)):
+        shown = [i for i, v in enumerate(values[side]) if v is not None]
+        bars = ax.barh(y[shown] + offset, [values[side][i] for i in shown], height=h, color=colour, label=titles[side])
+        for bar, i in zip(bars, shown):
+            if flagged[side][i]:
+                bar.set_hatch("////")
+                bar.set_edgecolor("black")
+    ax.axvline(0.0, color="#444444", lw=0.6)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
+    ax.set_yticks(y, names if show_names else [""] * len(names))
+    ax.set_ylim(len(names) - 0.5, -0.5)
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", color="#dddddd", lw=0.5)
+    ax.set_axisbelow(True)
+    for spine in ("top", "right"):
+        ax.spines[spine].set_visible(False)
+
+
+def _comparison_chart_page(fig: Any, top: float, comparison: Comparison, labels: LabelTable) -> None:
+    from matplotlib.patches import Patch
+
+    fig.text(0.06, top, "Comparison with prior study — group totals and change per muscle", fontsize=10,
+             fontweight="bold", va="top")
+    titles = _side_titles(comparison.operated_side)
+    group_rows = _group_change_rows(comparison, labels)
+    row_h_fig = 0.0152
+    n_lines = len(group_rows) + 2
+    table_top = top - 0.022
+    ax = _content_axes(fig, table_top - row_h_fig * n_lines, table_top)
+    if group_rows:
+        _change_table(ax, "Group", group_rows, titles, n_lines, "Structures compared")
+    y = table_top - row_h_fig * n_lines - 0.01
+    y = _wrapped_text(
+        fig, 0.06, y,
+        "Group totals add up the structures compared on that side (flagged ones included, tinted); a structure "
+        "not compared on a side is left out of that side's total.",
+        width=150, line_step=0.0122, fontsize=7, color="#444444",
+    )
+    bone = {label.key for label in labels.labels if label.is_bone}
+    names: list[str] = []
+    change: dict[str, list[float | None]] = {"right": [], "left": []}
+    ratio: dict[str, list[float | None]] = {"right": [], "left": []}
+    flagged: dict[str, list[bool]] = {"right": [], "left": []}
+    for key in _change_order(comparison, labels):
+        if key in bone:
+            continue
+        by_side = {side: comparison.change(key, side) for side in ("right", "left")}
+        usable = {side: c if c is not None and c.compared and c.change_ml is not None else None for side, c in by_side.items()}
+        if not any(usable.values()):
+            continue
+        names.append(next(c for c in usable.values() if c is not None).name)
+        for side, c in usable.items():
+            change[side].append(c.change_ml if c is not None else None)
+            ratio[side].append(100.0 * c.change_ratio if c is not None and c.change_ratio is not None else None)
+            flagged[side].append(bool(c is not None and c.flags))
+    chart_top, chart_bottom = y - 0.035, 0.105
+    if not names:
+        fig.text(0.06, chart_top, "No muscle was compared on either side: no change chart.", fontsize=8, va="top")
+        return
+    fig.text(0.06, y - 0.008, "Change per muscle and side (not compared: omitted; flagged: hatched)",
+             fontsize=9, fontweight="bold", va="top")
+    left_ax = fig.add_axes((0.25, chart_bottom, 0.33, chart_top - chart_bottom))
+    right_ax = fig.add_axes((0.62, chart_bottom, 0.32, chart_top - chart_bottom))
+    _change_bars(left_ax, names, change, flagged, titles, "Volume change (cm³)", show_names=True)
+    _change_bars(right_ax, names, ratio, flagged, titles, "Volume change (% of prior volume)", show_names=False)
+    left_ax.set_title("Change in cm³", fontsize=8)
+    right_ax.set_title("Change in % of the prior volume", fontsize=8)
+    handles, texts = left_ax.get_legend_handles_labels()
+    if any(any(f) for f in flagged.values()):
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="////"))
+        texts.append("flagged (partial or metal)")
+    fig.legend(handles, texts, loc="lower center", ncol=len(handles), frameon=False, bbox_to_anchor=(0.5, 0.03))
+
+
+def _prior_search_lines(search: PriorSearch) -> list[str]:
+    """The "No prior study found" section (no comparison in this report)."""
+    where = "; ".join(search.looked_in) or "nowhere (no source configured)"
+    head = (
+        f"Prior study {search.prior_study_uid or ''} was found but not compared.".replace("  ", " ")
+        if search.found
+        else "No prior study found."
+    )
+    lines = [head, f"Looked in: {where}."]
+    if search.message:
+        lines.append(search.message)
+    return lines
 
 
 def render_report(
@@ -881,31 +1256,48 @@ def render_report(
     patient: PatientInfo,
     *,
     study: ReportHeader,
-    comparison: object | None = None,
+    comparison: Comparison | None = None,
+    prior_search: PriorSearch | None = None,
 ) -> bytes:
     """Render the report (layout in the module docstring) and return the PDF bytes.
 
-    ``comparison`` is the hook for the longitudinal report (a prior study): ``None``
-    today; anything else is noted on the last page as not shown yet.
+    ``comparison`` (the current study against the patient's prior study) adds the
+    "Comparison with prior study" pages; without one, ``prior_search`` (where the node
+    looked) is reported on the last page as "No prior study found".
 
     Raises:
-        ReportError: the segmentation is not on the volume's grid, or the geometry
-            cannot be oriented.
+        ReportError: the segmentation is not on the volume's grid, the geometry cannot
+            be oriented, or ``comparison`` / ``prior_search`` is not of its type.
     """
     from matplotlib import rc_context
     from matplotlib.backends.backend_pdf import PdfPages
     from matplotlib.figure import Figure
 
     started = time.perf_counter()
-    if comparison is not None:
-        LOGGER.warning("render_report: a comparison was given but the report does not show comparisons yet")
+    if comparison is not None and not isinstance(comparison, Comparison):
+        raise ReportError(
+            f"comparison is a {type(comparison).__name__}; allowed: pipeline.types.Comparison or None"
+        )
+    if prior_search is not None and not isinstance(prior_search, PriorSearch):
+        raise ReportError(
+            f"prior_search is a {type(prior_search).__name__}; allowed: pipeline.types.PriorSearch or None"
+        )
     labels = segmentation.labels
     axial = axial_overlay_rgb(volume, segmentation)
     coronal = coronal_overlay_rgb(volume, segmentation)
     keys = _structure_order(measurements, labels)
     all_rows = _structure_rows(measurements, labels, keys)
     chunks = [all_rows[i:i + STRUCTURE_ROWS_PER_PAGE] for i in range(0, len(all_rows), STRUCTURE_ROWS_PER_PAGE)] or [[]]
-    pages = 1 + len(chunks) + 1
+    cmp_chunks: list[list[list[_Cell]]] = []
+    cmp_notes: list[str] = []
+    if comparison is not None:
+        table = _comparison_table(comparison, labels)
+        cmp_notes = table.notes
+        n = COMPARISON_ROWS_PER_PAGE
+        cmp_chunks = [table.rows[i:i + n] for i in range(0, len(table.rows), n)] or [[]]
+    chart_page = 1 + len(chunks) + 1
+    pages = chart_page + (len(cmp_chunks) + 1 if comparison is not None else 0)
+    comparison_pages = f"pages {chart_page + 1}–{pages}"
     model_name = study.model_name or segmentation.model_name
     model_version = study.model_version or segmentation.model_version
     frame = {
@@ -933,8 +1325,20 @@ def render_report(
                 pdf.savefig(fig, dpi=150)
             fig = Figure(figsize=_A4_INCHES)
             top = _draw_page_frame(fig, page=pages, **frame)
-            _chart_page(fig, top, measurements, labels, comparison)
+            _chart_page(fig, top, measurements, labels, comparison, prior_search, comparison_pages)
             pdf.savefig(fig, dpi=150)
+            if comparison is not None:
+                for i, chunk in enumerate(cmp_chunks):
+                    fig = Figure(figsize=_A4_INCHES)
+                    top = _draw_page_frame(fig, page=chart_page + 1 + i, **frame)
+                    _comparison_table_page(
+                        fig, top, comparison, chunk, cmp_notes, continued=i > 0, last=i == len(cmp_chunks) - 1
+                    )
+                    pdf.savefig(fig, dpi=150)
+                fig = Figure(figsize=_A4_INCHES)
+                top = _draw_page_frame(fig, page=pages, **frame)
+                _comparison_chart_page(fig, top, comparison, labels)
+                pdf.savefig(fig, dpi=150)
     data = buffer.getvalue()
     LOGGER.info(
         "report rendered: study %s, %d pages, %d structures, %d bytes in %.2f s",

@@ -30,15 +30,38 @@ Measurement Report" (PS3.16 TID 1500):
 Coded concepts are in :mod:`dicomout.codes`; private ones use the coding scheme
 "99THIGHNODE", declared in CodingSchemeIdentificationSequence.
 
-Longitudinal comparison (``prior``): not implemented yet. It will add, per structure
-group, a TID 1502 Time Point Context and, in the patient group, derived measurements of
-the change against the prior study (TID 1500 row "Derived imaging measurements"), and the
-prior SR in the evidence (PertinentOtherEvidenceSequence). Until then a ``prior`` is refused.
+Longitudinal comparison (``prior``, a :class:`pipeline.types.Comparison`):
+
+* in each structure/side group with a :class:`pipeline.types.StructureChange`, the values
+  over the common range of the leg both scans cover, as further TID 300 measurements:
+  prior and current volume (cm3), volume change (cm3), volume change relative to the prior
+  volume (%), volume change per height² (cm3/m2), mass change (g), mean attenuation change
+  (HU), fat fraction change (percentage points, unit %), and the common range's inferior and
+  superior limits relative to the landmark (mm); a value that is None (not compared, or
+  HU-based values withheld because of metal) is left out. DCM 122140 "Comparison with Prior
+  Study Done" = Yes / No says whether the structure was compared; each StructureChange flag
+  is a qualitative evaluation "Comparison quality flag"; the reason (why not compared, over
+  which range, which caveat) is a TEXT "Comparison note". A change for a structure with no
+  group of its own (e.g. found only in the prior study) gets a TID 1501 group;
+* a TID 1501 group, tracking identifier :data:`PRIOR_COMPARISON_ID`, that identifies the
+  prior study: UIDREF DCM 110180 "Study Instance UID", DATE DCM 111060 "Study Date", the
+  interval in days (UCUM "d"), the alignment landmark and the method sentence as TEXT, the
+  operated side (laterality, CID 244) when there is one;
+* in the patient-level group, DCM 122140 "Comparison with Prior Study Done" = Yes.
+
+No prior (``prior_search`` with ``found`` False): the patient-level group gets DCM 122140 =
+No and a TEXT "Prior study search" that begins "No prior study found" and names where the
+node looked and the search's message.
+
+The prior study's instances are not in the evidence (PertinentOtherEvidenceSequence needs
+series and SOP Instance UIDs, which a Comparison does not carry); the prior study is
+referenced by its StudyInstanceUID only.
 """
 
 from __future__ import annotations
 
 import logging
+import datetime
 import math
 import time
 from collections.abc import Sequence
@@ -47,19 +70,32 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as pydicom_codes
 from pydicom.sr.coding import Code
+from pydicom.uid import RE_VALID_UID
 
 from dicomout import codes
 from dicomout.seg import BuildError, SourceInput, order_sources, segment_map, structure_code
 from dicomout.uids import SR_SERIES, device_observer_uid, output_uid, tracking_uid
 from pipeline.errors import LabelTableError
 from pipeline.labels import LabelTable
-from pipeline.types import GroupMeasurement, Measurements, QualityFlag, SIDE_BOTH, StructureMeasurement, Volume
+from pipeline.types import (
+    SIDE_BOTH,
+    Comparison,
+    GroupMeasurement,
+    Measurements,
+    PriorSearch,
+    QualityFlag,
+    StructureChange,
+    StructureMeasurement,
+    Volume,
+)
 
 logger = logging.getLogger(__name__)
 
 DEVICE_OBSERVER_NAME = "thighnode"
 PATIENT_TOTALS_ID = "patient totals"
 """Tracking Identifier of the patient-level measurement group."""
+PRIOR_COMPARISON_ID = "prior study comparison"
+"""Tracking Identifier of the group that identifies the prior study of the comparison."""
 
 _GROUP_SIDES = ("right", "left", SIDE_BOTH)
 
@@ -166,9 +202,15 @@ def _check_groups(measurements: Measurements) -> None:
 
 
 def _patient_group(
-    measurements: Measurements, sr_instance_uid: str, algorithm: hd.sr.AlgorithmIdentification
+    measurements: Measurements,
+    sr_instance_uid: str,
+    algorithm: hd.sr.AlgorithmIdentification,
+    *,
+    prior: Comparison | None = None,
+    prior_search: PriorSearch | None = None,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group with the muscle totals, height, sarcopenia assessment and study flags."""
+    """TID 1501 group with the muscle totals, height, sarcopenia assessment and study flags,
+    and whether a prior study was compared (DCM 122140; when not, the search as TEXT)."""
     items: list[hd.sr.Measurement] = []
     for g in measurements.groups:
         items.extend(_group_measurements(g))
@@ -208,6 +250,11 @@ def _patient_group(
             continue
         evaluations.append(hd.sr.QualitativeEvaluation(codes.QUALITY_CONTROL, codes.flag_code(flag.code)))
         texts.append((codes.COMMENT, flag.message))
+    if prior is not None:
+        evaluations.append(hd.sr.QualitativeEvaluation(codes.COMPARISON_WITH_PRIOR_DONE, codes.YES))
+    elif prior_search is not None:
+        evaluations.append(hd.sr.QualitativeEvaluation(codes.COMPARISON_WITH_PRIOR_DONE, codes.NO))
+        texts.append((codes.PRIOR_STUDY_SEARCH, _search_text(prior_search)))
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=tracking_uid(sr_instance_uid, "patient_totals", SIDE_BOTH), identifier=PATIENT_TOTALS_ID
@@ -219,6 +266,154 @@ def _patient_group(
     )
     _add_texts(group, texts)
     return group
+
+
+def _change_num(name: Code, value: float | None, unit: Code) -> list[hd.sr.Measurement]:
+    """A TID 300 measurement of a comparison value; nothing when it is None or not finite
+    (a value withheld by the comparison: its reason is in the group's comparison note)."""
+    if value is None or not math.isfinite(float(value)):
+        return []
+    return [hd.sr.Measurement(name=name, value=float(value), unit=unit)]
+
+
+def _percent(fraction: float | None) -> float | None:
+    return None if fraction is None else 100.0 * fraction
+
+
+def _change_items(
+    c: StructureChange,
+) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation], list[tuple[Code, str]]]:
+    """The comparison content of one structure/side group: change measurements (TID 300),
+    "Comparison with Prior Study Done" and the comparison flags (qualitative evaluations),
+    and the comparison note (TEXT)."""
+    lo, hi = c.common_range_mm if c.common_range_mm is not None else (None, None)
+    measurements = [
+        *_change_num(codes.PRIOR_VOLUME_COMMON_RANGE, c.prior_volume_ml, codes.UNIT_CM3),
+        *_change_num(codes.CURRENT_VOLUME_COMMON_RANGE, c.current_volume_ml, codes.UNIT_CM3),
+        *_change_num(codes.VOLUME_CHANGE, c.change_ml, codes.UNIT_CM3),
+        *_change_num(codes.VOLUME_CHANGE_RATIO, _percent(c.change_ratio), codes.UNIT_PERCENT),
+        *_change_num(codes.VOLUME_CHANGE_PER_HEIGHT2, c.change_per_height2_cm3_m2, codes.UNIT_CM3_PER_M2),
+        *_change_num(codes.MASS_CHANGE, c.change_mass_g, codes.UNIT_G),
+        *_change_num(codes.MEAN_ATTENUATION_CHANGE, c.change_mean_hu, codes.UNIT_HU),
+        *_change_num(codes.FAT_FRACTION_CHANGE, _percent(c.change_fat_fraction), codes.UNIT_PERCENT),
+        *_change_num(codes.COMMON_RANGE_INFERIOR, lo, codes.UNIT_MM),
+        *_change_num(codes.COMMON_RANGE_SUPERIOR, hi, codes.UNIT_MM),
+    ]
+    evaluations = [
+        hd.sr.QualitativeEvaluation(codes.COMPARISON_WITH_PRIOR_DONE, codes.YES if c.compared else codes.NO),
+        *(hd.sr.QualitativeEvaluation(codes.COMPARISON_FLAG, codes.comparison_flag_code(f)) for f in c.flags),
+    ]
+    note = c.reason or ("compared" if c.compared else "not compared (no reason given)")
+    return measurements, evaluations, [(codes.COMPARISON_NOTE, note)]
+
+
+def _change_only_group(
+    c: StructureChange, labels: LabelTable, sr_instance_uid: str, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group for a compared structure/side that has no measurement in this study
+    (e.g. found only in the prior study): its comparison content only."""
+    try:
+        finding = structure_code(labels.by_key(c.key))
+    except LabelTableError as exc:
+        raise BuildError(f"compared structure {c.key!r} ({c.side}) is not in the label table: {exc}") from exc
+    measurements, evaluations, texts = _change_items(c)
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid(sr_instance_uid, c.key, c.side), identifier=f"{c.key} {c.side}"
+        ),
+        finding_type=finding,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=finding, laterality=codes.laterality(c.side))],
+        algorithm_id=algorithm,
+        measurements=measurements or None,
+        qualitative_evaluations=evaluations,
+    )
+    _add_texts(group, texts)
+    return group
+
+
+def _check_prior(prior: object | None, prior_search: object | None, volume: Volume) -> None:
+    """Validate the comparison inputs once, at the builder's edge."""
+    if prior is not None and not isinstance(prior, Comparison):
+        raise BuildError(
+            f"the prior comparison is a {type(prior).__name__}; allowed: pipeline.types.Comparison or None"
+        )
+    if prior_search is not None and not isinstance(prior_search, PriorSearch):
+        raise BuildError(
+            f"prior_search is a {type(prior_search).__name__}; allowed: pipeline.types.PriorSearch or None"
+        )
+    if prior is None:
+        return
+    uid = prior.prior_study_uid
+    if len(uid) > 64 or not RE_VALID_UID.match(uid):
+        raise BuildError(
+            f"Comparison.prior_study_uid {uid!r} is not a valid UID; allowed: dot-separated numbers without "
+            "leading zeros, at most 64 characters (PS3.5 9.1)"
+        )
+    if uid == volume.study_instance_uid:
+        raise BuildError(f"Comparison.prior_study_uid {uid} is the current study's StudyInstanceUID; allowed: another study")
+    if prior_search is not None and not prior_search.found:
+        raise BuildError(
+            f"a comparison with prior study {uid} was given, but prior_search says no prior was found "
+            f"({prior_search.message!r}); allowed: prior_search.found True, or no comparison"
+        )
+    seen: set[tuple[str, str]] = set()
+    for c in prior.changes:
+        if c.side not in ("right", "left"):
+            raise BuildError(f"StructureChange {c.key} side {c.side!r} is not allowed; allowed: ('right', 'left')")
+        if (c.key, c.side) in seen:
+            raise BuildError(f"StructureChange {c.key} {c.side} appears twice in the comparison; allowed: once")
+        seen.add((c.key, c.side))
+
+
+def _prior_group(
+    prior: Comparison, sr_instance_uid: str, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group identifying the prior study: UIDREF Study Instance UID, DATE Study Date,
+    the interval in days, the operated side, the landmark and the method (TEXT)."""
+    items = _change_num(codes.COMPARISON_INTERVAL, prior.interval_days, codes.UNIT_DAY)
+    side = codes.laterality(prior.operated_side)
+    evaluations = [hd.sr.QualitativeEvaluation(codes.OPERATED_SIDE, side)] if side is not None else []
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid(sr_instance_uid, "prior_comparison", SIDE_BOTH), identifier=PRIOR_COMPARISON_ID
+        ),
+        finding_type=codes.SKELETAL_MUSCLE,
+        algorithm_id=algorithm,
+        measurements=items or None,
+        qualitative_evaluations=evaluations or None,
+    )
+    container = group[0]
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    container.ContentSequence.append(
+        hd.sr.UIDRefContentItem(name=codes.STUDY_INSTANCE_UID, value=prior.prior_study_uid, relationship_type=contains)
+    )
+    date = _study_date(prior.prior_study_date)
+    if date is not None:
+        container.ContentSequence.append(
+            hd.sr.DateContentItem(name=codes.STUDY_DATE, value=date, relationship_type=contains)
+        )
+    _add_texts(group, [(codes.COMPARISON_LANDMARK, prior.landmark), (codes.COMPARISON_METHOD, prior.method)])
+    return group
+
+
+def _study_date(da: str) -> datetime.date | None:
+    """A DICOM DA (YYYYMMDD) as a date; None (logged) when empty or invalid."""
+    try:
+        return datetime.datetime.strptime(da.strip(), "%Y%m%d").date()
+    except (ValueError, AttributeError):
+        logger.warning("SR: prior StudyDate %r is not a DICOM DA (YYYYMMDD); Study Date left out", da)
+        return None
+
+
+def _search_text(search: PriorSearch) -> str:
+    """The patient-level TEXT on the prior study search (no comparison given)."""
+    where = "; ".join(search.looked_in) or "nowhere (no source configured)"
+    if search.found:
+        head = f"Prior study {search.prior_study_uid or '(UID unknown)'} found but not compared"
+    else:
+        head = "No prior study found"
+    text = f"{head}. Looked in: {where}."
+    return f"{text} {search.message}" if search.message else text
 
 
 def _model_of(seg_dataset: Dataset) -> tuple[str, str]:
@@ -240,7 +435,8 @@ def build_sr(
     *,
     volume: Volume,
     labels: LabelTable,
-    prior: object | None = None,
+    prior: Comparison | None = None,
+    prior_search: PriorSearch | None = None,
     manufacturer: str,
     software_version: str,
     device_serial: str,
@@ -262,8 +458,11 @@ def build_sr(
         volume: the CT volume (series, study, source SOP Instance UIDs).
         labels: the label table (SNOMED CT code of each structure, also for structures
             measured but not found, which have no segment).
-        prior: reserved for the longitudinal comparison (see the module docstring); must
-            be ``None`` for now.
+        prior: the comparison with the patient's prior study (pipeline.compare), added
+            per structure/side group and as the prior-study group (module docstring).
+        prior_search: where the node looked for a prior study; with no ``prior`` it is
+            reported in the patient-level group ("No prior study found ..."); with a
+            ``prior`` it must say found.
         manufacturer, software_version, device_serial: the node's General Equipment and
             device observer identity.
         institution_name: InstitutionName, when configured.
@@ -272,16 +471,14 @@ def build_sr(
             VERIFIED: no person has signed it).
 
     Raises:
-        BuildError: a prior was given, the SEG does not belong to the volume's study or
-            frame of reference, a structure has an empty SNOMED code, or a group/side value
-            is outside what the report can code.
+        BuildError: the SEG does not belong to the volume's study or frame of reference, a
+            structure has an empty SNOMED code, a group/side value is outside what the
+            report can code, or the comparison is inconsistent (not a Comparison, the
+            current study as its own prior, an invalid prior UID, a side other than right
+            or left, a structure/side twice, or a prior_search saying none was found).
     """
     started = time.monotonic()
-    if prior is not None:
-        raise BuildError(
-            f"a prior comparison ({type(prior).__name__}) was given; the longitudinal comparison is not "
-            "implemented in the SR yet (allowed: prior=None)"
-        )
+    _check_prior(prior, prior_search, volume)
     if str(seg_dataset.StudyInstanceUID) != volume.study_instance_uid:
         raise BuildError(
             f"SEG StudyInstanceUID {seg_dataset.StudyInstanceUID} differs from the volume's "
@@ -305,6 +502,7 @@ def build_sr(
     groups: list[
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
     ] = []
+    compared_keys: set[tuple[str, str]] = set()
     for s in measurements.structures:
         if s.side not in ("right", "left"):
             logger.debug("SR: %s %s has no segment of its own; left to the group totals", s.key, s.side)
@@ -315,6 +513,13 @@ def build_sr(
             raise BuildError(f"measured structure {s.key!r} ({s.side}) is not in the label table: {exc}") from exc
         site = [hd.sr.FindingSite(anatomic_location=finding, laterality=codes.laterality(s.side))]
         evaluations, texts = _structure_evaluations(s, measurements.flags)
+        change = prior.change(s.key, s.side) if prior is not None else None
+        change_measurements: list[hd.sr.Measurement] = []
+        if change is not None:
+            change_measurements, change_evaluations, change_texts = _change_items(change)
+            evaluations += change_evaluations
+            texts += change_texts
+            compared_keys.add((s.key, s.side))
         number = smap.get((s.key, s.side))
         if number is None:
             group: (
@@ -326,6 +531,7 @@ def build_sr(
                 finding_type=finding,
                 finding_sites=site,
                 algorithm_id=algorithm,
+                measurements=change_measurements or None,
                 qualitative_evaluations=evaluations or None,
             )
         else:
@@ -341,12 +547,18 @@ def build_sr(
                 finding_type=finding,
                 finding_sites=site,
                 algorithm_id=algorithm,
-                measurements=_structure_measurements(s) or None,
+                measurements=[*_structure_measurements(s), *change_measurements] or None,
                 qualitative_evaluations=evaluations or None,
             )
         _add_texts(group, texts)
         groups.append(group)
-    groups.append(_patient_group(measurements, instance_uid, algorithm))
+    if prior is not None:
+        for change in prior.changes:
+            if (change.key, change.side) not in compared_keys:
+                groups.append(_change_only_group(change, labels, instance_uid, algorithm))
+    groups.append(_patient_group(measurements, instance_uid, algorithm, prior=prior, prior_search=prior_search))
+    if prior is not None:
+        groups.append(_prior_group(prior, instance_uid, algorithm))
 
     observer = hd.sr.ObserverContext(
         observer_type=pydicom_codes.DCM.Device,
@@ -385,9 +597,10 @@ def build_sr(
     except (ValueError, TypeError) as exc:
         raise BuildError(f"highdicom refused the Comprehensive 3D SR: {exc}") from exc
     logger.info(
-        "build_sr end: series %s, %d measurement groups in %.2f s",
+        "build_sr end: series %s, %d measurement groups, prior study %s in %.2f s",
         volume.series_instance_uid,
         len(groups),
+        prior.prior_study_uid if prior is not None else "none",
         time.monotonic() - started,
     )
     return sr

@@ -208,10 +208,17 @@ def test_identical_inputs_give_identical_bytes(
     assert b"/CreationDate" not in again
 
 
-def test_comparison_hook_is_noted(report_inputs: tuple[Volume, Segmentation, Measurements], tmp_path: Path) -> None:
+def test_comparison_of_wrong_type_is_refused(report_inputs: tuple[Volume, Segmentation, Measurements]) -> None:
+    """Only a pipeline.types.Comparison is drawn (the comparison pages: test_report_comparison)."""
     volume, seg, meas = report_inputs
-    text = _pdf_text(render_report(volume, seg, meas, PATIENT, study=_header(False), comparison=object()), tmp_path)
-    assert "does not yet show the comparison" in text
+    with pytest.raises(ReportError, match="comparison is a object"):
+        render_report(volume, seg, meas, PATIENT, study=_header(False), comparison=object())
+
+
+def test_no_comparison_is_stated(report_inputs: tuple[Volume, Segmentation, Measurements], tmp_path: Path) -> None:
+    volume, seg, meas = report_inputs
+    text = _pdf_text(render_report(volume, seg, meas, PATIENT, study=_header(False)), tmp_path)
+    assert "No prior study was compared in this report." in text
 
 
 def _coloured(rgb: np.ndarray) -> np.ndarray:

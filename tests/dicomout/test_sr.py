@@ -290,7 +290,8 @@ def test_patient_totals_and_flags(built: dict) -> None:
     assert missing.get_measurements() == []
 
 
-def test_prior_is_refused_until_implemented(built: dict) -> None:
+def test_prior_of_wrong_type_is_refused(built: dict) -> None:
+    """Only a pipeline.types.Comparison is accepted as ``prior`` (the comparison itself: test_sr_comparison)."""
     with pytest.raises(BuildError, match="prior comparison"):
         build_sr(
             built["measurements"],

@@ -80,6 +80,9 @@ class OrthancServer:
             "IndexDirectory": str(storage),
             "TemporaryDirectory": str(self.root / "tmp"),
             "StorageCompression": False,
+            # thighnode re-sends an updated object with the same SOP Instance UID (reprocessing,
+            # a prior that arrived later): the PACS must replace it.
+            "OverwriteInstances": True,
             "Plugins": [],
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
@@ -191,6 +194,11 @@ class OrthancServer:
     def get_json(self, path: str) -> Any:
         """GET ``path`` (e.g. ``/instances``) and decode the JSON answer."""
         return self._request("GET", path)
+
+    def get_bytes(self, path: str) -> bytes:
+        """GET ``path`` (e.g. ``/instances/{id}/file``) as raw bytes."""
+        with urllib.request.urlopen(urllib.request.Request(self.url + path), timeout=60) as response:
+            return response.read()
 
     def instances(self) -> list[str]:
         """Orthanc identifiers of all stored instances."""
