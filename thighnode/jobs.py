@@ -293,6 +293,19 @@ class JobStore:
                 self._set_state(row["id"], READY, "resumed: the node stopped while the job ran", now)
             return [int(r["id"]) for r in rows]
 
+    def requeue(self, study_uid: str, reason: str, now: float | None = None) -> int:
+        """A new ready job for an already received study (e.g. its prior has arrived)."""
+        now = time.time() if now is None else now
+        with self._tx():
+            latest = self._db.execute(
+                "SELECT received_through FROM jobs WHERE study_uid = ? ORDER BY id DESC LIMIT 1", (study_uid,)
+            ).fetchone()
+            if latest is None:
+                raise JobStoreError(f"study {study_uid} has no job to requeue", study_uid=study_uid)
+            job_id = self._create(study_uid, latest["received_through"], reason, now)
+            self._set_state(job_id, READY, reason, now)
+            return job_id
+
     def retry(self, job_id: int, now: float | None = None) -> None:
         """A failed job goes back to ready (operator's `thighnode retry`)."""
         now = time.time() if now is None else now

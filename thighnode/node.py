@@ -24,7 +24,9 @@ from node_errors import NodeError
 from scp.ae import IngressServer, start_ingress
 from scp.index import InstanceIndex
 from scp.types import IngressConfig
-from thighnode.jobs import FINAL_STATES, Job, JobStore, StudyProgress
+from thighnode.jobs import DONE, FINAL_STATES, Job, JobStore, StudyProgress
+from thighnode.priors import ARRIVED, REQUESTED, PriorFinder, PriorRequests
+from thighnode.priors import FAILED as PRIOR_FAILED
 from thighnode.results import ResultsStore
 from thighnode.settings import Settings
 from thighnode.workflow import SegmenterLike, Workflow
@@ -81,11 +83,14 @@ def retry_policy_of(settings: Settings) -> RetryPolicy:
 class Node:
     """Ingress + scheduler + workers over one data directory."""
 
-    def __init__(self, settings: Settings, *, load_model: bool = True) -> None:
+    def __init__(
+        self, settings: Settings, *, load_model: bool = True, segmenter: SegmenterLike | None = None
+    ) -> None:
+        """``segmenter`` replaces the bundle's model (tests, or an embedding application)."""
         self.settings = settings
-        self._load_model = load_model
+        self._load_model = load_model and segmenter is None
         self._lock_file: IO[str] | None = None
-        self._segmenter: SegmenterLike | None = None
+        self._segmenter: SegmenterLike | None = segmenter
         self._busy = 0
         self._busy_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -93,6 +98,8 @@ class Node:
         self.jobs: JobStore | None = None
         self.outbox: Outbox | None = None
         self.results: ResultsStore | None = None
+        self.prior_requests: PriorRequests | None = None
+        self.priors: PriorFinder | None = None
         self._ingress: IngressServer | None = None
         self._scheduler: BackgroundScheduler | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -116,8 +123,10 @@ class Node:
         if self._load_model:
             self._segmenter = self._build_segmenter()
         self.results = ResultsStore(s.db_path)
+        self.prior_requests = PriorRequests(s.db_path)
+        self.priors = PriorFinder(s, self.results, self.prior_requests, self.index)
         self._workflow = Workflow(
-            s, self.index, lambda: self._segmenter, results=self.results, outbox=self.outbox
+            s, self.index, lambda: self._segmenter, results=self.results, outbox=self.outbox, priors=self.priors
         )
         self._executor = ThreadPoolExecutor(max_workers=s.processing.workers, thread_name_prefix="job")
         self._ingress = start_ingress(ingress_config_of(s), self.index)
@@ -128,6 +137,11 @@ class Node:
             self.send_outbox, "interval", seconds=s.outbox.send_interval_s, id="outbox", max_instances=1, coalesce=True
         )
         self._scheduler.add_job(self.purge, "interval", hours=1, id="retention", max_instances=1, coalesce=True)
+        if s.prior.query:
+            self._scheduler.add_job(
+                self.retry_priors, "interval", seconds=min(60.0, s.prior.retry_delay_s), id="priors",
+                max_instances=1, coalesce=True,
+            )
         self._scheduler.start()
         log.info(
             "node %s listening on %s:%d, data in %s, started in %.2f s",
@@ -145,7 +159,7 @@ class Node:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
-        for store in (self.index, self.jobs, self.outbox, self.results):
+        for store in (self.index, self.jobs, self.outbox, self.results, self.prior_requests):
             close = getattr(store, "close", None)
             if close is not None:
                 close()
@@ -218,11 +232,37 @@ class Node:
                 job.id, outcome.state, outcome.reason,
                 series_uid=outcome.series_uid, timings_s=outcome.timings_s, result=outcome.result,
             )
+            self._after_job(job, outcome.state, outcome.reason)
         except Exception:  # noqa: BLE001
             log.exception("job %d: could not record its outcome", job.id)
         finally:
             with self._busy_lock:
                 self._busy -= 1
+
+    def _after_job(self, job: Job, state: str, reason: str) -> None:
+        """When the finished study was another study's requested prior, reprocess that study."""
+        assert self.prior_requests is not None and self.jobs is not None
+        for request in self.prior_requests.for_prior(job.study_uid):
+            if request.state != REQUESTED:
+                continue
+            if state != DONE:
+                self.prior_requests.mark(job.study_uid, PRIOR_FAILED, f"the prior study was {state}: {reason}")
+                continue
+            if self.settings.prior.update_when_prior_arrives:
+                self.jobs.requeue(
+                    request.for_study_uid,
+                    f"prior study {job.study_uid} arrived and was processed: reprocessing with the comparison",
+                )
+            else:
+                self.prior_requests.mark(job.study_uid, ARRIVED)
+
+    def retry_priors(self) -> int:
+        assert self.priors is not None
+        try:
+            return self.priors.retry_due()
+        except Exception:  # noqa: BLE001
+            log.exception("prior retrieval retry failed")
+            return 0
 
     def send_outbox(self) -> int:
         assert self.outbox is not None

@@ -14,6 +14,7 @@ Patient identifiers are stored here because a prior must be found by them; they 
 from __future__ import annotations
 
 import json
+import zlib
 import sqlite3
 import threading
 import time
@@ -23,12 +24,14 @@ from typing import Any
 
 from node_errors import NodeError
 from pipeline.types import (
+    AnatomicalProfiles,
     Comparison,
     GroupMeasurement,
     Measurements,
     QualityFlag,
     StructureChange,
     StructureMeasurement,
+    StructureProfile,
 )
 
 _SCHEMA = """
@@ -71,6 +74,10 @@ CREATE TABLE IF NOT EXISTS structure_results (
     fat_fraction REAL NOT NULL,
     flags TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (study_uid, key, side)
+);
+CREATE TABLE IF NOT EXISTS study_profiles (
+    study_uid TEXT PRIMARY KEY,
+    profiles_zjson BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS comparisons (
     study_uid TEXT PRIMARY KEY,
@@ -233,6 +240,46 @@ class ResultsStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def save_profiles(self, study_uid: str, profiles: AnatomicalProfiles) -> None:
+        """Store (replace) the anatomical profiles the comparison with a later study needs."""
+        payload = {
+            "landmark": profiles.landmark,
+            "landmark_z_mm": profiles.landmark_z_mm,
+            "fov_z_mm": profiles.fov_z_mm,
+            "metal_z_mm": profiles.metal_z_mm,
+            "profiles": [p.__dict__ for p in profiles.profiles],
+        }
+        blob = zlib.compress(json.dumps(payload).encode("utf-8"), 6)
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO study_profiles(study_uid, profiles_zjson) VALUES (?, ?) "
+                "ON CONFLICT(study_uid) DO UPDATE SET profiles_zjson = excluded.profiles_zjson",
+                (study_uid, blob),
+            )
+
+    def profiles(self, study_uid: str) -> AnatomicalProfiles | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT profiles_zjson FROM study_profiles WHERE study_uid = ?", (study_uid,)
+            ).fetchone()
+        if row is None:
+            return None
+        d = json.loads(zlib.decompress(row["profiles_zjson"]).decode("utf-8"))
+
+        def pair(v: Any) -> tuple[float, float] | None:
+            return None if v is None else (float(v[0]), float(v[1]))
+
+        return AnatomicalProfiles(
+            landmark=d["landmark"],
+            landmark_z_mm=dict(d["landmark_z_mm"]),
+            fov_z_mm={k: pair(v) for k, v in d["fov_z_mm"].items()},
+            metal_z_mm={k: pair(v) for k, v in d["metal_z_mm"].items()},
+            profiles=tuple(
+                StructureProfile(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in p.items()})
+                for p in d["profiles"]
+            ),
+        )
 
     def get(self, study_uid: str) -> StudyResult | None:
         with self._lock:

@@ -201,6 +201,17 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "max_attempts": _int_range(1),
         "max_age_days": _float_range(0.0, lo_open=True),
     },
+    "prior": {
+        "query": _bool,
+        "ae_title": _ae_title,
+        "host": _host,
+        "port": _int_range(1, 65535),
+        "method": _choice("move", "get"),
+        "send_prior_results": _bool,
+        "update_when_prior_arrives": _bool,
+        "retrieve_attempts": _int_range(1, 100),
+        "retry_delay_s": _float_range(0.0, lo_open=True),
+    },
     "sarcopenia": {
         "group": _choice("gluteal", "above_knee", "all"),
         "threshold_female_kg_m2": _float_range(0.0, 50.0, lo_open=True),
@@ -286,6 +297,19 @@ class OutboxSettings:
 
 
 @dataclass(frozen=True)
+class PriorSettings:
+    query: bool
+    ae_title: str
+    host: str
+    port: int
+    method: str
+    send_prior_results: bool
+    update_when_prior_arrives: bool
+    retrieve_attempts: int
+    retry_delay_s: float
+
+
+@dataclass(frozen=True)
 class SarcopeniaSettings:
     group: str
     threshold_female_kg_m2: float
@@ -316,6 +340,7 @@ class Settings:
     model: ModelSettings
     outputs: OutputsSettings
     outbox: OutboxSettings
+    prior: PriorSettings
     sarcopenia: SarcopeniaSettings
     security: SecuritySettings
     destinations: tuple[DestinationSettings, ...] = ()
@@ -475,6 +500,7 @@ def load_settings(
         model=ModelSettings(**model),
         outputs=OutputsSettings(**values["outputs"]),
         outbox=OutboxSettings(**values["outbox"]),
+        prior=PriorSettings(**values["prior"]),
         sarcopenia=SarcopeniaSettings(**values["sarcopenia"]),
         security=SecuritySettings(**values["security"]),
         destinations=tuple(destinations),

@@ -35,11 +35,13 @@ from pipeline.bodypart import check_thigh_ct, femur_label_volumes_ml
 from pipeline.errors import DeclinedError
 from pipeline.measure import MeasurementSettings, load_measurement_settings, measure
 from pipeline.selection import read_patient_info, select_series
-from pipeline.types import Measurements, PatientInfo, Segmentation, SelectedSeries, Volume
+from pipeline.compare import anatomical_profiles
+from pipeline.types import Comparison, Measurements, PatientInfo, PriorSearch, Segmentation, SelectedSeries, Volume
 from pipeline.volume import load_volume
 from scp.index import InstanceIndex
 from thighnode import __version__
 from thighnode.jobs import DECLINED, DONE, FAILED, Job
+from thighnode.priors import PriorFinder
 from thighnode.results import ResultsStore
 from thighnode.settings import Settings
 
@@ -89,12 +91,14 @@ class Workflow:
         results: ResultsStore | None = None,
         outbox: OutboxLike | None = None,
         measurement_settings: MeasurementSettings | None = None,
+        priors: PriorFinder | None = None,
     ) -> None:
         self._settings = settings
         self._index = index
         self._segmenter = segmenter
         self._results = results
         self._outbox = outbox
+        self._priors = priors
         base = measurement_settings or load_measurement_settings()
         sarc = settings.sarcopenia
         self._measurement_settings = replace(
@@ -149,21 +153,46 @@ class Workflow:
             _check_femur_label(volume, segmentation)
             result["model"] = {"name": segmentation.model_name, "version": segmentation.model_version}
             patient = read_patient_info(selected.paths[0])
+            study_date = _study_date(selected.paths[0])
             with _stage(job, "measure", timings):
                 measurements = self._measure(volume, segmentation, patient)
             result["measurements"] = _summary(measurements)
-            outputs = self._build_outputs(job, selected, volume, segmentation, measurements, patient, timings)
-            if self._results is not None:
-                self._save_results(job, selected, patient, segmentation, measurements)
-            with _stage(job, "queue", timings):
-                destinations = self._queue(job, outputs)
+            comparison: Comparison | None = None
+            prior_search: PriorSearch | None = None
+            with _stage(job, "compare", timings):
+                profiles = anatomical_profiles(volume, segmentation)
+                if self._results is not None:
+                    self._save_results(job, selected, patient, study_date, segmentation, measurements)
+                    self._results.save_profiles(job.study_uid, profiles)
+                if self._priors is not None:
+                    comparison, prior_search = self._priors.find(
+                        study_uid=job.study_uid, study_date=study_date, patient=patient,
+                        measurements=measurements, profiles=profiles,
+                    )
+            result["prior"] = {
+                "found": bool(prior_search and prior_search.found),
+                "prior_study_uid": comparison.prior_study_uid if comparison else "",
+                "looked_in": list(prior_search.looked_in) if prior_search else [],
+                "message": prior_search.message if prior_search else "",
+            }
+            outputs = self._build_outputs(
+                job, selected, volume, segmentation, measurements, patient, timings, comparison, prior_search
+            )
             result["outputs"] = [
                 {"kind": o.kind, "sop_instance_uid": o.sop_instance_uid, "path": str(o.path)} for o in outputs
             ]
+            if self._priors is not None and self._priors.is_requested_prior(job.study_uid) and not (
+                self._settings.prior.send_prior_results
+            ):
+                return ended(DONE, "processed as a prior study; outputs not sent (prior.send_prior_results = false)")
+            with _stage(job, "queue", timings):
+                destinations = self._queue(job, outputs)
             if destinations:
                 reason = f"{'+'.join(o.kind.upper() for o in outputs)} queued to {', '.join(destinations)}"
             else:
                 reason = f"processed; no destination configured: outputs kept in {self._study_outputs(job)}"
+            if comparison is not None:
+                reason += f"; compared with the prior of {comparison.prior_study_date}"
             return ended(DONE, reason)
         except DeclinedError as exc:
             exc.with_context(job_id=job.id, study_uid=job.study_uid)
@@ -199,6 +228,8 @@ class Workflow:
         measurements: Measurements,
         patient: PatientInfo,
         timings: dict[str, float],
+        comparison: Comparison | None = None,
+        prior_search: PriorSearch | None = None,
     ) -> list[OutputFile]:
         from dicomout.pdf import build_encapsulated_pdf
         from dicomout.report import ReportHeader, render_report
@@ -224,6 +255,7 @@ class Workflow:
             with _stage(job, "sr", timings):
                 sr = build_sr(
                     measurements, seg, sources, volume=volume, labels=segmentation.labels,
+                    prior=comparison, prior_search=prior_search,
                     institution_name=out.institution_name or None, **common,
                 )
                 files.append(_write(sr, out_dir, "sr"))
@@ -236,7 +268,10 @@ class Workflow:
                     sources[0], node_version=__version__, model_name=segmentation.model_name,
                     model_version=segmentation.model_version, demonstration_model=demo,
                 )
-                pdf_bytes = render_report(volume, segmentation, measurements, patient, study=header)
+                pdf_bytes = render_report(
+                    volume, segmentation, measurements, patient, study=header,
+                    comparison=comparison, prior_search=prior_search,
+                )
                 pdf = build_encapsulated_pdf(
                     pdf_bytes,
                     sources[0],
@@ -258,18 +293,18 @@ class Workflow:
         job: Job,
         selected: SelectedSeries,
         patient: PatientInfo,
+        study_date: str,
         segmentation: Segmentation,
         measurements: Measurements,
     ) -> None:
         assert self._results is not None
-        header = pydicom.dcmread(selected.paths[0], stop_before_pixels=True, specific_tags=["StudyDate"])
         self._results.save(
             study_uid=job.study_uid,
             job_id=job.id,
             series_uid=selected.series_instance_uid,
             patient_id=patient.patient_id,
             issuer=patient.issuer_of_patient_id,
-            study_date=str(header.get("StudyDate", "") or ""),
+            study_date=study_date,
             model_name=segmentation.model_name,
             model_version=segmentation.model_version,
             measurements=measurements,
@@ -287,6 +322,11 @@ class Workflow:
                 )
             names.append(dest.name)
         return names
+
+
+def _study_date(path: Path) -> str:
+    header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyDate"])
+    return str(header.get("StudyDate", "") or "").strip()
 
 
 def _check_femur_label(volume: Volume, segmentation: Segmentation, min_ml: float = 30.0) -> None:

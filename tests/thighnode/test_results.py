@@ -75,3 +75,23 @@ def test_comparisons_round_trip(tmp_path: Path) -> None:
     assert store.comparison("1.2.4") == comp
     assert list(store.comparisons()) == ["1.2.4"]
     store.close()
+
+
+def test_profiles_round_trip(tmp_path: Path) -> None:
+    from pipeline.types import AnatomicalProfiles, StructureProfile
+
+    prof = AnatomicalProfiles(
+        landmark="top of the femoral head",
+        landmark_z_mm={"right": -80.5, "left": None},
+        fov_z_mm={"right": (-400.0, 120.0), "left": None},
+        metal_z_mm={"right": None, "left": (-150.0, 10.0)},
+        profiles=(
+            StructureProfile(key="sartorius", side="right", z_mm=(-10.0, -7.0), area_mm2=(100.0, 120.5),
+                             mean_hu=(50.0, 49.0), voxels=(10, 12), fat_voxels=(0, 1), slice_mm=3.0),
+        ),
+    )
+    store = ResultsStore(tmp_path / "r.db")
+    store.save_profiles("1.2.3", prof)
+    assert store.profiles("1.2.3") == prof
+    assert store.profiles("9.9") is None
+    store.close()

@@ -14,35 +14,17 @@ import pytest
 from dicomout.outbox import Outbox
 from pipeline.labels import load_label_table
 from pipeline.phantom import PhantomParams, generate_phantom, write_dicom_series
-from pipeline.postprocess import split_sides
 from pipeline.types import Segmentation, Volume
 from scp.index import InstanceIndex
 from scp.types import ReceivedInstance
 from tests.support.dciodvfy import dciodvfy_errors
+from tests.support.truth import TruthSegmenter
 from thighnode.jobs import DECLINED, DONE, JobStore, StudyProgress
 from thighnode.results import ResultsStore
 from thighnode.settings import load_settings
 from thighnode.workflow import Workflow
 
 STUDY = "1.2.826.0.1.3680043.8.498.77001"
-
-
-class TruthSegmenter:
-    """Returns the phantom's own labels, resampled onto the loaded volume by position."""
-
-    def __init__(self, phantom, labels) -> None:  # noqa: ANN001
-        self._phantom = phantom
-        self._labels = labels
-
-    def segment(self, volume: Volume) -> Segmentation:
-        # The DICOM series is written on the phantom's grid; match slices by z.
-        z_vol = volume.affine_lps[2, 3] + np.arange(volume.shape[0]) * volume.affine_lps[2, 0]
-        z_ph = self._phantom.affine_lps[2, 3] + np.arange(self._phantom.labels.shape[0]) * self._phantom.affine_lps[2, 0]
-        idx = np.array([int(np.argmin(np.abs(z_ph - z))) for z in z_vol])
-        label_map = self._phantom.labels[idx]
-        assert label_map.shape == volume.shape
-        side_map = split_sides(label_map, volume.affine_lps, self._phantom.midline_x_mm)
-        return Segmentation(label_map, side_map, self._labels, "truth", "0.0.1", volume.affine_lps)
 
 
 def _index_series(index: InstanceIndex, paths: list[Path], study: str) -> None:
@@ -83,7 +65,7 @@ def _run(tmp_path: Path, phantom_study, extra_env: dict[str, str] | None = None)
     job = jobs.claim_next()
     results = ResultsStore(settings.db_path)
     outbox = Outbox(settings.db_path)
-    seg = TruthSegmenter(phantom, labels)
+    seg = TruthSegmenter({STUDY: phantom}, labels)
     wf = Workflow(settings, index, lambda: seg, results=results, outbox=outbox)
     outcome = wf.run(job)
     return settings, outcome, results, outbox
