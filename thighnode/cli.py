@@ -103,9 +103,12 @@ def status_report(settings: Any) -> dict[str, Any]:
 
     if not settings.db_path.exists():
         return {"data_dir": str(settings.node.data_dir), "studies": [], "jobs": [], "outbox": [], "outbox_counts": {}}
+    from thighnode.priors import PriorRequests
+
     index = InstanceIndex(settings.db_path)
     jobs = JobStore(settings.db_path)
     outbox = Outbox(settings.db_path)
+    priors = PriorRequests(settings.db_path)
     try:
         studies = [
             {
@@ -144,16 +147,28 @@ def status_report(settings: Any) -> dict[str, Any]:
             }
             for i in outbox.items()
         ]
+        prior_rows = [
+            {
+                "prior_study_uid": r.prior_study_uid,
+                "for_study_uid": r.for_study_uid,
+                "state": r.state,
+                "attempts": r.attempts,
+                "last_error": r.last_error,
+            }
+            for s in studies
+            for r in priors.for_study(s["study_uid"])
+        ]
         return {
             "data_dir": str(settings.node.data_dir),
             "studies": studies,
+            "prior_requests": prior_rows,
             "jobs": job_rows,
             "job_counts": jobs.counts(),
             "outbox": items,
             "outbox_counts": outbox.counts(),
         }
     finally:
-        for store in (index, jobs, outbox):
+        for store in (index, jobs, outbox, priors):
             close = getattr(store, "close", None)
             if close is not None:
                 close()
@@ -175,6 +190,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  job {j['job']:>5}  {j['state']:<9} study {j['study_uid']}  attempts={j['attempts']}  {timings}")
         if j["reason"]:
             print(f"             reason: {j['reason']}")
+    if report.get("prior_requests"):
+        print(f"\nprior studies requested from the PACS ({len(report['prior_requests'])}):")
+        for r in report["prior_requests"]:
+            print(f"  prior {r['prior_study_uid']} for {r['for_study_uid']}: {r['state']} (attempts {r['attempts']})")
+            if r["last_error"]:
+                print(f"             error: {r['last_error']}")
     print(f"\noutbox ({len(report['outbox'])}): {report['outbox_counts']}")
     for i in report["outbox"]:
         print(
