@@ -22,6 +22,7 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.coding import Code
 
 from pipeline.types import (
+    FLAG_PARTIAL_COMMON_RANGE,
     FLAG_EMPTY,
     FLAG_IMPLAUSIBLE_VOLUME,
     FLAG_METAL,
@@ -162,7 +163,7 @@ PRIOR_STUDY_SEARCH = _private("TN0217", "Prior study search")
 
 COMPARISON_FLAG_CODES: MappingProxyType[str, Code] = MappingProxyType(
     {
-        "partial_common_range": _private("TN0107", "Compared over the common range only"),
+        FLAG_PARTIAL_COMMON_RANGE: _private("TN0107", "Compared over the common range only"),
         FLAG_METAL: _private("TN0108", "Metal near the structure in either study: HU values withheld"),
     }
 )

@@ -69,6 +69,7 @@ import pydicom
 from dicomout.errors import OutputError
 from pipeline.labels import LabelTable
 from pipeline.types import (
+    FLAG_PARTIAL_COMMON_RANGE,
     FLAG_EMPTY,
     FLAG_IMPLAUSIBLE_VOLUME,
     FLAG_METAL,
@@ -165,7 +166,6 @@ _LEFT_COLOR = "#e08a2c"
 _SEX_WORDS = {"F": "female", "M": "male", "O": "other"}
 _DASH = "—"
 _MINUS = "−"
-_FLAG_PARTIAL_COMMON_RANGE = "partial_common_range"
 """StructureChange flag (pipeline.compare.FLAG_PARTIAL_COMMON_RANGE): compared over the common range only."""
 _LABEL_GROUP_TITLES = {  # label table groups (config/labels.toml)
     "gluteal": "Gluteal",
@@ -964,7 +964,7 @@ def _change_tint(c: StructureChange | None) -> str | None:
         return _FLAG_TINT[FLAG_EMPTY]
     if FLAG_METAL in c.flags:
         return _FLAG_TINT[FLAG_METAL]
-    if _FLAG_PARTIAL_COMMON_RANGE in c.flags:
+    if FLAG_PARTIAL_COMMON_RANGE in c.flags:
         return _FLAG_TINT[FLAG_PARTIAL_TOP]
     return None
 
@@ -999,13 +999,13 @@ def _comparison_table(comparison: Comparison, labels: LabelTable) -> _Comparison
                 _Cell(_signed(c.change_per_height2_cm3_m2, 1), tint=tint),
             ]
             words = []
-            if _FLAG_PARTIAL_COMMON_RANGE in c.flags:
+            if FLAG_PARTIAL_COMMON_RANGE in c.flags:
                 words.append("partial")
                 partial_ranges[side].add(c.common_range_mm)
             if FLAG_METAL in c.flags:
                 words.append("metal")
                 metal = True
-            words += [_FLAG_SHORT.get(f, f) for f in c.flags if f not in (_FLAG_PARTIAL_COMMON_RANGE, FLAG_METAL)]
+            words += [_FLAG_SHORT.get(f, f) for f in c.flags if f not in (FLAG_PARTIAL_COMMON_RANGE, FLAG_METAL)]
             if words:
                 notes[side] = ", ".join(words)
         if set(notes) == {"right", "left"} and notes["right"] == notes["left"]:

@@ -65,6 +65,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.types import (
+    FLAG_PARTIAL_COMMON_RANGE,
     FLAG_METAL,
     FLAG_PARTIAL_BOTTOM,
     FLAG_PARTIAL_TOP,
@@ -84,7 +85,6 @@ logger = logging.getLogger(__name__)
 
 LANDMARK = "top of the femoral head"
 FEMUR_KEY = "femur"
-FLAG_PARTIAL_COMMON_RANGE = "partial_common_range"
 LANDMARK_METAL_MM = 30.0
 """Metal within this z distance of a side's landmark makes that landmark unreliable."""
 MIN_AXIAL_COSINE = 0.9

@@ -143,6 +143,7 @@ FLAG_METAL = "metal"  # metal (implant) in or near the structure: HU values unre
 FLAG_IMPLAUSIBLE_VOLUME = "implausible_volume"  # outside the plausible range for the patient's size
 FLAG_NO_HEIGHT = "no_height"  # no PatientSize and none recorded: no height-adjusted values
 FLAG_EMPTY = "not_found"  # the structure was not found on this side
+FLAG_PARTIAL_COMMON_RANGE = "partial_common_range"  # comparison: compared over the range both scans cover only
 
 
 @dataclass(frozen=True)
