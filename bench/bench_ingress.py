@@ -170,7 +170,7 @@ def _serve_ingress(spool: str, db: str, port: int, ready, stop, noop: bool = Fal
         stop.wait()
         ae.shutdown()
         return
-    index = InstanceIndex(config.db_path)
+    index = InstanceIndex(config.db_path, synchronous="NORMAL")  # as the node runs it
     server = start_ingress(config, index)
     ready.set()
     stop.wait()

@@ -114,7 +114,9 @@ class Node:
         s.outputs_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         t0 = time.perf_counter()
-        self.index = InstanceIndex(s.db_path)
+        # The spooled file is fsync'ed before the index is written; the index commit need not be.
+        self.index = InstanceIndex(s.db_path, synchronous="NORMAL")
+        self.index.reconcile(s.spool_dir)
         self.jobs = JobStore(s.db_path)
         self.outbox = Outbox(s.db_path, retry_policy_of(s))
         recovered = self.jobs.recover()
@@ -286,9 +288,7 @@ class Node:
             if any(j.state not in FINAL_STATES for j in jobs):
                 continue
             study_dir = self.settings.spool_dir / activity.study_instance_uid
-            forget = getattr(self.index, "forget", None)
-            if forget is not None:
-                forget(activity.study_instance_uid)
+            self.index.forget(activity.study_instance_uid)
             shutil.rmtree(study_dir, ignore_errors=True)
             purged += 1
             log.info("retention: purged study %s (idle since %.0f)", activity.study_instance_uid, activity.last_received_at)

@@ -8,6 +8,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from scp.errors import IngressError, UnknownStudyError
@@ -187,3 +188,25 @@ def test_instances_round_trip_every_field(index: InstanceIndex) -> None:
     )
     index.record(inst)
     assert index.instances(STUDY) == [inst]
+
+
+def test_reconcile_restores_spooled_files_whose_index_entry_was_lost(tmp_path: Path) -> None:
+    """A power loss may drop the last index commits (synchronous=NORMAL); the files were fsync'ed
+    before Success, so reconcile() must bring every one of them back into the index."""
+    from scp.spool import write_instance
+    from tests.support.synthetic_ct import write_ct_series
+
+    files = write_ct_series(tmp_path / "in", n_slices=5, rows=16, cols=16, study_uid="1.2.3.4", seed=1)
+    spool = tmp_path / "spool"
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        write_instance(spool, "1.2.3.4", ds.SeriesInstanceUID, ds.SOPInstanceUID, f.read_bytes())
+    (spool / "1.2.3.4" / "junk.txt").write_text("not dicom")
+    index = InstanceIndex(tmp_path / "db.sqlite", synchronous="NORMAL")
+    assert index.reconcile(spool) == 5
+    assert index.reconcile(spool) == 0
+    study = index.get_study("1.2.3.4")
+    assert study.instance_count == 5
+    assert index.forget("1.2.3.4") == 5
+    assert index.activity() == []
+    index.close()
