@@ -6,7 +6,7 @@ to:
 
 * ``ingress``      - our server (scp.ae.start_ingress) in its own process: header read,
                      durable write (fsync file + directory), SQLite record (WAL,
-                     synchronous=FULL), Success only after that;
+                     synchronous=NORMAL, reconciled from the spool at start), Success only after that;
 * ``pynetdicom-noop`` - the same AE with a C-STORE handler that only answers Success:
                      pynetdicom's own ceiling on this machine (a diagnostic, not a receiver);
 * ``storescp``     - ``storescp -od DIR PORT`` (dcmtk defaults: 16 KB max PDU, no fsync);
