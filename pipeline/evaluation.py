@@ -1,0 +1,212 @@
+"""Segmentation metrics (the paper's Dice and relative absolute volume difference) and bundle evaluation."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.labels import LabelTable
+from pipeline.types import SIDE_LEFT, SIDE_NAMES, SIDE_RIGHT
+
+logger = logging.getLogger(__name__)
+
+
+def _counts(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class: voxels in pred, in truth, and in both."""
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from ground truth shape {truth.shape}")
+    p = np.asarray(pred, dtype=np.int64).ravel()
+    t = np.asarray(truth, dtype=np.int64).ravel()
+    n_pred = np.bincount(p, minlength=num_classes)[:num_classes]
+    n_true = np.bincount(t, minlength=num_classes)[:num_classes]
+    both = np.bincount(p[p == t], minlength=num_classes)[:num_classes]
+    return n_pred, n_true, both
+
+
+def dice_per_structure(pred: np.ndarray, truth: np.ndarray, label_ids: list[int] | tuple[int, ...]) -> dict[int, float]:
+    """Dice 2|P∩T| / (|P|+|T|) per label id; NaN when the structure is in neither."""
+    n = max(max(label_ids, default=0), int(np.max(pred, initial=0)), int(np.max(truth, initial=0))) + 1
+    n_pred, n_true, both = _counts(pred, truth, n)
+    out: dict[int, float] = {}
+    for i in label_ids:
+        denom = n_pred[i] + n_true[i]
+        out[int(i)] = float(2.0 * both[i] / denom) if denom else math.nan
+    return out
+
+
+def ravd_per_structure(pred: np.ndarray, truth: np.ndarray, label_ids: list[int] | tuple[int, ...]) -> dict[int, float]:
+    """Relative absolute volume difference |V_pred - V_true| / V_true per label id
+    (a fraction: 0.05 = 5 %); NaN when the structure is absent from the truth."""
+    n = max(max(label_ids, default=0), int(np.max(pred, initial=0)), int(np.max(truth, initial=0))) + 1
+    n_pred, n_true, _ = _counts(pred, truth, n)
+    return {int(i): float(abs(n_pred[i] - n_true[i]) / n_true[i]) if n_true[i] else math.nan for i in label_ids}
+
+
+@dataclass(frozen=True)
+class StructureScore:
+    """One case x structure (x side: "both", "right", "left")."""
+
+    case: str
+    label_id: int
+    key: str
+    side: str
+    dice: float
+    ravd: float
+    true_volume_ml: float
+    pred_volume_ml: float
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """Scores of a bundle on a data set."""
+
+    bundle_name: str
+    bundle_version: str
+    cases: tuple[str, ...]
+    scores: tuple[StructureScore, ...]
+    seconds_per_case: float
+
+    def _rows(self, side: str = "both") -> list[StructureScore]:
+        return [s for s in self.scores if s.side == side]
+
+    def mean_dice(self) -> float:
+        """Mean over cases and structures (sides together) of Dice."""
+        vals = [s.dice for s in self._rows() if not math.isnan(s.dice)]
+        return float(np.mean(vals)) if vals else math.nan
+
+    def per_structure(self, side: str = "both") -> dict[str, tuple[float, float, float]]:
+        """key -> (mean Dice, mean RAVD, max RAVD) over cases."""
+        out: dict[str, tuple[float, float, float]] = {}
+        keys = list(dict.fromkeys(s.key for s in self.scores))
+        for key in keys:
+            rows = [s for s in self._rows(side) if s.key == key]
+            dice = [s.dice for s in rows if not math.isnan(s.dice)]
+            ravd = [s.ravd for s in rows if not math.isnan(s.ravd)]
+            out[key] = (
+                float(np.mean(dice)) if dice else math.nan,
+                float(np.mean(ravd)) if ravd else math.nan,
+                float(np.max(ravd)) if ravd else math.nan,
+            )
+        return out
+
+    def format_table(self) -> str:
+        lines = [
+            f"bundle {self.bundle_name} {self.bundle_version}: {len(self.cases)} cases, {self.seconds_per_case:.1f} s/case",
+            f"{'structure':<24}{'Dice':>8}{'RAVD %':>9}{'max RAVD %':>12}{'Dice R':>8}{'Dice L':>8}",
+        ]
+        right, left = self.per_structure("right"), self.per_structure("left")
+        for key, (dice, ravd, ravd_max) in self.per_structure().items():
+            lines.append(
+                f"{key:<24}{dice:>8.3f}{100 * ravd:>9.2f}{100 * ravd_max:>12.2f}"
+                f"{right.get(key, (math.nan,))[0]:>8.3f}{left.get(key, (math.nan,))[0]:>8.3f}"
+            )
+        both = self.per_structure()
+        mean_ravd = np.nanmean([v[1] for v in both.values()]) if both else math.nan
+        lines.append(f"{'MEAN':<24}{self.mean_dice():>8.3f}{100 * mean_ravd:>9.2f}")
+        return "\n".join(lines)
+
+    def write_csv(self, path: Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["case", "label_id", "key", "side", "dice", "ravd", "true_volume_ml", "pred_volume_ml"])
+            for s in self.scores:
+                writer.writerow([s.case, s.label_id, s.key, s.side, f"{s.dice:.6f}", f"{s.ravd:.6f}",
+                                 f"{s.true_volume_ml:.3f}", f"{s.pred_volume_ml:.3f}"])
+        return path
+
+
+def score_case(
+    case: str,
+    pred: np.ndarray,
+    truth: np.ndarray,
+    labels: LabelTable,
+    voxel_volume_ml: float,
+    pred_sides: np.ndarray | None = None,
+    true_sides: np.ndarray | None = None,
+) -> list[StructureScore]:
+    """Scores of one case for every structure (and per side when side maps are given)."""
+    ids = [l.id for l in labels.labels]
+    variants: list[tuple[str, np.ndarray, np.ndarray]] = [("both", pred, truth)]
+    if pred_sides is not None and true_sides is not None:
+        for side in (SIDE_RIGHT, SIDE_LEFT):
+            variants.append((SIDE_NAMES[side], np.where(pred_sides == side, pred, 0), np.where(true_sides == side, truth, 0)))
+    out: list[StructureScore] = []
+    for side, p, t in variants:
+        n = labels.num_classes
+        n_pred, n_true, _ = _counts(p, t, n)
+        dice = dice_per_structure(p, t, ids)
+        ravd = ravd_per_structure(p, t, ids)
+        for l in labels.labels:
+            out.append(StructureScore(case, l.id, l.key, side, dice[l.id], ravd[l.id],
+                                      float(n_true[l.id] * voxel_volume_ml), float(n_pred[l.id] * voxel_volume_ml)))
+    return out
+
+
+def evaluate_bundle(
+    bundle_dir: Path,
+    data_dir: Path,
+    *,
+    csv_path: Path | None = None,
+    labels: LabelTable | None = None,
+    device: str = "auto",
+) -> EvaluationReport:
+    """Segment every NIfTI pair of ``data_dir`` with the bundle, on each case's own grid, and score it."""
+    from pipeline.bundle import load_bundle
+    from pipeline.inference import Segmenter, select_device
+    from pipeline.labels import load_label_table
+    from pipeline.nifti import list_nifti_cases, load_nifti_pair
+    from pipeline.postprocess import split_sides
+    from pipeline.types import Volume
+
+    labels = labels or load_label_table()
+    dev = select_device(device)
+    bundle = load_bundle(Path(bundle_dir), labels, dev)
+    segmenter = Segmenter(bundle, device=str(dev))
+    femur_id = next((l.id for l in labels.labels if l.key == "femur"), None)
+    scores: list[StructureScore] = []
+    names: list[str] = []
+    started = time.monotonic()
+    for case in list_nifti_cases(Path(data_dir)):
+        hu, truth, affine = load_nifti_pair(case.ct_path, case.label_path, labels)
+        volume = Volume(hu=hu, affine_lps=affine, frame_of_reference_uid="", study_instance_uid="",
+                        series_instance_uid=case.name, sop_class_uid="", sop_instance_uids=())
+        seg = segmenter.segment(volume)
+        true_sides = split_sides(truth, affine, femur_id=femur_id)
+        case_scores = score_case(case.name, seg.label_map, truth, labels, volume.voxel_volume_ml, seg.side_map, true_sides)
+        scores.extend(case_scores)
+        names.append(case.name)
+        both = [s.dice for s in case_scores if s.side == "both" and not math.isnan(s.dice)]
+        logger.info("evaluated %s: mean Dice %.4f", case.name, float(np.mean(both)) if both else math.nan)
+    report = EvaluationReport(bundle.name, bundle.version, tuple(names), tuple(scores),
+                              (time.monotonic() - started) / max(1, len(names)))
+    if csv_path is not None:
+        report.write_csv(Path(csv_path))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.evaluation BUNDLE DATA [--csv PATH]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Evaluate a thighnode bundle on NIfTI pairs (Dice, RAVD).")
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("data", type=Path)
+    parser.add_argument("--csv", type=Path, default=None)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    report = evaluate_bundle(args.bundle, args.data, csv_path=args.csv, device=args.device)
+    print(report.format_table())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

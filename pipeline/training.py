@@ -1,0 +1,570 @@
+"""Training of the UNETR segmentation model, writing a MONAI bundle.
+
+``python -m pipeline.training --config config/train_demo.toml`` (the CLI exposes it as
+``thighnode train --config ...``).
+
+Data: NIfTI pairs (:mod:`pipeline.nifti`) or DICOM cases (one folder per case holding a
+CT series and a DICOM-SEG ground truth, :mod:`pipeline.segimport`). Every case goes
+through the same :func:`pipeline.preprocess.prepare` as inference (canonical
+orientation, foreground crop, resampling to the model spacing, window + gamma) once, and
+is kept in memory (the "cache"). Training then draws random patches from it.
+
+Augmentation (MONAI dictionary transforms on the cached model-grid arrays):
+
+* patches of ``img_size`` by label class (``RandCropByLabelClassesd``: every class, the
+  small ones included, is the centre of as many patches as the big ones);
+* small affine: rotation up to ``rotate_deg``, scale up to ``scale_fraction`` (bilinear for
+  the image, nearest for labels);
+* intensity scale/shift and Gaussian noise on the windowed image;
+* left-right flips (canonical axis 2, x). This is safe: structures carry no side in the
+  label map (the side comes from the midline afterwards) and the thigh anatomy is mirror
+  symmetric, so a flipped left thigh is a plausible right thigh with the same labels.
+  No flips along z or y (no patient is upside down after canonical orientation).
+
+Determinism: the randomness of step ``n`` is drawn from ``seed`` and ``n`` alone, so a run
+resumed from a checkpoint continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.bundle import DEMO_INTENDED_USE, SlidingWindowSettings, write_bundle
+from pipeline.evaluation import dice_per_structure
+from pipeline.labels import LabelTable, load_label_table
+from pipeline.network import NetworkSettings, build_network
+from pipeline.preprocess import PreprocessSettings, apply_to_labels, prepare
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class PhantomDataSettings:
+    """Phantoms to generate when a data folder does not exist yet (reproducible demo data)."""
+
+    n_subjects: int
+    seed: int
+    spacing_mm: tuple[float, float, float] = (2.0, 2.0, 2.0)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything a training run needs; see config/train_demo.toml."""
+
+    data_dirs: tuple[Path, ...]
+    output_bundle: Path
+    checkpoint_dir: Path
+    val_dirs: tuple[Path, ...] = ()
+    val_fraction: float = 0.15
+    dicom_dirs: tuple[Path, ...] = ()
+    iterations: int = 1000
+    val_every: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    warmup_iterations: int = 50
+    batch_size: int = 1
+    samples_per_volume: int = 2
+    seed: int = 0
+    num_threads: int = 2
+    resume: Path | None = None
+    rotate_deg: float = 8.0
+    scale_fraction: float = 0.1
+    affine_prob: float = 0.3
+    flip_prob: float = 0.5
+    intensity_prob: float = 0.5
+    noise_prob: float = 0.2
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    preprocess: PreprocessSettings = field(default_factory=PreprocessSettings)
+    bundle_name: str = "thighnode_demo"
+    bundle_version: str = "0.1.0"
+    intended_use: str = DEMO_INTENDED_USE
+    command: str = ""
+    phantoms: dict[str, PhantomDataSettings] = field(default_factory=dict)  # data dir -> phantoms to make
+    sw_overlap: float = 0.5
+    soft_labels: bool = True
+    grad_clip_norm: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0 or self.val_every < 1 or self.batch_size < 1 or self.samples_per_volume < 1:
+            raise ValueError(
+                f"TrainSettings: iterations ({self.iterations}) >= 0, val_every ({self.val_every}), batch_size "
+                f"({self.batch_size}) and samples_per_volume ({self.samples_per_volume}) >= 1 are required"
+            )
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"TrainSettings.val_fraction must be in [0, 1); saw {self.val_fraction}")
+
+    @classmethod
+    def from_toml(cls, path: Path, **overrides: Any) -> "TrainSettings":
+        """Read a TOML file: top-level keys of TrainSettings, ``[network]``, ``[preprocess]``,
+        ``[[phantoms]]`` (dir, n_subjects, seed, spacing_mm). Relative paths stay relative to the
+        working directory (the repository root for the documented commands)."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ValueError(f"training config {path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"training config {path} is not valid TOML: {exc}") from exc
+        return cls.from_dict(data, source=str(path), **overrides)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "dict", **overrides: Any) -> "TrainSettings":
+        data = dict(data)
+        kwargs: dict[str, Any] = {}
+        net = data.pop("network", {})
+        pre = data.pop("preprocess", {})
+        phantoms = data.pop("phantoms", [])
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{source}: unknown training settings {sorted(unknown)}")
+        for key, value in data.items():
+            if key in ("data_dirs", "val_dirs", "dicom_dirs"):
+                value = tuple(Path(v) for v in ([value] if isinstance(value, str) else value))
+            elif key in ("output_bundle", "checkpoint_dir", "resume"):
+                value = Path(value) if value else None
+            kwargs[key] = value
+        kwargs["network"] = NetworkSettings.from_dict(net)
+        kwargs["preprocess"] = PreprocessSettings.from_dict(pre)
+        kwargs["phantoms"] = {
+            str(Path(p["dir"])): PhantomDataSettings(int(p["n_subjects"]), int(p["seed"]),
+                                                     tuple(float(s) for s in p.get("spacing_mm", (2, 2, 2))))  # type: ignore[arg-type]
+            for p in phantoms
+        }
+        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        for key in ("data_dirs", "output_bundle", "checkpoint_dir"):
+            if key not in kwargs:
+                raise ValueError(f"{source}: training setting {key!r} is required")
+        return cls(**kwargs)
+
+    def provenance(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["network"] = self.network.to_dict()
+        d["preprocess"] = self.preprocess.to_dict()
+        return json.loads(json.dumps(d, default=str))
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class PreparedCase:
+    """A case on the model grid: image (1, D, H, W) float32 in [0,1], label (1, D, H, W) uint8."""
+
+    name: str
+    image: np.ndarray
+    label: np.ndarray
+    class_indices: tuple[np.ndarray, ...] = field(default=(), repr=False)  # flat voxel indices per class
+    soft: np.ndarray | None = field(default=None, repr=False)  # (C, D, H, W) uint8 class fractions x 255
+
+
+def ensure_phantoms(settings: TrainSettings) -> None:
+    """Generate the configured phantom data sets whose folder does not exist yet."""
+    for dir_name, spec in settings.phantoms.items():
+        out = Path(dir_name)
+        if out.is_dir() and any(out.glob("*_ct.nii.gz")):
+            continue
+        write_phantom_set(out, spec)
+
+
+def phantom_params(spec: PhantomDataSettings, index: int):  # -> pipeline.phantom.PhantomParams
+    """Subject ``index`` of a phantom set: varied sex, height, girth, fat, noise and some atrophy,
+    all drawn from (spec.seed, index) only."""
+    from pipeline.phantom import PhantomParams
+    from pipeline.labels import load_label_table
+
+    rng = np.random.default_rng([spec.seed, index])
+    atrophy: dict[str, float] = {}
+    if rng.random() < 0.3:
+        keys = [l.key for l in load_label_table().labels if not l.is_bone]
+        key = keys[int(rng.integers(len(keys)))]
+        side = ("", ":left", ":right")[int(rng.integers(3))]
+        atrophy[key + side] = float(rng.uniform(0.7, 0.95))
+    return PhantomParams(
+        seed=int(spec.seed * 1000 + index),
+        sex=("F", "M")[int(rng.integers(2))],
+        height_m=float(rng.uniform(1.5, 1.9)),
+        size=float(rng.uniform(0.85, 1.2)),
+        fat_fraction=float(rng.uniform(0.1, 0.45)),
+        atrophy=atrophy,
+        spacing_mm=spec.spacing_mm,
+        noise_hu=float(rng.uniform(8.0, 20.0)),
+    )
+
+
+def write_phantom_set(out: Path, spec: PhantomDataSettings) -> list[Path]:
+    """Write ``spec.n_subjects`` phantoms as NIfTI pairs ``phantom_<seed>_<i>_ct/_label.nii.gz``
+    (NIfTI affine = diag(-1,-1,1,1) @ affine_lps, array as generated)."""
+    import nibabel as nib
+
+    from pipeline.nifti import RAS_TO_LPS
+    from pipeline.phantom import generate_phantom
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in range(spec.n_subjects):
+        started = time.monotonic()
+        phantom = generate_phantom(phantom_params(spec, i))
+        name = f"phantom_{spec.seed}_{i:03d}"
+        affine_ras = RAS_TO_LPS @ np.asarray(phantom.affine_lps, dtype=np.float64)
+        ct = nib.Nifti1Image(np.asarray(phantom.hu, dtype=np.float32), affine_ras)
+        lab = nib.Nifti1Image(np.asarray(phantom.labels, dtype=np.uint8), affine_ras)
+        nib.save(ct, str(out / f"{name}_ct.nii.gz"))
+        nib.save(lab, str(out / f"{name}_label.nii.gz"))
+        written.append(out / f"{name}_ct.nii.gz")
+        logger.info("phantom %s written in %.1f s", name, time.monotonic() - started)
+    return written
+
+
+def load_cases(
+    data_dirs: tuple[Path, ...],
+    dicom_dirs: tuple[Path, ...],
+    labels: LabelTable,
+    preprocess: PreprocessSettings,
+    soft_labels: bool = False,
+) -> list[PreparedCase]:
+    """Load and preprocess every case of the folders (NIfTI pairs, and DICOM CT + SEG case folders)."""
+    from pipeline.nifti import list_nifti_cases, load_nifti_pair
+
+    cases: list[PreparedCase] = []
+    for d in data_dirs:
+        for case in list_nifti_cases(Path(d)):
+            hu, lab, affine = load_nifti_pair(case.ct_path, case.label_path, labels)
+            cases.append(_prepare_case(case.name, hu, lab, affine, preprocess, labels.num_classes if soft_labels else 0))
+    for d in dicom_dirs:
+        from pipeline.segimport import load_dicom_case, list_dicom_cases
+
+        for case_dir in list_dicom_cases(Path(d)):
+            hu, lab, affine = load_dicom_case(case_dir, labels)
+            cases.append(_prepare_case(case_dir.name, hu, lab, affine, preprocess, labels.num_classes if soft_labels else 0))
+    return cases
+
+
+def _prepare_case(
+    name: str, hu: np.ndarray, lab: np.ndarray, affine: np.ndarray, pre: PreprocessSettings, soft_classes: int = 0
+) -> PreparedCase:
+    image, plan = prepare(hu, affine, pre)
+    label = apply_to_labels(lab, plan)[None]
+    soft = soft_label_fractions(lab, plan, soft_classes) if soft_classes else None
+    return PreparedCase(name, image, label, soft=soft)
+
+
+def soft_label_fractions(lab: np.ndarray, plan, num_classes: int) -> np.ndarray:
+    """Fraction of each model-grid voxel covered by each class (area averaging of the
+    original-resolution masks), as uint8 0..255, shape (C, *model_shape).
+
+    Training on these partial-volume targets teaches the network calibrated boundary
+    probabilities, which the linear restore to the original grid turns into boundaries
+    finer than the model grid (a hard nearest-resampled target caps the Dice of small
+    structures at the model grid's staircase)."""
+    import torch.nn.functional as F
+
+    cropped = plan.canonical.apply(np.asarray(lab))[plan.crop_slices()]
+    out = np.zeros((num_classes,) + tuple(plan.model_shape), dtype=np.uint8)
+    for c in range(num_classes):
+        mask = torch.from_numpy((cropped == c).astype(np.float32))[None, None]
+        if not bool(mask.any()):
+            continue
+        frac = F.interpolate(mask, size=tuple(plan.model_shape), mode="area")[0, 0]
+        out[c] = torch.round(frac * 255).to(torch.uint8).numpy()
+    return out
+
+
+def with_class_indices(case: PreparedCase, num_classes: int) -> PreparedCase:
+    """The case with its per-class voxel indices precomputed (for label-class patch sampling)."""
+    from monai.transforms.utils import map_classes_to_indices
+
+    indices = map_classes_to_indices(case.label, num_classes=num_classes)
+    return replace(case, class_indices=tuple(np.asarray(i) for i in indices))
+
+
+def split_cases(cases: list[PreparedCase], val_fraction: float, seed: int) -> tuple[list[PreparedCase], list[PreparedCase]]:
+    """Deterministic split (by seed) into training and validation cases."""
+    if val_fraction <= 0 or len(cases) < 2:
+        return cases, []
+    order = np.random.default_rng(seed).permutation(len(cases))
+    n_val = max(1, int(round(val_fraction * len(cases))))
+    val = [cases[i] for i in sorted(order[:n_val])]
+    train = [cases[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def build_transforms(settings: TrainSettings, num_classes: int):  # -> monai.transforms.Compose
+    from monai.transforms import (
+        Compose,
+        RandAffined,
+        RandCropByLabelClassesd,
+        RandFlipd,
+        RandGaussianNoised,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+        SpatialPadd,
+    )
+
+    size = settings.network.img_size
+    rot = math.radians(settings.rotate_deg)
+    target = "soft" if settings.soft_labels else "label"
+    target_mode = "bilinear" if settings.soft_labels else "nearest"
+    return Compose(
+        [
+            SpatialPadd(keys=("image", target), spatial_size=size, mode="constant"),
+            RandCropByLabelClassesd(
+                keys=("image", target), label_key="label", spatial_size=size, num_classes=num_classes,
+                num_samples=settings.samples_per_volume, allow_smaller=True, indices_key="class_indices",
+            ),
+            RandAffined(
+                keys=("image", target), prob=settings.affine_prob, rotate_range=(rot, rot, rot),
+                scale_range=(settings.scale_fraction,) * 3, mode=("bilinear", target_mode), padding_mode="zeros",
+            ),
+            RandFlipd(keys=("image", target), prob=settings.flip_prob, spatial_axis=2),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=settings.intensity_prob),
+            RandShiftIntensityd(keys="image", offsets=0.05, prob=settings.intensity_prob),
+            RandGaussianNoised(keys="image", prob=settings.noise_prob, std=0.02),
+        ]
+    )
+
+
+def _batch_for_step(cases: list[PreparedCase], transforms, settings: TrainSettings, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training batch of ``step``: depends only on (seed, step)."""
+    rng = np.random.default_rng([settings.seed, step])
+    transforms.set_random_state(seed=int(rng.integers(2**31 - 1)))
+    images, labels = [], []
+    for index in rng.choice(len(cases), size=settings.batch_size, replace=len(cases) < settings.batch_size):
+        case = cases[int(index)]
+        with warnings.catch_warnings():  # classes absent from a case get ratio 0 (MONAI warns each time)
+            warnings.filterwarnings("ignore", message="no available indices of class")
+            item = {"image": case.image, "label": case.label, "class_indices": list(case.class_indices)}
+            if settings.soft_labels:
+                if case.soft is None:
+                    raise ValueError(f"case {case.name} has no soft labels; load it with soft_labels=True")
+                item["soft"] = case.soft  # uint8: crop first, scale the patch only
+            samples = transforms(item)
+        for s in samples if isinstance(samples, list) else [samples]:
+            images.append(torch.as_tensor(np.asarray(s["image"]), dtype=torch.float32))
+            if settings.soft_labels:
+                soft = torch.as_tensor(np.asarray(s["soft"]), dtype=torch.float32) / 255.0
+                background = (1.0 - soft[1:].sum(0, keepdim=True)).clamp_min(0.0)  # padding/affine fill: background
+                soft = torch.cat([torch.maximum(soft[:1], background), soft[1:]])
+                labels.append(soft / soft.sum(0, keepdim=True).clamp_min(1e-6))
+            else:
+                labels.append(torch.as_tensor(np.asarray(s["label"])).long())
+    return torch.stack(images), torch.stack(labels)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(network: torch.nn.Module, cases: list[PreparedCase], settings: TrainSettings, labels: LabelTable,
+             device: torch.device) -> dict[str, Any]:
+    """Sliding-window Dice per structure on the model grid, averaged over cases."""
+    from pipeline.inference import predict_scores
+
+    network.eval()
+    ids = [l.id for l in labels.labels]
+    per: dict[int, list[float]] = {i: [] for i in ids}
+    for case in cases:
+        probs = predict_scores(network, case.image, settings.network.img_size, device, sw_batch_size=2,
+                               overlap=settings.sw_overlap, mode="gaussian")
+        pred = probs.argmax(0).numpy().astype(np.uint8)
+        for i, d in dice_per_structure(pred, case.label[0], ids).items():
+            if not math.isnan(d):
+                per[i].append(d)
+    network.train()
+    dice = {labels.by_id(i).key: float(np.mean(v)) for i, v in per.items() if v}
+    return {"mean_dice": float(np.mean(list(dice.values()))) if dice else 0.0, "dice": dice}
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _lr_at(step: int, settings: TrainSettings) -> float:
+    """Linear warm-up then cosine decay to 5 % of ``lr``."""
+    if step < settings.warmup_iterations:
+        return settings.lr * (step + 1) / settings.warmup_iterations
+    span = max(1, settings.iterations - settings.warmup_iterations)
+    t = min(1.0, (step - settings.warmup_iterations) / span)
+    return settings.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train(settings: TrainSettings, labels: LabelTable | None = None) -> Path:
+    """Train; write the bundle with the best model (by validation mean Dice) and return its path."""
+    from monai.losses import DiceCELoss
+    from monai.utils import set_determinism
+
+    started = time.monotonic()
+    labels = labels or load_label_table()
+    torch.set_num_threads(settings.num_threads)
+    set_determinism(seed=settings.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ensure_phantoms(settings)
+
+    cases = load_cases(settings.data_dirs, settings.dicom_dirs, labels, settings.preprocess, settings.soft_labels)
+    if settings.val_dirs:
+        train_cases = cases
+        val_cases = load_cases(settings.val_dirs, (), labels, settings.preprocess)
+    else:
+        train_cases, val_cases = split_cases(cases, settings.val_fraction, settings.seed)
+    if not train_cases:
+        raise ValueError(f"no training cases found in {settings.data_dirs} / {settings.dicom_dirs}")
+    train_cases = [with_class_indices(c, labels.num_classes) for c in train_cases]
+    logger.info("training on %d cases, validating on %d (loaded in %.1f s)", len(train_cases), len(val_cases),
+                time.monotonic() - started)
+
+    network = build_network(settings.network, labels.num_classes).to(device)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    loss_fn = DiceCELoss(to_onehot_y=not settings.soft_labels, softmax=True)
+    transforms = build_transforms(settings, labels.num_classes)
+
+    step = 0
+    best = {"mean_dice": -1.0, "dice": {}, "step": 0}
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, Any]] = []
+    checkpoint_dir = Path(settings.checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if settings.resume is not None:
+        step, best, best_state, history = _load_checkpoint(Path(settings.resume), network, optimizer)
+        logger.info("resumed from %s at step %d (best mean Dice %.4f)", settings.resume, step, best["mean_dice"])
+
+    network.train()
+    losses: list[float] = []
+    t_last = time.monotonic()
+    while step < settings.iterations:
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, settings)
+        x, y = _batch_for_step(train_cases, transforms, settings, step)
+        x, y = x.to(device), y.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(network(x), y)
+        loss.backward()
+        if settings.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(network.parameters(), settings.grad_clip_norm)
+        optimizer.step()
+        losses.append(float(loss.item()))
+        step += 1
+        if step % 50 == 0:
+            logger.info("step %d loss %.4f (mean of last 50) lr %.2e", step, float(np.mean(losses[-50:])),
+                        optimizer.param_groups[0]["lr"])
+        if step % settings.val_every == 0 or step == settings.iterations:
+            record: dict[str, Any] = {"step": step, "loss": float(np.mean(losses[-settings.val_every:])),
+                                      "seconds": time.monotonic() - t_last}
+            if val_cases:
+                metrics = validate(network, val_cases, settings, labels, device)
+                record["val_mean_dice"] = metrics["mean_dice"]
+                if metrics["mean_dice"] > best["mean_dice"]:
+                    best = {**metrics, "step": step}
+                    best_state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+            else:
+                best = {"mean_dice": math.nan, "dice": {}, "step": step}
+                best_state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+            history.append(record)
+            logger.info("step %d/%d loss %.4f val mean Dice %s (best %.4f at %d) %.0f s", step, settings.iterations,
+                        record["loss"], f"{record.get('val_mean_dice', math.nan):.4f}", best["mean_dice"],
+                        best["step"], record["seconds"])
+            _save_checkpoint(checkpoint_dir / CHECKPOINT_NAME, network, optimizer, step, best, best_state, history)
+            t_last = time.monotonic()
+
+    if best_state is None:  # iterations == 0 or no validation happened
+        best_state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+    out = _write_trained_bundle(settings, labels, best_state, best, history, step,
+                                [c.name for c in train_cases], [c.name for c in val_cases], time.monotonic() - started)
+    logger.info("training finished in %.0f s; bundle %s (best mean Dice %.4f at step %d)",
+                time.monotonic() - started, out, best["mean_dice"], best["step"])
+    return out
+
+
+def _write_trained_bundle(settings: TrainSettings, labels: LabelTable, state: dict, best: dict, history: list,
+                          step: int, train_names: list[str], val_names: list[str], seconds: float,
+                          output: Path | None = None) -> Path:
+    network = build_network(settings.network, labels.num_classes)
+    network.load_state_dict(state)
+    metadata = {
+        "name": settings.bundle_name,
+        "version": settings.bundle_version,
+        "intended_use": settings.intended_use,
+        "description": "UNETR (MONAI) for thigh/hip muscle segmentation on CT; see intended_use.",
+        "training": {
+            "seed": settings.seed,
+            "command": settings.command or " ".join(sys.argv),
+            "settings": settings.provenance(),
+            "train_cases": train_names,
+            "val_cases": val_names,
+            "iterations": step,
+            "best_step": best["step"],
+            "history": history,
+            "seconds": seconds,
+        },
+        "metrics": {"validation_mean_dice_model_grid": best["mean_dice"], "validation_dice_model_grid": best["dice"]},
+    }
+    return write_bundle(output or settings.output_bundle, network, settings.network, settings.preprocess, labels,
+                        metadata, SlidingWindowSettings(overlap=settings.sw_overlap))
+
+
+def export_checkpoint(settings: TrainSettings, checkpoint: Path, output: Path, labels: LabelTable | None = None) -> Path:
+    """Write a bundle from a checkpoint's best model (e.g. to evaluate a run still in progress)."""
+    labels = labels or load_label_table()
+    ckpt = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
+    best = json.loads(ckpt["best_json"])
+    state = ckpt.get("best_model") or ckpt["model"]
+    return _write_trained_bundle(settings, labels, state, best, json.loads(ckpt["history_json"]), int(ckpt["step"]),
+                                 [], [], math.nan, output)
+
+
+def _save_checkpoint(path: Path, network, optimizer, step: int, best: dict, best_state, history: list) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": network.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "best_json": json.dumps(best), "best_model": best_state, "history_json": json.dumps(history)}, tmp)
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path, network, optimizer) -> tuple[int, dict, dict | None, list]:
+    if not path.is_file():
+        raise ValueError(f"resume checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    network.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return int(ckpt["step"]), json.loads(ckpt["best_json"]), ckpt.get("best_model"), json.loads(ckpt["history_json"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.training --config config/train_demo.toml [--iterations N] [--resume CKPT]``."""
+    parser = argparse.ArgumentParser(description="Train the thighnode UNETR and write a MONAI bundle.")
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument("--resume", type=Path, default=None)
+    parser.add_argument("--output", type=Path, default=None, help="bundle folder (overrides output_bundle)")
+    parser.add_argument("--checkpoint-dir", type=Path, default=None)
+    parser.add_argument("--export", type=Path, default=None, metavar="CHECKPOINT",
+                        help="do not train: write the bundle from this checkpoint's best model")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    command = "python -m pipeline.training " + " ".join(argv if argv is not None else sys.argv[1:])
+    settings = TrainSettings.from_toml(args.config, iterations=args.iterations, resume=args.resume,
+                                       output_bundle=args.output, checkpoint_dir=args.checkpoint_dir, command=command)
+    if args.export is not None:
+        print(export_checkpoint(settings, args.export, settings.output_bundle))
+        return 0
+    train(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""Bundles: write -> load gives the same outputs; refusals name what differs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.bundle import INFERENCE_PATH, METADATA_PATH, MODEL_PATH, load_bundle, write_bundle
+from pipeline.errors import BundleError
+from pipeline.labels import LabelTable, load_label_table
+from pipeline.network import NetworkSettings, build_network
+from pipeline.preprocess import PreprocessSettings
+
+torch.set_num_threads(1)
+
+TINY = NetworkSettings(img_size=(32, 32, 32), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=2)
+PRE = PreprocessSettings(spacing_mm=(4.0, 4.0, 4.0))
+
+
+def _write(tmp_path: Path, labels: LabelTable) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    net = build_network(TINY, labels.num_classes)
+    out = write_bundle(tmp_path / "b", net, TINY, PRE, labels, {"name": "tiny", "version": "0.0.1", "training": {"seed": 0}})
+    return out, net
+
+
+def test_write_load_same_outputs(tmp_path: Path) -> None:
+    labels = load_label_table()
+    path, net = _write(tmp_path, labels)
+    bundle = load_bundle(path, labels, "cpu")
+    assert (bundle.name, bundle.version) == ("tiny", "0.0.1")
+    assert bundle.network_settings == TINY and bundle.preprocess_settings == PRE
+    assert not bundle.network.training
+    x = torch.rand(1, 1, 32, 32, 32)
+    net.eval()
+    with torch.no_grad():
+        assert torch.allclose(net(x), bundle.network(x), atol=1e-6)
+    meta = json.loads((path / METADATA_PATH).read_text())
+    assert "NOT FOR CLINICAL USE" in meta["intended_use"]
+    assert meta["authors"] == "thighnode" and meta["labels"] == labels.to_records()
+
+
+def test_inference_config_parses_with_monai(tmp_path: Path) -> None:
+    from monai.bundle import ConfigParser
+    from monai.networks.nets import UNETR
+
+    labels = load_label_table()
+    path, _ = _write(tmp_path, labels)
+    parser = ConfigParser()
+    parser.read_config(str(path / INFERENCE_PATH))
+    assert isinstance(parser.get_parsed_content("network_def"), UNETR)
+    assert parser.get_parsed_content("inferer").roi_size == [32, 32, 32]
+    assert parser["network_def"]["_target_"] == "monai.networks.nets.UNETR"
+
+
+def test_refuses_label_table_mismatch(tmp_path: Path) -> None:
+    labels = load_label_table()
+    path, _ = _write(tmp_path, labels)
+    fewer = LabelTable(labels.labels[:-1])
+    with pytest.raises(BundleError, match="count: node has 28 structures, bundle has 29"):
+        load_bundle(path, fewer, "cpu")
+    records = labels.to_records()
+    records[2]["key"] = "vastus_lateralis_renamed"
+    renamed = LabelTable.from_records(records)
+    with pytest.raises(BundleError, match="id 3: node key 'vastus_lateralis_renamed', bundle key 'vastus_lateralis'"):
+        load_bundle(path, renamed, "cpu")
+
+
+def test_refuses_missing_file(tmp_path: Path) -> None:
+    labels = load_label_table()
+    path, _ = _write(tmp_path, labels)
+    (path / MODEL_PATH).unlink()
+    with pytest.raises(BundleError, match="models/model.pt is missing"):
+        load_bundle(path, labels, "cpu")
+
+
+def test_refuses_state_dict_that_does_not_fit(tmp_path: Path) -> None:
+    labels = load_label_table()
+    path, _ = _write(tmp_path, labels)
+    other = build_network(NetworkSettings(img_size=(32, 32, 32), feature_size=8, hidden_size=64, mlp_dim=96, num_heads=2),
+                          labels.num_classes)
+    torch.save(other.state_dict(), path / MODEL_PATH)
+    with pytest.raises(BundleError, match="does not fit the UNETR"):
+        load_bundle(path, labels, "cpu")
+
+
+def test_metadata_needs_name(tmp_path: Path) -> None:
+    labels = load_label_table()
+    with pytest.raises(BundleError, match="'name'"):
+        write_bundle(tmp_path / "b", build_network(TINY, labels.num_classes), TINY, PRE, labels, {"version": "1"})

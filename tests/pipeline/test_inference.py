@@ -1,0 +1,76 @@
+"""Segmenter on a small Volume: a Segmentation on the volume's own grid."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.bundle import load_bundle, write_bundle
+from pipeline.errors import SegmentationError
+from pipeline.inference import Segmenter, select_device
+from pipeline.labels import load_label_table
+from pipeline.network import NetworkSettings, build_network
+from pipeline.preprocess import PreprocessSettings
+from pipeline.types import SIDE_LEFT, SIDE_RIGHT, Segmentation, Volume
+
+torch.set_num_threads(1)
+TINY = NetworkSettings(img_size=(32, 32, 32), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=2)
+
+
+def _volume(affine: np.ndarray) -> Volume:
+    shape = (20, 24, 28)
+    k, r, c = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    hu = np.where(((r - 12) / 10) ** 2 + ((c - 14) / 12) ** 2 < 1, 40.0, -1000.0).astype(np.float32)
+    return Volume(hu=hu, affine_lps=affine, frame_of_reference_uid="1.2", study_instance_uid="1.3",
+                  series_instance_uid="1.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uids=())
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    labels = load_label_table()
+    torch.manual_seed(0)
+    net = build_network(TINY, labels.num_classes)
+    path = write_bundle(tmp_path_factory.mktemp("b") / "tiny", net, TINY, PreprocessSettings(spacing_mm=(4, 4, 4)),
+                        labels, {"name": "tiny", "version": "0.0.1"})
+    return load_bundle(path, labels, "cpu")
+
+
+@pytest.mark.parametrize("affine", [
+    np.array([[0, 0, 2.0, -30], [0, 2.0, 0, -20], [3.0, 0, 0, 10], [0, 0, 0, 1]]),  # HFS: rows +y, columns +x
+    np.array([[0, 0, -2.0, 30], [0, 2.0, 0, -20], [-3.0, 0, 0, 10], [0, 0, 0, 1]]),  # FFS, slices descending
+])
+def test_segment_returns_segmentation_on_volume_grid(bundle, affine) -> None:
+    volume = _volume(affine)
+    seg = Segmenter(bundle, device="cpu", num_threads=1).segment(volume)
+    assert isinstance(seg, Segmentation)
+    assert seg.label_map.shape == volume.shape and seg.side_map.shape == volume.shape
+    assert seg.label_map.dtype == np.uint8
+    assert np.array_equal(seg.affine_lps, volume.affine_lps)
+    assert (seg.model_name, seg.model_version) == ("tiny", "0.0.1")
+    assert seg.label_map.max() <= 29
+    assert set(np.unique(seg.side_map)) <= {0, SIDE_RIGHT, SIDE_LEFT}
+    assert np.all(seg.side_map[seg.label_map == 0] == 0)
+
+
+def test_segment_is_thread_safe_and_deterministic(bundle) -> None:
+    volume = _volume(np.diag([3.0, 2.0, 2.0, 1.0]))
+    segmenter = Segmenter(bundle, device="cpu", num_threads=1)
+    results: list[np.ndarray] = []
+    threads = [threading.Thread(target=lambda: results.append(segmenter.segment(volume).label_map)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2 and np.array_equal(results[0], results[1])
+
+
+def test_select_device() -> None:
+    assert select_device("cpu").type == "cpu"
+    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SegmentationError, match="CUDA is not available"):
+            select_device("cuda")

@@ -1,0 +1,112 @@
+"""A tiny training run: the loss falls, a loadable bundle appears, resume continues the step count."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from pipeline.bundle import METADATA_PATH, load_bundle
+from pipeline.labels import load_label_table
+from pipeline.network import NetworkSettings
+from pipeline.nifti import RAS_TO_LPS, list_nifti_cases, load_nifti_pair
+from pipeline.preprocess import PreprocessSettings
+from pipeline.training import CHECKPOINT_NAME, TrainSettings, train
+
+torch.set_num_threads(1)
+
+
+def _write_cases(folder: Path, n: int = 2) -> None:
+    """Tiny synthetic 'thighs': body of fat with a muscle (1) and a bone (28) cylinder each side."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    shape = (24, 28, 40)
+    k, r, c = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    for i in range(n):
+        lab = np.zeros(shape, np.uint8)
+        body = ((r - 14) / 12) ** 2 + ((c - 20) / 18) ** 2 < 1
+        for cx in (10, 30):
+            lab[((r - 14) / 6) ** 2 + ((c - cx) / 5) ** 2 < 1] = 1
+            lab[((r - 14) / 2.5) ** 2 + ((c - cx) / 2.5) ** 2 < 1] = 28
+        hu = np.where(body, -100.0, -1000.0).astype(np.float32)
+        hu[lab == 1], hu[lab == 28] = 50.0, 700.0
+        hu += rng.normal(0, 8, shape).astype(np.float32)
+        affine_lps = np.array([[0, 0, 4.0, -80], [0, 4.0, 0, -56], [4.0, 0, 0, 0], [0, 0, 0, 1]])
+        nib.save(nib.Nifti1Image(hu, RAS_TO_LPS @ affine_lps), str(folder / f"case{i}_ct.nii.gz"))
+        nib.save(nib.Nifti1Image(lab, RAS_TO_LPS @ affine_lps), str(folder / f"case{i}_label.nii.gz"))
+
+
+def _settings(tmp_path: Path, **kw) -> TrainSettings:
+    data = tmp_path / "data"
+    if not data.is_dir():
+        _write_cases(data)
+    base = dict(
+        data_dirs=(data,), val_dirs=(data,), output_bundle=tmp_path / "bundle", checkpoint_dir=tmp_path / "ckpt",
+        iterations=8, val_every=4, lr=3e-3, warmup_iterations=1, samples_per_volume=2, num_threads=1, seed=7,
+        affine_prob=0.0,
+        network=NetworkSettings(img_size=(32, 32, 32), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=2),
+        preprocess=PreprocessSettings(spacing_mm=(4.0, 4.0, 4.0)),
+    )
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+def test_nifti_pair_loading_and_listing(tmp_path: Path) -> None:
+    _write_cases(tmp_path)
+    cases = list_nifti_cases(tmp_path)
+    assert [c.name for c in cases] == ["case0", "case1"]
+    hu, lab, affine = load_nifti_pair(cases[0].ct_path, cases[0].label_path, load_label_table())
+    assert hu.shape == lab.shape == (24, 28, 40) and lab.dtype == np.uint8
+    assert np.allclose(affine[:3, 3], (-80, -56, 0))  # LPS, as written
+    bad = tmp_path / "bad_label.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((24, 28, 40), 31, np.uint8), RAS_TO_LPS @ affine), str(bad))
+    with pytest.raises(ValueError, match=r"label values \[31\] are not in the label table \(allowed 0..29\)"):
+        load_nifti_pair(cases[0].ct_path, bad, load_label_table())
+
+
+def test_tiny_training_lowers_loss_writes_bundle_and_resumes(tmp_path: Path) -> None:
+    labels = load_label_table()
+    out = train(_settings(tmp_path), labels)
+    meta = json.loads((out / METADATA_PATH).read_text())
+    history = meta["training"]["history"]
+    assert [h["step"] for h in history] == [4, 8]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert meta["training"]["seed"] == 7 and "validation_mean_dice_model_grid" in meta["metrics"]
+    bundle = load_bundle(out, labels, "cpu")
+    assert bundle.name == "thighnode_demo"
+
+    ckpt = tmp_path / "ckpt" / CHECKPOINT_NAME
+    assert torch.load(ckpt, weights_only=True)["step"] == 8
+    resumed = train(_settings(tmp_path, iterations=12, resume=ckpt, output_bundle=tmp_path / "bundle2"), labels)
+    meta2 = json.loads((resumed / METADATA_PATH).read_text())
+    assert [h["step"] for h in meta2["training"]["history"]] == [4, 8, 12]
+    assert meta2["training"]["iterations"] == 12
+    assert torch.load(ckpt, weights_only=True)["step"] == 12
+
+
+def test_settings_from_toml(tmp_path: Path) -> None:
+    cfg = Path(__file__).resolve().parents[2] / "config" / "train_demo.toml"
+    s = TrainSettings.from_toml(cfg)
+    assert s.network.hidden_size < 768 and s.preprocess.gamma == 2.0 and s.seed
+    assert s.output_bundle == Path("bundles/thighnode_demo")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('data_dirs = ["x"]\noutput_bundle = "b"\ncheckpoint_dir = "c"\nlearning_rate = 1\n')
+    with pytest.raises(ValueError, match="unknown training settings \\['learning_rate'\\]"):
+        TrainSettings.from_toml(bad)
+
+
+def test_nifti_listing_images_tr_layout(tmp_path: Path) -> None:
+    _write_cases(tmp_path / "flat", 1)
+    (tmp_path / "ds" / "imagesTr").mkdir(parents=True)
+    (tmp_path / "ds" / "labelsTr").mkdir(parents=True)
+    (tmp_path / "flat" / "case0_ct.nii.gz").rename(tmp_path / "ds" / "imagesTr" / "thigh_001_0000.nii.gz")
+    (tmp_path / "flat" / "case0_label.nii.gz").rename(tmp_path / "ds" / "labelsTr" / "thigh_001.nii.gz")
+    cases = list_nifti_cases(tmp_path / "ds")
+    assert [(c.name, c.ct_path.name, c.label_path.name) for c in cases] == [
+        ("thigh_001", "thigh_001_0000.nii.gz", "thigh_001.nii.gz")]
+    with pytest.raises(ValueError, match="holds no NIfTI pairs"):
+        list_nifti_cases(tmp_path / "flat")
