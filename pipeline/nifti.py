@@ -87,7 +87,8 @@ def load_nifti_pair(
 
 
 def list_nifti_cases(data_dir: Path) -> list[NiftiCase]:
-    """The pairs of a folder: ``<name>_ct.nii.gz`` + ``<name>_label.nii.gz``, or
+    """The pairs of a folder: ``<name>_ct.nii.gz`` + ``<name>_label.nii.gz`` (in the folder or in
+    one sub-folder per case), or
     ``imagesTr/<name>.nii.gz`` (also ``<name>_0000.nii.gz``) + ``labelsTr/<name>.nii.gz``.
     Sorted by name; a CT without its label is an error."""
     data_dir = Path(data_dir)
@@ -105,9 +106,10 @@ def list_nifti_cases(data_dir: Path) -> list[NiftiCase]:
                 raise NiftiError(f"{ct}: no label file {label}")
             cases.append(NiftiCase(base, ct, label))
     else:
-        for ct in sorted(data_dir.glob(f"*{CT_SUFFIX}")):
+        found = sorted(data_dir.glob(f"*{CT_SUFFIX}")) or sorted(data_dir.glob(f"*/*{CT_SUFFIX}"))
+        for ct in found:  # a flat folder, or one folder per case (as `thighnode phantom` writes)
             base = ct.name[: -len(CT_SUFFIX)]
-            label = data_dir / f"{base}{LABEL_SUFFIX}"
+            label = ct.parent / f"{base}{LABEL_SUFFIX}"
             if not label.is_file():
                 raise NiftiError(f"{ct}: no label file {label}")
             cases.append(NiftiCase(base, ct, label))

@@ -260,9 +260,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.training import main as train_main
 
     _setup_logging("INFO")
-    argv = [str(args.train_config)]
+    argv = ["--config", str(args.train_config)]
     if args.resume:
         argv += ["--resume", str(args.resume)]
+    if args.iterations:
+        argv += ["--iterations", str(args.iterations)]
+    if args.output:
+        argv += ["--output", str(args.output)]
     return int(train_main(argv) or 0)
 
 
@@ -336,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", "train a model bundle from labelled CTs (NIfTI pairs or DICOM CT + DICOM-SEG)")
     p.add_argument("train_config", type=Path, help="training settings (TOML), e.g. config/train_demo.toml")
     p.add_argument("--resume", type=Path, default=None, help="checkpoint to resume from")
+    p.add_argument("--iterations", type=int, default=None, help="total iterations (overrides the settings)")
+    p.add_argument("--output", type=Path, default=None, help="bundle folder (overrides output_bundle)")
     p.set_defaults(func=cmd_train)
 
     from thighnode.cohort import add_cohort_parser

@@ -1,0 +1,32 @@
+"""The command line: phantoms written by `thighnode phantom` are a labelled set the trainer can read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pydicom
+
+from pipeline.nifti import list_nifti_cases, load_nifti_pair
+from thighnode.cli import main
+
+
+def test_phantom_command_writes_nifti_dicom_and_truth(tmp_path: Path) -> None:
+    out = tmp_path / "ph"
+    assert main(["phantom", "--out", str(out), "--subjects", "1", "--seed", "3", "--spacing", "4", "--dicom"]) == 0
+    cases = list_nifti_cases(out)
+    assert len(cases) == 1
+    hu, labels, affine = load_nifti_pair(cases[0].ct_path, cases[0].label_path)[:3]
+    assert hu.shape == labels.shape and int(labels.max()) == 29
+    truth = json.loads(next(out.glob("*/*_truth.json")).read_text())
+    assert "gluteus_maximus" in json.dumps(truth)
+    dicoms = sorted(out.glob("*/dicom/*.dcm"))
+    assert len(dicoms) == hu.shape[0]
+    assert pydicom.dcmread(dicoms[0], stop_before_pixels=True).Modality == "CT"
+
+
+def test_invalid_config_is_reported_with_key_and_value(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[node]\nport = 0\n")
+    assert main(["status", "--config", str(cfg)]) == 2
+    assert "node.port = 0: allowed 1..65535" in capsys.readouterr().err
