@@ -92,7 +92,7 @@ def test_a_pacs_refusing_segmentation_gets_a_clear_error_and_still_receives_sr_a
 ) -> None:
     """The PACS here is a pynetdicom SCP that supports SR and Encapsulated PDF storage but not SEG."""
     from pynetdicom import AE, evt
-    from pynetdicom.sop_class import ComprehensiveSRStorage, EncapsulatedPDFStorage, Verification
+    from pynetdicom.sop_class import Comprehensive3DSRStorage, EncapsulatedPDFStorage, Verification
 
     from tests.support.ports import free_port
 
@@ -103,7 +103,7 @@ def test_a_pacs_refusing_segmentation_gets_a_clear_error_and_still_receives_sr_a
         return 0x0000
 
     ae = AE(ae_title="NOSEG")
-    for cls in (ComprehensiveSRStorage, EncapsulatedPDFStorage, Verification):
+    for cls in (Comprehensive3DSRStorage, EncapsulatedPDFStorage, Verification):
         ae.add_supported_context(cls)
     port = free_port()
     server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, handle_store)])
@@ -114,7 +114,7 @@ def test_a_pacs_refusing_segmentation_gets_a_clear_error_and_still_receives_sr_a
             status = node.wait_for(_finished(STUDY), timeout_s=900, what="the outputs to be sent or failed")
     finally:
         server.shutdown()
-    assert sorted(received) == sorted([str(ComprehensiveSRStorage), str(EncapsulatedPDFStorage)])
+    assert sorted(received) == sorted([str(Comprehensive3DSRStorage), str(EncapsulatedPDFStorage)])
     failed = [i for i in status["outbox"] if i["state"] == "failed"]
     assert len(failed) == 1
     assert "refused SOP class Segmentation Storage" in failed[0]["last_error"]

@@ -53,6 +53,7 @@ class NodeProcess:
         port: int | None = None,
     ) -> None:
         self.tmp_path = tmp_path
+        tmp_path.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.data_dir = tmp_path / "var"
         self.config = write_config(
