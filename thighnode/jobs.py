@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from node_errors import NodeError
+from thighnode.db import open_db
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +133,8 @@ class JobStore:
     """Jobs in SQLite; safe to share between threads (one connection behind a lock)."""
 
     def __init__(self, db_path: Path) -> None:
-        db_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(db_path), timeout=30.0, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_db(db_path, _SCHEMA)
 
     def close(self) -> None:
         with self._lock:

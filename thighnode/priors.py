@@ -10,7 +10,6 @@ is set. Failed retrievals are retried with a doubling delay and are visible in `
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from pipeline.compare import compare_studies
 from pipeline.types import AnatomicalProfiles, Comparison, Measurements, PatientInfo, PriorSearch
+from thighnode.db import open_db
 from thighnode.results import ResultsStore
 from thighnode.settings import Settings
 
@@ -61,10 +61,7 @@ class PriorRequests:
 
     def __init__(self, db_path: Path) -> None:
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(db_path), timeout=30.0, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_db(db_path, _SCHEMA)
 
     def close(self) -> None:
         with self._lock:
