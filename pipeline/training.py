@@ -102,6 +102,12 @@ class TrainSettings:
     sw_overlap: float = 0.5
     soft_labels: bool = True
     grad_clip_norm: float = 2.0
+    #: "fp32", or "bf16": forward pass under torch.autocast (bfloat16) on CPU and CUDA; weights,
+    #: optimizer and loss stay float32. On CPUs with AMX/AVX-512 BF16 this is ~1.7x faster.
+    precision: str = "fp32"
+    #: Dice over the whole batch of patches per class (nnU-Net's "batch Dice") instead of per
+    #: patch: a class with a few voxels at a patch's edge no longer dominates its gradient.
+    batch_dice: bool = False
 
     def __post_init__(self) -> None:
         if self.iterations < 0 or self.val_every < 1 or self.batch_size < 1 or self.samples_per_volume < 1:
@@ -111,6 +117,8 @@ class TrainSettings:
             )
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"TrainSettings.val_fraction must be in [0, 1); saw {self.val_fraction}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"TrainSettings.precision must be 'fp32' or 'bf16'; saw {self.precision!r}")
 
     @classmethod
     def from_toml(cls, path: Path, **overrides: Any) -> "TrainSettings":
@@ -431,7 +439,8 @@ def train(settings: TrainSettings, labels: LabelTable | None = None) -> Path:
 
     network = build_network(settings.network, labels.num_classes).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    loss_fn = DiceCELoss(to_onehot_y=not settings.soft_labels, softmax=True)
+    loss_fn = DiceCELoss(to_onehot_y=not settings.soft_labels, softmax=True, batch=settings.batch_dice)
+    autocast_bf16 = settings.precision == "bf16"
     transforms = build_transforms(settings, labels.num_classes)
 
     step = 0
@@ -453,7 +462,9 @@ def train(settings: TrainSettings, labels: LabelTable | None = None) -> Path:
         x, y = _batch_for_step(train_cases, transforms, settings, step)
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(network(x), y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+            logits = network(x)
+        loss = loss_fn(logits.float(), y)
         loss.backward()
         if settings.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(network.parameters(), settings.grad_clip_norm)

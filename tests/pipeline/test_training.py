@@ -110,3 +110,18 @@ def test_nifti_listing_images_tr_layout(tmp_path: Path) -> None:
         ("thigh_001", "thigh_001_0000.nii.gz", "thigh_001.nii.gz")]
     with pytest.raises(ValueError, match="holds no NIfTI pairs"):
         list_nifti_cases(tmp_path / "flat")
+
+
+def test_bf16_autocast_with_batch_dice_lowers_the_loss(tmp_path: Path) -> None:
+    out = train(_settings(tmp_path, precision="bf16", batch_dice=True), load_label_table())
+    meta = json.loads((out / METADATA_PATH).read_text())
+    history = meta["training"]["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert meta["training"]["settings"]["precision"] == "bf16" and meta["training"]["settings"]["batch_dice"] is True
+    bundle = load_bundle(out, load_label_table(), "cpu")
+    assert all(p.dtype == torch.float32 for p in bundle.network.parameters())  # weights stay float32
+
+
+def test_unknown_precision_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16'; saw 'fp16'"):
+        _settings(tmp_path, precision="fp16")
