@@ -62,6 +62,11 @@ class StructureScore:
     pred_volume_ml: float
 
 
+#: Acceptance targets of the segmentation issue (held-out phantoms).
+MIN_MEAN_DICE = 0.90
+MAX_MUSCLE_RAVD = 0.05
+
+
 @dataclass(frozen=True)
 class EvaluationReport:
     """Scores of a bundle on a data set."""
@@ -109,7 +114,30 @@ class EvaluationReport:
         both = self.per_structure()
         mean_ravd = np.nanmean([v[1] for v in both.values()]) if both else math.nan
         lines.append(f"{'MEAN':<24}{self.mean_dice():>8.3f}{100 * mean_ravd:>9.2f}")
+        lines.extend(self.target_lines())
         return "\n".join(lines)
+
+    def target_shortfalls(self, muscle_keys: set[str] | None = None, min_mean_dice: float = MIN_MEAN_DICE,
+                          max_ravd: float = MAX_MUSCLE_RAVD) -> list[str]:
+        """What misses the acceptance targets: mean Dice over all structures >= ``min_mean_dice``, and
+        for every muscle (bones excluded) a mean volume error over cases <= ``max_ravd``."""
+        if muscle_keys is None:
+            from pipeline.labels import load_label_table
+
+            muscle_keys = {l.key for l in load_label_table().labels if not l.is_bone}
+        out = []
+        if not self.mean_dice() >= min_mean_dice:
+            out.append(f"mean Dice {self.mean_dice():.3f} < {min_mean_dice:.2f}")
+        for key, (_, ravd, _) in self.per_structure().items():
+            if key in muscle_keys and not math.isnan(ravd) and not ravd <= max_ravd:  # nan: absent in every case
+                out.append(f"{key}: volume error {100 * ravd:.1f} % > {100 * max_ravd:.0f} %")
+        return out
+
+    def target_lines(self) -> list[str]:
+        short = self.target_shortfalls()
+        head = (f"targets (mean Dice >= {MIN_MEAN_DICE:.2f}; volume error <= {100 * MAX_MUSCLE_RAVD:.0f} % "
+                f"for every muscle): " + ("MET" if not short else f"NOT MET ({len(short)})"))
+        return [head] + [f"  - {s}" for s in short]
 
     def write_csv(self, path: Path) -> Path:
         path = Path(path)

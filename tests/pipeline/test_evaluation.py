@@ -39,3 +39,32 @@ def test_report_table_and_csv(tmp_path: Path) -> None:
     text = report.write_csv(tmp_path / "r.csv").read_text()
     assert text.splitlines()[0].startswith("case,label_id,key,side,dice,ravd")
     assert "c1,1,sartorius,both,1.000000,0.000000" in text
+
+
+def _two_structure_report(pred_extra: int) -> EvaluationReport:
+    """Sartorius (muscle) and femur (bone), 100 voxels each; the prediction adds ``pred_extra``
+    voxels to the sartorius and as many to the femur."""
+    labels = load_label_table()
+    femur = labels.by_key("femur").id
+    truth = np.zeros((10, 10, 10), np.uint8)
+    truth[0] = 1
+    truth[1] = femur
+    pred = truth.copy()
+    pred[2].flat[:pred_extra] = 1
+    pred[3].flat[:pred_extra] = femur
+    return EvaluationReport("b", "1", ("c1",), tuple(score_case("c1", pred, truth, labels, 0.008)), 1.0)
+
+
+def test_targets_met_when_every_present_muscle_is_within_five_percent() -> None:
+    report = _two_structure_report(4)  # 4 % over: Dice 0.98, volume error 4 %
+    assert report.target_shortfalls() == []
+    assert "targets (mean Dice >= 0.90; volume error <= 5 % for every muscle): MET" in report.format_table()
+
+
+def test_targets_name_the_muscles_and_the_mean_that_miss() -> None:
+    report = _two_structure_report(30)  # 30 % over: Dice 0.87, volume error 30 %
+    short = report.target_shortfalls()
+    assert short[0].startswith("mean Dice 0.87")
+    assert "sartorius: volume error 30.0 % > 5 %" in short
+    assert not any(s.startswith("femur") for s in short)  # bones are held to the Dice target only
+    assert "NOT MET (2)" in report.format_table()
