@@ -284,6 +284,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data = tmp
     report = evaluate_bundle(Path(args.bundle), data, csv_path=Path(args.csv) if args.csv else None)
     print(report.format_table())
+    if args.side_check:
+        from pipeline.sidecheck import run_sidecheck
+
+        result = run_sidecheck(Path(args.bundle))
+        print("\nside check: one phantom leg atrophied (pipeline.sidecheck)")
+        print(result.format_table())
+        if not result.passed:
+            return 1
     return 0
 
 
@@ -354,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phantoms", type=int, default=4, help="number of held-out phantoms when --data is not given")
     p.add_argument("--seed", type=int, default=9000, help="seed of the held-out phantoms")
     p.add_argument("--csv", default=None, help="write the table as CSV")
+    p.add_argument("--side-check", action="store_true",
+                   help="also segment a phantom pair with one leg atrophied: is the loss on that side only? (exit 1 if not)")
     p.set_defaults(func=cmd_evaluate)
     return parser
 
