@@ -14,6 +14,7 @@ with :class:`~pipeline.errors.BundleError`, anything that does not fit.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import time
 from dataclasses import dataclass, field
@@ -70,6 +71,9 @@ class Bundle:
     sliding_window: SlidingWindowSettings
     path: Path
     metadata: dict = field(repr=False, default_factory=dict)
+    #: Per-class factors applied to the softmax output before the restore and argmax (volume
+    #: calibration, pipeline.calibration); None = all ones.
+    class_weights: tuple[float, ...] | None = None
 
 
 def inference_config(
@@ -97,7 +101,8 @@ def inference_config(
         "thighnode_notes": (
             "Preprocessing is thighnode's pipeline.preprocess.prepare(): canonical orientation "
             "(z, y, x ascending LPS), foreground crop, resample to spacing_mm, HU window + gamma; "
-            "output: softmax, linear restore to the original grid, argmax, side split, largest components."
+            "output: softmax, times metadata class_weights when present (volume calibration), linear "
+            "restore to the original grid, argmax, side split, largest components."
         ),
     }
 
@@ -110,6 +115,7 @@ def write_bundle(
     labels: LabelTable,
     metadata: dict[str, Any],
     sliding_window: SlidingWindowSettings | None = None,
+    class_weights: tuple[float, ...] | None = None,
 ) -> Path:
     """Write a bundle; ``metadata`` must hold at least ``name`` and ``version``.
 
@@ -147,6 +153,8 @@ def write_bundle(
                                   "spatial_shape": list(network_settings.img_size), "dtype": "float32"}},
         },
     }
+    if class_weights is not None:
+        meta["class_weights"] = [float(w) for w in _check_class_weights(class_weights, labels.num_classes, str(bundle_dir))]
     (bundle_dir / METADATA_PATH).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     config = inference_config(network_settings, preprocess_settings, sliding_window, labels.num_classes)
     (bundle_dir / INFERENCE_PATH).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -154,6 +162,30 @@ def write_bundle(
     torch.save(state, bundle_dir / MODEL_PATH)
     logger.info("wrote bundle %s (%s %s)", bundle_dir, meta["name"], meta["version"])
     return bundle_dir
+
+
+def _check_class_weights(weights, num_classes: int, where: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(w) for w in weights)
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"bundle {where}: class_weights must be a list of numbers ({exc})") from exc
+    if len(values) != num_classes:
+        raise BundleError(f"bundle {where}: class_weights has {len(values)} values; the label table needs {num_classes}")
+    bad = [i for i, w in enumerate(values) if not (math.isfinite(w) and w > 0)]
+    if bad:
+        raise BundleError(f"bundle {where}: class_weights must be finite and > 0; class {bad[0]} is {values[bad[0]]!r}")
+    return values
+
+
+def set_class_weights(bundle_dir: Path, weights, provenance: dict[str, Any]) -> None:
+    """Store volume-calibration class weights (and how they were fitted) in a bundle's metadata."""
+    path = Path(bundle_dir) / METADATA_PATH
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    meta["class_weights"] = [float(w) for w in _check_class_weights(weights, int(meta["num_classes"]), str(bundle_dir))]
+    meta["class_weights_calibration"] = provenance
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
 
 
 def _monai_version() -> str:
@@ -210,6 +242,8 @@ def load_bundle(bundle_dir: Path, labels: LabelTable, device: str | torch.device
         network_settings = NetworkSettings.from_dict(meta["network_settings"])
         preprocess_settings = PreprocessSettings.from_dict(meta["preprocess_settings"])
         sliding_window = SlidingWindowSettings(**meta.get("sliding_window", {}))
+        class_weights = (None if meta.get("class_weights") is None
+                         else _check_class_weights(meta["class_weights"], labels.num_classes, str(bundle_dir)))
     except (TypeError, ValueError) as exc:
         raise BundleError(f"bundle {bundle_dir}: settings in {METADATA_PATH} are invalid: {exc}") from exc
 
@@ -260,6 +294,7 @@ def load_bundle(bundle_dir: Path, labels: LabelTable, device: str | torch.device
         network_settings=network_settings,
         preprocess_settings=preprocess_settings,
         sliding_window=sliding_window,
+        class_weights=class_weights,
         path=bundle_dir,
         metadata=meta,
     )

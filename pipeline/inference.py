@@ -137,6 +137,8 @@ class Segmenter:
         started = time.monotonic()
         try:
             probs, plan = self.predict(volume)
+            if self._bundle.class_weights is not None:
+                probs = probs * torch.tensor(self._bundle.class_weights, dtype=probs.dtype)[:, None, None, None]
             label_map = restore_probabilities(probs, plan)
             del probs
             side_map = split_sides(label_map, volume.affine_lps, femur_id=self._femur_id)

@@ -108,6 +108,9 @@ class TrainSettings:
     #: Dice over the whole batch of patches per class (nnU-Net's "batch Dice") instead of per
     #: patch: a class with a few voxels at a patch's edge no longer dominates its gradient.
     batch_dice: bool = False
+    #: After training, fit the bundle's per-class volume calibration on the validation folders
+    #: (pipeline.calibration): removes systematic volume bias of thin/broad structures.
+    calibrate_volumes: bool = False
 
     def __post_init__(self) -> None:
         if self.iterations < 0 or self.val_every < 1 or self.batch_size < 1 or self.samples_per_volume < 1:
@@ -497,6 +500,11 @@ def train(settings: TrainSettings, labels: LabelTable | None = None) -> Path:
         best_state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
     out = _write_trained_bundle(settings, labels, best_state, best, history, step,
                                 [c.name for c in train_cases], [c.name for c in val_cases], time.monotonic() - started)
+    if settings.calibrate_volumes and settings.val_dirs:
+        from pipeline.calibration import calibrate_bundle, format_result
+
+        result = calibrate_bundle(out, settings.val_dirs, device=device.type)
+        logger.info("volume calibration on the validation set:\n%s", format_result(result, labels))
     logger.info("training finished in %.0f s; bundle %s (best mean Dice %.4f at step %d)",
                 time.monotonic() - started, out, best["mean_dice"], best["step"])
     return out

@@ -295,6 +295,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from pipeline.calibration import calibrate_bundle, format_result
+
+    _setup_logging("INFO")
+    result = calibrate_bundle(Path(args.bundle), [Path(d) for d in args.data], iterations=args.iterations,
+                              write=not args.dry_run)
+    print(format_result(result))
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------
 
 
@@ -355,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     from thighnode.cohort import add_cohort_parser
 
     add_cohort_parser(sub)
+
+    p = add("calibrate", "fit a bundle's per-class volume calibration on labelled cases (a validation set)")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--data", required=True, nargs="+", help="folder(s) of NIfTI pairs; never the test set")
+    p.add_argument("--iterations", type=int, default=8)
+    p.add_argument("--dry-run", action="store_true", help="print the fit without writing the bundle")
+    p.set_defaults(func=cmd_calibrate)
 
     p = add("evaluate", "per-structure Dice and volume difference of a bundle on a labelled set")
     p.add_argument("--bundle", required=True)

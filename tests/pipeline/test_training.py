@@ -125,3 +125,11 @@ def test_bf16_autocast_with_batch_dice_lowers_the_loss(tmp_path: Path) -> None:
 def test_unknown_precision_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16'; saw 'fp16'"):
         _settings(tmp_path, precision="fp16")
+
+
+def test_training_can_calibrate_the_volumes_on_the_validation_set(tmp_path: Path) -> None:
+    out = train(_settings(tmp_path, calibrate_volumes=True), load_label_table())
+    meta = json.loads((out / METADATA_PATH).read_text())
+    assert len(meta["class_weights"]) == 30 and meta["class_weights"][0] == 1.0
+    assert meta["class_weights_calibration"]["cases"] == ["case0", "case1"]
+    assert load_bundle(out, load_label_table(), "cpu").class_weights == pytest.approx(meta["class_weights"])

@@ -1,0 +1,113 @@
+"""Volume calibration: per-class factors that remove a systematic volume bias, stored in the bundle
+and applied by the Segmenter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.bundle import METADATA_PATH, load_bundle, set_class_weights, write_bundle
+from pipeline.calibration import fit_class_weights
+from pipeline.errors import BundleError
+from pipeline.inference import Segmenter
+from pipeline.labels import load_label_table
+from pipeline.network import NetworkSettings, build_network
+from pipeline.preprocess import PreprocessSettings, prepare, restore_probabilities
+from pipeline.types import Volume
+
+torch.set_num_threads(1)
+TINY = NetworkSettings(img_size=(32, 32, 32), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=2)
+
+
+def _ball_case(radius: float, shrink: float):
+    """A ball of class 1 (radius in voxels of a 1 mm grid) inside a body; model-grid probabilities
+    (2 mm grid) whose class-1 boundary lies ``shrink`` mm inside the true one (a biased model)."""
+    shape = (40, 40, 40)
+    k, r, c = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    dist = np.sqrt((k - 20) ** 2 + (r - 20) ** 2 + (c - 20) ** 2)
+    truth = (dist < radius).astype(np.uint8)
+    hu = np.where(dist < 18, 40.0, -1000.0).astype(np.float32)
+    _, plan = prepare(hu, np.diag([1.0, 1.0, 1.0, 1.0]), PreprocessSettings(spacing_mm=(2.0, 2.0, 2.0)))
+    # distance field on the model grid (voxel centres of the cropped, resampled grid)
+    m = plan.model_shape
+    crop = plan.crop_slices()
+    centres = [np.linspace(s.start - 0.5 + (s.stop - s.start) / n / 2, s.stop - 0.5 - (s.stop - s.start) / n / 2, n)
+               for s, n in zip(crop, m)]
+    mk, mr, mc = np.meshgrid(*centres, indexing="ij")
+    mdist = np.sqrt((mk - 20) ** 2 + (mr - 20) ** 2 + (mc - 20) ** 2)
+    p1 = 1.0 / (1.0 + np.exp((mdist - (radius - shrink)) / 1.0))
+    probs = np.zeros((30,) + tuple(m), np.float32)
+    probs[1] = p1
+    probs[0] = 1.0 - p1
+    return torch.from_numpy(probs), plan, truth
+
+
+def test_fit_removes_a_systematic_volume_bias() -> None:
+    cases = []
+    for radius in (8.0, 11.0):
+        probs, plan, truth = _ball_case(radius, shrink=1.5)
+        counts = np.bincount(truth.ravel(), minlength=30)[:30].astype(np.float64)
+        cases.append((probs, plan, counts * 0.001, 0.001))
+    weights, before, after = fit_class_weights(cases, 30, iterations=8)
+    true_ml = sum(c[2] for c in cases)
+    assert before[1] < 0.8 * true_ml[1]  # the biased model under-segments
+    assert after[1] == pytest.approx(true_ml[1], rel=0.03)  # calibrated
+    assert weights[1] > 1.0 and weights[0] == 1.0
+    assert np.all(weights[2:] == 1.0)  # absent classes are left alone
+    # the restore with the weights is what the Segmenter does
+    probs, plan, truth = _ball_case(11.0, shrink=1.5)
+    scaled = probs * torch.tensor(weights, dtype=torch.float32)[:, None, None, None]
+    calibrated = restore_probabilities(scaled, plan)
+    assert (calibrated == 1).sum() == pytest.approx((truth == 1).sum(), rel=0.06)
+
+
+def _bundle(tmp_path: Path, **kw) -> Path:
+    labels = load_label_table()
+    torch.manual_seed(0)
+    net = build_network(TINY, labels.num_classes)
+    return write_bundle(tmp_path / "b", net, TINY, PreprocessSettings(spacing_mm=(4, 4, 4)), labels,
+                        {"name": "tiny", "version": "0.0.1"}, **kw)
+
+
+def test_weights_round_trip_through_the_bundle(tmp_path: Path) -> None:
+    labels = load_label_table()
+    path = _bundle(tmp_path)
+    assert load_bundle(path, labels).class_weights is None
+    weights = [1.0] + [1.0 + i / 100 for i in range(1, 30)]
+    set_class_weights(path, weights, {"cases": ["a"]})
+    assert load_bundle(path, labels).class_weights == pytest.approx(weights)
+    meta = json.loads((path / METADATA_PATH).read_text())
+    assert meta["class_weights_calibration"] == {"cases": ["a"]}
+
+
+@pytest.mark.parametrize("weights, message", [
+    ([1.0] * 29, "class_weights has 29 values; the label table needs 30"),
+    ([1.0] * 29 + [-1.0], "class_weights must be finite and > 0; class 29 is -1.0"),
+])
+def test_invalid_weights_are_refused(tmp_path: Path, weights, message) -> None:
+    path = _bundle(tmp_path)
+    meta = json.loads((path / METADATA_PATH).read_text())
+    meta["class_weights"] = weights
+    (path / METADATA_PATH).write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(path, load_label_table())
+
+
+def test_segmenter_applies_the_weights(tmp_path: Path) -> None:
+    labels = load_label_table()
+    shape = (20, 24, 28)
+    k, r, c = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    hu = np.where(((r - 12) / 10) ** 2 + ((c - 14) / 12) ** 2 < 1, 40.0, -1000.0).astype(np.float32)
+    volume = Volume(hu=hu, affine_lps=np.diag([3.0, 2.0, 2.0, 1.0]), frame_of_reference_uid="1", study_instance_uid="2",
+                    series_instance_uid="3", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uids=())
+    plain = Segmenter(load_bundle(_bundle(tmp_path / "a"), labels), device="cpu", keep_largest=False).segment(volume)
+    favour = [1.0] * 30
+    favour[7] = 1e6  # class 7 wins wherever the model gives it any probability
+    weighted_path = _bundle(tmp_path / "b", class_weights=tuple(favour))
+    weighted = Segmenter(load_bundle(weighted_path, labels), device="cpu", keep_largest=False).segment(volume)
+    assert (weighted.label_map == 7).sum() > (plain.label_map == 7).sum()
+    assert (weighted.label_map == 7).mean() > 0.5
