@@ -86,8 +86,16 @@ def split_sides(
     return out
 
 
-def keep_largest_components(label_map: np.ndarray, side_map: np.ndarray) -> np.ndarray:
-    """Per structure and side keep the largest 3-D (6-connected) component; the rest -> background.
+#: A component is kept when it holds at least this fraction of its structure's largest component
+#: on the same side: islands go, a structure seen in two comparable parts keeps both.
+MIN_COMPONENT_FRACTION = 0.2
+
+
+def keep_largest_components(
+    label_map: np.ndarray, side_map: np.ndarray, min_fraction: float = MIN_COMPONENT_FRACTION
+) -> np.ndarray:
+    """Per structure and side keep the largest 3-D (6-connected) components: the largest one and any
+    other holding at least ``min_fraction`` of it; smaller islands -> background.
 
     Returns a new array; the inputs are not modified. Works inside each structure's
     bounding box so the cost scales with the structures, not the volume.
@@ -111,7 +119,7 @@ def keep_largest_components(label_map: np.ndarray, side_map: np.ndarray) -> np.n
                 continue
             sizes = np.bincount(comps.ravel())
             sizes[0] = 0
-            drop = mask & (comps != int(np.argmax(sizes)))
+            drop = mask & (sizes[comps] < min_fraction * sizes.max())
             out_view = out[box]
             out_view[drop] = 0
     return out

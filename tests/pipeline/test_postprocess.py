@@ -47,3 +47,18 @@ def test_keep_largest_components_per_structure_and_side() -> None:
     assert out[0, 0, 0] == 0 and out[9, 9, 39] == 0
     assert np.all(out[2:8, 2:8, 4:10] == 5) and np.all(out[2:8, 2:8, 28:34] == 5)
     assert np.all(out[2:4, 2:4, 12:14] == 7)
+
+
+def test_a_structure_in_two_comparable_parts_keeps_both() -> None:
+    """Islands are dropped, not a second large part (a muscle seen in two parts, e.g. across a gap)."""
+    lab = np.zeros((20, 10, 20), np.uint8)
+    lab[0:6, 2:8, 2:8] = 9  # lower part, 216 voxels
+    lab[10:15, 2:8, 2:8] = 9  # upper part, 180 voxels (83 % of the largest)
+    lab[18, 0, 0] = 9  # island
+    lab[17:19, 8:10, 8:10] = 9  # island of 8 voxels (4 % of the largest)
+    side = split_sides(lab, AFFINE, midline_x_mm=100.0)  # all on one side
+    out = keep_largest_components(lab, side)
+    assert np.all(out[0:6, 2:8, 2:8] == 9) and np.all(out[10:15, 2:8, 2:8] == 9)
+    assert out[18, 0, 0] == 0 and np.all(out[17:19, 8:10, 8:10] == 0)
+    only_largest = keep_largest_components(lab, side, min_fraction=1.0)
+    assert np.all(only_largest[10:15, 2:8, 2:8] == 0)
