@@ -8,12 +8,13 @@ segmented with the bundle, measured and compared exactly as the node does
 (:func:`pipeline.measure.measure`, :func:`pipeline.compare.compare_studies`). The truth is
 the phantoms' own label counts.
 
-The check passes when
-* every atrophied muscle shows a loss, within ``tolerance`` (absolute, as a fraction of the
-  prior volume) of the true loss;
-* the left leg's muscles together change by less than ``tolerance`` (truth: 0), and so do
+The check passes ("the loss shows on that side only") when
+* every atrophied muscle shows a loss of at least ``MIN_DETECTED`` of its true loss;
+* the left leg's muscles together change by at most ``side_tolerance`` (truth: 0), and so do
   the right leg's non-atrophied muscles;
 * the right leg's total loss is larger than the left's.
+Separately it reports whether the size of each loss is right: within ``tolerance`` (absolute,
+as a fraction of the prior volume) of the true loss ("magnitude").
 
 Usage: python -m pipeline.sidecheck [BUNDLE_DIR] [--spacing 2.0] [--tolerance 0.05]
 """
@@ -40,6 +41,8 @@ DEFAULT_ATROPHY: dict[str, float] = {
 }
 #: Subject seed: phantom_params(PhantomDataSettings(seed=4), 0) -> PhantomParams.seed == 4000.
 SUBJECT_SET_SEED = 4
+#: An atrophied muscle counts as detected when the model shows at least this fraction of the true loss.
+MIN_DETECTED = 0.25
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,17 @@ class SideCheckResult:
     true_total: dict[str, float]  # side -> total muscle volume change ratio (truth)
     model_total: dict[str, float]  # side -> total muscle volume change ratio (model)
     tolerance: float
-    failures: tuple[str, ...]
+    failures: tuple[str, ...]  # of the side criterion
+    magnitude_failures: tuple[str, ...] = ()  # losses off by more than ``tolerance``
 
     @property
     def passed(self) -> bool:
+        """The loss shows on the atrophied side only."""
         return not self.failures
+
+    @property
+    def magnitude_ok(self) -> bool:
+        return not self.magnitude_failures
 
     def format_table(self) -> str:
         lines = [f"{'structure':<24}{'side':<7}{'truth %':>9}{'model %':>9}{'error pp':>10}  atrophied"]
@@ -74,8 +83,11 @@ class SideCheckResult:
         for side in ("right", "left"):
             lines.append(f"{'all muscles':<24}{side:<7}{100 * self.true_total[side]:9.2f}{100 * self.model_total[side]:9.2f}"
                          f"{100 * (self.model_total[side] - self.true_total[side]):10.2f}")
-        lines.append(f"tolerance {100 * self.tolerance:.1f} pp: " + ("PASSED" if self.passed else "FAILED"))
+        lines.append("loss on the atrophied side only: " + ("PASSED" if self.passed else "FAILED"))
         lines.extend(f"  - {f}" for f in self.failures)
+        lines.append(f"size of each loss within {100 * self.tolerance:.1f} pp of the truth: "
+                     + ("yes" if self.magnitude_ok else f"NO ({len(self.magnitude_failures)})"))
+        lines.extend(f"  - {f}" for f in self.magnitude_failures)
         return "\n".join(lines)
 
 
@@ -109,11 +121,13 @@ def run_sidecheck(
     spacing_mm: float = 2.0,
     atrophy: Mapping[str, float] | None = None,
     tolerance: float = 0.05,
+    side_tolerance: float = 0.02,
     segmenter=None,  # -> pipeline.inference.Segmenter (injected by tests to share one)
 ) -> SideCheckResult:
     from pipeline.bundle import load_bundle
     from pipeline.compare import anatomical_profiles, compare_studies
     from pipeline.inference import Segmenter
+    from pipeline.labels import load_label_table
     from pipeline.measure import load_measurement_settings, measure
     from pipeline.phantom import generate_phantom
 
@@ -122,7 +136,7 @@ def run_sidecheck(
         if not key.endswith(":right"):
             raise ValueError(f"sidecheck atrophies the right leg only; got {key!r}")
     if segmenter is None:
-        segmenter = Segmenter(load_bundle(Path(bundle_dir)))
+        segmenter = Segmenter(load_bundle(Path(bundle_dir), load_label_table(), "auto"))
     labels = segmenter.bundle.labels
     base, follow = sidecheck_params(spacing_mm, atrophy)
     settings = load_measurement_settings()
@@ -142,6 +156,7 @@ def run_sidecheck(
 
     changes: list[SideChange] = []
     failures: list[str] = []
+    magnitude: list[str] = []
     true_sum = {s: [0.0, 0.0] for s in ("left", "right")}
     model_sum = {s: [0.0, 0.0] for s in ("left", "right")}
     muscles = [label.key for label in labels.labels if not label.is_bone]
@@ -164,31 +179,39 @@ def run_sidecheck(
             if atrophied:
                 if ratio is None:
                     failures.append(f"{key} right (atrophied {100 * -true_ratio:.1f} %) was not compared")
-                elif not (ratio < 0 and abs(ratio - true_ratio) <= tolerance):
-                    failures.append(f"{key} right: model change {100 * ratio:.1f} %, true {100 * true_ratio:.1f} %")
+                    continue
+                if not (ratio < 0 and ratio <= MIN_DETECTED * true_ratio):
+                    failures.append(f"{key} right: model change {100 * ratio:.1f} % does not show the true "
+                                    f"{100 * true_ratio:.1f} %")
+                if not abs(ratio - true_ratio) <= tolerance:
+                    magnitude.append(f"{key} right: model change {100 * ratio:.1f} %, true {100 * true_ratio:.1f} %")
     true_total = {s: (v[1] / v[0] - 1.0 if v[0] else 0.0) for s, v in true_sum.items()}
     model_total = {s: (v[1] / v[0] - 1.0 if v[0] else 0.0) for s, v in model_sum.items()}
-    if abs(model_total["left"]) > tolerance:
+    if abs(model_total["left"]) > side_tolerance:
         failures.append(f"left leg (not atrophied): model total change {100 * model_total['left']:.1f} %")
     right_ok = [c for c in changes if c.side == "right" and not c.atrophied and c.model_ratio is not None]
     p = sum(c.model_prior_ml or 0.0 for c in right_ok)
     if p > 0:
         d = sum((c.model_prior_ml or 0.0) * c.model_ratio for c in right_ok)  # type: ignore[operator]
-        if abs(d / p) > tolerance:
+        if abs(d / p) > side_tolerance:
             failures.append(f"right leg, non-atrophied muscles: model total change {100 * d / p:.1f} %")
     if not model_total["right"] < model_total["left"]:
         failures.append(f"right total change {100 * model_total['right']:.1f} % is not below the left "
                         f"{100 * model_total['left']:.1f} %")
-    return SideCheckResult(tuple(changes), true_total, model_total, tolerance, tuple(failures))
+    return SideCheckResult(tuple(changes), true_total, model_total, tolerance, tuple(failures), tuple(magnitude))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="One phantom leg atrophied: is the loss on that side only?")
     parser.add_argument("bundle", nargs="?", type=Path, default=Path("bundles/thighnode_demo"))
     parser.add_argument("--spacing", type=float, default=2.0, help="phantom voxel size in mm (default 2.0)")
-    parser.add_argument("--tolerance", type=float, default=0.05, help="allowed error of a change ratio (0.05 = 5 pp)")
+    parser.add_argument("--tolerance", type=float, default=0.05,
+                        help="allowed error of an atrophied muscle's change ratio (0.05 = 5 pp; reported)")
+    parser.add_argument("--side-tolerance", type=float, default=0.02,
+                        help="allowed total change of the unaffected muscles of each leg (0.02 = 2 %%)")
     args = parser.parse_args(argv)
-    result = run_sidecheck(args.bundle, spacing_mm=args.spacing, tolerance=args.tolerance)
+    result = run_sidecheck(args.bundle, spacing_mm=args.spacing, tolerance=args.tolerance,
+                           side_tolerance=args.side_tolerance)
     print(result.format_table())
     return 0 if result.passed else 1
 

@@ -56,7 +56,7 @@ def test_the_follow_up_lost_volume_on_the_right_only(pair) -> None:
 
 def test_ground_truth_segmentation_passes(pair) -> None:
     result = run_sidecheck(BUNDLE, spacing_mm=SPACING, segmenter=Replay(pair))
-    assert result.passed, result.format_table()
+    assert result.passed and result.magnitude_ok, result.format_table()
     for c in result.changes:
         assert c.model_ratio == pytest.approx(c.true_ratio, abs=0.02), c
 
@@ -64,7 +64,7 @@ def test_ground_truth_segmentation_passes(pair) -> None:
 def test_a_segmentation_that_misses_the_loss_fails(pair) -> None:
     prior, _ = pair
     result = run_sidecheck(BUNDLE, spacing_mm=SPACING, segmenter=Replay([prior, prior]))
-    assert not result.passed
+    assert not result.passed and not result.magnitude_ok
     assert any("vastus_lateralis right" in f for f in result.failures)
 
 
@@ -82,3 +82,12 @@ def test_only_right_sided_atrophy_is_accepted() -> None:
     with pytest.raises(ValueError, match="right leg only"):
         run_sidecheck(BUNDLE, spacing_mm=SPACING, atrophy={"vastus_lateralis:left": 0.8}, segmenter=Replay([]))
 
+
+def test_the_shipped_bundle_shows_the_loss_on_the_atrophied_side_only() -> None:
+    result = run_sidecheck(BUNDLE, spacing_mm=SPACING)
+    print(result.format_table())
+    assert result.passed, result.format_table()
+    atrophied = [c for c in result.changes if c.atrophied]
+    assert len(atrophied) == len(DEFAULT_ATROPHY)
+    assert all(c.model_ratio is not None and c.model_ratio < -0.025 for c in atrophied)
+    assert abs(result.model_total["left"]) < 0.02 < abs(result.model_total["right"])
