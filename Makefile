@@ -33,8 +33,11 @@ bench: install
 train-demo: install
 	$(BIN)/thighnode train config/train_demo.toml
 
+# The held-out test phantoms of config/train_demo.toml (seed 3; generated if missing), the targets,
+# and the one-leg-atrophied side check.
 evaluate-demo: install
-	$(BIN)/thighnode evaluate --bundle bundles/thighnode_demo --phantoms 6 --seed 9000
+	$(BIN)/python -c "from pipeline.training import TrainSettings, ensure_phantoms; ensure_phantoms(TrainSettings.from_toml('config/train_demo.toml'))"
+	$(BIN)/thighnode evaluate --bundle bundles/thighnode_demo --data /tmp/thighnode_data/test --side-check
 
 demo: install
 	$(BIN)/python deploy/demo.py
