@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import PipelineError
 from pipeline.labels import LabelTable
 
 logger = logging.getLogger(__name__)
@@ -23,8 +24,10 @@ CT_SUFFIX = "_ct.nii.gz"
 LABEL_SUFFIX = "_label.nii.gz"
 
 
-class NiftiError(ValueError):
-    """A NIfTI file or pair is unusable (message names the file, the check and the value)."""
+class NiftiError(PipelineError, ValueError):
+    """A NIfTI file or pair is unusable (message names the file, the check and the value).
+
+    A PipelineError, so the CLI prints it as a one-line error; still a ValueError for callers."""
 
 
 @dataclass(frozen=True)

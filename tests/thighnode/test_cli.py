@@ -30,3 +30,12 @@ def test_invalid_config_is_reported_with_key_and_value(tmp_path: Path, capsys) -
     cfg.write_text("[node]\nport = 0\n")
     assert main(["status", "--config", str(cfg)]) == 2
     assert "node.port = 0: allowed 1..65535" in capsys.readouterr().err
+
+
+def test_a_missing_labelled_set_is_a_clear_error(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    bundle = Path(__file__).resolve().parents[2] / "bundles" / "thighnode_demo"
+    missing = tmp_path / "no_such_set"
+    for argv in (["calibrate", "--bundle", str(bundle), "--data", str(missing), "--dry-run"],
+                 ["evaluate", "--bundle", str(bundle), "--data", str(missing)]):
+        assert main(argv) == 2
+        assert f"error: data folder {missing} does not exist" in capsys.readouterr().err
