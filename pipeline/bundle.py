@@ -154,7 +154,7 @@ def write_bundle(
         },
     }
     if class_weights is not None:
-        meta["class_weights"] = [float(w) for w in _check_class_weights(class_weights, labels.num_classes, str(bundle_dir))]
+        meta["class_weights"] = list(_check_class_weights(class_weights, labels.num_classes, str(bundle_dir)))
     (bundle_dir / METADATA_PATH).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     config = inference_config(network_settings, preprocess_settings, sliding_window, labels.num_classes)
     (bundle_dir / INFERENCE_PATH).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -181,7 +181,7 @@ def set_class_weights(bundle_dir: Path, weights, provenance: dict[str, Any]) -> 
     """Store volume-calibration class weights (and how they were fitted) in a bundle's metadata."""
     path = Path(bundle_dir) / METADATA_PATH
     meta = json.loads(path.read_text(encoding="utf-8"))
-    meta["class_weights"] = [float(w) for w in _check_class_weights(weights, int(meta["num_classes"]), str(bundle_dir))]
+    meta["class_weights"] = list(_check_class_weights(weights, int(meta["num_classes"]), str(bundle_dir)))
     meta["class_weights_calibration"] = provenance
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

@@ -113,8 +113,7 @@ def calibrate_bundle(
     from pipeline.bundle import load_bundle, set_class_weights
     from pipeline.inference import Segmenter
     from pipeline.labels import load_label_table
-    from pipeline.nifti import list_nifti_cases, load_nifti_pair
-    from pipeline.types import Volume
+    from pipeline.nifti import NiftiError, list_nifti_cases, load_nifti_case
 
     started = time.monotonic()
     labels = load_label_table()
@@ -125,16 +124,14 @@ def calibrate_bundle(
     names = []
     dirs = [Path(data_dir)] if isinstance(data_dir, (str, Path)) else [Path(d) for d in data_dir]
     for case in (c for d in dirs for c in list_nifti_cases(d)):
-        hu, truth, affine = load_nifti_pair(case.ct_path, case.label_path, labels)
-        volume = Volume(hu=hu, affine_lps=affine, frame_of_reference_uid="", study_instance_uid="",
-                        series_instance_uid=case.name, sop_class_uid="", sop_instance_uids=())
+        volume, truth = load_nifti_case(case, labels)
         probs, plan = segmenter.predict(volume)
         ml = volume.voxel_volume_ml
         prepared.append((probs, plan, _counts(truth, n) * ml, ml))
         names.append(case.name)
         logger.info("calibration case %s predicted", case.name)
     if not prepared:
-        raise ValueError(f"calibration data {data_dir} holds no NIfTI pairs")
+        raise NiftiError(f"calibration data {data_dir} holds no NIfTI pairs")
     weights, before, after = fit_class_weights(prepared, n, iterations=iterations)
     result = CalibrationResult(
         tuple(float(w) for w in weights), tuple(names),

@@ -190,9 +190,8 @@ def evaluate_bundle(
     from pipeline.bundle import load_bundle
     from pipeline.inference import Segmenter, select_device
     from pipeline.labels import load_label_table
-    from pipeline.nifti import list_nifti_cases, load_nifti_pair
+    from pipeline.nifti import list_nifti_cases, load_nifti_case
     from pipeline.postprocess import split_sides
-    from pipeline.types import Volume
 
     labels = labels or load_label_table()
     dev = select_device(device)
@@ -203,11 +202,9 @@ def evaluate_bundle(
     names: list[str] = []
     started = time.monotonic()
     for case in list_nifti_cases(Path(data_dir)):
-        hu, truth, affine = load_nifti_pair(case.ct_path, case.label_path, labels)
-        volume = Volume(hu=hu, affine_lps=affine, frame_of_reference_uid="", study_instance_uid="",
-                        series_instance_uid=case.name, sop_class_uid="", sop_instance_uids=())
+        volume, truth = load_nifti_case(case, labels)
         seg = segmenter.segment(volume)
-        true_sides = split_sides(truth, affine, femur_id=femur_id)
+        true_sides = split_sides(truth, volume.affine_lps, femur_id=femur_id)
         case_scores = score_case(case.name, seg.label_map, truth, labels, volume.voxel_volume_ml, seg.side_map, true_sides)
         scores.extend(case_scores)
         names.append(case.name)

@@ -89,6 +89,17 @@ def load_nifti_pair(
     return np.asarray(hu, dtype=np.float32), lab_int.astype(np.uint8), affine
 
 
+def load_nifti_case(case: NiftiCase, labels: LabelTable):  # -> tuple[pipeline.types.Volume, np.ndarray]
+    """A labelled case as the Volume the Segmenter takes (LPS affine, the case name as its series,
+    no DICOM identifiers) and its label map on the same grid."""
+    from pipeline.types import Volume
+
+    hu, truth, affine = load_nifti_pair(case.ct_path, case.label_path, labels)
+    volume = Volume(hu=hu, affine_lps=affine, frame_of_reference_uid="", study_instance_uid="",
+                    series_instance_uid=case.name, sop_class_uid="", sop_instance_uids=())
+    return volume, truth
+
+
 def list_nifti_cases(data_dir: Path) -> list[NiftiCase]:
     """The pairs of a folder: ``<name>_ct.nii.gz`` + ``<name>_label.nii.gz`` (in the folder or in
     one sub-folder per case), or

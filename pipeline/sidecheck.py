@@ -30,7 +30,7 @@ from typing import Mapping
 
 import numpy as np
 
-from pipeline.types import SIDE_LEFT, SIDE_RIGHT, PatientInfo, Segmentation, Volume
+from pipeline.types import PatientInfo, Segmentation, Volume
 
 #: Right-side atrophy of the follow-up (remaining volume fraction), as in tests/pipeline/test_compare.py.
 DEFAULT_ATROPHY: dict[str, float] = {
