@@ -187,10 +187,14 @@ class PreparedCase:
     soft: np.ndarray | None = field(default=None, repr=False)  # (C, D, H, W) uint8 class fractions x 255
 
 
-def ensure_phantoms(settings: TrainSettings) -> None:
-    """Generate the configured phantom data sets whose folder does not exist yet."""
+def ensure_phantoms(settings: TrainSettings, only: tuple[Path, ...] | None = None) -> None:
+    """Generate the configured phantom data sets whose folder does not exist yet (``only``: just
+    these of the configured folders)."""
+    wanted = None if only is None else {Path(d) for d in only}
     for dir_name, spec in settings.phantoms.items():
         out = Path(dir_name)
+        if wanted is not None and out not in wanted:
+            continue
         if out.is_dir() and any(out.glob("*_ct.nii.gz")):
             continue
         write_phantom_set(out, spec)

@@ -133,3 +133,16 @@ def test_training_can_calibrate_the_volumes_on_the_validation_set(tmp_path: Path
     assert len(meta["class_weights"]) == 30 and meta["class_weights"][0] == 1.0
     assert meta["class_weights_calibration"]["cases"] == ["case0", "case1"]
     assert load_bundle(out, load_label_table(), "cpu").class_weights == pytest.approx(meta["class_weights"])
+
+
+def test_ensure_phantoms_can_generate_only_the_sets_asked_for(tmp_path: Path) -> None:
+    from pipeline.training import PhantomDataSettings, ensure_phantoms
+
+    train_dir, test_dir = tmp_path / "train", tmp_path / "test"
+    settings = _settings(tmp_path, phantoms={str(train_dir): PhantomDataSettings(1, 1, (8.0, 8.0, 8.0)),
+                                             str(test_dir): PhantomDataSettings(1, 3, (8.0, 8.0, 8.0))})
+    ensure_phantoms(settings, only=(test_dir,))
+    assert [p.name for p in sorted(test_dir.glob("*_ct.nii.gz"))] == ["phantom_3_000_ct.nii.gz"]
+    assert not train_dir.exists()
+    ensure_phantoms(settings)
+    assert [p.name for p in sorted(train_dir.glob("*_ct.nii.gz"))] == ["phantom_1_000_ct.nii.gz"]
