@@ -274,3 +274,24 @@ def test_generate_dataset_with_follow_up(tmp_path: Path, table: LabelTable) -> N
     for d in dirs:
         assert (d / f"{d.name}_ct.nii.gz").is_file() and (d / f"{d.name}_label.nii.gz").is_file()
         assert len(list((d / "dicom").glob("*.dcm"))) > 10
+
+
+def test_gracilis_is_one_continuous_strap_inside_the_leg(table: LabelTable) -> None:
+    """The gracilis runs without a gap from the pubis to the knee and keeps a real cross-section
+    in the thigh (it was once drawn medial of the leg outline: clipped to slivers there, and
+    absent for ~14 mm just below the crotch)."""
+    phantom = generate_phantom(PhantomParams(seed=5, spacing_mm=(2.0, 2.0, 2.0)), table)
+    gid = table.by_key("gracilis").id
+    z = _z_of_slices(phantom)
+    voxel_mm2 = 2.0 * 2.0
+    left = phantom.side_of_columns()
+    for side_cols in (left, ~left):
+        area = (phantom.labels[:, :, side_cols] == gid).sum(axis=(1, 2)) * voxel_mm2
+        present = np.nonzero(area > 0)[0]
+        assert present.size > 0
+        gaps = np.nonzero(area[present[0] : present[-1] + 1] == 0)[0]
+        assert gaps.size == 0, f"gracilis missing at z = {z[present[0] + gaps]} mm"
+        # mid-thigh (between 40 % and 80 % of the way from crest to knee): a strap of >= 1.5 cm^2
+        span = z.max() - z.min()
+        mid = (z < z.max() - 0.4 * span) & (z > z.max() - 0.8 * span)
+        assert area[mid].min() >= 150.0, area[mid].min()

@@ -146,3 +146,28 @@ def test_ensure_phantoms_can_generate_only_the_sets_asked_for(tmp_path: Path) ->
     assert not train_dir.exists()
     ensure_phantoms(settings)
     assert [p.name for p in sorted(train_dir.glob("*_ct.nii.gz"))] == ["phantom_1_000_ct.nii.gz"]
+
+
+def test_training_phantoms_carry_varied_atrophy_on_most_subjects() -> None:
+    """Most training subjects have one to several atrophied muscles (0.6-0.95 of normal, one side
+    or both), so a model learns to follow the muscle tissue rather than a muscle's usual outline;
+    the subject itself (sex, height, size, ...) does not depend on the atrophy draw."""
+    from pipeline.labels import load_label_table
+    from pipeline.training import PhantomDataSettings, phantom_params
+
+    muscles = {l.key for l in load_label_table().labels if not l.is_bone}
+    spec = PhantomDataSettings(24, 1, (2.0, 2.0, 2.0))
+    params = [phantom_params(spec, i) for i in range(24)]
+    with_atrophy = [p for p in params if p.atrophy]
+    assert len(with_atrophy) >= 0.6 * len(params)
+    assert max(len(p.atrophy) for p in params) >= 3
+    sides = set()
+    for p in with_atrophy:
+        for key, frac in p.atrophy.items():
+            name, _, side = key.partition(":")
+            assert name in muscles
+            sides.add(side)
+            assert 0.6 <= frac <= 0.95
+    assert sides == {"", "left", "right"}
+    assert [phantom_params(spec, i) for i in range(24)] == params  # drawn from the seeds only
+    assert len({(p.sex, round(p.height_m, 3)) for p in params}) > 12
