@@ -48,8 +48,13 @@ class SlidingWindowSettings:
     overlap: float = 0.5
     mode: str = "gaussian"
     sw_batch_size: int = 2
+    #: Mirror test-time augmentation: also predict the left-right mirrored input (model-grid
+    #: axis x, the axis the training flips) and average the two probability maps. Twice the time.
+    mirror: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.mirror, bool):
+            raise ValueError(f"SlidingWindowSettings.mirror must be true or false; saw {self.mirror!r}")
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"SlidingWindowSettings.overlap must be in [0, 1); saw {self.overlap}")
         if self.mode not in ("gaussian", "constant"):
@@ -102,7 +107,8 @@ def inference_config(
             "Preprocessing is thighnode's pipeline.preprocess.prepare(): canonical orientation "
             "(z, y, x ascending LPS), foreground crop, resample to spacing_mm, HU window + gamma; "
             "output: softmax, times metadata class_weights when present (volume calibration), linear "
-            "restore to the original grid, argmax, side split, largest components."
+            "restore to the original grid, argmax, side split, largest components. With metadata "
+            "sliding_window.mirror the softmax is the mean over the input and its left-right mirror."
         ),
     }
 
@@ -145,6 +151,7 @@ def write_bundle(
             "overlap": sliding_window.overlap,
             "mode": sliding_window.mode,
             "sw_batch_size": sliding_window.sw_batch_size,
+            "mirror": sliding_window.mirror,
         },
         "network_data_format": {
             "inputs": {"image": {"type": "image", "format": "hounsfield", "num_channels": 1,

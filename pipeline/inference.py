@@ -55,11 +55,13 @@ def predict_scores(
     sw_batch_size: int = 2,
     overlap: float = 0.5,
     mode: str = "gaussian",
+    mirror: bool = False,
 ) -> torch.Tensor:
     """Softmax class probabilities ``(C, D, H, W)`` (float32, CPU) for a ``(1, D, H, W)`` model input.
 
     MONAI ``sliding_window_inference`` under ``torch.inference_mode``; bfloat16/float16
-    autocast on CUDA only (CPU autocast is slower for these 3-D convolutions).
+    autocast on CUDA only (CPU autocast is slower for these 3-D convolutions). ``mirror``:
+    the mean of the probabilities of the input and of its mirror along the last axis (x).
     """
     from monai.inferers import sliding_window_inference
 
@@ -67,9 +69,10 @@ def predict_scores(
     autocast = (
         torch.autocast(device_type="cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
     )
-    with torch.inference_mode(), autocast:
+
+    def _probs(inp: torch.Tensor) -> torch.Tensor:
         logits = sliding_window_inference(
-            x,
+            inp,
             roi_size=tuple(roi_size),
             sw_batch_size=sw_batch_size,
             predictor=network,
@@ -78,7 +81,13 @@ def predict_scores(
             padding_mode="constant",
             cval=0.0,
         )
-        probs = torch.softmax(logits.float(), dim=1)[0]
+        return torch.softmax(logits.float(), dim=1)[0]
+
+    with torch.inference_mode(), autocast:
+        probs = _probs(x)
+        if mirror:
+            probs += torch.flip(_probs(torch.flip(x, dims=(-1,))), dims=(-1,))
+            probs *= 0.5
     return probs.cpu()
 
 
@@ -94,12 +103,14 @@ class Segmenter:
         overlap: float | None = None,
         num_threads: int | None = None,
         keep_largest: bool = True,
+        mirror: bool | None = None,
     ) -> None:
         self._bundle = bundle
         self._device = select_device(device)
         self._sw_batch_size = int(sw_batch_size if sw_batch_size is not None else bundle.sliding_window.sw_batch_size)
         self._overlap = float(overlap if overlap is not None else bundle.sliding_window.overlap)
         self._mode = bundle.sliding_window.mode
+        self._mirror = bool(mirror if mirror is not None else bundle.sliding_window.mirror)
         self._num_threads = num_threads if num_threads is not None else default_cpu_threads()
         self._keep_largest = keep_largest
         self._lock = threading.Lock()
@@ -129,6 +140,7 @@ class Segmenter:
                 sw_batch_size=self._sw_batch_size,
                 overlap=self._overlap,
                 mode=self._mode,
+                mirror=self._mirror,
             )
         return probs, plan
 

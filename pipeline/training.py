@@ -100,6 +100,9 @@ class TrainSettings:
     command: str = ""
     phantoms: dict[str, PhantomDataSettings] = field(default_factory=dict)  # data dir -> phantoms to make
     sw_overlap: float = 0.5
+    #: The bundle's mirror test-time augmentation (SlidingWindowSettings.mirror): twice the
+    #: inference time for a smoother, left-right consistent prediction. Validation runs without.
+    sw_mirror: bool = False
     soft_labels: bool = True
     grad_clip_norm: float = 2.0
     #: "fp32", or "bf16": forward pass under torch.autocast (bfloat16) on CPU and CUDA; weights,
@@ -122,6 +125,8 @@ class TrainSettings:
             raise ValueError(f"TrainSettings.val_fraction must be in [0, 1); saw {self.val_fraction}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"TrainSettings.precision must be 'fp32' or 'bf16'; saw {self.precision!r}")
+        if not isinstance(self.sw_mirror, bool):
+            raise ValueError(f"TrainSettings.sw_mirror must be true or false; saw {self.sw_mirror!r}")
 
     @classmethod
     def from_toml(cls, path: Path, **overrides: Any) -> "TrainSettings":
@@ -552,7 +557,7 @@ def _write_trained_bundle(settings: TrainSettings, labels: LabelTable, state: di
         "metrics": {"validation_mean_dice_model_grid": best["mean_dice"], "validation_dice_model_grid": best["dice"]},
     }
     return write_bundle(output or settings.output_bundle, network, settings.network, settings.preprocess, labels,
-                        metadata, SlidingWindowSettings(overlap=settings.sw_overlap))
+                        metadata, SlidingWindowSettings(overlap=settings.sw_overlap, mirror=settings.sw_mirror))
 
 
 def export_checkpoint(settings: TrainSettings, checkpoint: Path, output: Path, labels: LabelTable | None = None) -> Path:

@@ -74,3 +74,37 @@ def test_select_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(SegmentationError, match="CUDA is not available"):
             select_device("cuda")
+
+
+def test_mirror_averages_the_input_and_its_left_right_mirror(bundle) -> None:
+    from pipeline.inference import predict_scores
+
+    rng = np.random.default_rng(0)
+    image = rng.random((1, 20, 24, 28)).astype(np.float32)
+    net, roi, dev = bundle.network, bundle.network_settings.img_size, torch.device("cpu")
+    plain = predict_scores(net, image, roi, dev)
+    mirrored = predict_scores(net, image[..., ::-1].copy(), roi, dev)
+    both = predict_scores(net, image, roi, dev, mirror=True)
+    expected = 0.5 * (plain + torch.flip(mirrored, dims=(-1,)))
+    assert torch.allclose(both, expected, atol=1e-5)
+    assert not torch.allclose(both, plain, atol=1e-4)  # the untrained network is not symmetric
+    assert torch.allclose(both.sum(0), torch.ones_like(both[0]), atol=1e-4)
+
+
+def test_bundle_carries_the_mirror_setting(tmp_path: Path) -> None:
+    from pipeline.bundle import BundleError, SlidingWindowSettings
+
+    labels = load_label_table()
+    net = build_network(TINY, labels.num_classes)
+    path = write_bundle(tmp_path / "m", net, TINY, PreprocessSettings(spacing_mm=(4, 4, 4)), labels,
+                        {"name": "m", "version": "1"}, SlidingWindowSettings(mirror=True))
+    loaded = load_bundle(path, labels, "cpu")
+    assert loaded.sliding_window.mirror is True
+    assert Segmenter(loaded, device="cpu")._mirror is True
+    assert Segmenter(loaded, device="cpu", mirror=False)._mirror is False
+    with pytest.raises(ValueError, match="mirror"):
+        SlidingWindowSettings(mirror="yes")  # type: ignore[arg-type]
+    meta = path / "configs" / "metadata.json"
+    meta.write_text(meta.read_text().replace('"mirror": true', '"mirror": "yes"'))
+    with pytest.raises(BundleError, match="mirror"):
+        load_bundle(path, labels, "cpu")

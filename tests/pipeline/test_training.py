@@ -77,11 +77,13 @@ def test_tiny_training_lowers_loss_writes_bundle_and_resumes(tmp_path: Path) -> 
     assert history[-1]["loss"] < history[0]["loss"]
     assert meta["training"]["seed"] == 7 and "validation_mean_dice_model_grid" in meta["metrics"]
     bundle = load_bundle(out, labels, "cpu")
-    assert bundle.name == "thighnode_demo"
+    assert bundle.name == "thighnode_demo" and bundle.sliding_window.mirror is False
 
     ckpt = tmp_path / "ckpt" / CHECKPOINT_NAME
     assert torch.load(ckpt, weights_only=True)["step"] == 8
-    resumed = train(_settings(tmp_path, iterations=12, resume=ckpt, output_bundle=tmp_path / "bundle2"), labels)
+    resumed = train(_settings(tmp_path, iterations=12, resume=ckpt, output_bundle=tmp_path / "bundle2",
+                                     sw_mirror=True), labels)
+    assert load_bundle(resumed, labels, "cpu").sliding_window.mirror is True
     meta2 = json.loads((resumed / METADATA_PATH).read_text())
     assert [h["step"] for h in meta2["training"]["history"]] == [4, 8, 12]
     assert meta2["training"]["iterations"] == 12
@@ -120,6 +122,11 @@ def test_bf16_autocast_with_batch_dice_lowers_the_loss(tmp_path: Path) -> None:
     assert meta["training"]["settings"]["precision"] == "bf16" and meta["training"]["settings"]["batch_dice"] is True
     bundle = load_bundle(out, load_label_table(), "cpu")
     assert all(p.dtype == torch.float32 for p in bundle.network.parameters())  # weights stay float32
+
+
+def test_mirror_must_be_a_boolean(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="sw_mirror must be true or false"):
+        _settings(tmp_path, sw_mirror="yes")
 
 
 def test_unknown_precision_is_refused(tmp_path: Path) -> None:
