@@ -202,7 +202,8 @@ class Node:
             bundle = load_bundle(m.bundle, load_label_table(), device=m.device)
         except NodeError as exc:
             raise NodeStartError(f"model bundle {m.bundle} cannot be used: {exc.message}") from exc
-        segmenter = Segmenter(bundle, device=m.device, sw_batch_size=m.sw_batch_size, overlap=m.overlap)
+        segmenter = Segmenter(bundle, device=m.device, sw_batch_size=m.sw_batch_size, overlap=m.overlap,
+                              mirror=m.mirror_override)
         log.info("model %s %s loaded in %.2f s", bundle.name, bundle.version, time.perf_counter() - t)
         return segmenter
 

@@ -183,6 +183,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "device": _device,
         "sw_batch_size": _int_range(1, 256),
         "overlap": _float_range(0.0, 0.95),
+        "mirror": _choice("bundle", "on", "off"),
     },
     "outputs": {
         "seg_type": _choice("BINARY", "LABELMAP"),
@@ -273,6 +274,12 @@ class ModelSettings:
     device: str
     sw_batch_size: int
     overlap: float
+    mirror: str  # "bundle" (the bundle's sliding_window.mirror), "on" or "off"
+
+    @property
+    def mirror_override(self) -> bool | None:
+        """Segmenter(mirror=...): None follows the bundle."""
+        return {"bundle": None, "on": True, "off": False}[self.mirror]
 
 
 @dataclass(frozen=True)

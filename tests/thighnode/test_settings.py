@@ -59,6 +59,7 @@ def test_environment_overrides_a_key(tmp_path: Path) -> None:
         ({"THIGHNODE_BOGUS__X": "1"}, "unknown section 'bogus'"),
         ({"THIGHNODE_SECURITY__ALLOWED_PEERS": '["10.0.0.300"]'}, "allowed_peers[0] = '10.0.0.300'"),
         ({"THIGHNODE_MODEL__DEVICE": "tpu"}, "model.device = 'tpu': allowed auto, cpu, cuda, cuda:N"),
+        ({"THIGHNODE_MODEL__MIRROR": "yes"}, "model.mirror = 'yes': allowed bundle, on, off"),
         ({"THIGHNODE_DESTINATIONS": '[{name = "p", host = "h", port = 1}]'}, "lacks the key 'ae_title'"),
     ],
 )
@@ -71,3 +72,11 @@ def test_invalid_values_name_key_value_and_allowed(env: dict[str, str], fragment
 def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.toml", environ={})
+
+
+def test_model_mirror_follows_the_bundle_unless_set(tmp_path: Path) -> None:
+    s = load_settings(environ={"THIGHNODE_HOME": str(tmp_path)})
+    assert s.model.mirror == "bundle" and s.model.mirror_override is None
+    on = load_settings(environ={"THIGHNODE_HOME": str(tmp_path), "THIGHNODE_MODEL__MIRROR": "on"})
+    off = load_settings(environ={"THIGHNODE_HOME": str(tmp_path), "THIGHNODE_MODEL__MIRROR": "off"})
+    assert (on.model.mirror_override, off.model.mirror_override) == (True, False)
