@@ -78,15 +78,15 @@ def fit_class_weights(
     """``cases``: (model-grid probabilities (C, ...), PreprocessPlan, true volume per class in mL on
     the original grid, voxel volume in mL). Returns (weights, predicted mL before, predicted mL after),
     volumes pooled over the cases."""
+    from pipeline.inference import scale_classes
     from pipeline.preprocess import restore_probabilities
 
     true = np.sum([c[2] for c in cases], axis=0)
     weights = np.ones(num_classes, dtype=np.float64)
 
     def predicted(w: np.ndarray) -> np.ndarray:
-        scale = torch.tensor(w, dtype=torch.float32)[:, None, None, None]
-        return np.sum([_counts(restore_probabilities(p * scale, plan), num_classes) * ml for p, plan, _, ml in cases],
-                      axis=0)
+        return np.sum([_counts(restore_probabilities(scale_classes(p, w), plan), num_classes) * ml
+                       for p, plan, _, ml in cases], axis=0)
 
     before = pred = predicted(weights)
     for i in range(iterations):

@@ -91,6 +91,12 @@ def predict_scores(
     return probs.cpu()
 
 
+def scale_classes(probs: torch.Tensor, weights) -> torch.Tensor:
+    """``probs`` (C, ...) times a per-class factor (the bundle's volume calibration): the one place
+    both the Segmenter and the calibration fit (pipeline.calibration) apply the factors."""
+    return probs * torch.tensor(weights, dtype=probs.dtype)[(slice(None),) + (None,) * (probs.dim() - 1)]
+
+
 class Segmenter:
     """Segments volumes with one bundle. Thread-safe; load once and share."""
 
@@ -150,7 +156,7 @@ class Segmenter:
         try:
             probs, plan = self.predict(volume)
             if self._bundle.class_weights is not None:
-                probs = probs * torch.tensor(self._bundle.class_weights, dtype=probs.dtype)[:, None, None, None]
+                probs = scale_classes(probs, self._bundle.class_weights)
             label_map = restore_probabilities(probs, plan)
             del probs
             side_map = split_sides(label_map, volume.affine_lps, femur_id=self._femur_id)
