@@ -171,6 +171,44 @@ def write_bundle(
     return bundle_dir
 
 
+def _check_copies(
+    bundle_dir: Path,
+    parser: ConfigParser,
+    network_settings: NetworkSettings,
+    preprocess_settings: PreprocessSettings,
+    sliding_window: SlidingWindowSettings,
+) -> None:
+    """inference.json repeats the inferer and preprocessing settings for MONAI tools; the node runs what
+    metadata.json says. Where the copy is present it must agree, so that an edit to one file alone is refused
+    at start instead of being silently ignored."""
+    wanted = {
+        "inferer": {
+            "roi_size": list(network_settings.img_size),
+            "overlap": sliding_window.overlap,
+            "mode": sliding_window.mode,
+            "sw_batch_size": sliding_window.sw_batch_size,
+        },
+        "preprocessing_settings": preprocess_settings.to_dict(),
+    }
+    sources = {"inferer": "sliding_window / network_settings.img_size", "preprocessing_settings": "preprocess_settings"}
+    for section, expected in wanted.items():
+        if section not in parser.config:
+            continue
+        present = parser.config[section]
+        if not isinstance(present, dict):
+            raise BundleError(f"bundle {bundle_dir}: {INFERENCE_PATH} {section} is not a mapping")
+        for key, value in expected.items():
+            if key not in present:
+                continue
+            seen = present[key]
+            same = (list(seen) == list(value)) if isinstance(value, (list, tuple)) and isinstance(seen, (list, tuple)) else seen == value
+            if not same:
+                raise BundleError(
+                    f"bundle {bundle_dir}: {INFERENCE_PATH} {section}.{key} = {seen!r} but {METADATA_PATH} "
+                    f"{sources[section]} says {value!r}; the node uses {METADATA_PATH}: change both or neither"
+                )
+
+
 def _check_class_weights(weights, num_classes: int, where: str) -> tuple[float, ...]:
     try:
         values = tuple(float(w) for w in weights)
@@ -271,6 +309,7 @@ def load_bundle(bundle_dir: Path, labels: LabelTable, device: str | torch.device
                 f"bundle {bundle_dir}: {INFERENCE_PATH} network_def.{key} = {config_args[key]!r} but "
                 f"{METADATA_PATH} network_settings implies {value!r}"
             )
+    _check_copies(bundle_dir, parser, network_settings, preprocess_settings, sliding_window)
     try:
         state = torch.load(bundle_dir / MODEL_PATH, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -91,3 +91,45 @@ def test_metadata_needs_name(tmp_path: Path) -> None:
     labels = load_label_table()
     with pytest.raises(BundleError, match="'name'"):
         write_bundle(tmp_path / "b", build_network(TINY, labels.num_classes), TINY, PRE, labels, {"version": "1"})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "named"),
+    [
+        ("overlap", 0.75, "inferer.overlap = 0.75"),
+        ("mode", "constant", "inferer.mode = 'constant'"),
+        ("sw_batch_size", 8, "inferer.sw_batch_size = 8"),
+        ("roi_size", [64, 64, 64], "inferer.roi_size = [64, 64, 64]"),
+    ],
+)
+def test_refuses_inferer_that_disagrees_with_metadata(tmp_path: Path, key: str, value, named: str) -> None:
+    # A site that edits the MONAI inferer in inference.json (the usual place) must not be ignored silently:
+    # the node runs what metadata.json says, so a disagreement is refused with both values named.
+    labels = load_label_table()
+    path, _ = _write(tmp_path, labels)
+    config = json.loads((path / INFERENCE_PATH).read_text())
+    config["inferer"][key] = value
+    (path / INFERENCE_PATH).write_text(json.dumps(config))
+    with pytest.raises(BundleError) as err:
+        load_bundle(path, labels, "cpu")
+    assert named in str(err.value) and str(METADATA_PATH) in str(err.value)
+
+
+def test_refuses_preprocessing_that_disagrees_with_metadata(tmp_path: Path) -> None:
+    labels = load_label_table()
+    path, _ = _write(tmp_path, labels)
+    config = json.loads((path / INFERENCE_PATH).read_text())
+    config["preprocessing_settings"]["spacing_mm"] = [1.5, 1.5, 1.5]
+    (path / INFERENCE_PATH).write_text(json.dumps(config))
+    with pytest.raises(BundleError, match=r"preprocessing_settings\.spacing_mm = \[1\.5, 1\.5, 1\.5\]"):
+        load_bundle(path, labels, "cpu")
+
+
+def test_bundle_without_inferer_block_still_loads(tmp_path: Path) -> None:
+    # inferer and preprocessing_settings are informative copies; a hand-made bundle may leave them out.
+    labels = load_label_table()
+    path, _ = _write(tmp_path, labels)
+    config = json.loads((path / INFERENCE_PATH).read_text())
+    del config["inferer"], config["preprocessing_settings"]
+    (path / INFERENCE_PATH).write_text(json.dumps(config))
+    assert load_bundle(path, labels, "cpu").sliding_window.overlap == 0.5
