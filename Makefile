@@ -36,8 +36,8 @@ train-demo: install
 # The held-out test phantoms of config/train_demo.toml (seed 3; generated if missing), the targets,
 # and the one-leg-atrophied side check.
 evaluate-demo: install
-	$(BIN)/python -c "from pipeline.training import TrainSettings, ensure_phantoms; from pathlib import Path; ensure_phantoms(TrainSettings.from_toml('config/train_demo.toml'), only=(Path('/tmp/thighnode_data/test'),))"
-	$(BIN)/thighnode evaluate --bundle bundles/thighnode_demo --data /tmp/thighnode_data/test --side-check
+	$(BIN)/python -c "from pipeline.training import TrainSettings, ensure_phantoms; from pathlib import Path; ensure_phantoms(TrainSettings.from_toml('config/train_demo.toml'), only=(Path('/tmp/thighnode_data_v3/test'),))"
+	$(BIN)/thighnode evaluate --bundle bundles/thighnode_demo --data /tmp/thighnode_data_v3/test --side-check
 
 demo: install
 	$(BIN)/python deploy/demo.py
