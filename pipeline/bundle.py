@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from pipeline.errors import BundleError
 from pipeline.labels import LabelTable
 from pipeline.network import NetworkSettings, build_network
 from pipeline.preprocess import PreprocessSettings
+
+if TYPE_CHECKING:
+    from monai.bundle import ConfigParser
 
 logger = logging.getLogger(__name__)
 
@@ -174,14 +177,16 @@ def write_bundle(
 def _check_copies(
     bundle_dir: Path,
     parser: ConfigParser,
+    num_classes: int,
     network_settings: NetworkSettings,
     preprocess_settings: PreprocessSettings,
     sliding_window: SlidingWindowSettings,
 ) -> None:
-    """inference.json repeats the inferer and preprocessing settings for MONAI tools; the node runs what
-    metadata.json says. Where the copy is present it must agree, so that an edit to one file alone is refused
-    at start instead of being silently ignored."""
+    """inference.json repeats the network, inferer and preprocessing settings for MONAI tools; the node runs
+    what metadata.json says. Where a copied key is present it must agree, so that an edit to one file alone
+    is refused at start instead of being silently ignored."""
     wanted = {
+        "network_def": network_settings.unetr_kwargs(num_classes),
         "inferer": {
             "roi_size": list(network_settings.img_size),
             "overlap": sliding_window.overlap,
@@ -190,7 +195,11 @@ def _check_copies(
         },
         "preprocessing_settings": preprocess_settings.to_dict(),
     }
-    sources = {"inferer": "sliding_window / network_settings.img_size", "preprocessing_settings": "preprocess_settings"}
+    sources = {
+        "network_def": "network_settings",
+        "inferer": "sliding_window / network_settings.img_size",
+        "preprocessing_settings": "preprocess_settings",
+    }
     for section, expected in wanted.items():
         if section not in parser.config:
             continue
@@ -295,21 +304,10 @@ def load_bundle(bundle_dir: Path, labels: LabelTable, device: str | torch.device
     parser = ConfigParser()
     try:
         parser.read_config(str(bundle_dir / INFERENCE_PATH))
-        net_args = parser.get("network_def")
         network = parser.get_parsed_content("network_def")
     except Exception as exc:
         raise BundleError(f"bundle {bundle_dir}: {INFERENCE_PATH} network_def cannot be built: {exc}") from exc
-    expected_args = network_settings.unetr_kwargs(labels.num_classes)
-    if not isinstance(net_args, dict):
-        raise BundleError(f"bundle {bundle_dir}: {INFERENCE_PATH} network_def is not a mapping")
-    config_args = {k: v for k, v in net_args.items() if not k.startswith("_")}
-    for key, value in expected_args.items():
-        if key in config_args and config_args[key] != value:
-            raise BundleError(
-                f"bundle {bundle_dir}: {INFERENCE_PATH} network_def.{key} = {config_args[key]!r} but "
-                f"{METADATA_PATH} network_settings implies {value!r}"
-            )
-    _check_copies(bundle_dir, parser, network_settings, preprocess_settings, sliding_window)
+    _check_copies(bundle_dir, parser, labels.num_classes, network_settings, preprocess_settings, sliding_window)
     try:
         state = torch.load(bundle_dir / MODEL_PATH, map_location="cpu", weights_only=True)
     except Exception as exc:

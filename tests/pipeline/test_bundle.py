@@ -133,3 +133,13 @@ def test_bundle_without_inferer_block_still_loads(tmp_path: Path) -> None:
     del config["inferer"], config["preprocessing_settings"]
     (path / INFERENCE_PATH).write_text(json.dumps(config))
     assert load_bundle(path, labels, "cpu").sliding_window.overlap == 0.5
+
+
+def test_refuses_network_def_that_disagrees_with_metadata(tmp_path: Path) -> None:
+    labels = load_label_table()
+    path, _ = _write(tmp_path, labels)
+    config = json.loads((path / INFERENCE_PATH).read_text())
+    config["network_def"]["num_heads"] = 4
+    (path / INFERENCE_PATH).write_text(json.dumps(config))
+    with pytest.raises(BundleError, match=r"network_def\.num_heads = 4 but .*metadata\.json network_settings says 2"):
+        load_bundle(path, labels, "cpu")
