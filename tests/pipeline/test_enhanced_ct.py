@@ -7,7 +7,6 @@ same HU array and affine.
 
 from __future__ import annotations
 
-import subprocess
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,7 @@ from pydicom.uid import (
 from pipeline.errors import DeclinedError, VolumeError
 from pipeline.selection import select_series
 from pipeline.volume import load_volume, source_frames
-from tests.conftest import require_tool
+from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.synthetic_ct import write_ct_series, write_enhanced_ct, write_localizer
 
 GRID = dict(rows=16, cols=20)  # rows != cols so that r/c mix-ups show
@@ -39,12 +38,6 @@ N = 12
 def _hu(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
     """Distinct values along every axis, so that any flip or shift changes the array."""
     return np.round(3 * x + 7 * y + 11 * z)
-
-
-def _dciodvfy_errors(path: Path) -> list[str]:
-    tool = require_tool("dciodvfy")
-    proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
 
 
 def _edit(path: Path, change: Callable[[Dataset], None]) -> Path:
@@ -84,7 +77,7 @@ def test_writer_output_is_valid(tmp_path: Path, kwargs: dict) -> None:
     assert ds.file_meta.TransferSyntaxUID == kwargs.get("transfer_syntax", ExplicitVRLittleEndian)
     assert int(ds.NumberOfFrames) == 4 and len(ds.PerFrameFunctionalGroupsSequence) == 4
     assert ds.pixel_array.shape == (4, 16, 20)
-    assert _dciodvfy_errors(path) == []
+    assert dciodvfy_errors(path) == []
 
 
 # ---------------------------------------------------------------- loading: same as single-frame

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -10,19 +9,13 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from tests.conftest import require_tool
+from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.synthetic_ct import (
     COMPRESSED_TRANSFER_SYNTAXES,
     slice_positions,
     write_ct_series,
     write_localizer,
 )
-
-
-def _dciodvfy_errors(path: Path) -> list[str]:
-    tool = require_tool("dciodvfy")
-    proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
 
 
 @pytest.mark.parametrize(
@@ -33,7 +26,7 @@ def test_series_is_valid_ct_image_storage(tmp_path: Path, ts: str) -> None:
     assert len(paths) == 3
     ds = pydicom.dcmread(paths[1])
     assert ds.file_meta.TransferSyntaxUID == ts
-    assert _dciodvfy_errors(paths[1]) == []
+    assert dciodvfy_errors(paths[1]) == []
     for kw in (
         "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientSize", "StudyDate", "StudyTime",
         "AccessionNumber", "Manufacturer", "KVP", "ConvolutionKernel", "SliceThickness", "ImagePositionPatient",
@@ -48,7 +41,7 @@ def test_localizer_is_valid(tmp_path: Path) -> None:
     ds = pydicom.dcmread(path)
     assert list(ds.ImageType) == ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 0, -1]
-    assert _dciodvfy_errors(path) == []
+    assert dciodvfy_errors(path) == []
 
 
 def test_deterministic(tmp_path: Path) -> None:
