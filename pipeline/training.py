@@ -28,6 +28,8 @@ resumed from a checkpoint continues exactly where it stopped.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
 import logging
 import math
@@ -41,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.bundle import DEMO_INTENDED_USE, SlidingWindowSettings, write_bundle
+from pipeline.bundle import DEMO_INTENDED_USE, MODEL_PATH, SlidingWindowSettings, write_bundle
 from pipeline.evaluation import dice_per_structure
 from pipeline.labels import LabelTable, load_label_table
 from pipeline.network import NetworkSettings, build_network
@@ -86,6 +88,11 @@ class TrainSettings:
     seed: int = 0
     num_threads: int = 2
     resume: Path | None = None
+    #: Start from these weights instead of a random initialisation: a bundle folder (its
+    #: models/model.pt) or a state-dict file. For fine-tuning a bundle on a finer model grid or on a
+    #: site's own data; the network settings must describe the same architecture. A resumed run
+    #: continues from its checkpoint and ignores this.
+    init_weights: Path | None = None
     rotate_deg: float = 8.0
     scale_fraction: float = 0.1
     affine_prob: float = 0.3
@@ -155,7 +162,7 @@ class TrainSettings:
         for key, value in data.items():
             if key in ("data_dirs", "val_dirs", "dicom_dirs"):
                 value = tuple(Path(v) for v in ([value] if isinstance(value, str) else value))
-            elif key in ("output_bundle", "checkpoint_dir", "resume"):
+            elif key in ("output_bundle", "checkpoint_dir", "resume", "init_weights"):
                 value = Path(value) if value else None
             kwargs[key] = value
         kwargs["network"] = NetworkSettings.from_dict(net)
@@ -475,9 +482,13 @@ def train(settings: TrainSettings, labels: LabelTable | None = None) -> Path:
     history: list[dict[str, Any]] = []
     checkpoint_dir = Path(settings.checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    init_sha256 = None
     if settings.resume is not None:
         step, best, best_state, history = _load_checkpoint(Path(settings.resume), network, optimizer)
         logger.info("resumed from %s at step %d (best mean Dice %.4f)", settings.resume, step, best["mean_dice"])
+    elif settings.init_weights is not None:
+        init_sha256 = load_init_weights(network, Path(settings.init_weights))
+        logger.info("starting from the weights of %s (sha256 %s)", settings.init_weights, init_sha256[:12])
 
     network.train()
     losses: list[float] = []
@@ -522,7 +533,8 @@ def train(settings: TrainSettings, labels: LabelTable | None = None) -> Path:
     if best_state is None:  # iterations == 0 or no validation happened
         best_state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
     out = _write_trained_bundle(settings, labels, best_state, best, history, step,
-                                [c.name for c in train_cases], [c.name for c in val_cases], time.monotonic() - started)
+                                [c.name for c in train_cases], [c.name for c in val_cases], time.monotonic() - started,
+                                init_sha256=init_sha256)
     if settings.calibrate_volumes and settings.val_dirs:
         from pipeline.calibration import calibrate_bundle, format_result
 
@@ -535,7 +547,7 @@ def train(settings: TrainSettings, labels: LabelTable | None = None) -> Path:
 
 def _write_trained_bundle(settings: TrainSettings, labels: LabelTable, state: dict, best: dict, history: list,
                           step: int, train_names: list[str], val_names: list[str], seconds: float,
-                          output: Path | None = None) -> Path:
+                          output: Path | None = None, init_sha256: str | None = None) -> Path:
     network = build_network(settings.network, labels.num_classes)
     network.load_state_dict(state)
     metadata = {
@@ -553,6 +565,7 @@ def _write_trained_bundle(settings: TrainSettings, labels: LabelTable, state: di
             "best_step": best["step"],
             "history": history,
             "seconds": seconds,
+            **({"init_weights_sha256": init_sha256} if init_sha256 else {}),
         },
         "metrics": {"validation_mean_dice_model_grid": best["mean_dice"], "validation_dice_model_grid": best["dice"]},
     }
@@ -568,6 +581,28 @@ def export_checkpoint(settings: TrainSettings, checkpoint: Path, output: Path, l
     state = ckpt.get("best_model") or ckpt["model"]
     return _write_trained_bundle(settings, labels, state, best, json.loads(ckpt["history_json"]), int(ckpt["step"]),
                                  [], [], math.nan, output)
+
+
+def load_init_weights(network: torch.nn.Module, path: Path) -> str:
+    """Load the state dict at ``path`` (a bundle folder or a .pt file) into ``network``
+    (weights_only, strict); return the file's sha256. ValueError names the file and the mismatch."""
+    file = path / MODEL_PATH if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"init_weights {path} does not exist (a bundle folder with {MODEL_PATH} or a .pt file)")
+    data = file.read_bytes()
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"init_weights {file} cannot be read as a state dict: {exc}") from exc
+    if isinstance(state, dict) and "model" in state and "optimizer" in state:  # a training checkpoint
+        state = state.get("best_model") or state["model"]
+    try:
+        network.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()
+        raise ValueError(f"init_weights {file} do not fit the network of these settings "
+                         f"(same architecture required): {' '.join(first[:3])[:400]}") from exc
+    return hashlib.sha256(data).hexdigest()
 
 
 def _save_checkpoint(path: Path, network, optimizer, step: int, best: dict, best_state, history: list) -> None:
@@ -592,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--resume", type=Path, default=None)
+    parser.add_argument("--init-weights", type=Path, default=None,
+                        help="start from this bundle's (or .pt file's) weights: fine-tuning, same architecture")
     parser.add_argument("--output", type=Path, default=None, help="bundle folder (overrides output_bundle)")
     parser.add_argument("--checkpoint-dir", type=Path, default=None)
     parser.add_argument("--export", type=Path, default=None, metavar="CHECKPOINT",
@@ -600,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     command = "python -m pipeline.training " + " ".join(argv if argv is not None else sys.argv[1:])
     settings = TrainSettings.from_toml(args.config, iterations=args.iterations, resume=args.resume,
+                                       init_weights=args.init_weights,
                                        output_bundle=args.output, checkpoint_dir=args.checkpoint_dir, command=command)
     if args.export is not None:
         print(export_checkpoint(settings, args.export, settings.output_bundle))

@@ -263,6 +263,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     argv = ["--config", str(args.train_config)]
     if args.resume:
         argv += ["--resume", str(args.resume)]
+    if args.init_weights:
+        argv += ["--init-weights", str(args.init_weights)]
     if args.iterations:
         argv += ["--iterations", str(args.iterations)]
     if args.output:
@@ -358,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", "train a model bundle from labelled CTs (NIfTI pairs or DICOM CT + DICOM-SEG)")
     p.add_argument("train_config", type=Path, help="training settings (TOML), e.g. config/train_demo.toml")
     p.add_argument("--resume", type=Path, default=None, help="checkpoint to resume from")
+    p.add_argument("--init-weights", type=Path, default=None,
+                   help="start from this bundle's weights (fine-tuning; same architecture)")
     p.add_argument("--iterations", type=int, default=None, help="total iterations (overrides the settings)")
     p.add_argument("--output", type=Path, default=None, help="bundle folder (overrides output_bundle)")
     p.set_defaults(func=cmd_train)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -178,3 +179,34 @@ def test_training_phantoms_carry_varied_atrophy_on_most_subjects() -> None:
     assert sides == {"", "left", "right"}
     assert [phantom_params(spec, i) for i in range(24)] == params  # drawn from the seeds only
     assert len({(p.sex, round(p.height_m, 3)) for p in params}) > 12
+
+
+def test_training_can_start_from_a_bundles_weights(tmp_path: Path) -> None:
+    """Fine-tuning (e.g. on a finer model grid, or a site's data): init_weights = a bundle folder."""
+    labels = load_label_table()
+    first = train(_settings(tmp_path, output_bundle=tmp_path / "first"), labels)
+    start = torch.load(first / "models" / "model.pt", weights_only=True)
+    # no training step: the written model is exactly the one it started from
+    same = train(_settings(tmp_path, iterations=0, init_weights=first, output_bundle=tmp_path / "same",
+                           checkpoint_dir=tmp_path / "c0"), labels)
+    copied = torch.load(same / "models" / "model.pt", weights_only=True)
+    assert all(torch.equal(start[k], copied[k]) for k in start)
+    fresh = train(_settings(tmp_path, iterations=0, output_bundle=tmp_path / "fresh", checkpoint_dir=tmp_path / "c1"),
+                  labels)
+    assert not all(torch.equal(start[k], v) for k, v in torch.load(fresh / "models" / "model.pt",
+                                                                        weights_only=True).items())
+    meta = json.loads((same / METADATA_PATH).read_text())
+    assert meta["training"]["settings"]["init_weights"] == str(first)
+    assert meta["training"]["init_weights_sha256"] == hashlib.sha256((first / "models" / "model.pt").read_bytes()).hexdigest()
+
+
+def test_init_weights_of_another_architecture_is_refused_clearly(tmp_path: Path) -> None:
+    labels = load_label_table()
+    first = train(_settings(tmp_path, iterations=0, output_bundle=tmp_path / "first"), labels)
+    other = NetworkSettings(img_size=(32, 32, 32), feature_size=8, hidden_size=96, mlp_dim=96, num_heads=2)
+    with pytest.raises(ValueError, match=r"init_weights .*first.* do not fit the network"):
+        train(_settings(tmp_path, iterations=0, init_weights=first, network=other, checkpoint_dir=tmp_path / "c2"),
+              labels)
+    with pytest.raises(ValueError, match=r"init_weights .*missing.* does not exist"):
+        train(_settings(tmp_path, iterations=0, init_weights=tmp_path / "missing", checkpoint_dir=tmp_path / "c3"),
+              labels)
