@@ -128,6 +128,13 @@ class Segmenter:
     def bundle(self) -> Bundle:
         return self._bundle
 
+    def describe(self) -> str:
+        """One line with the settings that change the reported numbers (logged by the node at start)."""
+        grid = " x ".join(f"{s:g}" for s in self._bundle.preprocess_settings.spacing_mm)
+        return (f"device {self._device.type}, model grid {grid} mm, overlap {self._overlap:g} {self._mode}, "
+                f"sw_batch_size {self._sw_batch_size}, mirror {'on' if self._mirror else 'off'}, "
+                f"volume calibration {'on' if self._bundle.class_weights is not None else 'off'}")
+
     @property
     def device(self) -> torch.device:
         return self._device

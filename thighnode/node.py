@@ -204,7 +204,8 @@ class Node:
             raise NodeStartError(f"model bundle {m.bundle} cannot be used: {exc.message}") from exc
         segmenter = Segmenter(bundle, device=m.device, sw_batch_size=m.sw_batch_size, overlap=m.overlap,
                               mirror=m.mirror_override)
-        log.info("model %s %s loaded in %.2f s", bundle.name, bundle.version, time.perf_counter() - t)
+        log.info("model %s %s loaded in %.2f s (%s)", bundle.name, bundle.version, time.perf_counter() - t,
+                 segmenter.describe())
         return segmenter
 
     # -- scheduled work -----------------------------------------------------------------

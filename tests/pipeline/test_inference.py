@@ -108,3 +108,22 @@ def test_bundle_carries_the_mirror_setting(tmp_path: Path) -> None:
     meta.write_text(meta.read_text().replace('"mirror": true', '"mirror": "yes"'))
     with pytest.raises(BundleError, match="mirror"):
         load_bundle(path, labels, "cpu")
+
+
+def test_segmenter_describes_what_it_runs(tmp_path: Path) -> None:
+    """The node logs this at start: the settings that change the numbers it reports."""
+    from pipeline.bundle import SlidingWindowSettings
+
+    labels = load_label_table()
+    net = build_network(TINY, labels.num_classes)
+    path = write_bundle(tmp_path / "m", net, TINY, PreprocessSettings(spacing_mm=(2.5, 2.5, 3.0)), labels,
+                        {"name": "m", "version": "1"}, SlidingWindowSettings(overlap=0.5, mirror=True),
+                        class_weights=[1.0] * labels.num_classes)
+    text = Segmenter(load_bundle(path, labels, "cpu"), device="cpu", sw_batch_size=3).describe()
+    assert "model grid 2.5 x 2.5 x 3 mm" in text and "overlap 0.5 gaussian" in text
+    assert "sw_batch_size 3" in text and "mirror on" in text and "volume calibration on" in text
+    assert "device cpu" in text
+    plain = write_bundle(tmp_path / "p", net, TINY, PreprocessSettings(spacing_mm=(4, 4, 4)), labels,
+                         {"name": "p", "version": "1"})
+    text = Segmenter(load_bundle(plain, labels, "cpu"), device="cpu", mirror=False).describe()
+    assert "mirror off" in text and "volume calibration off" in text and "model grid 4 x 4 x 4 mm" in text
