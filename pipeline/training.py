@@ -121,6 +121,9 @@ class TrainSettings:
     #: After training, fit the bundle's per-class volume calibration on the validation folders
     #: (pipeline.calibration): removes systematic volume bias of thin/broad structures.
     calibrate_volumes: bool = False
+    #: More labelled folders for that calibration, beside val_dirs (never the test set): the
+    #: factors are per-class volume ratios pooled over the cases, so more subjects steady them.
+    calibration_dirs: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         if self.iterations < 0 or self.val_every < 1 or self.batch_size < 1 or self.samples_per_volume < 1:
@@ -160,7 +163,7 @@ class TrainSettings:
         if unknown:
             raise ValueError(f"{source}: unknown training settings {sorted(unknown)}")
         for key, value in data.items():
-            if key in ("data_dirs", "val_dirs", "dicom_dirs"):
+            if key in ("data_dirs", "val_dirs", "dicom_dirs", "calibration_dirs"):
                 value = tuple(Path(v) for v in ([value] if isinstance(value, str) else value))
             elif key in ("output_bundle", "checkpoint_dir", "resume", "init_weights"):
                 value = Path(value) if value else None
@@ -535,11 +538,12 @@ def train(settings: TrainSettings, labels: LabelTable | None = None) -> Path:
     out = _write_trained_bundle(settings, labels, best_state, best, history, step,
                                 [c.name for c in train_cases], [c.name for c in val_cases], time.monotonic() - started,
                                 init_sha256=init_sha256)
-    if settings.calibrate_volumes and settings.val_dirs:
+    if settings.calibrate_volumes and (settings.val_dirs or settings.calibration_dirs):
         from pipeline.calibration import calibrate_bundle, format_result
 
-        result = calibrate_bundle(out, settings.val_dirs, device=device.type)
-        logger.info("volume calibration on the validation set:\n%s", format_result(result, labels))
+        result = calibrate_bundle(out, (*settings.val_dirs, *settings.calibration_dirs), device=device.type)
+        logger.info("volume calibration on %d cases (validation%s):\n%s", len(result.cases),
+                    " and calibration sets" if settings.calibration_dirs else " set", format_result(result, labels))
     logger.info("training finished in %.0f s; bundle %s (best mean Dice %.4f at step %d)",
                 time.monotonic() - started, out, best["mean_dice"], best["step"])
     return out

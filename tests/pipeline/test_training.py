@@ -143,6 +143,20 @@ def test_training_can_calibrate_the_volumes_on_the_validation_set(tmp_path: Path
     assert load_bundle(out, load_label_table(), "cpu").class_weights == pytest.approx(meta["class_weights"])
 
 
+def test_calibration_can_use_more_cases_than_the_validation_set(tmp_path: Path) -> None:
+    """calibration_dirs: extra labelled cases (never the test set) for a steadier volume calibration."""
+    extra = tmp_path / "calib"
+    _write_cases(extra, 1)
+    (extra / "case0_ct.nii.gz").rename(extra / "extra0_ct.nii.gz")
+    (extra / "case0_label.nii.gz").rename(extra / "extra0_label.nii.gz")
+    settings = _settings(tmp_path, calibrate_volumes=True, iterations=4, calibration_dirs=(extra,))
+    meta = json.loads((train(settings, load_label_table()) / METADATA_PATH).read_text())
+    assert meta["class_weights_calibration"]["cases"] == ["case0", "case1", "extra0"]
+    parsed = TrainSettings.from_dict({"data_dirs": ["d"], "output_bundle": "b", "checkpoint_dir": "c",
+                                      "calibration_dirs": ["x", "y"]})
+    assert parsed.calibration_dirs == (Path("x"), Path("y"))
+
+
 def test_ensure_phantoms_can_generate_only_the_sets_asked_for(tmp_path: Path) -> None:
     from pipeline.training import PhantomDataSettings, ensure_phantoms
 
