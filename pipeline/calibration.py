@@ -9,13 +9,15 @@ before the restore and argmax, with ``w`` fitted on labelled cases (the validati
 never the test set) so that the predicted volume of every class, pooled over the cases,
 matches its true volume:
 
-    w_c <- w_c * (true_c / predicted_c) ** step        (repeated ``iterations`` times)
+    log w_c <- log w_c - log(predicted_c / true_c) / slope_c     (secant steps; see fit_class_weights)
+
+repeated until every class is within 0.5 % or 30 iterations.
 
 The restore is the node's own (:func:`pipeline.preprocess.restore_probabilities` on each
 case's original grid), so what is calibrated is exactly what the node measures. Scaling
 commutes with the linear restore, so the factors are applied once to the model-grid output.
 
-Usage: python -m pipeline.calibration BUNDLE_DIR DATA_DIR [--iterations 8] [--dry-run]
+Usage: python -m pipeline.calibration BUNDLE_DIR DATA_DIR [--iterations 30] [--dry-run]
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ logger = logging.getLogger(__name__)
 
 #: Factors are kept within [1/MAX_FACTOR, MAX_FACTOR]: a class that needs more is not a bias to calibrate.
 MAX_FACTOR = 5.0
+#: The fit stops when every class's pooled volume is within this fraction of the truth ...
+TOLERANCE = 0.005
+#: ... or after this many iterations (each restores every case once).
+MAX_ITERATIONS = 30
 
 
 @dataclass(frozen=True)
@@ -72,38 +78,64 @@ def fit_class_weights(
     cases: list[tuple[torch.Tensor, object, np.ndarray, float]],
     num_classes: int,
     *,
-    iterations: int = 8,
+    iterations: int = MAX_ITERATIONS,
     step: float = 0.8,
+    tolerance: float = TOLERANCE,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``cases``: (model-grid probabilities (C, ...), PreprocessPlan, true volume per class in mL on
     the original grid, voxel volume in mL). Returns (weights, predicted mL before, predicted mL after),
-    volumes pooled over the cases."""
+    volumes pooled over the cases.
+
+    Each class's log-factor is moved by a secant step on ``log(predicted / true)``: a confident
+    model's volume responds weakly to its factor (the boundary moves little), so a fixed-ratio
+    update would stop short of the truth. The first step, and any step whose response is not
+    measurably positive, is the damped ratio update; steps are limited to a factor of 2. Stops
+    when every present class is within ``tolerance`` or after ``iterations``."""
     from pipeline.inference import scale_classes
     from pipeline.preprocess import restore_probabilities
 
     true = np.sum([c[2] for c in cases], axis=0)
-    weights = np.ones(num_classes, dtype=np.float64)
+    log_w = np.zeros(num_classes, dtype=np.float64)
+    present = (true > 0)
+    present[0] = False
+    lo, hi = -np.log(MAX_FACTOR), np.log(MAX_FACTOR)
 
-    def predicted(w: np.ndarray) -> np.ndarray:
+    def predicted(lw: np.ndarray) -> np.ndarray:
+        w = np.exp(lw)
         return np.sum([_counts(restore_probabilities(scale_classes(p, w), plan), num_classes) * ml
                        for p, plan, _, ml in cases], axis=0)
 
-    before = pred = predicted(weights)
+    def misfit(pred: np.ndarray) -> np.ndarray:
+        return np.where(present, np.log((pred + 0.01) / (true + 0.01)), 0.0)
+
+    before = pred = predicted(log_w)
+    f = misfit(pred)
+    prev_log_w = prev_f = None
     for i in range(iterations):
-        ratio = np.where((true > 0) & (pred > 0), (true + 0.01) / (pred + 0.01), 1.0)
-        ratio[0] = 1.0
-        weights = np.clip(weights * ratio ** step, 1.0 / MAX_FACTOR, MAX_FACTOR)
-        pred = predicted(weights)
-        worst = max((abs(pred[c] - true[c]) / true[c] for c in range(1, num_classes) if true[c] > 0), default=0.0)
+        worst = max((abs(pred[c] - true[c]) / true[c] for c in range(1, num_classes) if present[c]), default=0.0)
+        if worst <= tolerance:
+            break
+        delta = -step * f
+        if prev_log_w is not None:
+            dx, df = log_w - prev_log_w, f - prev_f
+            slope = np.divide(df, dx, out=np.zeros_like(df), where=np.abs(dx) > 1e-9)
+            secant = slope > 0.02
+            delta = np.where(secant, -f / np.where(secant, slope, 1.0), delta)
+        delta = np.clip(np.where(present, delta, 0.0), -np.log(2.0), np.log(2.0))
+        prev_log_w, prev_f = log_w, f
+        log_w = np.clip(log_w + delta, lo, hi)
+        pred = predicted(log_w)
+        f = misfit(pred)
+        worst = max((abs(pred[c] - true[c]) / true[c] for c in range(1, num_classes) if present[c]), default=0.0)
         logger.info("calibration iteration %d: worst pooled volume error %.2f %%", i + 1, 100 * worst)
-    return weights, before, pred
+    return np.exp(log_w), before, pred
 
 
 def calibrate_bundle(
     bundle_dir: Path,
     data_dir: Path | Sequence[Path],
     *,
-    iterations: int = 8,
+    iterations: int = MAX_ITERATIONS,
     write: bool = True,
     device: str = "auto",
 ) -> CalibrationResult:
@@ -165,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Fit a bundle's per-class volume calibration on labelled cases.")
     parser.add_argument("bundle", type=Path)
     parser.add_argument("data", type=Path, help="NIfTI pairs (a validation set, never the test set)")
-    parser.add_argument("--iterations", type=int, default=8)
+    parser.add_argument("--iterations", type=int, default=MAX_ITERATIONS)
     parser.add_argument("--dry-run", action="store_true", help="print the fit, do not write the bundle")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)

@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("calibrate", "fit a bundle's per-class volume calibration on labelled cases (a validation set)")
     p.add_argument("--bundle", required=True)
     p.add_argument("--data", required=True, nargs="+", help="folder(s) of NIfTI pairs; never the test set")
-    p.add_argument("--iterations", type=int, default=8)
+    p.add_argument("--iterations", type=int, default=30, help="at most; stops when every class is within 0.5 %%")
     p.add_argument("--dry-run", action="store_true", help="print the fit without writing the bundle")
     p.set_defaults(func=cmd_calibrate)
 
