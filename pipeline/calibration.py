@@ -81,10 +81,10 @@ def fit_class_weights(
     iterations: int = MAX_ITERATIONS,
     step: float = 0.8,
     tolerance: float = TOLERANCE,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """``cases``: (model-grid probabilities (C, ...), PreprocessPlan, true volume per class in mL on
-    the original grid, voxel volume in mL). Returns (weights, predicted mL before, predicted mL after),
-    volumes pooled over the cases.
+    the original grid, voxel volume in mL). Returns (weights, predicted mL before, predicted mL after,
+    iterations run), volumes pooled over the cases.
 
     Each class's log-factor is moved by a secant step on ``log(predicted / true)``: a confident
     model's volume responds weakly to its factor (the boundary moves little), so a fixed-ratio
@@ -111,6 +111,7 @@ def fit_class_weights(
     before = pred = predicted(log_w)
     f = misfit(pred)
     prev_log_w = prev_f = None
+    done = 0
     for i in range(iterations):
         worst = max((abs(pred[c] - true[c]) / true[c] for c in range(1, num_classes) if present[c]), default=0.0)
         if worst <= tolerance:
@@ -126,9 +127,10 @@ def fit_class_weights(
         log_w = np.clip(log_w + delta, lo, hi)
         pred = predicted(log_w)
         f = misfit(pred)
+        done = i + 1
         worst = max((abs(pred[c] - true[c]) / true[c] for c in range(1, num_classes) if present[c]), default=0.0)
         logger.info("calibration iteration %d: worst pooled volume error %.2f %%", i + 1, 100 * worst)
-    return np.exp(log_w), before, pred
+    return np.exp(log_w), before, pred, done
 
 
 def calibrate_bundle(
@@ -164,12 +166,12 @@ def calibrate_bundle(
         logger.info("calibration case %s predicted", case.name)
     if not prepared:
         raise NiftiError(f"calibration data {data_dir} holds no NIfTI pairs")
-    weights, before, after = fit_class_weights(prepared, n, iterations=iterations)
+    weights, before, after, done = fit_class_weights(prepared, n, iterations=iterations)
     result = CalibrationResult(
         tuple(float(w) for w in weights), tuple(names),
         tuple(float(t) for t in np.sum([p[2] for p in prepared], axis=0)),
         tuple(float(b) for b in before), tuple(float(a) for a in after),
-        iterations, time.monotonic() - started,
+        done, time.monotonic() - started,
     )
     if write:
         set_class_weights(Path(bundle_dir), result.weights, result.provenance())

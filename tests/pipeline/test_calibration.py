@@ -52,7 +52,7 @@ def test_fit_removes_a_systematic_volume_bias() -> None:
         probs, plan, truth = _ball_case(radius, shrink=1.5)
         counts = np.bincount(truth.ravel(), minlength=30)[:30].astype(np.float64)
         cases.append((probs, plan, counts * 0.001, 0.001))
-    weights, before, after = fit_class_weights(cases, 30, iterations=8)
+    weights, before, after, _ = fit_class_weights(cases, 30, iterations=8)
     true_ml = sum(c[2] for c in cases)
     assert before[1] < 0.8 * true_ml[1]  # the biased model under-segments
     assert after[1] == pytest.approx(true_ml[1], rel=0.03)  # calibrated
@@ -74,8 +74,9 @@ def test_fit_converges_where_the_volume_responds_weakly_to_the_factor() -> None:
         probs, plan, truth = _ball_case(radius, shrink=1.0, softness=0.25)
         counts = np.bincount(truth.ravel(), minlength=30)[:30].astype(np.float64)
         cases.append((probs, plan, counts * 0.001, 0.001))
-    weights, before, after = fit_class_weights(cases, 30)
+    weights, before, after, done = fit_class_weights(cases, 30, tolerance=0.01)
     true_ml = sum(c[2] for c in cases)
+    assert 1 < done < 30  # stopped at the tolerance
     assert before[1] < 0.85 * true_ml[1]
     assert after[1] == pytest.approx(true_ml[1], rel=0.01)
     assert weights[1] > 1.0 and np.all(weights[2:] == 1.0)
