@@ -459,6 +459,8 @@ def train(settings: TrainSettings, labels: LabelTable | None = None) -> Path:
     torch.set_num_threads(settings.num_threads)
     set_determinism(seed=settings.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if settings.resume is None and settings.init_weights is not None:
+        _init_weights_file(Path(settings.init_weights))  # a wrong path fails now, not after loading the data
     ensure_phantoms(settings)
 
     cases = load_cases(settings.data_dirs, settings.dicom_dirs, labels, settings.preprocess, settings.soft_labels)
@@ -587,12 +589,17 @@ def export_checkpoint(settings: TrainSettings, checkpoint: Path, output: Path, l
                                  [], [], math.nan, output)
 
 
-def load_init_weights(network: torch.nn.Module, path: Path) -> str:
-    """Load the state dict at ``path`` (a bundle folder or a .pt file) into ``network``
-    (weights_only, strict); return the file's sha256. ValueError names the file and the mismatch."""
+def _init_weights_file(path: Path) -> Path:
     file = path / MODEL_PATH if path.is_dir() else path
     if not file.is_file():
         raise ValueError(f"init_weights {path} does not exist (a bundle folder with {MODEL_PATH} or a .pt file)")
+    return file
+
+
+def load_init_weights(network: torch.nn.Module, path: Path) -> str:
+    """Load the state dict at ``path`` (a bundle folder or a .pt file) into ``network``
+    (weights_only, strict); return the file's sha256. ValueError names the file and the mismatch."""
+    file = _init_weights_file(path)
     data = file.read_bytes()
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
