@@ -462,6 +462,11 @@ def train(settings: TrainSettings, labels: LabelTable | None = None) -> Path:
     if settings.resume is None and settings.init_weights is not None:
         _init_weights_file(Path(settings.init_weights))  # a wrong path fails now, not after loading the data
     ensure_phantoms(settings)
+    if settings.calibrate_volumes:
+        from pipeline.nifti import list_nifti_cases
+
+        for folder in settings.calibration_dirs:  # a wrong path fails now, not after the training
+            list_nifti_cases(Path(folder))
 
     cases = load_cases(settings.data_dirs, settings.dicom_dirs, labels, settings.preprocess, settings.soft_labels)
     if settings.val_dirs:

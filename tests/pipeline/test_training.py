@@ -224,3 +224,12 @@ def test_init_weights_of_another_architecture_is_refused_clearly(tmp_path: Path)
     with pytest.raises(ValueError, match=r"init_weights .*missing.* does not exist"):
         train(_settings(tmp_path, iterations=0, init_weights=tmp_path / "missing", checkpoint_dir=tmp_path / "c3"),
               labels)
+
+
+def test_a_missing_calibration_folder_fails_before_training(tmp_path: Path) -> None:
+    """A wrong calibration_dirs path must not cost a whole training run (it failed only at the end)."""
+    settings = _settings(tmp_path, calibrate_volumes=True, calibration_dirs=(tmp_path / "nowhere",))
+    with pytest.raises(ValueError, match=r"nowhere"):
+        train(settings, load_label_table())
+    assert not (tmp_path / "ckpt" / CHECKPOINT_NAME).exists()
+    assert not (tmp_path / "bundle").exists()
