@@ -105,6 +105,9 @@ def fit_class_weights(
         return np.sum([_counts(restore_probabilities(scale_classes(p, w), plan), num_classes) * ml
                        for p, plan, _, ml in cases], axis=0)
 
+    def worst_error(pred: np.ndarray) -> float:
+        return max((abs(pred[c] - true[c]) / true[c] for c in range(1, num_classes) if present[c]), default=0.0)
+
     def misfit(pred: np.ndarray) -> np.ndarray:
         return np.where(present, np.log((pred + 0.01) / (true + 0.01)), 0.0)
 
@@ -113,8 +116,7 @@ def fit_class_weights(
     prev_log_w = prev_f = None
     done = 0
     for i in range(iterations):
-        worst = max((abs(pred[c] - true[c]) / true[c] for c in range(1, num_classes) if present[c]), default=0.0)
-        if worst <= tolerance:
+        if worst_error(pred) <= tolerance:
             break
         delta = -step * f
         if prev_log_w is not None:
@@ -128,8 +130,7 @@ def fit_class_weights(
         pred = predicted(log_w)
         f = misfit(pred)
         done = i + 1
-        worst = max((abs(pred[c] - true[c]) / true[c] for c in range(1, num_classes) if present[c]), default=0.0)
-        logger.info("calibration iteration %d: worst pooled volume error %.2f %%", i + 1, 100 * worst)
+        logger.info("calibration iteration %d: worst pooled volume error %.2f %%", i + 1, 100 * worst_error(pred))
     return np.exp(log_w), before, pred, done
 
 

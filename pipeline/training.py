@@ -589,9 +589,14 @@ def export_checkpoint(settings: TrainSettings, checkpoint: Path, output: Path, l
     labels = labels or load_label_table()
     ckpt = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
     best = json.loads(ckpt["best_json"])
-    state = ckpt.get("best_model") or ckpt["model"]
+    state = _best_state(ckpt)
     return _write_trained_bundle(settings, labels, state, best, json.loads(ckpt["history_json"]), int(ckpt["step"]),
                                  [], [], math.nan, output)
+
+
+def _best_state(ckpt: dict) -> dict:
+    """A training checkpoint's best model (by validation Dice), or its last one when none was validated."""
+    return ckpt.get("best_model") or ckpt["model"]
 
 
 def _init_weights_file(path: Path) -> Path:
@@ -611,7 +616,7 @@ def load_init_weights(network: torch.nn.Module, path: Path) -> str:
     except Exception as exc:
         raise ValueError(f"init_weights {file} cannot be read as a state dict: {exc}") from exc
     if isinstance(state, dict) and "model" in state and "optimizer" in state:  # a training checkpoint
-        state = state.get("best_model") or state["model"]
+        state = _best_state(state)
     try:
         network.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:

@@ -301,8 +301,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from pipeline.calibration import calibrate_bundle, format_result
 
     _setup_logging("INFO")
-    result = calibrate_bundle(Path(args.bundle), [Path(d) for d in args.data], iterations=args.iterations,
-                              write=not args.dry_run)
+    iterations = {} if args.iterations is None else {"iterations": args.iterations}
+    result = calibrate_bundle(Path(args.bundle), [Path(d) for d in args.data], write=not args.dry_run, **iterations)
     print(format_result(result))
     return 0
 
@@ -373,7 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("calibrate", "fit a bundle's per-class volume calibration on labelled cases (a validation set)")
     p.add_argument("--bundle", required=True)
     p.add_argument("--data", required=True, nargs="+", help="folder(s) of NIfTI pairs; never the test set")
-    p.add_argument("--iterations", type=int, default=30, help="at most; stops when every class is within 0.5 %%")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="at most this many rounds (default pipeline.calibration.MAX_ITERATIONS); the fit stops "
+                        "when every class is within pipeline.calibration.TOLERANCE")
     p.add_argument("--dry-run", action="store_true", help="print the fit without writing the bundle")
     p.set_defaults(func=cmd_calibrate)
 
