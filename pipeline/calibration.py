@@ -14,8 +14,10 @@ matches its true volume:
 repeated until every class is within 0.5 % or 30 iterations.
 
 The restore is the node's own (:func:`pipeline.preprocess.restore_probabilities` on each
-case's original grid), so what is calibrated is exactly what the node measures. Scaling
-commutes with the linear restore, so the factors are applied once to the model-grid output.
+case's original grid) followed by the node's post-processing (side split, largest components:
+:meth:`pipeline.inference.Segmenter.postprocess`), so what is calibrated is exactly what the
+node measures, islands the clean-up removes included. Scaling commutes with the linear restore,
+so the factors are applied once to the model-grid output.
 
 Usage: python -m pipeline.calibration BUNDLE_DIR DATA_DIR [--iterations 30] [--dry-run]
 """
@@ -28,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -81,10 +83,13 @@ def fit_class_weights(
     iterations: int = MAX_ITERATIONS,
     step: float = 0.8,
     tolerance: float = TOLERANCE,
+    finish: Sequence[Callable[[np.ndarray], np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """``cases``: (model-grid probabilities (C, ...), PreprocessPlan, true volume per class in mL on
     the original grid, voxel volume in mL). Returns (weights, predicted mL before, predicted mL after,
-    iterations run), volumes pooled over the cases.
+    iterations run), volumes pooled over the cases. ``finish``: per case, the node's post-processing
+    of the restored label map (side split and largest components: :meth:`Segmenter.postprocess`), so
+    that what is fitted is what the node reports; None counts the bare restored argmax.
 
     Each class's log-factor is moved by a secant step on ``log(predicted / true)``: a confident
     model's volume responds weakly to its factor (the boundary moves little), so a fixed-ratio
@@ -100,10 +105,18 @@ def fit_class_weights(
     present[0] = False
     lo, hi = -np.log(MAX_FACTOR), np.log(MAX_FACTOR)
 
+    if finish is not None and len(finish) != len(cases):
+        raise ValueError(f"finish has {len(finish)} entries for {len(cases)} cases")
+    steps = list(finish) if finish is not None else [None] * len(cases)
+
+    def label_map(i: int, w: np.ndarray) -> np.ndarray:
+        probs, plan = cases[i][0], cases[i][1]
+        restored = restore_probabilities(scale_classes(probs, w), plan)
+        return steps[i](restored) if steps[i] is not None else restored
+
     def predicted(lw: np.ndarray) -> np.ndarray:
         w = np.exp(lw)
-        return np.sum([_counts(restore_probabilities(scale_classes(p, w), plan), num_classes) * ml
-                       for p, plan, _, ml in cases], axis=0)
+        return np.sum([_counts(label_map(i, w), num_classes) * cases[i][3] for i in range(len(cases))], axis=0)
 
     def worst_error(pred: np.ndarray) -> float:
         return max((abs(pred[c] - true[c]) / true[c] for c in range(1, num_classes) if present[c]), default=0.0)
@@ -156,6 +169,7 @@ def calibrate_bundle(
     segmenter = Segmenter(bundle, device=device)
     n = labels.num_classes
     prepared = []
+    finish = []
     names = []
     dirs = [Path(data_dir)] if isinstance(data_dir, (str, Path)) else [Path(d) for d in data_dir]
     for case in (c for d in dirs for c in list_nifti_cases(d)):
@@ -163,11 +177,12 @@ def calibrate_bundle(
         probs, plan = segmenter.predict(volume)
         ml = volume.voxel_volume_ml
         prepared.append((probs, plan, _counts(truth, n) * ml, ml))
+        finish.append(lambda lm, affine=volume.affine_lps: segmenter.postprocess(lm, affine)[0])
         names.append(case.name)
         logger.info("calibration case %s predicted", case.name)
     if not prepared:
         raise NiftiError(f"calibration data {data_dir} holds no NIfTI pairs")
-    weights, before, after, done = fit_class_weights(prepared, n, iterations=iterations)
+    weights, before, after, done = fit_class_weights(prepared, n, iterations=iterations, finish=finish)
     result = CalibrationResult(
         tuple(float(w) for w in weights), tuple(names),
         tuple(float(t) for t in np.sum([p[2] for p in prepared], axis=0)),

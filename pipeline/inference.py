@@ -157,6 +157,16 @@ class Segmenter:
             )
         return probs, plan
 
+    def postprocess(self, label_map: np.ndarray, affine_lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(label map, side map) of a restored label map: the side split by the patient's midline and,
+        unless switched off, the largest components per structure and side. The volume calibration
+        (pipeline.calibration) fits through this same step."""
+        side_map = split_sides(label_map, affine_lps, femur_id=self._femur_id)
+        if self._keep_largest:
+            label_map = keep_largest_components(label_map, side_map)
+            side_map = np.where(label_map > 0, side_map, 0).astype(np.uint8)
+        return label_map, side_map
+
     def segment(self, volume: Volume) -> Segmentation:
         """Label map (and side map) on the volume's grid."""
         started = time.monotonic()
@@ -166,10 +176,7 @@ class Segmenter:
                 probs = scale_classes(probs, self._bundle.class_weights)
             label_map = restore_probabilities(probs, plan)
             del probs
-            side_map = split_sides(label_map, volume.affine_lps, femur_id=self._femur_id)
-            if self._keep_largest:
-                label_map = keep_largest_components(label_map, side_map)
-                side_map = np.where(label_map > 0, side_map, 0).astype(np.uint8)
+            label_map, side_map = self.postprocess(label_map, volume.affine_lps)
         except SegmentationError:
             raise
         except (RuntimeError, ValueError, MemoryError) as exc:
