@@ -8,6 +8,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -178,15 +179,27 @@ def score_case(
     return out
 
 
+def _case_names(listed: list) -> list[str]:
+    """Case names of one report: as they are from one folder; from several, prefixed with the folder's
+    name (its path where two folders share a name), so pooled cases never collide."""
+    folders = {d for d, _ in listed}
+    if len(folders) <= 1:
+        return [c.name for _, c in listed]
+    short = {d.name for d in folders}
+    full = len(short) < len(folders)
+    return [f"{d if full else d.name}/{c.name}" for d, c in listed]
+
+
 def evaluate_bundle(
     bundle_dir: Path,
-    data_dir: Path,
+    data_dir: Path | Sequence[Path],
     *,
     csv_path: Path | None = None,
     labels: LabelTable | None = None,
     device: str = "auto",
 ) -> EvaluationReport:
-    """Segment every NIfTI pair of ``data_dir`` with the bundle, on each case's own grid, and score it."""
+    """Segment every NIfTI pair of ``data_dir`` (one folder or several, pooled in one report) with the
+    bundle, on each case's own grid, and score it."""
     from pipeline.bundle import load_bundle
     from pipeline.inference import Segmenter, select_device
     from pipeline.labels import load_label_table
@@ -201,15 +214,18 @@ def evaluate_bundle(
     scores: list[StructureScore] = []
     names: list[str] = []
     started = time.monotonic()
-    for case in list_nifti_cases(Path(data_dir)):
+    dirs = [Path(data_dir)] if isinstance(data_dir, (str, Path)) else list(dict.fromkeys(Path(d) for d in data_dir))
+    listed = [(d, c) for d in dirs for c in list_nifti_cases(d)]  # every folder is listed (and checked) first
+    case_names = _case_names(listed)
+    for (_, case), case_name in zip(listed, case_names):
         volume, truth = load_nifti_case(case, labels)
         seg = segmenter.segment(volume)
         true_sides = split_sides(truth, volume.affine_lps, femur_id=femur_id)
-        case_scores = score_case(case.name, seg.label_map, truth, labels, volume.voxel_volume_ml, seg.side_map, true_sides)
+        case_scores = score_case(case_name, seg.label_map, truth, labels, volume.voxel_volume_ml, seg.side_map, true_sides)
         scores.extend(case_scores)
-        names.append(case.name)
+        names.append(case_name)
         both = [s.dice for s in case_scores if s.side == "both" and not math.isnan(s.dice)]
-        logger.info("evaluated %s: mean Dice %.4f", case.name, float(np.mean(both)) if both else math.nan)
+        logger.info("evaluated %s: mean Dice %.4f", case_name, float(np.mean(both)) if both else math.nan)
     report = EvaluationReport(bundle.name, bundle.version, tuple(names), tuple(scores),
                               (time.monotonic() - started) / max(1, len(names)))
     if csv_path is not None:
@@ -218,12 +234,12 @@ def evaluate_bundle(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.evaluation BUNDLE DATA [--csv PATH]``."""
+    """``python -m pipeline.evaluation BUNDLE DATA [DATA ...] [--csv PATH]``."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Evaluate a thighnode bundle on NIfTI pairs (Dice, RAVD).")
     parser.add_argument("bundle", type=Path)
-    parser.add_argument("data", type=Path)
+    parser.add_argument("data", type=Path, nargs="+", help="labelled folders (NIfTI pairs), pooled")
     parser.add_argument("--csv", type=Path, default=None)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)

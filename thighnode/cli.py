@@ -276,7 +276,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluation import evaluate_bundle
 
     _setup_logging("INFO")
-    data = Path(args.data) if args.data else None
+    data = [Path(d) for d in args.data] if args.data else None
     if data is None:
         from pipeline.phantom import generate_dataset
         import tempfile
@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("evaluate", "per-structure Dice and volume difference of a bundle on a labelled set")
     p.add_argument("--bundle", required=True)
-    p.add_argument("--data", default=None, help="labelled set (NIfTI pairs); default: fresh phantoms")
+    p.add_argument("--data", default=None, nargs="+",
+                   help="labelled folders (NIfTI pairs), pooled in one table; default: fresh phantoms")
     p.add_argument("--phantoms", type=int, default=4, help="number of held-out phantoms when --data is not given")
     p.add_argument("--seed", type=int, default=9000, help="seed of the held-out phantoms")
     p.add_argument("--csv", default=None, help="write the table as CSV")

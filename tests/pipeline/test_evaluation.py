@@ -68,3 +68,35 @@ def test_targets_name_the_muscles_and_the_mean_that_miss() -> None:
     assert "sartorius: volume error 30.0 % > 5 %" in short
     assert not any(s.startswith("femur") for s in short)  # bones are held to the Dice target only
     assert "NOT MET (2)" in report.format_table()
+
+
+def test_a_bundle_is_evaluated_over_several_folders_pooled(tmp_path: Path) -> None:
+    """Held-out sets come in several folders (the demo has two); one report pools their cases, and
+    each case scores as it does alone."""
+    import torch
+
+    from pipeline.bundle import write_bundle
+    from pipeline.evaluation import evaluate_bundle
+    from pipeline.labels import load_label_table
+    from pipeline.network import NetworkSettings, build_network
+    from pipeline.preprocess import PreprocessSettings
+    from thighnode.cli import main
+
+    labels = load_label_table()
+    tiny = NetworkSettings(img_size=(32, 32, 32), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=2)
+    torch.manual_seed(0)
+    bundle = write_bundle(tmp_path / "b", build_network(tiny, labels.num_classes), tiny,
+                          PreprocessSettings(spacing_mm=(8.0, 8.0, 8.0)), labels, {"name": "tiny", "version": "0.0.1"})
+    for name, seed in (("a", "3"), ("c", "4")):
+        assert main(["phantom", "--out", str(tmp_path / name), "--subjects", "1", "--seed", seed, "--spacing", "6"]) == 0
+    alone = evaluate_bundle(bundle, tmp_path / "c", labels=labels, device="cpu")
+    pooled = evaluate_bundle(bundle, [tmp_path / "a", tmp_path / "c"], labels=labels, device="cpu")
+    assert alone.cases == ("subject_000",)
+    assert pooled.cases == ("a/subject_000", "c/subject_000")  # same case names in both folders: told apart
+    mine = [s for s in pooled.scores if s.case == "c/subject_000"]
+    assert [(s.label_id, s.side, s.pred_volume_ml) for s in mine] == [
+        (s.label_id, s.side, s.pred_volume_ml) for s in alone.scores]
+    assert main(["evaluate", "--bundle", str(bundle), "--data", str(tmp_path / "a"), str(tmp_path / "c"),
+                 "--csv", str(tmp_path / "e.csv")]) == 0
+    rows = (tmp_path / "e.csv").read_text().splitlines()
+    assert {r.split(",")[0] for r in rows[1:]} == set(pooled.cases)
