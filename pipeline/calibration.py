@@ -11,7 +11,8 @@ matches its true volume:
 
     log w_c <- log w_c - log(predicted_c / true_c) / slope_c     (secant steps; see fit_class_weights)
 
-repeated until every class is within 0.5 % or 30 iterations.
+repeated until every class is within 0.5 %, 30 iterations, or 4 rounds without improvement; the
+factors of the best round (smallest worst-class error) are kept.
 
 The restore is the node's own (:func:`pipeline.preprocess.restore_probabilities` on each
 case's original grid) followed by the node's post-processing (side split, largest components:
@@ -41,8 +42,12 @@ logger = logging.getLogger(__name__)
 MAX_FACTOR = 5.0
 #: The fit stops when every class's pooled volume is within this fraction of the truth ...
 TOLERANCE = 0.005
-#: ... or after this many iterations (each restores every case once).
+#: ... or after this many iterations (each restores every case once) ...
 MAX_ITERATIONS = 30
+#: ... or when this many rounds in a row did not improve on the best one (through the node's clean-up
+#: a volume is not a smooth function of its factor: the fit can circle the truth). The best round's
+#: factors are returned.
+PATIENCE = 4
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,8 @@ def fit_class_weights(
     model's volume responds weakly to its factor (the boundary moves little), so a fixed-ratio
     update would stop short of the truth. The first step, and any step whose response is not
     measurably positive, is the damped ratio update; steps are limited to a factor of 2. Stops
-    when every present class is within ``tolerance`` or after ``iterations``."""
+    when every present class is within ``tolerance``, after ``iterations``, or after PATIENCE rounds
+    without a better worst-class error; returns the best round's weights and volumes."""
     from pipeline.inference import scale_classes
     from pipeline.preprocess import restore_probabilities
 
@@ -127,9 +133,11 @@ def fit_class_weights(
     before = pred = predicted(log_w)
     f = misfit(pred)
     prev_log_w = prev_f = None
+    best = (worst_error(pred), log_w, pred)
+    since_best = 0
     done = 0
     for i in range(iterations):
-        if worst_error(pred) <= tolerance:
+        if worst_error(pred) <= tolerance or since_best >= PATIENCE:
             break
         delta = -step * f
         if prev_log_w is not None:
@@ -144,7 +152,11 @@ def fit_class_weights(
         f = misfit(pred)
         done = i + 1
         logger.info("calibration iteration %d: worst pooled volume error %.2f %%", i + 1, 100 * worst_error(pred))
-    return np.exp(log_w), before, pred, done
+        if worst_error(pred) < best[0]:
+            best, since_best = (worst_error(pred), log_w, pred), 0
+        else:
+            since_best += 1
+    return np.exp(best[1]), before, best[2], done
 
 
 def calibrate_bundle(
@@ -214,7 +226,7 @@ def format_result(result: CalibrationResult, labels=None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Fit a bundle's per-class volume calibration on labelled cases.")
     parser.add_argument("bundle", type=Path)
-    parser.add_argument("data", type=Path, help="NIfTI pairs (a validation set, never the test set)")
+    parser.add_argument("data", type=Path, nargs="+", help="NIfTI pairs (validation folders, never the test set)")
     parser.add_argument("--iterations", type=int, default=MAX_ITERATIONS)
     parser.add_argument("--dry-run", action="store_true", help="print the fit, do not write the bundle")
     parser.add_argument("--device", default="auto")

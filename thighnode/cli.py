@@ -375,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, nargs="+", help="folder(s) of NIfTI pairs; never the test set")
     p.add_argument("--iterations", type=int, default=None,
                    help="at most this many rounds (default pipeline.calibration.MAX_ITERATIONS); the fit stops "
-                        "when every class is within pipeline.calibration.TOLERANCE")
+                        "when every class is within pipeline.calibration.TOLERANCE or after PATIENCE rounds "
+                        "without improvement, keeping the best round")
     p.add_argument("--dry-run", action="store_true", help="print the fit without writing the bundle")
     p.set_defaults(func=cmd_calibrate)
 
