@@ -95,7 +95,10 @@ def test_settings_from_toml(tmp_path: Path) -> None:
     cfg = Path(__file__).resolve().parents[2] / "config" / "train_demo.toml"
     s = TrainSettings.from_toml(cfg)
     assert s.network.hidden_size < 768 and s.preprocess.gamma == 2.0 and s.seed
-    assert s.output_bundle == Path("bundles/thighnode_demo")
+    stage2 = TrainSettings.from_toml(cfg.with_name("train_demo_stage2.toml"))
+    assert stage2.init_weights == s.output_bundle  # stage 2 starts from stage 1
+    assert stage2.output_bundle == Path("bundles/thighnode_demo")  # and writes the shipped bundle
+    assert stage2.network == s.network and stage2.preprocess == s.preprocess
     bad = tmp_path / "bad.toml"
     bad.write_text('data_dirs = ["x"]\noutput_bundle = "b"\ncheckpoint_dir = "c"\nlearning_rate = 1\n')
     with pytest.raises(ValueError, match="unknown training settings \\['learning_rate'\\]"):
