@@ -23,6 +23,13 @@ torch.set_num_threads(1)
 TINY = NetworkSettings(img_size=(32, 32, 32), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=2)
 
 
+def _model_grid_centres(plan) -> list[np.ndarray]:
+    """Original-grid coordinates (k, r, c) of the voxel centres of a plan's cropped, resampled model grid."""
+    centres = [np.linspace(s.start - 0.5 + (s.stop - s.start) / n / 2, s.stop - 0.5 - (s.stop - s.start) / n / 2, n)
+               for s, n in zip(plan.crop_slices(), plan.model_shape)]
+    return np.meshgrid(*centres, indexing="ij")
+
+
 def _ball_case(radius: float, shrink: float, softness: float = 1.0):
     """A ball of class 1 (radius in voxels of a 1 mm grid) inside a body; model-grid probabilities
     (2 mm grid) whose class-1 boundary lies ``shrink`` mm inside the true one (a biased model)."""
@@ -32,12 +39,8 @@ def _ball_case(radius: float, shrink: float, softness: float = 1.0):
     truth = (dist < radius).astype(np.uint8)
     hu = np.where(dist < 18, 40.0, -1000.0).astype(np.float32)
     _, plan = prepare(hu, np.diag([1.0, 1.0, 1.0, 1.0]), PreprocessSettings(spacing_mm=(2.0, 2.0, 2.0)))
-    # distance field on the model grid (voxel centres of the cropped, resampled grid)
     m = plan.model_shape
-    crop = plan.crop_slices()
-    centres = [np.linspace(s.start - 0.5 + (s.stop - s.start) / n / 2, s.stop - 0.5 - (s.stop - s.start) / n / 2, n)
-               for s, n in zip(crop, m)]
-    mk, mr, mc = np.meshgrid(*centres, indexing="ij")
+    mk, mr, mc = _model_grid_centres(plan)
     mdist = np.sqrt((mk - 20) ** 2 + (mr - 20) ** 2 + (mc - 20) ** 2)
     p1 = 1.0 / (1.0 + np.exp((mdist - (radius - shrink)) / softness))
     probs = np.zeros((30,) + tuple(m), np.float32)
@@ -142,10 +145,7 @@ def _two_ball_case():
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
     _, plan = prepare(hu, affine, PreprocessSettings(spacing_mm=(2.0, 2.0, 2.0)))
     m = plan.model_shape
-    crop = plan.crop_slices()
-    centres = [np.linspace(s.start - 0.5 + (s.stop - s.start) / n / 2, s.stop - 0.5 - (s.stop - s.start) / n / 2, n)
-               for s, n in zip(crop, m)]
-    mk, mr, mc = np.meshgrid(*centres, indexing="ij")
+    mk, mr, mc = _model_grid_centres(plan)
     mbig = np.sqrt((mk - 18) ** 2 + (mr - 20) ** 2 + (mc - 20) ** 2)
     msmall = np.sqrt((mk - 38) ** 2 + (mr - 20) ** 2 + (mc - 20) ** 2)
     p1 = np.maximum(1.0 / (1.0 + np.exp(mbig - 10.0)), 1.0 / (1.0 + np.exp(msmall - 4.6)))
