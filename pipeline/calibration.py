@@ -131,13 +131,13 @@ def fit_class_weights(
         return np.where(present, np.log((pred + 0.01) / (true + 0.01)), 0.0)
 
     before = pred = predicted(log_w)
-    f = misfit(pred)
+    f, err = misfit(pred), worst_error(pred)
     prev_log_w = prev_f = None
-    best = (worst_error(pred), log_w, pred)
+    best = (err, log_w, pred)
     since_best = 0
     done = 0
     for i in range(iterations):
-        if worst_error(pred) <= tolerance or since_best >= PATIENCE:
+        if err <= tolerance or since_best >= PATIENCE:
             break
         delta = -step * f
         if prev_log_w is not None:
@@ -149,11 +149,11 @@ def fit_class_weights(
         prev_log_w, prev_f = log_w, f
         log_w = np.clip(log_w + delta, lo, hi)
         pred = predicted(log_w)
-        f = misfit(pred)
+        f, err = misfit(pred), worst_error(pred)
         done = i + 1
-        logger.info("calibration iteration %d: worst pooled volume error %.2f %%", i + 1, 100 * worst_error(pred))
-        if worst_error(pred) < best[0]:
-            best, since_best = (worst_error(pred), log_w, pred), 0
+        logger.info("calibration iteration %d: worst pooled volume error %.2f %%", i + 1, 100 * err)
+        if err < best[0]:
+            best, since_best = (err, log_w, pred), 0
         else:
             since_best += 1
     return np.exp(best[1]), before, best[2], done
@@ -173,7 +173,7 @@ def calibrate_bundle(
     from pipeline.bundle import load_bundle, set_class_weights
     from pipeline.inference import Segmenter
     from pipeline.labels import load_label_table
-    from pipeline.nifti import NiftiError, list_nifti_cases, load_nifti_case
+    from pipeline.nifti import NiftiError, data_folders, list_nifti_cases, load_nifti_case
 
     started = time.monotonic()
     labels = load_label_table()
@@ -183,8 +183,7 @@ def calibrate_bundle(
     prepared = []
     finish = []
     names = []
-    dirs = [Path(data_dir)] if isinstance(data_dir, (str, Path)) else [Path(d) for d in data_dir]
-    for case in (c for d in dirs for c in list_nifti_cases(d)):
+    for case in (c for d in data_folders(data_dir) for c in list_nifti_cases(d)):
         volume, truth = load_nifti_case(case, labels)
         probs, plan = segmenter.predict(volume)
         ml = volume.voxel_volume_ml

@@ -203,7 +203,7 @@ def evaluate_bundle(
     from pipeline.bundle import load_bundle
     from pipeline.inference import Segmenter, select_device
     from pipeline.labels import load_label_table
-    from pipeline.nifti import list_nifti_cases, load_nifti_case
+    from pipeline.nifti import data_folders, list_nifti_cases, load_nifti_case
     from pipeline.postprocess import split_sides
 
     labels = labels or load_label_table()
@@ -214,8 +214,7 @@ def evaluate_bundle(
     scores: list[StructureScore] = []
     names: list[str] = []
     started = time.monotonic()
-    dirs = [Path(data_dir)] if isinstance(data_dir, (str, Path)) else list(dict.fromkeys(Path(d) for d in data_dir))
-    listed = [(d, c) for d in dirs for c in list_nifti_cases(d)]  # every folder is listed (and checked) first
+    listed = [(d, c) for d in data_folders(data_dir) for c in list_nifti_cases(d)]  # every folder is listed (and checked) first
     case_names = _case_names(listed)
     for (_, case), case_name in zip(listed, case_names):
         volume, truth = load_nifti_case(case, labels)

@@ -100,6 +100,13 @@ def load_nifti_case(case: NiftiCase, labels: LabelTable):  # -> tuple[pipeline.t
     return volume, truth
 
 
+def data_folders(data_dir) -> list[Path]:
+    """``data_dir`` as a list of folders: one folder (str or Path) or several, in order, each once."""
+    if isinstance(data_dir, (str, Path)):
+        return [Path(data_dir)]
+    return list(dict.fromkeys(Path(d) for d in data_dir))
+
+
 def list_nifti_cases(data_dir: Path) -> list[NiftiCase]:
     """The pairs of a folder: ``<name>_ct.nii.gz`` + ``<name>_label.nii.gz`` (in the folder or in
     one sub-folder per case), or

@@ -175,7 +175,7 @@ def test_fit_calibrates_what_the_node_reports_after_its_clean_up() -> None:
     bare, _, _, _ = fit_class_weights([(probs, plan, true_ml, 0.001)], 30, tolerance=0.01)
     assert reported(bare) < 0.95 * true_ml[1]  # a fit without the clean-up does not correct it
     weights, before, after, _ = fit_class_weights([(probs, plan, true_ml, 0.001)], 30, tolerance=0.01,
-                                                  finish=[lambda lm: node(lm)])
+                                                  finish=[node])
     assert before[1] < 0.95 * true_ml[1]  # "before" is what the node reported, clean-up included
     assert after[1] == pytest.approx(true_ml[1], rel=0.01)
     assert reported(weights) == pytest.approx(true_ml[1], rel=0.01)

@@ -105,6 +105,14 @@ def test_settings_from_toml(tmp_path: Path) -> None:
         TrainSettings.from_toml(bad)
 
 
+def test_data_folders_take_one_folder_or_several_in_order_each_once(tmp_path: Path) -> None:
+    from pipeline.nifti import data_folders
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert data_folders(a) == [a] and data_folders(str(a)) == [a]
+    assert data_folders([str(b), a, b]) == [b, a]  # a folder named twice is not counted twice
+
+
 def test_nifti_listing_images_tr_layout(tmp_path: Path) -> None:
     _write_cases(tmp_path / "flat", 1)
     (tmp_path / "ds" / "imagesTr").mkdir(parents=True)
