@@ -142,15 +142,13 @@ class TrainSettings:
     def from_toml(cls, path: Path, **overrides: Any) -> "TrainSettings":
         """Read a TOML file: top-level keys of TrainSettings, ``[network]``, ``[preprocess]``,
         ``[[phantoms]]`` (dir, n_subjects, seed, spacing_mm). Relative paths stay relative to the
-        working directory (the repository root for the documented commands)."""
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise ValueError(f"training config {path} does not exist") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"training config {path} is not valid TOML: {exc}") from exc
-        return cls.from_dict(data, source=str(path), **overrides)
+        working directory (the repository root for the documented commands).
+
+        ``base = "other.toml"`` (relative to this file's folder) reads that file first; this
+        file then overrides it: top-level keys replace the base's, ``[network]`` and
+        ``[preprocess]`` merge key by key, ``[[phantoms]]`` merge by ``dir`` (a folder named
+        again replaces the base's entry, new folders are added). Bases may chain."""
+        return cls.from_dict(read_train_toml(Path(path)), source=str(path), **overrides)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "dict", **overrides: Any) -> "TrainSettings":
@@ -186,6 +184,47 @@ class TrainSettings:
         d["network"] = self.network.to_dict()
         d["preprocess"] = self.preprocess.to_dict()
         return json.loads(json.dumps(d, default=str))
+
+
+def read_train_toml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A training TOML as a dict, its ``base`` chain resolved (see TrainSettings.from_toml)."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ValueError(f"training config {path} does not exist"
+                         + (f" (the base of {_chain[-1]})" if _chain else "")) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"training config {path} is not valid TOML: {exc}") from exc
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"{path}: base must be a file name (a TOML file relative to {path.parent}); saw {base!r}")
+    base_path = path.parent / base
+    chain = (*_chain, path.resolve())
+    if base_path.resolve() in chain:
+        names = " -> ".join(str(p) for p in (*chain, base_path.resolve()))
+        raise ValueError(f"{path}: base {base} makes a loop ({names})")
+    return merge_train_dicts(read_train_toml(base_path, chain), data, source=str(path))
+
+
+def merge_train_dicts(base: dict[str, Any], over: dict[str, Any], source: str = "dict") -> dict[str, Any]:
+    """``over`` on top of ``base``: keys replaced, [network]/[preprocess] merged by key,
+    [[phantoms]] merged by their ``dir``."""
+    out = dict(base)
+    for key, value in over.items():
+        if key in ("network", "preprocess") and isinstance(value, dict):
+            out[key] = {**base.get(key, {}), **value}
+        elif key == "phantoms":
+            merged: dict[str, Any] = {}
+            for entry in (*base.get("phantoms", []), *value):
+                if not isinstance(entry, dict) or "dir" not in entry:
+                    raise ValueError(f"{source}: every [[phantoms]] entry needs a dir; saw {entry!r}")
+                merged[str(Path(entry["dir"]))] = entry
+            out[key] = list(merged.values())
+        else:
+            out[key] = value
+    return out
 
 
 # --------------------------------------------------------------------------- data

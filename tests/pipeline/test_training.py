@@ -116,6 +116,38 @@ def test_settings_from_toml(tmp_path: Path) -> None:
         TrainSettings.from_toml(bad)
 
 
+def test_settings_base_file_is_read_first_and_the_file_overrides_it(tmp_path: Path) -> None:
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "base.toml").write_text(
+        'data_dirs = ["a"]\noutput_bundle = "b1"\ncheckpoint_dir = "c1"\nlr = 2e-3\nseed = 7\n'
+        '[network]\nhidden_size = 96\nmlp_dim = 384\n[preprocess]\ngamma = 2.0\n'
+        '[[phantoms]]\ndir = "a"\nn_subjects = 4\nseed = 1\n'
+        '[[phantoms]]\ndir = "v"\nn_subjects = 2\nseed = 2\n')
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.toml"  # base is relative to the file, not to the working directory
+    child.write_text(
+        'base = "../cfg/base.toml"\ndata_dirs = ["a", "a2"]\noutput_bundle = "b2"\nlr = 5e-4\n'
+        '[network]\nhidden_size = 48\n'
+        '[[phantoms]]\ndir = "a2"\nn_subjects = 3\nseed = 6\n'
+        '[[phantoms]]\ndir = "v"\nn_subjects = 5\nseed = 9\n')
+    s = TrainSettings.from_toml(child)
+    assert s.data_dirs == (Path("a"), Path("a2")) and s.output_bundle == Path("b2") and s.lr == 5e-4
+    assert s.checkpoint_dir == Path("c1") and s.seed == 7  # not in the file: the base's
+    assert s.network.hidden_size == 48 and s.network.mlp_dim == 384  # tables merge key by key
+    assert s.preprocess.gamma == 2.0
+    # [[phantoms]] merge by folder: the base's, a folder named again replaced, new ones added
+    assert {d: (p.n_subjects, p.seed) for d, p in s.phantoms.items()} == {"a": (4, 1), "v": (5, 9), "a2": (3, 6)}
+    (tmp_path / "cfg" / "base.toml").write_text('base = "../sub/child.toml"\n')
+    with pytest.raises(ValueError, match="base .* loop"):
+        TrainSettings.from_toml(child)
+    child.write_text('base = "nowhere.toml"\n')
+    with pytest.raises(ValueError, match="nowhere.toml does not exist"):
+        TrainSettings.from_toml(child)
+    child.write_text('base = 3\n')
+    with pytest.raises(ValueError, match="base must be a file name"):
+        TrainSettings.from_toml(child)
+
+
 def test_data_folders_take_one_folder_or_several_in_order_each_once(tmp_path: Path) -> None:
     from pipeline.nifti import data_folders
 
