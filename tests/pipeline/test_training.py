@@ -95,19 +95,18 @@ def test_settings_from_toml(tmp_path: Path) -> None:
     cfg = Path(__file__).resolve().parents[2] / "config" / "train_demo.toml"
     s = TrainSettings.from_toml(cfg)
     assert s.network.hidden_size < 768 and s.preprocess.gamma == 2.0 and s.seed
-    stage2 = TrainSettings.from_toml(cfg.with_name("train_demo_stage2.toml"))
-    stage3 = TrainSettings.from_toml(cfg.with_name("train_demo_stage3.toml"))
-    assert stage2.init_weights == s.output_bundle  # stage 2 starts from stage 1
-    assert stage3.init_weights == stage2.output_bundle  # stage 3 from stage 2
-    assert stage3.output_bundle == Path("bundles/thighnode_demo")  # and only stage 3 writes the shipped bundle
-    assert Path("bundles/thighnode_demo") not in (s.output_bundle, stage2.output_bundle)
-    assert not s.calibrate_volumes and not stage2.calibrate_volumes and stage3.calibrate_volumes
-    for later in (stage2, stage3):
-        assert later.network == s.network and later.preprocess == s.preprocess
+    stages = [s] + [TrainSettings.from_toml(cfg.with_name(f"train_demo_stage{n}.toml")) for n in (2, 3, 4)]
+    for before, after in zip(stages, stages[1:]):
+        assert after.init_weights == before.output_bundle  # each stage starts from the one before
+        assert set(before.data_dirs) < set(after.data_dirs)  # on more subjects
+        assert after.network == s.network and after.preprocess == s.preprocess
+    # only the last stage writes the shipped bundle, and only it calibrates
+    assert [st.output_bundle == Path("bundles/thighnode_demo") for st in stages] == [False, False, False, True]
+    assert [st.calibrate_volumes for st in stages] == [False, False, False, True]
     # held-out phantom folders are never trained, validated or calibrated on
-    held_out = {d for d, spec in stage3.phantoms.items() if spec.seed in (3, 5)}
+    held_out = {d for d, spec in stages[-1].phantoms.items() if spec.seed in (3, 5)}
     assert len(held_out) == 2
-    for stage in (s, stage2, stage3):
+    for stage in stages:
         used = {*map(Path, stage.data_dirs), *map(Path, stage.val_dirs), *map(Path, stage.calibration_dirs)}
         assert not used & {Path(d) for d in held_out}
     bad = tmp_path / "bad.toml"
