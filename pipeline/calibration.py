@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 #: Factors are kept within [1/MAX_FACTOR, MAX_FACTOR]: a class that needs more is not a bias to calibrate.
 MAX_FACTOR = 5.0
-#: The fit stops when every class's pooled volume is within this fraction of the truth ...
+#: The fit stops when every class's volume (see OBJECTIVES) is within this fraction of the truth ...
 TOLERANCE = 0.005
 #: ... or after this many iterations (each restores every case once) ...
 MAX_ITERATIONS = 30
@@ -48,6 +48,11 @@ MAX_ITERATIONS = 30
 #: a volume is not a smooth function of its factor: the fit can circle the truth). The best round's
 #: factors are returned.
 PATIENCE = 4
+#: What the factors match to the truth, per class: "pooled" - the volume summed over the cases
+#: (large subjects weigh most); "median" - the median over the cases of each case's predicted/true
+#: ratio (each subject counts once: what a per-patient volume error sees).
+OBJECTIVES = ("pooled", "median")
+DEFAULT_OBJECTIVE = "pooled"
 
 
 @dataclass(frozen=True)
@@ -59,22 +64,49 @@ class CalibrationResult:
     after_ml: tuple[float, ...]
     iterations: int
     seconds: float
+    objective: str = "pooled"
+    #: per case, per class (mL): the truth, and the node's volumes before and after the fit
+    true_case_ml: tuple[tuple[float, ...], ...] = ()
+    before_case_ml: tuple[tuple[float, ...], ...] = ()
+    after_case_ml: tuple[tuple[float, ...], ...] = ()
 
     def volume_error(self, which: str = "after") -> dict[int, float]:
         """Pooled relative volume error per class (classes present in the truth)."""
         pred = self.after_ml if which == "after" else self.before_ml
         return {c: abs(p - t) / t for c, (p, t) in enumerate(zip(pred, self.true_ml)) if c > 0 and t > 0}
 
+    def case_error(self, which: str = "after") -> dict[int, float]:
+        """Per class, the mean over the cases holding it of each case's relative absolute volume
+        error (what ``thighnode evaluate`` reports as RAVD); empty without per-case volumes."""
+        pred = np.asarray(self.after_case_ml if which == "after" else self.before_case_ml, dtype=np.float64)
+        true = np.asarray(self.true_case_ml, dtype=np.float64)
+        if pred.size == 0 or pred.shape != true.shape:
+            return {}
+        out = {}
+        for c in range(1, true.shape[1]):
+            held = true[:, c] > 0
+            if held.any():
+                out[c] = float(np.mean(np.abs(pred[held, c] - true[held, c]) / true[held, c]))
+        return out
+
     def provenance(self) -> dict:
         before, after = self.volume_error("before"), self.volume_error("after")
-        return {
-            "method": "per-class factors on the softmax output fitted so that pooled predicted volumes match the "
-                      "truth (pipeline.calibration)",
+        out = {
+            "method": "per-class factors on the softmax output fitted so that "
+                      + ("pooled predicted volumes match the truth" if self.objective == "pooled" else
+                         "the median over the cases of predicted/true volume is 1")
+                      + " (pipeline.calibration)",
+            "objective": self.objective,
             "cases": list(self.cases),
             "iterations": self.iterations,
             "pooled_volume_error_before": {str(c): round(v, 5) for c, v in before.items()},
             "pooled_volume_error_after": {str(c): round(v, 5) for c, v in after.items()},
         }
+        case_before, case_after = self.case_error("before"), self.case_error("after")
+        if case_after:
+            out["mean_case_volume_error_before"] = {str(c): round(v, 5) for c, v in case_before.items()}
+            out["mean_case_volume_error_after"] = {str(c): round(v, 5) for c, v in case_after.items()}
+        return out
 
 
 def _counts(label_map: np.ndarray, num_classes: int) -> np.ndarray:
@@ -89,10 +121,13 @@ def fit_class_weights(
     step: float = 0.8,
     tolerance: float = TOLERANCE,
     finish: Sequence[Callable[[np.ndarray], np.ndarray]] | None = None,
+    objective: str = "pooled",
+    per_case: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """``cases``: (model-grid probabilities (C, ...), PreprocessPlan, true volume per class in mL on
     the original grid, voxel volume in mL). Returns (weights, predicted mL before, predicted mL after,
-    iterations run), volumes pooled over the cases. ``finish``: per case, the node's post-processing
+    iterations run), volumes pooled over the cases; ``per_case``, when given, receives the per-case
+    volumes (n_cases, C) as "before" and "after". ``objective``: see OBJECTIVES. ``finish``: per case, the node's post-processing
     of the restored label map (side split and largest components: :meth:`Segmenter.postprocess`), so
     that what is fitted is what the node reports; None counts the bare restored argmax.
 
@@ -105,7 +140,10 @@ def fit_class_weights(
     from pipeline.inference import scale_classes
     from pipeline.preprocess import restore_probabilities
 
-    true = np.sum([c[2] for c in cases], axis=0)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"calibration objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
+    true_cases = np.array([c[2] for c in cases], dtype=np.float64).reshape(len(cases), num_classes)
+    true = true_cases.sum(axis=0)
     log_w = np.zeros(num_classes, dtype=np.float64)
     present = (true > 0)
     present[0] = False
@@ -121,17 +159,29 @@ def fit_class_weights(
         return steps[i](restored) if steps[i] is not None else restored
 
     def predicted(lw: np.ndarray) -> np.ndarray:
+        """Per case and class, mL (n_cases, C)."""
         w = np.exp(lw)
-        return np.sum([_counts(label_map(i, w), num_classes) * cases[i][3] for i in range(len(cases))], axis=0)
-
-    def worst_error(pred: np.ndarray) -> float:
-        return max((abs(pred[c] - true[c]) / true[c] for c in range(1, num_classes) if present[c]), default=0.0)
+        return np.array([_counts(label_map(i, w), num_classes) * cases[i][3] for i in range(len(cases))])
 
     def misfit(pred: np.ndarray) -> np.ndarray:
-        return np.where(present, np.log((pred + 0.01) / (true + 0.01)), 0.0)
+        """Per class, the log volume ratio the factor has to remove: of the pooled volumes, or the
+        median over the cases holding the class of each case's ratio."""
+        if objective == "pooled":
+            ratio = np.log((pred.sum(axis=0) + 0.01) / (true + 0.01))
+        else:
+            logs = np.log((pred + 0.01) / (true_cases + 0.01))
+            logs = np.where(true_cases > 0, logs, np.nan)
+            ratio = np.zeros(num_classes)
+            ratio[present] = np.nanmedian(logs[:, present], axis=0)
+        return np.where(present, ratio, 0.0)
 
-    before = pred = predicted(log_w)
-    f, err = misfit(pred), worst_error(pred)
+    def worst_error(f: np.ndarray) -> float:
+        return float(np.max(np.abs(np.expm1(f[present])), initial=0.0))
+
+    pred = predicted(log_w)
+    before, before_cases = pred.sum(axis=0), pred
+    f = misfit(pred)
+    err = worst_error(f)
     prev_log_w = prev_f = None
     best = (err, log_w, pred)
     since_best = 0
@@ -149,14 +199,17 @@ def fit_class_weights(
         prev_log_w, prev_f = log_w, f
         log_w = np.clip(log_w + delta, lo, hi)
         pred = predicted(log_w)
-        f, err = misfit(pred), worst_error(pred)
+        f = misfit(pred)
+        err = worst_error(f)
         done = i + 1
-        logger.info("calibration iteration %d: worst pooled volume error %.2f %%", i + 1, 100 * err)
+        logger.info("calibration iteration %d: worst %s volume error %.2f %%", i + 1, objective, 100 * err)
         if err < best[0]:
             best, since_best = (err, log_w, pred), 0
         else:
             since_best += 1
-    return np.exp(best[1]), before, best[2], done
+    if per_case is not None:
+        per_case["before"], per_case["after"] = before_cases, best[2]
+    return np.exp(best[1]), before, best[2].sum(axis=0), done
 
 
 def calibrate_bundle(
@@ -166,10 +219,13 @@ def calibrate_bundle(
     iterations: int = MAX_ITERATIONS,
     write: bool = True,
     device: str = "auto",
+    objective: str = "pooled",
 ) -> CalibrationResult:
     """Fit the class weights of ``bundle_dir`` on the NIfTI pairs of ``data_dir`` (one folder or
-    several) and (``write``)
-    store them in the bundle's metadata. Existing weights are ignored (refitted from 1)."""
+    several) and (``write``) store them in the bundle's metadata. Existing weights are ignored
+    (refitted from 1). ``objective``: see OBJECTIVES."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"calibration objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
     from pipeline.bundle import load_bundle, set_class_weights
     from pipeline.inference import Segmenter
     from pipeline.labels import load_label_table
@@ -193,12 +249,19 @@ def calibrate_bundle(
         logger.info("calibration case %s predicted", case.name)
     if not prepared:
         raise NiftiError(f"calibration data {data_dir} holds no NIfTI pairs")
-    weights, before, after, done = fit_class_weights(prepared, n, iterations=iterations, finish=finish)
+    per_case: dict = {}
+    weights, before, after, done = fit_class_weights(prepared, n, iterations=iterations, finish=finish,
+                                                     objective=objective, per_case=per_case)
+
+    def rows(a) -> tuple[tuple[float, ...], ...]:
+        return tuple(tuple(float(v) for v in row) for row in np.asarray(a))
+
     result = CalibrationResult(
         tuple(float(w) for w in weights), tuple(names),
         tuple(float(t) for t in np.sum([p[2] for p in prepared], axis=0)),
         tuple(float(b) for b in before), tuple(float(a) for a in after),
-        done, time.monotonic() - started,
+        done, time.monotonic() - started, objective,
+        rows([p[2] for p in prepared]), rows(per_case["before"]), rows(per_case["after"]),
     )
     if write:
         set_class_weights(Path(bundle_dir), result.weights, result.provenance())
@@ -210,15 +273,26 @@ def format_result(result: CalibrationResult, labels=None) -> str:
 
     labels = labels or load_label_table()
     before, after = result.volume_error("before"), result.volume_error("after")
-    lines = [f"calibrated on {len(result.cases)} cases in {result.seconds:.0f} s ({result.iterations} iterations)",
-             f"{'structure':<24}{'factor':>8}{'error before %':>16}{'error after %':>15}"]
+    case_before, case_after = result.case_error("before"), result.case_error("after")
+    lines = [f"calibrated on {len(result.cases)} cases in {result.seconds:.0f} s ({result.iterations} iterations, "
+             f"objective {result.objective})",
+             "volume error %: pooled over the cases, and the mean over the cases of each case's error",
+             f"{'structure':<24}{'factor':>8}{'pooled before':>15}{'after':>8}{'per case before':>17}{'after':>8}"]
+
+    def pct(d: dict[int, float], c: int) -> str:
+        return f"{100 * d[c]:.2f}" if c in d else "-"
+
     for label in labels.labels:
         if label.id in before:
-            lines.append(f"{label.key:<24}{result.weights[label.id]:>8.3f}{100 * before[label.id]:>16.2f}"
-                         f"{100 * after[label.id]:>15.2f}")
+            lines.append(f"{label.key:<24}{result.weights[label.id]:>8.3f}{pct(before, label.id):>15}"
+                         f"{pct(after, label.id):>8}{pct(case_before, label.id):>17}{pct(case_after, label.id):>8}")
+
+    def mean(d: dict[int, float]) -> str:
+        return f"{100 * float(np.mean(list(d.values()))):.2f}" if d else "-"
+
     if before:
-        lines.append(f"{'MEAN':<24}{'':>8}{100 * float(np.mean(list(before.values()))):>16.2f}"
-                     f"{100 * float(np.mean(list(after.values()))):>15.2f}")
+        lines.append(f"{'MEAN':<24}{'':>8}{mean(before):>15}{mean(after):>8}{mean(case_before):>17}"
+                     f"{mean(case_after):>8}")
     return "\n".join(lines)
 
 
@@ -229,10 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=MAX_ITERATIONS)
     parser.add_argument("--dry-run", action="store_true", help="print the fit, do not write the bundle")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     result = calibrate_bundle(args.bundle, args.data, iterations=args.iterations, write=not args.dry_run,
-                              device=args.device)
+                              device=args.device, objective=args.objective)
     print(format_result(result))
     return 0
 

@@ -124,6 +124,9 @@ class TrainSettings:
     #: More labelled folders for that calibration, beside val_dirs (never the test set): the
     #: factors are per-class volume ratios pooled over the cases, so more subjects steady them.
     calibration_dirs: tuple[Path, ...] = ()
+    #: What the calibration matches, per class (pipeline.calibration.OBJECTIVES): "pooled" volumes
+    #: or the "median" case's volume ratio.
+    calibration_objective: str = "pooled"
 
     def __post_init__(self) -> None:
         if self.iterations < 0 or self.val_every < 1 or self.batch_size < 1 or self.samples_per_volume < 1:
@@ -137,6 +140,11 @@ class TrainSettings:
             raise ValueError(f"TrainSettings.precision must be 'fp32' or 'bf16'; saw {self.precision!r}")
         if not isinstance(self.sw_mirror, bool):
             raise ValueError(f"TrainSettings.sw_mirror must be true or false; saw {self.sw_mirror!r}")
+        from pipeline.calibration import OBJECTIVES
+
+        if self.calibration_objective not in OBJECTIVES:
+            raise ValueError(f"TrainSettings.calibration_objective must be one of {', '.join(OBJECTIVES)}; "
+                             f"saw {self.calibration_objective!r}")
 
     @classmethod
     def from_toml(cls, path: Path, **overrides: Any) -> "TrainSettings":
@@ -587,7 +595,8 @@ def train(settings: TrainSettings, labels: LabelTable | None = None) -> Path:
     if settings.calibrate_volumes and (settings.val_dirs or settings.calibration_dirs):
         from pipeline.calibration import calibrate_bundle, format_result
 
-        result = calibrate_bundle(out, (*settings.val_dirs, *settings.calibration_dirs), device=device.type)
+        result = calibrate_bundle(out, (*settings.val_dirs, *settings.calibration_dirs), device=device.type,
+                                  objective=settings.calibration_objective)
         logger.info("volume calibration on %d cases (validation%s):\n%s", len(result.cases),
                     " and calibration sets" if settings.calibration_dirs else " set", format_result(result, labels))
     logger.info("training finished in %.0f s; bundle %s (best mean Dice %.4f at step %d)",

@@ -302,7 +302,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     _setup_logging("INFO")
     iterations = {} if args.iterations is None else {"iterations": args.iterations}
-    result = calibrate_bundle(Path(args.bundle), [Path(d) for d in args.data], write=not args.dry_run, **iterations)
+    result = calibrate_bundle(Path(args.bundle), [Path(d) for d in args.data], write=not args.dry_run,
+                              objective=args.objective, **iterations)
     print(format_result(result))
     return 0
 
@@ -377,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many rounds (default pipeline.calibration.MAX_ITERATIONS); the fit stops "
                         "when every class is within pipeline.calibration.TOLERANCE or after PATIENCE rounds "
                         "without improvement, keeping the best round")
+    p.add_argument("--objective", choices=("pooled", "median"), default="pooled",
+                   help="match per class the volumes pooled over the cases, or the median case's ratio "
+                        "(each subject counts once; default %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="print the fit without writing the bundle")
     p.set_defaults(func=cmd_calibrate)
 

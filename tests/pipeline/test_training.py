@@ -202,12 +202,21 @@ def test_calibration_can_use_more_cases_than_the_validation_set(tmp_path: Path) 
     _write_cases(extra, 1)
     (extra / "case0_ct.nii.gz").rename(extra / "extra0_ct.nii.gz")
     (extra / "case0_label.nii.gz").rename(extra / "extra0_label.nii.gz")
-    settings = _settings(tmp_path, calibrate_volumes=True, iterations=4, calibration_dirs=(extra,))
+    settings = _settings(tmp_path, calibrate_volumes=True, iterations=4, calibration_dirs=(extra,),
+                         calibration_objective="median")
     meta = json.loads((train(settings, load_label_table()) / METADATA_PATH).read_text())
-    assert meta["class_weights_calibration"]["cases"] == ["case0", "case1", "extra0"]
+    calibration = meta["class_weights_calibration"]
+    assert calibration["cases"] == ["case0", "case1", "extra0"]
+    assert calibration["objective"] == "median" and "median over the cases" in calibration["method"]
+    # the per-case errors (what evaluate reports) are recorded beside the pooled ones
+    assert set(calibration["mean_case_volume_error_after"]) == set(calibration["pooled_volume_error_after"])
     parsed = TrainSettings.from_dict({"data_dirs": ["d"], "output_bundle": "b", "checkpoint_dir": "c",
                                       "calibration_dirs": ["x", "y"]})
     assert parsed.calibration_dirs == (Path("x"), Path("y"))
+    assert parsed.calibration_objective == "pooled"
+    with pytest.raises(ValueError, match="calibration_objective must be one of pooled, median; saw 'mean'"):
+        TrainSettings.from_dict({"data_dirs": ["d"], "output_bundle": "b", "checkpoint_dir": "c",
+                                 "calibration_objective": "mean"})
 
 
 def test_ensure_phantoms_can_generate_only_the_sets_asked_for(tmp_path: Path) -> None:

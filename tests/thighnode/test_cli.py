@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from pipeline.nifti import list_nifti_cases, load_nifti_pair
 from thighnode.cli import main
@@ -39,3 +40,22 @@ def test_a_missing_labelled_set_is_a_clear_error(tmp_path: Path, capsys) -> None
                  ["evaluate", "--bundle", str(bundle), "--data", str(missing)]):
         assert main(argv) == 2
         assert f"error: data folder {missing} does not exist" in capsys.readouterr().err
+
+
+def test_calibrate_fits_the_median_case_when_asked(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """`thighnode calibrate --objective median --dry-run`: prints the fit with per-case errors and
+    leaves the bundle as it was."""
+    from tests.pipeline.test_training import _write_cases
+
+    bundle = Path(__file__).resolve().parents[2] / "bundles" / "thighnode_demo"
+    before = (bundle / "configs" / "metadata.json").read_bytes()
+    _write_cases(tmp_path / "set", 2)
+    assert main(["calibrate", "--bundle", str(bundle), "--data", str(tmp_path / "set"), "--objective", "median",
+                 "--iterations", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "calibrated on 2 cases" in out and "objective median" in out and "per case before" in out
+    assert (bundle / "configs" / "metadata.json").read_bytes() == before
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "--bundle", str(bundle), "--data", str(tmp_path / "set"), "--objective", "mean"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'mean' (choose from 'pooled', 'median')" in capsys.readouterr().err
