@@ -109,6 +109,13 @@ def test_settings_from_toml(tmp_path: Path) -> None:
     for stage in stages:
         used = {*map(Path, stage.data_dirs), *map(Path, stage.val_dirs), *map(Path, stage.calibration_dirs)}
         assert not used & {Path(d) for d in held_out}
+    # the calibration of the shipped bundle: 44 generated phantoms, none trained on
+    last = stages[-1]
+    calibration = [*last.val_dirs, *last.calibration_dirs]
+    assert all(str(d) in last.phantoms for d in calibration)  # generated from seeds when missing
+    assert not set(map(Path, calibration)) & set(map(Path, last.data_dirs))
+    assert sum(last.phantoms[str(d)].n_subjects for d in calibration) == 44
+    assert len({last.phantoms[str(d)].seed for d in calibration}) == len(calibration)  # distinct subjects
     bad = tmp_path / "bad.toml"
     bad.write_text('data_dirs = ["x"]\noutput_bundle = "b"\ncheckpoint_dir = "c"\nlearning_rate = 1\n')
     with pytest.raises(ValueError, match="unknown training settings \\['learning_rate'\\]"):
