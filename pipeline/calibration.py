@@ -55,20 +55,36 @@ OBJECTIVES = ("pooled", "median")
 DEFAULT_OBJECTIVE = "pooled"
 
 
+def check_objective(objective: str) -> str:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"calibration objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
+    return objective
+
+
 @dataclass(frozen=True)
 class CalibrationResult:
     weights: tuple[float, ...]
     cases: tuple[str, ...]
-    true_ml: tuple[float, ...]  # per class, pooled over the cases
-    before_ml: tuple[float, ...]
-    after_ml: tuple[float, ...]
+    #: per case, per class (mL): the truth, and the node's volumes before and after the fit
+    true_case_ml: tuple[tuple[float, ...], ...]
+    before_case_ml: tuple[tuple[float, ...], ...]
+    after_case_ml: tuple[tuple[float, ...], ...]
     iterations: int
     seconds: float
-    objective: str = "pooled"
-    #: per case, per class (mL): the truth, and the node's volumes before and after the fit
-    true_case_ml: tuple[tuple[float, ...], ...] = ()
-    before_case_ml: tuple[tuple[float, ...], ...] = ()
-    after_case_ml: tuple[tuple[float, ...], ...] = ()
+    objective: str = DEFAULT_OBJECTIVE
+
+    @property
+    def true_ml(self) -> tuple[float, ...]:
+        """Per class, pooled over the cases."""
+        return _pooled(self.true_case_ml)
+
+    @property
+    def before_ml(self) -> tuple[float, ...]:
+        return _pooled(self.before_case_ml)
+
+    @property
+    def after_ml(self) -> tuple[float, ...]:
+        return _pooled(self.after_case_ml)
 
     def volume_error(self, which: str = "after") -> dict[int, float]:
         """Pooled relative volume error per class (classes present in the truth)."""
@@ -77,11 +93,9 @@ class CalibrationResult:
 
     def case_error(self, which: str = "after") -> dict[int, float]:
         """Per class, the mean over the cases holding it of each case's relative absolute volume
-        error (what ``thighnode evaluate`` reports as RAVD); empty without per-case volumes."""
+        error (what ``thighnode evaluate`` reports as RAVD)."""
         pred = np.asarray(self.after_case_ml if which == "after" else self.before_case_ml, dtype=np.float64)
         true = np.asarray(self.true_case_ml, dtype=np.float64)
-        if pred.size == 0 or pred.shape != true.shape:
-            return {}
         out = {}
         for c in range(1, true.shape[1]):
             held = true[:, c] > 0
@@ -102,11 +116,13 @@ class CalibrationResult:
             "pooled_volume_error_before": {str(c): round(v, 5) for c, v in before.items()},
             "pooled_volume_error_after": {str(c): round(v, 5) for c, v in after.items()},
         }
-        case_before, case_after = self.case_error("before"), self.case_error("after")
-        if case_after:
-            out["mean_case_volume_error_before"] = {str(c): round(v, 5) for c, v in case_before.items()}
-            out["mean_case_volume_error_after"] = {str(c): round(v, 5) for c, v in case_after.items()}
+        out["mean_case_volume_error_before"] = {str(c): round(v, 5) for c, v in self.case_error("before").items()}
+        out["mean_case_volume_error_after"] = {str(c): round(v, 5) for c, v in self.case_error("after").items()}
         return out
+
+
+def _pooled(per_case: Sequence[Sequence[float]]) -> tuple[float, ...]:
+    return tuple(float(v) for v in np.sum(np.asarray(per_case, dtype=np.float64), axis=0))
 
 
 def _counts(label_map: np.ndarray, num_classes: int) -> np.ndarray:
@@ -121,7 +137,7 @@ def fit_class_weights(
     step: float = 0.8,
     tolerance: float = TOLERANCE,
     finish: Sequence[Callable[[np.ndarray], np.ndarray]] | None = None,
-    objective: str = "pooled",
+    objective: str = DEFAULT_OBJECTIVE,
     per_case: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """``cases``: (model-grid probabilities (C, ...), PreprocessPlan, true volume per class in mL on
@@ -140,8 +156,7 @@ def fit_class_weights(
     from pipeline.inference import scale_classes
     from pipeline.preprocess import restore_probabilities
 
-    if objective not in OBJECTIVES:
-        raise ValueError(f"calibration objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
+    check_objective(objective)
     true_cases = np.array([c[2] for c in cases], dtype=np.float64).reshape(len(cases), num_classes)
     true = true_cases.sum(axis=0)
     log_w = np.zeros(num_classes, dtype=np.float64)
@@ -219,13 +234,12 @@ def calibrate_bundle(
     iterations: int = MAX_ITERATIONS,
     write: bool = True,
     device: str = "auto",
-    objective: str = "pooled",
+    objective: str = DEFAULT_OBJECTIVE,
 ) -> CalibrationResult:
     """Fit the class weights of ``bundle_dir`` on the NIfTI pairs of ``data_dir`` (one folder or
     several) and (``write``) store them in the bundle's metadata. Existing weights are ignored
-    (refitted from 1). ``objective``: see OBJECTIVES."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"calibration objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
+    (refitted from 1). ``objective``: see OBJECTIVES (checked before any case is segmented)."""
+    check_objective(objective)
     from pipeline.bundle import load_bundle, set_class_weights
     from pipeline.inference import Segmenter
     from pipeline.labels import load_label_table
@@ -250,18 +264,16 @@ def calibrate_bundle(
     if not prepared:
         raise NiftiError(f"calibration data {data_dir} holds no NIfTI pairs")
     per_case: dict = {}
-    weights, before, after, done = fit_class_weights(prepared, n, iterations=iterations, finish=finish,
-                                                     objective=objective, per_case=per_case)
+    weights, _, _, done = fit_class_weights(prepared, n, iterations=iterations, finish=finish,
+                                            objective=objective, per_case=per_case)
 
     def rows(a) -> tuple[tuple[float, ...], ...]:
         return tuple(tuple(float(v) for v in row) for row in np.asarray(a))
 
     result = CalibrationResult(
         tuple(float(w) for w in weights), tuple(names),
-        tuple(float(t) for t in np.sum([p[2] for p in prepared], axis=0)),
-        tuple(float(b) for b in before), tuple(float(a) for a in after),
-        done, time.monotonic() - started, objective,
         rows([p[2] for p in prepared]), rows(per_case["before"]), rows(per_case["after"]),
+        done, time.monotonic() - started, objective,
     )
     if write:
         set_class_weights(Path(bundle_dir), result.weights, result.provenance())

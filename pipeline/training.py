@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from pipeline.bundle import DEMO_INTENDED_USE, MODEL_PATH, SlidingWindowSettings, write_bundle
+from pipeline.calibration import DEFAULT_OBJECTIVE, OBJECTIVES
 from pipeline.evaluation import dice_per_structure
 from pipeline.labels import LabelTable, load_label_table
 from pipeline.network import NetworkSettings, build_network
@@ -126,7 +127,7 @@ class TrainSettings:
     calibration_dirs: tuple[Path, ...] = ()
     #: What the calibration matches, per class (pipeline.calibration.OBJECTIVES): "pooled" volumes
     #: or the "median" case's volume ratio.
-    calibration_objective: str = "pooled"
+    calibration_objective: str = DEFAULT_OBJECTIVE
 
     def __post_init__(self) -> None:
         if self.iterations < 0 or self.val_every < 1 or self.batch_size < 1 or self.samples_per_volume < 1:
@@ -140,8 +141,6 @@ class TrainSettings:
             raise ValueError(f"TrainSettings.precision must be 'fp32' or 'bf16'; saw {self.precision!r}")
         if not isinstance(self.sw_mirror, bool):
             raise ValueError(f"TrainSettings.sw_mirror must be true or false; saw {self.sw_mirror!r}")
-        from pipeline.calibration import OBJECTIVES
-
         if self.calibration_objective not in OBJECTIVES:
             raise ValueError(f"TrainSettings.calibration_objective must be one of {', '.join(OBJECTIVES)}; "
                              f"saw {self.calibration_objective!r}")
