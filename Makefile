@@ -29,18 +29,19 @@ bench: install
 	$(BIN)/python bench/bench_ingress.py
 	$(BIN)/python bench/bench_inference.py
 
-# Train the shipped demonstration bundle from phantoms (fixed seed, five stages; see README).
+# Train the shipped demonstration bundle from phantoms (fixed seed, six stages; see README).
 train-demo: install
 	$(BIN)/thighnode train config/train_demo.toml
 	$(BIN)/thighnode train config/train_demo_stage2.toml
 	$(BIN)/thighnode train config/train_demo_stage3.toml
 	$(BIN)/thighnode train config/train_demo_stage4.toml
 	$(BIN)/thighnode train config/train_demo_stage5.toml
+	$(BIN)/thighnode train config/train_demo_stage6.toml
 
-# The held-out test phantoms of config/train_demo_stage5.toml (seeds 3 and 5; generated if missing),
+# The held-out test phantoms of config/train_demo_stage6.toml (seeds 3 and 5; generated if missing),
 # pooled, the targets, and the one-leg-atrophied side check.
 evaluate-demo: install
-	$(BIN)/python -c "from pipeline.training import TrainSettings, ensure_phantoms; from pathlib import Path; ensure_phantoms(TrainSettings.from_toml('config/train_demo_stage5.toml'), only=(Path('/tmp/thighnode_data_v3/test'), Path('/tmp/thighnode_data_v3/test5')))"
+	$(BIN)/python -c "from pipeline.training import TrainSettings, ensure_phantoms; from pathlib import Path; ensure_phantoms(TrainSettings.from_toml('config/train_demo_stage6.toml'), only=(Path('/tmp/thighnode_data_v3/test'), Path('/tmp/thighnode_data_v3/test5')))"
 	$(BIN)/thighnode evaluate --bundle bundles/thighnode_demo --data /tmp/thighnode_data_v3/test /tmp/thighnode_data_v3/test5 --side-check
 
 demo: install

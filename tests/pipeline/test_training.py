@@ -95,14 +95,14 @@ def test_settings_from_toml(tmp_path: Path) -> None:
     cfg = Path(__file__).resolve().parents[2] / "config" / "train_demo.toml"
     s = TrainSettings.from_toml(cfg)
     assert s.network.hidden_size < 768 and s.preprocess.gamma == 2.0 and s.seed
-    stages = [s] + [TrainSettings.from_toml(cfg.with_name(f"train_demo_stage{n}.toml")) for n in (2, 3, 4, 5)]
+    stages = [s] + [TrainSettings.from_toml(cfg.with_name(f"train_demo_stage{n}.toml")) for n in (2, 3, 4, 5, 6)]
     for before, after in zip(stages, stages[1:]):
         assert after.init_weights == before.output_bundle  # each stage starts from the one before
         assert set(before.data_dirs) < set(after.data_dirs)  # on more subjects
         assert after.network == s.network and after.preprocess == s.preprocess
     # only the last stage writes the shipped bundle, and only it calibrates
-    assert [st.output_bundle == Path("bundles/thighnode_demo") for st in stages] == [False] * 4 + [True]
-    assert [st.calibrate_volumes for st in stages] == [False] * 4 + [True]
+    assert [st.output_bundle == Path("bundles/thighnode_demo") for st in stages] == [False] * 5 + [True]
+    assert [st.calibrate_volumes for st in stages] == [False] * 5 + [True]
     # held-out phantom folders are never trained, validated or calibrated on
     held_out = {d for d, spec in stages[-1].phantoms.items() if spec.seed in (3, 5)}
     assert len(held_out) == 2
