@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pydicom
 import pytest
 
 from pipeline.nifti import list_nifti_cases, load_nifti_pair
-from thighnode.cli import main
+from thighnode.cli import build_parser, main
 
 
 def test_phantom_command_writes_nifti_dicom_and_truth(tmp_path: Path) -> None:
@@ -59,3 +60,13 @@ def test_calibrate_fits_the_median_case_when_asked(tmp_path: Path, capsys) -> No
         main(["calibrate", "--bundle", str(bundle), "--data", str(tmp_path / "set"), "--objective", "mean"])
     assert exc.value.code == 2
     assert "invalid choice: 'mean' (choose from 'pooled', 'median')" in capsys.readouterr().err
+
+
+def test_calibrate_offers_exactly_the_objectives_of_the_calibration() -> None:
+    """The CLI spells the objectives itself (importing pipeline.calibration would load torch for every
+    command): they must stay those of pipeline.calibration, default included."""
+    from pipeline.calibration import DEFAULT_OBJECTIVE, OBJECTIVES
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    objective = next(a for a in subparsers.choices["calibrate"]._actions if "--objective" in a.option_strings)
+    assert tuple(objective.choices) == OBJECTIVES and objective.default == DEFAULT_OBJECTIVE
