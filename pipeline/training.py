@@ -7,7 +7,9 @@ Data: NIfTI pairs (:mod:`pipeline.nifti`) or DICOM cases (one folder per case ho
 CT series and a DICOM-SEG ground truth, :mod:`pipeline.segimport`). Every case goes
 through the same :func:`pipeline.preprocess.prepare` as inference (canonical
 orientation, foreground crop, resampling to the model spacing, window + gamma) once, and
-is kept in memory (the "cache"). Training then draws random patches from it.
+is kept in the case cache (:mod:`pipeline.casecache`: on disk, memory-mapped, reused by the
+next run on the same data; ``case_cache = false`` holds the cases in memory instead).
+Training then draws random patches from it.
 
 Augmentation (MONAI dictionary transforms on the cached model-grid arrays):
 
@@ -45,6 +47,7 @@ import torch
 
 from pipeline.bundle import DEMO_INTENDED_USE, MODEL_PATH, SlidingWindowSettings, write_bundle
 from pipeline.calibration import DEFAULT_OBJECTIVE, OBJECTIVES
+from pipeline.casecache import CaseCache
 from pipeline.evaluation import dice_per_structure
 from pipeline.labels import LabelTable, load_label_table
 from pipeline.network import NetworkSettings, build_network
@@ -128,6 +131,12 @@ class TrainSettings:
     #: What the calibration matches, per class (pipeline.calibration.OBJECTIVES): "pooled" volumes
     #: or the "median" case's volume ratio.
     calibration_objective: str = DEFAULT_OBJECTIVE
+    #: Keep the preprocessed cases on disk and memory-map them (pipeline.casecache) instead of
+    #: holding them in RAM: memory no longer grows with the number of cases, and a later run on
+    #: the same data skips the preparation. ``false``: in memory, as before.
+    case_cache: bool = True
+    #: Where the case cache lives; default ``<checkpoint_dir>/case_cache``. Safe to delete.
+    case_cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.iterations < 0 or self.val_every < 1 or self.batch_size < 1 or self.samples_per_volume < 1:
@@ -141,6 +150,8 @@ class TrainSettings:
             raise ValueError(f"TrainSettings.precision must be 'fp32' or 'bf16'; saw {self.precision!r}")
         if not isinstance(self.sw_mirror, bool):
             raise ValueError(f"TrainSettings.sw_mirror must be true or false; saw {self.sw_mirror!r}")
+        if not isinstance(self.case_cache, bool):
+            raise ValueError(f"TrainSettings.case_cache must be true or false; saw {self.case_cache!r}")
         if self.calibration_objective not in OBJECTIVES:
             raise ValueError(f"TrainSettings.calibration_objective must be one of {', '.join(OBJECTIVES)}; "
                              f"saw {self.calibration_objective!r}")
@@ -170,7 +181,7 @@ class TrainSettings:
         for key, value in data.items():
             if key in ("data_dirs", "val_dirs", "dicom_dirs", "calibration_dirs"):
                 value = tuple(Path(v) for v in ([value] if isinstance(value, str) else value))
-            elif key in ("output_bundle", "checkpoint_dir", "resume", "init_weights"):
+            elif key in ("output_bundle", "checkpoint_dir", "resume", "init_weights", "case_cache_dir"):
                 value = Path(value) if value else None
             kwargs[key] = value
         kwargs["network"] = NetworkSettings.from_dict(net)
@@ -331,22 +342,64 @@ def load_cases(
     labels: LabelTable,
     preprocess: PreprocessSettings,
     soft_labels: bool = False,
+    cache: CaseCache | None = None,
+    indices: bool = False,
 ) -> list[PreparedCase]:
-    """Load and preprocess every case of the folders (NIfTI pairs, and DICOM CT + SEG case folders)."""
+    """Load and preprocess every case of the folders (NIfTI pairs, and DICOM CT + SEG case folders).
+
+    ``indices``: with the per-class voxel indices for patch sampling (training cases). With a
+    ``cache`` (pipeline.casecache) each case is prepared once and its arrays come back
+    memory-mapped from disk; without, they are held in memory."""
     from pipeline.nifti import list_nifti_cases, load_nifti_pair
 
-    cases: list[PreparedCase] = []
+    sources: list[tuple[str, list[Path], Any]] = []
     for d in data_dirs:
         for case in list_nifti_cases(Path(d)):
-            hu, lab, affine = load_nifti_pair(case.ct_path, case.label_path, labels)
-            cases.append(_prepare_case(case.name, hu, lab, affine, preprocess, labels.num_classes if soft_labels else 0))
+            sources.append((case.name, [case.ct_path, case.label_path],
+                            lambda c=case: load_nifti_pair(c.ct_path, c.label_path, labels)))
     for d in dicom_dirs:
         from pipeline.segimport import load_dicom_case, list_dicom_cases
 
         for case_dir in list_dicom_cases(Path(d)):
-            hu, lab, affine = load_dicom_case(case_dir, labels)
-            cases.append(_prepare_case(case_dir.name, hu, lab, affine, preprocess, labels.num_classes if soft_labels else 0))
+            sources.append((case_dir.name, sorted(f for f in case_dir.rglob("*") if f.is_file()),
+                            lambda c=case_dir: load_dicom_case(c, labels)))
+    soft_classes = labels.num_classes if soft_labels else 0
+    recipe = {"preprocess": preprocess.to_dict(), "soft_classes": soft_classes, "num_classes": labels.num_classes,
+              "indices": indices}
+    cases: list[PreparedCase] = []
+    before = cache.counts() if cache is not None else (0, 0, 0)
+    for name, files, load in sources:
+        def build(name=name, load=load) -> PreparedCase:
+            hu, lab, affine = load()
+            case = _prepare_case(name, hu, lab, affine, preprocess, soft_classes)
+            return with_class_indices(case, labels.num_classes) if indices else case
+
+        if cache is None:
+            cases.append(build())
+        else:
+            arrays = cache.fetch(name, files, recipe, lambda build=build: _case_arrays(build()))
+            cases.append(_case_from_arrays(name, arrays))
+    if cache is not None:
+        logger.info("%s", cache.summary(since=before))
     return cases
+
+
+def _case_arrays(case: PreparedCase) -> dict[str, np.ndarray]:
+    arrays = {"image": case.image, "label": case.label}
+    if case.soft is not None:
+        arrays["soft"] = case.soft
+    if case.class_indices:
+        arrays["indices"] = np.concatenate(case.class_indices)
+        arrays["offsets"] = np.cumsum([0, *(len(i) for i in case.class_indices)]).astype(np.int64)
+    return arrays
+
+
+def _case_from_arrays(name: str, arrays: dict[str, np.ndarray]) -> PreparedCase:
+    class_indices: tuple[np.ndarray, ...] = ()
+    if "indices" in arrays:
+        idx, off = arrays["indices"], np.asarray(arrays["offsets"])
+        class_indices = tuple(idx[off[i]:off[i + 1]] for i in range(len(off) - 1))
+    return PreparedCase(name, arrays["image"], arrays["label"], class_indices=class_indices, soft=arrays.get("soft"))
 
 
 def _prepare_case(
@@ -384,7 +437,8 @@ def with_class_indices(case: PreparedCase, num_classes: int) -> PreparedCase:
     from monai.transforms.utils import map_classes_to_indices
 
     indices = map_classes_to_indices(case.label, num_classes=num_classes)
-    return replace(case, class_indices=tuple(np.asarray(i) for i in indices))
+    dtype = np.int32 if case.label.size < 2**31 else np.int64  # half the memory of MONAI's int64
+    return replace(case, class_indices=tuple(np.asarray(i, dtype=dtype) for i in indices))
 
 
 def split_cases(cases: list[PreparedCase], val_fraction: float, seed: int) -> tuple[list[PreparedCase], list[PreparedCase]]:
@@ -442,6 +496,8 @@ def _batch_for_step(cases: list[PreparedCase], transforms, settings: TrainSettin
         case = cases[int(index)]
         with warnings.catch_warnings():  # classes absent from a case get ratio 0 (MONAI warns each time)
             warnings.filterwarnings("ignore", message="no available indices of class")
+            # memory-mapped (read-only) cases: MONAI wraps them in tensors it never writes to
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             item = {"image": case.image, "label": case.label, "class_indices": list(case.class_indices)}
             if settings.soft_labels:
                 if case.soft is None:
@@ -472,7 +528,7 @@ def validate(network: torch.nn.Module, cases: list[PreparedCase], settings: Trai
     ids = [l.id for l in labels.labels]
     per: dict[int, list[float]] = {i: [] for i in ids}
     for case in cases:
-        probs = predict_scores(network, case.image, settings.network.img_size, device, sw_batch_size=2,
+        probs = predict_scores(network, np.array(case.image), settings.network.img_size, device, sw_batch_size=2,
                                overlap=settings.sw_overlap, mode="gaussian")
         pred = probs.argmax(0).numpy().astype(np.uint8)
         for i, d in dice_per_structure(pred, case.label[0], ids).items():
@@ -514,15 +570,17 @@ def train(settings: TrainSettings, labels: LabelTable | None = None) -> Path:
         for folder in settings.calibration_dirs:  # a wrong path fails now, not after the training
             list_nifti_cases(Path(folder))
 
-    cases = load_cases(settings.data_dirs, settings.dicom_dirs, labels, settings.preprocess, settings.soft_labels)
+    cache = CaseCache(settings.case_cache_dir or Path(settings.checkpoint_dir) / "case_cache") \
+        if settings.case_cache else None
+    cases = load_cases(settings.data_dirs, settings.dicom_dirs, labels, settings.preprocess, settings.soft_labels,
+                       cache=cache, indices=True)
     if settings.val_dirs:
         train_cases = cases
-        val_cases = load_cases(settings.val_dirs, (), labels, settings.preprocess)
+        val_cases = load_cases(settings.val_dirs, (), labels, settings.preprocess, cache=cache)
     else:
         train_cases, val_cases = split_cases(cases, settings.val_fraction, settings.seed)
     if not train_cases:
         raise ValueError(f"no training cases found in {settings.data_dirs} / {settings.dicom_dirs}")
-    train_cases = [with_class_indices(c, labels.num_classes) for c in train_cases]
     logger.info("training on %d cases, validating on %d (loaded in %.1f s)", len(train_cases), len(val_cases),
                 time.monotonic() - started)
 

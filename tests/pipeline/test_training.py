@@ -100,6 +100,8 @@ def test_settings_from_toml(tmp_path: Path) -> None:
         assert after.init_weights == before.output_bundle  # each stage starts from the one before
         assert set(before.data_dirs) < set(after.data_dirs)  # on more subjects
         assert after.network == s.network and after.preprocess == s.preprocess
+    # one case cache for the six stages: a stage reuses the folders the stages before prepared
+    assert s.case_cache and s.case_cache_dir is not None and {st.case_cache_dir for st in stages} == {s.case_cache_dir}
     # only the last stage writes the shipped bundle, and only it calibrates
     assert [st.output_bundle == Path("bundles/thighnode_demo") for st in stages] == [False] * 5 + [True]
     assert [st.calibrate_volumes for st in stages] == [False] * 5 + [True]
