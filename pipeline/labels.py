@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,16 @@ else:  # pragma: no cover
 from pipeline.errors import LabelTableError
 
 GROUPS = ("anterior", "medial", "posterior", "gluteal", "other", "bone")
+#: Words a structure's name may carry that do not change which structure of the table it is
+#: (labels carry no side: the side comes from the patient's midline).
+_IGNORED_WORDS = {"muscle", "muscles", "left", "right", "l", "r", "m", "bone", "the", "of"}
+
+
+def normalise_name(text: str) -> str:
+    """A structure name for matching: lower case, words only, side/"muscle"/"bone" words dropped
+    ("Gluteus_Maximus_Left" and "gluteus maximus muscle" both give "gluteus maximus")."""
+    words = re.findall(r"[a-z0-9]+", text.lower().replace("_", " "))
+    return " ".join(w for w in words if w not in _IGNORED_WORDS)
 DEFAULT_LABELS_PATH = Path(__file__).resolve().parents[1] / "config" / "labels.toml"
 
 
@@ -75,6 +86,15 @@ class LabelTable:
 
     def keys(self) -> tuple[str, ...]:
         return tuple(label.key for label in self.labels)
+
+    def id_for_name(self, text: str) -> int | None:
+        """The id of the structure whose key, name or SNOMED meaning is ``text`` (compared by
+        :func:`normalise_name`), or None."""
+        wanted = normalise_name(text)
+        for label in self.labels:
+            if wanted and any(normalise_name(t) == wanted for t in (label.key, label.name, label.snomed_meaning) if t):
+                return label.id
+        return None
 
     def to_records(self) -> list[dict]:
         """Plain records (for a bundle's metadata.json)."""

@@ -19,7 +19,6 @@ Module C.8.20.2, Multi-frame Functional Groups C.7.6.16):
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +35,6 @@ SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
 SNOMED_SCHEMES = ("SCT", "SRT")
 POSITION_TOLERANCE_MM = 0.1
 ORIENTATION_TOLERANCE = 1e-3
-_IGNORED_WORDS = {"muscle", "muscles", "left", "right", "l", "r", "m", "bone", "the", "of"}
 
 
 class SegImportError(PipelineError):
@@ -54,21 +52,11 @@ class SegmentMatch:
     matched_by: str  # "code" or "label"
 
 
-def _normalise(text: str) -> str:
-    words = re.findall(r"[a-z0-9]+", text.lower().replace("_", " "))
-    return " ".join(w for w in words if w not in _IGNORED_WORDS)
-
-
 def match_segments(ds: Dataset, labels: LabelTable) -> list[SegmentMatch]:
     """Map every segment of a SEG dataset to a label id; raise on a segment that fits none."""
     if "SegmentSequence" not in ds:
         raise SegImportError("DICOM-SEG lacks SegmentSequence (0062,0002)")
     by_code = {l.snomed_code: l.id for l in labels.labels if l.snomed_code}
-    by_text: dict[str, int] = {}
-    for l in labels.labels:
-        for text in (l.key, l.name, l.snomed_meaning):
-            if text:
-                by_text.setdefault(_normalise(text), l.id)
     out: list[SegmentMatch] = []
     for item in ds.SegmentSequence:
         number = int(item.SegmentNumber)
@@ -79,8 +67,8 @@ def match_segments(ds: Dataset, labels: LabelTable) -> list[SegmentMatch]:
             code_value, scheme = str(code.get("CodeValue", "")), str(code.get("CodingSchemeDesignator", ""))
         if code_value and scheme in SNOMED_SCHEMES and code_value in by_code:
             out.append(SegmentMatch(number, seg_label, code_value, by_code[code_value], "code"))
-        elif _normalise(seg_label) in by_text:
-            out.append(SegmentMatch(number, seg_label, code_value, by_text[_normalise(seg_label)], "label"))
+        elif (by_name := labels.id_for_name(seg_label)) is not None:
+            out.append(SegmentMatch(number, seg_label, code_value, by_name, "label"))
         else:
             raise SegImportError(
                 f"segment {number} (SegmentLabel {seg_label!r}, property type {scheme}:{code_value}) matches no "

@@ -355,8 +355,9 @@ def load_cases(
     sources: list[tuple[str, list[Path], Any]] = []
     for d in data_dirs:
         for case in list_nifti_cases(Path(d)):
-            sources.append((case.name, [case.ct_path, case.label_path],
-                            lambda c=case: load_nifti_pair(c.ct_path, c.label_path, labels)))
+            sources.append((case.name, list(case.files),
+                            lambda c=case: load_nifti_pair(c.ct_path, c.label_path, labels,
+                                                           label_names_path=c.label_names_path)))
     for d in dicom_dirs:
         from pipeline.segimport import load_dicom_case, list_dicom_cases
 

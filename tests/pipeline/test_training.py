@@ -177,6 +177,74 @@ def test_nifti_listing_images_tr_layout(tmp_path: Path) -> None:
         list_nifti_cases(tmp_path / "flat")
 
 
+def _nnunet_folder(tmp_path: Path, values: dict[int, int]) -> Path:
+    """An imagesTr/labelsTr folder whose one label file uses other values (``values``: our id -> theirs)."""
+    _write_cases(tmp_path / "flat", 1)
+    ds = tmp_path / "ds"
+    (ds / "imagesTr").mkdir(parents=True)
+    (ds / "labelsTr").mkdir(parents=True)
+    (tmp_path / "flat" / "case0_ct.nii.gz").rename(ds / "imagesTr" / "thigh_001_0000.nii.gz")
+    img = nib.load(str(tmp_path / "flat" / "case0_label.nii.gz"))
+    ours = np.asarray(img.dataobj).astype(np.int64)
+    theirs = np.zeros_like(ours)
+    for our_id, their_value in values.items():
+        theirs[ours == our_id] = their_value
+    nib.save(nib.Nifti1Image(theirs.astype(np.uint16), img.affine), str(ds / "labelsTr" / "thigh_001.nii.gz"))
+    return ds
+
+
+def test_dataset_json_names_map_the_label_values_to_the_table(tmp_path: Path) -> None:
+    from pipeline.nifti import load_nifti_case
+
+    labels = load_label_table()
+    femur = labels.by_key("femur").id
+    ds = _nnunet_folder(tmp_path, {1: 7, femur: 300})  # our sartorius (1) is their 7, femur their 300
+    reference, _, _ = load_nifti_pair(tmp_path / "flat" / "case0_label.nii.gz",
+                                      tmp_path / "flat" / "case0_label.nii.gz", labels)
+    names = {"background": 0, "Sartorius_Left": 7, "femur right": 300, "Gluteus maximus muscle": 12}  # nnU-Net v2
+    (ds / "dataset.json").write_text(json.dumps({"name": "site", "labels": names}))
+    case = list_nifti_cases(ds)[0]
+    assert case.label_names_path == ds / "dataset.json" and case.files[-1] == ds / "dataset.json"
+    _, truth = load_nifti_case(case, labels)
+    assert np.array_equal(truth, reference.astype(np.uint8))  # 7 -> 1, 300 -> femur, 0 stays
+    assert set(np.unique(truth)) == {0, 1, femur}
+
+    msd = {"0": "background", "7": "sartorius", "300": "Femur"}  # Decathlon: value -> name
+    (ds / "dataset.json").write_text(json.dumps({"labels": msd}))
+    assert np.array_equal(load_nifti_case(list_nifti_cases(ds)[0], labels)[1], truth)
+
+    (ds / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "sartorius": 7, "bladder": 300}}))
+    with pytest.raises(ValueError, match=r"label\(s\) 300 'bladder' match no structure"):
+        load_nifti_case(list_nifti_cases(ds)[0], labels)
+    (ds / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "sartorius": 7}}))
+    with pytest.raises(ValueError, match=r"label values \[300\] are not named in .*dataset.json"):
+        load_nifti_case(list_nifti_cases(ds)[0], labels)
+    (ds / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "thigh": [7, 300]}}))
+    with pytest.raises(ValueError, match="region labels are not"):
+        list_nifti_cases(ds)
+    (ds / "dataset.json").write_text(json.dumps({"numTraining": 1}))  # no labels object: values are our ids
+    assert list_nifti_cases(ds)[0].label_names_path is None
+    with pytest.raises(ValueError, match=r"label values \[300\] are not in the label table"):
+        load_nifti_case(list_nifti_cases(ds)[0], labels)
+
+
+def test_training_reads_a_dataset_json_folder_and_its_edit_makes_new_cache_entries(tmp_path: Path) -> None:
+    from pipeline.casecache import CaseCache
+    from pipeline.training import load_cases
+
+    labels = load_label_table()
+    ds = _nnunet_folder(tmp_path, {1: 2, labels.by_key("femur").id: 1})
+    (ds / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "femur": 1, "sartorius": 2}}))
+    pre = PreprocessSettings(spacing_mm=(4.0, 4.0, 4.0))
+    cache = CaseCache(tmp_path / "cache")
+    first = load_cases((ds,), (), labels, pre, cache=cache)
+    assert set(np.unique(first[0].label)) == {0, 1, labels.by_key("femur").id}
+    (ds / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "femur": 1, "gracilis": 2}}))
+    again = load_cases((ds,), (), labels, pre, cache=cache)
+    assert cache.counts()[:2] == (0, 2)  # the edited names are not served from the old entry
+    assert set(np.unique(again[0].label)) == {0, labels.by_key("gracilis").id, labels.by_key("femur").id}
+
+
 def test_bf16_autocast_with_batch_dice_lowers_the_loss(tmp_path: Path) -> None:
     out = train(_settings(tmp_path, precision="bf16", batch_dice=True), load_label_table())
     meta = json.loads((out / METADATA_PATH).read_text())
