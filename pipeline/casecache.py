@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 #: Bump when what an entry holds changes meaning (old entries are then simply not found).
 CACHE_FORMAT = 1
 ENTRY_FILE = "entry.json"
+#: A temporary folder older than this is the leftover of a killed run (a case is written in seconds).
+STALE_TMP_S = 6 * 3600
 
 
 def source_fingerprint(files: Iterable[Path]) -> list[list]:
@@ -107,6 +110,19 @@ class CaseCache:
         self.reused = 0
         self.prepared = 0
         self.bytes = 0
+        self._swept = False
+
+    def _sweep(self) -> None:
+        """Remove temporary folders left by killed runs (once per cache object)."""
+        if self._swept or not self.root.is_dir():
+            return
+        self._swept = True
+        for tmp in self.root.glob(".tmp-*"):
+            try:
+                if time.time() - tmp.stat().st_mtime > STALE_TMP_S:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            except OSError:
+                pass
 
     def fetch(self, name: str, files: Iterable[Path], recipe: Mapping,
               build: Callable[[], Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -122,8 +138,19 @@ class CaseCache:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 logger.warning("case cache entry %s cannot be read (%s); preparing case %s again", entry, exc, name)
                 shutil.rmtree(entry, ignore_errors=True)
-        self.root.mkdir(parents=True, exist_ok=True)
-        _write_entry(entry, name, key, build())
+        elif entry.exists():  # a folder without entry.json is not an entry (copied in part, edited by hand)
+            logger.warning("case cache folder %s is incomplete; preparing case %s again", entry, name)
+            shutil.rmtree(entry, ignore_errors=True)
+        arrays_to_write = build()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._sweep()
+            _write_entry(entry, name, key, arrays_to_write)
+        except OSError as exc:
+            raise OSError(f"case cache {self.root}: cannot write the entry of case {name} ({exc}); free space "
+                          "there, point case_cache_dir at another disk, or set case_cache = false to hold the "
+                          "cases in memory") from exc
+        del arrays_to_write
         arrays = _open_entry(entry)
         self.prepared += 1
         self.bytes += sum(a.nbytes for a in arrays.values())

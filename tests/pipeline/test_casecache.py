@@ -112,3 +112,35 @@ def test_case_cache_settings(tmp_path: Path) -> None:
     s = TrainSettings.from_dict({"data_dirs": ["d"], "output_bundle": "o", "checkpoint_dir": "c",
                                  "case_cache_dir": "/var/tmp/cases"})
     assert s.case_cache is True and s.case_cache_dir == Path("/var/tmp/cases")
+
+
+def test_an_incomplete_folder_is_replaced_and_a_failed_write_names_the_cache_and_the_way_out(tmp_path: Path,
+                                                                                           monkeypatch) -> None:
+    import time
+
+    import pipeline.casecache as casecache
+
+    settings = _settings(tmp_path)
+    data = settings.data_dirs[0]
+    _load(data, settings, CaseCache(tmp_path / "cache"))
+    entry = next(p for p in (tmp_path / "cache").iterdir() if p.name.startswith("case1-"))
+    (entry / "entry.json").unlink()  # e.g. copied in part
+    stale = tmp_path / "cache" / ".tmp-case9-abc-1-deadbeef"
+    stale.mkdir()
+    os.utime(stale, (time.time() - 7 * 3600,) * 2)  # left by a run killed hours ago
+    fresh = tmp_path / "cache" / ".tmp-case8-abc-2-feedbeef"
+    fresh.mkdir()  # another run writing right now
+    cache = CaseCache(tmp_path / "cache")
+    cases = _load(data, settings, cache)
+    assert (cache.prepared, cache.reused) == (1, 1) and (entry / "entry.json").is_file()
+    assert np.array_equal(cases[1].image, _load(data, settings, None)[1].image)
+    assert not stale.exists() and fresh.exists()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(casecache.np, "save", disk_full)
+    with pytest.raises(OSError, match=r"case cache .*cannot write the entry of case case0 .*No space left.*"
+                                      r"case_cache_dir.*case_cache = false"):
+        _load(data, settings, CaseCache(tmp_path / "other"))
+    assert not [p for p in (tmp_path / "other").iterdir()]  # nothing half-written
