@@ -15,6 +15,7 @@ else:  # pragma: no cover
 from pipeline.errors import LabelTableError
 
 GROUPS = ("anterior", "medial", "posterior", "gluteal", "other", "bone")
+DEFAULT_LABELS_PATH = Path(__file__).resolve().parents[1] / "config" / "labels.toml"
 #: Words a structure's name may carry that do not change which structure of the table it is
 #: (labels carry no side: the side comes from the patient's midline).
 _IGNORED_WORDS = {"muscle", "muscles", "left", "right", "l", "r", "m", "bone", "the", "of"}
@@ -25,7 +26,6 @@ def normalise_name(text: str) -> str:
     ("Gluteus_Maximus_Left" and "gluteus maximus muscle" both give "gluteus maximus")."""
     words = re.findall(r"[a-z0-9]+", text.lower().replace("_", " "))
     return " ".join(w for w in words if w not in _IGNORED_WORDS)
-DEFAULT_LABELS_PATH = Path(__file__).resolve().parents[1] / "config" / "labels.toml"
 
 
 @dataclass(frozen=True)
