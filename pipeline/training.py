@@ -122,6 +122,13 @@ class TrainSettings:
     #: Dice over the whole batch of patches per class (nnU-Net's "batch Dice") instead of per
     #: patch: a class with a few voxels at a patch's edge no longer dominates its gradient.
     batch_dice: bool = False
+    #: Weights of the loss's two terms (MONAI DiceCELoss ``lambda_dice`` and ``lambda_ce``). Soft
+    #: Dice rewards over-segmenting a small structure whose border is uncertain and so biases
+    #: volumes (Bertels et al., MICCAI 2019); cross-entropy is a proper scoring rule whose optimum
+    #: is the true class fraction of every voxel (the soft labels). ``lambda_dice = 0`` trains on
+    #: cross-entropy alone, e.g. to fine-tune a model whose volumes matter more than its Dice.
+    lambda_dice: float = 1.0
+    lambda_ce: float = 1.0
     #: After training, fit the bundle's per-class volume calibration on the validation folders
     #: (pipeline.calibration): removes systematic volume bias of thin/broad structures.
     calibrate_volumes: bool = False
@@ -152,6 +159,12 @@ class TrainSettings:
             raise ValueError(f"TrainSettings.sw_mirror must be true or false; saw {self.sw_mirror!r}")
         if not isinstance(self.case_cache, bool):
             raise ValueError(f"TrainSettings.case_cache must be true or false; saw {self.case_cache!r}")
+        for key in ("lambda_dice", "lambda_ce"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 100.0:
+                raise ValueError(f"TrainSettings.{key} must be a number from 0 to 100; saw {value!r}")
+        if self.lambda_dice + self.lambda_ce <= 0:
+            raise ValueError("TrainSettings.lambda_dice and lambda_ce are both 0: the loss would be 0")
         if self.calibration_objective not in OBJECTIVES:
             raise ValueError(f"TrainSettings.calibration_objective must be one of {', '.join(OBJECTIVES)}; "
                              f"saw {self.calibration_objective!r}")
@@ -587,7 +600,8 @@ def train(settings: TrainSettings, labels: LabelTable | None = None) -> Path:
 
     network = build_network(settings.network, labels.num_classes).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    loss_fn = DiceCELoss(to_onehot_y=not settings.soft_labels, softmax=True, batch=settings.batch_dice)
+    loss_fn = DiceCELoss(to_onehot_y=not settings.soft_labels, softmax=True, batch=settings.batch_dice,
+                         lambda_dice=float(settings.lambda_dice), lambda_ce=float(settings.lambda_ce))
     autocast_bf16 = settings.precision == "bf16"
     transforms = build_transforms(settings, labels.num_classes)
 

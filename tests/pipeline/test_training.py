@@ -372,3 +372,29 @@ def test_a_missing_calibration_folder_fails_before_training(tmp_path: Path) -> N
         train(settings, load_label_table())
     assert not (tmp_path / "ckpt" / CHECKPOINT_NAME).exists()
     assert not (tmp_path / "bundle").exists()
+
+
+def test_loss_weights_pick_the_dice_and_cross_entropy_terms(tmp_path: Path) -> None:
+    """The first step's loss (same seed, same weights, same patches) is lambda_dice * Dice + lambda_ce * CE."""
+    def first_loss(name: str, **kw) -> float:
+        out = train(_settings(tmp_path, iterations=1, val_every=1, output_bundle=tmp_path / name,
+                              checkpoint_dir=tmp_path / f"ckpt_{name}", **kw), load_label_table())
+        meta = json.loads((out / METADATA_PATH).read_text())
+        return meta["training"]["history"][0]["loss"]
+
+    both = first_loss("both")
+    ce = first_loss("ce", lambda_dice=0.0)
+    dice = first_loss("dice", lambda_ce=0.0)
+    assert ce > 0 and dice > 0 and abs(ce - dice) > 1e-3
+    assert both == pytest.approx(ce + dice, rel=1e-4)
+    assert first_loss("ce2", lambda_dice=0.0, lambda_ce=2.0) == pytest.approx(2 * ce, rel=1e-4)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"lambda_dice": -1.0}, "lambda_dice must be a number from 0 to 100"),
+    ({"lambda_ce": "1"}, "lambda_ce must be a number from 0 to 100"),
+    ({"lambda_dice": 0.0, "lambda_ce": 0.0}, "both 0"),
+])
+def test_loss_weights_are_checked(tmp_path: Path, kw: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _settings(tmp_path, **kw)
