@@ -147,18 +147,17 @@ def load_nifti_pair(
     if not np.all(np.isfinite(lab)) or np.any(np.asarray(lab) != np.round(lab)):
         raise NiftiError(f"{label_path}: label values must be integers")
     lab_int = np.asarray(lab).astype(np.int64)
-    if labels is not None and label_names_path is not None:
-        names = read_label_names(label_names_path)
-        lut = label_lookup(names, labels, label_names_path) if names else None
-        if lut is not None:
-            values = np.unique(lab_int)
+    if labels is not None:
+        values = np.unique(lab_int)  # once per volume: the mapped values follow from these
+        names = read_label_names(label_names_path) if label_names_path is not None else {}
+        if names:
+            lut = label_lookup(names, labels, label_names_path)
             unnamed = [int(v) for v in values if v < 0 or v >= len(lut) or lut[v] < 0]
             if unnamed:
                 raise NiftiError(f"{label_path}: label values {unnamed[:10]} are not named in {label_names_path} "
                                  f"(named: {', '.join(str(v) for v in sorted(names))})")
             lab_int = lut[lab_int]
-    if labels is not None:
-        values = np.unique(lab_int)
+            values = np.unique(lut[values])
         bad = [int(v) for v in values if v < 0 or v > len(labels.labels)]
         if bad:
             raise NiftiError(

@@ -125,8 +125,8 @@ class TrainSettings:
     #: Weights of the loss's two terms (MONAI DiceCELoss ``lambda_dice`` and ``lambda_ce``). Soft
     #: Dice can bias volumes where a border is uncertain (Bertels et al., MICCAI 2019);
     #: cross-entropy is a proper scoring rule whose optimum is the true class fraction of every
-    #: voxel (the soft labels). ``lambda_dice = 0`` trains on
-    #: cross-entropy alone, e.g. to fine-tune a model whose volumes matter more than its Dice.
+    #: voxel (the soft labels). ``lambda_dice = 0`` trains on cross-entropy alone, e.g. to
+    #: fine-tune a model whose volumes matter more than its Dice.
     lambda_dice: float = 1.0
     lambda_ce: float = 1.0
     #: After training, fit the bundle's per-class volume calibration on the validation folders
