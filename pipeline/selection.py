@@ -166,6 +166,7 @@ class _Candidate:
     n_instances: int  # slices: instances, or frames of multi-frame objects
     series_number: int
     multi_frame: bool = False
+    headers: tuple[Dataset, ...] = ()  # pixel-less headers of ``paths``, same order
 
     def key(self) -> tuple[Any, ...]:
         return (
@@ -413,6 +414,7 @@ def _check_series(
             n_instances=len(slices),
             series_number=series_number,
             multi_frame=multi_frame,
+            headers=tuple(headers),
         ),
         "",
         description,
@@ -512,6 +514,9 @@ def select_series(
         convolution_kernel=winner.kernel,
         slice_thickness_mm=winner.thickness_mm,
         rejected=tuple(losers),
+        headers=winner.headers,
+        patient=patient_info(winner.headers[0]),
+        study_date=str(winner.headers[0].get("StudyDate", "") or "").strip(),
     )
 
 
@@ -526,13 +531,17 @@ def _positive(value: Any) -> float | None:
 
 
 def read_patient_info(path: Path) -> PatientInfo:
-    """Patient attributes of one instance (Patient and Patient Study modules, PS3.3 C.7.1.1, C.7.2.2).
+    """Patient attributes of one instance file (see :func:`patient_info`)."""
+    return patient_info(_read_header(Path(path)))
+
+
+def patient_info(ds: Dataset) -> PatientInfo:
+    """Patient attributes of one header (Patient and Patient Study modules, PS3.3 C.7.1.1, C.7.2.2).
 
     PatientSize (m) becomes ``height_m`` and PatientWeight (kg) ``weight_kg``; an empty,
     zero or unparsable value gives ``None``, and so does a PatientSize outside
     0.3..3.0 m (e.g. centimetres written by mistake), rather than a wrong BMI.
     """
-    ds = _read_header(Path(path))
     height = _positive(ds.get("PatientSize"))
     if height is not None and not 0.3 <= height <= 3.0:
         logger.warning("PatientSize %.3g is not a height in metres (0.3..3.0); ignored", height)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from pipeline.labels import LabelTable
 
@@ -94,6 +95,10 @@ class SelectedSeries:
     convolution_kernel: str = ""
     slice_thickness_mm: float | None = None
     rejected: tuple[tuple[str, str], ...] = ()  # (SeriesInstanceUID, reason) for the others
+    # Read once by selection and handed on (loading, outputs): no header is parsed twice for a job.
+    headers: tuple[Dataset, ...] = ()  # pixel-less headers of ``paths``, same order (never mutate)
+    patient: PatientInfo = PatientInfo()
+    study_date: str = ""  # StudyDate (DA) of the selected series, "" when absent
 
 
 @dataclass(frozen=True)
