@@ -40,7 +40,9 @@ from tests.support.node import NodeProcess  # noqa: E402
 STUDY = "1.2.826.0.1.3680043.8.498.99101"
 _TIME_KEYWORDS = (
     "ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime",
-    "SeriesDate", "SeriesTime", "DateTime", "ObservationDateTime",
+    "SeriesDate", "SeriesTime", "DateTime", "ObservationDateTime", "AcquisitionDateTime",
+    "ContributionDateTime",
+    "DimensionOrganizationUID",  # highdicom draws a new one per SEG
 )
 
 
@@ -82,6 +84,17 @@ def _labelmap_hash(path: Path) -> str:
     return hashlib.sha256(np.ascontiguousarray(labels, dtype=np.uint16).tobytes()).hexdigest()
 
 
+def hash_outputs(outputs: list[Path]) -> dict[str, str]:
+    """SHA-256 per output kind (file names ``<kind>_<SOPInstanceUID>.dcm``), and of the SEG's label map."""
+    result: dict[str, str] = {}
+    for path in outputs:
+        kind = path.name.split("_", 1)[0]
+        result[kind] = _dataset_hash(path)
+        if kind == "seg":
+            result["labelmap"] = _labelmap_hash(path)
+    return result
+
+
 def fingerprint(input_dir: Path, work: Path, keep: Path | None = None) -> dict[str, str]:
     files = sorted(input_dir.glob("*.dcm")) or _generate(input_dir)
     os.environ["SOURCE_DATE_EPOCH"] = "1700000000"
@@ -102,17 +115,11 @@ def fingerprint(input_dir: Path, work: Path, keep: Path | None = None) -> dict[s
     if job["state"] != "done":
         sys.exit(f"job ended {job['state']}: {job['reason']}")
     outputs = sorted((node.data_dir / "outputs" / STUDY).glob("*.dcm"))
-    result: dict[str, str] = {}
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         for path in outputs:
             shutil.copy2(path, keep / path.name)
-    for path in outputs:
-        kind = path.name.split("_", 1)[0]
-        result[kind] = _dataset_hash(path)
-        if kind == "seg":
-            result["labelmap"] = _labelmap_hash(path)
-    return result
+    return hash_outputs(outputs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the fingerprint JSON here")
     parser.add_argument("--keep", type=Path, help="copy the output files here")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"), help="compare two fingerprint files")
+    parser.add_argument("--files", type=Path, help="only hash the outputs already in this folder")
     args = parser.parse_args(argv)
+    if args.files:
+        print(json.dumps(hash_outputs(sorted(args.files.glob("*.dcm"))), indent=1, sort_keys=True))
+        return 0
     if args.compare:
         a, b = (json.loads(p.read_text()) for p in args.compare)
         for key in sorted(set(a) | set(b)):
