@@ -4,7 +4,7 @@ Only headers are read (``pydicom.dcmread(..., stop_before_pixels=True)``). A *sl
 a single-frame instance or one frame of a multi-frame Enhanced CT (PS3.3 A.38) / Legacy
 Converted Enhanced CT (A.70) object, whose per-frame attributes come from the
 Multi-frame Functional Groups (C.7.6.16, read through
-:func:`pipeline.volume.frame_headers`). The rules, in order:
+:func:`pipeline.multiframe.frame_headers`). The rules, in order:
 
 Hard rules (a series failing one is rejected with the reason):
 
@@ -60,13 +60,15 @@ from pydicom.uid import UID
 
 from pipeline.errors import SelectionError
 from pipeline.types import PatientInfo, SelectedSeries
-from pipeline.volume import frame_headers, is_multi_frame
+from pipeline.multiframe import (
+    CT_IMAGE_STORAGE,
+    ENHANCED_CT_IMAGE_STORAGE,
+    LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE,
+    frame_headers,
+    is_multi_frame,
+)
 
 logger = logging.getLogger(__name__)
-
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
 
 AXIAL_MAX_ANGLE_DEG = 20.0
 """Largest angle between the slice normal and the patient z axis for an axial series."""

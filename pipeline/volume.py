@@ -2,19 +2,19 @@
 
 A series is single-frame CT Image Storage instances (PS3.3 A.3), or one or more
 multi-frame Enhanced CT (A.38) / Legacy Converted Enhanced CT (A.70) instances, or a mix
-of those: every *frame* is a slice. Headers are read first (``stop_before_pixels``) to
-sort and validate the geometry; then a float32 array is preallocated and filled slice
-by slice (frame by frame for multi-frame objects, through
-:func:`pydicom.pixels.iter_pixels`), so that loading holds about one copy of the volume
-plus one decoded slice (a 512x512x600 series needs ~630 MB, not several GB). Compressed
+of those: every *frame* is a slice. Headers are read first (``stop_before_pixels``), or
+taken from the caller that read them already (selection), to sort and validate the
+geometry; then a float32 array is preallocated and filled slice by slice (frame by frame
+for multi-frame objects, through :func:`pydicom.pixels.iter_pixels`), so that loading
+holds about one copy of the volume plus one decoded slice (a 512x512x600 series needs ~630 MB, not several GB). Compressed
 transfer syntaxes (JPEG Lossless, JPEG-LS, JPEG 2000, RLE) decode through pydicom's
 pixel plugins, single- and multi-frame alike.
 
 Multi-frame objects (PS3.3 C.7.6.16 Multi-frame Functional Groups): the attributes a
 single-frame instance has at the top level come, for frame ``i``, from the
 PerFrameFunctionalGroupsSequence item ``i`` or else the SharedFunctionalGroupsSequence
-item (:func:`frame_headers` lifts them to the top level of one header per frame):
-ImagePositionPatient from PlanePositionSequence (C.7.6.16.2.3),
+item (:func:`pipeline.multiframe.frame_headers` lifts them to the top level of one
+header per frame): ImagePositionPatient from PlanePositionSequence (C.7.6.16.2.3),
 ImageOrientationPatient from PlaneOrientationSequence (C.7.6.16.2.4), PixelSpacing and
 SliceThickness from PixelMeasuresSequence (C.7.6.16.2.1), RescaleSlope/Intercept from
 PixelValueTransformationSequence (C.7.6.16.2.9), FrameType from CTImageFrameTypeSequence
@@ -85,15 +85,19 @@ from pydicom.pixels import iter_pixels
 from pydicom.uid import UID
 
 from pipeline.errors import VolumeError
+from pipeline.multiframe import (
+    CT_IMAGE_STORAGE,
+    ENHANCED_CT_IMAGE_STORAGE,
+    FRAME_ATTRIBUTES,
+    LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE,
+    MULTI_FRAME_CT_STORAGE,
+    frame_headers,
+    is_multi_frame,
+    number_of_frames,
+)
 from pipeline.types import Volume
 
 logger = logging.getLogger(__name__)
-
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
-MULTI_FRAME_CT_STORAGE: tuple[str, ...] = (ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE)
-"""Multi-frame CT SOP classes whose frames are read as slices (PS3.3 A.38, A.70)."""
 
 ORIENTATION_TOLERANCE = 1e-4
 """Largest difference between ImageOrientationPatient components of two slices."""
@@ -118,116 +122,6 @@ _REQUIRED = (
     ("RescaleIntercept", "(0028,1052)"),
     ("RescaleSlope", "(0028,1053)"),
 )
-
-# Where a frame's attribute lives in the Multi-frame Functional Groups: the functional
-# group sequences searched in order, each first in the frame's PerFrameFunctionalGroupsSequence
-# item, then in the SharedFunctionalGroupsSequence item (PS3.3 C.7.6.16.1.1: a macro is in one
-# or the other). Keywords in _TOP_LEVEL_FALLBACK are finally taken from the top level.
-_FRAME_ATTRIBUTES: Mapping[str, tuple[str, ...]] = {
-    "ImagePositionPatient": ("PlanePositionSequence",),
-    "ImageOrientationPatient": ("PlaneOrientationSequence",),
-    "PixelSpacing": ("PixelMeasuresSequence",),
-    "SliceThickness": ("PixelMeasuresSequence",),
-    "SpacingBetweenSlices": ("PixelMeasuresSequence",),
-    "RescaleIntercept": ("PixelValueTransformationSequence",),
-    "RescaleSlope": ("PixelValueTransformationSequence",),
-    "RescaleType": ("PixelValueTransformationSequence",),
-    "FrameType": ("CTImageFrameTypeSequence",),
-    "ConvolutionKernel": (
-        "CTReconstructionSequence",
-        "UnassignedPerFrameConvertedAttributesSequence",
-        "UnassignedSharedConvertedAttributesSequence",
-    ),
-    "GantryDetectorTilt": (
-        "CTAcquisitionDetailsSequence",
-        "UnassignedPerFrameConvertedAttributesSequence",
-        "UnassignedSharedConvertedAttributesSequence",
-    ),
-}
-_TOP_LEVEL_FALLBACK = frozenset({"ConvolutionKernel", "GantryDetectorTilt"})
-_INSTANCE_ATTRIBUTES: tuple[str, ...] = (
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "Modality",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SeriesDescription",
-    "SeriesNumber",
-    "FrameOfReferenceUID",
-    "ImageType",
-    "NumberOfFrames",
-    "Rows",
-    "Columns",
-    "SamplesPerPixel",
-    "PixelRepresentation",
-    "PixelPaddingValue",
-    "PixelPaddingRangeLimit",
-)
-
-
-def is_multi_frame(ds: Dataset) -> bool:
-    """Whether ``ds`` is an Enhanced / Legacy Converted Enhanced CT object, whose frames are slices."""
-    return str(ds.get("SOPClassUID", "")) in MULTI_FRAME_CT_STORAGE
-
-
-def _number_of_frames(ds: Dataset) -> int:
-    frames = ds.get("NumberOfFrames")
-    try:
-        return int(frames) if frames not in (None, "") else 1
-    except (TypeError, ValueError):
-        return 1
-
-
-def _group_item(container: Dataset | None, sequence_keyword: str) -> Dataset | None:
-    if container is None:
-        return None
-    seq = container.get(sequence_keyword)
-    return seq[0] if seq else None
-
-
-def frame_headers(ds: Dataset) -> list[Dataset]:
-    """One header per frame of ``ds``, with the frame's attributes at the top level.
-
-    For a single-frame instance that is ``[ds]``. For an Enhanced / Legacy Converted
-    Enhanced CT object it is one new :class:`Dataset` per PerFrameFunctionalGroupsSequence
-    item (frame ``i + 1`` at index ``i``), holding the instance attributes the loader and
-    the selection need (SOPInstanceUID, SeriesInstanceUID, Rows, ImageType ...) and each
-    keyword of the functional groups table in this module taken from the frame's
-    per-frame item, else the shared item (PS3.3 C.7.6.16.1.1). The elements are shared
-    with ``ds``, not copied: treat the result as read-only. A missing attribute stays
-    missing (callers name it); items beyond NumberOfFrames are ignored.
-    """
-    if not is_multi_frame(ds):
-        return [ds]
-    shared = _group_item(ds, "SharedFunctionalGroupsSequence")
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
-    instance = Dataset()
-    for kw in _INSTANCE_ATTRIBUTES:
-        elem = ds.data_element(kw) if kw in ds else None
-        if elem is not None:
-            instance[elem.tag] = elem
-    views: list[Dataset] = []
-    for frame_item in list(per_frame)[: _number_of_frames(ds)]:
-        view = Dataset()
-        view.update(instance)
-        for kw, sequences in _FRAME_ATTRIBUTES.items():
-            for seq_kw in sequences:
-                found = None
-                for container in (frame_item, shared):
-                    item = _group_item(container, seq_kw)
-                    if item is not None and kw in item and item[kw].value not in (None, ""):
-                        found = item.data_element(kw)
-                        break
-                if found is not None:
-                    view[found.tag] = found
-                    break
-            else:
-                if kw in _TOP_LEVEL_FALLBACK and kw in ds:
-                    elem = ds.data_element(kw)
-                    if elem is not None:
-                        view[elem.tag] = elem
-        views.append(view)
-    return views
 
 
 @dataclass(frozen=True)
@@ -314,7 +208,7 @@ def _check_instance(ds: Dataset, path: Path) -> None:
         raise VolumeError(f"Modality (0008,0060) of {where} is {modality!r}; allowed: 'CT'")
     sop_class = str(ds.get("SOPClassUID", ""))
     name = UID(sop_class).name if sop_class else "missing"
-    n_frames = _number_of_frames(ds)
+    n_frames = number_of_frames(ds)
     if sop_class in MULTI_FRAME_CT_STORAGE:
         per_frame = ds.get("PerFrameFunctionalGroupsSequence")
         if per_frame is None:
@@ -343,7 +237,7 @@ def _check_instance(ds: Dataset, path: Path) -> None:
         )
     multi = sop_class in MULTI_FRAME_CT_STORAGE
     for keyword, tag in _REQUIRED:
-        if multi and keyword in _FRAME_ATTRIBUTES:
+        if multi and keyword in FRAME_ATTRIBUTES:
             continue  # checked per frame (_frames_of)
         if ds.get(keyword) in (None, ""):
             raise VolumeError(f"{keyword} {tag} is missing or empty in {where}; it is required to build the volume")
@@ -360,8 +254,8 @@ def _frames_of(ds: Dataset, path: Path) -> list[_Frame]:
     for i, view in enumerate(frame_headers(ds)):
         where = f"{_name(ds, path)} frame {i + 1}"
         for keyword, tag in _REQUIRED:
-            if keyword in _FRAME_ATTRIBUTES and view.get(keyword) in (None, ""):
-                groups = "/".join(_FRAME_ATTRIBUTES[keyword])
+            if keyword in FRAME_ATTRIBUTES and view.get(keyword) in (None, ""):
+                groups = "/".join(FRAME_ATTRIBUTES[keyword])
                 raise VolumeError(
                     f"{keyword} {tag} is missing or empty in {where} (looked in its PerFrameFunctionalGroupsSequence "
                     f"item and the SharedFunctionalGroupsSequence, {groups}); it is required to build the volume"
@@ -391,12 +285,50 @@ def _padding_range(ds: Dataset) -> tuple[int, int] | None:
     return min(pad, limit), max(pad, limit)
 
 
-def _geometry(paths: Sequence[Path], *, min_slices: int) -> _Geometry:
-    """Read and validate the headers of a series; the slices sorted along the normal and the affine."""
+def _geometry(
+    paths: Sequence[Path], *, min_slices: int, headers: Sequence[Dataset] | None = None
+) -> _Geometry:
+    """Validate the headers of a series; the slices sorted along the normal and the affine.
+
+    ``headers`` are the pixel-less headers of ``paths`` in the same order when the caller
+    has read them already; without them they are read here (``stop_before_pixels``).
+    """
     required = max(min_slices, 1)
     if not paths:
         raise VolumeError(f"the series has 0 instance(s); at least {required} required")
-    headers = _read_headers(paths)
+    if headers is None:
+        headers = _read_headers(paths)
+    elif len(headers) != len(paths):
+        raise ValueError(f"{len(headers)} header(s) given for {len(paths)} path(s); allowed: one per path, same order")
+    frames, padding = _frames_of_series(headers, paths, required)
+    first = frames[0].header
+    iop0, ps0 = _check_grid(frames)
+    row_dir, col_dir, normal = _plane_axes(iop0)
+    positions = [_floats(fr.header, "ImagePositionPatient", "(0020,0032)", 3, fr.where) for fr in frames]
+    _check_header_tilt(frames, positions, normal)
+    slices = _sorted_slices(frames, positions, normal)
+    _check_positions_along_normal(slices, normal)
+    offsets = np.asarray([s.offset_mm for s in slices])
+    gaps = np.diff(offsets)
+    _check_no_duplicates(slices, gaps)
+    if len(slices) >= 2:
+        step_mm = _even_step_mm(slices, offsets, gaps)
+    else:
+        step_mm = float(first.get("SliceThickness") or 1.0)
+
+    affine = np.eye(4)
+    affine[:3, 0] = normal * step_mm
+    affine[:3, 1] = col_dir * ps0[0]
+    affine[:3, 2] = row_dir * ps0[1]
+    affine[:3, 3] = slices[0].position_mm
+    rows, cols = int(first.Rows), int(first.Columns)
+    return _Geometry(slices=tuple(slices), affine=affine, rows=rows, cols=cols, padding=padding, first=first)
+
+
+def _frames_of_series(
+    headers: Sequence[Dataset], paths: Sequence[Path], required: int
+) -> tuple[list[_Frame], dict[Path, tuple[int, int] | None]]:
+    """Every checked instance's slices, the padding range of each multi-frame instance; at least ``required``."""
     frames: list[_Frame] = []
     padding: dict[Path, tuple[int, int] | None] = {}
     for ds, p in zip(headers, paths):
@@ -412,11 +344,12 @@ def _geometry(paths: Sequence[Path], *, min_slices: int) -> _Geometry:
                 f"{len(paths) - n_multi} single-frame instance(s)); at least {required} required"
             )
         raise VolumeError(f"the series has {len(paths)} instance(s); at least {required} required")
+    return frames, padding
 
-    first = frames[0].header
-    where0 = frames[0].where
 
-    # Consistency of the plane and grid.
+def _check_grid(frames: Sequence[_Frame]) -> tuple[np.ndarray, np.ndarray]:
+    """Every slice on the first one's plane and grid; its ImageOrientationPatient and PixelSpacing."""
+    first, where0 = frames[0].header, frames[0].where
     iop0 = _floats(first, "ImageOrientationPatient", "(0020,0037)", 6, where0)
     ps0 = _floats(first, "PixelSpacing", "(0028,0030)", 2, where0)
     rows, cols = int(first.Rows), int(first.Columns)
@@ -450,25 +383,30 @@ def _geometry(paths: Sequence[Path], *, min_slices: int) -> _Geometry:
                     f"mixed {keyword} {tag}: {where} has {ds.get(keyword)!r}, "
                     f"{where0} has {first.get(keyword)!r}; allowed: one value per volume"
                 )
+    return iop0, ps0
 
-    row_dir, col_dir = iop0[:3], iop0[3:]
+
+def _plane_axes(iop: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit row direction, column direction and slice normal (row x column, PS3.3 C.7.6.2.1.1)."""
+    row_dir, col_dir = iop[:3], iop[3:]
     if (
         abs(np.linalg.norm(row_dir) - 1.0) > 1e-3
         or abs(np.linalg.norm(col_dir) - 1.0) > 1e-3
         or abs(float(row_dir @ col_dir)) > 1e-3
     ):
         raise VolumeError(
-            f"ImageOrientationPatient (0020,0037) {iop0.tolist()} is not two orthogonal unit vectors "
+            f"ImageOrientationPatient (0020,0037) {iop.tolist()} is not two orthogonal unit vectors "
             "(allowed: |row| = |col| = 1 and row . col = 0 within 0.001)"
         )
     row_dir = row_dir / np.linalg.norm(row_dir)
     col_dir = col_dir / np.linalg.norm(col_dir)
     normal = np.cross(row_dir, col_dir)
     normal /= np.linalg.norm(normal)
+    return row_dir, col_dir, normal
 
-    positions = [_floats(fr.header, "ImagePositionPatient", "(0020,0032)", 3, fr.where) for fr in frames]
 
-    # Tilt from the header.
+def _check_header_tilt(frames: Sequence[_Frame], positions: Sequence[np.ndarray], normal: np.ndarray) -> None:
+    """No slice declares a GantryDetectorTilt (0018,1120) beyond :data:`TILT_TOLERANCE_DEG`."""
     for fr in frames:
         tilt_value = fr.header.get("GantryDetectorTilt")
         if tilt_value in (None, ""):
@@ -480,7 +418,10 @@ def _geometry(paths: Sequence[Path], *, min_slices: int) -> _Geometry:
                 f"{_geometric_tilt_note(positions, normal)}; allowed: 0 (tilted series are not resampled)"
             )
 
-    slices = sorted(
+
+def _sorted_slices(frames: Sequence[_Frame], positions: Sequence[np.ndarray], normal: np.ndarray) -> list[_Slice]:
+    """The slices ascending along the normal (a multi-frame slice carries its frame's rescale)."""
+    return sorted(
         (
             _Slice(
                 path=fr.path,
@@ -499,7 +440,9 @@ def _geometry(paths: Sequence[Path], *, min_slices: int) -> _Geometry:
         key=lambda s: s.offset_mm,
     )
 
-    # Positions along the normal (tilt seen in the geometry).
+
+def _check_positions_along_normal(slices: Sequence[_Slice], normal: np.ndarray) -> None:
+    """Tilt seen in the geometry: every slice position on the normal through slice 0, within tolerance."""
     p0 = slices[0].position_mm
     worst_angle, worst_lateral = 0.0, 0.0
     for s in slices[1:]:
@@ -516,9 +459,9 @@ def _geometry(paths: Sequence[Path], *, min_slices: int) -> _Geometry:
             f"<= {POSITION_ANGLE_TOLERANCE_DEG:g} degrees or <= {POSITION_LATERAL_TOLERANCE_MM:g} mm"
         )
 
-    # Duplicates.
-    offsets = np.asarray([s.offset_mm for s in slices])
-    gaps = np.diff(offsets)
+
+def _check_no_duplicates(slices: Sequence[_Slice], gaps: np.ndarray) -> None:
+    """No two neighbouring slices closer than :data:`DUPLICATE_TOLERANCE_MM` along the normal."""
     for i in np.flatnonzero(gaps < DUPLICATE_TOLERANCE_MM):
         a, b = slices[i], slices[i + 1]
         raise VolumeError(
@@ -527,35 +470,27 @@ def _geometry(paths: Sequence[Path], *, min_slices: int) -> _Geometry:
             f"allowed: one slice per position (>= {DUPLICATE_TOLERANCE_MM:g} mm apart)"
         )
 
-    # Even spacing.
-    if len(slices) >= 2:
-        median = float(np.median(gaps))
-        tol = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_FRACTION * median)
-        bad = np.flatnonzero(np.abs(gaps - median) > tol)
-        if bad.size:
-            worst = int(bad[np.argmax(np.abs(gaps[bad] - median))])
-            missing = round(float(gaps[worst]) / median) - 1 if gaps[worst] > median else 0
-            hint = f"; the largest gap looks like {missing} missing slice(s)" if missing >= 1 else ""
-            raise VolumeError(
-                f"uneven slice spacing along the normal: min {gaps.min():.3f}, median {median:.3f}, "
-                f"max {gaps.max():.3f} mm ({bad.size} of {gaps.size} gaps off the median; worst between "
-                f"SOPInstanceUID {slices[worst].label} and {slices[worst + 1].label}){hint}; "
-                f"allowed: every gap within {tol:.3f} mm of the median (1% or {SPACING_TOLERANCE_MM:g} mm, "
-                "whichever is larger)"
-            )
-        step_mm = (offsets[-1] - offsets[0]) / (len(slices) - 1)
-    else:
-        step_mm = float(first.get("SliceThickness") or 1.0)
 
-    affine = np.eye(4)
-    affine[:3, 0] = normal * step_mm
-    affine[:3, 1] = col_dir * ps0[0]
-    affine[:3, 2] = row_dir * ps0[1]
-    affine[:3, 3] = p0
-    return _Geometry(slices=tuple(slices), affine=affine, rows=rows, cols=cols, padding=padding, first=first)
+def _even_step_mm(slices: Sequence[_Slice], offsets: np.ndarray, gaps: np.ndarray) -> float:
+    """The mean slice step (mm) of at least two slices, after checking that every gap is near the median."""
+    median = float(np.median(gaps))
+    tol = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_FRACTION * median)
+    bad = np.flatnonzero(np.abs(gaps - median) > tol)
+    if bad.size:
+        worst = int(bad[np.argmax(np.abs(gaps[bad] - median))])
+        missing = round(float(gaps[worst]) / median) - 1 if gaps[worst] > median else 0
+        hint = f"; the largest gap looks like {missing} missing slice(s)" if missing >= 1 else ""
+        raise VolumeError(
+            f"uneven slice spacing along the normal: min {gaps.min():.3f}, median {median:.3f}, "
+            f"max {gaps.max():.3f} mm ({bad.size} of {gaps.size} gaps off the median; worst between "
+            f"SOPInstanceUID {slices[worst].label} and {slices[worst + 1].label}){hint}; "
+            f"allowed: every gap within {tol:.3f} mm of the median (1% or {SPACING_TOLERANCE_MM:g} mm, "
+            "whichever is larger)"
+        )
+    return (offsets[-1] - offsets[0]) / (len(slices) - 1)
 
 
-def load_volume(paths: Sequence[Path], *, min_slices: int = 20) -> Volume:
+def load_volume(paths: Sequence[Path], *, min_slices: int = 20, headers: Sequence[Dataset] | None = None) -> Volume:
     """Read a CT series into a :class:`Volume` in HU (float32, axes (k, r, c)).
 
     ``paths`` are the instance files of one series, in any order: single-frame CT Image
@@ -566,11 +501,17 @@ def load_volume(paths: Sequence[Path], *, min_slices: int = 20) -> Volume:
     module docstring for every check and its tolerance). ``sop_instance_uids[k]`` is
     the source instance of slice k (repeated per frame; :func:`source_frames` gives the
     frame numbers).
+
+    ``headers``, when given, are the pixel-less headers of ``paths`` in the same order
+    (``SelectedSeries.headers``: selection read them once); they replace this function's
+    own header pass, so that a job parses each header once. Each file is then read once
+    more to decode its pixels: that pixel read is the one unavoidable second read.
+    Without ``headers`` (model kit, tests) the headers are read here first.
     """
     started = time.monotonic()
     paths = [Path(p) for p in paths]
     logger.info("load_volume start: %d instance file(s)", len(paths))
-    geo = _geometry(paths, min_slices=min_slices)
+    geo = _geometry(paths, min_slices=min_slices, headers=headers)
     first = geo.first
     series_uid = str(first.get("SeriesInstanceUID", ""))
 
@@ -605,16 +546,16 @@ def load_volume(paths: Sequence[Path], *, min_slices: int = 20) -> Volume:
     return volume
 
 
-def source_frames(paths: Sequence[Path]) -> list[tuple[str, int]]:
+def source_frames(paths: Sequence[Path], *, headers: Sequence[Dataset] | None = None) -> list[tuple[str, int]]:
     """``(SOPInstanceUID, frame number)`` of every slice, in the order of :func:`load_volume`'s Volume.
 
     Element ``k`` is the source of ``Volume.hu[k]`` for the same ``paths``: the frame
     number is 1-based within its instance (PS3.3 C.7.6.16, as ReferencedFrameNumber
-    counts) and 1 for a single-frame instance. Reads headers only; raises
-    :class:`VolumeError` for the same header problems as :func:`load_volume` (any slice
-    count is accepted).
+    counts) and 1 for a single-frame instance. Reads headers only, and none when
+    ``headers`` (those of ``paths``, same order) are given; raises :class:`VolumeError`
+    for the same header problems as :func:`load_volume` (any slice count is accepted).
     """
-    geo = _geometry([Path(p) for p in paths], min_slices=1)
+    geo = _geometry([Path(p) for p in paths], min_slices=1, headers=headers)
     return [(s.sop_instance_uid, s.frame_number) for s in geo.slices]
 
 

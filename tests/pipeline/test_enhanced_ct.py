@@ -205,6 +205,22 @@ def test_series_split_over_two_multi_frame_instances(tmp_path: Path) -> None:
     assert source_frames([upper, lower]) == [(low, n) for n in (6, 5, 4, 3, 2, 1)] + [(up, n) for n in range(1, 7)]
 
 
+def test_multi_frame_headers_given_replace_the_header_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = [write_enhanced_ct(tmp_path, n_frames=N, **GRID, hu=_hu, reverse_frame_order=True)]
+    reference, frames = load_volume(paths, min_slices=10), source_frames(paths)
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+
+    def no_header_reads(*args, **kwargs):
+        raise AssertionError("a header was read again")
+
+    monkeypatch.setattr(pydicom, "dcmread", no_header_reads)
+    vol = load_volume(paths, min_slices=10, headers=headers)
+    np.testing.assert_array_equal(vol.hu, reference.hu)
+    np.testing.assert_array_equal(vol.affine_lps, reference.affine_lps)
+    assert vol.sop_instance_uids == reference.sop_instance_uids
+    assert source_frames(paths, headers=headers) == frames
+
+
 def test_source_frames_of_a_single_frame_series(tmp_path: Path) -> None:
     paths = write_ct_series(tmp_path, n_slices=N, **GRID, reverse_file_order=True)
     vol = load_volume(paths, min_slices=10)

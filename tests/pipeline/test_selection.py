@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import EnhancedCTImageStorage
@@ -124,6 +125,29 @@ def test_hard_rules_reject_with_reason(tmp_path: Path, kwargs: dict, reason: str
 def test_oblique_within_limit_is_axial(tmp_path: Path) -> None:
     uid, paths = _series(tmp_path, "obl", row_dir=(1, 0, 0), col_dir=(0, 0.9659258, -0.2588190))  # 15 degrees
     assert select_series({uid: paths}, study_instance_uid=_study_uid(paths)).series_instance_uid == uid
+
+
+def test_selected_series_loads_from_its_headers_reading_each_file_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uid, paths = _series(tmp_path, "thin", reverse_file_order=True)
+    reference, study_uid = load_volume(paths), _study_uid(paths)
+    reads: list[tuple[Path, bool]] = []
+    real = pydicom.dcmread
+
+    def recording(fp, *args, **kwargs):
+        reads.append((Path(fp), bool(kwargs.get("stop_before_pixels"))))
+        return real(fp, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", recording)
+    chosen = select_series({uid: paths}, study_instance_uid=study_uid)
+    vol = load_volume(chosen.paths, headers=chosen.headers)
+
+    # Once for its header (selection), once for its pixels (loading): no file's header is parsed twice.
+    assert sorted(reads) == sorted([(p, True) for p in paths] + [(p, False) for p in paths])
+    np.testing.assert_array_equal(vol.hu, reference.hu)
+    np.testing.assert_array_equal(vol.affine_lps, reference.affine_lps)
+    assert vol.sop_instance_uids == reference.sop_instance_uids
 
 
 def test_tilted_axial_series_is_selected_then_declined_by_load_volume(tmp_path: Path) -> None:

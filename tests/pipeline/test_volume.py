@@ -195,6 +195,55 @@ def test_jpeg_lossless_from_dcmcjpeg_loads_same_hu(tmp_path: Path) -> None:
     np.testing.assert_array_equal(load_volume(plain, min_slices=10).hu, load_volume(packed, min_slices=10).hu)
 
 
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count pydicom.dcmread calls: header-only (stop_before_pixels) and full reads."""
+    counts = {"headers": 0, "full": 0}
+    real = pydicom.dcmread
+
+    def counting(fp, *args, **kwargs):
+        counts["headers" if kwargs.get("stop_before_pixels") else "full"] += 1
+        return real(fp, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting)
+    return counts
+
+
+def test_given_headers_replace_the_header_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hu = _random_hu(12, 16, 20, seed=3)
+    paths = write_ct_series(tmp_path, **SMALL, hu=hu, reverse_file_order=True)
+    reference = load_volume(paths, min_slices=10)
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    counts = _count_reads(monkeypatch)
+    vol = load_volume(paths, min_slices=10, headers=headers)
+    assert counts == {"headers": 0, "full": len(paths)}  # each file read once more, for its pixels only
+    np.testing.assert_array_equal(vol.hu, reference.hu)
+    np.testing.assert_array_equal(vol.affine_lps, reference.affine_lps)
+    assert vol.sop_instance_uids == reference.sop_instance_uids
+    assert vol.series_instance_uid == reference.series_instance_uid
+
+
+def test_without_headers_each_header_is_read_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = write_ct_series(tmp_path, **SMALL)
+    counts = _count_reads(monkeypatch)
+    load_volume(paths, min_slices=10)
+    assert counts == {"headers": len(paths), "full": len(paths)}
+
+
+def test_given_headers_are_validated_like_read_ones(tmp_path: Path) -> None:
+    paths = write_ct_series(tmp_path, **SMALL)
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    headers[4].Modality = "MR"
+    with pytest.raises(VolumeError, match=r"Modality \(0008,0060\) of SOPInstanceUID .* is 'MR'"):
+        load_volume(paths, min_slices=10, headers=headers)
+
+
+def test_headers_must_match_paths_one_to_one(tmp_path: Path) -> None:
+    paths = write_ct_series(tmp_path, **SMALL)
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    with pytest.raises(ValueError, match=r"11 header\(s\) given for 12 path\(s\)"):
+        load_volume(paths, min_slices=10, headers=headers[:-1])
+
+
 # ---------------------------------------------------------------- real data
 
 
