@@ -277,13 +277,21 @@ def _sop_class_reason(ds: Dataset, path: Path) -> str:
     return ""
 
 
+class _Rejected(Exception):
+    """A hard rule rules the series out; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class _HardRules:
+    """The limits of the hard rules that depend on the call (rules 1, 6 and 7)."""
+
+    study_instance_uid: str
+    max_slice_thickness_mm: float
+    min_slices: int
+
+
 def _check_series(
-    series_uid: str,
-    paths: Sequence[Path],
-    *,
-    study_instance_uid: str,
-    max_slice_thickness_mm: float,
-    min_slices: int,
+    series_uid: str, paths: Sequence[Path], rules: _HardRules
 ) -> tuple[_Candidate | None, str, str]:
     """(candidate or None, reason if rejected, SeriesDescription)."""
     if not paths:
@@ -293,48 +301,92 @@ def _check_series(
     except (InvalidDicomError, OSError) as exc:
         return None, f"{paths[0].name} is not readable as DICOM ({exc})", ""
     description = str(first.get("SeriesDescription", "") or "")
+    try:
+        return _candidate(series_uid, paths, first, description, rules), "", description
+    except _Rejected as exc:
+        return None, str(exc), description
 
+
+def _candidate(
+    series_uid: str, paths: Sequence[Path], first: Dataset, description: str, rules: _HardRules
+) -> _Candidate:
+    """The series as a candidate when it passes the hard rules, in the order of the module docstring."""
+    headers = _series_headers(first, paths)
+    multi_frame = is_multi_frame(first)
+    # One header per slice (the frames of multi-frame objects).
+    slices: list[tuple[Dataset, Dataset]] = [(h, f) for h in headers for f in frame_headers(h)]
+    _check_study(headers, rules.study_instance_uid)
+    image_types, original_primary = _check_image_types(slices, multi_frame)
+    first_slice = slices[0][1] if slices else first
+    normal = _axial_normal(first_slice)
+    _check_slice_count(len(slices), len(headers), len(paths), multi_frame, rules.min_slices)
+    coverage, thickness = _coverage_and_thickness(slices, normal, first_slice, rules.max_slice_thickness_mm)
+    kernel = _first_str(first_slice.get("ConvolutionKernel"))
+    try:
+        series_number = int(first.get("SeriesNumber") or 0)
+    except (TypeError, ValueError):
+        series_number = 0
+    return _Candidate(
+        series_uid=series_uid,
+        paths=tuple(paths),
+        description=description,
+        kernel=kernel,
+        kernel_class=classify_kernel(kernel, description),
+        original_primary=original_primary,
+        image_type="\\".join(image_types[0]),
+        thickness_mm=thickness,
+        coverage_mm=coverage,
+        n_instances=len(slices),
+        series_number=series_number,
+        multi_frame=multi_frame,
+        headers=tuple(headers),
+    )
+
+
+def _series_headers(first: Dataset, paths: Sequence[Path]) -> list[Dataset]:
+    """The headers of every instance (``first`` is that of ``paths[0]``): Modality CT, one allowed SOP class."""
     modality = str(first.get("Modality", "") or "")
     if modality != "CT":
-        return None, f"Modality is {modality!r}; allowed: 'CT'", description
+        raise _Rejected(f"Modality is {modality!r}; allowed: 'CT'")
     reason = _sop_class_reason(first, paths[0])
     if reason:
-        return None, reason, description
-
-    # Headers of every instance: image type, positions, study membership.
+        raise _Rejected(reason)
     headers: list[Dataset] = [first]
     for p in paths[1:]:
         try:
             headers.append(_read_header(p))
         except (InvalidDicomError, OSError) as exc:
-            return None, f"{p.name} is not readable as DICOM ({exc})", description
+            raise _Rejected(f"{p.name} is not readable as DICOM ({exc})") from exc
     sop_class = str(first.get("SOPClassUID", "") or "")
     for h, p in zip(headers[1:], paths[1:]):
         other = str(h.get("SOPClassUID", "") or "")
         if other != sop_class:
-            return (
-                None,
+            raise _Rejected(
                 f"mixed SOPClassUID: {p.name} has {other or '(missing)'}, {paths[0].name} has {sop_class}; "
-                "allowed: one SOP class per series",
-                description,
+                "allowed: one SOP class per series"
             )
         reason = _sop_class_reason(h, p)
         if reason:
-            return None, reason, description
-    multi_frame = is_multi_frame(first)
-    # One header per slice (the frames of multi-frame objects).
-    slices: list[tuple[Dataset, Dataset]] = [(h, f) for h in headers for f in frame_headers(h)]
-    unit = "frame(s)" if multi_frame else "instance(s)"
+            raise _Rejected(reason)
+    return headers
 
+
+def _check_study(headers: Sequence[Dataset], study_instance_uid: str) -> None:
+    """Every instance belongs to the study (hard rule 1)."""
     foreign = [str(h.get("StudyInstanceUID", "")) for h in headers if h.get("StudyInstanceUID") != study_instance_uid]
     if foreign:
-        return (
-            None,
-            f"{len(foreign)} instance(s) have StudyInstanceUID {foreign[0]!r}; expected {study_instance_uid!r}",
-            description,
+        raise _Rejected(
+            f"{len(foreign)} instance(s) have StudyInstanceUID {foreign[0]!r}; expected {study_instance_uid!r}"
         )
 
-    # Per slice: the instance's ImageType, and a frame's FrameType where it has one.
+
+def _check_image_types(
+    slices: Sequence[tuple[Dataset, Dataset]], multi_frame: bool
+) -> tuple[list[tuple[str, ...]], bool]:
+    """No localizer / scout slice (hard rule 4); each slice's ImageType and whether all are ORIGINAL\\PRIMARY.
+
+    Per slice: the instance's ImageType, and a frame's FrameType where it has one.
+    """
     image_types = [_image_type(h) for h, _ in slices]
     frame_types = [_image_type(f, "FrameType") if f is not h else () for h, f in slices]
     localizers = [
@@ -344,38 +396,45 @@ def _check_series(
         shown = "\\".join(localizers[0])
         n_bad = sum(1 for i, f in zip(image_types, frame_types) if {"LOCALIZER", "SCOUT"} & set(i + f))
         what = "ImageType/FrameType" if multi_frame else "ImageType"
-        return (
-            None,
+        unit = "frame(s)" if multi_frame else "instance(s)"
+        raise _Rejected(
             f"{what} is {shown} in {n_bad} of {len(slices)} {unit}: "
-            "localizer/scout images are not a volume; allowed: no LOCALIZER or SCOUT value",
-            description,
+            "localizer/scout images are not a volume; allowed: no LOCALIZER or SCOUT value"
         )
     original_primary = all((f or i)[:2] == ("ORIGINAL", "PRIMARY") for i, f in zip(image_types, frame_types))
+    return image_types, original_primary
 
-    first_slice = slices[0][1] if slices else first
+
+def _axial_normal(first_slice: Dataset) -> np.ndarray:
+    """The slice normal of an axial series (hard rule 5; the limit widens by a declared gantry tilt)."""
     normal = _normal(first_slice)
     if normal is None:
-        return None, "ImageOrientationPatient (0020,0037) is missing or invalid; required to judge axial", description
+        raise _Rejected("ImageOrientationPatient (0020,0037) is missing or invalid; required to judge axial")
     angle = math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
     tilt = _float(first_slice, "GantryDetectorTilt") or 0.0
     limit = max(AXIAL_MAX_ANGLE_DEG, abs(tilt) + TILT_ANGLE_MARGIN_DEG) if tilt else AXIAL_MAX_ANGLE_DEG
     if angle > limit:
-        return (
-            None,
+        raise _Rejected(
             f"not axial: slice normal is {angle:.1f} degrees from the patient z axis "
-            f"(ImageOrientationPatient {list(first_slice.ImageOrientationPatient)}); allowed: <= {limit:g} degrees",
-            description,
+            f"(ImageOrientationPatient {list(first_slice.ImageOrientationPatient)}); allowed: <= {limit:g} degrees"
         )
+    return normal
 
-    if len(slices) < min_slices:
+
+def _check_slice_count(n_slices: int, n_headers: int, n_paths: int, multi_frame: bool, min_slices: int) -> None:
+    """At least ``min_slices`` slices (hard rule 6)."""
+    if n_slices < min_slices:
         if multi_frame:
-            return (
-                None,
-                f"{len(slices)} frame(s) in {len(headers)} multi-frame instance(s); at least {min_slices} required",
-                description,
+            raise _Rejected(
+                f"{n_slices} frame(s) in {n_headers} multi-frame instance(s); at least {min_slices} required"
             )
-        return None, f"{len(paths)} instance(s); at least {min_slices} required", description
+        raise _Rejected(f"{n_paths} instance(s); at least {min_slices} required")
 
+
+def _coverage_and_thickness(
+    slices: Sequence[tuple[Dataset, Dataset]], normal: np.ndarray, first_slice: Dataset, max_thickness_mm: float
+) -> tuple[float, float | None]:
+    """Coverage along the normal (mm) and slice thickness (mm, or None), within the limit (hard rule 7)."""
     offsets: list[float] = []
     for _, h in slices:
         ipp = h.get("ImagePositionPatient")
@@ -390,37 +449,9 @@ def _check_series(
     if (thickness is None or thickness <= 0) and len(offsets) >= 2:
         gaps = np.diff(offsets)
         thickness = float(np.median(gaps)) if float(np.median(gaps)) > 0 else None
-    if thickness is not None and thickness > max_slice_thickness_mm:
-        return (
-            None,
-            f"slice thickness is {thickness:g} mm; allowed: <= {max_slice_thickness_mm:g} mm",
-            description,
-        )
-
-    kernel = _first_str(first_slice.get("ConvolutionKernel"))
-    try:
-        series_number = int(first.get("SeriesNumber") or 0)
-    except (TypeError, ValueError):
-        series_number = 0
-    return (
-        _Candidate(
-            series_uid=series_uid,
-            paths=tuple(paths),
-            description=description,
-            kernel=kernel,
-            kernel_class=classify_kernel(kernel, description),
-            original_primary=original_primary,
-            image_type="\\".join(image_types[0]),
-            thickness_mm=thickness,
-            coverage_mm=coverage,
-            n_instances=len(slices),
-            series_number=series_number,
-            multi_frame=multi_frame,
-            headers=tuple(headers),
-        ),
-        "",
-        description,
-    )
+    if thickness is not None and thickness > max_thickness_mm:
+        raise _Rejected(f"slice thickness is {thickness:g} mm; allowed: <= {max_thickness_mm:g} mm")
+    return coverage, thickness
 
 
 def select_series(
@@ -441,17 +472,12 @@ def select_series(
     """
     started = time.monotonic()
     logger.info("select_series start: study %s, %d series", study_instance_uid, len(series))
+    rules = _HardRules(study_instance_uid, max_slice_thickness_mm, min_slices)
     candidates: list[_Candidate] = []
     rejected: list[tuple[str, str, str]] = []  # (uid, description, reason)
     for uid in sorted(series):
         paths = [Path(p) for p in series[uid]]
-        cand, reason, description = _check_series(
-            uid,
-            sorted(paths),
-            study_instance_uid=study_instance_uid,
-            max_slice_thickness_mm=max_slice_thickness_mm,
-            min_slices=min_slices,
-        )
+        cand, reason, description = _check_series(uid, sorted(paths), rules)
         if cand is None:
             logger.info("series %s rejected: %s", uid, reason)
             rejected.append((uid, description, reason))
@@ -468,36 +494,8 @@ def select_series(
 
     candidates.sort(key=_Candidate.key)
     winner = candidates[0]
-    hard = (
-        "modality CT, CT Image Storage or (Legacy Converted) Enhanced CT, no localizer, axial, "
-        f">= {min_slices} slices, "
-        f"thickness <= {max_slice_thickness_mm:g} mm"
-    )
-    if len(candidates) == 1:
-        rule = f"only series passing the rules ({hard})"
-    else:
-        runner_up = candidates[1]
-        i = _first_difference(winner, runner_up)
-        rule = (
-            f"preferred by '{_PREFERENCES[i]}': {_describe(winner, i)} vs {_describe(runner_up, i)} "
-            f"(series {runner_up.series_uid}); {len(candidates)} series passed the rules ({hard})"
-        )
-    if not winner.original_primary:
-        rule += (
-            f"; DERIVED/SECONDARY series (ImageType {winner.image_type}) used because "
-            "no ORIGINAL\\PRIMARY series qualified"
-        )
-
-    losers = [(uid, reason) for uid, _, reason in rejected]
-    for c in candidates[1:]:
-        i = _first_difference(winner, c)
-        losers.append(
-            (
-                c.series_uid,
-                f"lost to {winner.series_uid} on '{_PREFERENCES[i]}': {_describe(c, i)} vs {_describe(winner, i)}",
-            )
-        )
-
+    rule = _winning_rule(candidates, rules)
+    losers = [(uid, reason) for uid, _, reason in rejected] + _losing_reasons(winner, candidates[1:])
     logger.info(
         "select_series end: study %s, chose %s (%d slices) of %d series in %.2f s; rule: %s",
         study_instance_uid,
@@ -520,6 +518,45 @@ def select_series(
         patient=patient_info(winner.headers[0]),
         study_date=str(winner.headers[0].get("StudyDate", "") or "").strip(),
     )
+
+
+def _winning_rule(candidates: Sequence[_Candidate], rules: _HardRules) -> str:
+    """Why ``candidates[0]`` (sorted by preference) won, in words."""
+    winner = candidates[0]
+    hard = (
+        "modality CT, CT Image Storage or (Legacy Converted) Enhanced CT, no localizer, axial, "
+        f">= {rules.min_slices} slices, "
+        f"thickness <= {rules.max_slice_thickness_mm:g} mm"
+    )
+    if len(candidates) == 1:
+        rule = f"only series passing the rules ({hard})"
+    else:
+        runner_up = candidates[1]
+        i = _first_difference(winner, runner_up)
+        rule = (
+            f"preferred by '{_PREFERENCES[i]}': {_describe(winner, i)} vs {_describe(runner_up, i)} "
+            f"(series {runner_up.series_uid}); {len(candidates)} series passed the rules ({hard})"
+        )
+    if not winner.original_primary:
+        rule += (
+            f"; DERIVED/SECONDARY series (ImageType {winner.image_type}) used because "
+            "no ORIGINAL\\PRIMARY series qualified"
+        )
+    return rule
+
+
+def _losing_reasons(winner: _Candidate, others: Sequence[_Candidate]) -> list[tuple[str, str]]:
+    """(SeriesInstanceUID, the preference it lost on) for each candidate but the winner."""
+    losers = []
+    for c in others:
+        i = _first_difference(winner, c)
+        losers.append(
+            (
+                c.series_uid,
+                f"lost to {winner.series_uid} on '{_PREFERENCES[i]}': {_describe(c, i)} vs {_describe(winner, i)}",
+            )
+        )
+    return losers
 
 
 def _positive(value: Any) -> float | None:
