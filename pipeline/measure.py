@@ -449,6 +449,74 @@ def _structure(
     )
 
 
+@dataclass(frozen=True)
+class _FlagEvidence:
+    """What the flags of a structure are decided from; arrays are per bin ``label*3 + side``."""
+
+    stats: _BinStats
+    top: np.ndarray  # voxels on the superior face of the field of view
+    bottom: np.ndarray  # voxels on the inferior face
+    metal: _MetalResult
+    settings: MeasurementSettings
+    height_m: float | None
+    voxel_ml: float
+
+
+def _one_side_flags(
+    key: str, side_name: str, b: int, ev: _FlagEvidence
+) -> tuple[list[str], dict[tuple[str, str, str], str]]:
+    """Flag codes of a structure on one side (bin ``b``) and their details by (code, key, side)."""
+    codes: list[str] = []
+    details: dict[tuple[str, str, str], str] = {}
+    n = int(ev.stats.count[b])
+    if n == 0:
+        codes.append(FLAG_EMPTY)
+        return codes, details
+    if ev.top[b]:
+        codes.append(FLAG_PARTIAL_TOP)
+    if ev.bottom[b]:
+        codes.append(FLAG_PARTIAL_BOTTOM)
+    if ev.metal.near_counts[b]:
+        codes.append(FLAG_METAL)
+        details[(FLAG_METAL, key, side_name)] = f"{int(ev.metal.near_counts[b])} voxels"
+    rng = ev.settings.plausible_range_ml(key, ev.height_m)
+    vol = n * ev.voxel_ml
+    if not (FLAG_PARTIAL_TOP in codes or FLAG_PARTIAL_BOTTOM in codes) and rng is not None:
+        if not rng[0] <= vol <= rng[1]:
+            codes.append(FLAG_IMPLAUSIBLE_VOLUME)
+            details[(FLAG_IMPLAUSIBLE_VOLUME, key, side_name)] = (
+                f"{vol:.1f} cm³, plausible {rng[0]:.0f}..{rng[1]:.0f} cm³"
+            )
+    return codes, details
+
+
+def _both_sides_flags(
+    key: str, all_bins: list[int], ev: _FlagEvidence
+) -> tuple[list[str], dict[tuple[str, str, str], str]]:
+    """Flag codes of a structure over all its voxels (side "both"; plausible range doubled) and their details."""
+    both: list[str] = []
+    details: dict[tuple[str, str, str], str] = {}
+    n_all = int(ev.stats.count[all_bins].sum())
+    if n_all == 0:
+        both.append(FLAG_EMPTY)
+        return both, details
+    if ev.top[all_bins].any():
+        both.append(FLAG_PARTIAL_TOP)
+    if ev.bottom[all_bins].any():
+        both.append(FLAG_PARTIAL_BOTTOM)
+    if ev.metal.near_counts[all_bins].any():
+        both.append(FLAG_METAL)
+    rng = ev.settings.plausible_range_ml(key, ev.height_m)
+    if rng is not None and not any(c in both for c in (FLAG_PARTIAL_TOP, FLAG_PARTIAL_BOTTOM)):
+        vol = n_all * ev.voxel_ml
+        if not 2 * rng[0] <= vol <= 2 * rng[1]:
+            both.append(FLAG_IMPLAUSIBLE_VOLUME)
+            details[(FLAG_IMPLAUSIBLE_VOLUME, key, SIDE_BOTH)] = (
+                f"{vol:.1f} cm³ both sides, plausible {2 * rng[0]:.0f}..{2 * rng[1]:.0f} cm³"
+            )
+    return both, details
+
+
 def measure(
     volume: Volume,
     segmentation: Segmentation,
@@ -477,64 +545,23 @@ def measure(
     bottom = _face_counts(segmentation, axis, bottom_index, n_bins)
     metal = _metal_near(volume, segmentation, n_bins, settings)
     implant_sides = sorted({side for _, side in metal.pieces})
+    ev = _FlagEvidence(stats, top, bottom, metal, settings, height, voxel_ml)
 
     structures: list[StructureMeasurement] = []
     flag_sides: dict[tuple[str, str], list[str]] = {}  # (code, key) -> sides it applies to
     details: dict[tuple[str, str, str], str] = {}  # (code, key, side) -> detail text
     for label in table.labels:
         lid = label.id
-        side_codes: dict[str, list[str]] = {"right": [], "left": [], SIDE_BOTH: []}
         for side_name, side_code in SIDES:
             b = lid * _N_SIDE_CODES + side_code
-            codes = side_codes[side_name]
-            n = int(stats.count[b])
-            if n == 0:
-                codes.append(FLAG_EMPTY)
-                continue
-            if top[b]:
-                codes.append(FLAG_PARTIAL_TOP)
-            if bottom[b]:
-                codes.append(FLAG_PARTIAL_BOTTOM)
-            if metal.near_counts[b]:
-                codes.append(FLAG_METAL)
-                details[(FLAG_METAL, label.key, side_name)] = f"{int(metal.near_counts[b])} voxels"
-            rng = settings.plausible_range_ml(label.key, height)
-            vol = n * voxel_ml
-            if not (FLAG_PARTIAL_TOP in codes or FLAG_PARTIAL_BOTTOM in codes) and rng is not None:
-                if not rng[0] <= vol <= rng[1]:
-                    codes.append(FLAG_IMPLAUSIBLE_VOLUME)
-                    details[(FLAG_IMPLAUSIBLE_VOLUME, label.key, side_name)] = (
-                        f"{vol:.1f} cm³, plausible {rng[0]:.0f}..{rng[1]:.0f} cm³"
-                    )
-        all_bins = [lid * _N_SIDE_CODES + s for s in range(_N_SIDE_CODES)]
-        n_all = int(stats.count[all_bins].sum())
-        both = side_codes[SIDE_BOTH]
-        if n_all == 0:
-            both.append(FLAG_EMPTY)
-        else:
-            if top[all_bins].any():
-                both.append(FLAG_PARTIAL_TOP)
-            if bottom[all_bins].any():
-                both.append(FLAG_PARTIAL_BOTTOM)
-            if metal.near_counts[all_bins].any():
-                both.append(FLAG_METAL)
-            rng = settings.plausible_range_ml(label.key, height)
-            if rng is not None and not any(c in both for c in (FLAG_PARTIAL_TOP, FLAG_PARTIAL_BOTTOM)):
-                vol = n_all * voxel_ml
-                if not 2 * rng[0] <= vol <= 2 * rng[1]:
-                    both.append(FLAG_IMPLAUSIBLE_VOLUME)
-                    details[(FLAG_IMPLAUSIBLE_VOLUME, label.key, SIDE_BOTH)] = (
-                        f"{vol:.1f} cm³ both sides, plausible {2 * rng[0]:.0f}..{2 * rng[1]:.0f} cm³"
-                    )
-        for side_name, side_code in SIDES:
-            structures.append(
-                _structure(
-                    lid, table, side_name, [lid * _N_SIDE_CODES + side_code], stats, voxel_ml,
-                    tuple(side_codes[side_name]),
-                )
-            )
-            for code in side_codes[side_name]:
+            codes, more = _one_side_flags(label.key, side_name, b, ev)
+            details.update(more)
+            structures.append(_structure(lid, table, side_name, [b], stats, voxel_ml, tuple(codes)))
+            for code in codes:
                 flag_sides.setdefault((code, label.key), []).append(side_name)
+        all_bins = [lid * _N_SIDE_CODES + s for s in range(_N_SIDE_CODES)]
+        both, more = _both_sides_flags(label.key, all_bins, ev)
+        details.update(more)
         structures.append(_structure(lid, table, SIDE_BOTH, all_bins, stats, voxel_ml, tuple(both)))
         if FLAG_IMPLAUSIBLE_VOLUME in both and (FLAG_IMPLAUSIBLE_VOLUME, label.key) not in flag_sides:
             # each side alone is plausible, their sum is not: one flag for "both"
