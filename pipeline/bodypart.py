@@ -132,6 +132,52 @@ def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
     return mask | ~border[bg]
 
 
+@dataclass(frozen=True)
+class _Components:
+    """The in-plane bone components of a slab of slices (one entry per component)."""
+
+    slice_idx: np.ndarray  # slice within the slab
+    row: np.ndarray  # centroid, working-grid index units
+    col: np.ndarray
+    area_mm2: np.ndarray
+    roundness: np.ndarray  # equivalent-circle diameter / major axis (1 for a disc)
+
+
+def _body_midline_x(block: np.ndarray, body_hu: float, origin: np.ndarray, cols: np.ndarray, k0: int) -> np.ndarray:
+    """Body midline x (LPS mm) per slice of the slab: the index centroid of the body, mapped to x."""
+    body = block > body_hu
+    n_body = body.sum(axis=(1, 2)).astype(np.float64)
+    r_mean = (body.sum(axis=2) * np.arange(block.shape[1])).sum(axis=1) / np.maximum(n_body, 1)
+    c_mean = (body.sum(axis=1) * np.arange(block.shape[2])).sum(axis=1) / np.maximum(n_body, 1)
+    ks = np.arange(k0, k0 + block.shape[0])
+    return origin[0] + cols[0, 0] * ks + cols[0, 1] * r_mean + cols[0, 2] * c_mean
+
+
+def _bone_components(block: np.ndarray, bone_hu: float, plane: np.ndarray, pixel_mm2: float) -> _Components | None:
+    """Hole-filled bone components of every slice of the slab with their shape; None when there is no bone."""
+    bone = _fill_holes_2d(block > bone_hu)
+    labels, n = ndimage.label(bone, structure=_STRUCT_2D)
+    del bone
+    if n == 0:
+        return None
+    m = _component_moments(labels, n)
+    del labels
+    cnt = m[:, 0]
+    kc, rc, cc = m[:, 1] / cnt, m[:, 2] / cnt, m[:, 3] / cnt
+    var_r = m[:, 4] / cnt - rc * rc
+    var_c = m[:, 5] / cnt - cc * cc
+    cov_rc = m[:, 6] / cnt - rc * cc
+    cov_idx = np.stack([np.stack([var_r, cov_rc], -1), np.stack([cov_rc, var_c], -1)], -2)  # (n, 2, 2)
+    # second moments in mm (each pixel also has its own extent: + 1/12 per axis)
+    cov_idx = cov_idx + np.eye(2) / 12.0
+    cov_mm = plane @ cov_idx @ plane.T  # (n, 3, 3), rank 2
+    lam_max = np.linalg.eigvalsh(cov_mm)[:, -1]
+    area_mm2 = cnt * pixel_mm2
+    major_mm = 4.0 * np.sqrt(np.maximum(lam_max, 1e-9))
+    roundness = 2.0 * np.sqrt(area_mm2 / math.pi) / major_mm
+    return _Components(np.rint(kc).astype(np.intp), rc, cc, area_mm2, roundness)
+
+
 def find_femoral_shafts(volume: Volume, criteria: FemurShaftCriteria | None = None) -> FemurShaftSearch:
     """Search every axial slice for a left and a right femoral shaft cross-section."""
     crit = criteria if criteria is not None else FemurShaftCriteria()
@@ -155,41 +201,16 @@ def find_femoral_shafts(volume: Volume, criteria: FemurShaftCriteria | None = No
     kinds = {kind: np.zeros(nk, dtype=bool) for kind in _KINDS}
     for k0 in range(0, nk, slab):
         block = np.asarray(hu[k0 : k0 + slab])
-        kk = block.shape[0]
-        # body midline per slice: index centroid of the body, mapped to x
-        body = block > crit.body_hu
-        n_body = body.sum(axis=(1, 2)).astype(np.float64)
-        r_mean = (body.sum(axis=2) * np.arange(block.shape[1])).sum(axis=1) / np.maximum(n_body, 1)
-        c_mean = (body.sum(axis=1) * np.arange(block.shape[2])).sum(axis=1) / np.maximum(n_body, 1)
-        ks = np.arange(k0, k0 + kk)
-        mid_x = origin[0] + cols[0, 0] * ks + cols[0, 1] * r_mean + cols[0, 2] * c_mean
-        del body
-        bone = _fill_holes_2d(block > crit.bone_hu)
-        labels, n = ndimage.label(bone, structure=_STRUCT_2D)
-        del bone
-        if n == 0:
+        mid_x = _body_midline_x(block, crit.body_hu, origin, cols, k0)
+        comps = _bone_components(block, crit.bone_hu, plane, pixel_mm2)
+        if comps is None:
             continue
-        m = _component_moments(labels, n)
-        del labels
-        cnt = m[:, 0]
-        kc, rc, cc = m[:, 1] / cnt, m[:, 2] / cnt, m[:, 3] / cnt
-        var_r = m[:, 4] / cnt - rc * rc
-        var_c = m[:, 5] / cnt - cc * cc
-        cov_rc = m[:, 6] / cnt - rc * cc
-        cov_idx = np.stack([np.stack([var_r, cov_rc], -1), np.stack([cov_rc, var_c], -1)], -2)  # (n, 2, 2)
-        # second moments in mm (each pixel also has its own extent: + 1/12 per axis)
-        cov_idx = cov_idx + np.eye(2) / 12.0
-        cov_mm = plane @ cov_idx @ plane.T  # (n, 3, 3), rank 2
-        lam_max = np.linalg.eigvalsh(cov_mm)[:, -1]
-        area_mm2 = cnt * pixel_mm2
-        major_mm = 4.0 * np.sqrt(np.maximum(lam_max, 1e-9))
-        roundness = 2.0 * np.sqrt(area_mm2 / math.pi) / major_mm
-        slice_idx = np.rint(kc).astype(np.intp)
-        x = origin[0] + cols[0, 0] * (slice_idx + k0) + cols[0, 1] * rc + cols[0, 2] * cc
+        slice_idx, area_mm2 = comps.slice_idx, comps.area_mm2
+        x = origin[0] + cols[0, 0] * (slice_idx + k0) + cols[0, 1] * comps.row + cols[0, 2] * comps.col
         offset = x - mid_x[slice_idx]
         small = area_mm2 < crit.min_area_cm2 * 100.0
         large = area_mm2 > crit.max_area_cm2 * 100.0
-        elongated = roundness < crit.min_roundness
+        elongated = comps.roundness < crit.min_roundness
         midline = np.abs(offset) < crit.min_offset_mm
         far = np.abs(offset) > crit.max_offset_mm
         candidate = ~small & ~large & ~elongated & ~midline & ~far
