@@ -1,9 +1,11 @@
 """Choose the one CT series of a study that the pipeline will segment.
 
-Only headers are read (``pydicom.dcmread(..., stop_before_pixels=True)``). A *slice* is
-a single-frame instance or one frame of a multi-frame Enhanced CT (PS3.3 A.38) / Legacy
-Converted Enhanced CT (A.70) object, whose per-frame attributes come from the
-Multi-frame Functional Groups (C.7.6.16, read through
+Only headers are read (``pydicom.dcmread(..., stop_before_pixels=True)``), each once: the
+chosen series' headers are handed on in ``SelectedSeries.headers`` (same order as its
+paths) for :func:`pipeline.volume.load_volume` to take instead of reading them again.
+A *slice* is a single-frame instance or one frame of a multi-frame Enhanced CT (PS3.3
+A.38) / Legacy Converted Enhanced CT (A.70) object, whose per-frame attributes come
+from the Multi-frame Functional Groups (C.7.6.16, read through
 :func:`pipeline.multiframe.frame_headers`). The rules, in order:
 
 Hard rules (a series failing one is rejected with the reason):

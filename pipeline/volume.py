@@ -4,11 +4,11 @@ A series is single-frame CT Image Storage instances (PS3.3 A.3), or one or more
 multi-frame Enhanced CT (A.38) / Legacy Converted Enhanced CT (A.70) instances, or a mix
 of those: every *frame* is a slice. Headers are read first (``stop_before_pixels``), or
 taken from the caller that read them already (selection), to sort and validate the
-geometry; then a float32 array is preallocated and filled slice by slice (frame by frame
-for multi-frame objects, through :func:`pydicom.pixels.iter_pixels`), so that loading
-holds about one copy of the volume plus one decoded slice (a 512x512x600 series needs ~630 MB, not several GB). Compressed
-transfer syntaxes (JPEG Lossless, JPEG-LS, JPEG 2000, RLE) decode through pydicom's
-pixel plugins, single- and multi-frame alike.
+geometry; then a float32 array is preallocated and filled slice by slice (frame by
+frame for multi-frame objects, through :func:`pydicom.pixels.iter_pixels`), so that
+loading holds about one copy of the volume plus one decoded slice (a 512x512x600 series
+needs ~630 MB, not several GB). Compressed transfer syntaxes (JPEG Lossless, JPEG-LS,
+JPEG 2000, RLE) decode through pydicom's pixel plugins, single- and multi-frame alike.
 
 Multi-frame objects (PS3.3 C.7.6.16 Multi-frame Functional Groups): the attributes a
 single-frame instance has at the top level come, for frame ``i``, from the
@@ -291,12 +291,13 @@ def _geometry(
     """Validate the headers of a series; the slices sorted along the normal and the affine.
 
     ``headers`` are the pixel-less headers of ``paths`` in the same order when the caller
-    has read them already; without them they are read here (``stop_before_pixels``).
+    has read them already; without them (None or empty) they are read here
+    (``stop_before_pixels``).
     """
     required = max(min_slices, 1)
     if not paths:
         raise VolumeError(f"the series has 0 instance(s); at least {required} required")
-    if headers is None:
+    if not headers:
         headers = _read_headers(paths)
     elif len(headers) != len(paths):
         raise ValueError(f"{len(headers)} header(s) given for {len(paths)} path(s); allowed: one per path, same order")
@@ -506,7 +507,8 @@ def load_volume(paths: Sequence[Path], *, min_slices: int = 20, headers: Sequenc
     (``SelectedSeries.headers``: selection read them once); they replace this function's
     own header pass, so that a job parses each header once. Each file is then read once
     more to decode its pixels: that pixel read is the one unavoidable second read.
-    Without ``headers`` (model kit, tests) the headers are read here first.
+    Without ``headers`` (None or empty, as ``SelectedSeries.headers`` defaults to: model
+    kit, tests) the headers are read here first.
     """
     started = time.monotonic()
     paths = [Path(p) for p in paths]

@@ -222,10 +222,13 @@ def test_given_headers_replace_the_header_pass(tmp_path: Path, monkeypatch: pyte
     assert vol.series_instance_uid == reference.series_instance_uid
 
 
-def test_without_headers_each_header_is_read_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("headers", [None, ()], ids=["none", "empty"])
+def test_without_headers_each_header_is_read_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, headers: tuple | None
+) -> None:
     paths = write_ct_series(tmp_path, **SMALL)
     counts = _count_reads(monkeypatch)
-    load_volume(paths, min_slices=10)
+    load_volume(paths, min_slices=10, headers=headers)
     assert counts == {"headers": len(paths), "full": len(paths)}
 
 
