@@ -45,3 +45,7 @@ class SendError(OutputError):
         self.destination = destination
         self.status = status
         self.permanent = permanent
+
+
+class ReportError(OutputError):
+    """The report cannot be drawn from the given inputs (shapes, geometry, values)."""
