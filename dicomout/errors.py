@@ -49,3 +49,8 @@ class SendError(OutputError):
 
 class ReportError(OutputError):
     """The report cannot be drawn from the given inputs (shapes, geometry, values)."""
+
+
+class OutputPluginError(OutputError):
+    """An ``[outputs] enabled`` entry cannot be loaded as an output builder, or the builders'
+    dependencies cannot be ordered; the message names the entry."""
