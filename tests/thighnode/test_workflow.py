@@ -133,6 +133,31 @@ def test_labelmap_option_is_honoured(tmp_path: Path, phantom_study) -> None:  # 
     assert ds.SegmentationType == "LABELMAP"
 
 
+def test_a_fourth_output_by_import_path_is_written_and_queued_for_each_destination(
+    tmp_path: Path, phantom_study  # noqa: ANN001
+) -> None:
+    two = ('[{name = "pacs", ae_title = "PACS", host = "127.0.0.1", port = 4242}, '
+           '{name = "archive", ae_title = "ARCHIVE", host = "127.0.0.1", port = 4243}]')
+    enabled = '["sr", "tests.dicomout.note_output:NoteOutput"]'
+    settings, outcome, _, outbox = _run(
+        tmp_path, phantom_study, {"THIGHNODE_DESTINATIONS": two, "THIGHNODE_OUTPUTS__ENABLED": enabled}
+    )
+    assert outcome.state == DONE, outcome.reason
+    assert outcome.reason.startswith("SR+NOTE queued to pacs, archive")
+    assert {"seg", "sr", "note"} <= set(outcome.timings_s) and "pdf" not in outcome.timings_s
+    sent = {o["kind"]: o for o in outcome.result["outputs"]}
+    assert list(sent) == ["sr", "note"]
+    note = pydicom.dcmread(sent["note"]["path"])
+    written = sorted(p.name.split("_")[0] for p in (settings.outputs_dir / STUDY).iterdir())
+    assert written == ["note", "seg", "sr"]  # the SEG is built for the SR and the note, not sent
+    seg = pydicom.dcmread(next((settings.outputs_dir / STUDY).glob("seg_*.dcm")), stop_before_pixels=True)
+    assert note.DocumentTitle == f"Test note: {len(seg.SegmentSequence)} segments"
+    queued = {(i.destination, i.sop_instance_uid) for i in outbox.items(study_uid=STUDY)}
+    assert queued == {
+        (dest, sent[kind]["sop_instance_uid"]) for dest in ("pacs", "archive") for kind in ("sr", "note")
+    }
+
+
 def test_a_study_without_femur_is_declined_and_nothing_is_queued(tmp_path: Path, shared_data: Path) -> None:
     paths = sorted((shared_data / "tcia-pancreas-ct" / "dcm").glob("*.dcm"))
     study = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
