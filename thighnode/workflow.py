@@ -54,6 +54,11 @@ from thighnode.settings import Settings
 
 log = logging.getLogger(__name__)
 
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
 class SegmenterLike(Protocol):
     def segment(self, volume: Volume) -> Segmentation: ...
 
@@ -96,7 +101,7 @@ class Workflow:
         outbox: OutboxLike | None = None,
         measurement_settings: MeasurementSettings | None = None,
         priors: PriorFinder | None = None,
-        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self._settings = settings
         self._index = index

@@ -81,3 +81,46 @@ def test_a_plug_in_output_derives_its_own_uids() -> None:
     assert output_uid(series, "1", "seg.instance") == output_uid(series, "1", "seg.instance")
     with pytest.raises(ValueError, match="output UID kind 'Note.file' is not allowed"):
         output_uid(series, "1", "Note.file")
+
+
+def test_the_built_in_builders_read_only_the_context(tmp_path) -> None:  # noqa: ANN001
+    """Given one context, SEG -> SR -> PDF come out the same twice; the content time is the context's."""
+    from datetime import datetime, timezone
+
+    import pydicom
+
+    from dicomout.context import ModelInfo, OutputSettings, StudyContext
+    from pipeline.selection import patient_info
+    from pipeline.types import SelectedSeries
+    from tests.dicomout.test_seg import MODEL_NAME, MODEL_VERSION, make_case
+    from tests.dicomout.test_sr import hand_made_measurements
+
+    paths, volume, seg = make_case(tmp_path, "HFS")
+    headers = tuple(pydicom.dcmread(p, stop_before_pixels=True) for p in paths)
+    selected = SelectedSeries(
+        volume.study_instance_uid, volume.series_instance_uid, tuple(paths), "test", headers=headers,
+        patient=patient_info(headers[0]), study_date=str(headers[0].get("StudyDate", "")),
+    )
+    context = StudyContext(
+        job_id=1, study_uid=volume.study_instance_uid, selected=selected, volume=volume, segmentation=seg,
+        measurements=hand_made_measurements(volume, seg), model=ModelInfo(MODEL_NAME, MODEL_VERSION, demonstration=True),
+        settings=OutputSettings(institution_name="Test Hospital"), software_version="9.9.9",
+        content_time=datetime(2031, 2, 3, 4, 5, 6, tzinfo=timezone.utc),
+    )
+
+    def build_all() -> dict[str, pydicom.Dataset]:
+        built: dict[str, pydicom.Dataset] = {}
+        for planned in plan_outputs(list(BUILTIN_OUTPUTS)):
+            needs = {name: built[name] for name in planned.builder.needs}
+            built[planned.builder.name] = planned.builder.build(context, needs)
+        return built
+
+    first, second = build_all(), build_all()
+    assert [first[k].SOPInstanceUID for k in first] == [second[k].SOPInstanceUID for k in second]
+    assert first["pdf"].EncapsulatedDocument == second["pdf"].EncapsulatedDocument
+    assert (first["pdf"].ContentDate, first["pdf"].ContentTime) == ("20310203", "040506")
+    assert first["pdf"].InstitutionName == "Test Hospital" and first["sr"].InstitutionName == "Test Hospital"
+    evidence = first["sr"].CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    assert first["seg"].SOPInstanceUID in {
+        str(i.ReferencedSOPInstanceUID) for s in evidence for i in s.ReferencedSOPSequence
+    }
