@@ -45,3 +45,12 @@ class SendError(OutputError):
         self.destination = destination
         self.status = status
         self.permanent = permanent
+
+
+class ReportError(OutputError):
+    """The report cannot be drawn from the given inputs (shapes, geometry, values)."""
+
+
+class OutputPluginError(OutputError):
+    """An ``[outputs] enabled`` entry cannot be loaded as an output builder, or the builders'
+    dependencies cannot be ordered; the message names the entry."""

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicomout.errors import OutputError
-from dicomout.sender import Destination, describe_status, send_files
+from dicomout.sender import Destination, describe_status
+from dicomout.transports import DEFAULT_TRANSPORTS, TRANSPORT_CSTORE, Transport
 
 LOGGER = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_status        INTEGER,
     last_error         TEXT    NOT NULL DEFAULT '',
     sent_at            REAL,
+    transport          TEXT    NOT NULL DEFAULT 'cstore',
     UNIQUE (destination, sop_instance_uid)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
@@ -57,8 +59,16 @@ CREATE INDEX IF NOT EXISTS outbox_study ON outbox (study_instance_uid);
 
 _COLUMNS = (
     "id, destination, path, sop_class_uid, sop_instance_uid, study_instance_uid, job_id, state, "
-    "attempts, generation, created_at, next_attempt_at, last_status, last_error, sent_at"
+    "attempts, generation, created_at, next_attempt_at, last_status, last_error, sent_at, transport"
 )
+
+
+def _add_transport_column(conn: sqlite3.Connection) -> None:
+    """Migrate a database made before items had a transport kind: they were all C-STORE."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
+    if "transport" not in columns:
+        conn.execute(f"ALTER TABLE outbox ADD COLUMN transport TEXT NOT NULL DEFAULT '{TRANSPORT_CSTORE}'")
+        LOGGER.info("outbox table migrated: column transport added (existing items: %s)", TRANSPORT_CSTORE)
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,7 @@ class OutboxItem:
     last_status: int | None
     last_error: str
     sent_at: float | None
+    transport: str = TRANSPORT_CSTORE  # how it is sent (dicomout.transports)
 
 
 def _item(row: sqlite3.Row) -> OutboxItem:
@@ -140,6 +151,7 @@ def _item(row: sqlite3.Row) -> OutboxItem:
         last_status=None if row["last_status"] is None else int(row["last_status"]),
         last_error=row["last_error"],
         sent_at=None if row["sent_at"] is None else float(row["sent_at"]),
+        transport=row["transport"],
     )
 
 
@@ -159,6 +171,7 @@ class Outbox:
         with self._connect() as conn:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
+            _add_transport_column(conn)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -181,8 +194,9 @@ class Outbox:
         sop_class_uid: str,
         sop_instance_uid: str,
         now: float | None = None,
+        transport: str = TRANSPORT_CSTORE,
     ) -> int:
-        """Queue ``path`` for ``destination``; returns the item id.
+        """Queue ``path`` for ``destination``, to be sent by ``transport``; returns the item id.
 
         Idempotent on (destination, SOP Instance UID): queueing the same object again
         (reprocessing) resets the existing item to pending, with the new path and job,
@@ -193,6 +207,7 @@ class Outbox:
             ("study_uid", study_uid),
             ("sop_class_uid", sop_class_uid),
             ("sop_instance_uid", sop_instance_uid),
+            ("transport", transport),
         ):
             if not isinstance(value, str) or not value.strip():
                 raise OutputError(
@@ -205,10 +220,11 @@ class Outbox:
             row = conn.execute(
                 """
                 INSERT INTO outbox (destination, path, sop_class_uid, sop_instance_uid, study_instance_uid,
-                                    job_id, state, attempts, generation, created_at, next_attempt_at)
-                VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, 1, ?, ?)
+                                    job_id, state, attempts, generation, created_at, next_attempt_at, transport)
+                VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, 1, ?, ?, ?)
                 ON CONFLICT (destination, sop_instance_uid) DO UPDATE SET
                     path = excluded.path,
+                    transport = excluded.transport,
                     sop_class_uid = excluded.sop_class_uid,
                     study_instance_uid = excluded.study_instance_uid,
                     job_id = excluded.job_id,
@@ -222,7 +238,7 @@ class Outbox:
                     sent_at = NULL
                 RETURNING id, generation
                 """,
-                (destination, str(path), sop_class_uid, sop_instance_uid, study_uid, job_id, now, now),
+                (destination, str(path), sop_class_uid, sop_instance_uid, study_uid, job_id, now, now, transport),
             ).fetchone()
         item_id, generation = int(row[0]), int(row[1])
         if generation > 1:
@@ -332,19 +348,25 @@ class Outbox:
         return counts
 
 
-def send_pending(outbox: Outbox, destinations: Mapping[str, Destination], now: float | None = None) -> int:
-    """Send every due item, one association per destination; returns how many were stored.
+def send_pending(
+    outbox: Outbox,
+    destinations: Mapping[str, Destination],
+    now: float | None = None,
+    transports: Mapping[str, Transport] = DEFAULT_TRANSPORTS,
+) -> int:
+    """Send every due item, one batch per destination and transport kind; returns how many were stored.
 
     Called periodically by the node's scheduler. Safe to call again after a crash
     (state lives in SQLite). A concurrent call on the same :class:`Outbox` returns 0
     at once instead of sending the same items twice. Items whose destination is no
-    longer configured fail with that reason.
+    longer configured, or whose transport kind is not in ``transports``, fail with
+    that reason.
     """
     if not outbox.send_lock.acquire(blocking=False):
         LOGGER.info("send_pending already running on %s; skipped", outbox.db_path)
         return 0
     try:
-        return _send_pending(outbox, destinations, now)
+        return _send_pending(outbox, destinations, now, transports)
     finally:
         outbox.send_lock.release()
 
@@ -371,47 +393,62 @@ def _log_failure(outbox: Outbox, item: OutboxItem, updated: OutboxItem | None, s
         )
 
 
-def _send_pending(outbox: Outbox, destinations: Mapping[str, Destination], now: float | None) -> int:
-    due = outbox.due(_stamp(now))
-    by_destination: dict[str, list[OutboxItem]] = {}
-    for item in due:
-        by_destination.setdefault(item.destination, []).append(item)
+def _fail_all(outbox: Outbox, items: list[OutboxItem], error: str, now: float | None) -> None:
+    for item in items:
+        updated = outbox.mark_retry(item, error, None, _stamp(now), permanent=True)
+        _log_failure(outbox, item, updated, None)
+
+
+def _send_pending(
+    outbox: Outbox, destinations: Mapping[str, Destination], now: float | None, transports: Mapping[str, Transport]
+) -> int:
+    batches: dict[tuple[str, str], list[OutboxItem]] = {}
+    for item in outbox.due(_stamp(now)):
+        batches.setdefault((item.destination, item.transport), []).append(item)
 
     stored = 0
-    for name, items in by_destination.items():
+    for (name, kind), items in batches.items():
         destination = destinations.get(name)
         if destination is None:
             configured = ", ".join(sorted(destinations)) or "none"
-            error = f"destination {name!r} is no longer configured (configured: {configured})"
-            for item in items:
-                updated = outbox.mark_retry(item, error, None, _stamp(now), permanent=True)
-                _log_failure(outbox, item, updated, None)
+            _fail_all(outbox, items, f"destination {name!r} is no longer configured (configured: {configured})", now)
             continue
-
-        started = time.monotonic()
-        results = send_files([item.path for item in items], destination)
-        sent = retrying = failed = 0
-        for item, result in zip(items, results, strict=True):
-            if result.ok:
-                if outbox.mark_sent(item, result.status, _stamp(now)) is not None:
-                    sent += 1
-                continue
-            error = result.error
-            if result.sop_instance_uid and result.sop_instance_uid != item.sop_instance_uid:
-                error = (
-                    f"{item.path} holds SOP Instance UID {result.sop_instance_uid}, "
-                    f"not the queued {item.sop_instance_uid}; {error}"
-                )
-            updated = outbox.mark_retry(item, error, result.status, _stamp(now), permanent=result.permanent)
-            _log_failure(outbox, item, updated, result.status)
-            if updated is not None:
-                if updated.state == STATE_FAILED:
-                    failed += 1
-                else:
-                    retrying += 1
-        stored += sent
-        LOGGER.info(
-            "outbox batch to %s: %d objects, %d sent, %d to retry, %d failed in %.2f s",
-            destination.label, len(items), sent, retrying, failed, time.monotonic() - started,
-        )
+        transport = transports.get(kind)
+        if transport is None:
+            available = ", ".join(sorted(transports)) or "none"
+            _fail_all(outbox, items, f"transport {kind!r} of {name!r} is not available (available: {available})", now)
+            continue
+        stored += _send_batch(outbox, items, destination, transport, now)
     return stored
+
+
+def _send_batch(
+    outbox: Outbox, items: list[OutboxItem], destination: Destination, transport: Transport, now: float | None
+) -> int:
+    """Send one destination's due items of one transport kind and record each outcome; returns how many were stored."""
+    started = time.monotonic()
+    results = transport.send([item.path for item in items], destination)
+    sent = retrying = failed = 0
+    for item, result in zip(items, results, strict=True):
+        if result.ok:
+            if outbox.mark_sent(item, result.status, _stamp(now)) is not None:
+                sent += 1
+            continue
+        error = result.error
+        if result.sop_instance_uid and result.sop_instance_uid != item.sop_instance_uid:
+            error = (
+                f"{item.path} holds SOP Instance UID {result.sop_instance_uid}, "
+                f"not the queued {item.sop_instance_uid}; {error}"
+            )
+        updated = outbox.mark_retry(item, error, result.status, _stamp(now), permanent=result.permanent)
+        _log_failure(outbox, item, updated, result.status)
+        if updated is not None:
+            if updated.state == STATE_FAILED:
+                failed += 1
+            else:
+                retrying += 1
+    LOGGER.info(
+        "outbox batch to %s: %d objects, %d sent, %d to retry, %d failed in %.2f s",
+        destination.label, len(items), sent, retrying, failed, time.monotonic() - started,
+    )
+    return sent

@@ -171,19 +171,69 @@ def build_encapsulated_pdf(
         EncapsulatedPdfError: not a PDF, an invalid UID, a source without
             StudyInstanceUID, a non-positive series or instance number, an empty title.
     """
+    _check_pdf(pdf_bytes)
+    series_uid = _check_uid("series_uid", series_uid)
+    sop_uid = _check_uid("sop_uid", sop_uid)
+    study_uid = _check_study(source)
+    _check_numbers_and_title(series_number, instance_number, document_title)
+    pairs = _source_pairs(source, source_instances)
+
+    src = copy.deepcopy(source)
+    src.decode()  # text values as str, whatever the source's SpecificCharacterSet
+    ds = _patient_and_study(src, study_uid)
+    date = content_datetime.strftime("%Y%m%d")
+    time_ = content_datetime.strftime("%H%M%S")
+
+    _add_series(ds, series_uid, series_number, series_description, date, time_)
+    _add_equipment(ds, src, manufacturer, software_version, institution_name)
+
+    # Encapsulated Document (C.24.2)
+    ds.InstanceNumber = instance_number
+    ds.ContentDate = date
+    ds.ContentTime = time_
+    ds.AcquisitionDateTime = content_datetime.strftime("%Y%m%d%H%M%S")
+    ds.BurnedInAnnotation = "YES"
+    ds.DocumentTitle = document_title
+    _add_document(ds, bytes(pdf_bytes), pairs)
+
+    # SOP Common (C.12.1)
+    ds.SOPClassUID = ENCAPSULATED_PDF_STORAGE
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceCreationDate = date
+    ds.InstanceCreationTime = time_
+    if _needs_utf8(ds):
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.file_meta = _file_meta(sop_uid)
+    LOGGER.info(
+        "encapsulated PDF built: study %s series %s instance %s, %d bytes of PDF, %d source instances",
+        study_uid, series_uid, sop_uid, int(ds.EncapsulatedDocumentLength), len(pairs),
+    )
+    return ds
+
+
+def _check_pdf(pdf_bytes: bytes) -> None:
     if not isinstance(pdf_bytes, (bytes, bytearray)) or not bytes(pdf_bytes[:5]) == b"%PDF-":
         head = bytes(pdf_bytes[:8]) if isinstance(pdf_bytes, (bytes, bytearray)) else type(pdf_bytes).__name__
         raise EncapsulatedPdfError(f"pdf_bytes must be a PDF starting with b'%PDF-'; starts with {head!r}")
-    series_uid = _check_uid("series_uid", series_uid)
-    sop_uid = _check_uid("sop_uid", sop_uid)
-    if "StudyInstanceUID" not in source or not str(source.StudyInstanceUID).strip():
-        raise EncapsulatedPdfError("source dataset has no StudyInstanceUID; the report must join the source study")
-    study_uid = _check_uid("source StudyInstanceUID", source.StudyInstanceUID)
+
+
+def _check_numbers_and_title(series_number: int, instance_number: int, document_title: str) -> None:
     for name, number in (("series_number", series_number), ("instance_number", instance_number)):
         if not isinstance(number, int) or isinstance(number, bool) or not 1 <= number <= 2**31 - 1:
             raise EncapsulatedPdfError(f"{name} is {number!r}; allowed: an integer 1 .. 2147483647 (IS)")
     if not document_title.strip():
         raise EncapsulatedPdfError("document_title is empty; allowed: a non-empty title (DocumentTitle, ST)")
+
+
+def _check_study(source: Dataset) -> UID:
+    """The source's StudyInstanceUID, which the document joins."""
+    if "StudyInstanceUID" not in source or not str(source.StudyInstanceUID).strip():
+        raise EncapsulatedPdfError("source dataset has no StudyInstanceUID; the report must join the source study")
+    return _check_uid("source StudyInstanceUID", source.StudyInstanceUID)
+
+
+def _source_pairs(source: Dataset, source_instances: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(SOPClassUID, SOPInstanceUID) for SourceInstanceSequence: those given, else the source itself."""
     pairs = [(str(c), str(i)) for c, i in source_instances]
     if not pairs:
         if "SOPClassUID" not in source or "SOPInstanceUID" not in source:
@@ -194,12 +244,12 @@ def build_encapsulated_pdf(
     for class_uid, instance_uid in pairs:
         _check_uid("source instance SOPClassUID", class_uid)
         _check_uid("source instance SOPInstanceUID", instance_uid)
+    return pairs
 
-    src = copy.deepcopy(source)
-    src.decode()  # text values as str, whatever the source's SpecificCharacterSet
+
+def _patient_and_study(src: Dataset, study_uid: UID) -> Dataset:
+    """Patient (C.7.1.1), Patient Study (C.7.2.2) and General Study (C.7.2.1) copied from the source."""
     ds = Dataset()
-
-    # Patient (C.7.1.1), Patient Study (C.7.2.2), General Study (C.7.2.1)
     for keyword in _PATIENT_KEYWORDS + _STUDY_KEYWORDS:
         if keyword in src:
             ds[keyword] = copy.deepcopy(src[keyword])
@@ -207,19 +257,23 @@ def build_encapsulated_pdf(
         if keyword not in ds:
             setattr(ds, keyword, "")
     ds.StudyInstanceUID = study_uid
+    return ds
 
-    date = content_datetime.strftime("%Y%m%d")
-    time_ = content_datetime.strftime("%H%M%S")
 
-    # Encapsulated Document Series (C.24.1)
+def _add_series(ds: Dataset, series_uid: UID, number: int, description: str, date: str, time_: str) -> None:
+    """Encapsulated Document Series (C.24.1): a new DOC series."""
     ds.Modality = "DOC"
     ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = series_number
-    ds.SeriesDescription = series_description
+    ds.SeriesNumber = number
+    ds.SeriesDescription = description
     ds.SeriesDate = date
     ds.SeriesTime = time_
 
-    # General Equipment (C.7.5.1) and SC Equipment (C.8.6.1)
+
+def _add_equipment(
+    ds: Dataset, src: Dataset, manufacturer: str, software_version: str, institution_name: str | None
+) -> None:
+    """General Equipment (C.7.5.1) and SC Equipment (C.8.6.1); InstitutionName ``None`` copies the source's."""
     ds.Manufacturer = manufacturer
     institution = src.get("InstitutionName", "") if institution_name is None else institution_name
     if institution:
@@ -229,13 +283,9 @@ def build_encapsulated_pdf(
     ds.SecondaryCaptureDeviceManufacturer = manufacturer
     ds.SecondaryCaptureDeviceSoftwareVersions = software_version
 
-    # Encapsulated Document (C.24.2)
-    ds.InstanceNumber = instance_number
-    ds.ContentDate = date
-    ds.ContentTime = time_
-    ds.AcquisitionDateTime = content_datetime.strftime("%Y%m%d%H%M%S")
-    ds.BurnedInAnnotation = "YES"
-    ds.DocumentTitle = document_title
+
+def _add_document(ds: Dataset, document: bytes, pairs: Sequence[tuple[str, str]]) -> None:
+    """The rest of Encapsulated Document (C.24.2): title code, sources, the PDF padded to even length."""
     code = Dataset()
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = REPORT_CONCEPT_NAME
     ds.ConceptNameCodeSequence = DicomSequence([code])
@@ -248,26 +298,14 @@ def build_encapsulated_pdf(
     ds.SourceInstanceSequence = DicomSequence(references)
     ds.VerificationFlag = "UNVERIFIED"
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
-    document = bytes(pdf_bytes)
     ds.EncapsulatedDocumentLength = len(document)
     ds.EncapsulatedDocument = document + (b"\x00" if len(document) % 2 else b"")
 
-    # SOP Common (C.12.1)
-    ds.SOPClassUID = ENCAPSULATED_PDF_STORAGE
-    ds.SOPInstanceUID = sop_uid
-    ds.InstanceCreationDate = date
-    ds.InstanceCreationTime = time_
-    if _needs_utf8(ds):
-        ds.SpecificCharacterSet = "ISO_IR 192"
 
+def _file_meta(sop_uid: UID) -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ENCAPSULATED_PDF_STORAGE
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
-    LOGGER.info(
-        "encapsulated PDF built: study %s series %s instance %s, %d bytes of PDF, %d source instances",
-        study_uid, series_uid, sop_uid, len(document), len(pairs),
-    )
-    return ds
+    return meta

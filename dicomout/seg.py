@@ -304,6 +304,59 @@ def _segment_description(spec: SegmentSpec, algorithm: hd.AlgorithmIdentificatio
     return desc
 
 
+def _segment_descriptions(
+    segments: Sequence[SegmentSpec], segmentation: Segmentation, manufacturer: str, series_uid: str
+) -> list[hd.seg.SegmentDescription]:
+    """The Segment Description items, each naming the model as its algorithm (CID 7162 family AI).
+
+    Raises:
+        BuildError: no segment (the label map has no labelled voxel).
+    """
+    if not segments:
+        raise BuildError(
+            f"the label map of series {series_uid} has no labelled voxel; a Segmentation needs at least one segment"
+        )
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=segmentation.model_name[:64],
+        family=codes.ARTIFICIAL_INTELLIGENCE,
+        version=segmentation.model_version[:64],
+        source=manufacturer[:64] or None,
+    )
+    return [_segment_description(spec, algorithm) for spec in segments]
+
+
+def _transfer_syntax(segmentation_type: str, transfer_syntax_uid: str | None) -> UID:
+    """The transfer syntax of the SEG: the type's default, or the one asked for when the type allows it."""
+    if segmentation_type not in SEGMENTATION_TYPES:
+        raise BuildError(f"segmentation_type {segmentation_type!r} is not allowed; allowed: {SEGMENTATION_TYPES}")
+    allowed_ts = BINARY_TRANSFER_SYNTAXES if segmentation_type == "BINARY" else LABELMAP_TRANSFER_SYNTAXES
+    ts = UID(transfer_syntax_uid) if transfer_syntax_uid is not None else allowed_ts[0]
+    if ts not in allowed_ts:
+        raise BuildError(
+            f"transfer syntax {ts} ({ts.name}) is not allowed for {segmentation_type}; "
+            f"allowed: {[f'{u} ({u.name})' for u in allowed_ts]}"
+        )
+    return ts
+
+
+def _check_grid(volume: Volume, segmentation: Segmentation) -> None:
+    """The label map must lie on the volume's grid (same shape, same affine or none given)."""
+    if segmentation.label_map.shape != volume.shape:
+        raise BuildError(
+            f"segmentation shape {segmentation.label_map.shape} differs from the volume's {volume.shape}; "
+            "the label map must be on the volume's grid"
+        )
+    if not (
+        np.allclose(segmentation.affine_lps, volume.affine_lps, atol=1e-3)
+        or np.array_equal(segmentation.affine_lps, np.eye(4))
+    ):
+        raise BuildError(
+            "segmentation affine_lps differs from the volume's (by up to "
+            f"{np.max(np.abs(segmentation.affine_lps - volume.affine_lps)):.4g} mm); "
+            "the label map must be on the volume's grid"
+        )
+
+
 def build_seg(
     volume: Volume,
     segmentation: Segmentation,
@@ -343,46 +396,14 @@ def build_seg(
             label map, empty SNOMED code, unsupported type or transfer syntax).
     """
     started = time.monotonic()
-    if segmentation_type not in SEGMENTATION_TYPES:
-        raise BuildError(f"segmentation_type {segmentation_type!r} is not allowed; allowed: {SEGMENTATION_TYPES}")
-    allowed_ts = BINARY_TRANSFER_SYNTAXES if segmentation_type == "BINARY" else LABELMAP_TRANSFER_SYNTAXES
-    ts = UID(transfer_syntax_uid) if transfer_syntax_uid is not None else allowed_ts[0]
-    if ts not in allowed_ts:
-        raise BuildError(
-            f"transfer syntax {ts} ({ts.name}) is not allowed for {segmentation_type}; "
-            f"allowed: {[f'{u} ({u.name})' for u in allowed_ts]}"
-        )
-    if segmentation.label_map.shape != volume.shape:
-        raise BuildError(
-            f"segmentation shape {segmentation.label_map.shape} differs from the volume's {volume.shape}; "
-            "the label map must be on the volume's grid"
-        )
-    if not (
-        np.allclose(segmentation.affine_lps, volume.affine_lps, atol=1e-3)
-        or np.array_equal(segmentation.affine_lps, np.eye(4))
-    ):
-        raise BuildError(
-            "segmentation affine_lps differs from the volume's (by up to "
-            f"{np.max(np.abs(segmentation.affine_lps - volume.affine_lps)):.4g} mm); "
-            "the label map must be on the volume's grid"
-        )
+    ts = _transfer_syntax(segmentation_type, transfer_syntax_uid)
+    _check_grid(volume, segmentation)
     ordered = order_sources(volume, source_datasets)
 
     series_uid = output_uid(volume.series_instance_uid, segmentation.model_version, "seg.series")
     instance_uid = output_uid(volume.series_instance_uid, segmentation.model_version, "seg.instance")
     segments, array = plan_segments(segmentation, instance_uid)
-    if not segments:
-        raise BuildError(
-            f"the label map of series {volume.series_instance_uid} has no labelled voxel; "
-            "a Segmentation needs at least one segment"
-        )
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name=segmentation.model_name[:64],
-        family=codes.ARTIFICIAL_INTELLIGENCE,
-        version=segmentation.model_version[:64],
-        source=manufacturer[:64] or None,
-    )
-    descriptions = [_segment_description(spec, algorithm) for spec in segments]
+    descriptions = _segment_descriptions(segments, segmentation, manufacturer, volume.series_instance_uid)
 
     try:
         seg = hd.seg.Segmentation(
@@ -409,11 +430,7 @@ def build_seg(
     seg.SeriesDescription = SEG_SERIES.description(segmentation.model_name, segmentation.model_version)
     logger.info(
         "build_seg end: series %s, %s %s, %d segments, %d frames in %.2f s",
-        volume.series_instance_uid,
-        segmentation_type,
-        ts.name,
-        len(segments),
-        int(seg.NumberOfFrames),
+        volume.series_instance_uid, segmentation_type, ts.name, len(segments), int(seg.NumberOfFrames),
         time.monotonic() - started,
     )
     return seg

@@ -65,6 +65,7 @@ import datetime
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -73,6 +74,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import RE_VALID_UID
 
 from dicomout import codes
+from dicomout.context import Equipment
 from dicomout.seg import BuildError, SourceInput, order_sources, segment_map, structure_code
 from dicomout.uids import SR_SERIES, device_observer_uid, output_uid, tracking_uid
 from pipeline.errors import LabelTableError
@@ -428,6 +430,151 @@ def _model_of(seg_dataset: Dataset) -> tuple[str, str]:
     )
 
 
+def _check_inputs(
+    measurements: Measurements,
+    seg_dataset: Dataset,
+    volume: Volume,
+    prior: Comparison | None,
+    prior_search: PriorSearch | None,
+) -> None:
+    """The comparison, the SEG and the group values must fit the volume and each other."""
+    _check_prior(prior, prior_search, volume)
+    _check_seg(seg_dataset, volume)
+    _check_groups(measurements)
+
+
+def _check_seg(seg_dataset: Dataset, volume: Volume) -> None:
+    """The SEG must describe the volume's study and frame of reference."""
+    if str(seg_dataset.StudyInstanceUID) != volume.study_instance_uid:
+        raise BuildError(
+            f"SEG StudyInstanceUID {seg_dataset.StudyInstanceUID} differs from the volume's "
+            f"{volume.study_instance_uid}; the SR reports one study"
+        )
+    if str(seg_dataset.get("FrameOfReferenceUID", "")) != volume.frame_of_reference_uid:
+        raise BuildError(
+            f"SEG FrameOfReferenceUID {seg_dataset.get('FrameOfReferenceUID')} differs from the volume's "
+            f"{volume.frame_of_reference_uid}"
+        )
+
+
+_Group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
+
+
+@dataclass(frozen=True)
+class _ReportParts:
+    """What every structure group of one report refers to: the SEG, the SR's UID, the model."""
+
+    seg_dataset: Dataset
+    segment_numbers: dict[tuple[str, str], int]
+    segment_items: dict[int, Dataset]  # SegmentSequence items by SegmentNumber
+    instance_uid: str
+    algorithm: hd.sr.AlgorithmIdentification
+    labels: LabelTable
+    source_series: hd.sr.SourceSeriesForSegmentation
+
+
+def _report_parts(
+    seg_dataset: Dataset, volume: Volume, labels: LabelTable, model_name: str, model_version: str
+) -> _ReportParts:
+    return _ReportParts(
+        seg_dataset=seg_dataset,
+        segment_numbers=segment_map(seg_dataset),
+        segment_items={int(item.SegmentNumber): item for item in seg_dataset.SegmentSequence},
+        instance_uid=output_uid(volume.series_instance_uid, model_version, "sr.instance"),
+        algorithm=hd.sr.AlgorithmIdentification(name=model_name[:64], version=model_version[:64]),
+        labels=labels,
+        source_series=hd.sr.SourceSeriesForSegmentation(volume.series_instance_uid),
+    )
+
+
+def _structure_group(
+    s: StructureMeasurement, parts: _ReportParts, flags: Sequence[QualityFlag], change: StructureChange | None
+) -> _Group:
+    """The TID 1411 group of a structure/side with a segment, else a TID 1501 group (PS3.16)."""
+    try:
+        finding = structure_code(parts.labels.by_key(s.key))
+    except LabelTableError as exc:
+        raise BuildError(f"measured structure {s.key!r} ({s.side}) is not in the label table: {exc}") from exc
+    site = [hd.sr.FindingSite(anatomic_location=finding, laterality=codes.laterality(s.side))]
+    evaluations, texts = _structure_evaluations(s, flags)
+    change_measurements: list[hd.sr.Measurement] = []
+    if change is not None:
+        change_measurements, change_evaluations, change_texts = _change_items(change)
+        evaluations += change_evaluations
+        texts += change_texts
+    number = parts.segment_numbers.get((s.key, s.side))
+    group: _Group
+    if number is None:
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=tracking_uid(parts.instance_uid, s.key, s.side), identifier=f"{s.key} {s.side}"
+            ),
+            finding_type=finding,
+            finding_sites=site,
+            algorithm_id=parts.algorithm,
+            measurements=change_measurements or None,
+            qualitative_evaluations=evaluations or None,
+        )
+    else:
+        item = parts.segment_items[number]
+        group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=str(item.TrackingUID), identifier=str(item.TrackingID)),
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=str(parts.seg_dataset.SOPClassUID),
+                sop_instance_uid=str(parts.seg_dataset.SOPInstanceUID),
+                segment_number=number,
+                source_series=parts.source_series,
+            ),
+            finding_type=finding,
+            finding_sites=site,
+            algorithm_id=parts.algorithm,
+            measurements=[*_structure_measurements(s), *change_measurements] or None,
+            qualitative_evaluations=evaluations or None,
+        )
+    _add_texts(group, texts)
+    return group
+
+
+def _measurement_groups(
+    measurements: Measurements, parts: _ReportParts, prior: Comparison | None, prior_search: PriorSearch | None
+) -> list[_Group]:
+    """Structure groups (right/left), change-only groups, the patient group and the prior group, in that order."""
+    groups: list[_Group] = []
+    compared_keys: set[tuple[str, str]] = set()
+    for s in measurements.structures:
+        if s.side not in ("right", "left"):
+            logger.debug("SR: %s %s has no segment of its own; left to the group totals", s.key, s.side)
+            continue
+        change = prior.change(s.key, s.side) if prior is not None else None
+        if change is not None:
+            compared_keys.add((s.key, s.side))
+        groups.append(_structure_group(s, parts, measurements.flags, change))
+    if prior is not None:
+        for change in prior.changes:
+            if (change.key, change.side) not in compared_keys:
+                groups.append(_change_only_group(change, parts.labels, parts.instance_uid, parts.algorithm))
+    groups.append(
+        _patient_group(measurements, parts.instance_uid, parts.algorithm, prior=prior, prior_search=prior_search)
+    )
+    if prior is not None:
+        groups.append(_prior_group(prior, parts.instance_uid, parts.algorithm))
+    return groups
+
+
+def _observer(model_name: str, equipment: Equipment) -> hd.sr.ObserverContext:
+    """The node as device observer (TID 1004)."""
+    return hd.sr.ObserverContext(
+        observer_type=pydicom_codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_observer_uid(DEVICE_OBSERVER_NAME, equipment.manufacturer, equipment.device_serial),
+            name=DEVICE_OBSERVER_NAME,
+            manufacturer_name=equipment.manufacturer,
+            model_name=model_name[:64],
+            serial_number=equipment.device_serial or None,
+        ),
+    )
+
+
 def build_sr(
     measurements: Measurements,
     seg_dataset: Dataset,
@@ -435,12 +582,9 @@ def build_sr(
     *,
     volume: Volume,
     labels: LabelTable,
+    equipment: Equipment,
     prior: Comparison | None = None,
     prior_search: PriorSearch | None = None,
-    manufacturer: str,
-    software_version: str,
-    device_serial: str,
-    institution_name: str | None = None,
     series_number: int = SR_SERIES.number,
     instance_number: int = 1,
     is_final: bool = False,
@@ -458,14 +602,13 @@ def build_sr(
         volume: the CT volume (series, study, source SOP Instance UIDs).
         labels: the label table (SNOMED CT code of each structure, also for structures
             measured but not found, which have no segment).
+        equipment: the node's General Equipment and device observer identity;
+            InstitutionName when its ``institution_name`` is not empty.
         prior: the comparison with the patient's prior study (pipeline.compare), added
             per structure/side group and as the prior-study group (module docstring).
         prior_search: where the node looked for a prior study; with no ``prior`` it is
             reported in the patient-level group ("No prior study found ..."); with a
             ``prior`` it must say found.
-        manufacturer, software_version, device_serial: the node's General Equipment and
-            device observer identity.
-        institution_name: InstitutionName, when configured.
         series_number, instance_number: SeriesNumber / InstanceNumber.
         is_final: PreliminaryFlag FINAL instead of PRELIMINARY (the report is never
             VERIFIED: no person has signed it).
@@ -478,119 +621,29 @@ def build_sr(
             or left, a structure/side twice, or a prior_search saying none was found).
     """
     started = time.monotonic()
-    _check_prior(prior, prior_search, volume)
-    if str(seg_dataset.StudyInstanceUID) != volume.study_instance_uid:
-        raise BuildError(
-            f"SEG StudyInstanceUID {seg_dataset.StudyInstanceUID} differs from the volume's "
-            f"{volume.study_instance_uid}; the SR reports one study"
-        )
-    if str(seg_dataset.get("FrameOfReferenceUID", "")) != volume.frame_of_reference_uid:
-        raise BuildError(
-            f"SEG FrameOfReferenceUID {seg_dataset.get('FrameOfReferenceUID')} differs from the volume's "
-            f"{volume.frame_of_reference_uid}"
-        )
-    _check_groups(measurements)
+    _check_inputs(measurements, seg_dataset, volume, prior, prior_search)
     sources = order_sources(volume, source_datasets)
     model_name, model_version = _model_of(seg_dataset)
-    series_uid = output_uid(volume.series_instance_uid, model_version, "sr.series")
-    instance_uid = output_uid(volume.series_instance_uid, model_version, "sr.instance")
-    algorithm = hd.sr.AlgorithmIdentification(name=model_name[:64], version=model_version[:64])
-    smap = segment_map(seg_dataset)
-    seg_items = {int(item.SegmentNumber): item for item in seg_dataset.SegmentSequence}
-    source_series = hd.sr.SourceSeriesForSegmentation(volume.series_instance_uid)
-
-    groups: list[
-        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
-    ] = []
-    compared_keys: set[tuple[str, str]] = set()
-    for s in measurements.structures:
-        if s.side not in ("right", "left"):
-            logger.debug("SR: %s %s has no segment of its own; left to the group totals", s.key, s.side)
-            continue
-        try:
-            finding = structure_code(labels.by_key(s.key))
-        except LabelTableError as exc:
-            raise BuildError(f"measured structure {s.key!r} ({s.side}) is not in the label table: {exc}") from exc
-        site = [hd.sr.FindingSite(anatomic_location=finding, laterality=codes.laterality(s.side))]
-        evaluations, texts = _structure_evaluations(s, measurements.flags)
-        change = prior.change(s.key, s.side) if prior is not None else None
-        change_measurements: list[hd.sr.Measurement] = []
-        if change is not None:
-            change_measurements, change_evaluations, change_texts = _change_items(change)
-            evaluations += change_evaluations
-            texts += change_texts
-            compared_keys.add((s.key, s.side))
-        number = smap.get((s.key, s.side))
-        if number is None:
-            group: (
-                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
-            ) = hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=tracking_uid(instance_uid, s.key, s.side), identifier=f"{s.key} {s.side}"
-                ),
-                finding_type=finding,
-                finding_sites=site,
-                algorithm_id=algorithm,
-                measurements=change_measurements or None,
-                qualitative_evaluations=evaluations or None,
-            )
-        else:
-            item = seg_items[number]
-            group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=str(item.TrackingUID), identifier=str(item.TrackingID)),
-                referenced_segment=hd.sr.ReferencedSegment(
-                    sop_class_uid=str(seg_dataset.SOPClassUID),
-                    sop_instance_uid=str(seg_dataset.SOPInstanceUID),
-                    segment_number=number,
-                    source_series=source_series,
-                ),
-                finding_type=finding,
-                finding_sites=site,
-                algorithm_id=algorithm,
-                measurements=[*_structure_measurements(s), *change_measurements] or None,
-                qualitative_evaluations=evaluations or None,
-            )
-        _add_texts(group, texts)
-        groups.append(group)
-    if prior is not None:
-        for change in prior.changes:
-            if (change.key, change.side) not in compared_keys:
-                groups.append(_change_only_group(change, labels, instance_uid, algorithm))
-    groups.append(_patient_group(measurements, instance_uid, algorithm, prior=prior, prior_search=prior_search))
-    if prior is not None:
-        groups.append(_prior_group(prior, instance_uid, algorithm))
-
-    observer = hd.sr.ObserverContext(
-        observer_type=pydicom_codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_observer_uid(DEVICE_OBSERVER_NAME, manufacturer, device_serial),
-            name=DEVICE_OBSERVER_NAME,
-            manufacturer_name=manufacturer,
-            model_name=model_name[:64],
-            serial_number=device_serial or None,
-        ),
-    )
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=codes.CT_OF_THIGH,
-        imaging_measurements=groups,
-    )
+    parts = _report_parts(seg_dataset, volume, labels, model_name, model_version)
+    groups = _measurement_groups(measurements, parts, prior, prior_search)
+    context = hd.sr.ObservationContext(observer_device_context=_observer(model_name, equipment))
+    report = hd.sr.MeasurementReport(context, codes.CT_OF_THIGH, imaging_measurements=groups)
     try:
         sr = hd.sr.Comprehensive3DSR(
             evidence=[*sources, seg_dataset],
             content=report,
-            series_instance_uid=series_uid,
+            series_instance_uid=output_uid(volume.series_instance_uid, model_version, "sr.series"),
             series_number=series_number,
-            sop_instance_uid=instance_uid,
+            sop_instance_uid=parts.instance_uid,
             instance_number=instance_number,
-            manufacturer=manufacturer,
+            manufacturer=equipment.manufacturer,
             is_complete=True,
             is_final=is_final,
             is_verified=False,
-            institution_name=institution_name,
+            institution_name=equipment.institution_name or None,
             manufacturer_model_name=DEVICE_OBSERVER_NAME,
-            software_versions=software_version,
-            device_serial_number=device_serial,
+            software_versions=equipment.software_version,
+            device_serial_number=equipment.device_serial,
             series_description=SR_SERIES.description(model_name, model_version),
             coding_schemes=[codes.private_scheme_identification()],
         )
@@ -598,9 +651,7 @@ def build_sr(
         raise BuildError(f"highdicom refused the Comprehensive 3D SR: {exc}") from exc
     logger.info(
         "build_sr end: series %s, %d measurement groups, prior study %s in %.2f s",
-        volume.series_instance_uid,
-        len(groups),
-        prior.prior_study_uid if prior is not None else "none",
+        volume.series_instance_uid, len(groups), prior.prior_study_uid if prior is not None else "none",
         time.monotonic() - started,
     )
     return sr

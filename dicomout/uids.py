@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -42,7 +43,9 @@ OUTPUT_KINDS: tuple[str, ...] = (
     "pdf.series",
     "pdf.instance",
 )
-"""Kinds accepted by :func:`output_uid`: ``<output>.<series|instance>``."""
+"""The built-in outputs' kinds; :func:`output_uid` accepts any ``<output name>.<series|instance>``
+(:data:`OUTPUT_KIND_PATTERN`), so that a plug-in output (dicomout.outputs) derives its own UIDs."""
+OUTPUT_KIND_PATTERN = re.compile(r"[a-z][a-z0-9_]*\.(series|instance)")
 
 _NAMESPACE = "thighnode"
 """Mixed into every derived UID (the UUID namespace is uuid5(NAMESPACE_URL, this))."""
@@ -85,13 +88,16 @@ def output_uid(source_series_uid: str, model_version: str, kind: str) -> str:
     Args:
         source_series_uid: SeriesInstanceUID of the CT series that was segmented.
         model_version: version of the segmentation model (a new model gives new objects).
-        kind: one of :data:`OUTPUT_KINDS`, e.g. ``"seg.instance"``.
+        kind: ``"<output name>.<series|instance>"``, e.g. ``"seg.instance"`` (:data:`OUTPUT_KINDS`).
 
     Raises:
-        ValueError: ``kind`` is not one of :data:`OUTPUT_KINDS`, or the series UID is empty.
+        ValueError: ``kind`` is not of that form, or the series UID is empty.
     """
-    if kind not in OUTPUT_KINDS:
-        raise ValueError(f"output UID kind {kind!r} is not allowed; allowed: {OUTPUT_KINDS}")
+    if not isinstance(kind, str) or not OUTPUT_KIND_PATTERN.fullmatch(kind):
+        raise ValueError(
+            f"output UID kind {kind!r} is not allowed; allowed: '<output name>.series' or '<output name>.instance' "
+            f"(lower-case name), e.g. {', '.join(OUTPUT_KINDS)}"
+        )
     if not source_series_uid:
         raise ValueError("source SeriesInstanceUID is empty; an output UID needs the source series")
     return _derived_uid("output", source_series_uid, model_version, kind)

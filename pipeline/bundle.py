@@ -82,6 +82,8 @@ class Bundle:
     #: Per-class factors applied to the softmax output before the restore and argmax (volume
     #: calibration, pipeline.calibration); None = all ones.
     class_weights: tuple[float, ...] | None = None
+    #: metadata.json "demonstration": the model is not for clinical use (the report says so on every page).
+    demonstration: bool = False
 
 
 def inference_config(
@@ -125,15 +127,23 @@ def write_bundle(
     metadata: dict[str, Any],
     sliding_window: SlidingWindowSettings | None = None,
     class_weights: tuple[float, ...] | None = None,
+    demonstration: bool | None = None,
 ) -> Path:
     """Write a bundle; ``metadata`` must hold at least ``name`` and ``version``.
 
     The label table, settings and the MONAI bundle fields are added here; anything
     else in ``metadata`` (intended_use, training provenance, metrics) is kept as given.
+    ``demonstration`` is written as the metadata key of that name; ``None`` keeps the
+    one ``metadata`` gives, else follows the intended use: true when the default (the
+    demonstration statement :data:`DEMO_INTENDED_USE`) is written.
     """
     for key in ("name", "version"):
         if not metadata.get(key):
             raise BundleError(f"bundle metadata needs a non-empty {key!r}; saw {metadata.get(key)!r}")
+    if demonstration is None:
+        demonstration = metadata.get("demonstration", "intended_use" not in metadata)
+    if not isinstance(demonstration, bool):
+        raise BundleError(f"bundle metadata 'demonstration' is {demonstration!r}; allowed: true or false")
     sliding_window = sliding_window or SlidingWindowSettings()
     bundle_dir = Path(bundle_dir)
     (bundle_dir / "configs").mkdir(parents=True, exist_ok=True)
@@ -146,6 +156,7 @@ def write_bundle(
         "monai_version": _monai_version(),
         "pytorch_version": torch.__version__.split("+")[0],
         **metadata,
+        "demonstration": demonstration,
         "labels": labels.to_records(),
         "num_classes": labels.num_classes,
         "network_settings": network_settings.to_dict(),
@@ -261,16 +272,8 @@ def compare_label_tables(expected: LabelTable, found: LabelTable) -> list[str]:
     return problems
 
 
-def load_bundle(bundle_dir: Path, labels: LabelTable, device: str | torch.device = "cpu") -> Bundle:
-    """Load a bundle for inference; refuse one that does not fit ``labels``.
-
-    ``device``: a torch device or ``"auto"`` (cuda when available). Call once per process
-    and share the result: the network is in eval mode with gradients off.
-    """
-    from monai.bundle import ConfigParser
-
-    started = time.monotonic()
-    bundle_dir = Path(bundle_dir)
+def _read_metadata(bundle_dir: Path) -> dict[str, Any]:
+    """configs/metadata.json, with the required files and keys present."""
     for rel in (METADATA_PATH, INFERENCE_PATH, MODEL_PATH):
         if not (bundle_dir / rel).is_file():
             raise BundleError(f"bundle {bundle_dir}: required file {rel} is missing")
@@ -281,6 +284,21 @@ def load_bundle(bundle_dir: Path, labels: LabelTable, device: str | torch.device
     for key in ("name", "version", "labels", "network_settings", "preprocess_settings"):
         if key not in meta:
             raise BundleError(f"bundle {bundle_dir}: {METADATA_PATH} lacks {key!r}")
+    return meta
+
+
+def _demonstration(meta: dict[str, Any], bundle_dir: Path) -> bool:
+    """metadata.json "demonstration": a JSON boolean; false when absent."""
+    value = meta.get("demonstration", False)
+    if not isinstance(value, bool):
+        raise BundleError(
+            f"bundle {bundle_dir}: {METADATA_PATH} demonstration = {json.dumps(value)}; allowed: true or false"
+        )
+    return value
+
+
+def _read_labels(meta: dict[str, Any], labels: LabelTable, bundle_dir: Path) -> LabelTable:
+    """The bundle's label table, refused when it differs from the node's."""
     try:
         bundle_labels = LabelTable.from_records(meta["labels"], source=str(bundle_dir / METADATA_PATH))
     except Exception as exc:  # LabelTableError and malformed records
@@ -292,6 +310,40 @@ def load_bundle(bundle_dir: Path, labels: LabelTable, device: str | torch.device
             + "; ".join(problems[:10])
             + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
         )
+    return bundle_labels
+
+
+def _load_weights(bundle_dir: Path, network: torch.nn.Module) -> None:
+    """models/model.pt into ``network`` (strict)."""
+    try:
+        state = torch.load(bundle_dir / MODEL_PATH, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BundleError(f"bundle {bundle_dir}: {MODEL_PATH} cannot be read as a state dict: {exc}") from exc
+    if not isinstance(state, dict):
+        raise BundleError(f"bundle {bundle_dir}: {MODEL_PATH} holds a {type(state).__name__}, not a state dict")
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise BundleError(
+            f"bundle {bundle_dir}: {MODEL_PATH} does not fit the UNETR of {INFERENCE_PATH}: "
+            + " ".join(line.strip() for line in first[:4])
+        ) from exc
+
+
+def load_bundle(bundle_dir: Path, labels: LabelTable, device: str | torch.device = "cpu") -> Bundle:
+    """Load a bundle for inference; refuse one that does not fit ``labels``.
+
+    ``device``: a torch device or ``"auto"`` (cuda when available). Call once per process
+    and share the result: the network is in eval mode with gradients off.
+    """
+    from monai.bundle import ConfigParser
+
+    started = time.monotonic()
+    bundle_dir = Path(bundle_dir)
+    meta = _read_metadata(bundle_dir)
+    bundle_labels = _read_labels(meta, labels, bundle_dir)
+    demonstration = _demonstration(meta, bundle_dir)
     try:
         network_settings = NetworkSettings.from_dict(meta["network_settings"])
         preprocess_settings = PreprocessSettings.from_dict(meta["preprocess_settings"])
@@ -308,20 +360,7 @@ def load_bundle(bundle_dir: Path, labels: LabelTable, device: str | torch.device
     except Exception as exc:
         raise BundleError(f"bundle {bundle_dir}: {INFERENCE_PATH} network_def cannot be built: {exc}") from exc
     _check_copies(bundle_dir, parser, labels.num_classes, network_settings, preprocess_settings, sliding_window)
-    try:
-        state = torch.load(bundle_dir / MODEL_PATH, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise BundleError(f"bundle {bundle_dir}: {MODEL_PATH} cannot be read as a state dict: {exc}") from exc
-    if not isinstance(state, dict):
-        raise BundleError(f"bundle {bundle_dir}: {MODEL_PATH} holds a {type(state).__name__}, not a state dict")
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise BundleError(
-            f"bundle {bundle_dir}: {MODEL_PATH} does not fit the UNETR of {INFERENCE_PATH}: "
-            + " ".join(line.strip() for line in first[:4])
-        ) from exc
+    _load_weights(bundle_dir, network)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     network = network.to(torch.device(device)).eval()
@@ -341,6 +380,7 @@ def load_bundle(bundle_dir: Path, labels: LabelTable, device: str | torch.device
         class_weights=class_weights,
         path=bundle_dir,
         metadata=meta,
+        demonstration=demonstration,
     )
 
 

@@ -137,6 +137,7 @@ def status_report(settings: Any) -> dict[str, Any]:
             {
                 "item": i.id,
                 "destination": i.destination,
+                "transport": i.transport,
                 "sop_instance_uid": i.sop_instance_uid,
                 "study_uid": i.study_instance_uid,
                 "job": i.job_id,

@@ -19,6 +19,7 @@ bundle path that does not exist there is also looked up in the install root
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from dicomout.outputs.registry import entry_problem
 from node_errors import NodeError
 
 INSTALL_ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +148,18 @@ def _network_list(key: str, value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _output_list(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key} = {value!r}: must be a list of outputs, e.g. [\"seg\", \"sr\", \"pdf\"]")
+    for i, entry in enumerate(value):
+        problem = entry_problem(entry)
+        if problem:
+            raise ConfigError(f"{key}[{i}] = {entry!r}: {problem}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{key} = {value!r}: an output may be listed once")
+    return tuple(value)
+
+
 def _path(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{key} = {value!r}: must be a path (string)")
@@ -188,9 +202,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "outputs": {
         "seg_type": _choice("BINARY", "LABELMAP"),
         "labelmap_compression": _choice("RLE", "JPEGLS", "JPEG2000", "none"),
-        "send_seg": _bool,
-        "send_sr": _bool,
-        "send_pdf": _bool,
+        "enabled": _output_list,
         "manufacturer": _string,
         "institution_name": _text,
         "device_serial": _string,
@@ -286,9 +298,7 @@ class ModelSettings:
 class OutputsSettings:
     seg_type: str
     labelmap_compression: str
-    send_seg: bool
-    send_sr: bool
-    send_pdf: bool
+    enabled: tuple[str, ...]  # the outputs sent, in order: built-in names or "package.module:Name"
     manufacturer: str
     institution_name: str
     device_serial: str
@@ -429,6 +439,21 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+_REPLACED_SEND_KEYS = {"send_seg": "seg", "send_sr": "sr", "send_pdf": "pdf"}
+
+
+def _refuse_replaced_keys(outputs: dict[str, Any]) -> None:
+    """outputs.send_seg/send_sr/send_pdf were replaced by outputs.enabled: say what to write instead."""
+    old = [k for k in _REPLACED_SEND_KEYS if k in outputs]
+    if not old:
+        return
+    enabled = [name for key, name in _REPLACED_SEND_KEYS.items() if outputs.get(key, True) is not False]
+    raise ConfigError(
+        f"outputs.{old[0]} = {outputs[old[0]]!r}: replaced by outputs.enabled (the outputs sent); "
+        f"remove outputs.{', outputs.'.join(old)} and write outputs.enabled = {json.dumps(enabled)}"
+    )
+
+
 def _resolve(base: Path, value: str) -> Path:
     p = Path(value).expanduser()
     return p if p.is_absolute() else (base / p)
@@ -451,6 +476,7 @@ def load_settings(
         data = _merge(data, env, "environment")
         sources.append("environment")
 
+    _refuse_replaced_keys(data.get("outputs", {}))
     values: dict[str, dict[str, Any]] = {}
     for section, schema in _SCHEMA.items():
         given = data.get(section, {})

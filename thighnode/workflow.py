@@ -2,14 +2,19 @@
 
 Stages, each logged with its duration and recorded in the job's timings::
 
-    select → load → check (a thigh CT?) → segment → measure → seg → sr → pdf → queue
+    select → load → check (a thigh CT?) → segment → measure → compare → outputs → queue
+
+The outputs are plug-ins (:mod:`dicomout.outputs`), built in the order of ``[outputs]
+enabled`` (by default seg → sr → pdf, one stage each) from one
+:class:`dicomout.context.StudyContext`; an output that another needs (the SEG, for the
+SR) is built and written even when it is not enabled, but only enabled ones are queued.
 
 A :class:`pipeline.errors.DeclinedError` ends the job as *declined* with the message
 (the data cannot be processed: tilt, gaps, not a thigh CT...); nothing is sent. Any
 other error ends it as *failed*. Either way the received files stay in the spool for
 the retention period.
 
-Outputs are written under ``<data_dir>/outputs/<StudyInstanceUID>/`` with UIDs derived
+Outputs are written under ``<data_dir>/outputs/<StudyInstanceUID>/`` (``<name>_<SOPInstanceUID>.dcm``) with UIDs derived
 from the source series and the model version (reprocessing replaces them in the PACS),
 then queued in the outbox for every configured destination. The job is marked done only
 after that, so a crash before it re-runs the job and re-queues the same objects.
@@ -25,16 +30,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable, Iterator, Protocol
 
 import pydicom
-from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
+from dicomout.context import ModelInfo, OutputSettings, StudyContext
+from dicomout.outputs import plan_outputs
 from node_errors import NodeError
 from pipeline.bodypart import check_thigh_ct, femur_label_volumes_ml
 from pipeline.errors import DeclinedError
 from pipeline.measure import MeasurementSettings, load_measurement_settings, measure
-from pipeline.selection import read_patient_info, select_series
+from pipeline.selection import select_series
 from pipeline.compare import anatomical_profiles
 from pipeline.types import Comparison, Measurements, PatientInfo, PriorSearch, Segmentation, SelectedSeries, Volume
 from pipeline.volume import load_volume
@@ -47,7 +54,9 @@ from thighnode.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_LABELMAP_SYNTAXES = {"RLE": RLELossless, "JPEGLS": JPEGLSLossless, "JPEG2000": JPEG2000Lossless, "none": None}
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 class SegmenterLike(Protocol):
@@ -73,7 +82,7 @@ class Outcome:
 
 @dataclass(frozen=True)
 class OutputFile:
-    kind: str  # "seg", "sr", "pdf"
+    kind: str  # the output builder's name: "seg", "sr", "pdf", ...
     path: Path
     sop_class_uid: str
     sop_instance_uid: str
@@ -92,6 +101,7 @@ class Workflow:
         outbox: OutboxLike | None = None,
         measurement_settings: MeasurementSettings | None = None,
         priors: PriorFinder | None = None,
+        clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self._settings = settings
         self._index = index
@@ -99,6 +109,13 @@ class Workflow:
         self._results = results
         self._outbox = outbox
         self._priors = priors
+        self._clock = clock  # the outputs' content time
+        out = settings.outputs
+        self._output_settings = OutputSettings(
+            seg_type=out.seg_type, labelmap_compression=out.labelmap_compression, manufacturer=out.manufacturer,
+            institution_name=out.institution_name, device_serial=out.device_serial,
+        )
+        self._outputs = plan_outputs(out.enabled)  # imports the builders: a wrong entry stops the start
         base = measurement_settings or load_measurement_settings()
         sarc = settings.sarcopenia
         self._measurement_settings = replace(
@@ -115,85 +132,15 @@ class Workflow:
     def run(self, job: Job) -> Outcome:
         timings: dict[str, float] = {}
         result: dict[str, Any] = {}
-        series_uid = ""
         t0 = time.perf_counter()
 
         def ended(state: str, reason: str) -> Outcome:
             timings["total"] = round(time.perf_counter() - t0, 3)
+            series_uid = result.get("selected_series", {}).get("series_uid", "")
             return Outcome(state, reason, series_uid, timings, result)
 
         try:
-            study = self._index.get_study(job.study_uid)
-            result["instances"] = study.instance_count
-            result["excluded_non_ct"] = dict(study.excluded_counts)
-            with _stage(job, "select", timings):
-                selected: SelectedSeries = select_series(
-                    study.series,
-                    study_instance_uid=job.study_uid,
-                    max_slice_thickness_mm=self._settings.processing.max_slice_thickness_mm,
-                    min_slices=self._settings.processing.min_slices,
-                )
-            series_uid = selected.series_instance_uid
-            result["selected_series"] = {
-                "series_uid": selected.series_instance_uid,
-                "rule": selected.rule,
-                "description": selected.description,
-                "rejected": [list(r) for r in selected.rejected],
-            }
-            with _stage(job, "load", timings):
-                volume = load_volume(selected.paths, min_slices=self._settings.processing.min_slices)
-            result["volume"] = {"shape": list(volume.shape), "spacing_mm": [round(s, 4) for s in volume.spacing_mm]}
-            segmenter = self._segmenter()
-            if segmenter is None:
-                return ended(DONE, "received, selected and loaded; segmentation is off (node started with --no-model)")
-            with _stage(job, "check", timings):
-                check_thigh_ct(volume)  # image-based, before spending time on the model
-            with _stage(job, "segment", timings):
-                segmentation = segmenter.segment(volume)
-            _check_femur_label(volume, segmentation)
-            result["model"] = {"name": segmentation.model_name, "version": segmentation.model_version}
-            patient = read_patient_info(selected.paths[0])
-            study_date = _study_date(selected.paths[0])
-            with _stage(job, "measure", timings):
-                measurements = self._measure(volume, segmentation, patient)
-            result["measurements"] = _summary(measurements)
-            comparison: Comparison | None = None
-            prior_search: PriorSearch | None = None
-            with _stage(job, "compare", timings):
-                profiles = anatomical_profiles(volume, segmentation)
-                if self._results is not None:
-                    self._save_results(job, selected, patient, study_date, segmentation, measurements)
-                    self._results.save_profiles(job.study_uid, profiles)
-                if self._priors is not None:
-                    comparison, prior_search = self._priors.find(
-                        study_uid=job.study_uid, study_date=study_date, patient=patient,
-                        measurements=measurements, profiles=profiles,
-                    )
-            result["prior"] = {
-                "found": bool(prior_search and prior_search.found),
-                "prior_study_uid": comparison.prior_study_uid if comparison else "",
-                "looked_in": list(prior_search.looked_in) if prior_search else [],
-                "message": prior_search.message if prior_search else "",
-            }
-            outputs = self._build_outputs(
-                job, selected, volume, segmentation, measurements, patient, timings, comparison, prior_search
-            )
-            result["outputs"] = [
-                {"kind": o.kind, "sop_instance_uid": o.sop_instance_uid, "path": str(o.path)} for o in outputs
-            ]
-            if self._priors is not None and self._priors.is_requested_prior(job.study_uid) and not (
-                self._settings.prior.send_prior_results
-            ):
-                return ended(DONE, "processed as a prior study; outputs not sent (prior.send_prior_results = false)")
-            with _stage(job, "queue", timings):
-                destinations = self._queue(job, outputs)
-            if destinations:
-                reason = f"{'+'.join(o.kind.upper() for o in outputs)} queued to {', '.join(destinations)}"
-            else:
-                reason = f"processed; no destination configured: outputs kept in {self._study_outputs(job)}"
-            if comparison is not None:
-                reason += f"; compared with the prior of {comparison.prior_study_date}"
-            return ended(DONE, reason)
+            return ended(DONE, self._process(job, timings, result))
         except DeclinedError as exc:
             exc.with_context(job_id=job.id, study_uid=job.study_uid)
             log.warning("job %d declined: %s", job.id, exc.message)
@@ -206,6 +153,61 @@ class Workflow:
             log.error("job %d failed with an internal error:\n%s", job.id, traceback.format_exc())
             return ended(FAILED, f"internal error: {type(exc).__name__}: {exc}")
 
+    def _process(self, job: Job, timings: dict[str, float], result: dict[str, Any]) -> str:
+        """The stages of one job, recorded in ``timings`` and ``result``; returns the reason of a done job."""
+        study = self._index.get_study(job.study_uid)
+        result["instances"] = study.instance_count
+        result["excluded_non_ct"] = dict(study.excluded_counts)
+        with _stage(job, "select", timings):
+            selected: SelectedSeries = select_series(
+                study.series,
+                study_instance_uid=job.study_uid,
+                max_slice_thickness_mm=self._settings.processing.max_slice_thickness_mm,
+                min_slices=self._settings.processing.min_slices,
+            )
+        result["selected_series"] = _selection_summary(selected)
+        with _stage(job, "load", timings):
+            volume = load_volume(selected.paths, min_slices=self._settings.processing.min_slices)
+        result["volume"] = {"shape": list(volume.shape), "spacing_mm": [round(s, 4) for s in volume.spacing_mm]}
+        segmenter = self._segmenter()
+        if segmenter is None:
+            return "received, selected and loaded; segmentation is off (node started with --no-model)"
+        with _stage(job, "check", timings):
+            check_thigh_ct(volume)  # image-based, before spending time on the model
+        with _stage(job, "segment", timings):
+            segmentation = segmenter.segment(volume)
+        _check_femur_label(volume, segmentation)
+        result["model"] = {"name": segmentation.model_name, "version": segmentation.model_version}
+        with _stage(job, "measure", timings):
+            measurements = self._measure(volume, segmentation, selected.patient)
+        result["measurements"] = _summary(measurements)
+        with _stage(job, "compare", timings):
+            comparison, prior_search = self._compare(job, selected, volume, segmentation, measurements)
+        result["prior"] = _prior_summary(comparison, prior_search)
+        bundle = getattr(segmenter, "bundle", None)
+        context = StudyContext(
+            job_id=job.id, study_uid=job.study_uid, selected=selected, volume=volume, segmentation=segmentation,
+            measurements=measurements, comparison=comparison, prior_search=prior_search,
+            model=ModelInfo(segmentation.model_name, segmentation.model_version,
+                            demonstration=bool(getattr(bundle, "demonstration", False))),
+            settings=self._output_settings, software_version=__version__, content_time=self._clock(),
+        )
+        outputs = self._build_outputs(job, context, timings)
+        result["outputs"] = [{"kind": o.kind, "sop_instance_uid": o.sop_instance_uid, "path": str(o.path)} for o in outputs]
+        if self._priors is not None and self._priors.is_requested_prior(job.study_uid) and not (
+            self._settings.prior.send_prior_results
+        ):
+            return "processed as a prior study; outputs not sent (prior.send_prior_results = false)"
+        with _stage(job, "queue", timings):
+            destinations = self._queue(job, outputs)
+        if destinations:
+            reason = f"{'+'.join(o.kind.upper() for o in outputs)} queued to {', '.join(destinations)}"
+        else:
+            reason = f"processed; no destination configured: outputs kept in {self._study_outputs(job)}"
+        if comparison is not None:
+            reason += f"; compared with the prior of {comparison.prior_study_date}"
+        return reason
+
     # -- stages ------------------------------------------------------------------------------
 
     def _measure(self, volume: Volume, segmentation: Segmentation, patient: PatientInfo) -> Measurements:
@@ -216,84 +218,49 @@ class Workflow:
                 height_m, source = recorded, "recorded"
         return measure(volume, segmentation, patient, self._measurement_settings, height_m=height_m, height_source=source)
 
-    def _study_outputs(self, job: Job) -> Path:
-        return self._settings.outputs_dir / job.study_uid
-
-    def _build_outputs(
+    def _compare(
         self,
         job: Job,
         selected: SelectedSeries,
         volume: Volume,
         segmentation: Segmentation,
         measurements: Measurements,
-        patient: PatientInfo,
-        timings: dict[str, float],
-        comparison: Comparison | None = None,
-        prior_search: PriorSearch | None = None,
-    ) -> list[OutputFile]:
-        from dicomout.pdf import build_encapsulated_pdf
-        from dicomout.report import ReportHeader, render_report
-        from dicomout.seg import build_seg, read_source_datasets
-        from dicomout.sr import build_sr
-        from dicomout.uids import PDF_SERIES, output_uid
+    ) -> tuple[Comparison | None, PriorSearch | None]:
+        """Save this study's results and profiles, then look for the prior study and compare."""
+        profiles = anatomical_profiles(volume, segmentation)
+        if self._results is not None:
+            self._save_results(job, selected, segmentation, measurements)
+            self._results.save_profiles(job.study_uid, profiles)
+        if self._priors is None:
+            return None, None
+        return self._priors.find(
+            study_uid=job.study_uid, study_date=selected.study_date, patient=selected.patient,
+            measurements=measurements, profiles=profiles,
+        )
 
-        out = self._settings.outputs
+    def _study_outputs(self, job: Job) -> Path:
+        return self._settings.outputs_dir / job.study_uid
+
+    def _build_outputs(self, job: Job, context: StudyContext, timings: dict[str, float]) -> list[OutputFile]:
+        """Build and write every planned output (one stage each); returns those to send, in order."""
         out_dir = self._study_outputs(job)
         out_dir.mkdir(parents=True, exist_ok=True)
-        sources = read_source_datasets(list(selected.paths))
-        common = dict(manufacturer=out.manufacturer, software_version=__version__, device_serial=out.device_serial)
+        built: dict[str, pydicom.Dataset] = {}
         files: list[OutputFile] = []
-        with _stage(job, "seg", timings):
-            syntax = _LABELMAP_SYNTAXES[out.labelmap_compression] if out.seg_type == "LABELMAP" else None
-            seg = build_seg(
-                volume, segmentation, sources, segmentation_type=out.seg_type, transfer_syntax_uid=syntax, **common
-            )
-            seg_file = _write(seg, out_dir, "seg")
-        if out.send_seg:
-            files.append(seg_file)
-        if out.send_sr:
-            with _stage(job, "sr", timings):
-                sr = build_sr(
-                    measurements, seg, sources, volume=volume, labels=segmentation.labels,
-                    prior=comparison, prior_search=prior_search,
-                    institution_name=out.institution_name or None, **common,
-                )
-                files.append(_write(sr, out_dir, "sr"))
-        if out.send_pdf:
-            with _stage(job, "pdf", timings):
-                bundle = getattr(self._segmenter(), "bundle", None)
-                intended_use = str(getattr(bundle, "metadata", {}).get("intended_use", ""))
-                demo = "demonstration" in intended_use.lower() or "not for clinical" in intended_use.lower()
-                header = ReportHeader.from_dataset(
-                    sources[0], node_version=__version__, model_name=segmentation.model_name,
-                    model_version=segmentation.model_version, demonstration_model=demo,
-                )
-                pdf_bytes = render_report(
-                    volume, segmentation, measurements, patient, study=header,
-                    comparison=comparison, prior_search=prior_search,
-                )
-                pdf = build_encapsulated_pdf(
-                    pdf_bytes,
-                    sources[0],
-                    series_uid=output_uid(selected.series_instance_uid, segmentation.model_version, "pdf.series"),
-                    sop_uid=output_uid(selected.series_instance_uid, segmentation.model_version, "pdf.instance"),
-                    document_title="Thigh and hip muscle CT measurements",
-                    manufacturer=out.manufacturer,
-                    software_version=__version__,
-                    content_datetime=datetime.now(timezone.utc),
-                    series_number=PDF_SERIES.number,
-                    source_instances=[(ds.SOPClassUID, ds.SOPInstanceUID) for ds in sources],
-                    institution_name=out.institution_name or None,
-                )
-                files.append(_write(pdf, out_dir, "pdf"))
+        for planned in self._outputs:
+            builder = planned.builder
+            with _stage(job, builder.name, timings):
+                ds = builder.build(context, MappingProxyType({name: built[name] for name in builder.needs}))
+                output = _write(ds, out_dir, builder.name)
+            built[builder.name] = ds
+            if planned.send:
+                files.append(output)
         return files
 
     def _save_results(
         self,
         job: Job,
         selected: SelectedSeries,
-        patient: PatientInfo,
-        study_date: str,
         segmentation: Segmentation,
         measurements: Measurements,
     ) -> None:
@@ -302,9 +269,9 @@ class Workflow:
             study_uid=job.study_uid,
             job_id=job.id,
             series_uid=selected.series_instance_uid,
-            patient_id=patient.patient_id,
-            issuer=patient.issuer_of_patient_id,
-            study_date=study_date,
+            patient_id=selected.patient.patient_id,
+            issuer=selected.patient.issuer_of_patient_id,
+            study_date=selected.study_date,
             model_name=segmentation.model_name,
             model_version=segmentation.model_version,
             measurements=measurements,
@@ -322,11 +289,6 @@ class Workflow:
                 )
             names.append(dest.name)
         return names
-
-
-def _study_date(path: Path) -> str:
-    header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyDate"])
-    return str(header.get("StudyDate", "") or "").strip()
 
 
 def _check_femur_label(volume: Volume, segmentation: Segmentation, min_ml: float = 30.0) -> None:
@@ -349,6 +311,24 @@ def _write(ds: pydicom.Dataset, out_dir: Path, kind: str) -> OutputFile:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return OutputFile(kind, path, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+
+
+def _selection_summary(selected: SelectedSeries) -> dict[str, Any]:
+    return {
+        "series_uid": selected.series_instance_uid,
+        "rule": selected.rule,
+        "description": selected.description,
+        "rejected": [list(r) for r in selected.rejected],
+    }
+
+
+def _prior_summary(comparison: Comparison | None, prior_search: PriorSearch | None) -> dict[str, Any]:
+    return {
+        "found": bool(prior_search and prior_search.found),
+        "prior_study_uid": comparison.prior_study_uid if comparison else "",
+        "looked_in": list(prior_search.looked_in) if prior_search else [],
+        "message": prior_search.message if prior_search else "",
+    }
 
 
 def _summary(m: Measurements) -> dict[str, Any]:

@@ -234,3 +234,71 @@ def test_send_pending_fails_unreadable_file_permanently(tmp_path: Path) -> None:
     assert send_pending(outbox, {"PACS": Destination("PACS", "PACS", "127.0.0.1", 9)}, now=T0) == 0
     (item,) = outbox.items()
     assert item.state == STATE_FAILED and "cannot read" in item.last_error and "gone.dcm" in item.last_error
+
+
+def test_items_carry_their_transport_kind_default_cstore(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "db.sqlite")
+    (first,) = _enqueue(outbox)
+    other = outbox.enqueue(Path("/data/out/x.dcm"), "ARCHIVE", job_id=7, study_uid="1.2.3", sop_class_uid=CT,
+                           sop_instance_uid="1.2.3.9", now=T0, transport="https")
+    assert outbox.get(first).transport == "cstore"
+    assert outbox.get(other).transport == "https"
+    with pytest.raises(OutputError, match="transport is ''"):
+        outbox.enqueue(Path("/x.dcm"), "PACS", job_id=7, study_uid="1.2.3", sop_class_uid=CT, sop_instance_uid="1.2.4",
+                       transport="")
+
+
+def test_a_database_without_the_transport_column_is_migrated(tmp_path: Path) -> None:
+    db = tmp_path / "old.sqlite"
+    with sqlite3.connect(db) as conn:  # the outbox table as it was before transports
+        conn.executescript(
+            """
+            CREATE TABLE outbox (
+                id INTEGER PRIMARY KEY AUTOINCREMENT, destination TEXT NOT NULL, path TEXT NOT NULL,
+                sop_class_uid TEXT NOT NULL, sop_instance_uid TEXT NOT NULL, study_instance_uid TEXT NOT NULL,
+                job_id INTEGER, state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'failed')),
+                attempts INTEGER NOT NULL DEFAULT 0, generation INTEGER NOT NULL DEFAULT 1,
+                created_at REAL NOT NULL, next_attempt_at REAL NOT NULL, last_status INTEGER,
+                last_error TEXT NOT NULL DEFAULT '', sent_at REAL, UNIQUE (destination, sop_instance_uid));
+            INSERT INTO outbox (destination, path, sop_class_uid, sop_instance_uid, study_instance_uid, job_id,
+                                state, created_at, next_attempt_at)
+                VALUES ('PACS', '/data/out/0.dcm', '1.2.840.10008.5.1.4.1.1.2', '1.2.3.0', '1.2.3', 7, 'pending', 1, 1);
+            """
+        )
+    conn.close()
+    outbox = Outbox(db)
+    (item,) = outbox.items()
+    assert (item.sop_instance_uid, item.transport, item.state) == ("1.2.3.0", "cstore", STATE_PENDING)
+    Outbox(db)  # a second start finds the column and leaves it
+
+
+class _Recorder:
+    """A non-DICOM transport: records what it was given and stores everything."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[Path], object]] = []
+
+    def send(self, paths, destination):  # noqa: ANN001, ANN201
+        from dicomout.sender import SendResult
+
+        self.calls.append((list(paths), destination))
+        return [SendResult(p, "", "", None, True) for p in paths]
+
+
+def test_send_pending_dispatches_each_item_to_its_transport(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "db.sqlite")
+    (cstore_item,) = _enqueue(outbox)
+    web = outbox.enqueue(Path("/data/out/w.dcm"), "PACS", job_id=7, study_uid="1.2.3", sop_class_uid=CT,
+                         sop_instance_uid="1.2.3.w", now=T0, transport="web")
+    lost = outbox.enqueue(Path("/data/out/l.dcm"), "PACS", job_id=7, study_uid="1.2.3", sop_class_uid=CT,
+                          sop_instance_uid="1.2.3.l", now=T0, transport="carrier-pigeon")
+    recorder, cstore = _Recorder(), _Recorder()
+    destination = Destination("PACS", "PACS", "127.0.0.1", 9)
+    stored = send_pending(outbox, {"PACS": destination}, now=T0, transports={"cstore": cstore, "web": recorder})
+    assert stored == 2
+    assert recorder.calls == [([Path("/data/out/w.dcm")], destination)]
+    assert cstore.calls == [([Path("/data/out/0.dcm")], destination)]
+    assert outbox.get(web).state == STATE_SENT and outbox.get(cstore_item).state == STATE_SENT
+    failed = outbox.get(lost)
+    assert failed.state == STATE_FAILED
+    assert failed.last_error == "transport 'carrier-pigeon' of 'PACS' is not available (available: cstore, web)"

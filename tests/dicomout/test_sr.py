@@ -13,6 +13,7 @@ from pydicom.sr.codedict import codes as pydicom_codes
 
 from dicomout import codes
 from dicomout.seg import BuildError, build_seg, segment_map, structure_code
+from dicomout.context import Equipment
 from dicomout.sr import PATIENT_TOTALS_ID, build_sr
 from dicomout.uids import SR_SERIES, device_observer_uid, output_uid
 from pipeline.types import (
@@ -130,7 +131,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
     seg_path = tmp / "seg.dcm"
     seg_ds.save_as(seg_path)
     measurements = hand_made_measurements(volume, seg)
-    sr = build_sr(measurements, seg_ds, paths, volume=volume, labels=seg.labels, **EQUIPMENT)
+    sr = build_sr(measurements, seg_ds, paths, volume=volume, labels=seg.labels, equipment=Equipment(**EQUIPMENT))
     sr_path = tmp / "sr.dcm"
     sr.save_as(sr_path)
     return {
@@ -300,5 +301,5 @@ def test_prior_of_wrong_type_is_refused(built: dict) -> None:
             volume=built["volume"],
             labels=built["seg"].labels,
             prior=object(),
-            **EQUIPMENT,
+            equipment=Equipment(**EQUIPMENT),
         )

@@ -15,6 +15,7 @@ import pytest
 
 from dicomout import codes
 from dicomout.seg import BuildError, build_seg, parse_tracking_id
+from dicomout.context import Equipment
 from dicomout.sr import PATIENT_TOTALS_ID, PRIOR_COMPARISON_ID, build_sr
 from pipeline.types import FLAG_METAL, Comparison, PriorSearch, Segmentation, StructureChange
 from tests.dicomout.test_seg import EQUIPMENT, MODEL_NAME, MODEL_VERSION, make_case
@@ -102,7 +103,7 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> dict:
     )
     comparison = hand_made_comparison(measurements, seg.labels)
     args = (measurements, seg_ds, paths)
-    kwargs = dict(volume=volume, labels=seg.labels, **EQUIPMENT)
+    kwargs = dict(volume=volume, labels=seg.labels, equipment=Equipment(**EQUIPMENT))
     with_prior = tmp / "sr_prior.dcm"
     build_sr(*args, prior=comparison, prior_search=PriorSearch(True, PRIOR_UID, LOOKED_IN), **kwargs).save_as(with_prior)
     none_found = tmp / "sr_none.dcm"

@@ -143,3 +143,56 @@ def test_refuses_network_def_that_disagrees_with_metadata(tmp_path: Path) -> Non
     (path / INFERENCE_PATH).write_text(json.dumps(config))
     with pytest.raises(BundleError, match=r"network_def\.num_heads = 4 but .*metadata\.json network_settings says 2"):
         load_bundle(path, labels, "cpu")
+
+
+def _set_metadata(path: Path, **changes: object) -> None:
+    meta = json.loads((path / METADATA_PATH).read_text())
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    (path / METADATA_PATH).write_text(json.dumps(meta))
+
+
+def test_demonstration_flag_is_read_from_the_metadata(tmp_path: Path) -> None:
+    labels = load_label_table()
+    path, _ = _write(tmp_path, labels)
+    assert json.loads((path / METADATA_PATH).read_text())["demonstration"] is True  # default intended use
+    assert load_bundle(path, labels, "cpu").demonstration is True
+    _set_metadata(path, demonstration=False)
+    assert load_bundle(path, labels, "cpu").demonstration is False
+
+
+def test_demonstration_flag_absent_means_false(tmp_path: Path) -> None:
+    labels = load_label_table()
+    path, _ = _write(tmp_path, labels)
+    _set_metadata(path, demonstration=None)
+    assert load_bundle(path, labels, "cpu").demonstration is False
+
+
+@pytest.mark.parametrize("value", ["yes", 1, "true"])
+def test_demonstration_flag_must_be_a_json_boolean(tmp_path: Path, value: object) -> None:
+    labels = load_label_table()
+    path, _ = _write(tmp_path, labels)
+    _set_metadata(path, demonstration=value)
+    with pytest.raises(BundleError, match=r"configs/metadata.json demonstration = .*allowed: true or false"):
+        load_bundle(path, labels, "cpu")
+
+
+def test_write_bundle_takes_the_demonstration_flag(tmp_path: Path) -> None:
+    labels = load_label_table()
+    net = build_network(TINY, labels.num_classes)
+    site = {"name": "site", "version": "1.0.0", "intended_use": "Research use at site X."}
+    path = write_bundle(tmp_path / "site", net, TINY, PRE, labels, site)
+    assert load_bundle(path, labels, "cpu").demonstration is False
+    path = write_bundle(tmp_path / "demo", net, TINY, PRE, labels, site, demonstration=True)
+    assert load_bundle(path, labels, "cpu").demonstration is True
+    with pytest.raises(BundleError, match="'demonstration' is 'no'"):
+        write_bundle(tmp_path / "bad", net, TINY, PRE, labels, {**site, "demonstration": "no"})
+
+
+def test_the_shipped_bundle_is_a_demonstration_model() -> None:
+    root = Path(__file__).resolve().parents[2]
+    meta = json.loads((root / "bundles" / "thighnode_demo" / METADATA_PATH).read_text())
+    assert meta["demonstration"] is True

@@ -80,3 +80,38 @@ def test_model_mirror_follows_the_bundle_unless_set(tmp_path: Path) -> None:
     on = load_settings(environ={"THIGHNODE_HOME": str(tmp_path), "THIGHNODE_MODEL__MIRROR": "on"})
     off = load_settings(environ={"THIGHNODE_HOME": str(tmp_path), "THIGHNODE_MODEL__MIRROR": "off"})
     assert (on.model.mirror_override, off.model.mirror_override) == (True, False)
+
+
+def test_outputs_enabled_defaults_to_seg_sr_pdf_and_takes_import_paths(tmp_path: Path) -> None:
+    assert load_settings(environ={"THIGHNODE_HOME": str(tmp_path)}).outputs.enabled == ("seg", "sr", "pdf")
+    s = load_settings(environ={"THIGHNODE_OUTPUTS__ENABLED": '["sr", "site_outputs.note:NoteOutput"]'})
+    assert s.outputs.enabled == ("sr", "site_outputs.note:NoteOutput")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ('"seg"', r"outputs.enabled = 'seg': must be a list of outputs"),
+        ('["seg", "xml"]', r"outputs.enabled\[1\] = 'xml': allowed: seg, sr, pdf or an import path 'package.module:Name'"),
+        ('["seg", 3]', r"outputs.enabled\[1\] = 3: must be a string"),
+        ('["seg", "seg"]', r"outputs.enabled = \['seg', 'seg'\]: an output may be listed once"),
+    ],
+)
+def test_outputs_enabled_is_validated(value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(environ={"THIGHNODE_OUTPUTS__ENABLED": value})
+
+
+def test_the_replaced_send_keys_say_what_to_write_instead(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text("[outputs]\nsend_pdf = false\n")
+    with pytest.raises(ConfigError, match=r'outputs.send_pdf = False: replaced by outputs.enabled .* '
+                                          r'write outputs.enabled = \["seg", "sr"\]'):
+        load_settings(cfg, environ={})
+
+
+def test_the_production_example_loads(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    s = load_settings(root / "deploy" / "node.production.toml", environ={})
+    assert s.outputs.enabled == ("seg", "sr", "pdf")
+    assert [d.name for d in s.destinations] == ["pacs"]

@@ -52,7 +52,7 @@ def phantom_study(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     return phantom, labels, paths
 
 
-def _run(tmp_path: Path, phantom_study, extra_env: dict[str, str] | None = None):  # noqa: ANN001, ANN202
+def _run(tmp_path: Path, phantom_study, extra_env: dict[str, str] | None = None, bundle: object = None):  # noqa: ANN001, ANN202
     phantom, labels, paths = phantom_study
     env = {"THIGHNODE_HOME": str(tmp_path),
            "THIGHNODE_DESTINATIONS": '[{name = "pacs", ae_title = "PACS", host = "127.0.0.1", port = 4242}]',
@@ -66,6 +66,8 @@ def _run(tmp_path: Path, phantom_study, extra_env: dict[str, str] | None = None)
     results = ResultsStore(settings.db_path)
     outbox = Outbox(settings.db_path)
     seg = TruthSegmenter({STUDY: phantom}, labels)
+    if bundle is not None:
+        seg.bundle = bundle  # type: ignore[attr-defined]  # what a pipeline.inference.Segmenter carries
     wf = Workflow(settings, index, lambda: seg, results=results, outbox=outbox)
     outcome = wf.run(job)
     return settings, outcome, results, outbox
@@ -131,6 +133,47 @@ def test_labelmap_option_is_honoured(tmp_path: Path, phantom_study) -> None:  # 
     seg_path = next(Path(o["path"]) for o in outcome.result["outputs"] if o["kind"] == "seg")
     ds = pydicom.dcmread(seg_path, stop_before_pixels=True)
     assert ds.SegmentationType == "LABELMAP"
+
+
+def test_a_fourth_output_by_import_path_is_written_and_queued_for_each_destination(
+    tmp_path: Path, phantom_study  # noqa: ANN001
+) -> None:
+    two = ('[{name = "pacs", ae_title = "PACS", host = "127.0.0.1", port = 4242}, '
+           '{name = "archive", ae_title = "ARCHIVE", host = "127.0.0.1", port = 4243}]')
+    enabled = '["sr", "tests.dicomout.note_output:NoteOutput"]'
+    settings, outcome, _, outbox = _run(
+        tmp_path, phantom_study, {"THIGHNODE_DESTINATIONS": two, "THIGHNODE_OUTPUTS__ENABLED": enabled}
+    )
+    assert outcome.state == DONE, outcome.reason
+    assert outcome.reason.startswith("SR+NOTE queued to pacs, archive")
+    assert {"seg", "sr", "note"} <= set(outcome.timings_s) and "pdf" not in outcome.timings_s
+    sent = {o["kind"]: o for o in outcome.result["outputs"]}
+    assert list(sent) == ["sr", "note"]
+    note = pydicom.dcmread(sent["note"]["path"])
+    written = sorted(p.name.split("_")[0] for p in (settings.outputs_dir / STUDY).iterdir())
+    assert written == ["note", "seg", "sr"]  # the SEG is built for the SR and the note, not sent
+    seg = pydicom.dcmread(next((settings.outputs_dir / STUDY).glob("seg_*.dcm")), stop_before_pixels=True)
+    assert note.DocumentTitle == f"Test note: {len(seg.SegmentSequence)} segments"
+    queued = {(i.destination, i.sop_instance_uid) for i in outbox.items(study_uid=STUDY)}
+    assert queued == {
+        (dest, sent[kind]["sop_instance_uid"]) for dest in ("pacs", "archive") for kind in ("sr", "note")
+    }
+
+
+def test_the_report_banner_follows_the_bundle_demonstration_flag(tmp_path: Path, phantom_study) -> None:  # noqa: ANN001
+    from types import SimpleNamespace
+
+    from tests.dicomout.test_report import _pdf_text
+
+    texts = {}
+    for flag in (True, False):
+        # the intended-use text no longer decides: only the metadata flag does
+        bundle = SimpleNamespace(demonstration=flag, metadata={"intended_use": "DEMONSTRATION MODEL - NOT FOR CLINICAL USE"})
+        _, outcome, _, _ = _run(tmp_path / str(flag), phantom_study, {"THIGHNODE_OUTPUTS__ENABLED": '["pdf"]'}, bundle)
+        (pdf,) = [o for o in outcome.result["outputs"] if o["kind"] == "pdf"]
+        texts[flag] = _pdf_text(pydicom.dcmread(pdf["path"]).EncapsulatedDocument.rstrip(b"\0"), tmp_path)
+    assert "NOT FOR CLINICAL USE" in texts[True]
+    assert "NOT FOR CLINICAL USE" not in texts[False]
 
 
 def test_a_study_without_femur_is_declined_and_nothing_is_queued(tmp_path: Path, shared_data: Path) -> None:

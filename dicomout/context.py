@@ -1,0 +1,94 @@
+"""What every output builder is given: one study, processed, as a frozen context.
+
+The workflow builds a :class:`StudyContext` once per job, after the measure and compare
+stages, and hands the same object to each builder (:mod:`dicomout.outputs`). A builder
+reads only the context (and the datasets of the outputs it depends on), so given a
+context its result is deterministic: the content time is in the context, not read from
+the clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from pipeline.types import Comparison, Measurements, PriorSearch, Segmentation, SelectedSeries, Volume
+
+SEG_TYPES: tuple[str, ...] = ("BINARY", "LABELMAP")
+"""Allowed :attr:`OutputSettings.seg_type` values (PS3.3 C.8.20.2 SegmentationType)."""
+
+LABELMAP_COMPRESSIONS: tuple[str, ...] = ("RLE", "JPEGLS", "JPEG2000", "none")
+"""Allowed :attr:`OutputSettings.labelmap_compression` values."""
+
+
+@dataclass(frozen=True)
+class Equipment:
+    """General Equipment (PS3.3 C.7.5.1) of the node's outputs, and the SR's device observer."""
+
+    manufacturer: str
+    software_version: str
+    device_serial: str
+    institution_name: str = ""  # InstitutionName, written when not empty
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """How the outputs are written (the workflow maps the node's ``[outputs]`` section to this)."""
+
+    seg_type: str = "BINARY"
+    labelmap_compression: str = "RLE"
+    manufacturer: str = "thighnode"
+    institution_name: str = ""
+    device_serial: str = "0001"
+
+    def __post_init__(self) -> None:
+        if self.seg_type not in SEG_TYPES:
+            raise ValueError(f"OutputSettings.seg_type is {self.seg_type!r}; allowed: {', '.join(SEG_TYPES)}")
+        if self.labelmap_compression not in LABELMAP_COMPRESSIONS:
+            raise ValueError(
+                f"OutputSettings.labelmap_compression is {self.labelmap_compression!r}; "
+                f"allowed: {', '.join(LABELMAP_COMPRESSIONS)}"
+            )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The segmentation model: name, version, and whether it is a demonstration model
+    (bundle metadata ``demonstration``: the report then says "not for clinical use")."""
+
+    name: str
+    version: str
+    demonstration: bool = False
+
+
+@dataclass(frozen=True)
+class StudyContext:
+    """One processed study: everything an output builder may read.
+
+    ``selected`` carries the chosen series' pixel-less headers (``selected.headers``, read
+    once by selection), the patient data and StudyDate. ``content_time`` is "now" for the
+    outputs' ContentDate/Time (injected by the workflow).
+    """
+
+    job_id: int
+    study_uid: str
+    selected: SelectedSeries
+    volume: Volume
+    segmentation: Segmentation
+    measurements: Measurements
+    model: ModelInfo
+    settings: OutputSettings
+    software_version: str
+    content_time: datetime
+    comparison: Comparison | None = None
+    prior_search: PriorSearch | None = None
+
+    @property
+    def equipment(self) -> Equipment:
+        """The node as General Equipment, from the settings and the software version."""
+        return Equipment(
+            manufacturer=self.settings.manufacturer,
+            software_version=self.software_version,
+            device_serial=self.settings.device_serial,
+            institution_name=self.settings.institution_name,
+        )

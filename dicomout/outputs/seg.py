@@ -1,0 +1,40 @@
+"""The SEG output: the segmentation as a DICOM Segmentation (PS3.3 A.51; :mod:`dicomout.seg`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pydicom.dataset import Dataset
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, UID
+
+from dicomout.context import StudyContext
+from dicomout.seg import build_seg
+
+LABELMAP_SYNTAXES: Mapping[str, UID | None] = {
+    "RLE": RLELossless,
+    "JPEGLS": JPEGLSLossless,
+    "JPEG2000": JPEG2000Lossless,
+    "none": None,  # the LABELMAP default (dicomout.seg.LABELMAP_TRANSFER_SYNTAXES[0])
+}
+"""OutputSettings.labelmap_compression -> transfer syntax of a LABELMAP SEG."""
+
+
+class SegOutput:
+    """BINARY or LABELMAP Segmentation of the selected series, as the output settings say."""
+
+    name = "seg"
+    needs: tuple[str, ...] = ()
+
+    def build(self, context: StudyContext, built: Mapping[str, Dataset]) -> Dataset:
+        settings = context.settings
+        syntax = LABELMAP_SYNTAXES[settings.labelmap_compression] if settings.seg_type == "LABELMAP" else None
+        return build_seg(
+            context.volume,
+            context.segmentation,
+            context.selected.headers,
+            segmentation_type=settings.seg_type,
+            transfer_syntax_uid=syntax,
+            manufacturer=settings.manufacturer,
+            software_version=context.software_version,
+            device_serial=settings.device_serial,
+        )
