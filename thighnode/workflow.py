@@ -167,7 +167,7 @@ class Workflow:
             )
         result["selected_series"] = _selection_summary(selected)
         with _stage(job, "load", timings):
-            volume = load_volume(selected.paths, min_slices=self._settings.processing.min_slices)
+            volume = load_volume(selected.paths, headers=selected.headers, min_slices=self._settings.processing.min_slices)
         result["volume"] = {"shape": list(volume.shape), "spacing_mm": [round(s, 4) for s in volume.spacing_mm]}
         segmenter = self._segmenter()
         if segmenter is None:

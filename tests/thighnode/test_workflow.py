@@ -119,6 +119,38 @@ def test_a_phantom_study_yields_valid_seg_sr_pdf_queued_for_the_pacs(tmp_path: P
     assert "left" in metal_sides and "right" not in metal_sides
 
 
+def test_one_job_parses_each_source_file_once_for_its_header_and_once_for_its_pixels(
+    tmp_path: Path, phantom_study, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    """Selection reads the headers; loading, measuring and the SEG/SR/PDF builders use them (no re-read)."""
+    _, _, paths = phantom_study
+    sources = {str(Path(p)) for p in paths}
+    reads: dict[tuple[str, bool], int] = {}
+    real = pydicom.dcmread
+    real_run = Workflow.run
+    active: list[bool] = []  # count only what the job reads (not the test's own indexing)
+
+    def run(self, job):  # noqa: ANN001, ANN202
+        active.append(True)
+        try:
+            return real_run(self, job)
+        finally:
+            active.clear()
+
+    def counting(fp, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        key = str(Path(fp)) if isinstance(fp, (str, Path)) else ""
+        if active and key in sources:
+            header_only = bool(kwargs.get("stop_before_pixels"))
+            reads[(key, header_only)] = reads.get((key, header_only), 0) + 1
+        return real(fp, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting)
+    monkeypatch.setattr(Workflow, "run", run)
+    _, outcome, _, _ = _run(tmp_path, phantom_study)
+    assert outcome.state == DONE, outcome.reason
+    assert {(p, True): 1 for p in sources} | {(p, False): 1 for p in sources} == reads
+
+
 def test_reprocessing_replaces_outputs_with_the_same_uids(tmp_path: Path, phantom_study) -> None:  # noqa: ANN001
     _, first, _, _ = _run(tmp_path / "a", phantom_study)
     _, second, _, _ = _run(tmp_path / "b", phantom_study)
