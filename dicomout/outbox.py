@@ -24,6 +24,7 @@ from pathlib import Path
 
 from dicomout.errors import OutputError
 from dicomout.sender import Destination, describe_status, send_files
+from scp.db import open_db
 
 LOGGER = logging.getLogger(__name__)
 
@@ -157,15 +158,13 @@ class Outbox:
         #: held by send_pending so that two runs never send the same items twice.
         self.send_lock = threading.Lock()
         with self._connect() as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            conn = sqlite3.connect(self.db_path, timeout=30.0)
+            conn = open_db(self.db_path, autocommit=False)
             try:
-                conn.row_factory = sqlite3.Row
                 with conn:  # one transaction: commit, or roll back on error
                     yield conn
             finally:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from node_errors import NodeError
-from thighnode.db import open_db
+from scp.db import open_db
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.compare import compare_studies
 from pipeline.types import AnatomicalProfiles, Comparison, Measurements, PatientInfo, PriorSearch
-from thighnode.db import open_db
+from scp.db import open_db
 from thighnode.results import ResultsStore
 from thighnode.settings import Settings
 

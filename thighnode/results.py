@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from node_errors import NodeError
-from thighnode.db import open_db
 from pipeline.types import (
     AnatomicalProfiles,
     Comparison,
@@ -34,6 +33,7 @@ from pipeline.types import (
     StructureMeasurement,
     StructureProfile,
 )
+from scp.db import open_db
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS patient_heights (
