@@ -9,8 +9,8 @@ The C-STORE handler implements the Storage Service Class SCP (PS3.4 Annex B): it
 never decodes pixel data, writes the bytes as received (the transfer syntax the
 sender chose, no transcoding) durably to the spool, records them in the index, and
 only then answers Success. It never raises: every failure is logged with the SOP
-Instance UID and answered with one of the named statuses below (PS3.4 B.2.3,
-PS3.7 Annex C), with an Error Comment (0000,0902) saying why.
+Instance UID and answered with one of the statuses named in :mod:`scp.status`
+(PS3.4 B.2.3, PS3.7 Annex C), with an Error Comment (0000,0902) saying why.
 """
 
 from __future__ import annotations
@@ -32,8 +32,18 @@ from pydicom.uid import UID
 from pynetdicom.dsutils import encode_file_meta
 
 from scp.errors import InvalidUIDError
-from scp.spool import validate_uid, write_instance
+from scp.spool import write_instance
+from scp.status import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_INVALID_SOP_INSTANCE,
+    STATUS_INVALID_UID,
+    STATUS_MISSING_UID,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_PROCESSING_FAILURE,
+    STATUS_SUCCESS,
+)
 from scp.types import IngressConfig, ReceivedInstance
+from scp.validate import validate_uid
 
 if TYPE_CHECKING:  # pragma: no cover
     from pynetdicom.association import Association
@@ -43,21 +53,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from scp.index import InstanceIndex
 
 LOGGER = logging.getLogger(__name__)
-
-# --- DIMSE statuses (PS3.4 B.2.3 Storage Service Class, PS3.7 Annex C general) ----------
-STATUS_SUCCESS = 0x0000
-#: Refused: Out of Resources - the spool's free space is below the floor, or disk full.
-STATUS_OUT_OF_RESOURCES = 0xA700
-#: Failure: Processing Failure - an unexpected error (I/O, database); logged with a trace.
-STATUS_PROCESSING_FAILURE = 0x0110
-#: Failure: Invalid Object Instance - the Affected SOP Instance UID is not a valid UID.
-STATUS_INVALID_SOP_INSTANCE = 0x0117
-#: Error: Cannot Understand - the dataset's header could not be parsed.
-STATUS_CANNOT_UNDERSTAND = 0xC000
-#: Error: Cannot Understand - StudyInstanceUID or SeriesInstanceUID is missing.
-STATUS_MISSING_UID = 0xC001
-#: Error: Cannot Understand - StudyInstanceUID or SeriesInstanceUID is not a valid UID.
-STATUS_INVALID_UID = 0xC002
 
 # --- A-ASSOCIATE-RJ values (PS3.8 9.3.4) ----------------------------------------------
 REJECT_RESULT_PERMANENT = 0x01

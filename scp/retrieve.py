@@ -40,7 +40,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal, cast
 
 from pydicom import dcmread
@@ -57,9 +56,22 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from scp.ae import CT_STUDY_SOP_CLASSES, TRANSFER_SYNTAXES
-from scp.errors import IngressConfigError, IngressError, InvalidUIDError
-from scp.spool import validate_uid, write_instance
-from scp.types import ReceivedInstance, validate_ae_title
+from scp.errors import IngressError, InvalidUIDError
+from scp.spool import write_instance
+from scp.status import (
+    PENDING_STATUSES,
+    STATUS_CANCEL,
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_MOVE_DESTINATION_UNKNOWN,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_PENDING,
+    STATUS_PROCESSING_FAILURE,
+    STATUS_SUBOPERATIONS_WARNING,
+    STATUS_SUCCESS,
+    describe_retrieve_status,
+)
+from scp.types import ReceivedInstance
+from scp.validate import validate_ae_title, validate_uid
 
 if TYPE_CHECKING:  # pragma: no cover
     from pynetdicom.association import Association
@@ -78,46 +90,6 @@ RETRIEVE_METHODS: tuple[str, ...] = ("move", "get")
 #: dataset is byte for byte what the PACS sent. Raising refuses that instance (its
 #: C-STORE sub-operation is answered with a failure and counted as failed).
 InstanceSink = Callable[[bytes], None]
-
-# --- DIMSE statuses (PS3.4 C.4.1.1.4 C-FIND, C.4.2.1.5 C-MOVE, C.4.3.1.4 C-GET; PS3.7 C) --
-STATUS_SUCCESS = 0x0000
-STATUS_PENDING = 0xFF00
-#: Pending, one or more Optional Keys were not supported (C-FIND).
-STATUS_PENDING_WARNING = 0xFF01
-STATUS_CANCEL = 0xFE00
-#: Warning: sub-operations complete, one or more failures or warnings (C-MOVE/C-GET).
-STATUS_SUBOPERATIONS_WARNING = 0xB000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_OUT_OF_RESOURCES_MATCHES = 0xA701
-STATUS_OUT_OF_RESOURCES_SUBOPERATIONS = 0xA702
-STATUS_MOVE_DESTINATION_UNKNOWN = 0xA801
-STATUS_IDENTIFIER_MISMATCH = 0xA900
-STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
-STATUS_NOT_AUTHORIZED = 0x0124
-STATUS_UNABLE_TO_PROCESS_FIRST = 0xC000
-STATUS_UNABLE_TO_PROCESS_LAST = 0xCFFF
-#: Our answers to the PACS's C-STORE sub-operations of a C-GET (PS3.4 B.2.3).
-STATUS_STORE_PROCESSING_FAILURE = 0x0110
-STATUS_STORE_CANNOT_UNDERSTAND = 0xC000
-
-_STATUS_TEXT = MappingProxyType(
-    {
-        STATUS_SUCCESS: "Success",
-        STATUS_PENDING: "Pending",
-        STATUS_PENDING_WARNING: "Pending (optional keys not supported)",
-        STATUS_CANCEL: "Cancelled",
-        STATUS_SUBOPERATIONS_WARNING: "Sub-operations complete with failures or warnings",
-        STATUS_OUT_OF_RESOURCES: "Out of resources",
-        STATUS_OUT_OF_RESOURCES_MATCHES: "Out of resources: unable to calculate number of matches",
-        STATUS_OUT_OF_RESOURCES_SUBOPERATIONS: "Out of resources: unable to perform sub-operations",
-        STATUS_MOVE_DESTINATION_UNKNOWN: "Move destination unknown",
-        STATUS_IDENTIFIER_MISMATCH: "Identifier does not match SOP Class",
-        STATUS_SOP_CLASS_NOT_SUPPORTED: "SOP Class not supported",
-        STATUS_NOT_AUTHORIZED: "Not authorized",
-    }
-)
-
-_PENDING_STATUSES = (STATUS_PENDING, STATUS_PENDING_WARNING)
 
 #: Longest LO value (PS3.5 Table 6.2-1): PatientID, IssuerOfPatientID.
 _LO_MAX_CHARS = 64
@@ -172,8 +144,9 @@ class QuerySource:
         set_ = object.__setattr__
         if not isinstance(self.name, str) or not self.name.strip():
             raise QuerySourceError(f"name must be a non-empty string (used in messages); got {self.name!r}")
-        set_(self, "ae_title", _checked_ae(self.ae_title, "ae_title"))
-        set_(self, "calling_ae_title", _checked_ae(self.calling_ae_title, "calling_ae_title"))
+        set_(self, "ae_title", validate_ae_title(self.ae_title, "ae_title", QuerySourceError))
+        calling = validate_ae_title(self.calling_ae_title, "calling_ae_title", QuerySourceError)
+        set_(self, "calling_ae_title", calling)
         if not isinstance(self.host, str) or not self.host.strip() or any(c.isspace() for c in self.host.strip()):
             raise QuerySourceError(f"host must be a host name or IP address without spaces; got {self.host!r}")
         set_(self, "host", self.host.strip())
@@ -181,15 +154,14 @@ class QuerySource:
             raise QuerySourceError(f"port is {self.port!r}; allowed: an integer 1..65535")
         if self.method not in RETRIEVE_METHODS:
             raise QuerySourceError(f"method is {self.method!r}; allowed: {', '.join(map(repr, RETRIEVE_METHODS))}")
-        if self.method == "move":
-            if self.move_destination_ae == "":
-                raise QuerySourceError(
-                    "move_destination_ae is empty; method 'move' needs it: the AE title of this node's "
-                    "ingress SCP, known to the PACS (1 to 16 printable ASCII characters)"
-                )
-            set_(self, "move_destination_ae", _checked_ae(self.move_destination_ae, "move_destination_ae"))
-        elif self.move_destination_ae != "":
-            set_(self, "move_destination_ae", _checked_ae(self.move_destination_ae, "move_destination_ae"))
+        if self.method == "move" and self.move_destination_ae == "":
+            raise QuerySourceError(
+                "move_destination_ae is empty; method 'move' needs it: the AE title of this node's "
+                "ingress SCP, known to the PACS (1 to 16 printable ASCII characters)"
+            )
+        if self.move_destination_ae != "":
+            destination = validate_ae_title(self.move_destination_ae, "move_destination_ae", QuerySourceError)
+            set_(self, "move_destination_ae", destination)
         timeout = self.timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout):
             raise QuerySourceError(f"timeout_s must be a finite number of seconds > 0; got {timeout!r}")
@@ -255,13 +227,6 @@ class RetrieveResult:
 
 
 # --- validation -------------------------------------------------------------------------
-def _checked_ae(value: object, field_name: str) -> str:
-    try:
-        return validate_ae_title(value, field_name)
-    except IngressConfigError as exc:
-        raise QuerySourceError(str(exc)) from None
-
-
 def _check_key_text(value: object, keyword: str, max_chars: int, *, allow_empty: bool) -> str:
     """A single-valued matching key without wildcards (single value matching, PS3.4 C.2.2.2.1)."""
     allowed = (
@@ -383,17 +348,6 @@ def _release(assoc: Association) -> None:
         assoc.abort()
 
 
-def describe_status(status: int) -> str:
-    """``0xA801 Move destination unknown``: the status and its meaning (PS3.4 C.4, PS3.7 C)."""
-    text = _STATUS_TEXT.get(status)
-    if text is None:
-        if STATUS_UNABLE_TO_PROCESS_FIRST <= status <= STATUS_UNABLE_TO_PROCESS_LAST:
-            text = "Unable to process"
-        else:
-            text = "unknown status"
-    return f"0x{status:04X} {text}"
-
-
 def _error_comment(status_ds: Dataset) -> str:
     comment = status_ds.get("ErrorComment")
     return f" ({str(comment).strip()})" if comment else ""
@@ -426,14 +380,14 @@ def _run_find(source: QuerySource, identifier: Dataset, level: str) -> list[Data
                     f"{len(matches)} matches so far"
                 )
             status = int(status_ds.Status)
-            if status in _PENDING_STATUSES:
+            if status in PENDING_STATUSES:
                 if ident is not None:
                     matches.append(ident)
                 continue
             final = status
             if status != STATUS_SUCCESS:
                 raise QueryFailedError(
-                    f"{source.label} refused C-FIND {level}: {describe_status(status)}{_error_comment(status_ds)}"
+                    f"{source.label} refused C-FIND {level}: {describe_retrieve_status(status)}{_error_comment(status_ds)}"
                 )
         if final is None:
             raise QueryFailedError(f"C-FIND {level} on {source.label} ended without a final status")
@@ -647,7 +601,7 @@ def handle_get_store(
         stream = request.DataSet
         if stream is None:
             LOGGER.warning("C-GET from %s: SOP Instance %s came without a dataset", source_label, sop_uid)
-            return STATUS_STORE_CANNOT_UNDERSTAND
+            return STATUS_CANNOT_UNDERSTAND
         file_meta = event.file_meta
         file_meta.SourceApplicationEntityTitle = event.assoc.acceptor.ae_title
         data = _PREAMBLE_AND_PREFIX + encode_file_meta(file_meta) + stream.getvalue()
@@ -657,10 +611,10 @@ def handle_get_store(
             LOGGER.error("C-GET from %s: could not store SOP Instance %s: disk full", source_label, sop_uid)
             return STATUS_OUT_OF_RESOURCES
         LOGGER.exception("C-GET from %s: could not store SOP Instance %s", source_label, sop_uid)
-        return STATUS_STORE_PROCESSING_FAILURE
+        return STATUS_PROCESSING_FAILURE
     except Exception:
         LOGGER.exception("C-GET from %s: could not store SOP Instance %s", source_label, sop_uid)
-        return STATUS_STORE_PROCESSING_FAILURE
+        return STATUS_PROCESSING_FAILURE
     with lock:
         received.append(sop_uid)
     return STATUS_SUCCESS
@@ -682,7 +636,7 @@ def store_into(
     is answered with a failure) when the header cannot be read, a UID is invalid or
     the write fails.
     """
-    calling_ae = _checked_ae(calling_ae, "calling_ae")
+    calling_ae = validate_ae_title(calling_ae, "calling_ae", QuerySourceError)
     spool = Path(spool_dir)
 
     def store(data: bytes) -> None:
@@ -910,7 +864,7 @@ def _collect(
     if final == STATUS_MOVE_DESTINATION_UNKNOWN:
         return result(
             False,
-            f"{source.label} refused {operation}: {describe_status(final)}{_error_comment(final_ds)} - "
+            f"{source.label} refused {operation}: {describe_retrieve_status(final)}{_error_comment(final_ds)} - "
             f"add {source.move_destination_ae} (this node's ingress AE title, host and port) to its modalities",
         )
     if final not in (STATUS_SUCCESS, STATUS_SUBOPERATIONS_WARNING):
@@ -924,17 +878,17 @@ def _collect(
             )
         return result(
             False,
-            f"{source.label} {verb} {operation}: {describe_status(final)}{_error_comment(final_ds)} "
+            f"{source.label} {verb} {operation}: {describe_retrieve_status(final)}{_error_comment(final_ds)} "
             f"({counts_text}){failed_note}{hint}",
         )
     if failed:
         return result(
             False,
-            f"{operation} from {source.label} partly failed: {describe_status(final)} ({counts_text}){failed_note}",
+            f"{operation} from {source.label} partly failed: {describe_retrieve_status(final)} ({counts_text}){failed_note}",
         )
     if completed + warning == 0:
         return result(
             False,
-            f"{operation} from {source.label} matched no instance of the series (status {describe_status(final)})",
+            f"{operation} from {source.label} matched no instance of the series (status {describe_retrieve_status(final)})",
         )
     return result(True, "")

@@ -12,42 +12,15 @@ peer cannot make us write outside the spool.
 from __future__ import annotations
 
 import os
-import re
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from scp.errors import InvalidUIDError
-
-#: Longest UI value (PS3.5 Table 6.2-1).
-UID_MAX_CHARS = 64
-
-# Components of digits, no leading zero unless the component is "0" (PS3.5 9.1).
-_UID_PATTERN = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
+from scp.validate import validate_uid
 
 _TMP_SUFFIX = ".tmp"
 
 Buffer = bytes | bytearray | memoryview
-
-
-def validate_uid(value: object, keyword: str) -> str:
-    """Return ``value`` if it is a valid UI value, else raise :class:`InvalidUIDError`.
-
-    ``keyword`` names the attribute (e.g. ``"StudyInstanceUID"``) for the message.
-    """
-    allowed = (
-        f"1 to {UID_MAX_CHARS} characters of digits and dots, "
-        "no empty component, no leading zero in a component other than '0'"
-    )
-    if not isinstance(value, str):
-        raise InvalidUIDError(f"{keyword} must be a UID string ({allowed}); got {value!r}")
-    if not value:
-        raise InvalidUIDError(f"{keyword} is empty; allowed: {allowed}")
-    if len(value) > UID_MAX_CHARS:
-        raise InvalidUIDError(f"{keyword} {value!r} is {len(value)} characters long; allowed: {allowed}")
-    if _UID_PATTERN.fullmatch(value) is None:
-        raise InvalidUIDError(f"{keyword} {value!r} is not a valid UID; allowed: {allowed}")
-    return value
 
 
 def instance_path(spool_dir: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:

@@ -32,19 +32,17 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from scp.errors import InvalidUIDError
 from scp.index import InstanceIndex
 from scp.retrieve import (
-    STATUS_MOVE_DESTINATION_UNKNOWN,
-    STATUS_SUCCESS,
     QueryArgumentError,
     QueryFailedError,
     QuerySource,
     QuerySourceError,
     RetrieveResult,
-    describe_status,
     find_series,
     find_studies,
     retrieve_series,
     store_into,
 )
+from scp.status import STATUS_MOVE_DESTINATION_UNKNOWN, STATUS_SUCCESS, describe_retrieve_status
 from tests.scp.conftest import RunningIngress
 from tests.support.orthanc import OrthancServer
 from tests.support.ports import free_port
@@ -254,7 +252,7 @@ def test_move_to_an_unknown_destination_fails_with_a_clear_error(pacs: Pacs) -> 
     assert result.status in (STATUS_MOVE_DESTINATION_UNKNOWN, 0xC000)
     assert (result.completed, result.failed) == (0, 0)
     assert result.error.startswith(f"PACS ({pacs.orthanc.aet}@127.0.0.1:{pacs.orthanc.dicom_port}) refused C-MOVE: ")
-    assert describe_status(result.status) in result.error
+    assert describe_retrieve_status(result.status) in result.error
     assert "move destination NOSUCHNODE, add it" in result.error
 
 
@@ -265,7 +263,7 @@ def test_move_while_the_ingress_is_down_reports_the_failed_suboperations(pacs: P
     assert not result.ok
     assert result.status is not None and result.status != STATUS_SUCCESS
     assert "PACS (" in result.error
-    assert describe_status(result.status) in result.error
+    assert describe_retrieve_status(result.status) in result.error
 
 
 # --- C-GET ------------------------------------------------------------------------------
@@ -449,13 +447,6 @@ def test_retrieve_refuses_invalid_arguments_before_connecting() -> None:
         find_series(_source(port=1), "../etc")
 
 
-def test_describe_status_names_the_status() -> None:
-    assert describe_status(STATUS_MOVE_DESTINATION_UNKNOWN) == "0xA801 Move destination unknown"
-    assert describe_status(0xC123) == "0xC123 Unable to process"
-    assert describe_status(0x1234) == "0x1234 unknown status"
-
-
-# --- a PACS that does not match every key (pynetdicom SCP) ------------------------------
 def _study_identifier(uid: str, patient_id: str, issuer: str, date: str, modalities: list[str]) -> Dataset:
     ds = Dataset()
     ds.QueryRetrieveLevel = "STUDY"
