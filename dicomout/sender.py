@@ -40,6 +40,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 from dicomout.errors import DestinationError, SendError
+from scp.association import AssociationSettings, RemoteAE, create_ae, request_association
 from scp.status import STATUS_SUCCESS, describe_status, is_permanent_failure, is_stored
 from scp.validate import validate_ae_title
 
@@ -100,6 +101,15 @@ class Destination:
     def label(self) -> str:
         """``PACS (PACS@127.0.0.1:4242)``: how the destination is named in messages."""
         return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
+
+    @property
+    def association(self) -> AssociationSettings:
+        """Our side of an association with this destination: ``timeout_s`` bounds every wait."""
+        return AssociationSettings.with_timeout(self.calling_ae_title, self.timeout_s, self.max_pdu)
+
+    @property
+    def peer(self) -> RemoteAE:
+        return RemoteAE(self.ae_title, self.host, self.port)
 
 
 # --- results ---------------------------------------------------------------------------
@@ -264,16 +274,6 @@ def _read_header(index: int, path: Path) -> _ObjectHeader | SendResult:
 
 
 # --- association ---------------------------------------------------------------------
-def _make_ae(destination: Destination) -> AE:
-    ae = AE(ae_title=destination.calling_ae_title)
-    ae.connection_timeout = destination.timeout_s
-    ae.acse_timeout = destination.timeout_s
-    ae.dimse_timeout = destination.timeout_s
-    ae.network_timeout = destination.timeout_s
-    ae.maximum_pdu_size = destination.max_pdu
-    return ae
-
-
 def _associate(ae: AE, destination: Destination) -> Association:
     """Open an association or raise a transient :class:`SendError` naming the destination.
 
@@ -284,13 +284,7 @@ def _associate(ae: AE, destination: Destination) -> Association:
     def handle_acse_recv(event: evt.Event) -> None:
         received.append(event.primitive)  # type: ignore[attr-defined]
 
-    assoc = ae.associate(
-        destination.host,
-        destination.port,
-        ae_title=destination.ae_title,
-        max_pdu=destination.max_pdu,
-        evt_handlers=[(evt.EVT_ACSE_RECV, handle_acse_recv)],
-    )
+    assoc = request_association(ae, destination.peer, evt_handlers=[(evt.EVT_ACSE_RECV, handle_acse_recv)])
     if assoc.is_established:
         return assoc
     if assoc.rejected_contexts and not assoc.accepted_contexts and not assoc.is_rejected:
@@ -435,7 +429,7 @@ def send_files(paths: Sequence[Path], destination: Destination) -> list[SendResu
             headers.append(read)
 
     for chunk, contexts in _chunk_by_contexts(headers):
-        ae = _make_ae(destination)
+        ae = create_ae(destination.association)
         for plan in contexts:
             ae.add_requested_context(plan.sop_class_uid, list(plan.transfer_syntax_uids))
         try:
@@ -478,7 +472,7 @@ def send_files(paths: Sequence[Path], destination: Destination) -> list[SendResu
 def echo(destination: Destination) -> EchoResult:
     """C-ECHO ``destination`` (Verification SOP Class, PS3.4 Annex A); never raises."""
     started = time.monotonic()
-    ae = _make_ae(destination)
+    ae = create_ae(destination.association)
     ae.add_requested_context(Verification)
     try:
         assoc = _associate(ae, destination)

@@ -24,7 +24,7 @@ Logs carry identifiers only (UIDs, counts, the PACS name and address), never a
 PatientID or a name. pynetdicom itself logs request identifiers at INFO; the CLI keeps
 its logger at WARNING.
 
-Each call builds its own :class:`pynetdicom.AE` and association; nothing is shared
+Each call builds its own AE and association (:mod:`scp.association`); nothing is shared
 between calls, so the functions may run on several threads at once.
 """
 
@@ -56,6 +56,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from scp.ae import CT_STUDY_SOP_CLASSES, TRANSFER_SYNTAXES
+from scp.association import AssociationSettings, RemoteAE, create_ae, request_association
 from scp.errors import IngressError, InvalidUIDError
 from scp.spool import write_instance
 from scp.status import (
@@ -174,6 +175,15 @@ class QuerySource:
         """``name (AE@host:port)``, how messages and logs name the PACS."""
         return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
 
+    @property
+    def association(self) -> AssociationSettings:
+        """Our side of an association with this PACS: ``timeout_s`` bounds every wait."""
+        return AssociationSettings.with_timeout(self.calling_ae_title, self.timeout_s)
+
+    @property
+    def peer(self) -> RemoteAE:
+        return RemoteAE(self.ae_title, self.host, self.port)
+
 
 @dataclass(frozen=True)
 class StudyMatch:
@@ -269,15 +279,6 @@ def _check_modality(value: object) -> str:
 
 
 # --- association ------------------------------------------------------------------------
-def _new_ae(source: QuerySource) -> AE:
-    ae = AE(ae_title=source.calling_ae_title)
-    ae.connection_timeout = source.timeout_s
-    ae.acse_timeout = source.timeout_s
-    ae.dimse_timeout = source.timeout_s
-    ae.network_timeout = source.timeout_s
-    return ae
-
-
 def _associate(
     source: QuerySource,
     ae: AE,
@@ -293,13 +294,7 @@ def _associate(
     connected = threading.Event()
     handlers: list[EventHandlerType] = [(evt.EVT_CONN_OPEN, handle_conn_open, [connected]), *(evt_handlers or [])]
     try:
-        assoc = ae.associate(
-            source.host,
-            source.port,
-            ae_title=source.ae_title,
-            ext_neg=ext_neg,
-            evt_handlers=handlers,
-        )
+        assoc = request_association(ae, source.peer, ext_neg=ext_neg, evt_handlers=handlers)
     except Exception as exc:  # noqa: BLE001 - e.g. an unresolvable host name
         return None, f"{source.label}: could not connect ({type(exc).__name__}: {exc})"
     if assoc.is_established:
@@ -360,7 +355,7 @@ def _run_find(source: QuerySource, identifier: Dataset, level: str) -> list[Data
     Raises :class:`QueryFailedError` naming the PACS when the association fails, the
     final status is not Success, or no final response arrives.
     """
-    ae = _new_ae(source)
+    ae = create_ae(source.association)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc, reason = _associate(source, ae)
     if assoc is None:
@@ -718,7 +713,7 @@ def retrieve_series(
 
     received: list[str] = []
     lock = threading.Lock()
-    ae = _new_ae(source)
+    ae = create_ae(source.association)
     ext_neg: list[SCP_SCU_RoleSelectionNegotiation] | None = None
     handlers: list[EventHandlerType] | None = None
     if source.method == "move":
