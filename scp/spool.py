@@ -12,6 +12,7 @@ peer cannot make us write outside the spool.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,8 +27,7 @@ Buffer = bytes | bytearray | memoryview
 def instance_path(spool_dir: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
     """Where an instance is stored (UIDs validated)."""
     return (
-        Path(spool_dir)
-        / validate_uid(study_uid, "StudyInstanceUID")
+        study_dir(spool_dir, study_uid)
         / validate_uid(series_uid, "SeriesInstanceUID")
         / f"{validate_uid(sop_uid, 'SOPInstanceUID')}.dcm"
     )
@@ -69,6 +69,21 @@ def write_instance(
         raise
     _fsync_dir(series_dir)
     return final
+
+
+def study_dir(spool_dir: Path, study_uid: str) -> Path:
+    """The directory that holds a study's series (UID validated)."""
+    return Path(spool_dir) / validate_uid(study_uid, "StudyInstanceUID")
+
+
+def remove_study(spool_dir: Path, study_uid: str) -> None:
+    """Delete a study's files from the spool (retention purge); nothing happens when it has none.
+
+    Raises :class:`~scp.errors.InvalidUIDError`, before touching the disk, when
+    ``study_uid`` is not a valid UID (so no path outside the spool is ever removed).
+    Files that cannot be removed are left (as ``rm -rf`` would, without raising).
+    """
+    shutil.rmtree(study_dir(spool_dir, study_uid), ignore_errors=True)
 
 
 def remove_temporaries(spool_dir: Path) -> int:

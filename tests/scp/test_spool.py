@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from scp.errors import InvalidUIDError
-from scp.spool import instance_path, remove_temporaries, write_instance
+from scp.spool import instance_path, remove_study, remove_temporaries, write_instance
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SERIES = "1.2.826.0.1.3680043.8.498.1.2"
@@ -72,3 +72,23 @@ def test_remove_temporaries_deletes_only_leftover_temporaries(tmp_path: Path) ->
     assert remove_temporaries(tmp_path) == 1
     assert not leftover.exists()
     assert kept.read_bytes() == b"kept" and other.exists()
+
+
+def test_remove_study_deletes_only_that_study(tmp_path: Path) -> None:
+    kept = write_instance(tmp_path, "1.2.9", "1.2.9.1", "1.2.9.1.1", b"other")
+    write_instance(tmp_path, STUDY, SERIES, SOP, b"data")
+    write_instance(tmp_path, STUDY, SERIES + ".7", SOP + ".7", b"data")
+    remove_study(tmp_path, STUDY)
+    assert not (tmp_path / STUDY).exists()
+    assert kept.read_bytes() == b"other"
+    remove_study(tmp_path, STUDY)  # nothing left: no error
+
+
+def test_remove_study_refuses_an_invalid_uid_before_touching_the_disk(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    outside = tmp_path / "keep.txt"
+    outside.write_text("x")
+    with pytest.raises(InvalidUIDError, match="StudyInstanceUID"):
+        remove_study(spool, "..")
+    assert outside.read_text() == "x" and spool.is_dir()
