@@ -17,11 +17,23 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydicom.dataset import FileMetaDataset
+from pynetdicom.dsutils import encode_file_meta
+
 from scp.validate import validate_uid
 
 _TMP_SUFFIX = ".tmp"
+_PREAMBLE_AND_PREFIX = b"\x00" * 128 + b"DICM"
 
 Buffer = bytes | bytearray | memoryview
+
+
+def file_head(file_meta: FileMetaDataset, source_ae_title: str) -> bytes:
+    """What precedes a received dataset in its Part 10 file (PS3.10 7.1): the preamble, the
+    ``DICM`` prefix and ``file_meta`` with SourceApplicationEntityTitle set to the sender's
+    AE title (``file_meta`` is changed in place)."""
+    file_meta.SourceApplicationEntityTitle = source_ae_title
+    return _PREAMBLE_AND_PREFIX + encode_file_meta(file_meta)
 
 
 def instance_path(spool_dir: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
