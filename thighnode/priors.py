@@ -140,8 +140,8 @@ class PriorFinder:
 
     # -- the source --------------------------------------------------------------------------
 
-    def query_source(self):  # noqa: ANN201 - scp.retrieve.QuerySource, imported lazily
-        from scp.retrieve import QuerySource
+    def query_source(self):  # noqa: ANN201 - scp.pacs.QuerySource, imported lazily
+        from scp.pacs import QuerySource
 
         p = self._settings.prior
         return QuerySource(
@@ -229,7 +229,8 @@ class PriorFinder:
     def _request_from_pacs(
         self, study_uid: str, study_date: str, patient: PatientInfo, looked: tuple[str, ...]
     ) -> PriorSearch:
-        from scp.retrieve import QueryFailedError, find_series, find_studies
+        from scp.errors import QueryFailedError
+        from scp.query import find_series, find_studies
 
         source = self.query_source()
         try:
@@ -285,7 +286,8 @@ class PriorFinder:
 
     def retrieve(self, prior_study_uid: str, series_uids: tuple[str, ...]) -> str:
         """Retrieve the series; '' on success, else the reason."""
-        from scp.retrieve import retrieve_series, store_into
+        from scp.instance_sink import store_into
+        from scp.retrieve import retrieve_series
 
         source = self.query_source()
         store = None

@@ -1,4 +1,5 @@
-"""scp.retrieve: Query/Retrieve SCU against a real Orthanc (C-FIND, C-MOVE into the ingress, C-GET).
+"""scp.query, scp.retrieve, scp.instance_sink: Query/Retrieve SCU against a real Orthanc
+(C-FIND, C-MOVE into the ingress, C-GET).
 
 One Orthanc per module holds (all CT unless said, 32x32 slices):
 
@@ -29,19 +30,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from scp.errors import InvalidUIDError
+from scp.errors import InvalidUIDError, QueryArgumentError, QueryFailedError, QuerySourceError
 from scp.index import InstanceIndex
-from scp.retrieve import (
-    QueryArgumentError,
-    QueryFailedError,
-    QuerySource,
-    QuerySourceError,
-    RetrieveResult,
-    find_series,
-    find_studies,
-    retrieve_series,
-    store_into,
-)
+from scp.instance_sink import store_into
+from scp.pacs import QuerySource
+from scp.query import find_series, find_studies
+from scp.retrieve import RetrieveResult, retrieve_series
 from scp.status import STATUS_MOVE_DESTINATION_UNKNOWN, STATUS_SUCCESS, describe_retrieve_status
 from tests.scp.conftest import RunningIngress
 from tests.support.orthanc import OrthancServer
@@ -211,11 +205,11 @@ def test_find_series_lists_the_series_of_the_study(pacs: Pacs) -> None:
 
 @pytest.mark.integration
 def test_logs_carry_no_patient_id(pacs: Pacs, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.DEBUG, logger="scp.retrieve"):
+    with caplog.at_level(logging.DEBUG, logger="scp"):
         studies = find_studies(pacs.source(), patient_id=PATIENT_A, issuer_of_patient_id="HOSP-A")
         find_series(pacs.source(), studies[0].study_instance_uid)
-    ours = [r.getMessage() for r in caplog.records if r.name == "scp.retrieve"]
-    assert ours, "scp.retrieve logged nothing"
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("scp.")]
+    assert ours, "scp logged nothing"
     assert any(pacs.prior.study_uid in m for m in ours)
     assert not [m for m in ours if PATIENT_A in m or "Prior^Alice" in m or "HOSP-A" in m]
 
