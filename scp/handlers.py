@@ -221,7 +221,7 @@ def handle_store(
         header = _read_checked_header(request, str(event.context.transfer_syntax), sop_uid)
         if isinstance(header, _Refusal):
             return _failure(assoc, association_log, header)
-        instance = _write_instance(event, config, header, sop_uid, received_at)
+        instance = _store_in_spool(event, config, header, sop_uid, received_at)
         is_new = index.record(instance)
         if association_log is not None:
             association_log.count(assoc, "stored" if is_new else "duplicate", instance.size_bytes)
@@ -294,7 +294,7 @@ def _read_checked_header(request: C_STORE, transfer_syntax: str, sop_uid: str) -
     return header
 
 
-def _write_instance(
+def _store_in_spool(
     event: Event, config: IngressConfig, header: InstanceHeader, sop_uid: str, received_at: float
 ) -> ReceivedInstance:
     """Write the dataset as received, behind its File Meta Information, durably to the spool."""
