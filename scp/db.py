@@ -8,8 +8,9 @@ journal (WAL, required), the busy timeout and the row type.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from scp.errors import IngressError
 
@@ -58,3 +59,19 @@ def open_db(
         conn.close()
         raise
     return conn
+
+
+class SqliteStore:
+    """Base of a store that keeps its tables in the node's SQLite file: one connection
+    (from :func:`open_db`, autocommit) behind a re-entrant lock, so an instance may be
+    shared by threads. A subclass names its tables in ``SCHEMA``."""
+
+    SCHEMA: ClassVar[str] = ""
+
+    def __init__(self, db_path: Path) -> None:
+        self._lock = threading.RLock()
+        self._db = open_db(db_path, self.SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

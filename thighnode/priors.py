@@ -10,14 +10,12 @@ is set. Failed retrievals are retried with a doubling delay and are visible in `
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from pipeline.compare import compare_studies
 from pipeline.types import AnatomicalProfiles, Comparison, Measurements, PatientInfo, PriorSearch
-from scp.db import open_db
+from scp.db import SqliteStore
 from thighnode.results import ResultsStore
 from thighnode.settings import Settings
 
@@ -56,16 +54,10 @@ class PriorRequest:
     last_error: str
 
 
-class PriorRequests:
+class PriorRequests(SqliteStore):
     """Priors requested from the PACS, in SQLite (thread-safe)."""
 
-    def __init__(self, db_path: Path) -> None:
-        self._lock = threading.RLock()
-        self._db = open_db(db_path, _SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+    SCHEMA = _SCHEMA
 
     def record(
         self,
