@@ -97,7 +97,6 @@ class QuerySource:
         return RemoteAE(self.ae_title, self.host, self.port)
 
 
-
 def associate(
     source: QuerySource,
     ae: AE,

@@ -72,7 +72,6 @@ class SeriesMatch:
     body_part_examined: str
 
 
-
 @dataclass(frozen=True)
 class _StudyKeys:
     """The checked matching keys of a STUDY-level C-FIND (PS3.4 C.6.2.1.2)."""
@@ -172,8 +171,8 @@ def _check_modality(value: object) -> str:
 def _run_find(source: QuerySource, identifier: Dataset, level: str) -> list[Dataset]:
     """Send one Study Root C-FIND (PS3.4 C.4.1) and collect the pending identifiers.
 
-    Raises :class:`QueryFailedError` naming the PACS when the association fails, the
-    final status is not Success, or no final response arrives.
+    Raises :class:`~scp.errors.QueryFailedError` naming the PACS when the association
+    fails, the final status is not Success, or no final response arrives.
     """
     ae = create_ae(source.association)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
@@ -201,9 +200,8 @@ def _run_find(source: QuerySource, identifier: Dataset, level: str) -> list[Data
                 continue
             final = status
             if status != STATUS_SUCCESS:
-                raise QueryFailedError(
-                    f"{source.label} refused C-FIND {level}: {describe_retrieve_status(status)}{error_comment(status_ds)}"
-                )
+                described = f"{describe_retrieve_status(status)}{error_comment(status_ds)}"
+                raise QueryFailedError(f"{source.label} refused C-FIND {level}: {described}")
         if final is None:
             raise QueryFailedError(f"C-FIND {level} on {source.label} ended without a final status")
     finally:
@@ -215,7 +213,6 @@ def _time_key(study_time: str) -> str:
     """TM as a sortable HHMMSS.ffffff (PS3.5 Table 6.2-1: components may be omitted)."""
     whole, _, fraction = study_time.replace(":", "").partition(".")
     return f"{whole.ljust(6, '0')}.{fraction.ljust(6, '0')}"
-
 
 
 def find_studies(
@@ -238,8 +235,8 @@ def find_studies(
     ModalitiesInStudy without ``modality``. A study whose ModalitiesInStudy comes back
     empty is kept (the series selection checks the modality anyway).
 
-    Raises :class:`QueryArgumentError` for invalid arguments and
-    :class:`QueryFailedError` when the C-FIND fails (the message names the PACS).
+    Raises :class:`~scp.errors.QueryArgumentError` for invalid arguments and
+    :class:`~scp.errors.QueryFailedError` when the C-FIND fails (the message names the PACS).
     """
     keys = _StudyKeys(
         patient_id=_check_key_text(patient_id, "patient_id", _LO_MAX_CHARS, allow_empty=False),
@@ -285,7 +282,7 @@ def find_series(source: QuerySource, study_uid: str) -> list[SeriesMatch]:
 
     PS3.4 C.4.1 / C.6.2.1.3 (Study Root: StudyInstanceUID is the unique key of the
     level above). Raises :class:`~scp.errors.InvalidUIDError` for an invalid
-    ``study_uid`` and :class:`QueryFailedError` when the C-FIND fails.
+    ``study_uid`` and :class:`~scp.errors.QueryFailedError` when the C-FIND fails.
     """
     validate_uid(study_uid, "StudyInstanceUID")
     query = Dataset()

@@ -82,7 +82,6 @@ class RetrieveResult:
     received_sop_uids: tuple[str, ...]
 
 
-
 @dataclass(frozen=True)
 class _Responses:
     """What the responses to a C-MOVE / C-GET came to: the final status (``None`` when
@@ -108,11 +107,11 @@ def retrieve_series(
     ingress SCP, which stores and indexes them. ``"get"``: C-GET (PS3.4 C.4.3); the
     instances arrive on this association (the CT study's storage SOP classes are
     proposed with the SCP role) and each is passed to ``store`` (required; see
-    :func:`store_into`).
+    :func:`scp.instance_sink.store_into`).
 
     Never raises for network or DIMSE failures: they come back with ``ok=False`` and an
     ``error`` naming the PACS. Raises :class:`~scp.errors.InvalidUIDError` for an
-    invalid UID and :class:`QueryArgumentError` when ``store`` is missing for C-GET.
+    invalid UID and :class:`~scp.errors.QueryArgumentError` when ``store`` is missing for C-GET.
     """
     validate_uid(study_uid, "StudyInstanceUID")
     validate_uid(series_uid, "SeriesInstanceUID")
@@ -203,7 +202,6 @@ def _failed_uids(ident: Dataset | None) -> tuple[str, ...]:
     if ident is None:
         return ()
     return read_multi(ident, "FailedSOPInstanceUIDList")
-
 
 
 def _collect(
