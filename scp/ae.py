@@ -64,7 +64,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.events import EventHandlerType
 from pynetdicom.transport import ThreadedAssociationServer
 
-from scp.association import AssociationSettings, create_ae, start_server
+from scp.association import create_ae, start_server
 from scp.handlers import (
     AssociationLog,
     handle_accepted,
@@ -176,14 +176,7 @@ class IngressServer:
 
 def build_ae(config: IngressConfig, transfer_syntaxes: Sequence[str] = TRANSFER_SYNTAXES) -> AE:
     """An AE configured from ``config`` (titles, timeouts, PDU size, contexts), not started."""
-    settings = AssociationSettings(
-        ae_title=config.ae_title,
-        acse_timeout_s=config.acse_timeout_s,
-        dimse_timeout_s=config.dimse_timeout_s,
-        network_timeout_s=config.network_timeout_s,
-        maximum_pdu_size=config.maximum_pdu_size,
-    )
-    ae = create_ae(settings)
+    ae = create_ae(config.association)
     ae.maximum_associations = config.maximum_associations
     # Rejections: called AE must be ours (diagnostic 7), calling AE in the list when
     # one is given (diagnostic 3); peers are checked by handlers.handle_requested.

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from scp.association import AssociationSettings
 from scp.errors import IngressConfigError
 from scp.validate import validate_ae_title
 
@@ -166,6 +167,17 @@ class IngressConfig:
             self,
             "maximum_associations",
             _check_int(self.maximum_associations, "maximum_associations", 1, None, ">= 1"),
+        )
+
+    @property
+    def association(self) -> AssociationSettings:
+        """Our side of every association the ingress accepts: title, timeouts, maximum PDU."""
+        return AssociationSettings(
+            ae_title=self.ae_title,
+            acse_timeout_s=self.acse_timeout_s,
+            dimse_timeout_s=self.dimse_timeout_s,
+            network_timeout_s=self.network_timeout_s,
+            maximum_pdu_size=self.maximum_pdu_size,
         )
 
     def peer_allowed(self, address: str) -> bool:

@@ -33,6 +33,7 @@ from dicomout.sender import (
     send_files,
 )
 from dicomout.sender import _chunk_by_contexts, _ObjectHeader  # private: the 128-context split
+from scp.association import AssociationSettings, RemoteAE
 from scp.status import STATUS_SUCCESS
 from tests.dicomout.dicom_files import compress_jpegls, write_ct_series
 from tests.support.orthanc import OrthancServer
@@ -121,6 +122,12 @@ def test_destination_validation_names_field_value_and_allowed(kwargs: dict[str, 
 
 def test_destination_label() -> None:
     assert Destination("PACS", "PACS", "127.0.0.1", 4242).label == "PACS (PACS@127.0.0.1:4242)"
+
+
+def test_destination_timeout_bounds_every_wait_and_max_pdu_is_announced() -> None:
+    destination = Destination("PACS", "PACS", "127.0.0.1", 4242, calling_ae_title="NODE", timeout_s=7, max_pdu=65536)
+    assert destination.association == AssociationSettings("NODE", 7, 7, 7, 7, 65536)
+    assert destination.peer == RemoteAE("PACS", "127.0.0.1", 4242)
 
 
 def test_unreadable_file_is_a_permanent_result_not_an_exception(tmp_path: Path) -> None:

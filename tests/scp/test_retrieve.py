@@ -30,6 +30,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from scp.association import DEFAULT_MAXIMUM_PDU_SIZE, AssociationSettings, RemoteAE
 from scp.errors import InvalidUIDError, QueryArgumentError, QueryFailedError, QuerySourceError
 from scp.index import InstanceIndex
 from scp.instance_sink import store_into
@@ -388,6 +389,12 @@ def test_query_source_defaults_and_label() -> None:
     assert source.timeout_s == 60.0
     assert source.label == "PACS (PACS@10.0.0.5:104)"
     assert replace(source, method="get", move_destination_ae="").method == "get"
+
+
+def test_query_source_timeout_bounds_every_wait() -> None:
+    source = _source(timeout_s=9)
+    assert source.association == AssociationSettings(NODE_AE, 9.0, 9.0, 9.0, 9.0, DEFAULT_MAXIMUM_PDU_SIZE)
+    assert source.peer == RemoteAE("PACS", "10.0.0.5", 104)
 
 
 @pytest.mark.parametrize(
