@@ -42,7 +42,7 @@ from pynetdicom.sop_class import Verification
 from dicomout.errors import DestinationError, SendError
 from scp.association import AssociationSettings, RemoteAE, create_ae, request_association
 from scp.status import STATUS_SUCCESS, describe_status, is_permanent_failure, is_stored
-from scp.validate import validate_ae_title
+from scp.validate import is_valid_uid, validate_ae_title
 
 LOGGER = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def _read_header(index: int, path: Path) -> _ObjectHeader | SendResult:
     invalid = [
         f"{name} {value!s}"
         for name, value in (("TransferSyntaxUID", ts), ("SOPClassUID", sop_class))
-        if not UID(str(value)).is_valid
+        if not is_valid_uid(str(value).strip())  # as pydicom.uid.UID reads it
     ]
     if invalid:
         return SendResult(
