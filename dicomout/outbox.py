@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicomout.errors import OutputError
-from dicomout.sender import Destination, describe_status
+from dicomout.sender import Destination
+from scp.status import describe_status
 from dicomout.transports import DEFAULT_TRANSPORTS, TRANSPORT_CSTORE, Transport
+from scp.db import open_db
 
 LOGGER = logging.getLogger(__name__)
 
@@ -169,16 +171,14 @@ class Outbox:
         #: held by send_pending so that two runs never send the same items twice.
         self.send_lock = threading.Lock()
         with self._connect() as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
             _add_transport_column(conn)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            conn = sqlite3.connect(self.db_path, timeout=30.0)
+            conn = open_db(self.db_path, autocommit=False)
             try:
-                conn.row_factory = sqlite3.Row
                 with conn:  # one transaction: commit, or roll back on error
                     yield conn
             finally:

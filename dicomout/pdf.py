@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -40,6 +39,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 from dicomout.errors import OutputError
+from scp.validate import validate_uid
 
 LOGGER = logging.getLogger(__name__)
 
@@ -101,7 +101,6 @@ _TYPE2_KEYWORDS: tuple[str, ...] = (
     "StudyID",
     "AccessionNumber",
 )
-_UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _TEXT_VRS = frozenset({"AE", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UT"})
 
 
@@ -110,12 +109,7 @@ class EncapsulatedPdfError(OutputError):
 
 
 def _check_uid(name: str, value: str) -> UID:
-    text = str(value)
-    if len(text) > 64 or not _UID_PATTERN.fullmatch(text):
-        raise EncapsulatedPdfError(
-            f"{name} {str(value)!r} is not a valid UID; allowed: digits and dots, at most 64 characters (PS3.5 9.1)"
-        )
-    return UID(text)
+    return UID(validate_uid(str(value), name, EncapsulatedPdfError))
 
 
 def _needs_utf8(ds: Dataset) -> bool:

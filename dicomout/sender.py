@@ -38,106 +38,21 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
-from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, VERIFICATION_SERVICE_CLASS_STATUS
 
 from dicomout.errors import DestinationError, SendError
+from scp.association import AssociationSettings, RemoteAE, create_ae, request_association
+from scp.status import STATUS_SUCCESS, describe_status, is_permanent_failure, is_stored
+from scp.validate import is_valid_uid, validate_ae_title
 
 LOGGER = logging.getLogger(__name__)
-
-# --- DIMSE statuses (PS3.7 Annex C, PS3.4 B.2.3) -----------------------------------
-STATUS_SUCCESS = 0x0000
-#: Warning: Attribute List Error (PS3.7 C.4.2); the object was stored.
-STATUS_WARNING_ATTRIBUTE_LIST = 0x0001
-#: Storage warnings (coercion of data elements, elements discarded, data set does
-#: not match SOP Class ...) lie in this range (PS3.4 B.2.3); the object was stored.
-STATUS_WARNING_FIRST = 0xB000
-STATUS_WARNING_LAST = 0xBFFF
-#: Refused: Out of Resources (PS3.4 B.2.3) - transient.
-STATUS_OUT_OF_RESOURCES_FIRST = 0xA700
-STATUS_OUT_OF_RESOURCES_LAST = 0xA7FF
-#: Error: Data Set does not match SOP Class (PS3.4 B.2.3) - permanent.
-STATUS_DATASET_MISMATCH_FIRST = 0xA900
-STATUS_DATASET_MISMATCH_LAST = 0xA9FF
-#: Error: Cannot understand (PS3.4 B.2.3) - permanent.
-STATUS_CANNOT_UNDERSTAND_FIRST = 0xC000
-STATUS_CANNOT_UNDERSTAND_LAST = 0xCFFF
-#: Refused: SOP Class not supported (PS3.7 C.5.20) - permanent.
-STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
-#: Failure: Invalid SOP Instance (PS3.7 C.5.8) - permanent.
-STATUS_INVALID_SOP_INSTANCE = 0x0117
-#: Refused: Not Authorized (PS3.7 C.5.21) - permanent until someone reconfigures the peer.
-STATUS_NOT_AUTHORIZED = 0x0124
-#: Failure: Duplicate SOP Instance (PS3.7 C.5.9) - permanent.
-STATUS_DUPLICATE_SOP_INSTANCE = 0x0111
 
 #: PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255, so 128 at most.
 MAX_PRESENTATION_CONTEXTS = 128
 
-_PERMANENT_STATUSES = frozenset(
-    {
-        STATUS_SOP_CLASS_NOT_SUPPORTED,
-        STATUS_INVALID_SOP_INSTANCE,
-        STATUS_NOT_AUTHORIZED,
-        STATUS_DUPLICATE_SOP_INSTANCE,
-    }
-)
 _FALLBACK_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
-def is_stored(status: int) -> bool:
-    """True for Success (0x0000) and Warning (0x0001, 0xB000-0xBFFF) C-STORE statuses."""
-    return (
-        status == STATUS_SUCCESS
-        or status == STATUS_WARNING_ATTRIBUTE_LIST
-        or STATUS_WARNING_FIRST <= status <= STATUS_WARNING_LAST
-    )
-
-
-def is_permanent_failure(status: int) -> bool:
-    """True when a failed C-STORE status means retrying the same object cannot help."""
-    return (
-        status in _PERMANENT_STATUSES
-        or STATUS_DATASET_MISMATCH_FIRST <= status <= STATUS_DATASET_MISMATCH_LAST
-        or STATUS_CANNOT_UNDERSTAND_FIRST <= status <= STATUS_CANNOT_UNDERSTAND_LAST
-    )
-
-
-def describe_status(status: int) -> str:
-    """``0xA700 (Refused: Out of Resources)`` style text for logs and errors."""
-    known = STORAGE_SERVICE_CLASS_STATUS.get(status) or VERIFICATION_SERVICE_CLASS_STATUS.get(status)
-    if known is None:
-        for first, last, text in (
-            (STATUS_WARNING_FIRST, STATUS_WARNING_LAST, "Warning"),
-            (STATUS_OUT_OF_RESOURCES_FIRST, STATUS_OUT_OF_RESOURCES_LAST, "Refused: Out of Resources"),
-            (STATUS_DATASET_MISMATCH_FIRST, STATUS_DATASET_MISMATCH_LAST, "Error: Data Set does not match SOP Class"),
-            (STATUS_CANNOT_UNDERSTAND_FIRST, STATUS_CANNOT_UNDERSTAND_LAST, "Error: Cannot understand"),
-        ):
-            if first <= status <= last:
-                return f"0x{status:04X} ({text})"
-        return f"0x{status:04X}"
-    return f"0x{status:04X} ({known[1] or known[0]})"
-
-
 # --- destination ---------------------------------------------------------------------
-def _check_ae_title(field_name: str, value: str) -> None:
-    """AE VR (PS3.5 6.2): 1-16 characters of the default repertoire, no backslash or
-    control characters, not only spaces (leading/trailing spaces are insignificant)."""
-    allowed = "1-16 printable ASCII characters, no backslash, not blank"
-    if not isinstance(value, str):
-        raise DestinationError(f"Destination.{field_name} must be a string; got {value!r} (allowed: {allowed})")
-    if not value.strip():
-        raise DestinationError(f"Destination.{field_name} is blank: {value!r} (allowed: {allowed})")
-    if len(value) > 16:
-        raise DestinationError(
-            f"Destination.{field_name} {value!r} has {len(value)} characters (allowed: {allowed})"
-        )
-    bad = [c for c in value if not (0x20 <= ord(c) <= 0x7E) or c == "\\"]
-    if bad:
-        raise DestinationError(
-            f"Destination.{field_name} {value!r} contains {''.join(bad)!r} (allowed: {allowed})"
-        )
-
-
 @dataclass(frozen=True)
 class Destination:
     """A remote DICOM AE that receives our objects (a PACS, a viewer, Orthanc).
@@ -158,8 +73,8 @@ class Destination:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise DestinationError(f"Destination.name must be a non-empty string; got {self.name!r}")
-        _check_ae_title("ae_title", self.ae_title)
-        _check_ae_title("calling_ae_title", self.calling_ae_title)
+        validate_ae_title(self.ae_title, "Destination.ae_title", DestinationError)
+        validate_ae_title(self.calling_ae_title, "Destination.calling_ae_title", DestinationError)
         if not isinstance(self.host, str) or not self.host.strip() or any(c.isspace() for c in self.host):
             raise DestinationError(
                 f"Destination.host of {self.name!r} is {self.host!r} (allowed: a host name or IP address)"
@@ -186,6 +101,15 @@ class Destination:
     def label(self) -> str:
         """``PACS (PACS@127.0.0.1:4242)``: how the destination is named in messages."""
         return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
+
+    @property
+    def association(self) -> AssociationSettings:
+        """Our side of an association with this destination: ``timeout_s`` bounds every wait."""
+        return AssociationSettings.with_timeout(self.calling_ae_title, self.timeout_s, self.max_pdu)
+
+    @property
+    def peer(self) -> RemoteAE:
+        return RemoteAE(self.ae_title, self.host, self.port)
 
 
 # --- results ---------------------------------------------------------------------------
@@ -334,7 +258,7 @@ def _read_header(index: int, path: Path) -> _ObjectHeader | SendResult:
     invalid = [
         f"{name} {value!s}"
         for name, value in (("TransferSyntaxUID", ts), ("SOPClassUID", sop_class))
-        if not UID(str(value)).is_valid
+        if not is_valid_uid(str(value).strip())  # as pydicom.uid.UID reads it
     ]
     if invalid:
         return SendResult(
@@ -350,16 +274,6 @@ def _read_header(index: int, path: Path) -> _ObjectHeader | SendResult:
 
 
 # --- association ---------------------------------------------------------------------
-def _make_ae(destination: Destination) -> AE:
-    ae = AE(ae_title=destination.calling_ae_title)
-    ae.connection_timeout = destination.timeout_s
-    ae.acse_timeout = destination.timeout_s
-    ae.dimse_timeout = destination.timeout_s
-    ae.network_timeout = destination.timeout_s
-    ae.maximum_pdu_size = destination.max_pdu
-    return ae
-
-
 def _associate(ae: AE, destination: Destination) -> Association:
     """Open an association or raise a transient :class:`SendError` naming the destination.
 
@@ -370,13 +284,7 @@ def _associate(ae: AE, destination: Destination) -> Association:
     def handle_acse_recv(event: evt.Event) -> None:
         received.append(event.primitive)  # type: ignore[attr-defined]
 
-    assoc = ae.associate(
-        destination.host,
-        destination.port,
-        ae_title=destination.ae_title,
-        max_pdu=destination.max_pdu,
-        evt_handlers=[(evt.EVT_ACSE_RECV, handle_acse_recv)],
-    )
+    assoc = request_association(ae, destination.peer, evt_handlers=[(evt.EVT_ACSE_RECV, handle_acse_recv)])
     if assoc.is_established:
         return assoc
     if assoc.rejected_contexts and not assoc.accepted_contexts and not assoc.is_rejected:
@@ -521,7 +429,7 @@ def send_files(paths: Sequence[Path], destination: Destination) -> list[SendResu
             headers.append(read)
 
     for chunk, contexts in _chunk_by_contexts(headers):
-        ae = _make_ae(destination)
+        ae = create_ae(destination.association)
         for plan in contexts:
             ae.add_requested_context(plan.sop_class_uid, list(plan.transfer_syntax_uids))
         try:
@@ -564,7 +472,7 @@ def send_files(paths: Sequence[Path], destination: Destination) -> list[SendResu
 def echo(destination: Destination) -> EchoResult:
     """C-ECHO ``destination`` (Verification SOP Class, PS3.4 Annex A); never raises."""
     started = time.monotonic()
-    ae = _make_ae(destination)
+    ae = create_ae(destination.association)
     ae.add_requested_context(Verification)
     try:
         assoc = _associate(ae, destination)

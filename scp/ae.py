@@ -64,6 +64,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.events import EventHandlerType
 from pynetdicom.transport import ThreadedAssociationServer
 
+from scp.association import create_ae, start_server
 from scp.handlers import (
     AssociationLog,
     handle_accepted,
@@ -175,11 +176,7 @@ class IngressServer:
 
 def build_ae(config: IngressConfig, transfer_syntaxes: Sequence[str] = TRANSFER_SYNTAXES) -> AE:
     """An AE configured from ``config`` (titles, timeouts, PDU size, contexts), not started."""
-    ae = AE(ae_title=config.ae_title)
-    ae.acse_timeout = config.acse_timeout_s
-    ae.dimse_timeout = config.dimse_timeout_s
-    ae.network_timeout = config.network_timeout_s
-    ae.maximum_pdu_size = config.maximum_pdu_size
+    ae = create_ae(config.association)
     ae.maximum_associations = config.maximum_associations
     # Rejections: called AE must be ours (diagnostic 7), calling AE in the list when
     # one is given (diagnostic 3); peers are checked by handlers.handle_requested.
@@ -207,9 +204,7 @@ def start_ingress(config: IngressConfig, index: InstanceIndex) -> IngressServer:
         (evt.EVT_ACCEPTED, handle_accepted, [association_log]),
         (evt.EVT_CONN_CLOSE, handle_conn_close, [association_log]),
     ]
-    server = ae.start_server((config.host, config.port), block=False, evt_handlers=handlers)
-    if server is None:  # pragma: no cover - only with block=True
-        raise RuntimeError("pynetdicom returned no server for a non-blocking start")
+    server = start_server(ae, config.host, config.port, handlers)
     LOGGER.info(
         "ingress %s listening on %s:%d (spool %s, %d storage SOP classes, %d transfer syntaxes)",
         config.ae_title,

@@ -26,3 +26,20 @@ class InvalidUIDError(IngressError):
 
 class UnknownStudyError(IngressError):
     """The instance index holds no instance of the requested study."""
+
+
+class RetrieveError(IngressError):
+    """Base of the Query/Retrieve SCU errors."""
+
+
+class QuerySourceError(RetrieveError):
+    """A :class:`scp.pacs.QuerySource` field has a value that is not allowed."""
+
+
+class QueryArgumentError(RetrieveError):
+    """An argument of :func:`scp.query.find_studies` / :func:`scp.query.find_series` /
+    :func:`scp.retrieve.retrieve_series` is not allowed."""
+
+
+class QueryFailedError(RetrieveError):
+    """A C-FIND could not be completed (no association, refused, failure status, no answer)."""

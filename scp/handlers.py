@@ -9,8 +9,8 @@ The C-STORE handler implements the Storage Service Class SCP (PS3.4 Annex B): it
 never decodes pixel data, writes the bytes as received (the transfer syntax the
 sender chose, no transcoding) durably to the spool, records them in the index, and
 only then answers Success. It never raises: every failure is logged with the SOP
-Instance UID and answered with one of the named statuses below (PS3.4 B.2.3,
-PS3.7 Annex C), with an Error Comment (0000,0902) saying why.
+Instance UID and answered with one of the statuses named in :mod:`scp.status`
+(PS3.4 B.2.3, PS3.7 Annex C), with an Error Comment (0000,0902) saying why.
 """
 
 from __future__ import annotations
@@ -29,11 +29,20 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
-from pynetdicom.dsutils import encode_file_meta
 
 from scp.errors import InvalidUIDError
-from scp.spool import validate_uid, write_instance
+from scp.spool import file_head, write_instance
+from scp.status import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_INVALID_SOP_INSTANCE,
+    STATUS_INVALID_UID,
+    STATUS_MISSING_UID,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_PROCESSING_FAILURE,
+    STATUS_SUCCESS,
+)
 from scp.types import IngressConfig, ReceivedInstance
+from scp.validate import validate_uid
 
 if TYPE_CHECKING:  # pragma: no cover
     from pynetdicom.association import Association
@@ -43,21 +52,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from scp.index import InstanceIndex
 
 LOGGER = logging.getLogger(__name__)
-
-# --- DIMSE statuses (PS3.4 B.2.3 Storage Service Class, PS3.7 Annex C general) ----------
-STATUS_SUCCESS = 0x0000
-#: Refused: Out of Resources - the spool's free space is below the floor, or disk full.
-STATUS_OUT_OF_RESOURCES = 0xA700
-#: Failure: Processing Failure - an unexpected error (I/O, database); logged with a trace.
-STATUS_PROCESSING_FAILURE = 0x0110
-#: Failure: Invalid Object Instance - the Affected SOP Instance UID is not a valid UID.
-STATUS_INVALID_SOP_INSTANCE = 0x0117
-#: Error: Cannot Understand - the dataset's header could not be parsed.
-STATUS_CANNOT_UNDERSTAND = 0xC000
-#: Error: Cannot Understand - StudyInstanceUID or SeriesInstanceUID is missing.
-STATUS_MISSING_UID = 0xC001
-#: Error: Cannot Understand - StudyInstanceUID or SeriesInstanceUID is not a valid UID.
-STATUS_INVALID_UID = 0xC002
 
 # --- A-ASSOCIATE-RJ values (PS3.8 9.3.4) ----------------------------------------------
 REJECT_RESULT_PERMANENT = 0x01
@@ -75,7 +69,6 @@ _MODALITY = 0x00080060
 _STUDY_INSTANCE_UID = 0x0020000D
 _SERIES_INSTANCE_UID = 0x0020000E
 _HEADER_TAGS: list[BaseTag | int] = [_MODALITY, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID]
-_PREAMBLE_AND_PREFIX = b"\x00" * 128 + b"DICM"
 
 
 @dataclass(frozen=True)
@@ -191,6 +184,14 @@ def handle_echo(event: Event) -> int:
     return STATUS_SUCCESS
 
 
+@dataclass(frozen=True)
+class _Refusal:
+    """A C-STORE we answer with a failure: the named status and its Error Comment."""
+
+    status: int
+    comment: str
+
+
 def handle_store(
     event: Event,
     index: InstanceIndex,
@@ -209,107 +210,129 @@ def handle_store(
         received_at = time.time()
         request = cast("C_STORE", event.request)
         sop_uid = str(request.AffectedSOPInstanceUID or "")
-
-        free_bytes = shutil.disk_usage(config.spool_dir).free
-        if free_bytes < config.min_free_disk_mb * _BYTES_PER_MB:
-            LOGGER.warning(
-                "refused SOP Instance %s: %d MB free in %s, the floor is %d MB",
-                sop_uid,
-                free_bytes // _BYTES_PER_MB,
-                config.spool_dir,
-                config.min_free_disk_mb,
-            )
-            return _failure(assoc, association_log, STATUS_OUT_OF_RESOURCES, "spool disk below free-space floor")
-
-        try:
-            validate_uid(sop_uid, "AffectedSOPInstanceUID")
-        except InvalidUIDError as exc:
-            LOGGER.warning("refused C-STORE: %s", exc)
-            return _failure(assoc, association_log, STATUS_INVALID_SOP_INSTANCE, "invalid Affected SOP Instance UID")
-
+        refusal = _check_free_space(config, sop_uid) or _check_sop_uid(sop_uid)
+        if refusal is not None:
+            return _failure(assoc, association_log, refusal)
         if index.has(sop_uid):
             LOGGER.info("SOP Instance %s already received: acknowledged, not written again", sop_uid)
             if association_log is not None:
                 association_log.count(assoc, "duplicate")
             return STATUS_SUCCESS
-
-        transfer_syntax = str(event.context.transfer_syntax)
-        stream = request.DataSet  # BytesIO of the dataset exactly as received
-        if stream is None:
-            LOGGER.warning("refused SOP Instance %s: the C-STORE request carries no dataset", sop_uid)
-            return _failure(assoc, association_log, STATUS_CANNOT_UNDERSTAND, "no dataset in the C-STORE request")
-        try:
-            header = read_header(stream, transfer_syntax)
-        except Exception as exc:  # noqa: BLE001 - any parse error means "cannot understand"
-            LOGGER.warning("refused SOP Instance %s: header unreadable (%s: %s)", sop_uid, type(exc).__name__, exc)
-            return _failure(assoc, association_log, STATUS_CANNOT_UNDERSTAND, "dataset header cannot be parsed")
-        missing = [
-            keyword
-            for keyword, value in (
-                ("StudyInstanceUID", header.study_instance_uid),
-                ("SeriesInstanceUID", header.series_instance_uid),
-            )
-            if not value
-        ]
-        if missing:
-            LOGGER.warning("refused SOP Instance %s: %s missing", sop_uid, " and ".join(missing))
-            return _failure(assoc, association_log, STATUS_MISSING_UID, f"{' and '.join(missing)} missing")
-        try:
-            validate_uid(header.study_instance_uid, "StudyInstanceUID")
-            validate_uid(header.series_instance_uid, "SeriesInstanceUID")
-        except InvalidUIDError as exc:
-            LOGGER.warning("refused SOP Instance %s: %s", sop_uid, exc)
-            return _failure(assoc, association_log, STATUS_INVALID_UID, "invalid Study or Series Instance UID")
-
-        calling_ae = assoc.requestor.ae_title
-        file_meta = event.file_meta
-        file_meta.SourceApplicationEntityTitle = calling_ae
-        head = _PREAMBLE_AND_PREFIX + encode_file_meta(file_meta)
-        with stream.getbuffer() as dataset:  # no copy of the (large) dataset
-            path = write_instance(
-                config.spool_dir,
-                header.study_instance_uid,
-                header.series_instance_uid,
-                sop_uid,
-                (head, dataset),
-            )
-            size_bytes = len(head) + len(dataset)
-
-        is_new = index.record(
-            ReceivedInstance(
-                sop_instance_uid=sop_uid,
-                sop_class_uid=str(request.AffectedSOPClassUID or ""),
-                study_instance_uid=header.study_instance_uid,
-                series_instance_uid=header.series_instance_uid,
-                modality=header.modality,
-                transfer_syntax_uid=transfer_syntax,
-                path=path,
-                size_bytes=size_bytes,
-                calling_ae=calling_ae,
-                peer_address=_peer(assoc),
-                received_at=received_at,
-            )
-        )
+        header = _read_checked_header(request, str(event.context.transfer_syntax), sop_uid)
+        if isinstance(header, _Refusal):
+            return _failure(assoc, association_log, header)
+        instance = _store_in_spool(event, config, header, sop_uid, received_at)
+        is_new = index.record(instance)
         if association_log is not None:
-            association_log.count(assoc, "stored" if is_new else "duplicate", size_bytes)
+            association_log.count(assoc, "stored" if is_new else "duplicate", instance.size_bytes)
         return STATUS_SUCCESS
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             LOGGER.error("could not store SOP Instance %s: disk full (%s)", sop_uid, exc)
-            return _failure(assoc, association_log, STATUS_OUT_OF_RESOURCES, "spool disk full")
+            return _failure(assoc, association_log, _Refusal(STATUS_OUT_OF_RESOURCES, "spool disk full"))
         LOGGER.exception("could not store SOP Instance %s", sop_uid)
-        return _failure(assoc, association_log, STATUS_PROCESSING_FAILURE, f"I/O error: {exc.strerror or exc}")
+        refusal = _Refusal(STATUS_PROCESSING_FAILURE, f"I/O error: {exc.strerror or exc}")
+        return _failure(assoc, association_log, refusal)
     except Exception as exc:
         LOGGER.exception("could not store SOP Instance %s", sop_uid)
-        return _failure(assoc, association_log, STATUS_PROCESSING_FAILURE, f"{type(exc).__name__} while storing")
+        refusal = _Refusal(STATUS_PROCESSING_FAILURE, f"{type(exc).__name__} while storing")
+        return _failure(assoc, association_log, refusal)
 
 
-def _failure(assoc: Association, association_log: AssociationLog | None, status: int, comment: str) -> Dataset:
+def _check_free_space(config: IngressConfig, sop_uid: str) -> _Refusal | None:
+    """Out of Resources when the spool's file system is below ``config.min_free_disk_mb``."""
+    free_bytes = shutil.disk_usage(config.spool_dir).free
+    if free_bytes >= config.min_free_disk_mb * _BYTES_PER_MB:
+        return None
+    LOGGER.warning(
+        "refused SOP Instance %s: %d MB free in %s, the floor is %d MB",
+        sop_uid,
+        free_bytes // _BYTES_PER_MB,
+        config.spool_dir,
+        config.min_free_disk_mb,
+    )
+    return _Refusal(STATUS_OUT_OF_RESOURCES, "spool disk below free-space floor")
+
+
+def _check_sop_uid(sop_uid: str) -> _Refusal | None:
+    try:
+        validate_uid(sop_uid, "AffectedSOPInstanceUID")
+    except InvalidUIDError as exc:
+        LOGGER.warning("refused C-STORE: %s", exc)
+        return _Refusal(STATUS_INVALID_SOP_INSTANCE, "invalid Affected SOP Instance UID")
+    return None
+
+
+def _read_checked_header(request: C_STORE, transfer_syntax: str, sop_uid: str) -> InstanceHeader | _Refusal:
+    """The dataset's header with valid Study and Series Instance UIDs, or why not."""
+    stream = request.DataSet  # BytesIO of the dataset exactly as received
+    if stream is None:
+        LOGGER.warning("refused SOP Instance %s: the C-STORE request carries no dataset", sop_uid)
+        return _Refusal(STATUS_CANNOT_UNDERSTAND, "no dataset in the C-STORE request")
+    try:
+        header = read_header(stream, transfer_syntax)
+    except Exception as exc:  # noqa: BLE001 - any parse error means "cannot understand"
+        LOGGER.warning("refused SOP Instance %s: header unreadable (%s: %s)", sop_uid, type(exc).__name__, exc)
+        return _Refusal(STATUS_CANNOT_UNDERSTAND, "dataset header cannot be parsed")
+    missing = [
+        keyword
+        for keyword, value in (
+            ("StudyInstanceUID", header.study_instance_uid),
+            ("SeriesInstanceUID", header.series_instance_uid),
+        )
+        if not value
+    ]
+    if missing:
+        LOGGER.warning("refused SOP Instance %s: %s missing", sop_uid, " and ".join(missing))
+        return _Refusal(STATUS_MISSING_UID, f"{' and '.join(missing)} missing")
+    try:
+        validate_uid(header.study_instance_uid, "StudyInstanceUID")
+        validate_uid(header.series_instance_uid, "SeriesInstanceUID")
+    except InvalidUIDError as exc:
+        LOGGER.warning("refused SOP Instance %s: %s", sop_uid, exc)
+        return _Refusal(STATUS_INVALID_UID, "invalid Study or Series Instance UID")
+    return header
+
+
+def _store_in_spool(
+    event: Event, config: IngressConfig, header: InstanceHeader, sop_uid: str, received_at: float
+) -> ReceivedInstance:
+    """Write the dataset as received, behind its File Meta Information, durably to the spool."""
+    assoc = event.assoc
+    request = cast("C_STORE", event.request)
+    stream = cast("BytesIO", request.DataSet)
+    calling_ae = assoc.requestor.ae_title
+    head = file_head(event.file_meta, calling_ae)
+    with stream.getbuffer() as dataset:  # no copy of the (large) dataset
+        path = write_instance(
+            config.spool_dir,
+            header.study_instance_uid,
+            header.series_instance_uid,
+            sop_uid,
+            (head, dataset),
+        )
+        size_bytes = len(head) + len(dataset)
+    return ReceivedInstance(
+        sop_instance_uid=sop_uid,
+        sop_class_uid=str(request.AffectedSOPClassUID or ""),
+        study_instance_uid=header.study_instance_uid,
+        series_instance_uid=header.series_instance_uid,
+        modality=header.modality,
+        transfer_syntax_uid=str(event.context.transfer_syntax),
+        path=path,
+        size_bytes=size_bytes,
+        calling_ae=calling_ae,
+        peer_address=_peer(assoc),
+        received_at=received_at,
+    )
+
+
+def _failure(assoc: Association, association_log: AssociationLog | None, refusal: _Refusal) -> Dataset:
     if association_log is not None:
         association_log.count(assoc, "failed")
     rsp = Dataset()
-    rsp.Status = status
-    rsp.ErrorComment = comment[:_ERROR_COMMENT_MAX_CHARS]
+    rsp.Status = refusal.status
+    rsp.ErrorComment = refusal.comment[:_ERROR_COMMENT_MAX_CHARS]
     return rsp
 
 

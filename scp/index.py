@@ -26,6 +26,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from scp.db import Synchronous, open_db
 from scp.errors import IngressError, UnknownStudyError
 from scp.types import ReceivedInstance, ReceivedStudy, StudyActivity
 
@@ -36,9 +37,6 @@ CT_MODALITY = "CT"
 
 #: last_received_at moves forward by at least this much on each new instance (s).
 _MIN_STEP_S = 1e-3
-
-#: How long to wait for another connection's write lock on the shared file (ms).
-_BUSY_TIMEOUT_MS = 30_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -93,28 +91,10 @@ _INSTANCE_COLUMNS = (
 class InstanceIndex:
     """Thread-safe SQLite index of received instances (see the module docstring)."""
 
-    def __init__(self, db_path: Path, *, synchronous: str = "FULL") -> None:
-        if synchronous not in ("FULL", "NORMAL"):
-            raise IngressError(f"synchronous = {synchronous!r}: allowed FULL, NORMAL")
+    def __init__(self, db_path: Path, *, synchronous: Synchronous = "FULL") -> None:
         self._db_path = Path(db_path)
         self._lock = threading.Lock()
-        self._db_path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(
-            self._db_path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_MS / 1000
-        )
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise IngressError(
-                    f"SQLite journal_mode of {self._db_path} is {mode!r} after asking for WAL; "
-                    "the index needs WAL (a local file system with shared-memory support)"
-                )
-            conn.execute(f"PRAGMA synchronous = {synchronous}")
-            conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
-        except BaseException:
-            conn.close()
-            raise
+        conn = open_db(self._db_path, _SCHEMA, synchronous=synchronous)
         self._conn: sqlite3.Connection | None = conn
 
     @property
@@ -307,7 +287,7 @@ class InstanceIndex:
         self.close()
 
 
-def _instance_from_row(row: tuple) -> ReceivedInstance:
+def _instance_from_row(row: sqlite3.Row) -> ReceivedInstance:
     (sop, sop_class, study, series, modality, ts, path, size, calling_ae, peer, received_at) = row
     return ReceivedInstance(
         sop_instance_uid=sop,

@@ -12,49 +12,34 @@ peer cannot make us write outside the spool.
 from __future__ import annotations
 
 import os
-import re
+import shutil
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from scp.errors import InvalidUIDError
+from pydicom.dataset import FileMetaDataset
+from pynetdicom.dsutils import encode_file_meta
 
-#: Longest UI value (PS3.5 Table 6.2-1).
-UID_MAX_CHARS = 64
-
-# Components of digits, no leading zero unless the component is "0" (PS3.5 9.1).
-_UID_PATTERN = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
+from scp.validate import validate_uid
 
 _TMP_SUFFIX = ".tmp"
+_PREAMBLE_AND_PREFIX = b"\x00" * 128 + b"DICM"
 
 Buffer = bytes | bytearray | memoryview
 
 
-def validate_uid(value: object, keyword: str) -> str:
-    """Return ``value`` if it is a valid UI value, else raise :class:`InvalidUIDError`.
-
-    ``keyword`` names the attribute (e.g. ``"StudyInstanceUID"``) for the message.
-    """
-    allowed = (
-        f"1 to {UID_MAX_CHARS} characters of digits and dots, "
-        "no empty component, no leading zero in a component other than '0'"
-    )
-    if not isinstance(value, str):
-        raise InvalidUIDError(f"{keyword} must be a UID string ({allowed}); got {value!r}")
-    if not value:
-        raise InvalidUIDError(f"{keyword} is empty; allowed: {allowed}")
-    if len(value) > UID_MAX_CHARS:
-        raise InvalidUIDError(f"{keyword} {value!r} is {len(value)} characters long; allowed: {allowed}")
-    if _UID_PATTERN.fullmatch(value) is None:
-        raise InvalidUIDError(f"{keyword} {value!r} is not a valid UID; allowed: {allowed}")
-    return value
+def file_head(file_meta: FileMetaDataset, source_ae_title: str) -> bytes:
+    """What precedes a received dataset in its Part 10 file (PS3.10 7.1): the preamble, the
+    ``DICM`` prefix and ``file_meta`` with SourceApplicationEntityTitle set to the sender's
+    AE title (``file_meta`` is changed in place)."""
+    file_meta.SourceApplicationEntityTitle = source_ae_title
+    return _PREAMBLE_AND_PREFIX + encode_file_meta(file_meta)
 
 
 def instance_path(spool_dir: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
     """Where an instance is stored (UIDs validated)."""
     return (
-        Path(spool_dir)
-        / validate_uid(study_uid, "StudyInstanceUID")
+        study_dir(spool_dir, study_uid)
         / validate_uid(series_uid, "SeriesInstanceUID")
         / f"{validate_uid(sop_uid, 'SOPInstanceUID')}.dcm"
     )
@@ -96,6 +81,21 @@ def write_instance(
         raise
     _fsync_dir(series_dir)
     return final
+
+
+def study_dir(spool_dir: Path, study_uid: str) -> Path:
+    """The directory that holds a study's series (UID validated)."""
+    return Path(spool_dir) / validate_uid(study_uid, "StudyInstanceUID")
+
+
+def remove_study(spool_dir: Path, study_uid: str) -> None:
+    """Delete a study's files from the spool (retention purge); nothing happens when it has none.
+
+    Raises :class:`~scp.errors.InvalidUIDError`, before touching the disk, when
+    ``study_uid`` is not a valid UID (so no path outside the spool is ever removed).
+    Files that cannot be removed are left (as ``rm -rf`` would, without raising).
+    """
+    shutil.rmtree(study_dir(spool_dir, study_uid), ignore_errors=True)
 
 
 def remove_temporaries(spool_dir: Path) -> int:

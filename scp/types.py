@@ -11,12 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from scp.association import AssociationSettings
 from scp.errors import IngressConfigError
+from scp.validate import validate_ae_title
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-#: Largest AE title (PS3.5 Table 6.2-1, VR AE).
-AE_TITLE_MAX_CHARS = 16
 
 
 @dataclass(frozen=True)
@@ -78,28 +77,6 @@ class ReceivedStudy:
         object.__setattr__(self, "calling_aes", tuple(self.calling_aes))
         object.__setattr__(self, "series", MappingProxyType({k: tuple(v) for k, v in self.series.items()}))
         object.__setattr__(self, "excluded_counts", MappingProxyType(dict(self.excluded_counts)))
-
-
-def validate_ae_title(value: object, field_name: str) -> str:
-    """Check ``value`` against the AE VR and return it without its insignificant spaces.
-
-    PS3.5 Table 6.2-1: at most 16 characters of the default character repertoire,
-    excluding backslash and control characters; leading and trailing spaces are not
-    significant, and a title of spaces only is not allowed (PS3.8 7.1.1.x).
-    """
-    allowed = "1 to 16 printable ASCII characters, no backslash, not only spaces"
-    if not isinstance(value, str):
-        raise IngressConfigError(f"{field_name} must be a string ({allowed}); got {value!r}")
-    if not 1 <= len(value) <= AE_TITLE_MAX_CHARS:
-        raise IngressConfigError(f"{field_name} is {len(value)} characters long ({value!r}); allowed: {allowed}")
-    bad = [c for c in value if not (" " <= c <= "~") or c == "\\"]
-    if bad:
-        raise IngressConfigError(
-            f"{field_name} {value!r} contains {bad[0]!r}, which the AE VR does not allow; allowed: {allowed}"
-        )
-    if not value.strip(" "):
-        raise IngressConfigError(f"{field_name} {value!r} is only spaces; allowed: {allowed}")
-    return value.strip(" ")
 
 
 def _parse_network(value: object, field_name: str) -> IPNetwork:
@@ -190,6 +167,17 @@ class IngressConfig:
             self,
             "maximum_associations",
             _check_int(self.maximum_associations, "maximum_associations", 1, None, ">= 1"),
+        )
+
+    @property
+    def association(self) -> AssociationSettings:
+        """Our side of every association the ingress accepts: title, timeouts, maximum PDU."""
+        return AssociationSettings(
+            ae_title=self.ae_title,
+            acse_timeout_s=self.acse_timeout_s,
+            dimse_timeout_s=self.dimse_timeout_s,
+            network_timeout_s=self.network_timeout_s,
+            maximum_pdu_size=self.maximum_pdu_size,
         )
 
     def peer_allowed(self, address: str) -> bool:

@@ -23,11 +23,10 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable
 
 from node_errors import NodeError
-from thighnode.db import open_db
+from scp.db import SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -129,16 +128,10 @@ def _row_to_job(row: sqlite3.Row) -> Job:
     )
 
 
-class JobStore:
+class JobStore(SqliteStore):
     """Jobs in SQLite; safe to share between threads (one connection behind a lock)."""
 
-    def __init__(self, db_path: Path) -> None:
-        self._lock = threading.RLock()
-        self._db = open_db(db_path, _SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+    SCHEMA = _SCHEMA
 
     # -- transactions ------------------------------------------------------------------
 

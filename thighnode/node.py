@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ from dicomout.sender import Destination
 from node_errors import NodeError
 from scp.ae import IngressServer, start_ingress
 from scp.index import InstanceIndex
+from scp.spool import remove_study
 from scp.types import IngressConfig
 from thighnode.jobs import DONE, FINAL_STATES, Job, JobStore, StudyProgress
 from thighnode.priors import ARRIVED, REQUESTED, PriorFinder, PriorRequests
@@ -289,9 +289,8 @@ class Node:
             jobs = self.jobs.jobs(study_uid=activity.study_instance_uid)
             if any(j.state not in FINAL_STATES for j in jobs):
                 continue
-            study_dir = self.settings.spool_dir / activity.study_instance_uid
             self.index.forget(activity.study_instance_uid)
-            shutil.rmtree(study_dir, ignore_errors=True)
+            remove_study(self.settings.spool_dir, activity.study_instance_uid)
             purged += 1
             log.info("retention: purged study %s (idle since %.0f)", activity.study_instance_uid, activity.last_received_at)
         return purged

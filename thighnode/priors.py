@@ -10,14 +10,12 @@ is set. Failed retrievals are retried with a doubling delay and are visible in `
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from pipeline.compare import compare_studies
 from pipeline.types import AnatomicalProfiles, Comparison, Measurements, PatientInfo, PriorSearch
-from thighnode.db import open_db
+from scp.db import SqliteStore
 from thighnode.results import ResultsStore
 from thighnode.settings import Settings
 
@@ -56,16 +54,10 @@ class PriorRequest:
     last_error: str
 
 
-class PriorRequests:
+class PriorRequests(SqliteStore):
     """Priors requested from the PACS, in SQLite (thread-safe)."""
 
-    def __init__(self, db_path: Path) -> None:
-        self._lock = threading.RLock()
-        self._db = open_db(db_path, _SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+    SCHEMA = _SCHEMA
 
     def record(
         self,
@@ -140,8 +132,8 @@ class PriorFinder:
 
     # -- the source --------------------------------------------------------------------------
 
-    def query_source(self):  # noqa: ANN201 - scp.retrieve.QuerySource, imported lazily
-        from scp.retrieve import QuerySource
+    def query_source(self):  # noqa: ANN201 - scp.pacs.QuerySource, imported lazily
+        from scp.pacs import QuerySource
 
         p = self._settings.prior
         return QuerySource(
@@ -229,7 +221,8 @@ class PriorFinder:
     def _request_from_pacs(
         self, study_uid: str, study_date: str, patient: PatientInfo, looked: tuple[str, ...]
     ) -> PriorSearch:
-        from scp.retrieve import QueryFailedError, find_series, find_studies
+        from scp.errors import QueryFailedError
+        from scp.query import find_series, find_studies
 
         source = self.query_source()
         try:
@@ -285,7 +278,8 @@ class PriorFinder:
 
     def retrieve(self, prior_study_uid: str, series_uids: tuple[str, ...]) -> str:
         """Retrieve the series; '' on success, else the reason."""
-        from scp.retrieve import retrieve_series, store_into
+        from scp.instance_sink import store_into
+        from scp.retrieve import retrieve_series
 
         source = self.query_source()
         store = None

@@ -16,14 +16,11 @@ from __future__ import annotations
 import json
 import zlib
 import sqlite3
-import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from node_errors import NodeError
-from thighnode.db import open_db
 from pipeline.types import (
     AnatomicalProfiles,
     Comparison,
@@ -34,6 +31,7 @@ from pipeline.types import (
     StructureMeasurement,
     StructureProfile,
 )
+from scp.db import SqliteStore
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS patient_heights (
@@ -135,16 +133,10 @@ def validate_height_m(value: float) -> float:
     return float(value)
 
 
-class ResultsStore:
+class ResultsStore(SqliteStore):
     """Measurements and recorded heights in SQLite; thread-safe (one connection behind a lock)."""
 
-    def __init__(self, db_path: Path) -> None:
-        self._lock = threading.RLock()
-        self._db = open_db(db_path, _SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+    SCHEMA = _SCHEMA
 
     # -- heights ---------------------------------------------------------------------------
 

@@ -26,16 +26,15 @@ from dicomout.errors import DestinationError
 from dicomout.outbox import STATE_FAILED, STATE_PENDING, STATE_SENT, Outbox, send_pending
 from dicomout.sender import (
     MAX_PRESENTATION_CONTEXTS,
-    STATUS_SUCCESS,
     Destination,
     PresentationContextPlan,
-    describe_status,
     echo,
-    is_stored,
     plan_contexts,
     send_files,
 )
 from dicomout.sender import _chunk_by_contexts, _ObjectHeader  # private: the 128-context split
+from scp.association import AssociationSettings, RemoteAE
+from scp.status import STATUS_SUCCESS
 from tests.dicomout.dicom_files import compress_jpegls, write_ct_series
 from tests.support.orthanc import OrthancServer
 from tests.support.ports import free_port
@@ -99,17 +98,11 @@ def test_plan_contexts_uncompressed_gets_fallbacks_compressed_own_syntax() -> No
     ]
 
 
-def test_status_classification() -> None:
-    assert is_stored(0x0000) and is_stored(0x0001) and is_stored(0xB000) and is_stored(0xBFFF)
-    assert not is_stored(0xA700) and not is_stored(0xC000) and not is_stored(0x0122)
-    assert describe_status(0xA700) == "0xA700 (Refused: Out of Resources)"
-
-
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"ae_title": "A" * 17}, "Destination.ae_title 'AAAAAAAAAAAAAAAAA' has 17 characters"),
-        ({"ae_title": "  "}, "Destination.ae_title is blank"),
+        ({"ae_title": "A" * 17}, "Destination.ae_title is 17 characters long \\('AAAAAAAAAAAAAAAAA'\\)"),
+        ({"ae_title": "  "}, "Destination.ae_title '  ' is only spaces"),
         ({"ae_title": "PA\\CS"}, "contains '\\\\\\\\'"),
         ({"calling_ae_title": "NODE\n"}, "Destination.calling_ae_title 'NODE\\\\n' contains"),
         ({"port": 0}, "Destination.port of 'PACS' is 0 \\(allowed: an integer 1-65535\\)"),
@@ -129,6 +122,12 @@ def test_destination_validation_names_field_value_and_allowed(kwargs: dict[str, 
 
 def test_destination_label() -> None:
     assert Destination("PACS", "PACS", "127.0.0.1", 4242).label == "PACS (PACS@127.0.0.1:4242)"
+
+
+def test_destination_timeout_bounds_every_wait_and_max_pdu_is_announced() -> None:
+    destination = Destination("PACS", "PACS", "127.0.0.1", 4242, calling_ae_title="NODE", timeout_s=7, max_pdu=65536)
+    assert destination.association == AssociationSettings("NODE", 7, 7, 7, 7, 65536)
+    assert destination.peer == RemoteAE("PACS", "127.0.0.1", 4242)
 
 
 def test_unreadable_file_is_a_permanent_result_not_an_exception(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""scp.retrieve: Query/Retrieve SCU against a real Orthanc (C-FIND, C-MOVE into the ingress, C-GET).
+"""scp.query, scp.retrieve, scp.instance_sink: Query/Retrieve SCU against a real Orthanc
+(C-FIND, C-MOVE into the ingress, C-GET).
 
 One Orthanc per module holds (all CT unless said, 32x32 slices):
 
@@ -29,22 +30,14 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from scp.errors import InvalidUIDError
+from scp.association import DEFAULT_MAXIMUM_PDU_SIZE, AssociationSettings, RemoteAE
+from scp.errors import InvalidUIDError, QueryArgumentError, QueryFailedError, QuerySourceError
 from scp.index import InstanceIndex
-from scp.retrieve import (
-    STATUS_MOVE_DESTINATION_UNKNOWN,
-    STATUS_SUCCESS,
-    QueryArgumentError,
-    QueryFailedError,
-    QuerySource,
-    QuerySourceError,
-    RetrieveResult,
-    describe_status,
-    find_series,
-    find_studies,
-    retrieve_series,
-    store_into,
-)
+from scp.instance_sink import store_into
+from scp.pacs import QuerySource
+from scp.query import find_series, find_studies
+from scp.retrieve import RetrieveResult, retrieve_series
+from scp.status import STATUS_MOVE_DESTINATION_UNKNOWN, STATUS_SUCCESS, describe_retrieve_status
 from tests.scp.conftest import RunningIngress
 from tests.support.orthanc import OrthancServer
 from tests.support.ports import free_port
@@ -213,11 +206,11 @@ def test_find_series_lists_the_series_of_the_study(pacs: Pacs) -> None:
 
 @pytest.mark.integration
 def test_logs_carry_no_patient_id(pacs: Pacs, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.DEBUG, logger="scp.retrieve"):
+    with caplog.at_level(logging.DEBUG, logger="scp"):
         studies = find_studies(pacs.source(), patient_id=PATIENT_A, issuer_of_patient_id="HOSP-A")
         find_series(pacs.source(), studies[0].study_instance_uid)
-    ours = [r.getMessage() for r in caplog.records if r.name == "scp.retrieve"]
-    assert ours, "scp.retrieve logged nothing"
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("scp.")]
+    assert ours, "scp logged nothing"
     assert any(pacs.prior.study_uid in m for m in ours)
     assert not [m for m in ours if PATIENT_A in m or "Prior^Alice" in m or "HOSP-A" in m]
 
@@ -254,7 +247,7 @@ def test_move_to_an_unknown_destination_fails_with_a_clear_error(pacs: Pacs) -> 
     assert result.status in (STATUS_MOVE_DESTINATION_UNKNOWN, 0xC000)
     assert (result.completed, result.failed) == (0, 0)
     assert result.error.startswith(f"PACS ({pacs.orthanc.aet}@127.0.0.1:{pacs.orthanc.dicom_port}) refused C-MOVE: ")
-    assert describe_status(result.status) in result.error
+    assert describe_retrieve_status(result.status) in result.error
     assert "move destination NOSUCHNODE, add it" in result.error
 
 
@@ -265,7 +258,7 @@ def test_move_while_the_ingress_is_down_reports_the_failed_suboperations(pacs: P
     assert not result.ok
     assert result.status is not None and result.status != STATUS_SUCCESS
     assert "PACS (" in result.error
-    assert describe_status(result.status) in result.error
+    assert describe_retrieve_status(result.status) in result.error
 
 
 # --- C-GET ------------------------------------------------------------------------------
@@ -398,6 +391,12 @@ def test_query_source_defaults_and_label() -> None:
     assert replace(source, method="get", move_destination_ae="").method == "get"
 
 
+def test_query_source_timeout_bounds_every_wait() -> None:
+    source = _source(timeout_s=9)
+    assert source.association == AssociationSettings(NODE_AE, 9.0, 9.0, 9.0, 9.0, DEFAULT_MAXIMUM_PDU_SIZE)
+    assert source.peer == RemoteAE("PACS", "10.0.0.5", 104)
+
+
 @pytest.mark.parametrize(
     ("overrides", "pattern"),
     [
@@ -449,13 +448,6 @@ def test_retrieve_refuses_invalid_arguments_before_connecting() -> None:
         find_series(_source(port=1), "../etc")
 
 
-def test_describe_status_names_the_status() -> None:
-    assert describe_status(STATUS_MOVE_DESTINATION_UNKNOWN) == "0xA801 Move destination unknown"
-    assert describe_status(0xC123) == "0xC123 Unable to process"
-    assert describe_status(0x1234) == "0x1234 unknown status"
-
-
-# --- a PACS that does not match every key (pynetdicom SCP) ------------------------------
 def _study_identifier(uid: str, patient_id: str, issuer: str, date: str, modalities: list[str]) -> Dataset:
     ds = Dataset()
     ds.QueryRetrieveLevel = "STUDY"

@@ -37,6 +37,16 @@ def test_study_becomes_ready_after_quiet_period(store: JobStore) -> None:
     assert store.get(job.id).state == READY
 
 
+def test_only_studies_quiet_for_the_period_become_ready(store: JobStore) -> None:
+    """Any iterable of progress; among several studies only the quiet ones become ready, in
+    job order; a study still receiving stays received."""
+    progress = (StudyProgress(uid, last) for uid, last in (("1.1", 100.0), ("1.2", 170.0), ("1.3", 140.0)))
+    ready = store.sync(progress, now=200.0, quiet_period_s=60.0)
+    assert [store.get(i).study_uid for i in ready] == ["1.1", "1.3"]
+    assert [j.state for j in store.jobs(study_uid="1.2")] == [RECEIVED]
+    assert store.sync(iter(()), now=200.0, quiet_period_s=60.0) == []
+
+
 def test_late_instances_push_the_quiet_period_and_reopen_a_ready_study(store: JobStore) -> None:
     store.sync([StudyProgress(S1, 100.0)], now=100.0, quiet_period_s=30)
     store.sync([StudyProgress(S1, 120.0)], now=125.0, quiet_period_s=30)

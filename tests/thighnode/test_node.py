@@ -1,0 +1,69 @@
+"""thighnode.node: the retention purge decides; scp removes the study's files and index rows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scp.index import InstanceIndex
+from scp.spool import write_instance
+from scp.types import ReceivedInstance
+from thighnode.jobs import DONE, JobStore, StudyProgress
+from thighnode.node import Node
+from thighnode.settings import load_settings
+
+DAY_S = 86400.0
+OLD, BUSY, RECENT = "1.2.826.0.1.1", "1.2.826.0.1.2", "1.2.826.0.1.3"
+
+
+def _receive(node: Node, study_uid: str, at: float) -> Path:
+    assert node.index is not None
+    path = write_instance(node.settings.spool_dir, study_uid, f"{study_uid}.1", f"{study_uid}.1.1", b"dicom")
+    node.index.record(
+        ReceivedInstance(
+            sop_instance_uid=f"{study_uid}.1.1",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            study_instance_uid=study_uid,
+            series_instance_uid=f"{study_uid}.1",
+            modality="CT",
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            path=path,
+            size_bytes=5,
+            calling_ae="CT",
+            peer_address="127.0.0.1",
+            received_at=at,
+        )
+    )
+    return path
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    settings = load_settings(environ={"THIGHNODE_HOME": str(tmp_path)})
+    node = Node(settings, load_model=False)
+    node.index = InstanceIndex(settings.db_path)
+    node.jobs = JobStore(settings.db_path)
+    yield node
+    node.index.close()
+    node.jobs.close()
+
+
+def test_purge_removes_only_idle_studies_whose_jobs_are_final(node: Node) -> None:
+    assert node.index is not None and node.jobs is not None
+    keep_s = node.settings.retention.keep_received_days * DAY_S
+    now = 1_000.0 * DAY_S
+    old = _receive(node, OLD, now - keep_s - 10)
+    busy = _receive(node, BUSY, now - keep_s - 5)
+    recent = _receive(node, RECENT, now - keep_s + 60)
+    node.jobs.sync([StudyProgress(OLD, now - keep_s - 10)], now=now - keep_s, quiet_period_s=0)
+    job = node.jobs.claim_next(now=now - keep_s)
+    assert job is not None and job.study_uid == OLD
+    node.jobs.finish(job.id, DONE, "ok", now=now - keep_s)
+    node.jobs.sync([StudyProgress(BUSY, now - keep_s - 5)], now=now - keep_s, quiet_period_s=1e9)
+
+    assert node.purge(now=now) == 1
+    assert not old.exists() and not (node.settings.spool_dir / OLD).exists()
+    assert busy.exists() and recent.exists()
+    assert {a.study_instance_uid for a in node.index.activity()} == {BUSY, RECENT}
