@@ -237,7 +237,7 @@ def cmd_patient_set_height(args: argparse.Namespace) -> int:
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from pipeline.phantom import generate_dataset
+    from modelkit.phantom import generate_dataset
 
     _setup_logging("INFO")
     spacing = tuple(float(v) for v in args.spacing.split(","))
@@ -257,7 +257,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.training import main as train_main
+    from modelkit.training import main as train_main
 
     _setup_logging("INFO")
     argv = ["--config", str(args.train_config)]
@@ -273,12 +273,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.evaluation import evaluate_bundle
+    from modelkit.evaluation import evaluate_bundle
 
     _setup_logging("INFO")
     data = [Path(d) for d in args.data] if args.data else None
     if data is None:
-        from pipeline.phantom import generate_dataset
+        from modelkit.phantom import generate_dataset
         import tempfile
 
         tmp = Path(tempfile.mkdtemp(prefix="thighnode-eval-"))
@@ -287,10 +287,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = evaluate_bundle(Path(args.bundle), data, csv_path=Path(args.csv) if args.csv else None)
     print(report.format_table())
     if args.side_check:
-        from pipeline.sidecheck import run_sidecheck
+        from modelkit.sidecheck import run_sidecheck
 
         result = run_sidecheck(Path(args.bundle))
-        print("\nside check: one phantom leg atrophied (pipeline.sidecheck)")
+        print("\nside check: one phantom leg atrophied (modelkit.sidecheck)")
         print(result.format_table())
         if not result.passed:
             return 1
@@ -298,7 +298,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from pipeline.calibration import calibrate_bundle, format_result
+    from modelkit.calibration import calibrate_bundle, format_result
 
     _setup_logging("INFO")
     iterations = {} if args.iterations is None else {"iterations": args.iterations}
@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=None, help="bundle folder (overrides output_bundle)")
     p.set_defaults(func=cmd_train)
 
-    from thighnode.cohort import add_cohort_parser
+    from research.cohort import add_cohort_parser
 
     add_cohort_parser(sub)
 
@@ -375,8 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True)
     p.add_argument("--data", required=True, nargs="+", help="folder(s) of NIfTI pairs; never the test set")
     p.add_argument("--iterations", type=int, default=None,
-                   help="at most this many rounds (default pipeline.calibration.MAX_ITERATIONS); the fit stops "
-                        "when every class is within pipeline.calibration.TOLERANCE or after PATIENCE rounds "
+                   help="at most this many rounds (default modelkit.calibration.MAX_ITERATIONS); the fit stops "
+                        "when every class is within modelkit.calibration.TOLERANCE or after PATIENCE rounds "
                         "without improvement, keeping the best round")
     p.add_argument("--objective", choices=("pooled", "median"), default="pooled",
                    help="match per class the volumes pooled over the cases, or the median case's ratio "

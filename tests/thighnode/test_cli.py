@@ -9,7 +9,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pipeline.nifti import list_nifti_cases, load_nifti_pair
+from modelkit.nifti import list_nifti_cases, load_nifti_pair
 from thighnode.cli import build_parser, main
 
 
@@ -46,7 +46,7 @@ def test_a_missing_labelled_set_is_a_clear_error(tmp_path: Path, capsys) -> None
 def test_calibrate_fits_the_median_case_when_asked(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     """`thighnode calibrate --objective median --dry-run`: prints the fit with per-case errors and
     leaves the bundle as it was."""
-    from tests.pipeline.test_training import _write_cases
+    from tests.modelkit.test_training import _write_cases
 
     bundle = Path(__file__).resolve().parents[2] / "bundles" / "thighnode_demo"
     before = (bundle / "configs" / "metadata.json").read_bytes()
@@ -63,9 +63,9 @@ def test_calibrate_fits_the_median_case_when_asked(tmp_path: Path, capsys) -> No
 
 
 def test_calibrate_offers_exactly_the_objectives_of_the_calibration() -> None:
-    """The CLI spells the objectives itself (importing pipeline.calibration would load torch for every
-    command): they must stay those of pipeline.calibration, default included."""
-    from pipeline.calibration import DEFAULT_OBJECTIVE, OBJECTIVES
+    """The CLI spells the objectives itself (importing modelkit.calibration would load torch for every
+    command): they must stay those of modelkit.calibration, default included."""
+    from modelkit.calibration import DEFAULT_OBJECTIVE, OBJECTIVES
 
     subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     objective = next(a for a in subparsers.choices["calibrate"]._actions if "--objective" in a.option_strings)

@@ -16,7 +16,7 @@ The check passes ("the loss shows on that side only") when
 Separately it reports whether the size of each loss is right: within ``tolerance`` (absolute,
 as a fraction of the prior volume) of the true loss ("magnitude").
 
-Usage: python -m pipeline.sidecheck [BUNDLE_DIR] [--spacing 2.0] [--tolerance 0.05]
+Usage: python -m modelkit.sidecheck [BUNDLE_DIR] [--spacing 2.0] [--tolerance 0.05]
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _volume(hu: np.ndarray, affine: np.ndarray, tag: str) -> Volume:
 
 
 def _truth_ml(phantom, labels) -> dict[tuple[str, str], float]:
-    from pipeline.phantom import ground_truth
+    from modelkit.phantom import ground_truth
 
     structures = ground_truth(phantom, labels)["structures"]
     return {(key, side): float(v[side]["volume_ml"]) for key, v in structures.items() for side in ("left", "right")}
@@ -107,7 +107,7 @@ def _truth_ml(phantom, labels) -> dict[tuple[str, str], float]:
 
 def sidecheck_params(spacing_mm: float = 2.0, atrophy: Mapping[str, float] | None = None):
     """(prior, follow-up) PhantomParams of the check's subject."""
-    from pipeline.training import PhantomDataSettings, phantom_params
+    from modelkit.training import PhantomDataSettings, phantom_params
 
     atrophy = dict(DEFAULT_ATROPHY if atrophy is None else atrophy)
     base = phantom_params(PhantomDataSettings(1, SUBJECT_SET_SEED, (spacing_mm,) * 3), 0)
@@ -129,7 +129,7 @@ def run_sidecheck(
     from pipeline.inference import Segmenter
     from pipeline.labels import load_label_table
     from pipeline.measure import load_measurement_settings, measure
-    from pipeline.phantom import generate_phantom
+    from modelkit.phantom import generate_phantom
 
     atrophy = dict(DEFAULT_ATROPHY if atrophy is None else atrophy)
     for key in atrophy:

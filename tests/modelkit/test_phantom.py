@@ -1,4 +1,4 @@
-"""Tests of the labelled thigh/hip CT phantom (pipeline/phantom.py), on coarse grids."""
+"""Tests of the labelled thigh/hip CT phantom (modelkit/phantom.py), on coarse grids."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.labels import LabelTable, load_label_table
-from pipeline.phantom import (
+from modelkit.phantom import (
     NIFTI_LPS_TO_RAS,
     Phantom,
     PhantomError,
@@ -303,7 +303,7 @@ def test_small_pelvic_muscles_are_not_drawn_into_neighbours(table: LabelTable, s
     They were once placed outside the muscle compartment (oblique, multifidus: clipped by the
     subcutaneous fat to 13-35 % of the drawn ellipses) or across the femoral head (obturator externus,
     a crescent: 63-75 %), leaving slivers that no model can measure to 5 %."""
-    import pipeline.phantom as ph
+    import modelkit.phantom as ph
 
     params = PhantomParams(seed=seed, sex=sex, height_m=height_m, spacing_mm=(2.0, 2.0, 2.0))
     phantom = generate_phantom(params, table)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from pipeline.types import Comparison, GroupMeasurement, Measurements, StructureChange, StructureMeasurement
-from thighnode.cohort import SiteCsvError, add_cohort_parser, patient_key, run_cohort
+from research.cohort import SiteCsvError, add_cohort_parser, patient_key, run_cohort
 from thighnode.results import ResultsStore
 
 MUSCLES = [("sartorius", "anterior"), ("adductor_magnus", "medial"), ("gluteus_maximus", "gluteal"),
@@ -330,7 +330,7 @@ def test_cli_parser_runs_the_command(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert args.func(args) == 0
     assert "cohort: 20 studies, 0 with a prior" in capsys.readouterr().out
     bad = parser.parse_args(["cohort", "--config", str(config), "--out", str(tmp_path / "o2"), "--group-by", "nope"])
-    from thighnode.cohort import CohortError
+    from research.cohort import CohortError
 
     with pytest.raises(CohortError, match="--group-by column 'nope'"):
         bad.func(bad)

@@ -5,7 +5,7 @@ femur L/R 75/76, hip bone L/R 77/78, gluteus maximus L/R 80/81, medius 82/83, mi
 has no "hip bone": our `ilium` is one part of it, so its Dice against the whole hip bone is bounded
 well below 1 by construction (reported, not hidden). The CT has a left hip prosthesis.
 
-Usage: python -m pipeline.realcheck [BUNDLE_DIR] [--data DIR]
+Usage: python -m modelkit.realcheck [BUNDLE_DIR] [--data DIR]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.labels import LabelTable, load_label_table
-from pipeline.nifti import RAS_TO_LPS
+from modelkit.nifti import RAS_TO_LPS
 from pipeline.types import SIDE_LEFT, SIDE_RIGHT, Segmentation, Volume
 
 # (our label key, side) -> TotalSegmentator v2 "total" id in the reference file

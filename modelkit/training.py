@@ -1,13 +1,13 @@
 """Training of the UNETR segmentation model, writing a MONAI bundle.
 
-``python -m pipeline.training --config config/train_demo.toml`` (the CLI exposes it as
+``python -m modelkit.training --config config/train_demo.toml`` (the CLI exposes it as
 ``thighnode train --config ...``).
 
-Data: NIfTI pairs (:mod:`pipeline.nifti`) or DICOM cases (one folder per case holding a
-CT series and a DICOM-SEG ground truth, :mod:`pipeline.segimport`). Every case goes
+Data: NIfTI pairs (:mod:`modelkit.nifti`) or DICOM cases (one folder per case holding a
+CT series and a DICOM-SEG ground truth, :mod:`modelkit.segimport`). Every case goes
 through the same :func:`pipeline.preprocess.prepare` as inference (canonical
 orientation, foreground crop, resampling to the model spacing, window + gamma) once, and
-is kept in the case cache (:mod:`pipeline.casecache`: on disk, memory-mapped, reused by the
+is kept in the case cache (:mod:`modelkit.casecache`: on disk, memory-mapped, reused by the
 next run on the same data; ``case_cache = false`` holds the cases in memory instead).
 Training then draws random patches from it.
 
@@ -46,9 +46,9 @@ import numpy as np
 import torch
 
 from pipeline.bundle import DEMO_INTENDED_USE, MODEL_PATH, SlidingWindowSettings, write_bundle
-from pipeline.calibration import DEFAULT_OBJECTIVE, OBJECTIVES
-from pipeline.casecache import CaseCache
-from pipeline.evaluation import dice_per_structure
+from modelkit.calibration import DEFAULT_OBJECTIVE, OBJECTIVES
+from modelkit.casecache import CaseCache
+from modelkit.evaluation import dice_per_structure
 from pipeline.labels import LabelTable, load_label_table
 from pipeline.network import NetworkSettings, build_network
 from pipeline.preprocess import PreprocessSettings, apply_to_labels, prepare
@@ -130,15 +130,15 @@ class TrainSettings:
     lambda_dice: float = 1.0
     lambda_ce: float = 1.0
     #: After training, fit the bundle's per-class volume calibration on the validation folders
-    #: (pipeline.calibration): removes systematic volume bias of thin/broad structures.
+    #: (modelkit.calibration): removes systematic volume bias of thin/broad structures.
     calibrate_volumes: bool = False
     #: More labelled folders for that calibration, beside val_dirs (never the test set): the
     #: factors are per-class volume ratios pooled over the cases, so more subjects steady them.
     calibration_dirs: tuple[Path, ...] = ()
-    #: What the calibration matches, per class (pipeline.calibration.OBJECTIVES): "pooled" volumes
+    #: What the calibration matches, per class (modelkit.calibration.OBJECTIVES): "pooled" volumes
     #: or the "median" case's volume ratio.
     calibration_objective: str = DEFAULT_OBJECTIVE
-    #: Keep the preprocessed cases on disk and memory-map them (pipeline.casecache) instead of
+    #: Keep the preprocessed cases on disk and memory-map them (modelkit.casecache) instead of
     #: holding them in RAM: memory no longer grows with the number of cases, and a later run on
     #: the same data skips the preparation. ``false``: in memory, as before.
     case_cache: bool = True
@@ -295,7 +295,7 @@ def _training_atrophy(rng: np.random.Generator, muscles: list[str]) -> dict[str,
     return atrophy
 
 
-def phantom_params(spec: PhantomDataSettings, index: int):  # -> pipeline.phantom.PhantomParams
+def phantom_params(spec: PhantomDataSettings, index: int):  # -> modelkit.phantom.PhantomParams
     """Subject ``index`` of a phantom set: varied sex, height, girth, fat, noise and atrophy,
     all drawn from (spec.seed, index) only.
 
@@ -304,7 +304,7 @@ def phantom_params(spec: PhantomDataSettings, index: int):  # -> pipeline.phanto
     muscle's usual outline and underestimates a real loss. The atrophy has its own random
     stream: the subject (sex, height, size, ...) does not depend on it.
     """
-    from pipeline.phantom import PhantomParams
+    from modelkit.phantom import PhantomParams
     from pipeline.labels import load_label_table
 
     atrophy = _training_atrophy(np.random.default_rng([spec.seed, index, 1]), [
@@ -329,8 +329,8 @@ def write_phantom_set(out: Path, spec: PhantomDataSettings) -> list[Path]:
     (NIfTI affine = diag(-1,-1,1,1) @ affine_lps, array as generated)."""
     import nibabel as nib
 
-    from pipeline.nifti import RAS_TO_LPS
-    from pipeline.phantom import generate_phantom
+    from modelkit.nifti import RAS_TO_LPS
+    from modelkit.phantom import generate_phantom
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -361,9 +361,9 @@ def load_cases(
     """Load and preprocess every case of the folders (NIfTI pairs, and DICOM CT + SEG case folders).
 
     ``indices``: with the per-class voxel indices for patch sampling (training cases). With a
-    ``cache`` (pipeline.casecache) each case is prepared once and its arrays come back
+    ``cache`` (modelkit.casecache) each case is prepared once and its arrays come back
     memory-mapped from disk; without, they are held in memory."""
-    from pipeline.nifti import list_nifti_cases, load_nifti_pair
+    from modelkit.nifti import list_nifti_cases, load_nifti_pair
 
     sources: list[tuple[str, list[Path], Any]] = []
     for d in data_dirs:
@@ -372,7 +372,7 @@ def load_cases(
                             lambda c=case: load_nifti_pair(c.ct_path, c.label_path, labels,
                                                            label_names_path=c.label_names_path)))
     for d in dicom_dirs:
-        from pipeline.segimport import load_dicom_case, list_dicom_cases
+        from modelkit.segimport import load_dicom_case, list_dicom_cases
 
         for case_dir in list_dicom_cases(Path(d)):
             sources.append((case_dir.name, sorted(f for f in case_dir.rglob("*") if f.is_file()),
@@ -579,7 +579,7 @@ def train(settings: TrainSettings, labels: LabelTable | None = None) -> Path:
         _init_weights_file(Path(settings.init_weights))  # a wrong path fails now, not after loading the data
     ensure_phantoms(settings)
     if settings.calibrate_volumes:
-        from pipeline.nifti import list_nifti_cases
+        from modelkit.nifti import list_nifti_cases
 
         for folder in settings.calibration_dirs:  # a wrong path fails now, not after the training
             list_nifti_cases(Path(folder))
@@ -665,7 +665,7 @@ def train(settings: TrainSettings, labels: LabelTable | None = None) -> Path:
                                 [c.name for c in train_cases], [c.name for c in val_cases], time.monotonic() - started,
                                 init_sha256=init_sha256)
     if settings.calibrate_volumes and (settings.val_dirs or settings.calibration_dirs):
-        from pipeline.calibration import calibrate_bundle, format_result
+        from modelkit.calibration import calibrate_bundle, format_result
 
         result = calibrate_bundle(out, (*settings.val_dirs, *settings.calibration_dirs), device=device.type,
                                   objective=settings.calibration_objective)
@@ -763,7 +763,7 @@ def _load_checkpoint(path: Path, network, optimizer) -> tuple[int, dict, dict | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.training --config config/train_demo.toml [--iterations N] [--resume CKPT]``."""
+    """``python -m modelkit.training --config config/train_demo.toml [--iterations N] [--resume CKPT]``."""
     parser = argparse.ArgumentParser(description="Train the thighnode UNETR and write a MONAI bundle.")
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--iterations", type=int, default=None)
@@ -776,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="do not train: write the bundle from this checkpoint's best model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    command = "python -m pipeline.training " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m modelkit.training " + " ".join(argv if argv is not None else sys.argv[1:])
     settings = TrainSettings.from_toml(args.config, iterations=args.iterations, resume=args.resume,
                                        init_weights=args.init_weights,
                                        output_bundle=args.output, checkpoint_dir=args.checkpoint_dir, command=command)

@@ -20,7 +20,7 @@ case's original grid) followed by the node's post-processing (side split, larges
 node measures, islands the clean-up removes included. Scaling commutes with the linear restore,
 so the factors are applied once to the model-grid output.
 
-Usage: python -m pipeline.calibration BUNDLE_DIR DATA_DIR [--iterations 30] [--dry-run]
+Usage: python -m modelkit.calibration BUNDLE_DIR DATA_DIR [--iterations 30] [--dry-run]
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class CalibrationResult:
             "method": "per-class factors on the softmax output fitted so that "
                       + ("pooled predicted volumes match the truth" if self.objective == "pooled" else
                          "the median over the cases of predicted/true volume is 1")
-                      + " (pipeline.calibration)",
+                      + " (modelkit.calibration)",
             "objective": self.objective,
             "cases": list(self.cases),
             "iterations": self.iterations,
@@ -243,7 +243,7 @@ def calibrate_bundle(
     from pipeline.bundle import load_bundle, set_class_weights
     from pipeline.inference import Segmenter
     from pipeline.labels import load_label_table
-    from pipeline.nifti import NiftiError, data_folders, list_nifti_cases, load_nifti_case
+    from modelkit.nifti import NiftiError, data_folders, list_nifti_cases, load_nifti_case
 
     started = time.monotonic()
     labels = load_label_table()

@@ -13,7 +13,7 @@ the patient's left (x), so ``affine_lps = [[0, 0, dx, x0], [0, dy, 0, y0], [dz, 
 its x is greater than ``midline_x_mm`` and to the RIGHT side otherwise (that is how
 the ground truth counts, and how atrophy picks its side).
 
-Anatomy (pipeline/phantom_anatomy.py) is built per axial slice: a body/leg envelope,
+Anatomy (modelkit/phantom_anatomy.py) is built per axial slice: a body/leg envelope,
 bones from simple solids (femur: head sphere, neck cylinder, trochanter ellipsoids,
 shaft with flares; ilium: curved plate plus acetabular roof), and muscles as ellipses
 whose centre, semi-axes and rotation are smooth functions of z; envelope voxels go to
@@ -35,7 +35,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.interpolate import PchipInterpolator
 
-from pipeline import phantom_anatomy as anat
+from modelkit import phantom_anatomy as anat
 from pipeline.labels import LabelTable, load_label_table
 
 logger = logging.getLogger(__name__)

@@ -203,7 +203,7 @@ def evaluate_bundle(
     from pipeline.bundle import load_bundle
     from pipeline.inference import Segmenter, select_device
     from pipeline.labels import load_label_table
-    from pipeline.nifti import data_folders, list_nifti_cases, load_nifti_case
+    from modelkit.nifti import data_folders, list_nifti_cases, load_nifti_case
     from pipeline.postprocess import split_sides
 
     labels = labels or load_label_table()
@@ -233,7 +233,7 @@ def evaluate_bundle(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.evaluation BUNDLE DATA [DATA ...] [--csv PATH]``."""
+    """``python -m modelkit.evaluation BUNDLE DATA [DATA ...] [--csv PATH]``."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Evaluate a thighnode bundle on NIfTI pairs (Dice, RAVD).")

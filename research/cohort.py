@@ -54,7 +54,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from node_errors import NodeError
-from pipeline.cohort import (
+from research.stats import (
     RocResult,
     composition_table,
     format_table,
