@@ -50,7 +50,7 @@ def _generate(input_dir: Path) -> list[Path]:
     try:
         from modelkit.phantom import PhantomParams, generate_phantom, write_dicom_series
     except ImportError:  # before the model kit left pipeline/
-        from modelkit.phantom import PhantomParams, generate_phantom, write_dicom_series  # type: ignore[no-redef]
+        from pipeline.phantom import PhantomParams, generate_phantom, write_dicom_series  # type: ignore[no-redef]
     phantom = generate_phantom(PhantomParams(seed=5, spacing_mm=(4.0, 3.0, 3.0), implant="left", height_m=1.6, sex="F"))
     return write_dicom_series(
         phantom, input_dir, patient_id="TN-FP-1", patient_name="Test^Fingerprint", patient_sex="F",

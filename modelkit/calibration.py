@@ -20,14 +20,12 @@ case's original grid) followed by the node's post-processing (side split, larges
 node measures, islands the clean-up removes included. Scaling commutes with the linear restore,
 so the factors are applied once to the model-grid output.
 
-Usage: python -m modelkit.calibration BUNDLE_DIR DATA_DIR [--iterations 30] [--dry-run]
+Usage: thighnode calibrate --bundle BUNDLE_DIR --data DATA_DIR [--iterations 30] [--dry-run]
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,23 +304,3 @@ def format_result(result: CalibrationResult, labels=None) -> str:
         lines.append(f"{'MEAN':<24}{'':>8}{mean(before):>15}{mean(after):>8}{mean(case_before):>17}"
                      f"{mean(case_after):>8}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Fit a bundle's per-class volume calibration on labelled cases.")
-    parser.add_argument("bundle", type=Path)
-    parser.add_argument("data", type=Path, nargs="+", help="NIfTI pairs (validation folders, never the test set)")
-    parser.add_argument("--iterations", type=int, default=MAX_ITERATIONS)
-    parser.add_argument("--dry-run", action="store_true", help="print the fit, do not write the bundle")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    result = calibrate_bundle(args.bundle, args.data, iterations=args.iterations, write=not args.dry_run,
-                              device=args.device, objective=args.objective)
-    print(format_result(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

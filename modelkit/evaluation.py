@@ -1,4 +1,5 @@
-"""Segmentation metrics (the paper's Dice and relative absolute volume difference) and bundle evaluation."""
+"""Segmentation metrics (the paper's Dice and relative absolute volume difference) and bundle evaluation
+(``thighnode evaluate``)."""
 
 from __future__ import annotations
 
@@ -230,23 +231,3 @@ def evaluate_bundle(
     if csv_path is not None:
         report.write_csv(Path(csv_path))
     return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m modelkit.evaluation BUNDLE DATA [DATA ...] [--csv PATH]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Evaluate a thighnode bundle on NIfTI pairs (Dice, RAVD).")
-    parser.add_argument("bundle", type=Path)
-    parser.add_argument("data", type=Path, nargs="+", help="labelled folders (NIfTI pairs), pooled")
-    parser.add_argument("--csv", type=Path, default=None)
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    report = evaluate_bundle(args.bundle, args.data, csv_path=args.csv, device=args.device)
-    print(report.format_table())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

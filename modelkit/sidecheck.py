@@ -16,14 +16,12 @@ The check passes ("the loss shows on that side only") when
 Separately it reports whether the size of each loss is right: within ``tolerance`` (absolute,
 as a fraction of the prior volume) of the true loss ("magnitude").
 
-Usage: python -m modelkit.sidecheck [BUNDLE_DIR] [--spacing 2.0] [--tolerance 0.05]
+Usage: thighnode sidecheck [--bundle BUNDLE_DIR] [--spacing 2.0] [--tolerance 0.05] [--side-tolerance 0.02]
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -199,22 +197,3 @@ def run_sidecheck(
         failures.append(f"right total change {100 * model_total['right']:.1f} % is not below the left "
                         f"{100 * model_total['left']:.1f} %")
     return SideCheckResult(tuple(changes), true_total, model_total, tolerance, tuple(failures), tuple(magnitude))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="One phantom leg atrophied: is the loss on that side only?")
-    parser.add_argument("bundle", nargs="?", type=Path, default=Path("bundles/thighnode_demo"))
-    parser.add_argument("--spacing", type=float, default=2.0, help="phantom voxel size in mm (default 2.0)")
-    parser.add_argument("--tolerance", type=float, default=0.05,
-                        help="allowed error of an atrophied muscle's change ratio (0.05 = 5 pp; reported)")
-    parser.add_argument("--side-tolerance", type=float, default=0.02,
-                        help="allowed total change of the unaffected muscles of each leg (0.02 = 2 %%)")
-    args = parser.parse_args(argv)
-    result = run_sidecheck(args.bundle, spacing_mm=args.spacing, tolerance=args.tolerance,
-                           side_tolerance=args.side_tolerance)
-    print(result.format_table())
-    return 0 if result.passed else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

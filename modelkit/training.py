@@ -1,7 +1,6 @@
 """Training of the UNETR segmentation model, writing a MONAI bundle.
 
-``python -m modelkit.training --config config/train_demo.toml`` (the CLI exposes it as
-``thighnode train --config ...``).
+``thighnode train config/train_demo.toml`` (:func:`train` with :class:`TrainSettings`).
 
 Data: NIfTI pairs (:mod:`modelkit.nifti`) or DICOM cases (one folder per case holding a
 CT series and a DICOM-SEG ground truth, :mod:`modelkit.segimport`). Every case goes
@@ -29,7 +28,6 @@ resumed from a checkpoint continues exactly where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -760,32 +758,3 @@ def _load_checkpoint(path: Path, network, optimizer) -> tuple[int, dict, dict | 
     network.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     return int(ckpt["step"]), json.loads(ckpt["best_json"]), ckpt.get("best_model"), json.loads(ckpt["history_json"])
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m modelkit.training --config config/train_demo.toml [--iterations N] [--resume CKPT]``."""
-    parser = argparse.ArgumentParser(description="Train the thighnode UNETR and write a MONAI bundle.")
-    parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--iterations", type=int, default=None)
-    parser.add_argument("--resume", type=Path, default=None)
-    parser.add_argument("--init-weights", type=Path, default=None,
-                        help="start from this bundle's (or .pt file's) weights: fine-tuning, same architecture")
-    parser.add_argument("--output", type=Path, default=None, help="bundle folder (overrides output_bundle)")
-    parser.add_argument("--checkpoint-dir", type=Path, default=None)
-    parser.add_argument("--export", type=Path, default=None, metavar="CHECKPOINT",
-                        help="do not train: write the bundle from this checkpoint's best model")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    command = "python -m modelkit.training " + " ".join(argv if argv is not None else sys.argv[1:])
-    settings = TrainSettings.from_toml(args.config, iterations=args.iterations, resume=args.resume,
-                                       init_weights=args.init_weights,
-                                       output_bundle=args.output, checkpoint_dir=args.checkpoint_dir, command=command)
-    if args.export is not None:
-        print(export_checkpoint(settings, args.export, settings.output_bundle))
-        return 0
-    train(settings)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
