@@ -201,10 +201,10 @@ def evaluate_bundle(
 ) -> EvaluationReport:
     """Segment every NIfTI pair of ``data_dir`` (one folder or several, pooled in one report) with the
     bundle, on each case's own grid, and score it."""
+    from modelkit.nifti import data_folders, list_nifti_cases, load_nifti_case
     from pipeline.bundle import load_bundle
     from pipeline.inference import Segmenter, select_device
     from pipeline.labels import load_label_table
-    from modelkit.nifti import data_folders, list_nifti_cases, load_nifti_case
     from pipeline.postprocess import split_sides
 
     labels = labels or load_label_table()

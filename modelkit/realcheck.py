@@ -16,8 +16,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pipeline.labels import LabelTable, load_label_table
 from modelkit.nifti import RAS_TO_LPS
+from pipeline.labels import LabelTable, load_label_table
 from pipeline.types import SIDE_LEFT, SIDE_RIGHT, Segmentation, Volume
 
 _REPO = Path(__file__).resolve().parents[1]

@@ -53,7 +53,8 @@ def _train_command(args: argparse.Namespace) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from modelkit.training import TrainSettings, export_checkpoint, train
+    from modelkit.train_settings import TrainSettings
+    from modelkit.training import export_checkpoint, train
 
     settings = TrainSettings.from_toml(
         args.train_config, iterations=args.iterations or None, resume=args.resume, init_weights=args.init_weights,

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.bundle import METADATA_PATH
 from modelkit.casecache import CaseCache
+from modelkit.train_settings import TrainSettings
+from modelkit.training import _batch_for_step, build_transforms, load_cases, train
+from pipeline.bundle import METADATA_PATH
 from pipeline.labels import load_label_table
-from modelkit.training import TrainSettings, _batch_for_step, build_transforms, load_cases, train
 from tests.modelkit.test_training import _settings, _write_cases
 
 torch.set_num_threads(1)

@@ -75,8 +75,8 @@ def test_a_bundle_is_evaluated_over_several_folders_pooled(tmp_path: Path) -> No
     each case scores as it does alone."""
     import torch
 
-    from pipeline.bundle import write_bundle
     from modelkit.evaluation import evaluate_bundle
+    from pipeline.bundle import write_bundle
     from pipeline.labels import load_label_table
     from pipeline.network import NetworkSettings, build_network
     from pipeline.preprocess import PreprocessSettings

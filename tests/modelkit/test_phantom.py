@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.labels import LabelTable, load_label_table
 from modelkit.phantom import (
     NIFTI_LPS_TO_RAS,
     Phantom,
@@ -22,6 +21,7 @@ from modelkit.phantom import (
     write_nifti_pair,
 )
 from modelkit.phantom_dataset import generate_dataset
+from pipeline.labels import LabelTable, load_label_table
 from tests.conftest import require_tool
 
 SPACING = (4.0, 4.0, 4.0)

@@ -1,6 +1,6 @@
 """The shipped bundle on the real TotalSegmentator hip CT: a label map on that grid, compared with the
 reference labels. The demonstration model is phantom-trained: only a low floor is asserted (the figures are
-reported by `python -m modelkit.realcheck`)."""
+reported by `thighnode realcheck`)."""
 
 from __future__ import annotations
 

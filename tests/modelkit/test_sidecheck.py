@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from pipeline.labels import load_label_table
 from modelkit.phantom import generate_phantom
-from pipeline.postprocess import split_sides
 from modelkit.sidecheck import DEFAULT_ATROPHY, run_sidecheck, sidecheck_params
+from pipeline.labels import load_label_table
+from pipeline.postprocess import split_sides
 from pipeline.types import Segmentation, Volume
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "thighnode_demo"

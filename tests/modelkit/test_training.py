@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from modelkit.nifti import RAS_TO_LPS, list_nifti_cases, load_nifti_pair
+from modelkit.train_settings import TrainSettings
+from modelkit.training import CHECKPOINT_NAME, train
 from pipeline.bundle import METADATA_PATH, load_bundle
 from pipeline.labels import load_label_table
 from pipeline.network import NetworkSettings
-from modelkit.nifti import RAS_TO_LPS, list_nifti_cases, load_nifti_pair
 from pipeline.preprocess import PreprocessSettings
-from modelkit.training import CHECKPOINT_NAME, TrainSettings, train
 
 torch.set_num_threads(1)
 
@@ -297,7 +298,8 @@ def test_calibration_can_use_more_cases_than_the_validation_set(tmp_path: Path) 
 
 
 def test_ensure_phantoms_can_generate_only_the_sets_asked_for(tmp_path: Path) -> None:
-    from modelkit.training import PhantomDataSettings, ensure_phantoms
+    from modelkit.train_settings import PhantomDataSettings
+    from modelkit.training import ensure_phantoms
 
     train_dir, test_dir = tmp_path / "train", tmp_path / "test"
     settings = _settings(tmp_path, phantoms={str(train_dir): PhantomDataSettings(1, 1, (8.0, 8.0, 8.0)),
@@ -313,8 +315,9 @@ def test_training_phantoms_carry_varied_atrophy_on_most_subjects() -> None:
     """Most training subjects have one to several atrophied muscles (0.6-0.95 of normal, one side
     or both), so a model learns to follow the muscle tissue rather than a muscle's usual outline;
     the subject itself (sex, height, size, ...) does not depend on the atrophy draw."""
+    from modelkit.train_settings import PhantomDataSettings
+    from modelkit.training import phantom_params
     from pipeline.labels import load_label_table
-    from modelkit.training import PhantomDataSettings, phantom_params
 
     muscles = {l.key for l in load_label_table().labels if not l.is_bone}
     spec = PhantomDataSettings(24, 1, (2.0, 2.0, 2.0))
