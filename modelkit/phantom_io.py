@@ -247,7 +247,7 @@ def _put_series_header(ds: Any, h: _SeriesHeader, dz: float) -> None:
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = h.study_description
     ds.SeriesDescription = h.series_description
-    ds.ManufacturerModelName = "pipeline.phantom"
+    ds.ManufacturerModelName = "pipeline.phantom"  # the module's first home; kept: written series stay as they were
     ds.PatientName = h.patient_name
     ds.PatientID = h.patient_id
     ds.PatientBirthDate = h.birth_date

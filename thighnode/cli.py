@@ -3,6 +3,10 @@
 Every command takes ``--config FILE`` (the node configuration, read over the
 defaults in config/node.toml). Logging is set up here and only here; logs carry
 identifiers (UIDs, job ids), never patient names, IDs or birth dates.
+
+The node's commands (serve, echo, status, retry, patient) are here; the offline ones (phantom, train,
+evaluate, calibrate, sidecheck, realcheck: :mod:`modelkit`; cohort: :mod:`research`) are in
+:mod:`thighnode.cli_offline`.
 """
 
 from __future__ import annotations
