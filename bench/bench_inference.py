@@ -4,7 +4,7 @@
         [--device cpu|cuda|auto] [--slices 300] [--slice-mm 1.5] [--threads N]
 
 A synthetic 512x512xN CT (0.8 mm pixels, 1.5 mm slices by default) is made by resampling a
-phantom (pipeline.phantom) onto that grid. For each model (the demo bundle; with
+phantom (modelkit.phantom) onto that grid. For each model (the demo bundle; with
 ``--production`` also the paper's UNETR ViT-B, 96³ patches, random weights, 1.5 mm grid) it
 measures, each in a fresh child process so that peak figures are not mixed:
 
@@ -42,7 +42,7 @@ def synthetic_ct(slices: int, slice_mm: float, pixel_mm: float = 0.8, size: int 
     import torch
     import torch.nn.functional as F
 
-    from pipeline.phantom import PhantomParams, generate_phantom
+    from modelkit.phantom import PhantomParams, generate_phantom
     from pipeline.types import Volume
 
     ph = generate_phantom(PhantomParams(seed=99, spacing_mm=(2.0, 2.0, 2.0)))

@@ -38,9 +38,10 @@ def _status_kb(field: str) -> int:
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    from pipeline.casecache import CaseCache
+    from modelkit.casecache import CaseCache
+    from modelkit.train_settings import TrainSettings
+    from modelkit.training import _batch_for_step, build_transforms, load_cases
     from pipeline.labels import load_label_table
-    from pipeline.training import TrainSettings, _batch_for_step, build_transforms, load_cases
 
     torch.set_num_threads(2)
     settings = TrainSettings.from_toml(args.config)

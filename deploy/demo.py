@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.phantom import PhantomParams, generate_phantom, write_dicom_series  # noqa: E402
+from modelkit.phantom import PhantomParams, generate_phantom, write_dicom_series  # noqa: E402
 from tests.support.node import NodeProcess  # noqa: E402
 from tests.support.orthanc import OrthancServer  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402

@@ -1,4 +1,5 @@
-"""Pure computation: select series, load volume, preprocess, infer, measure, compare.
+"""What a study passes through, pure computation: select series, load volume, preprocess, infer,
+measure, compare.
 
-Never imports pynetdicom, highdicom or ``thighnode``.
+Never imports pynetdicom, highdicom, ``thighnode``, ``modelkit`` or ``research``.
 """

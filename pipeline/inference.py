@@ -93,7 +93,7 @@ def predict_scores(
 
 def scale_classes(probs: torch.Tensor, weights) -> torch.Tensor:
     """``probs`` (C, ...) times a per-class factor (the bundle's volume calibration): the one place
-    both the Segmenter and the calibration fit (pipeline.calibration) apply the factors."""
+    both the Segmenter and the calibration fit (modelkit.calibration) apply the factors."""
     return probs * torch.tensor(weights, dtype=probs.dtype)[(slice(None),) + (None,) * (probs.dim() - 1)]
 
 
@@ -160,7 +160,7 @@ class Segmenter:
     def postprocess(self, label_map: np.ndarray, affine_lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(label map, side map) of a restored label map: the side split by the patient's midline and,
         unless switched off, the largest components per structure and side. The volume calibration
-        (pipeline.calibration) fits through this same step."""
+        (modelkit.calibration) fits through this same step."""
         side_map = split_sides(label_map, affine_lps, femur_id=self._femur_id)
         if self._keep_largest:
             label_map = keep_largest_components(label_map, side_map)

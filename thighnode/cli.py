@@ -3,6 +3,10 @@
 Every command takes ``--config FILE`` (the node configuration, read over the
 defaults in config/node.toml). Logging is set up here and only here; logs carry
 identifiers (UIDs, job ids), never patient names, IDs or birth dates.
+
+The node's commands (serve, echo, status, retry, patient) are here; the offline ones (phantom, train,
+evaluate, calibrate, sidecheck, realcheck: :mod:`modelkit`; cohort: :mod:`research`) are in
+:mod:`thighnode.cli_offline`.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from node_errors import NodeError
+from thighnode.cli_offline import add_offline_commands
 
 log = logging.getLogger("thighnode")
 
@@ -234,96 +239,10 @@ def cmd_patient_set_height(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- phantom / train / evaluate ------------------------------------------------------------
-
-
-def cmd_phantom(args: argparse.Namespace) -> int:
-    from pipeline.phantom import generate_dataset
-
-    _setup_logging("INFO")
-    spacing = tuple(float(v) for v in args.spacing.split(","))
-    if len(spacing) == 1:
-        spacing = spacing * 3
-    paths = generate_dataset(
-        Path(args.out),
-        n_subjects=args.subjects,
-        seed=args.seed,
-        spacing_mm=spacing,  # type: ignore[arg-type]
-        nifti=not args.no_nifti,
-        dicom=args.dicom,
-        follow_up=args.follow_up,
-    )
-    print(f"wrote {len(paths)} phantom subject(s) under {args.out}")
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.training import main as train_main
-
-    _setup_logging("INFO")
-    argv = ["--config", str(args.train_config)]
-    if args.resume:
-        argv += ["--resume", str(args.resume)]
-    if args.init_weights:
-        argv += ["--init-weights", str(args.init_weights)]
-    if args.iterations:
-        argv += ["--iterations", str(args.iterations)]
-    if args.output:
-        argv += ["--output", str(args.output)]
-    return int(train_main(argv) or 0)
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.evaluation import evaluate_bundle
-
-    _setup_logging("INFO")
-    data = [Path(d) for d in args.data] if args.data else None
-    if data is None:
-        from pipeline.phantom import generate_dataset
-        import tempfile
-
-        tmp = Path(tempfile.mkdtemp(prefix="thighnode-eval-"))
-        generate_dataset(tmp, n_subjects=args.phantoms, seed=args.seed, spacing_mm=(2.0, 2.0, 2.0))
-        data = tmp
-    report = evaluate_bundle(Path(args.bundle), data, csv_path=Path(args.csv) if args.csv else None)
-    print(report.format_table())
-    if args.side_check:
-        from pipeline.sidecheck import run_sidecheck
-
-        result = run_sidecheck(Path(args.bundle))
-        print("\nside check: one phantom leg atrophied (pipeline.sidecheck)")
-        print(result.format_table())
-        if not result.passed:
-            return 1
-    return 0
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from pipeline.calibration import calibrate_bundle, format_result
-
-    _setup_logging("INFO")
-    iterations = {} if args.iterations is None else {"iterations": args.iterations}
-    result = calibrate_bundle(Path(args.bundle), [Path(d) for d in args.data], write=not args.dry_run,
-                              objective=args.objective, **iterations)
-    print(format_result(result))
-    return 0
-
-
 # -- parser ------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="thighnode", description="thighnode: a DICOM node that segments and measures thigh and hip muscles on CT"
-    )
-    parser.add_argument("--version", action="version", version="thighnode 0.1.0")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def add(name: str, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_)
-        p.add_argument("--config", type=Path, default=None, help="node configuration file (TOML)")
-        return p
-
+def _add_node_commands(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
     p = add("serve", "run the node: DICOM ingress, processing, outbox")
     p.add_argument("--no-model", action="store_true", help="receive and assemble only; do not load the model")
     p.set_defaults(func=cmd_serve)
@@ -340,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", type=int)
     p.set_defaults(func=cmd_retry)
 
+
+def _add_patient_commands(sub: Any) -> None:
     patient = sub.add_parser("patient", help="patient data the node uses (height)")
     patient_sub = patient.add_subparsers(dest="patient_command", required=True)
     p = patient_sub.add_parser("set-height", help="record a patient's height (when studies lack PatientSize)")
@@ -349,58 +270,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--issuer", default="", help="IssuerOfPatientID (0010,0021), if the site uses one")
     p.set_defaults(func=cmd_patient_set_height)
 
-    p = add("phantom", "generate labelled thigh CT phantoms (NIfTI pairs, DICOM series, ground truth)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--subjects", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--spacing", default="2.0", help="voxel size in mm: one value or dz,dy,dx")
-    p.add_argument("--dicom", action="store_true", help="also write DICOM CT series")
-    p.add_argument("--no-nifti", action="store_true", help="do not write NIfTI pairs")
-    p.add_argument("--follow-up", action="store_true", help="also write a follow-up study with known atrophy")
-    p.set_defaults(func=cmd_phantom)
 
-    p = add("train", "train a model bundle from labelled CTs (NIfTI pairs or DICOM CT + DICOM-SEG)")
-    p.add_argument("train_config", type=Path, help="training settings (TOML), e.g. config/train_demo.toml")
-    p.add_argument("--resume", type=Path, default=None, help="checkpoint to resume from")
-    p.add_argument("--init-weights", type=Path, default=None,
-                   help="start from this bundle's weights (fine-tuning; same architecture)")
-    p.add_argument("--iterations", type=int, default=None, help="total iterations (overrides the settings)")
-    p.add_argument("--output", type=Path, default=None, help="bundle folder (overrides output_bundle)")
-    p.set_defaults(func=cmd_train)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="thighnode", description="thighnode: a DICOM node that segments and measures thigh and hip muscles on CT"
+    )
+    parser.add_argument("--version", action="version", version="thighnode 0.1.0")
+    sub = parser.add_subparsers(dest="command", required=True)
 
-    from thighnode.cohort import add_cohort_parser
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--config", type=Path, default=None, help="node configuration file (TOML)")
+        return p
 
-    add_cohort_parser(sub)
-
-    p = add("calibrate", "fit a bundle's per-class volume calibration on labelled cases (a validation set)")
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--data", required=True, nargs="+", help="folder(s) of NIfTI pairs; never the test set")
-    p.add_argument("--iterations", type=int, default=None,
-                   help="at most this many rounds (default pipeline.calibration.MAX_ITERATIONS); the fit stops "
-                        "when every class is within pipeline.calibration.TOLERANCE or after PATIENCE rounds "
-                        "without improvement, keeping the best round")
-    p.add_argument("--objective", choices=("pooled", "median"), default="pooled",
-                   help="match per class the volumes pooled over the cases, or the median case's ratio "
-                        "(each subject counts once; default %(default)s)")
-    p.add_argument("--dry-run", action="store_true", help="print the fit without writing the bundle")
-    p.set_defaults(func=cmd_calibrate)
-
-    p = add("evaluate", "per-structure Dice and volume difference of a bundle on a labelled set")
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--data", default=None, nargs="+",
-                   help="labelled folders (NIfTI pairs), pooled in one table; default: fresh phantoms")
-    p.add_argument("--phantoms", type=int, default=4, help="number of held-out phantoms when --data is not given")
-    p.add_argument("--seed", type=int, default=9000, help="seed of the held-out phantoms")
-    p.add_argument("--csv", default=None, help="write the table as CSV")
-    p.add_argument("--side-check", action="store_true",
-                   help="also segment a phantom pair with one leg atrophied: is the loss on that side only? (exit 1 if not)")
-    p.set_defaults(func=cmd_evaluate)
+    _add_node_commands(add)
+    _add_patient_commands(sub)
+    add_offline_commands(add)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "log_level", None):  # the offline commands (thighnode.cli_offline) log at this level
+        _setup_logging(args.log_level)
     try:
         return int(args.func(args) or 0)
     except NodeError as exc:

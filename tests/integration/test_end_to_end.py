@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pipeline.phantom import PhantomParams, generate_phantom, write_dicom_series
+from modelkit.phantom import PhantomParams, generate_phantom, write_dicom_series
 from tests.conftest import require_tool
 from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.node import NodeProcess

@@ -14,7 +14,7 @@ import highdicom as hd
 import pytest
 
 from pipeline.labels import load_label_table
-from pipeline.phantom import PhantomParams, generate_phantom, write_dicom_series
+from modelkit.phantom import PhantomParams, generate_phantom, write_dicom_series
 from tests.conftest import require_tool
 from tests.support.orthanc import OrthancServer
 from tests.support.ports import free_port

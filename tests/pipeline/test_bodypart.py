@@ -11,7 +11,7 @@ import pytest
 from pipeline.bodypart import check_thigh_ct, femur_label_volumes_ml, find_femoral_shafts
 from pipeline.errors import DeclinedError
 from pipeline.labels import LabelTable, load_label_table
-from pipeline.phantom import Phantom, PhantomParams, generate_phantom
+from modelkit.phantom import Phantom, PhantomParams, generate_phantom
 from pipeline.types import SIDE_LEFT, SIDE_RIGHT, Segmentation, Volume
 from pipeline.volume import load_volume
 

@@ -25,7 +25,7 @@ from pipeline.compare import (
 from pipeline.errors import PipelineError
 from pipeline.labels import LabelTable, load_label_table
 from pipeline.measure import MeasurementSettings, load_measurement_settings, measure
-from pipeline.phantom import Phantom, PhantomParams, generate_phantom, ground_truth
+from modelkit.phantom import Phantom, PhantomParams, generate_phantom, ground_truth
 from pipeline.types import (
     FLAG_METAL,
     AnatomicalProfiles,

@@ -17,7 +17,7 @@ from pipeline.measure import (
     load_measurement_settings,
     measure,
 )
-from pipeline.phantom import Phantom, PhantomParams, generate_phantom
+from modelkit.phantom import Phantom, PhantomParams, generate_phantom
 from pipeline.types import (
     FLAG_EMPTY,
     FLAG_IMPLAUSIBLE_VOLUME,

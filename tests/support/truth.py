@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.labels import LabelTable
-from pipeline.phantom import Phantom
+from modelkit.phantom import Phantom
 from pipeline.postprocess import split_sides
 from pipeline.types import Segmentation, Volume
 

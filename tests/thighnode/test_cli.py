@@ -1,4 +1,5 @@
-"""The command line: phantoms written by `thighnode phantom` are a labelled set the trainer can read."""
+"""The command line: phantoms written by `thighnode phantom` are a labelled set the trainer can read; the
+model-work commands pass their options on (they replaced the `python -m` entry points of the moved modules)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pipeline.nifti import list_nifti_cases, load_nifti_pair
+from modelkit.nifti import list_nifti_cases, load_nifti_pair
 from thighnode.cli import build_parser, main
 
 
@@ -46,7 +47,7 @@ def test_a_missing_labelled_set_is_a_clear_error(tmp_path: Path, capsys) -> None
 def test_calibrate_fits_the_median_case_when_asked(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     """`thighnode calibrate --objective median --dry-run`: prints the fit with per-case errors and
     leaves the bundle as it was."""
-    from tests.pipeline.test_training import _write_cases
+    from tests.modelkit.test_training import _write_cases
 
     bundle = Path(__file__).resolve().parents[2] / "bundles" / "thighnode_demo"
     before = (bundle / "configs" / "metadata.json").read_bytes()
@@ -63,10 +64,114 @@ def test_calibrate_fits_the_median_case_when_asked(tmp_path: Path, capsys) -> No
 
 
 def test_calibrate_offers_exactly_the_objectives_of_the_calibration() -> None:
-    """The CLI spells the objectives itself (importing pipeline.calibration would load torch for every
-    command): they must stay those of pipeline.calibration, default included."""
-    from pipeline.calibration import DEFAULT_OBJECTIVE, OBJECTIVES
+    """The CLI spells the objectives itself (importing modelkit.calibration would load torch for every
+    command): they must stay those of modelkit.calibration, default included."""
+    from modelkit.calibration import DEFAULT_OBJECTIVE, OBJECTIVES
 
     subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     objective = next(a for a in subparsers.choices["calibrate"]._actions if "--objective" in a.option_strings)
     assert tuple(objective.choices) == OBJECTIVES and objective.default == DEFAULT_OBJECTIVE
+
+
+def test_sidecheck_command_passes_its_options_and_exits_1_when_the_check_fails(monkeypatch, capsys) -> None:  # noqa: ANN001
+    """`thighnode sidecheck` (once `python -m pipeline.sidecheck`): the options reach the check, its table is
+    printed, and a failed check is exit status 1."""
+    import modelkit.sidecheck
+
+    seen = {}
+
+    class Result:
+        passed = False
+
+        def format_table(self) -> str:
+            return "loss on the atrophied side only: FAILED"
+
+    def fake(bundle: Path, **kwargs: float) -> Result:
+        seen.update(bundle=bundle, **kwargs)
+        return Result()
+
+    monkeypatch.setattr(modelkit.sidecheck, "run_sidecheck", fake)
+    argv = ["sidecheck", "--bundle", "b", "--spacing", "3", "--tolerance", "0.1", "--side-tolerance", "0.04"]
+    assert main(argv) == 1
+    assert seen == {"bundle": Path("b"), "spacing_mm": 3.0, "tolerance": 0.1, "side_tolerance": 0.04}
+    assert "FAILED" in capsys.readouterr().out
+    Result.passed = True
+    assert main(["sidecheck"]) == 0
+    assert seen["bundle"] == Path("bundles/thighnode_demo") and seen["spacing_mm"] == 2.0
+
+
+def test_realcheck_command_prints_the_scores_of_the_real_ct(monkeypatch, capsys, tmp_path: Path) -> None:  # noqa: ANN001
+    """`thighnode realcheck` (once `python -m pipeline.realcheck`): segments the given CT with the given bundle
+    and prints Dice and volumes per structure-side with their mean."""
+    import modelkit.realcheck
+    from modelkit.realcheck import RealScore
+
+    seen = []
+
+    def fake(bundle: Path, data: Path) -> tuple[None, list[RealScore]]:
+        seen.append((bundle, data))
+        return None, [RealScore("femur", "left", 0.5, 120.0, 121.0), RealScore("femur", "right", 0.7, 1.0, 2.0)]
+
+    monkeypatch.setattr(modelkit.realcheck, "run", fake)
+    assert main(["realcheck", "--bundle", str(tmp_path / "b"), "--data", str(tmp_path / "d")]) == 0
+    assert seen == [(tmp_path / "b", tmp_path / "d")]
+    out = capsys.readouterr().out
+    assert ["femur", "left", "0.500", "120.0", "121.0"] in [line.split() for line in out.splitlines()]
+    assert "mean Dice over 2 structure-sides: 0.600" in out
+    assert main(["realcheck"]) == 0
+    assert seen[-1] == (modelkit.realcheck.REPO_BUNDLE, modelkit.realcheck.DEFAULT_DATA_DIR)
+
+
+def test_train_export_writes_the_bundle_of_a_checkpoint_without_training(monkeypatch, capsys, tmp_path: Path) -> None:  # noqa: ANN001
+    """`thighnode train CONFIG --export CKPT` (once `python -m pipeline.training --export`): the settings carry
+    the overrides and the command line; nothing is trained."""
+    import modelkit.training
+
+    seen = {}
+
+    def fake_export(settings, checkpoint: Path, output: Path) -> Path:  # noqa: ANN001
+        seen.update(settings=settings, checkpoint=checkpoint, output=output)
+        return output
+
+    def no_training(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("--export must not train")
+
+    monkeypatch.setattr(modelkit.training, "export_checkpoint", fake_export)
+    monkeypatch.setattr(modelkit.training, "train", no_training)
+    config = Path(__file__).resolve().parents[2] / "config" / "train_demo.toml"
+    argv = ["train", str(config), "--export", str(tmp_path / "ckpt.pt"), "--output", str(tmp_path / "out"),
+            "--checkpoint-dir", str(tmp_path / "ck"), "--iterations", "7"]
+    assert main(argv) == 0
+    settings = seen["settings"]
+    assert seen["checkpoint"] == tmp_path / "ckpt.pt" and seen["output"] == tmp_path / "out"
+    assert settings.checkpoint_dir == tmp_path / "ck" and settings.iterations == 7
+    assert settings.command.startswith(f"thighnode train {config} --iterations 7 --output")
+    assert capsys.readouterr().out.strip() == str(tmp_path / "out")
+
+
+def test_evaluate_and_calibrate_take_the_device(monkeypatch, capsys, tmp_path: Path) -> None:  # noqa: ANN001
+    """`--device` (once only on `python -m pipeline.evaluation` / `pipeline.calibration`) reaches the model."""
+    import modelkit.calibration
+    import modelkit.evaluation
+
+    seen = {}
+
+    class Report:
+        def format_table(self) -> str:
+            return "table"
+
+    def fake_evaluate(bundle: Path, data: object, **kwargs: object) -> Report:
+        seen["evaluate"] = kwargs["device"]
+        return Report()
+
+    def fake_calibrate(bundle: Path, data: object, **kwargs: object) -> str:
+        seen["calibrate"] = kwargs["device"]
+        return "result"
+
+    monkeypatch.setattr(modelkit.evaluation, "evaluate_bundle", fake_evaluate)
+    monkeypatch.setattr(modelkit.calibration, "calibrate_bundle", fake_calibrate)
+    monkeypatch.setattr(modelkit.calibration, "format_result", lambda result: f"fit {result}")
+    assert main(["evaluate", "--bundle", "b", "--data", str(tmp_path), "--device", "cpu"]) == 0
+    assert main(["calibrate", "--bundle", "b", "--data", str(tmp_path), "--device", "cpu", "--dry-run"]) == 0
+    assert seen == {"evaluate": "cpu", "calibrate": "cpu"}
+    assert capsys.readouterr().out.split() == ["table", "fit", "result"]

@@ -13,7 +13,7 @@ import pytest
 
 from dicomout.outbox import Outbox
 from pipeline.labels import load_label_table
-from pipeline.phantom import PhantomParams, generate_phantom, write_dicom_series
+from modelkit.phantom import PhantomParams, generate_phantom, write_dicom_series
 from pipeline.types import Segmentation, Volume
 from scp.index import InstanceIndex
 from scp.types import ReceivedInstance

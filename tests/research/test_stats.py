@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.cohort import (
+from research.stats import (
     CohortStatsError,
     auc,
     composition_table,

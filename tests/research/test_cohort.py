@@ -7,7 +7,6 @@ every expected table entry is computed here with numpy from those arrays, not fr
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import itertools
@@ -24,7 +23,10 @@ import numpy as np
 import pytest
 
 from pipeline.types import Comparison, GroupMeasurement, Measurements, StructureChange, StructureMeasurement
-from thighnode.cohort import SiteCsvError, add_cohort_parser, patient_key, run_cohort
+from research.cohort import run_cohort
+from research.errors import SiteCsvError
+from research.rows import patient_key
+from thighnode.cli import build_parser
 from thighnode.results import ResultsStore
 
 MUSCLES = [("sartorius", "anterior"), ("adductor_magnus", "medial"), ("gluteus_maximus", "gluteal"),
@@ -324,13 +326,12 @@ def test_cli_parser_runs_the_command(tmp_path: Path, capsys: pytest.CaptureFixtu
     _store(tmp_path / "var" / "thighnode.db", _cohort(), comparisons=False)
     config = tmp_path / "node.toml"
     config.write_text(f'[node]\ndata_dir = "{(tmp_path / "var").as_posix()}"\n', encoding="utf-8")
-    parser = argparse.ArgumentParser(prog="thighnode")
-    add_cohort_parser(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     args = parser.parse_args(["cohort", "--config", str(config), "--out", str(tmp_path / "out"), "--group-by", "sex"])
     assert args.func(args) == 0
     assert "cohort: 20 studies, 0 with a prior" in capsys.readouterr().out
     bad = parser.parse_args(["cohort", "--config", str(config), "--out", str(tmp_path / "o2"), "--group-by", "nope"])
-    from thighnode.cohort import CohortError
+    from research.errors import CohortError
 
     with pytest.raises(CohortError, match="--group-by column 'nope'"):
         bad.func(bad)

@@ -85,6 +85,49 @@ def _functional(ds: Dataset, frame: Dataset | None, sequence: str) -> Dataset | 
     return None
 
 
+def _frame_origin(
+    ds: Dataset, item: Dataset, f: int, affine: np.ndarray, shape: tuple[int, int, int], matches: dict
+) -> tuple[int, tuple[int, int, int]]:
+    """Frame ``f``'s segment number and the CT voxel (k, r, c) of its first pixel; SegImportError when the
+    frame is not on the CT's grid (orientation, spacing, position) or names an undefined segment."""
+    inverse = np.linalg.inv(affine)
+    ct_row_step = affine[:3, 1]  # moving one row: + column direction x PixelSpacing[0]
+    ct_col_step = affine[:3, 2]
+    ident = _functional(ds, item, "SegmentIdentificationSequence")
+    position = _functional(ds, item, "PlanePositionSequence")
+    orientation = _functional(ds, item, "PlaneOrientationSequence")
+    measures = _functional(ds, item, "PixelMeasuresSequence")
+    if ident is None or position is None or orientation is None or measures is None:
+        raise SegImportError(f"frame {f + 1}: segment identification, plane position/orientation or pixel measures missing")
+    segment = int(ident.ReferencedSegmentNumber)
+    if segment not in matches:
+        raise SegImportError(f"frame {f + 1} references segment {segment}, which SegmentSequence does not define")
+    iop = np.asarray([float(v) for v in orientation.ImageOrientationPatient])
+    spacing = [float(v) for v in measures.PixelSpacing]
+    row_step = iop[3:6] * spacing[0]
+    col_step = iop[0:3] * spacing[1]
+    if not (np.allclose(row_step, ct_row_step, atol=ORIENTATION_TOLERANCE * max(spacing) + 1e-3)
+            and np.allclose(col_step, ct_col_step, atol=ORIENTATION_TOLERANCE * max(spacing) + 1e-3)):
+        raise SegImportError(
+            f"frame {f + 1}: orientation {iop.round(4).tolist()} / spacing {spacing} differ from the CT grid "
+            f"(row step {ct_row_step.round(4).tolist()}, column step {ct_col_step.round(4).tolist()}); "
+            "only SEGs on the CT's grid are supported"
+        )
+    ipp = np.asarray([float(v) for v in position.ImagePositionPatient] + [1.0])
+    index = inverse @ ipp
+    nearest = np.round(index[:3])
+    error_mm = np.linalg.norm(affine[:3, :3] @ (index[:3] - nearest))
+    if error_mm > POSITION_TOLERANCE_MM:
+        raise SegImportError(
+            f"frame {f + 1}: ImagePositionPatient {ipp[:3].round(3).tolist()} lies {error_mm:.3f} mm off the CT "
+            f"grid (allowed {POSITION_TOLERANCE_MM} mm)"
+        )
+    k, r0, c0 = (int(v) for v in nearest)
+    if not 0 <= k < shape[0]:
+        raise SegImportError(f"frame {f + 1}: slice index {k} is outside the CT's {shape[0]} slices")
+    return segment, (k, r0, c0)
+
+
 def rasterize_seg(
     ds: Dataset,
     shape: tuple[int, int, int],
@@ -104,9 +147,6 @@ def rasterize_seg(
         )
     matches = {m.segment_number: m for m in match_segments(ds, labels)}
     affine = np.asarray(affine_lps, dtype=np.float64)
-    inverse = np.linalg.inv(affine)
-    ct_row_step = affine[:3, 1]  # moving one row: + column direction x PixelSpacing[0]
-    ct_col_step = affine[:3, 2]
     frames = ds.pixel_array
     n_frames = int(ds.get("NumberOfFrames", 1))
     frames = frames.reshape(n_frames, int(ds.Rows), int(ds.Columns))
@@ -119,38 +159,7 @@ def rasterize_seg(
         _functional(ds, per_frame[f], "SegmentIdentificationSequence").ReferencedSegmentNumber))  # type: ignore[union-attr]
     for f in order:
         item = per_frame[f]
-        ident = _functional(ds, item, "SegmentIdentificationSequence")
-        position = _functional(ds, item, "PlanePositionSequence")
-        orientation = _functional(ds, item, "PlaneOrientationSequence")
-        measures = _functional(ds, item, "PixelMeasuresSequence")
-        if ident is None or position is None or orientation is None or measures is None:
-            raise SegImportError(f"frame {f + 1}: segment identification, plane position/orientation or pixel measures missing")
-        segment = int(ident.ReferencedSegmentNumber)
-        if segment not in matches:
-            raise SegImportError(f"frame {f + 1} references segment {segment}, which SegmentSequence does not define")
-        iop = np.asarray([float(v) for v in orientation.ImageOrientationPatient])
-        spacing = [float(v) for v in measures.PixelSpacing]
-        row_step = iop[3:6] * spacing[0]
-        col_step = iop[0:3] * spacing[1]
-        if not (np.allclose(row_step, ct_row_step, atol=ORIENTATION_TOLERANCE * max(spacing) + 1e-3)
-                and np.allclose(col_step, ct_col_step, atol=ORIENTATION_TOLERANCE * max(spacing) + 1e-3)):
-            raise SegImportError(
-                f"frame {f + 1}: orientation {iop.round(4).tolist()} / spacing {spacing} differ from the CT grid "
-                f"(row step {ct_row_step.round(4).tolist()}, column step {ct_col_step.round(4).tolist()}); "
-                "only SEGs on the CT's grid are supported"
-            )
-        ipp = np.asarray([float(v) for v in position.ImagePositionPatient] + [1.0])
-        index = inverse @ ipp
-        nearest = np.round(index[:3])
-        error_mm = np.linalg.norm(affine[:3, :3] @ (index[:3] - nearest))
-        if error_mm > POSITION_TOLERANCE_MM:
-            raise SegImportError(
-                f"frame {f + 1}: ImagePositionPatient {ipp[:3].round(3).tolist()} lies {error_mm:.3f} mm off the CT "
-                f"grid (allowed {POSITION_TOLERANCE_MM} mm)"
-            )
-        k, r0, c0 = (int(v) for v in nearest)
-        if not 0 <= k < shape[0]:
-            raise SegImportError(f"frame {f + 1}: slice index {k} is outside the CT's {shape[0]} slices")
+        segment, (k, r0, c0) = _frame_origin(ds, item, f, affine, shape, matches)
         mask = frames[f] > threshold
         # clip the frame to the CT's rows/columns
         rr0, cc0 = max(0, r0), max(0, c0)

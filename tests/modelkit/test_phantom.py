@@ -1,4 +1,4 @@
-"""Tests of the labelled thigh/hip CT phantom (pipeline/phantom.py), on coarse grids."""
+"""Tests of the labelled thigh/hip CT phantom (modelkit/phantom*.py), on coarse grids."""
 
 from __future__ import annotations
 
@@ -9,19 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.labels import LabelTable, load_label_table
-from pipeline.phantom import (
+from modelkit.phantom import (
     NIFTI_LPS_TO_RAS,
     Phantom,
     PhantomError,
     PhantomParams,
-    generate_dataset,
     generate_phantom,
     ground_truth,
     write_dicom_series,
     write_ground_truth,
     write_nifti_pair,
 )
+from modelkit.phantom_dataset import generate_dataset
+from pipeline.labels import LabelTable, load_label_table
 from tests.conftest import require_tool
 
 SPACING = (4.0, 4.0, 4.0)
@@ -303,13 +303,13 @@ def test_small_pelvic_muscles_are_not_drawn_into_neighbours(table: LabelTable, s
     They were once placed outside the muscle compartment (oblique, multifidus: clipped by the
     subcutaneous fat to 13-35 % of the drawn ellipses) or across the femoral head (obturator externus,
     a crescent: 63-75 %), leaving slivers that no model can measure to 5 %."""
-    import pipeline.phantom as ph
+    import modelkit.phantom_shapes as shapes
 
     params = PhantomParams(seed=seed, sex=sex, height_m=height_m, spacing_mm=(2.0, 2.0, 2.0))
     phantom = generate_phantom(params, table)
     z = _z_of_slices(phantom)
-    subject = ph._draw_subject(params, np.random.default_rng(params.seed))
-    tracks = ph._muscle_tracks(z, subject, ph._Femur(subject))
+    subject = shapes.draw_subject(params, np.random.default_rng(params.seed))
+    tracks = shapes.muscle_tracks(z, subject, shapes.Femur(subject))
     left = phantom.side_of_columns()
     for key in ("abdominal_oblique", "multifidus", "obturator_externus"):
         lid = table.by_key(key).id

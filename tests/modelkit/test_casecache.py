@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from modelkit.casecache import CaseCache
+from modelkit.train_settings import TrainSettings
+from modelkit.training import _batch_for_step, build_transforms, load_cases, train
 from pipeline.bundle import METADATA_PATH
-from pipeline.casecache import CaseCache
 from pipeline.labels import load_label_table
-from pipeline.training import TrainSettings, _batch_for_step, build_transforms, load_cases, train
-from tests.pipeline.test_training import _settings, _write_cases
+from tests.modelkit.test_training import _settings, _write_cases
 
 torch.set_num_threads(1)
 
@@ -78,7 +79,7 @@ def test_a_damaged_entry_is_prepared_again_with_a_warning(tmp_path: Path, caplog
     soft = entry / "soft.npy"
     soft.write_bytes(soft.read_bytes()[:200])  # truncated (disk full, killed copy)
     cache = CaseCache(tmp_path / "cache")
-    with caplog.at_level(logging.WARNING, logger="pipeline.casecache"):
+    with caplog.at_level(logging.WARNING, logger="modelkit.casecache"):
         cases = _load(data, settings, cache)
     assert (cache.prepared, cache.reused) == (1, 1)
     assert "cannot be read" in caplog.text and "case0" in caplog.text
@@ -87,7 +88,7 @@ def test_a_damaged_entry_is_prepared_again_with_a_warning(tmp_path: Path, caplog
 
 def test_training_from_the_cache_matches_training_in_memory_and_reuses_it(tmp_path: Path, caplog) -> None:
     labels = load_label_table()
-    with caplog.at_level(logging.INFO, logger="pipeline.training"):
+    with caplog.at_level(logging.INFO, logger="modelkit.training"):
         cached = train(_settings(tmp_path, output_bundle=tmp_path / "b1"), labels)
     # one line per set of folders: the training folder's 2 cases, then the validation folder's (the same files
     # without the patch indices: another entry each)
@@ -100,7 +101,7 @@ def test_training_from_the_cache_matches_training_in_memory_and_reuses_it(tmp_pa
               for b in (cached, in_memory)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline.training"):
+    with caplog.at_level(logging.INFO, logger="modelkit.training"):
         train(_settings(tmp_path, output_bundle=tmp_path / "b3", case_cache_dir=tmp_path / "ckpt" / "case_cache",
                         checkpoint_dir=tmp_path / "ckpt3"), labels)
     assert "2 case(s) reused, 0 prepared" in caplog.text
@@ -118,7 +119,7 @@ def test_an_incomplete_folder_is_replaced_and_a_failed_write_names_the_cache_and
                                                                                            monkeypatch) -> None:
     import time
 
-    import pipeline.casecache as casecache
+    import modelkit.casecache as casecache
 
     settings = _settings(tmp_path)
     data = settings.data_dirs[0]

@@ -1,4 +1,4 @@
-"""pipeline.sidecheck: one leg atrophied -> the loss shows on that side only.
+"""modelkit.sidecheck: one leg atrophied -> the loss shows on that side only.
 
 The shipped bundle must pass the check on a held-out phantom pair; segmenter doubles that
 replay ground-truth label maps show that the check passes a perfect segmentation and fails
@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from modelkit.phantom import generate_phantom
+from modelkit.sidecheck import DEFAULT_ATROPHY, run_sidecheck, sidecheck_params
 from pipeline.labels import load_label_table
-from pipeline.phantom import generate_phantom
 from pipeline.postprocess import split_sides
-from pipeline.sidecheck import DEFAULT_ATROPHY, run_sidecheck, sidecheck_params
 from pipeline.types import Segmentation, Volume
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "thighnode_demo"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from modelkit.calibration import fit_class_weights
 from pipeline.bundle import METADATA_PATH, load_bundle, set_class_weights, write_bundle
-from pipeline.calibration import fit_class_weights
 from pipeline.errors import BundleError
 from pipeline.inference import Segmenter, scale_classes
 from pipeline.labels import load_label_table

@@ -16,14 +16,12 @@ The check passes ("the loss shows on that side only") when
 Separately it reports whether the size of each loss is right: within ``tolerance`` (absolute,
 as a fraction of the prior volume) of the true loss ("magnitude").
 
-Usage: python -m pipeline.sidecheck [BUNDLE_DIR] [--spacing 2.0] [--tolerance 0.05]
+Usage: thighnode sidecheck [--bundle BUNDLE_DIR] [--spacing 2.0] [--tolerance 0.05] [--side-tolerance 0.02]
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -99,7 +97,7 @@ def _volume(hu: np.ndarray, affine: np.ndarray, tag: str) -> Volume:
 
 
 def _truth_ml(phantom, labels) -> dict[tuple[str, str], float]:
-    from pipeline.phantom import ground_truth
+    from modelkit.phantom import ground_truth
 
     structures = ground_truth(phantom, labels)["structures"]
     return {(key, side): float(v[side]["volume_ml"]) for key, v in structures.items() for side in ("left", "right")}
@@ -107,7 +105,8 @@ def _truth_ml(phantom, labels) -> dict[tuple[str, str], float]:
 
 def sidecheck_params(spacing_mm: float = 2.0, atrophy: Mapping[str, float] | None = None):
     """(prior, follow-up) PhantomParams of the check's subject."""
-    from pipeline.training import PhantomDataSettings, phantom_params
+    from modelkit.train_settings import PhantomDataSettings
+    from modelkit.training import phantom_params
 
     atrophy = dict(DEFAULT_ATROPHY if atrophy is None else atrophy)
     base = phantom_params(PhantomDataSettings(1, SUBJECT_SET_SEED, (spacing_mm,) * 3), 0)
@@ -124,12 +123,12 @@ def run_sidecheck(
     side_tolerance: float = 0.02,
     segmenter=None,  # -> pipeline.inference.Segmenter (injected by tests to share one)
 ) -> SideCheckResult:
+    from modelkit.phantom import generate_phantom
     from pipeline.bundle import load_bundle
     from pipeline.compare import anatomical_profiles, compare_studies
     from pipeline.inference import Segmenter
     from pipeline.labels import load_label_table
     from pipeline.measure import load_measurement_settings, measure
-    from pipeline.phantom import generate_phantom
 
     atrophy = dict(DEFAULT_ATROPHY if atrophy is None else atrophy)
     for key in atrophy:
@@ -187,6 +186,14 @@ def run_sidecheck(
                     magnitude.append(f"{key} right: model change {100 * ratio:.1f} %, true {100 * true_ratio:.1f} %")
     true_total = {s: (v[1] / v[0] - 1.0 if v[0] else 0.0) for s, v in true_sum.items()}
     model_total = {s: (v[1] / v[0] - 1.0 if v[0] else 0.0) for s, v in model_sum.items()}
+    failures.extend(_leg_failures(changes, model_total, side_tolerance))
+    return SideCheckResult(tuple(changes), true_total, model_total, tolerance, tuple(failures), tuple(magnitude))
+
+
+def _leg_failures(changes: list[SideChange], model_total: dict[str, float], side_tolerance: float) -> list[str]:
+    """What breaks "the loss shows on the atrophied side only": a changed left leg, changed non-atrophied
+    right muscles, or a right leg that did not lose more than the left."""
+    failures = []
     if abs(model_total["left"]) > side_tolerance:
         failures.append(f"left leg (not atrophied): model total change {100 * model_total['left']:.1f} %")
     right_ok = [c for c in changes if c.side == "right" and not c.atrophied and c.model_ratio is not None]
@@ -198,23 +205,4 @@ def run_sidecheck(
     if not model_total["right"] < model_total["left"]:
         failures.append(f"right total change {100 * model_total['right']:.1f} % is not below the left "
                         f"{100 * model_total['left']:.1f} %")
-    return SideCheckResult(tuple(changes), true_total, model_total, tolerance, tuple(failures), tuple(magnitude))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="One phantom leg atrophied: is the loss on that side only?")
-    parser.add_argument("bundle", nargs="?", type=Path, default=Path("bundles/thighnode_demo"))
-    parser.add_argument("--spacing", type=float, default=2.0, help="phantom voxel size in mm (default 2.0)")
-    parser.add_argument("--tolerance", type=float, default=0.05,
-                        help="allowed error of an atrophied muscle's change ratio (0.05 = 5 pp; reported)")
-    parser.add_argument("--side-tolerance", type=float, default=0.02,
-                        help="allowed total change of the unaffected muscles of each leg (0.02 = 2 %%)")
-    args = parser.parse_args(argv)
-    result = run_sidecheck(args.bundle, spacing_mm=args.spacing, tolerance=args.tolerance,
-                           side_tolerance=args.side_tolerance)
-    print(result.format_table())
-    return 0 if result.passed else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return failures

@@ -1,6 +1,6 @@
 """The shipped bundle on the real TotalSegmentator hip CT: a label map on that grid, compared with the
 reference labels. The demonstration model is phantom-trained: only a low floor is asserted (the figures are
-reported by `python -m pipeline.realcheck`)."""
+reported by `thighnode realcheck`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.realcheck import REFERENCE_IDS, load_reference_case, run
+from modelkit.realcheck import REFERENCE_IDS, load_reference_case, run
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "thighnode_demo"
 

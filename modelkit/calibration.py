@@ -20,14 +20,12 @@ case's original grid) followed by the node's post-processing (side split, larges
 node measures, islands the clean-up removes included. Scaling commutes with the linear restore,
 so the factors are applied once to the model-grid output.
 
-Usage: python -m pipeline.calibration BUNDLE_DIR DATA_DIR [--iterations 30] [--dry-run]
+Usage: thighnode calibrate --bundle BUNDLE_DIR --data DATA_DIR [--iterations 30] [--dry-run]
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +107,7 @@ class CalibrationResult:
             "method": "per-class factors on the softmax output fitted so that "
                       + ("pooled predicted volumes match the truth" if self.objective == "pooled" else
                          "the median over the cases of predicted/true volume is 1")
-                      + " (pipeline.calibration)",
+                      + " (modelkit.calibration)",
             "objective": self.objective,
             "cases": list(self.cases),
             "iterations": self.iterations,
@@ -153,50 +151,16 @@ def fit_class_weights(
     measurably positive, is the damped ratio update; steps are limited to a factor of 2. Stops
     when every present class is within ``tolerance``, after ``iterations``, or after PATIENCE rounds
     without a better worst-class error; returns the best round's weights and volumes."""
-    from pipeline.inference import scale_classes
-    from pipeline.preprocess import restore_probabilities
-
     check_objective(objective)
-    true_cases = np.array([c[2] for c in cases], dtype=np.float64).reshape(len(cases), num_classes)
-    true = true_cases.sum(axis=0)
-    log_w = np.zeros(num_classes, dtype=np.float64)
-    present = (true > 0)
-    present[0] = False
-    lo, hi = -np.log(MAX_FACTOR), np.log(MAX_FACTOR)
-
     if finish is not None and len(finish) != len(cases):
         raise ValueError(f"finish has {len(finish)} entries for {len(cases)} cases")
-    steps = list(finish) if finish is not None else [None] * len(cases)
-
-    def label_map(i: int, w: np.ndarray) -> np.ndarray:
-        probs, plan = cases[i][0], cases[i][1]
-        restored = restore_probabilities(scale_classes(probs, w), plan)
-        return steps[i](restored) if steps[i] is not None else restored
-
-    def predicted(lw: np.ndarray) -> np.ndarray:
-        """Per case and class, mL (n_cases, C)."""
-        w = np.exp(lw)
-        return np.array([_counts(label_map(i, w), num_classes) * cases[i][3] for i in range(len(cases))])
-
-    def misfit(pred: np.ndarray) -> np.ndarray:
-        """Per class, the log volume ratio the factor has to remove: of the pooled volumes, or the
-        median over the cases holding the class of each case's ratio."""
-        if objective == "pooled":
-            ratio = np.log((pred.sum(axis=0) + 0.01) / (true + 0.01))
-        else:
-            logs = np.log((pred + 0.01) / (true_cases + 0.01))
-            logs = np.where(true_cases > 0, logs, np.nan)
-            ratio = np.zeros(num_classes)
-            ratio[present] = np.nanmedian(logs[:, present], axis=0)
-        return np.where(present, ratio, 0.0)
-
-    def worst_error(f: np.ndarray) -> float:
-        return float(np.max(np.abs(np.expm1(f[present])), initial=0.0))
-
-    pred = predicted(log_w)
+    fit = _VolumeFit(cases, num_classes, objective, list(finish) if finish is not None else [None] * len(cases))
+    log_w = np.zeros(num_classes, dtype=np.float64)
+    lo, hi = -np.log(MAX_FACTOR), np.log(MAX_FACTOR)
+    pred = fit.predicted(log_w)
     before, before_cases = pred.sum(axis=0), pred
-    f = misfit(pred)
-    err = worst_error(f)
+    f = fit.misfit(pred)
+    err = fit.worst_error(f)
     prev_log_w = prev_f = None
     best = (err, log_w, pred)
     since_best = 0
@@ -204,18 +168,12 @@ def fit_class_weights(
     for i in range(iterations):
         if err <= tolerance or since_best >= PATIENCE:
             break
-        delta = -step * f
-        if prev_log_w is not None:
-            dx, df = log_w - prev_log_w, f - prev_f
-            slope = np.divide(df, dx, out=np.zeros_like(df), where=np.abs(dx) > 1e-9)
-            secant = slope > 0.02
-            delta = np.where(secant, -f / np.where(secant, slope, 1.0), delta)
-        delta = np.clip(np.where(present, delta, 0.0), -np.log(2.0), np.log(2.0))
+        delta = _secant_step(f, log_w, prev_log_w, prev_f, step, fit.present)
         prev_log_w, prev_f = log_w, f
         log_w = np.clip(log_w + delta, lo, hi)
-        pred = predicted(log_w)
-        f = misfit(pred)
-        err = worst_error(f)
+        pred = fit.predicted(log_w)
+        f = fit.misfit(pred)
+        err = fit.worst_error(f)
         done = i + 1
         logger.info("calibration iteration %d: worst %s volume error %.2f %%", i + 1, objective, 100 * err)
         if err < best[0]:
@@ -225,6 +183,65 @@ def fit_class_weights(
     if per_case is not None:
         per_case["before"], per_case["after"] = before_cases, best[2]
     return np.exp(best[1]), before, best[2].sum(axis=0), done
+
+
+def _secant_step(f: np.ndarray, log_w: np.ndarray, prev_log_w: np.ndarray | None, prev_f: np.ndarray | None,
+                 step: float, present: np.ndarray) -> np.ndarray:
+    """The change of the log-factors: a secant step where the volume's response to the factor is measurably
+    positive, else the damped ratio update ``-step * f``; 0 for absent classes, limited to a factor of 2."""
+    delta = -step * f
+    if prev_log_w is not None and prev_f is not None:
+        dx, df = log_w - prev_log_w, f - prev_f
+        slope = np.divide(df, dx, out=np.zeros_like(df), where=np.abs(dx) > 1e-9)
+        secant = slope > 0.02
+        delta = np.where(secant, -f / np.where(secant, slope, 1.0), delta)
+    return np.clip(np.where(present, delta, 0.0), -np.log(2.0), np.log(2.0))
+
+
+class _VolumeFit:
+    """The node's volumes of the calibration cases under given class factors, and how far they are
+    from the truth (per ``objective``)."""
+
+    def __init__(self, cases: list[tuple[torch.Tensor, object, np.ndarray, float]], num_classes: int,
+                 objective: str, steps: list[Callable[[np.ndarray], np.ndarray] | None]) -> None:
+        self.cases = cases
+        self.num_classes = num_classes
+        self.objective = objective
+        self.steps = steps
+        self.true_cases = np.array([c[2] for c in cases], dtype=np.float64).reshape(len(cases), num_classes)
+        self.true = self.true_cases.sum(axis=0)
+        self.present = (self.true > 0)
+        self.present[0] = False
+
+    def label_map(self, i: int, w: np.ndarray) -> np.ndarray:
+        from pipeline.inference import scale_classes
+        from pipeline.preprocess import restore_probabilities
+
+        probs, plan = self.cases[i][0], self.cases[i][1]
+        restored = restore_probabilities(scale_classes(probs, w), plan)
+        step = self.steps[i]
+        return step(restored) if step is not None else restored
+
+    def predicted(self, lw: np.ndarray) -> np.ndarray:
+        """Per case and class, mL (n_cases, C)."""
+        w = np.exp(lw)
+        return np.array([_counts(self.label_map(i, w), self.num_classes) * self.cases[i][3]
+                         for i in range(len(self.cases))])
+
+    def misfit(self, pred: np.ndarray) -> np.ndarray:
+        """Per class, the log volume ratio the factor has to remove: of the pooled volumes, or the
+        median over the cases holding the class of each case's ratio."""
+        if self.objective == "pooled":
+            ratio = np.log((pred.sum(axis=0) + 0.01) / (self.true + 0.01))
+        else:
+            logs = np.log((pred + 0.01) / (self.true_cases + 0.01))
+            logs = np.where(self.true_cases > 0, logs, np.nan)
+            ratio = np.zeros(self.num_classes)
+            ratio[self.present] = np.nanmedian(logs[:, self.present], axis=0)
+        return np.where(self.present, ratio, 0.0)
+
+    def worst_error(self, f: np.ndarray) -> float:
+        return float(np.max(np.abs(np.expm1(f[self.present])), initial=0.0))
 
 
 def calibrate_bundle(
@@ -240,10 +257,10 @@ def calibrate_bundle(
     several) and (``write``) store them in the bundle's metadata. Existing weights are ignored
     (refitted from 1). ``objective``: see OBJECTIVES (checked before any case is segmented)."""
     check_objective(objective)
+    from modelkit.nifti import NiftiError, data_folders, list_nifti_cases, load_nifti_case
     from pipeline.bundle import load_bundle, set_class_weights
     from pipeline.inference import Segmenter
     from pipeline.labels import load_label_table
-    from pipeline.nifti import NiftiError, data_folders, list_nifti_cases, load_nifti_case
 
     started = time.monotonic()
     labels = load_label_table()
@@ -306,23 +323,3 @@ def format_result(result: CalibrationResult, labels=None) -> str:
         lines.append(f"{'MEAN':<24}{'':>8}{mean(before):>15}{mean(after):>8}{mean(case_before):>17}"
                      f"{mean(case_after):>8}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Fit a bundle's per-class volume calibration on labelled cases.")
-    parser.add_argument("bundle", type=Path)
-    parser.add_argument("data", type=Path, nargs="+", help="NIfTI pairs (validation folders, never the test set)")
-    parser.add_argument("--iterations", type=int, default=MAX_ITERATIONS)
-    parser.add_argument("--dry-run", action="store_true", help="print the fit, do not write the bundle")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    result = calibrate_bundle(args.bundle, args.data, iterations=args.iterations, write=not args.dry_run,
-                              device=args.device, objective=args.objective)
-    print(format_result(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from modelkit.nifti import RAS_TO_LPS, list_nifti_cases, load_nifti_pair
+from modelkit.train_settings import TrainSettings
+from modelkit.training import CHECKPOINT_NAME, train
 from pipeline.bundle import METADATA_PATH, load_bundle
 from pipeline.labels import load_label_table
 from pipeline.network import NetworkSettings
-from pipeline.nifti import RAS_TO_LPS, list_nifti_cases, load_nifti_pair
 from pipeline.preprocess import PreprocessSettings
-from pipeline.training import CHECKPOINT_NAME, TrainSettings, train
 
 torch.set_num_threads(1)
 
@@ -157,7 +158,7 @@ def test_settings_base_file_is_read_first_and_the_file_overrides_it(tmp_path: Pa
 
 
 def test_data_folders_take_one_folder_or_several_in_order_each_once(tmp_path: Path) -> None:
-    from pipeline.nifti import data_folders
+    from modelkit.nifti import data_folders
 
     a, b = tmp_path / "a", tmp_path / "b"
     assert data_folders(a) == [a] and data_folders(str(a)) == [a]
@@ -194,7 +195,7 @@ def _nnunet_folder(tmp_path: Path, values: dict[int, int]) -> Path:
 
 
 def test_dataset_json_names_map_the_label_values_to_the_table(tmp_path: Path) -> None:
-    from pipeline.nifti import load_nifti_case
+    from modelkit.nifti import load_nifti_case
 
     labels = load_label_table()
     femur = labels.by_key("femur").id
@@ -229,8 +230,8 @@ def test_dataset_json_names_map_the_label_values_to_the_table(tmp_path: Path) ->
 
 
 def test_training_reads_a_dataset_json_folder_and_its_edit_makes_new_cache_entries(tmp_path: Path) -> None:
-    from pipeline.casecache import CaseCache
-    from pipeline.training import load_cases
+    from modelkit.casecache import CaseCache
+    from modelkit.training import load_cases
 
     labels = load_label_table()
     ds = _nnunet_folder(tmp_path, {1: 2, labels.by_key("femur").id: 1})
@@ -297,7 +298,8 @@ def test_calibration_can_use_more_cases_than_the_validation_set(tmp_path: Path) 
 
 
 def test_ensure_phantoms_can_generate_only_the_sets_asked_for(tmp_path: Path) -> None:
-    from pipeline.training import PhantomDataSettings, ensure_phantoms
+    from modelkit.train_settings import PhantomDataSettings
+    from modelkit.training import ensure_phantoms
 
     train_dir, test_dir = tmp_path / "train", tmp_path / "test"
     settings = _settings(tmp_path, phantoms={str(train_dir): PhantomDataSettings(1, 1, (8.0, 8.0, 8.0)),
@@ -313,8 +315,9 @@ def test_training_phantoms_carry_varied_atrophy_on_most_subjects() -> None:
     """Most training subjects have one to several atrophied muscles (0.6-0.95 of normal, one side
     or both), so a model learns to follow the muscle tissue rather than a muscle's usual outline;
     the subject itself (sex, height, size, ...) does not depend on the atrophy draw."""
+    from modelkit.train_settings import PhantomDataSettings
+    from modelkit.training import phantom_params
     from pipeline.labels import load_label_table
-    from pipeline.training import PhantomDataSettings, phantom_params
 
     muscles = {l.key for l in load_label_table().labels if not l.is_bone}
     spec = PhantomDataSettings(24, 1, (2.0, 2.0, 2.0))

@@ -5,22 +5,25 @@ femur L/R 75/76, hip bone L/R 77/78, gluteus maximus L/R 80/81, medius 82/83, mi
 has no "hip bone": our `ilium` is one part of it, so its Dice against the whole hip bone is bounded
 well below 1 by construction (reported, not hidden). The CT has a left hip prosthesis.
 
-Usage: python -m pipeline.realcheck [BUNDLE_DIR] [--data DIR]
+Usage: thighnode realcheck [--bundle DIR] [--data DIR]
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from modelkit.nifti import RAS_TO_LPS
 from pipeline.labels import LabelTable, load_label_table
-from pipeline.nifti import RAS_TO_LPS
 from pipeline.types import SIDE_LEFT, SIDE_RIGHT, Segmentation, Volume
+
+_REPO = Path(__file__).resolve().parents[1]
+#: The repository's demonstration bundle, and the real CT with its reference labels beside the repository.
+REPO_BUNDLE = _REPO / "bundles" / "thighnode_demo"
+DEFAULT_DATA_DIR = _REPO.parent / "shared" / "data" / "totalseg-hip-ct"
 
 # (our label key, side) -> TotalSegmentator v2 "total" id in the reference file
 REFERENCE_IDS: dict[tuple[str, int], int] = {
@@ -91,21 +94,12 @@ def run(bundle_dir: Path, data_dir: Path, labels: LabelTable | None = None) -> t
     return segmentation, score_against_reference(segmentation, reference, volume.voxel_volume_ml)
 
 
-def main(argv: list[str] | None = None) -> int:
-    root = Path(__file__).resolve().parents[1]
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("bundle", nargs="?", default=str(root / "bundles" / "thighnode_demo"))
-    parser.add_argument("--data", default=str(root.parent / "shared" / "data" / "totalseg-hip-ct"))
-    args = parser.parse_args(argv)
-    _, scores = run(Path(args.bundle), Path(args.data))
-    print(f"{'structure':<18}{'side':<7}{'Dice':>7}{'ours cm³':>11}{'reference cm³':>15}")
+def format_scores(scores: list[RealScore]) -> str:
+    """The scores as a table, with the mean Dice over the structure-sides that have one."""
+    lines = [f"{'structure':<18}{'side':<7}{'Dice':>7}{'ours cm³':>11}{'reference cm³':>15}"]
     for s in scores:
-        print(f"{s.key:<18}{s.side:<7}{s.dice:>7.3f}{s.predicted_ml:>11.1f}{s.reference_ml:>15.1f}")
+        lines.append(f"{s.key:<18}{s.side:<7}{s.dice:>7.3f}{s.predicted_ml:>11.1f}{s.reference_ml:>15.1f}")
     valid = [s.dice for s in scores if s.dice == s.dice]
-    print(f"mean Dice over {len(valid)} structure-sides: {np.mean(valid):.3f} "
-          "(ilium vs whole hip bone is bounded below 1 by definition)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    lines.append(f"mean Dice over {len(valid)} structure-sides: {np.mean(valid):.3f} "
+                 "(ilium vs whole hip bone is bounded below 1 by definition)")
+    return "\n".join(lines)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.evaluation import EvaluationReport, dice_per_structure, ravd_per_structure, score_case
+from modelkit.evaluation import EvaluationReport, dice_per_structure, ravd_per_structure, score_case
 from pipeline.labels import load_label_table
 
 
@@ -75,8 +75,8 @@ def test_a_bundle_is_evaluated_over_several_folders_pooled(tmp_path: Path) -> No
     each case scores as it does alone."""
     import torch
 
+    from modelkit.evaluation import evaluate_bundle
     from pipeline.bundle import write_bundle
-    from pipeline.evaluation import evaluate_bundle
     from pipeline.labels import load_label_table
     from pipeline.network import NetworkSettings, build_network
     from pipeline.preprocess import PreprocessSettings

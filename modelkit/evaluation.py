@@ -1,4 +1,5 @@
-"""Segmentation metrics (the paper's Dice and relative absolute volume difference) and bundle evaluation."""
+"""Segmentation metrics (the paper's Dice and relative absolute volume difference) and bundle evaluation
+(``thighnode evaluate``)."""
 
 from __future__ import annotations
 
@@ -200,10 +201,10 @@ def evaluate_bundle(
 ) -> EvaluationReport:
     """Segment every NIfTI pair of ``data_dir`` (one folder or several, pooled in one report) with the
     bundle, on each case's own grid, and score it."""
+    from modelkit.nifti import data_folders, list_nifti_cases, load_nifti_case
     from pipeline.bundle import load_bundle
     from pipeline.inference import Segmenter, select_device
     from pipeline.labels import load_label_table
-    from pipeline.nifti import data_folders, list_nifti_cases, load_nifti_case
     from pipeline.postprocess import split_sides
 
     labels = labels or load_label_table()
@@ -230,23 +231,3 @@ def evaluate_bundle(
     if csv_path is not None:
         report.write_csv(Path(csv_path))
     return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.evaluation BUNDLE DATA [DATA ...] [--csv PATH]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Evaluate a thighnode bundle on NIfTI pairs (Dice, RAVD).")
-    parser.add_argument("bundle", type=Path)
-    parser.add_argument("data", type=Path, nargs="+", help="labelled folders (NIfTI pairs), pooled")
-    parser.add_argument("--csv", type=Path, default=None)
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    report = evaluate_bundle(args.bundle, args.data, csv_path=args.csv, device=args.device)
-    print(report.format_table())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,13 +1,12 @@
 """Training of the UNETR segmentation model, writing a MONAI bundle.
 
-``python -m pipeline.training --config config/train_demo.toml`` (the CLI exposes it as
-``thighnode train --config ...``).
+``thighnode train config/train_demo.toml`` (:func:`train` with :class:`TrainSettings`).
 
-Data: NIfTI pairs (:mod:`pipeline.nifti`) or DICOM cases (one folder per case holding a
-CT series and a DICOM-SEG ground truth, :mod:`pipeline.segimport`). Every case goes
+Data: NIfTI pairs (:mod:`modelkit.nifti`) or DICOM cases (one folder per case holding a
+CT series and a DICOM-SEG ground truth, :mod:`modelkit.segimport`). Every case goes
 through the same :func:`pipeline.preprocess.prepare` as inference (canonical
 orientation, foreground crop, resampling to the model spacing, window + gamma) once, and
-is kept in the case cache (:mod:`pipeline.casecache`: on disk, memory-mapped, reused by the
+is kept in the case cache (:mod:`modelkit.casecache`: on disk, memory-mapped, reused by the
 next run on the same data; ``case_cache = false`` holds the cases in memory instead).
 Training then draws random patches from it.
 
@@ -29,7 +28,6 @@ resumed from a checkpoint continues exactly where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -38,224 +36,24 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.bundle import DEMO_INTENDED_USE, MODEL_PATH, SlidingWindowSettings, write_bundle
-from pipeline.calibration import DEFAULT_OBJECTIVE, OBJECTIVES
-from pipeline.casecache import CaseCache
-from pipeline.evaluation import dice_per_structure
+from modelkit.casecache import CaseCache
+from modelkit.evaluation import dice_per_structure
+from modelkit.train_settings import PhantomDataSettings, TrainSettings
+from pipeline.bundle import MODEL_PATH, SlidingWindowSettings, write_bundle
 from pipeline.labels import LabelTable, load_label_table
-from pipeline.network import NetworkSettings, build_network
+from pipeline.network import build_network
 from pipeline.preprocess import PreprocessSettings, apply_to_labels, prepare
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
-
-
-@dataclass(frozen=True)
-class PhantomDataSettings:
-    """Phantoms to generate when a data folder does not exist yet (reproducible demo data)."""
-
-    n_subjects: int
-    seed: int
-    spacing_mm: tuple[float, float, float] = (2.0, 2.0, 2.0)
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Everything a training run needs; see config/train_demo.toml."""
-
-    data_dirs: tuple[Path, ...]
-    output_bundle: Path
-    checkpoint_dir: Path
-    val_dirs: tuple[Path, ...] = ()
-    val_fraction: float = 0.15
-    dicom_dirs: tuple[Path, ...] = ()
-    iterations: int = 1000
-    val_every: int = 100
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    warmup_iterations: int = 50
-    batch_size: int = 1
-    samples_per_volume: int = 2
-    seed: int = 0
-    num_threads: int = 2
-    resume: Path | None = None
-    #: Start from these weights instead of a random initialisation: a bundle folder (its
-    #: models/model.pt) or a state-dict file. For fine-tuning a bundle on a finer model grid or on a
-    #: site's own data; the network settings must describe the same architecture. A resumed run
-    #: continues from its checkpoint and ignores this.
-    init_weights: Path | None = None
-    rotate_deg: float = 8.0
-    scale_fraction: float = 0.1
-    affine_prob: float = 0.3
-    flip_prob: float = 0.5
-    intensity_prob: float = 0.5
-    noise_prob: float = 0.2
-    network: NetworkSettings = field(default_factory=NetworkSettings)
-    preprocess: PreprocessSettings = field(default_factory=PreprocessSettings)
-    bundle_name: str = "thighnode_demo"
-    bundle_version: str = "0.1.0"
-    intended_use: str = DEMO_INTENDED_USE
-    command: str = ""
-    phantoms: dict[str, PhantomDataSettings] = field(default_factory=dict)  # data dir -> phantoms to make
-    sw_overlap: float = 0.5
-    #: The bundle's mirror test-time augmentation (SlidingWindowSettings.mirror): twice the
-    #: inference time for a smoother, left-right consistent prediction. Validation runs without.
-    sw_mirror: bool = False
-    soft_labels: bool = True
-    grad_clip_norm: float = 2.0
-    #: "fp32", or "bf16": forward pass under torch.autocast (bfloat16) on CPU and CUDA; weights,
-    #: optimizer and loss stay float32. On CPUs with AMX/AVX-512 BF16 this is ~1.7x faster.
-    precision: str = "fp32"
-    #: Dice over the whole batch of patches per class (nnU-Net's "batch Dice") instead of per
-    #: patch: a class with a few voxels at a patch's edge no longer dominates its gradient.
-    batch_dice: bool = False
-    #: Weights of the loss's two terms (MONAI DiceCELoss ``lambda_dice`` and ``lambda_ce``). Soft
-    #: Dice can bias volumes where a border is uncertain (Bertels et al., MICCAI 2019);
-    #: cross-entropy is a proper scoring rule whose optimum is the true class fraction of every
-    #: voxel (the soft labels). ``lambda_dice = 0`` trains on cross-entropy alone, e.g. to
-    #: fine-tune a model whose volumes matter more than its Dice.
-    lambda_dice: float = 1.0
-    lambda_ce: float = 1.0
-    #: After training, fit the bundle's per-class volume calibration on the validation folders
-    #: (pipeline.calibration): removes systematic volume bias of thin/broad structures.
-    calibrate_volumes: bool = False
-    #: More labelled folders for that calibration, beside val_dirs (never the test set): the
-    #: factors are per-class volume ratios pooled over the cases, so more subjects steady them.
-    calibration_dirs: tuple[Path, ...] = ()
-    #: What the calibration matches, per class (pipeline.calibration.OBJECTIVES): "pooled" volumes
-    #: or the "median" case's volume ratio.
-    calibration_objective: str = DEFAULT_OBJECTIVE
-    #: Keep the preprocessed cases on disk and memory-map them (pipeline.casecache) instead of
-    #: holding them in RAM: memory no longer grows with the number of cases, and a later run on
-    #: the same data skips the preparation. ``false``: in memory, as before.
-    case_cache: bool = True
-    #: Where the case cache lives; default ``<checkpoint_dir>/case_cache``. Safe to delete.
-    case_cache_dir: Path | None = None
-
-    def __post_init__(self) -> None:
-        if self.iterations < 0 or self.val_every < 1 or self.batch_size < 1 or self.samples_per_volume < 1:
-            raise ValueError(
-                f"TrainSettings: iterations ({self.iterations}) >= 0, val_every ({self.val_every}), batch_size "
-                f"({self.batch_size}) and samples_per_volume ({self.samples_per_volume}) >= 1 are required"
-            )
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"TrainSettings.val_fraction must be in [0, 1); saw {self.val_fraction}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"TrainSettings.precision must be 'fp32' or 'bf16'; saw {self.precision!r}")
-        if not isinstance(self.sw_mirror, bool):
-            raise ValueError(f"TrainSettings.sw_mirror must be true or false; saw {self.sw_mirror!r}")
-        if not isinstance(self.case_cache, bool):
-            raise ValueError(f"TrainSettings.case_cache must be true or false; saw {self.case_cache!r}")
-        for key in ("lambda_dice", "lambda_ce"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 100.0:
-                raise ValueError(f"TrainSettings.{key} must be a number from 0 to 100; saw {value!r}")
-        if self.lambda_dice + self.lambda_ce <= 0:
-            raise ValueError("TrainSettings.lambda_dice and lambda_ce are both 0: the loss would be 0")
-        if self.calibration_objective not in OBJECTIVES:
-            raise ValueError(f"TrainSettings.calibration_objective must be one of {', '.join(OBJECTIVES)}; "
-                             f"saw {self.calibration_objective!r}")
-
-    @classmethod
-    def from_toml(cls, path: Path, **overrides: Any) -> "TrainSettings":
-        """Read a TOML file: top-level keys of TrainSettings, ``[network]``, ``[preprocess]``,
-        ``[[phantoms]]`` (dir, n_subjects, seed, spacing_mm). Relative paths stay relative to the
-        working directory (the repository root for the documented commands).
-
-        ``base = "other.toml"`` (relative to this file's folder) reads that file first; this
-        file then overrides it: top-level keys replace the base's, ``[network]`` and
-        ``[preprocess]`` merge key by key, ``[[phantoms]]`` merge by ``dir`` (a folder named
-        again replaces the base's entry, new folders are added). Bases may chain."""
-        return cls.from_dict(read_train_toml(Path(path)), source=str(path), **overrides)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "dict", **overrides: Any) -> "TrainSettings":
-        data = dict(data)
-        kwargs: dict[str, Any] = {}
-        net = data.pop("network", {})
-        pre = data.pop("preprocess", {})
-        phantoms = data.pop("phantoms", [])
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"{source}: unknown training settings {sorted(unknown)}")
-        for key, value in data.items():
-            if key in ("data_dirs", "val_dirs", "dicom_dirs", "calibration_dirs"):
-                value = tuple(Path(v) for v in ([value] if isinstance(value, str) else value))
-            elif key in ("output_bundle", "checkpoint_dir", "resume", "init_weights", "case_cache_dir"):
-                value = Path(value) if value else None
-            kwargs[key] = value
-        kwargs["network"] = NetworkSettings.from_dict(net)
-        kwargs["preprocess"] = PreprocessSettings.from_dict(pre)
-        kwargs["phantoms"] = {
-            str(Path(p["dir"])): PhantomDataSettings(int(p["n_subjects"]), int(p["seed"]),
-                                                     tuple(float(s) for s in p.get("spacing_mm", (2, 2, 2))))  # type: ignore[arg-type]
-            for p in phantoms
-        }
-        kwargs.update({k: v for k, v in overrides.items() if v is not None})
-        for key in ("data_dirs", "output_bundle", "checkpoint_dir"):
-            if key not in kwargs:
-                raise ValueError(f"{source}: training setting {key!r} is required")
-        return cls(**kwargs)
-
-    def provenance(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["network"] = self.network.to_dict()
-        d["preprocess"] = self.preprocess.to_dict()
-        return json.loads(json.dumps(d, default=str))
-
-
-def read_train_toml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A training TOML as a dict, its ``base`` chain resolved (see TrainSettings.from_toml)."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ValueError(f"training config {path} does not exist"
-                         + (f" (the base of {_chain[-1]})" if _chain else "")) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"training config {path} is not valid TOML: {exc}") from exc
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    if not isinstance(base, str) or not base:
-        raise ValueError(f"{path}: base must be a file name (a TOML file relative to {path.parent}); saw {base!r}")
-    base_path = path.parent / base
-    chain = (*_chain, path.resolve())
-    if base_path.resolve() in chain:
-        names = " -> ".join(str(p) for p in (*chain, base_path.resolve()))
-        raise ValueError(f"{path}: base {base} makes a loop ({names})")
-    return merge_train_dicts(read_train_toml(base_path, chain), data, source=str(path))
-
-
-def merge_train_dicts(base: dict[str, Any], over: dict[str, Any], source: str = "dict") -> dict[str, Any]:
-    """``over`` on top of ``base``: keys replaced, [network]/[preprocess] merged by key,
-    [[phantoms]] merged by their ``dir``."""
-    out = dict(base)
-    for key, value in over.items():
-        if key in ("network", "preprocess") and isinstance(value, dict):
-            out[key] = {**base.get(key, {}), **value}
-        elif key == "phantoms":
-            merged: dict[str, Any] = {}
-            for entry in (*base.get("phantoms", []), *value):
-                if not isinstance(entry, dict) or "dir" not in entry:
-                    raise ValueError(f"{source}: every [[phantoms]] entry needs a dir; saw {entry!r}")
-                merged[str(Path(entry["dir"]))] = entry
-            out[key] = list(merged.values())
-        else:
-            out[key] = value
-    return out
 
 
 # --------------------------------------------------------------------------- data
@@ -295,7 +93,7 @@ def _training_atrophy(rng: np.random.Generator, muscles: list[str]) -> dict[str,
     return atrophy
 
 
-def phantom_params(spec: PhantomDataSettings, index: int):  # -> pipeline.phantom.PhantomParams
+def phantom_params(spec: PhantomDataSettings, index: int):  # -> modelkit.phantom.PhantomParams
     """Subject ``index`` of a phantom set: varied sex, height, girth, fat, noise and atrophy,
     all drawn from (spec.seed, index) only.
 
@@ -304,7 +102,7 @@ def phantom_params(spec: PhantomDataSettings, index: int):  # -> pipeline.phanto
     muscle's usual outline and underestimates a real loss. The atrophy has its own random
     stream: the subject (sex, height, size, ...) does not depend on it.
     """
-    from pipeline.phantom import PhantomParams
+    from modelkit.phantom import PhantomParams
     from pipeline.labels import load_label_table
 
     atrophy = _training_atrophy(np.random.default_rng([spec.seed, index, 1]), [
@@ -329,8 +127,8 @@ def write_phantom_set(out: Path, spec: PhantomDataSettings) -> list[Path]:
     (NIfTI affine = diag(-1,-1,1,1) @ affine_lps, array as generated)."""
     import nibabel as nib
 
-    from pipeline.nifti import RAS_TO_LPS
-    from pipeline.phantom import generate_phantom
+    from modelkit.nifti import RAS_TO_LPS
+    from modelkit.phantom import generate_phantom
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -361,9 +159,9 @@ def load_cases(
     """Load and preprocess every case of the folders (NIfTI pairs, and DICOM CT + SEG case folders).
 
     ``indices``: with the per-class voxel indices for patch sampling (training cases). With a
-    ``cache`` (pipeline.casecache) each case is prepared once and its arrays come back
+    ``cache`` (modelkit.casecache) each case is prepared once and its arrays come back
     memory-mapped from disk; without, they are held in memory."""
-    from pipeline.nifti import list_nifti_cases, load_nifti_pair
+    from modelkit.nifti import list_nifti_cases, load_nifti_pair
 
     sources: list[tuple[str, list[Path], Any]] = []
     for d in data_dirs:
@@ -372,7 +170,7 @@ def load_cases(
                             lambda c=case: load_nifti_pair(c.ct_path, c.label_path, labels,
                                                            label_names_path=c.label_names_path)))
     for d in dicom_dirs:
-        from pipeline.segimport import load_dicom_case, list_dicom_cases
+        from modelkit.segimport import load_dicom_case, list_dicom_cases
 
         for case_dir in list_dicom_cases(Path(d)):
             sources.append((case_dir.name, sorted(f for f in case_dir.rglob("*") if f.is_file()),
@@ -575,15 +373,85 @@ def train(settings: TrainSettings, labels: LabelTable | None = None) -> Path:
     torch.set_num_threads(settings.num_threads)
     set_determinism(seed=settings.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _check_inputs(settings)
+    train_cases, val_cases = _load_training_cases(settings, labels)
+    logger.info("training on %d cases, validating on %d (loaded in %.1f s)", len(train_cases), len(val_cases),
+                time.monotonic() - started)
+
+    network = build_network(settings.network, labels.num_classes).to(device)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    loss_fn = DiceCELoss(to_onehot_y=not settings.soft_labels, softmax=True, batch=settings.batch_dice,
+                         lambda_dice=float(settings.lambda_dice), lambda_ce=float(settings.lambda_ce))
+    autocast_bf16 = settings.precision == "bf16"
+    transforms = build_transforms(settings, labels.num_classes)
+    checkpoint_dir = Path(settings.checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    progress, init_sha256 = _start(settings, network, optimizer)
+
+    network.train()
+    losses: list[float] = []
+    t_last = time.monotonic()
+    while progress.step < settings.iterations:
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(progress.step, settings)
+        x, y = _batch_for_step(train_cases, transforms, settings, progress.step)
+        x, y = x.to(device), y.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+            logits = network(x)
+        loss = loss_fn(logits.float(), y)
+        loss.backward()
+        if settings.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(network.parameters(), settings.grad_clip_norm)
+        optimizer.step()
+        losses.append(float(loss.item()))
+        progress.step += 1
+        step = progress.step
+        if step % 50 == 0:
+            logger.info("step %d loss %.4f (mean of last 50) lr %.2e", step, float(np.mean(losses[-50:])),
+                        optimizer.param_groups[0]["lr"])
+        if step % settings.val_every == 0 or step == settings.iterations:
+            _record_round(progress, network, val_cases, settings, labels, device, losses, t_last)
+            _save_checkpoint(checkpoint_dir / CHECKPOINT_NAME, network, optimizer, step, progress.best,
+                             progress.best_state, progress.history)
+            t_last = time.monotonic()
+
+    if progress.best_state is None:  # iterations == 0 or no validation happened
+        progress.best_state = _cpu_state(network)
+    out = _write_trained_bundle(settings, labels, progress.best_state, progress.best, progress.history, progress.step,
+                                [c.name for c in train_cases], [c.name for c in val_cases], time.monotonic() - started,
+                                init_sha256=init_sha256)
+    if settings.calibrate_volumes and (settings.val_dirs or settings.calibration_dirs):
+        _calibrate(out, settings, labels, device)
+    logger.info("training finished in %.0f s; bundle %s (best mean Dice %.4f at step %d)",
+                time.monotonic() - started, out, progress.best["mean_dice"], progress.best["step"])
+    return out
+
+
+@dataclass
+class _Progress:
+    """Where a run stands: steps done, the best validation round and its weights, one record per round."""
+
+    step: int = 0
+    best: dict[str, Any] = field(default_factory=lambda: {"mean_dice": -1.0, "dice": {}, "step": 0})
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _check_inputs(settings: TrainSettings) -> None:
+    """Fail on a wrong path now, not after loading the data or training; generate missing phantom sets."""
     if settings.resume is None and settings.init_weights is not None:
-        _init_weights_file(Path(settings.init_weights))  # a wrong path fails now, not after loading the data
+        _init_weights_file(Path(settings.init_weights))
     ensure_phantoms(settings)
     if settings.calibrate_volumes:
-        from pipeline.nifti import list_nifti_cases
+        from modelkit.nifti import list_nifti_cases
 
-        for folder in settings.calibration_dirs:  # a wrong path fails now, not after the training
+        for folder in settings.calibration_dirs:
             list_nifti_cases(Path(folder))
 
+
+def _load_training_cases(settings: TrainSettings, labels: LabelTable) -> tuple[list[PreparedCase], list[PreparedCase]]:
+    """The training and validation cases (validation folders, or a seeded split of the training data)."""
     cache = CaseCache(settings.case_cache_dir or Path(settings.checkpoint_dir) / "case_cache") \
         if settings.case_cache else None
     cases = load_cases(settings.data_dirs, settings.dicom_dirs, labels, settings.preprocess, settings.soft_labels,
@@ -595,85 +463,58 @@ def train(settings: TrainSettings, labels: LabelTable | None = None) -> Path:
         train_cases, val_cases = split_cases(cases, settings.val_fraction, settings.seed)
     if not train_cases:
         raise ValueError(f"no training cases found in {settings.data_dirs} / {settings.dicom_dirs}")
-    logger.info("training on %d cases, validating on %d (loaded in %.1f s)", len(train_cases), len(val_cases),
-                time.monotonic() - started)
+    return train_cases, val_cases
 
-    network = build_network(settings.network, labels.num_classes).to(device)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    loss_fn = DiceCELoss(to_onehot_y=not settings.soft_labels, softmax=True, batch=settings.batch_dice,
-                         lambda_dice=float(settings.lambda_dice), lambda_ce=float(settings.lambda_ce))
-    autocast_bf16 = settings.precision == "bf16"
-    transforms = build_transforms(settings, labels.num_classes)
 
-    step = 0
-    best = {"mean_dice": -1.0, "dice": {}, "step": 0}
-    best_state: dict[str, torch.Tensor] | None = None
-    history: list[dict[str, Any]] = []
-    checkpoint_dir = Path(settings.checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    init_sha256 = None
+def _start(settings: TrainSettings, network: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[_Progress, str | None]:
+    """The progress to start from (a resumed checkpoint's, or none) and the sha256 of the initial weights
+    when the run starts from a bundle's (``init_weights``)."""
     if settings.resume is not None:
         step, best, best_state, history = _load_checkpoint(Path(settings.resume), network, optimizer)
         logger.info("resumed from %s at step %d (best mean Dice %.4f)", settings.resume, step, best["mean_dice"])
-    elif settings.init_weights is not None:
+        return _Progress(step, best, best_state, history), None
+    if settings.init_weights is not None:
         init_sha256 = load_init_weights(network, Path(settings.init_weights))
         logger.info("starting from the weights of %s (sha256 %s)", settings.init_weights, init_sha256[:12])
+        return _Progress(), init_sha256
+    return _Progress(), None
 
-    network.train()
-    losses: list[float] = []
-    t_last = time.monotonic()
-    while step < settings.iterations:
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, settings)
-        x, y = _batch_for_step(train_cases, transforms, settings, step)
-        x, y = x.to(device), y.to(device)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
-            logits = network(x)
-        loss = loss_fn(logits.float(), y)
-        loss.backward()
-        if settings.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(network.parameters(), settings.grad_clip_norm)
-        optimizer.step()
-        losses.append(float(loss.item()))
-        step += 1
-        if step % 50 == 0:
-            logger.info("step %d loss %.4f (mean of last 50) lr %.2e", step, float(np.mean(losses[-50:])),
-                        optimizer.param_groups[0]["lr"])
-        if step % settings.val_every == 0 or step == settings.iterations:
-            record: dict[str, Any] = {"step": step, "loss": float(np.mean(losses[-settings.val_every:])),
-                                      "seconds": time.monotonic() - t_last}
-            if val_cases:
-                metrics = validate(network, val_cases, settings, labels, device)
-                record["val_mean_dice"] = metrics["mean_dice"]
-                if metrics["mean_dice"] > best["mean_dice"]:
-                    best = {**metrics, "step": step}
-                    best_state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
-            else:
-                best = {"mean_dice": math.nan, "dice": {}, "step": step}
-                best_state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
-            history.append(record)
-            logger.info("step %d/%d loss %.4f val mean Dice %s (best %.4f at %d) %.0f s", step, settings.iterations,
-                        record["loss"], f"{record.get('val_mean_dice', math.nan):.4f}", best["mean_dice"],
-                        best["step"], record["seconds"])
-            _save_checkpoint(checkpoint_dir / CHECKPOINT_NAME, network, optimizer, step, best, best_state, history)
-            t_last = time.monotonic()
 
-    if best_state is None:  # iterations == 0 or no validation happened
-        best_state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
-    out = _write_trained_bundle(settings, labels, best_state, best, history, step,
-                                [c.name for c in train_cases], [c.name for c in val_cases], time.monotonic() - started,
-                                init_sha256=init_sha256)
-    if settings.calibrate_volumes and (settings.val_dirs or settings.calibration_dirs):
-        from pipeline.calibration import calibrate_bundle, format_result
+def _cpu_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
 
-        result = calibrate_bundle(out, (*settings.val_dirs, *settings.calibration_dirs), device=device.type,
-                                  objective=settings.calibration_objective)
-        logger.info("volume calibration on %d cases (validation%s):\n%s", len(result.cases),
-                    " and calibration sets" if settings.calibration_dirs else " set", format_result(result, labels))
-    logger.info("training finished in %.0f s; bundle %s (best mean Dice %.4f at step %d)",
-                time.monotonic() - started, out, best["mean_dice"], best["step"])
-    return out
+
+def _record_round(progress: _Progress, network: torch.nn.Module, val_cases: list[PreparedCase],
+                  settings: TrainSettings, labels: LabelTable, device: torch.device, losses: list[float],
+                  t_last: float) -> None:
+    """Validate at the end of a round: append its record and keep the weights when they are the best so far
+    (every round's when there is nothing to validate on)."""
+    step = progress.step
+    record: dict[str, Any] = {"step": step, "loss": float(np.mean(losses[-settings.val_every:])),
+                              "seconds": time.monotonic() - t_last}
+    if val_cases:
+        metrics = validate(network, val_cases, settings, labels, device)
+        record["val_mean_dice"] = metrics["mean_dice"]
+        if metrics["mean_dice"] > progress.best["mean_dice"]:
+            progress.best = {**metrics, "step": step}
+            progress.best_state = _cpu_state(network)
+    else:
+        progress.best = {"mean_dice": math.nan, "dice": {}, "step": step}
+        progress.best_state = _cpu_state(network)
+    progress.history.append(record)
+    logger.info("step %d/%d loss %.4f val mean Dice %s (best %.4f at %d) %.0f s", step, settings.iterations,
+                record["loss"], f"{record.get('val_mean_dice', math.nan):.4f}", progress.best["mean_dice"],
+                progress.best["step"], record["seconds"])
+
+
+def _calibrate(bundle: Path, settings: TrainSettings, labels: LabelTable, device: torch.device) -> None:
+    """Fit the trained bundle's volume calibration on the validation and calibration folders."""
+    from modelkit.calibration import calibrate_bundle, format_result
+
+    result = calibrate_bundle(bundle, (*settings.val_dirs, *settings.calibration_dirs), device=device.type,
+                              objective=settings.calibration_objective)
+    logger.info("volume calibration on %d cases (validation%s):\n%s", len(result.cases),
+                " and calibration sets" if settings.calibration_dirs else " set", format_result(result, labels))
 
 
 def _write_trained_bundle(settings: TrainSettings, labels: LabelTable, state: dict, best: dict, history: list,
@@ -760,32 +601,3 @@ def _load_checkpoint(path: Path, network, optimizer) -> tuple[int, dict, dict | 
     network.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     return int(ckpt["step"]), json.loads(ckpt["best_json"]), ckpt.get("best_model"), json.loads(ckpt["history_json"])
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.training --config config/train_demo.toml [--iterations N] [--resume CKPT]``."""
-    parser = argparse.ArgumentParser(description="Train the thighnode UNETR and write a MONAI bundle.")
-    parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--iterations", type=int, default=None)
-    parser.add_argument("--resume", type=Path, default=None)
-    parser.add_argument("--init-weights", type=Path, default=None,
-                        help="start from this bundle's (or .pt file's) weights: fine-tuning, same architecture")
-    parser.add_argument("--output", type=Path, default=None, help="bundle folder (overrides output_bundle)")
-    parser.add_argument("--checkpoint-dir", type=Path, default=None)
-    parser.add_argument("--export", type=Path, default=None, metavar="CHECKPOINT",
-                        help="do not train: write the bundle from this checkpoint's best model")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    command = "python -m pipeline.training " + " ".join(argv if argv is not None else sys.argv[1:])
-    settings = TrainSettings.from_toml(args.config, iterations=args.iterations, resume=args.resume,
-                                       init_weights=args.init_weights,
-                                       output_bundle=args.output, checkpoint_dir=args.checkpoint_dir, command=command)
-    if args.export is not None:
-        print(export_checkpoint(settings, args.export, settings.output_bundle))
-        return 0
-    train(settings)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

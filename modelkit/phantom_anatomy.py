@@ -1,4 +1,4 @@
-"""Anatomy tables of the thigh/hip phantom (data only; used by pipeline.phantom).
+"""Anatomy tables of the thigh/hip phantom (data only; used by modelkit.phantom).
 
 Coordinates of a *reference subject* (woman, 1.65 m, girth scale 1.0), in mm, for
 the patient's LEFT side; the right side is the mirror image:

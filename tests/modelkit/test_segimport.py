@@ -10,8 +10,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from modelkit.segimport import SegImportError, match_segments, rasterize_seg
 from pipeline.labels import load_label_table
-from pipeline.segimport import SegImportError, match_segments, rasterize_seg
 
 
 def _ct_series(shared_data: Path, n: int = 4) -> list[pydicom.Dataset]:

@@ -1,0 +1,224 @@
+"""The offline commands of the ``thighnode`` command line: model work (:mod:`modelkit`) and the
+cohort analyses (:mod:`research`).
+
+Each ``add_*`` function adds its commands to the CLI's subparsers; a command that wants logging sets
+``log_level`` and :func:`thighnode.cli.main` configures it (logging is set up only there). The model
+kit is imported inside the commands: the node's own commands never load it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+#: The demonstration bundle as the node's default configuration names it (relative to the working directory).
+DEMO_BUNDLE = Path("bundles/thighnode_demo")
+
+AddCommand = Callable[[str, str], argparse.ArgumentParser]
+
+
+# -- phantom / train -----------------------------------------------------------------------
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from modelkit.phantom_dataset import generate_dataset
+
+    spacing = tuple(float(v) for v in args.spacing.split(","))
+    if len(spacing) == 1:
+        spacing = spacing * 3
+    paths = generate_dataset(
+        Path(args.out),
+        n_subjects=args.subjects,
+        seed=args.seed,
+        spacing_mm=spacing,  # type: ignore[arg-type]
+        nifti=not args.no_nifti,
+        dicom=args.dicom,
+        follow_up=args.follow_up,
+    )
+    print(f"wrote {len(paths)} phantom subject(s) under {args.out}")
+    return 0
+
+
+def _train_command(args: argparse.Namespace) -> str:
+    """The command line recorded in the bundle's provenance."""
+    parts = ["thighnode", "train", str(args.train_config)]
+    for flag, value in (("--resume", args.resume), ("--init-weights", args.init_weights),
+                        ("--iterations", args.iterations), ("--output", args.output),
+                        ("--checkpoint-dir", args.checkpoint_dir), ("--export", args.export)):
+        if value:
+            parts += [flag, str(value)]
+    return " ".join(parts)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from modelkit.train_settings import TrainSettings
+    from modelkit.training import export_checkpoint, train
+
+    settings = TrainSettings.from_toml(
+        args.train_config, iterations=args.iterations or None, resume=args.resume, init_weights=args.init_weights,
+        output_bundle=args.output, checkpoint_dir=args.checkpoint_dir, command=_train_command(args),
+    )
+    if args.export is not None:
+        print(export_checkpoint(settings, args.export, settings.output_bundle))
+        return 0
+    train(settings)
+    return 0
+
+
+def add_training_commands(add: AddCommand) -> None:
+    p = add("phantom", "generate labelled thigh CT phantoms (NIfTI pairs, DICOM series, ground truth)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--subjects", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spacing", default="2.0", help="voxel size in mm: one value or dz,dy,dx")
+    p.add_argument("--dicom", action="store_true", help="also write DICOM CT series")
+    p.add_argument("--no-nifti", action="store_true", help="do not write NIfTI pairs")
+    p.add_argument("--follow-up", action="store_true", help="also write a follow-up study with known atrophy")
+    p.set_defaults(func=cmd_phantom, log_level="INFO")
+
+    p = add("train", "train a model bundle from labelled CTs (NIfTI pairs or DICOM CT + DICOM-SEG)")
+    p.add_argument("train_config", type=Path, help="training settings (TOML), e.g. config/train_demo.toml")
+    p.add_argument("--resume", type=Path, default=None, help="checkpoint to resume from")
+    p.add_argument("--init-weights", type=Path, default=None,
+                   help="start from this bundle's weights (fine-tuning; same architecture)")
+    p.add_argument("--iterations", type=int, default=None, help="total iterations (overrides the settings)")
+    p.add_argument("--output", type=Path, default=None, help="bundle folder (overrides output_bundle)")
+    p.add_argument("--checkpoint-dir", type=Path, default=None, help="checkpoint folder (overrides checkpoint_dir)")
+    p.add_argument("--export", type=Path, default=None, metavar="CHECKPOINT",
+                   help="do not train: write the bundle from this checkpoint's best model")
+    p.set_defaults(func=cmd_train, log_level="INFO")
+
+
+# -- evaluate / calibrate / side check / real CT check --------------------------------------
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from modelkit.evaluation import evaluate_bundle
+
+    data = [Path(d) for d in args.data] if args.data else None
+    if data is None:
+        from modelkit.phantom_dataset import generate_dataset
+
+        tmp = Path(tempfile.mkdtemp(prefix="thighnode-eval-"))
+        generate_dataset(tmp, n_subjects=args.phantoms, seed=args.seed, spacing_mm=(2.0, 2.0, 2.0))
+        data = tmp
+    report = evaluate_bundle(Path(args.bundle), data, csv_path=Path(args.csv) if args.csv else None,
+                             device=args.device)
+    print(report.format_table())
+    if args.side_check:
+        from modelkit.sidecheck import run_sidecheck
+
+        result = run_sidecheck(Path(args.bundle))
+        print("\nside check: one phantom leg atrophied (thighnode sidecheck)")
+        print(result.format_table())
+        if not result.passed:
+            return 1
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from modelkit.calibration import calibrate_bundle, format_result
+
+    iterations = {} if args.iterations is None else {"iterations": args.iterations}
+    result = calibrate_bundle(Path(args.bundle), [Path(d) for d in args.data], write=not args.dry_run,
+                              device=args.device, objective=args.objective, **iterations)
+    print(format_result(result))
+    return 0
+
+
+def cmd_sidecheck(args: argparse.Namespace) -> int:
+    from modelkit.sidecheck import run_sidecheck
+
+    result = run_sidecheck(Path(args.bundle), spacing_mm=args.spacing, tolerance=args.tolerance,
+                           side_tolerance=args.side_tolerance)
+    print(result.format_table())
+    return 0 if result.passed else 1
+
+
+def cmd_realcheck(args: argparse.Namespace) -> int:
+    from modelkit.realcheck import DEFAULT_DATA_DIR, REPO_BUNDLE, format_scores, run
+
+    _, scores = run(args.bundle or REPO_BUNDLE, args.data or DEFAULT_DATA_DIR)
+    print(format_scores(scores))
+    return 0
+
+
+def add_evaluation_commands(add: AddCommand) -> None:
+    p = add("calibrate", "fit a bundle's per-class volume calibration on labelled cases (a validation set)")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--data", required=True, nargs="+", help="folder(s) of NIfTI pairs; never the test set")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="at most this many rounds (default modelkit.calibration.MAX_ITERATIONS); the fit stops "
+                        "when every class is within modelkit.calibration.TOLERANCE or after PATIENCE rounds "
+                        "without improvement, keeping the best round")
+    p.add_argument("--objective", choices=("pooled", "median"), default="pooled",
+                   help="match per class the volumes pooled over the cases, or the median case's ratio "
+                        "(each subject counts once; default %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="print the fit without writing the bundle")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
+    p.set_defaults(func=cmd_calibrate, log_level="INFO")
+
+    p = add("evaluate", "per-structure Dice and volume difference of a bundle on a labelled set")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--data", default=None, nargs="+",
+                   help="labelled folders (NIfTI pairs), pooled in one table; default: fresh phantoms")
+    p.add_argument("--phantoms", type=int, default=4, help="number of held-out phantoms when --data is not given")
+    p.add_argument("--seed", type=int, default=9000, help="seed of the held-out phantoms")
+    p.add_argument("--csv", default=None, help="write the table as CSV")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
+    p.add_argument("--side-check", action="store_true",
+                   help="also segment a phantom pair with one leg atrophied: is the loss on that side only? (exit 1 if not)")
+    p.set_defaults(func=cmd_evaluate, log_level="INFO")
+
+    p = add("sidecheck", "one phantom leg atrophied: does the bundle show the loss on that side only? (exit 1 if not)")
+    p.add_argument("--bundle", type=Path, default=DEMO_BUNDLE, help="default %(default)s")
+    p.add_argument("--spacing", type=float, default=2.0, help="phantom voxel size in mm (default %(default)s)")
+    p.add_argument("--tolerance", type=float, default=0.05,
+                   help="allowed error of an atrophied muscle's change ratio (0.05 = 5 pp; reported)")
+    p.add_argument("--side-tolerance", type=float, default=0.02,
+                   help="allowed total change of the unaffected muscles of each leg (0.02 = 2 %%)")
+    p.set_defaults(func=cmd_sidecheck, log_level="INFO")
+
+    p = add("realcheck", "Dice and volumes of a bundle on the real TotalSegmentator hip CT against its reference labels")
+    p.add_argument("--bundle", type=Path, default=None, help="default: the repository's demonstration bundle")
+    p.add_argument("--data", type=Path, default=None,
+                   help="folder with example_ct.nii.gz and its reference labels (default: "
+                        "shared/data/totalseg-hip-ct beside the repository)")
+    p.set_defaults(func=cmd_realcheck, log_level="INFO")
+
+
+# -- cohort ----------------------------------------------------------------------------------
+
+
+def cmd_cohort(args: argparse.Namespace) -> int:
+    from research.cohort import run_cohort
+    from thighnode.settings import load_settings
+
+    settings = load_settings(args.config)
+    group_by = None if args.group_by is None else tuple(c.strip() for c in args.group_by.split(",") if c.strip())
+    run_cohort(
+        settings, out_dir=Path(args.out), site_csv=args.site_csv, group_by=group_by,
+        write_thresholds=args.write_thresholds,
+    )
+    return 0
+
+
+def add_research_commands(add: AddCommand) -> None:
+    p = add("cohort", "research tables and figures over every measured study, joined with a site CSV")
+    p.add_argument("--out", type=Path, required=True, help="output directory (CSV tables, PNG figures)")
+    p.add_argument("--site-csv", type=Path, default=None,
+                   help="clinical data: patient_id [, issuer] [, study_uid | study_date], fracture_type, sex, dxa_* ...")
+    p.add_argument("--group-by", default=None,
+                   help="comma-separated grouping columns (default: fracture_type,sex where available)")
+    p.add_argument("--write-thresholds", type=Path, default=None,
+                   help="TOML file whose [sarcopenia] section receives the calibrated CT SMI cut-offs")
+    p.set_defaults(func=cmd_cohort)
+
+
+def add_offline_commands(add: AddCommand) -> None:
+    """The model-work and research commands, added with ``add(name, help)`` (which adds ``--config``)."""
+    add_training_commands(add)
+    add_research_commands(add)
+    add_evaluation_commands(add)
