@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from research.errors import SiteCsvError
+from scp.validate import is_valid_uid
 from research.rows import TIDY_COLUMNS
 from thighnode.results import StudyResult
 
@@ -23,7 +24,6 @@ _NUMERIC_RANGES = {
 }
 _SEX = {"f": "F", "female": "F", "w": "F", "woman": "F", "m": "M", "male": "M", "man": "M", "o": "O", "other": "O"}
 _BOOL = {"1": "1", "0": "0", "true": "1", "false": "0", "yes": "1", "no": "0", "y": "1", "n": "0"}
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def _clinical_row(path: Path, line: int, raw: dict[str, str], clinical: Sequence
     if not raw["patient_id"]:
         raise _csv_error(path, line, "patient_id", "", "a non-empty PatientID as in the studies")
     uid = raw.get("study_uid", "")
-    if uid and (len(uid) > 64 or not _UID.match(uid)):
+    if uid and not is_valid_uid(uid):
         raise _csv_error(path, line, "study_uid", uid, "a StudyInstanceUID (digits and dots, at most 64 characters)")
     date = _parse_date(path, line, raw["study_date"]) if raw.get("study_date") else ""
     values: dict[str, str] = {}

@@ -33,6 +33,7 @@ else:  # pragma: no cover
 
 from dicomout.outputs.registry import entry_problem
 from node_errors import NodeError
+from scp.validate import validate_ae_title
 
 INSTALL_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG_PATH = INSTALL_ROOT / "config" / "node.toml"
@@ -48,16 +49,8 @@ class ConfigError(NodeError):
 
 
 def _ae_title(key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{key} = {value!r}: must be a string (an AE title)")
-    stripped = value.strip(" ")
-    if not 1 <= len(stripped) <= 16:
-        raise ConfigError(f"{key} = {value!r}: an AE title has 1 to 16 characters (PS3.5 6.2, VR AE)")
-    if any(ord(ch) < 0x20 or ord(ch) > 0x7E or ch == "\\" for ch in stripped):
-        raise ConfigError(
-            f"{key} = {value!r}: an AE title may hold printable ASCII characters except backslash (PS3.5 6.2)"
-        )
-    return stripped
+    """An AE title (PS3.5 6.2, VR AE), checked by the node's one AE-title rule (scp.validate)."""
+    return validate_ae_title(value, key, ConfigError)
 
 
 def _int_range(lo: int, hi: int | None = None) -> Callable[[str, Any], int]:
