@@ -54,7 +54,7 @@ def test_environment_overrides_a_key(tmp_path: Path) -> None:
     [
         ({"THIGHNODE_NODE__PORT": "70000"}, "node.port = 70000: allowed 1..65535"),
         ({"THIGHNODE_NODE__PORT": "abc"}, "node.port = 'abc': must be an integer"),
-        ({"THIGHNODE_NODE__AE_TITLE": "A" * 17}, "1 to 16 characters"),
+        ({"THIGHNODE_NODE__AE_TITLE": "A" * 17}, "17 characters long ('AAAAAAAAAAAAAAAAA'); allowed: 1 to 16 printable ASCII characters"),
         ({"THIGHNODE_NODE__PROT": "1"}, "unknown key node.prot"),
         ({"THIGHNODE_BOGUS__X": "1"}, "unknown section 'bogus'"),
         ({"THIGHNODE_SECURITY__ALLOWED_PEERS": '["10.0.0.300"]'}, "allowed_peers[0] = '10.0.0.300'"),
