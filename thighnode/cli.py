@@ -205,7 +205,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"\noutbox ({len(report['outbox'])}): {report['outbox_counts']}")
     for i in report["outbox"]:
         print(
-            f"  item {i['item']:>5}  {i['state']:<8} -> {i['destination']}  {i['sop_instance_uid']}  "
+            f"  item {i['item']:>5}  {i['state']:<8} -> {i['destination']} ({i['transport']})  {i['sop_instance_uid']}  "
             f"attempts={i['attempts']} next={i['next_attempt']}"
         )
         if i["last_error"]:

@@ -175,3 +175,24 @@ def test_evaluate_and_calibrate_take_the_device(monkeypatch, capsys, tmp_path: P
     assert main(["calibrate", "--bundle", "b", "--data", str(tmp_path), "--device", "cpu", "--dry-run"]) == 0
     assert seen == {"evaluate": "cpu", "calibrate": "cpu"}
     assert capsys.readouterr().out.split() == ["table", "fit", "result"]
+
+
+def test_status_shows_each_outbox_item_with_its_transport(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """`thighnode status` (text and --json) names the transport an item is sent by."""
+    import json
+
+    from dicomout.outbox import Outbox
+
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n', encoding="utf-8")
+    outbox = Outbox(tmp_path / "var" / "thighnode.db")
+    outbox.enqueue(tmp_path / "a.dcm", "pacs", job_id=1, study_uid="1.2.3", sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
+                   sop_instance_uid="1.2.3.4")
+    outbox.enqueue(tmp_path / "b.pdf", "ris", job_id=1, study_uid="1.2.3", sop_class_uid="1.2.840.10008.5.1.4.1.1.104.1", sop_instance_uid="1.2.3.5",
+                   transport="webhook")
+    assert main(["status", "--config", str(cfg)]) == 0
+    text = capsys.readouterr().out
+    assert "-> pacs (cstore)  1.2.3.4" in text and "-> ris (webhook)  1.2.3.5" in text
+    assert main(["status", "--json", "--config", str(cfg)]) == 0
+    items = json.loads(capsys.readouterr().out)["outbox"]
+    assert {(i["destination"], i["transport"]) for i in items} == {("pacs", "cstore"), ("ris", "webhook")}
