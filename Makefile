@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 CONFIG ?=
 PYTEST_ARGS ?=
 
-.PHONY: install serve test bench demo train-demo evaluate-demo clean
+.PHONY: install serve test test-fast bench demo train-demo evaluate-demo clean
 
 # A venv with the pinned torch first (the CPU build on a CPU host, CUDA on a GPU host),
 # then the project with its test extras.
@@ -24,6 +24,10 @@ serve: install
 
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The fast subset: everything but the tests marked integration (real node, Orthanc, dcmtk servers).
+test-fast: install
+	$(BIN)/pytest -m "not integration" $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/bench_ingress.py
