@@ -177,6 +177,32 @@ def test_evaluate_and_calibrate_take_the_device(monkeypatch, capsys, tmp_path: P
     assert capsys.readouterr().out.split() == ["table", "fit", "result"]
 
 
+def test_evaluate_generates_only_the_missing_phantom_sets_a_training_config_defines(
+    monkeypatch, tmp_path: Path  # noqa: ANN001
+) -> None:
+    """`evaluate --generate-from CONFIG` writes the --data folders that CONFIG defines as [[phantoms]] and that
+    are missing (what `make evaluate-demo` needs), and nothing else."""
+    import modelkit.evaluation
+    import modelkit.training
+
+    written: list[Path] = []
+    monkeypatch.setattr(modelkit.training, "write_phantom_set", lambda out, spec: written.append(Path(out)))
+    monkeypatch.setattr(modelkit.evaluation, "evaluate_bundle", lambda bundle, data, **kw: type(
+        "R", (), {"format_table": lambda self: "table"})())
+    missing, present, other = tmp_path / "test", tmp_path / "test5", tmp_path / "train"
+    present.mkdir()
+    (present / "case_ct.nii.gz").write_bytes(b"")
+    cfg = tmp_path / "train.toml"
+    cfg.write_text(
+        f'data_dirs = ["{other}"]\noutput_bundle = "{tmp_path / "bundle"}"\ncheckpoint_dir = "{tmp_path / "ckpt"}"\n'
+        + "".join(f'[[phantoms]]\ndir = "{d}"\nn_subjects = 2\nseed = 3\n' for d in (missing, present, other)),
+        encoding="utf-8",
+    )
+    rc = main(["evaluate", "--bundle", "b", "--data", str(missing), str(present), "--generate-from", str(cfg)])
+    assert rc == 0
+    assert written == [missing]
+
+
 def test_status_shows_each_outbox_item_with_its_transport(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     """`thighnode status` (text and --json) names the transport an item is sent by."""
     import json
