@@ -112,6 +112,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = evaluate_bundle(Path(args.bundle), data, csv_path=Path(args.csv) if args.csv else None,
                              device=args.device)
     print(report.format_table())
+    if args.real is not None:
+        from modelkit.realcheck import DEFAULT_DATA_DIR, format_beside, run
+
+        _, scores = run(Path(args.bundle), Path(args.real) if args.real else DEFAULT_DATA_DIR)
+        print()
+        print(format_beside(report, scores))
     if args.side_check:
         from modelkit.sidecheck import run_sidecheck
 
@@ -176,6 +182,9 @@ def add_evaluation_commands(add: AddCommand) -> None:
                         "do not exist yet (e.g. the demo's held-out sets)")
     p.add_argument("--csv", default=None, help="write the table as CSV")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
+    p.add_argument("--real", nargs="?", const="", default=None, metavar="DIR",
+                   help="also segment the real hip CT (default: ../shared/data/totalseg-hip-ct) and print its Dice "
+                        "beside the phantoms', per structure and side")
     p.add_argument("--side-check", action="store_true",
                    help="also segment a phantom pair with one leg atrophied: is the loss on that side only? (exit 1 if not)")
     p.set_defaults(func=cmd_evaluate, log_level="INFO")

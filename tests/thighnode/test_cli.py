@@ -117,7 +117,7 @@ def test_realcheck_command_prints_the_scores_of_the_real_ct(monkeypatch, capsys,
     assert seen == [(tmp_path / "b", tmp_path / "d")]
     out = capsys.readouterr().out
     assert ["femur", "left", "0.500", "120.0", "121.0"] in [line.split() for line in out.splitlines()]
-    assert "mean Dice over 2 structure-sides: 0.600" in out
+    assert "mean Dice over 2 reference structure-sides (femur, gluteus maximus / medius / minimus): 0.600" in out
     assert main(["realcheck"]) == 0
     assert seen[-1] == (modelkit.realcheck.REPO_BUNDLE, modelkit.realcheck.DEFAULT_DATA_DIR)
 
@@ -201,6 +201,27 @@ def test_evaluate_generates_only_the_missing_phantom_sets_a_training_config_defi
     rc = main(["evaluate", "--bundle", "b", "--data", str(missing), str(present), "--generate-from", str(cfg)])
     assert rc == 0
     assert written == [missing]
+
+
+def test_evaluate_real_prints_the_real_ct_beside_the_phantoms(monkeypatch, capsys, tmp_path: Path) -> None:  # noqa: ANN001
+    """`evaluate --real [DIR]` segments the real CT with the evaluated bundle (default folder: shared data)."""
+    import modelkit.evaluation
+    import modelkit.realcheck
+
+    seen = {}
+
+    def fake_run(bundle: Path, data: Path) -> tuple[None, list[str]]:
+        seen.setdefault("runs", []).append((bundle, data))
+        return None, ["scores"]
+
+    monkeypatch.setattr(modelkit.realcheck, "run", fake_run)
+    monkeypatch.setattr(modelkit.realcheck, "format_beside", lambda report, scores: f"beside {report} {scores[0]}")
+    report = type("R", (), {"format_table": lambda self: "table", "__str__": lambda self: "phantoms"})()
+    monkeypatch.setattr(modelkit.evaluation, "evaluate_bundle", lambda bundle, data, **kw: report)
+    assert main(["evaluate", "--bundle", "bdir", "--data", str(tmp_path), "--real"]) == 0
+    assert main(["evaluate", "--bundle", "bdir", "--data", str(tmp_path), "--real", str(tmp_path / "ct")]) == 0
+    assert seen["runs"] == [(Path("bdir"), modelkit.realcheck.DEFAULT_DATA_DIR), (Path("bdir"), tmp_path / "ct")]
+    assert capsys.readouterr().out.split().count("beside") == 2
 
 
 def test_status_shows_each_outbox_item_with_its_transport(tmp_path: Path, capsys) -> None:  # noqa: ANN001
