@@ -58,7 +58,7 @@ def _group_rows(measurements: Measurements) -> list[list[Cell]]:
                     Cell(side, align="left"),
                     Cell("not reported", tint=NOT_REPORTED_TINT),
                     *([Cell(DASH)] * 3),
-                    Cell("not in the field of view: see below", align="left", tint=NOT_REPORTED_TINT),
+                    Cell("see note below", align="left", tint=NOT_REPORTED_TINT),
                 ])
                 continue
             tint = FLAG_TINT[FLAG_PARTIAL_TOP] if g.includes_partial else None
