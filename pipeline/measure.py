@@ -42,7 +42,9 @@ Quality flags (``QualityFlag`` in ``Measurements.flags`` and the code in the
   side; the message names the side of the implant.
 * ``FLAG_IMPLAUSIBLE_VOLUME``: a structure not cut by the field of view has a volume
   outside its plausible range (config/measurement.toml) scaled by (height/1.70 m)².
-* ``FLAG_EMPTY``: the structure has no voxel on that side.
+* ``FLAG_EMPTY``: the structure has no voxel on that side (where the field of view covers
+  the groups' region this is the segmentation's failure; where it does not, the structure
+  is absent from the field of view and withholds its groups: :mod:`pipeline.groups`).
 * ``FLAG_NO_HEIGHT`` (study): no usable height; height-adjusted values are None.
 
 Everything is vectorised: one ``np.bincount`` over ``label*3 + side`` per statistic,

@@ -203,6 +203,19 @@ class GroupMeasurement:
     includes_partial: bool  # a member structure is cut by the field of view
     withheld_reason: str = ""  # "" = reported; else "not reported: <muscles> <why>"
 
+    def __post_init__(self) -> None:
+        values = (self.volume_ml, self.mass_g, self.volume_per_height2_cm3_m2, self.smi_kg_m2)
+        if self.withheld_reason and any(v is not None for v in values):
+            raise ValueError(
+                f"GroupMeasurement {self.group}/{self.side} is withheld ({self.withheld_reason!r}) but carries "
+                f"values {values}; a withheld group has none"
+            )
+        if not self.withheld_reason and (self.volume_ml is None or self.mass_g is None):
+            raise ValueError(
+                f"GroupMeasurement {self.group}/{self.side} has no volume or mass but no withheld_reason; "
+                "a reported group has both"
+            )
+
     @property
     def reported(self) -> bool:
         return not self.withheld_reason

@@ -359,3 +359,33 @@ def test_withheld_group_has_no_numeric_and_carries_its_reason(built: dict, tmp_p
         f"SMI {glut.smi_kg_m2:.2f} kg/m² (both sides), no threshold applied (none configured for that group)"
     ]
     assert not any("lower bounds" in v and "All measured" in v for _, v in texts)
+
+
+def test_site_threshold_for_the_measured_group_is_written_with_its_site(built: dict, tmp_path: Path) -> None:
+    m: Measurements = built["measurements"]
+    groups = tuple(
+        dataclasses.replace(g, volume_ml=None, mass_g=None, volume_per_height2_cm3_m2=None, smi_kg_m2=None,
+                            withheld_reason="not reported: gracilis left not in the field of view")
+        if g.group == GROUP_ALL else g
+        for g in m.groups
+    )
+    glut = next(g for g in groups if g.group == GROUP_GLUTEAL and g.side == "both")
+    assert glut.smi_kg_m2 is not None
+    hip = dataclasses.replace(
+        m, groups=groups,
+        sarcopenia=SarcopeniaAssessment(GROUP_GLUTEAL, glut.smi_kg_m2, 0.01, False, True, "site gluteal cut-off"),
+        sarcopenia_not_assessed=SarcopeniaNotAssessed(
+            GROUP_ALL, "not assessed: all muscles not fully in the field of view", GROUP_GLUTEAL, glut.smi_kg_m2, True
+        ),
+    )
+    sr = build_sr(hip, built["seg_ds"], built["paths"], volume=built["volume"], labels=built["seg"].labels,
+                  equipment=Equipment(**EQUIPMENT))
+    path = tmp_path / "sr_site.dcm"
+    sr.save_as(path)
+    assert run_dciodvfy(path).errors == ()
+    totals = {g.tracking_identifier: g for g in read_report(path).get_image_measurement_groups()}[PATIENT_TOTALS_ID]
+    (threshold,) = totals.get_measurements(name=codes.SMI_THRESHOLD)
+    assert threshold.finding_sites[0].value == codes.GROUP_CODES[GROUP_GLUTEAL]
+    texts = {i.value for i in totals[0].ContentSequence if i.value_type == hd.sr.ValueTypeValues.TEXT}
+    assert "Threshold calibrated for CT (site gluteal cut-off)" in texts
+    assert any(t.endswith("screened with the site's threshold for that group") for t in texts)
