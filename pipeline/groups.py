@@ -19,6 +19,13 @@ Coverage of a group on a side (for "both": on either side)
       where its anatomy does not run past (e.g. the vasti cut by a hip CT, so the gracilis
       missing there lies below the scan).
 
+    The superior end of the region is the iliac crest: where the ilium (settings
+    ``superior_landmark``) is whole in the field of view on a side, the scan reaches above the
+    crest and no muscle is cut at the superior edge there, even if its label touches that edge
+    (nothing of the region lies above the crest; a touching label is leakage, or the rounded
+    end of a phantom's gluteus medius). The knee has no such landmark in the label table (the
+    femur is cut at the knee by a thigh CT), so the inferior end relies on ``crossing_inferior``.
+
     A muscle with no voxel on a side whose region is fully covered is a segmentation failure,
     not a coverage gap: it keeps its FLAG_EMPTY ("not found") flag and the group is reported as
     before, the flag beside it.
@@ -64,6 +71,10 @@ CROSSING_INFERIOR = ("sartorius", "gracilis", "semitendinosus", "semimembranosus
 """Muscles that cross the knee: a scan that ends at the knee cuts them by anatomy."""
 CROSSING_SUPERIOR = ("psoas", "abdominal_oblique", "rectus_abdominis", "multifidus")
 """Muscles that run up into the trunk: a scan that starts at the iliac crest cuts them by anatomy."""
+SUPERIOR_LANDMARK = "ilium"
+"""Its top is the iliac crest, the groups' superior end: whole in the field of view on a side,
+no muscle of the region is cut at the superior edge there (a label touching it lies above the
+crest: leakage, or a phantom's rounded muscle end)."""
 
 CUT_SUPERIOR = "cut at the superior edge of the field of view"
 CUT_INFERIOR = "cut at the inferior edge of the field of view"
@@ -98,42 +109,53 @@ class _Gap:
     why: str  # CUT_SUPERIOR, CUT_INFERIOR or ABSENT
 
 
-def _cuts(s: StructureMeasurement, settings: MeasurementSettings) -> list[str]:
+@dataclass(frozen=True)
+class _Coverage:
+    """What decides, per side, whether a member muscle is cut by or absent from the field of view."""
+
+    by_key_side: Mapping[tuple[str, str], StructureMeasurement]
+    crest_in_view: Mapping[str, bool]  # the superior landmark is whole on that side
+    region_cut: Mapping[str, bool]  # a muscle is cut where its anatomy does not run past the region
+    settings: MeasurementSettings
+
+
+def _cuts(s: StructureMeasurement, settings: MeasurementSettings, crest_in_view: bool) -> list[str]:
     """The ends at which the field of view cuts ``s`` where its anatomy does not run past."""
     out = []
     if FLAG_PARTIAL_BOTTOM in s.flags and s.key not in settings.crossing_inferior:
         out.append(CUT_INFERIOR)
-    if FLAG_PARTIAL_TOP in s.flags and s.key not in settings.crossing_superior:
+    if FLAG_PARTIAL_TOP in s.flags and s.key not in settings.crossing_superior and not crest_in_view:
         out.append(CUT_SUPERIOR)
     return out
 
 
-def _region_cut(
-    structures: Sequence[StructureMeasurement], muscle_keys: set[str], settings: MeasurementSettings
-) -> dict[str, bool]:
-    """Per side: whether the field of view cuts a muscle where its anatomy does not run past it
-    (then the groups' region is not covered there, and an empty muscle lies outside the scan)."""
-    return {
-        side: any(s.side == side and s.key in muscle_keys and _cuts(s, settings) for s in structures)
+def _coverage(
+    structures: Sequence[StructureMeasurement], table: LabelTable, settings: MeasurementSettings
+) -> _Coverage:
+    by_key_side = {(s.key, s.side): s for s in structures}
+    crest = {
+        side: (lm := by_key_side.get((settings.superior_landmark, side))) is not None
+        and lm.voxel_count > 0
+        and FLAG_PARTIAL_TOP not in lm.flags
         for side in _SIDES
     }
+    muscle_keys = {label.key for label in table.labels if not label.is_bone}
+    region_cut = {
+        side: any(s.side == side and s.key in muscle_keys and _cuts(s, settings, crest[side]) for s in structures)
+        for side in _SIDES
+    }
+    return _Coverage(by_key_side, crest, region_cut, settings)
 
 
-def _gaps(
-    keys: Sequence[str],
-    side: str,
-    by_key_side: Mapping[tuple[str, str], StructureMeasurement],
-    region_cut: Mapping[str, bool],
-    settings: MeasurementSettings,
-) -> list[_Gap]:
+def _gaps(keys: Sequence[str], side: str, cov: _Coverage) -> list[_Gap]:
     gaps = []
     for key in keys:
-        s = by_key_side[(key, side)]
+        s = cov.by_key_side[(key, side)]
         if s.voxel_count == 0:
-            if region_cut[side]:
+            if cov.region_cut[side]:
                 gaps.append(_Gap(key, s.name, side, ABSENT))
             continue  # a covered region: the segmentation missed it (FLAG_EMPTY), not the field of view
-        gaps.extend(_Gap(key, s.name, side, why) for why in _cuts(s, settings))
+        gaps.extend(_Gap(key, s.name, side, why) for why in _cuts(s, cov.settings, cov.crest_in_view[side]))
     return gaps
 
 
@@ -162,17 +184,15 @@ def measure_groups(
 ) -> tuple[GroupMeasurement, ...]:
     """Totals of every group of ``settings.groups`` per side and both sides, or withheld with the
     reason when the field of view does not cover them (see the module docstring)."""
-    by_key_side = {(s.key, s.side): s for s in structures}
-    muscle_keys = {label.key for label in table.labels if not label.is_bone}
-    region_cut = _region_cut(structures, muscle_keys, settings)
+    cov = _coverage(structures, table, settings)
     h2 = height_m * height_m if height_m else None
     out = []
     for name, label_groups in settings.groups:
         keys = tuple(label.key for label in table.labels if label.group in label_groups and not label.is_bone)
         for side in (*_SIDES, SIDE_BOTH):
-            members = [by_key_side[(k, side)] for k in keys]
+            members = [cov.by_key_side[(k, side)] for k in keys]
             partial = any(m.is_partial for m in members)
-            gaps = [g for s in ((side,) if side != SIDE_BOTH else _SIDES) for g in _gaps(keys, s, by_key_side, region_cut, settings)]
+            gaps = [g for s in ((side,) if side != SIDE_BOTH else _SIDES) for g in _gaps(keys, s, cov)]
             if gaps:
                 out.append(GroupMeasurement(name, side, keys, None, None, None, None, partial, withheld_reason(gaps)))
                 continue

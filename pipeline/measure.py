@@ -70,7 +70,14 @@ else:  # pragma: no cover
 import numpy as np
 from scipy import ndimage
 
-from pipeline.groups import CROSSING_INFERIOR, CROSSING_SUPERIOR, GroupThreshold, assess_sarcopenia, measure_groups
+from pipeline.groups import (
+    CROSSING_INFERIOR,
+    CROSSING_SUPERIOR,
+    SUPERIOR_LANDMARK,
+    GroupThreshold,
+    assess_sarcopenia,
+    measure_groups,
+)
 from pipeline.labels import GROUPS, LabelTable
 from pipeline.types import (
     FLAG_EMPTY,
@@ -150,6 +157,7 @@ class MeasurementSettings:
     plausible_typical_ml: tuple[tuple[str, float], ...] = ()
     crossing_inferior: tuple[str, ...] = CROSSING_INFERIOR
     crossing_superior: tuple[str, ...] = CROSSING_SUPERIOR
+    superior_landmark: str = SUPERIOR_LANDMARK
     group_thresholds: tuple[GroupThreshold, ...] = ()
 
     def __post_init__(self) -> None:
@@ -241,6 +249,15 @@ def _keys(data: Mapping, end: str, path: Path) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _landmark(data: Mapping, path: Path) -> str:
+    """[group_coverage] superior_landmark (a label key); the built-in one when absent."""
+    section = data.get("group_coverage", {})
+    value = section.get("superior_landmark", SUPERIOR_LANDMARK) if isinstance(section, dict) else None
+    if not isinstance(value, str):
+        raise MeasurementSettingsError(f"{path}: [group_coverage] superior_landmark = {value!r}; allowed: a label key")
+    return value
+
+
 def _group_thresholds(data: Mapping, path: Path) -> tuple[GroupThreshold, ...]:
     """[sarcopenia.group_thresholds.<group>] tables (none by default)."""
     tables = data.get("sarcopenia", {}).get("group_thresholds", {})
@@ -304,6 +321,7 @@ def load_measurement_settings(path: Path | None = None) -> MeasurementSettings:
             plausible_typical_ml=tuple(typical_ml),
             crossing_inferior=_keys(data, "inferior", path),
             crossing_superior=_keys(data, "superior", path),
+            superior_landmark=_landmark(data, path),
             group_thresholds=_group_thresholds(data, path),
         )
     except MeasurementSettingsError as exc:

@@ -549,3 +549,30 @@ def test_group_coverage_and_site_thresholds_from_toml(tmp_path: Path, settings: 
                     encoding="utf-8")
     with pytest.raises(MeasurementSettingsError, match=r"group_thresholds\.thighs: group must be one of"):
         load_measurement_settings(path)
+
+
+def test_superior_edge_counts_only_below_the_iliac_crest(table: LabelTable, settings: MeasurementSettings) -> None:
+    # the scan starts 20 mm below the iliac crest: the ilium is cut, and so are the gluteus medius and iliacus
+    low = _measure_phantom(
+        generate_phantom(PhantomParams(seed=3, spacing_mm=(4.0, 3.0, 3.0), fov_top_mm=-20.0), table), table, settings
+    )
+    assert FLAG_PARTIAL_TOP in _codes(low, "ilium", "right")
+    glut = low.group("gluteal", "right")
+    assert glut is not None and not glut.reported
+    assert "gluteus medius right cut at the superior edge of the field of view" in glut.withheld_reason
+    allm = low.group("all", "right")
+    assert allm is not None and "iliacus right" in allm.withheld_reason
+    assert "psoas" not in allm.withheld_reason  # runs into the trunk: cut by any scan of the region
+    # a whole phantom whose gluteus medius touches the top slice while the ilium is whole: reported
+    touching = _measure_phantom(
+        generate_phantom(PhantomParams(seed=5, spacing_mm=(4.0, 3.0, 3.0), height_m=1.6, sex="F"), table),
+        table, settings,
+    )
+    assert FLAG_PARTIAL_TOP in _codes(touching, "gluteus_medius", "right")
+    assert FLAG_PARTIAL_TOP not in _codes(touching, "ilium", "right")
+    assert all(g.reported for g in touching.groups)
+    strict = _measure_phantom(
+        generate_phantom(PhantomParams(seed=5, spacing_mm=(4.0, 3.0, 3.0), height_m=1.6, sex="F"), table),
+        table, dataclasses.replace(settings, superior_landmark="no_such_structure"),
+    )
+    assert not any(g.reported for g in strict.groups)  # without the landmark the touching label counts
