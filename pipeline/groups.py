@@ -159,7 +159,7 @@ def _gaps(keys: Sequence[str], side: str, cov: _Coverage) -> list[_Gap]:
     return gaps
 
 
-def withheld_reason(gaps: Sequence[_Gap]) -> str:
+def _withheld_reason(gaps: Sequence[_Gap]) -> str:
     """'not reported: vastus lateralis right and left, rectus femoris right cut at the inferior
     edge of the field of view; gluteus medius left not in the field of view' ("" without gaps)."""
     if not gaps:
@@ -194,7 +194,11 @@ def measure_groups(
             partial = any(m.is_partial for m in members)
             gaps = [g for s in ((side,) if side != SIDE_BOTH else _SIDES) for g in _gaps(keys, s, cov)]
             if gaps:
-                out.append(GroupMeasurement(name, side, keys, None, None, None, None, partial, withheld_reason(gaps)))
+                out.append(GroupMeasurement(
+                    group=name, side=side, structure_keys=keys, volume_ml=None, mass_g=None,
+                    volume_per_height2_cm3_m2=None, smi_kg_m2=None, includes_partial=partial,
+                    withheld_reason=_withheld_reason(gaps),
+                ))
                 continue
             volume_ml = float(sum(m.volume_ml for m in members))
             mass_g = float(sum(m.mass_g for m in members))
