@@ -141,6 +141,7 @@ class _Components:
     col: np.ndarray
     area_mm2: np.ndarray
     roundness: np.ndarray  # equivalent-circle diameter / major axis (1 for a disc)
+    inscribed_mm: np.ndarray  # diameter of the largest inscribed disc
 
 
 def _body_midline_x(block: np.ndarray, body_hu: float, origin: np.ndarray, cols: np.ndarray, k0: int) -> np.ndarray:
@@ -153,13 +154,21 @@ def _body_midline_x(block: np.ndarray, body_hu: float, origin: np.ndarray, cols:
     return origin[0] + cols[0, 0] * ks + cols[0, 1] * r_mean + cols[0, 2] * c_mean
 
 
-def _bone_components(block: np.ndarray, bone_hu: float, plane: np.ndarray, pixel_mm2: float) -> _Components | None:
-    """Hole-filled bone components of every slice of the slab with their shape; None when there is no bone."""
+def _bone_components(
+    block: np.ndarray, bone_hu: float, plane: np.ndarray, pixel_mm2: float, sampling: tuple[float, float, float]
+) -> _Components | None:
+    """Hole-filled bone components of every slice of the slab with their shape; None when there is no bone.
+
+    ``sampling``: (huge, row mm, column mm), so the distance transform stays within each slice.
+    """
     bone = _fill_holes_2d(block > bone_hu)
     labels, n = ndimage.label(bone, structure=_STRUCT_2D)
-    del bone
     if n == 0:
         return None
+    inscribed_mm = 2.0 * np.asarray(
+        ndimage.maximum(ndimage.distance_transform_edt(bone, sampling=sampling), labels, np.arange(1, n + 1))
+    )
+    del bone
     m = _component_moments(labels, n)
     del labels
     cnt = m[:, 0]
@@ -175,12 +184,38 @@ def _bone_components(block: np.ndarray, bone_hu: float, plane: np.ndarray, pixel
     area_mm2 = cnt * pixel_mm2
     major_mm = 4.0 * np.sqrt(np.maximum(lam_max, 1e-9))
     roundness = 2.0 * np.sqrt(area_mm2 / math.pi) / major_mm
-    return _Components(np.rint(kc).astype(np.intp), rc, cc, area_mm2, roundness)
+    return _Components(np.rint(kc).astype(np.intp), rc, cc, area_mm2, roundness, inscribed_mm)
 
 
-def find_femoral_shafts(volume: Volume, criteria: FemurShaftCriteria | None = None) -> FemurShaftSearch:
-    """Search every axial slice for a left and a right femoral shaft cross-section."""
-    crit = criteria if criteria is not None else FemurShaftCriteria()
+@dataclass(frozen=True)
+class BoneComponents:
+    """The hole-filled in-plane bone components of every axial slice of a volume.
+
+    Slices run along the array axis most aligned with patient z; per slice ``z_mm`` (patient
+    z) and ``midline_x_mm`` (x of the body's centroid, HU > ``body_hu``); per component its
+    slice, ``offset_mm`` (x minus the slice's midline; LPS: > 0 on the patient's left),
+    ``y_mm`` (its centroid's anterior-posterior position), ``area_mm2``, ``roundness``
+    (equivalent-circle diameter / major axis) and ``inscribed_mm`` (the diameter of the
+    largest disc inside it: thick bone such as a femoral head or condyle, not a thin wing).
+    Metal (any HU above ``bone_hu``) counts as bone.
+    """
+
+    z_mm: np.ndarray
+    slice_mm: float
+    slice_idx: np.ndarray
+    offset_mm: np.ndarray
+    y_mm: np.ndarray
+    area_mm2: np.ndarray
+    roundness: np.ndarray
+    inscribed_mm: np.ndarray
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.z_mm.size)
+
+
+def find_bone_components(volume: Volume, bone_hu: float = 300.0, body_hu: float = -300.0) -> BoneComponents:
+    """Label the hole-filled bone of every axial slice into 2-D components and measure each."""
     affine = volume.affine_lps
     axis = int(np.argmax(np.abs(affine[2, :3])))
     in_plane = [a for a in range(3) if a != axis]
@@ -192,42 +227,57 @@ def find_femoral_shafts(volume: Volume, criteria: FemurShaftCriteria | None = No
     origin = affine[:3, 3]
     pixel_mm2 = float(np.linalg.norm(np.cross(cols[:, 1], cols[:, 2])))
     plane = cols[:, 1:]  # 3x2: in-plane index -> mm
+    sampling = (1e6, float(np.linalg.norm(cols[:, 1])), float(np.linalg.norm(cols[:, 2])))
     nk = hu.shape[0]
-    z = origin[2] + cols[2, 0] * np.arange(nk)
     slab = max(1, _SLAB_VOXELS // max(1, hu.shape[1] * hu.shape[2]))
-
-    left = np.zeros(nk, dtype=bool)
-    right = np.zeros(nk, dtype=bool)
-    kinds = {kind: np.zeros(nk, dtype=bool) for kind in _KINDS}
+    parts: list[tuple[np.ndarray, ...]] = []
     for k0 in range(0, nk, slab):
         block = np.asarray(hu[k0 : k0 + slab])
-        mid_x = _body_midline_x(block, crit.body_hu, origin, cols, k0)
-        comps = _bone_components(block, crit.bone_hu, plane, pixel_mm2)
+        mid_x = _body_midline_x(block, body_hu, origin, cols, k0)
+        comps = _bone_components(block, bone_hu, plane, pixel_mm2, sampling)
         if comps is None:
             continue
-        slice_idx, area_mm2 = comps.slice_idx, comps.area_mm2
-        x = origin[0] + cols[0, 0] * (slice_idx + k0) + cols[0, 1] * comps.row + cols[0, 2] * comps.col
-        offset = x - mid_x[slice_idx]
-        small = area_mm2 < crit.min_area_cm2 * 100.0
-        large = area_mm2 > crit.max_area_cm2 * 100.0
-        elongated = comps.roundness < crit.min_roundness
-        midline = np.abs(offset) < crit.min_offset_mm
-        far = np.abs(offset) > crit.max_offset_mm
-        candidate = ~small & ~large & ~elongated & ~midline & ~far
-        seen_k = {
-            _KIND_MIDLINE: midline & ~small,
-            _KIND_SMALL: small & ~midline,
-            _KIND_LARGE: (large | (elongated & ~small)) & ~midline,
-            _KIND_FAR: far & ~small & ~large & ~elongated,
-        }
-        for kind, sel in seen_k.items():
-            kinds[kind][k0 + slice_idx[sel]] = True
-        # LPS: x grows toward the patient's left
-        left[k0 + slice_idx[candidate & (offset > 0)]] = True
-        right[k0 + slice_idx[candidate & (offset < 0)]] = True
+        k = comps.slice_idx + k0
+        x = origin[0] + cols[0, 0] * k + cols[0, 1] * comps.row + cols[0, 2] * comps.col
+        y = origin[1] + cols[1, 0] * k + cols[1, 1] * comps.row + cols[1, 2] * comps.col
+        parts.append((k, x - mid_x[comps.slice_idx], y, comps.area_mm2, comps.roundness, comps.inscribed_mm))
+    fields = [np.concatenate(f) for f in zip(*parts)] if parts else [np.zeros(0, np.intp)] + [np.zeros(0)] * 5
+    return BoneComponents(origin[2] + cols[2, 0] * np.arange(nk), abs(float(cols[2, 0])), *fields)
+
+
+def find_femoral_shafts(volume: Volume, criteria: FemurShaftCriteria | None = None) -> FemurShaftSearch:
+    """Search every axial slice for a left and a right femoral shaft cross-section."""
+    crit = criteria if criteria is not None else FemurShaftCriteria()
+    return classify_shafts(find_bone_components(volume, crit.bone_hu, crit.body_hu), crit)
+
+
+def classify_shafts(bones: BoneComponents, crit: FemurShaftCriteria) -> FemurShaftSearch:
+    """Class every bone component (shaft candidate or one of the rejected kinds) and find the pair run."""
+    nk, z = bones.n_slices, bones.z_mm
+    slice_idx, area_mm2, offset = bones.slice_idx, bones.area_mm2, bones.offset_mm
+    small = area_mm2 < crit.min_area_cm2 * 100.0
+    large = area_mm2 > crit.max_area_cm2 * 100.0
+    elongated = bones.roundness < crit.min_roundness
+    midline = np.abs(offset) < crit.min_offset_mm
+    far = np.abs(offset) > crit.max_offset_mm
+    candidate = ~small & ~large & ~elongated & ~midline & ~far
+    kinds = {kind: np.zeros(nk, dtype=bool) for kind in _KINDS}
+    seen_k = {
+        _KIND_MIDLINE: midline & ~small,
+        _KIND_SMALL: small & ~midline,
+        _KIND_LARGE: (large | (elongated & ~small)) & ~midline,
+        _KIND_FAR: far & ~small & ~large & ~elongated,
+    }
+    for kind, sel in seen_k.items():
+        kinds[kind][slice_idx[sel]] = True
+    left = np.zeros(nk, dtype=bool)
+    right = np.zeros(nk, dtype=bool)
+    # LPS: x grows toward the patient's left
+    left[slice_idx[candidate & (offset > 0)]] = True
+    right[slice_idx[candidate & (offset < 0)]] = True
     pair = left & right
     kinds[_KIND_SINGLE] = (left | right) & ~pair
-    run_mm, run_z = _longest_run(pair, z, abs(float(cols[2, 0])), crit.max_gap_slices)
+    run_mm, run_z = longest_run(pair, z, bones.slice_mm, crit.max_gap_slices)
     return FemurShaftSearch(
         n_slices=nk,
         z_min_mm=float(z.min()),
@@ -239,7 +289,7 @@ def find_femoral_shafts(volume: Volume, criteria: FemurShaftCriteria | None = No
     )
 
 
-def _longest_run(flags: np.ndarray, z: np.ndarray, dz: float, max_gap: int) -> tuple[float, tuple[float, float] | None]:
+def longest_run(flags: np.ndarray, z: np.ndarray, dz: float, max_gap: int) -> tuple[float, tuple[float, float] | None]:
     """z extent (mm, slice thickness included) of the longest run of True with gaps <= max_gap."""
     hits = np.flatnonzero(flags)
     if hits.size == 0:
