@@ -142,6 +142,7 @@ class _Components:
     area_mm2: np.ndarray
     roundness: np.ndarray  # equivalent-circle diameter / major axis (1 for a disc)
     inscribed_mm: np.ndarray  # diameter of the largest inscribed disc
+    dense_fraction: np.ndarray  # share of pixels above the dense threshold
 
 
 def _body_midline_x(block: np.ndarray, body_hu: float, origin: np.ndarray, cols: np.ndarray, k0: int) -> np.ndarray:
@@ -154,20 +155,36 @@ def _body_midline_x(block: np.ndarray, body_hu: float, origin: np.ndarray, cols:
     return origin[0] + cols[0, 0] * ks + cols[0, 1] * r_mean + cols[0, 2] * c_mean
 
 
+def _slice_distances(mask: np.ndarray, sampling: tuple[float, float]) -> np.ndarray:
+    """In-plane distance (mm) of every mask pixel to the nearest background pixel of its slice."""
+    out = np.zeros(mask.shape, dtype=np.float32)
+    for k in np.flatnonzero(mask.any(axis=(1, 2))):
+        rows = np.flatnonzero(mask[k].any(axis=1))
+        cols = np.flatnonzero(mask[k].any(axis=0))
+        r0, r1, c0, c1 = max(rows[0] - 1, 0), rows[-1] + 2, max(cols[0] - 1, 0), cols[-1] + 2
+        out[k, r0:r1, c0:c1] = ndimage.distance_transform_edt(mask[k, r0:r1, c0:c1], sampling=sampling)
+    return out
+
+
+@dataclass(frozen=True)
+class _Thresholds:
+    bone_hu: float  # bone (and metal) for the components
+    dense_hu: float  # cortical bone or metal within them
+
+
 def _bone_components(
-    block: np.ndarray, bone_hu: float, plane: np.ndarray, pixel_mm2: float, sampling: tuple[float, float, float]
+    block: np.ndarray, hu: _Thresholds, plane: np.ndarray, pixel_mm2: float, sampling: tuple[float, float, float]
 ) -> _Components | None:
     """Hole-filled bone components of every slice of the slab with their shape; None when there is no bone.
 
-    ``sampling``: (huge, row mm, column mm), so the distance transform stays within each slice.
+    ``sampling``: (row mm, column mm) of a pixel.
     """
-    bone = _fill_holes_2d(block > bone_hu)
+    bone = _fill_holes_2d(block > hu.bone_hu)
     labels, n = ndimage.label(bone, structure=_STRUCT_2D)
     if n == 0:
         return None
-    inscribed_mm = 2.0 * np.asarray(
-        ndimage.maximum(ndimage.distance_transform_edt(bone, sampling=sampling), labels, np.arange(1, n + 1))
-    )
+    dense = np.bincount(labels[block > hu.dense_hu], minlength=n + 1)[1:].astype(np.float64)
+    inscribed_mm = 2.0 * np.asarray(ndimage.maximum(_slice_distances(bone, sampling), labels, np.arange(1, n + 1)))
     del bone
     m = _component_moments(labels, n)
     del labels
@@ -184,7 +201,7 @@ def _bone_components(
     area_mm2 = cnt * pixel_mm2
     major_mm = 4.0 * np.sqrt(np.maximum(lam_max, 1e-9))
     roundness = 2.0 * np.sqrt(area_mm2 / math.pi) / major_mm
-    return _Components(np.rint(kc).astype(np.intp), rc, cc, area_mm2, roundness, inscribed_mm)
+    return _Components(np.rint(kc).astype(np.intp), rc, cc, area_mm2, roundness, inscribed_mm, dense / cnt)
 
 
 @dataclass(frozen=True)
@@ -196,8 +213,9 @@ class BoneComponents:
     slice, ``offset_mm`` (x minus the slice's midline; LPS: > 0 on the patient's left),
     ``y_mm`` (its centroid's anterior-posterior position), ``area_mm2``, ``roundness``
     (equivalent-circle diameter / major axis) and ``inscribed_mm`` (the diameter of the
-    largest disc inside it: thick bone such as a femoral head or condyle, not a thin wing).
-    Metal (any HU above ``bone_hu``) counts as bone.
+    largest disc inside it: thick bone such as a femoral head or condyle, not a thin wing) and
+    ``dense_fraction`` (the share of its pixels above ``dense_hu``: cortical bone or metal;
+    contrast-filled organs have none). Metal (any HU above ``bone_hu``) counts as bone.
     """
 
     z_mm: np.ndarray
@@ -208,13 +226,16 @@ class BoneComponents:
     area_mm2: np.ndarray
     roundness: np.ndarray
     inscribed_mm: np.ndarray
+    dense_fraction: np.ndarray
 
     @property
     def n_slices(self) -> int:
         return int(self.z_mm.size)
 
 
-def find_bone_components(volume: Volume, bone_hu: float = 300.0, body_hu: float = -300.0) -> BoneComponents:
+def find_bone_components(
+    volume: Volume, bone_hu: float = 300.0, body_hu: float = -300.0, dense_hu: float = 300.0
+) -> BoneComponents:
     """Label the hole-filled bone of every axial slice into 2-D components and measure each."""
     affine = volume.affine_lps
     axis = int(np.argmax(np.abs(affine[2, :3])))
@@ -227,21 +248,22 @@ def find_bone_components(volume: Volume, bone_hu: float = 300.0, body_hu: float 
     origin = affine[:3, 3]
     pixel_mm2 = float(np.linalg.norm(np.cross(cols[:, 1], cols[:, 2])))
     plane = cols[:, 1:]  # 3x2: in-plane index -> mm
-    sampling = (1e6, float(np.linalg.norm(cols[:, 1])), float(np.linalg.norm(cols[:, 2])))
+    sampling = (float(np.linalg.norm(cols[:, 1])), float(np.linalg.norm(cols[:, 2])))
     nk = hu.shape[0]
     slab = max(1, _SLAB_VOXELS // max(1, hu.shape[1] * hu.shape[2]))
     parts: list[tuple[np.ndarray, ...]] = []
     for k0 in range(0, nk, slab):
         block = np.asarray(hu[k0 : k0 + slab])
         mid_x = _body_midline_x(block, body_hu, origin, cols, k0)
-        comps = _bone_components(block, bone_hu, plane, pixel_mm2, sampling)
+        comps = _bone_components(block, _Thresholds(bone_hu, dense_hu), plane, pixel_mm2, sampling)
         if comps is None:
             continue
         k = comps.slice_idx + k0
         x = origin[0] + cols[0, 0] * k + cols[0, 1] * comps.row + cols[0, 2] * comps.col
         y = origin[1] + cols[1, 0] * k + cols[1, 1] * comps.row + cols[1, 2] * comps.col
-        parts.append((k, x - mid_x[comps.slice_idx], y, comps.area_mm2, comps.roundness, comps.inscribed_mm))
-    fields = [np.concatenate(f) for f in zip(*parts)] if parts else [np.zeros(0, np.intp)] + [np.zeros(0)] * 5
+        offset = x - mid_x[comps.slice_idx]
+        parts.append((k, offset, y, comps.area_mm2, comps.roundness, comps.inscribed_mm, comps.dense_fraction))
+    fields = [np.concatenate(f) for f in zip(*parts)] if parts else [np.zeros(0, np.intp)] + [np.zeros(0)] * 6
     return BoneComponents(origin[2] + cols[2, 0] * np.arange(nk), abs(float(cols[2, 0])), *fields)
 
 
