@@ -43,12 +43,20 @@ import numpy as np
 
 from pipeline.bodypart import BoneComponents, FemurShaftCriteria, classify_shafts, find_bone_components, longest_run
 from pipeline.errors import DeclinedError
-from pipeline.types import Volume
+from pipeline.types import Segmentation, Volume
 
 logger = logging.getLogger(__name__)
 
 #: The regions, from head to foot.
 REGIONS = ("pelvis", "hip", "thigh", "knee", "below_knee")
+
+#: The label groups (config/labels.toml) whose structures show a region in a segmentation.
+SEGMENTATION_REGIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("hip", ("gluteal",)),
+    ("thigh", ("anterior", "medial", "posterior")),
+)
+#: A region's muscles must add up to this much to count as present in the segmentation.
+MIN_SEGMENTED_ML = 10.0
 
 
 @dataclass(frozen=True)
@@ -261,3 +269,25 @@ def check_field_of_view(volume: Volume, policy: CoveragePolicy, criteria: Covera
             study_uid=volume.study_instance_uid or None,
         )
     return coverage
+
+
+def regions_from_segmentation(segmentation: Segmentation, voxel_ml: float) -> tuple[str, ...]:
+    """The regions the segmentation supports, from the label groups of :data:`SEGMENTATION_REGIONS`.
+
+    A region counts when its muscles add up to at least :data:`MIN_SEGMENTED_ML`; it is
+    written "<region> (cut)" when they reach the first or last axial slice (the field of
+    view ends inside them), e.g. ``("hip", "thigh (cut)")`` for a hip CT.
+    """
+    labels = segmentation.label_map
+    axis = int(np.argmax(np.abs(segmentation.affine_lps[2, :3])))
+    counts = np.bincount(labels.ravel(), minlength=segmentation.labels.num_classes)
+    first = np.bincount(np.take(labels, 0, axis=axis).ravel(), minlength=counts.size)
+    last = np.bincount(np.take(labels, -1, axis=axis).ravel(), minlength=counts.size)
+    found = []
+    for region, groups in SEGMENTATION_REGIONS:
+        ids = [label.id for label in segmentation.labels.labels if label.group in groups]
+        if not ids or counts[ids].sum() * voxel_ml < MIN_SEGMENTED_ML:
+            continue
+        cut = bool(first[ids].sum() or last[ids].sum())
+        found.append(f"{region} (cut)" if cut else region)
+    return tuple(found)

@@ -85,6 +85,15 @@ def test_a_phantom_study_yields_valid_seg_sr_pdf_queued_for_the_pacs(tmp_path: P
     items = outbox.items(study_uid=STUDY)
     assert sorted(i.destination for i in items) == ["pacs"] * 3
 
+    # The field of view is recorded: the regions the image shows, those the segmentation supports, the policy.
+    coverage = outcome.result["coverage"]
+    assert {"pelvis", "hip", "thigh"} <= set(coverage["regions"])
+    assert all(z0 <= z1 for z0, z1 in coverage["regions"].values())
+    # the phantom's gluteal muscles reach its top slice (the iliac crest): "hip (cut)"
+    assert [r.split(" ")[0] for r in coverage["from_segmentation"]] == ["hip", "thigh"]
+    assert coverage["policy"] == {"accept_regions": ["hip", "thigh"], "min_region_mm": 20.0}
+    assert "axial slices" in coverage["evidence"]
+
     # The SR's volumes equal the voxel volumes of the SEG's segments, read back.
     seg = hd.seg.segread(kinds["seg"])
     sr = hd.sr.srread(kinds["sr"])
@@ -227,5 +236,6 @@ def test_a_study_without_femur_is_declined_and_nothing_is_queued(tmp_path: Path,
 
     outcome = Workflow(settings, index, lambda: MustNotRun(), outbox=outbox).run(job)
     assert outcome.state == DECLINED
-    assert "not a thigh CT" in outcome.reason
+    assert outcome.reason.startswith("no hip or thigh in the field of view"), outcome.reason
+    assert outcome.result["coverage"]["policy"] == {"accept_regions": ["hip", "thigh"], "min_region_mm": 20.0}
     assert outbox.items(study_uid=study) == []
