@@ -25,7 +25,8 @@ implant does not hide a region). A slice belongs to a region when it shows:
   and fibula) and no large bone in the slice, far from pelvic bone.
 
 Each region is reported with the z extent (patient z, mm, LPS: superior positive) of its
-longest run of slices (gaps of ``max_gap_slices`` allowed), slice thickness included.
+longest run of slices (gaps up to ``max_gap_mm`` bridged: a femoral head and the
+trochanter below it are one hip), slice thickness included.
 
 :func:`check_field_of_view` applies a :class:`CoveragePolicy`: a series is processed when
 at least one of ``accept_regions`` is seen over ``min_region_mm``; otherwise it is
@@ -83,7 +84,7 @@ class CoverageCriteria:
     tibia_area_cm2: tuple[float, float] = (2.0, 15.0)
     fibula_area_cm2: tuple[float, float] = (0.3, 3.0)
     tibia_fibula_mm: tuple[float, float] = (15.0, 80.0)
-    max_gap_slices: int = 2
+    max_gap_mm: float = 30.0
     shaft: FemurShaftCriteria = FemurShaftCriteria()
 
 
@@ -213,8 +214,8 @@ def _below_knee_slices(bones: BoneComponents, crit: CoverageCriteria) -> np.ndar
     return found & ~large
 
 
-def _extent(region: str, flags: np.ndarray, bones: BoneComponents, max_gap: int) -> RegionExtent | None:
-    length, z = longest_run(flags, bones.z_mm, bones.slice_mm, max_gap)
+def _extent(region: str, flags: np.ndarray, bones: BoneComponents, max_gap_mm: float) -> RegionExtent | None:
+    length, z = longest_run(flags, bones.z_mm, bones.slice_mm, int(max_gap_mm / bones.slice_mm))
     if z is None:
         return None
     return RegionExtent(region, z, length, int(flags.sum()))
@@ -235,9 +236,10 @@ def find_coverage(volume: Volume, criteria: CoverageCriteria | None = None) -> C
         "below_knee": _below_knee_slices(bones, crit) & ~near_pelvis,
     }
     if shafts.run_z_mm is not None:
-        flags["thigh"] = (z >= shafts.run_z_mm[0]) & (z <= shafts.run_z_mm[1])
+        # a tibia pair also looks like a shaft pair: where the fibulae show, it is the lower leg
+        flags["thigh"] = (z >= shafts.run_z_mm[0]) & (z <= shafts.run_z_mm[1]) & ~flags["below_knee"]
         flags["knee"] &= z < shafts.run_z_mm[0]  # the knee lies below the thigh
-    found = [_extent(r, flags[r], bones, crit.max_gap_slices) for r in REGIONS if r in flags]
+    found = [_extent(r, flags[r], bones, crit.max_gap_mm) for r in REGIONS if r in flags]
     regions = tuple(r for r in found if r is not None)
     evidence = (
         f"{bones.n_slices} axial slices (z {z.min():.0f}..{z.max():.0f} mm): "
