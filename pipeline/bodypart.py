@@ -1,4 +1,9 @@
-"""Is this a thigh CT? Decline studies that show no femur before measuring anything.
+"""Femoral shafts and the femur label: the bone machinery of the field-of-view check.
+
+The node's check is :mod:`pipeline.coverage` (which regions a series covers, built on
+:func:`find_bone_components` and :func:`classify_shafts` here); :func:`check_thigh_ct`
+is the strict thigh-only check (femoral shafts on both sides), kept for callers that
+want exactly a thigh CT. The workflow uses :func:`femur_label_volumes_ml` after the model.
 
 Two independent checks; both must pass (:func:`check_thigh_ct`):
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.bodypart import check_thigh_ct, femur_label_volumes_ml, find_femoral_shafts
+from pipeline.coverage import CoveragePolicy, check_field_of_view
 from pipeline.errors import DeclinedError
 from pipeline.labels import LabelTable, load_label_table
 from modelkit.phantom import Phantom, PhantomParams, generate_phantom
@@ -184,6 +185,10 @@ def test_totalseg_hip_ct_has_femur_labels_but_no_shaft(shared_data: Path, table:
     a shaft cross-section (they are large and elongated, the native right one a broken ring
     at 3 mm). So the image check declines it at any minimum length, while the label check
     alone would pass: anatomically right, it is a hip/pelvis CT, not a thigh CT.
+
+    The node no longer declines it: the workflow's check is now the field-of-view policy
+    (pipeline.coverage), which accepts it by its hips (tests/pipeline/test_coverage.py);
+    check_thigh_ct remains the strict thigh-only check and still declines it.
     """
     folder = shared_data / "totalseg-hip-ct"
     img = nib.load(folder / "example_ct.nii.gz")
@@ -204,3 +209,4 @@ def test_totalseg_hip_ct_has_femur_labels_but_no_shaft(shared_data: Path, table:
     message = str(info.value)
     assert "0 of 112 axial slices (z 94..427 mm)" in message
     assert "femur label" not in message  # the label check passed; only the image check declines
+    assert check_field_of_view(volume, CoveragePolicy()).get("hip") is not None  # what the workflow asks now
