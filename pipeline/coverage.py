@@ -224,7 +224,9 @@ def _extent(region: str, flags: np.ndarray, bones: BoneComponents, max_gap_mm: f
 def find_coverage(volume: Volume, criteria: CoverageCriteria | None = None) -> Coverage:
     """The regions of :data:`REGIONS` that the series shows, each with its z extent."""
     crit = criteria if criteria is not None else CoverageCriteria()
-    shafts = classify_shafts(find_bone_components(volume, crit.shaft.bone_hu, crit.shaft.body_hu), crit.shaft)
+    shafts = classify_shafts(
+        find_bone_components(volume, crit.shaft.bone_hu, crit.shaft.body_hu, thickness=False), crit.shaft
+    )
     bones = find_bone_components(volume, crit.bone_hu, crit.shaft.body_hu, crit.dense_hu)
     z = bones.z_mm
     wings, midline = _pelvic_slices(bones, crit)
