@@ -1,23 +1,20 @@
 """Femoral shafts and the femur label: the bone machinery of the field-of-view check.
 
-The node's check is :mod:`pipeline.coverage` (which regions a series covers, built on
-:func:`find_bone_components` and :func:`classify_shafts` here); :func:`check_thigh_ct`
-is the strict thigh-only check (femoral shafts on both sides), kept for callers that
-want exactly a thigh CT. The workflow uses :func:`femur_label_volumes_ml` after the model.
+The node's field-of-view check is :mod:`pipeline.coverage` (which regions a series covers),
+built on :func:`find_bone_components` and :func:`classify_shafts` here; after the model the
+workflow checks the femur label (:func:`femur_label_volumes_ml`).
 
-Two independent checks; both must pass (:func:`check_thigh_ct`):
-
-(a) Image-based and model-free (:func:`find_femoral_shafts`): in every axial slice,
-    bone (HU > ``bone_hu``) is split into 2-D connected components with their holes
+Femoral shafts, image-based and model-free (:func:`find_femoral_shafts`): in every axial
+    slice, bone (HU > ``bone_hu``) is split into 2-D connected components with their holes
     filled (the fatty marrow inside the cortical ring), and each component is classed
     by its area, roundness (equivalent diameter / major-axis length from its second
     moments: 1 for a disc, 0.71 for a 2:1 ellipse) and lateral offset from the body
     midline (x-centroid of the body, HU > ``body_hu``, in that slice). A femoral shaft
     cross-section is a compact round component of ``min_area_cm2``..``max_area_cm2``
     lying ``min_offset_mm``..``max_offset_mm`` to one side of the midline. A slice
-    counts when it holds one on the patient's left AND one on the right, and the femora
-    are found when such slices run over at least ``min_femur_length_mm`` of z (gaps of
-    one slice allowed). What is rejected, and why:
+    counts when it holds one on the patient's left AND one on the right; the result
+    gives the z extent of the longest run of such slices (gaps of one slice allowed).
+    What is rejected, and why:
 
     * spine, sacrum, sternum, pubic symphysis: centroid near the midline;
     * ribs, fibula-sized or thin bone: too small, or elongated;
@@ -25,31 +22,24 @@ Two independent checks; both must pass (:func:`check_thigh_ct`):
     * arms held at the sides (humeri): too far lateral.
 
     Femoral heads (about 45 mm wide, merged with the acetabulum at this threshold) and
-    the trochanteric region are mostly rejected as large/elongated: the check looks for
-    the shaft, so a scan that ends just below the hip joints shows little of it.
-
-(b) When a segmentation is given: its ``femur`` label has at least
-    ``min_femur_label_ml`` on at least one side.
+    the trochanteric region are mostly rejected as large/elongated: this looks for the
+    shaft, so a scan that ends just below the hip joints shows little of it
+    (:mod:`pipeline.coverage` finds the heads).
 
 Slices are taken along the array axis most aligned with patient z (from the affine),
-so the check does not depend on slice order. In-plane, images finer than
+so nothing here depends on slice order. In-plane, images finer than
 :data:`WORK_PIXEL_MM` are subsampled for speed.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
-from pipeline.errors import DeclinedError
 from pipeline.types import SIDE_LEFT, SIDE_RIGHT, Segmentation, Volume
-
-logger = logging.getLogger(__name__)
 
 WORK_PIXEL_MM = 1.4
 """In-plane pixels finer than this are subsampled by an integer stride."""
@@ -354,49 +344,3 @@ def femur_label_volumes_ml(segmentation: Segmentation, voxel_ml: float) -> tuple
     mask = segmentation.label_map == fid
     sides = np.bincount(segmentation.side_map[mask].ravel(), minlength=3)
     return float(sides[SIDE_RIGHT] * voxel_ml), float(sides[SIDE_LEFT] * voxel_ml)
-
-
-def check_thigh_ct(
-    volume: Volume,
-    segmentation: Segmentation | None = None,
-    *,
-    min_femur_length_mm: float = 60.0,
-    min_femur_label_ml: float = 30.0,
-    criteria: FemurShaftCriteria | None = None,
-) -> None:
-    """Raise :class:`DeclinedError` ("not a thigh CT: ...") unless both femur checks pass.
-
-    (a) :func:`find_femoral_shafts` finds a left and a right shaft over at least
-    ``min_femur_length_mm`` of z; (b) when ``segmentation`` (on the volume's grid) is
-    given, its femur label has at least ``min_femur_label_ml`` on one side. The message
-    lists every check that failed with what was seen.
-    """
-    t0 = time.perf_counter()
-    search = find_femoral_shafts(volume, criteria)
-    problems = []
-    if search.run_mm < min_femur_length_mm:
-        problems.append(
-            f"no femoral shafts over {min_femur_length_mm:.0f} mm of z: {search.describe()}"
-        )
-    label_text = ""
-    if segmentation is not None:
-        if segmentation.label_map.shape != volume.hu.shape:
-            raise ValueError(
-                f"segmentation shape {segmentation.label_map.shape} differs from volume shape {volume.hu.shape}"
-            )
-        femur = femur_label_volumes_ml(segmentation, volume.voxel_volume_ml)
-        if femur is None:
-            problems.append(f"the label table of {segmentation.model_name} has no 'femur' label")
-        else:
-            label_text = f"femur label right {femur[0]:.1f} cm³, left {femur[1]:.1f} cm³"
-            if max(femur) < min_femur_label_ml:
-                problems.append(
-                    f"the segmentation's {label_text}; at least {min_femur_label_ml:.0f} cm³ on one side is needed"
-                )
-    logger.info(
-        "thigh check: %d slices, femur pair run %.0f mm, %s, %s in %.2f s",
-        search.n_slices, search.run_mm, label_text or "no segmentation",
-        "declined" if problems else "passed", time.perf_counter() - t0,
-    )
-    if problems:
-        raise DeclinedError("not a thigh CT: " + "; ".join(problems), study_uid=volume.study_instance_uid or None)
