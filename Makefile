@@ -45,8 +45,8 @@ train-demo: install
 # The held-out test phantoms of config/train_demo_stage6.toml (seeds 3 and 5; generated if missing),
 # pooled, the targets, and the one-leg-atrophied side check.
 evaluate-demo: install
-	$(BIN)/python -c "from modelkit.train_settings import TrainSettings; from modelkit.training import ensure_phantoms; from pathlib import Path; ensure_phantoms(TrainSettings.from_toml('config/train_demo_stage6.toml'), only=(Path('/tmp/thighnode_data_v3/test'), Path('/tmp/thighnode_data_v3/test5')))"
-	$(BIN)/thighnode evaluate --bundle bundles/thighnode_demo --data /tmp/thighnode_data_v3/test /tmp/thighnode_data_v3/test5 --side-check
+	$(BIN)/thighnode evaluate --bundle bundles/thighnode_demo --data /tmp/thighnode_data_v3/test /tmp/thighnode_data_v3/test5 \
+		--generate-from config/train_demo_stage6.toml --side-check
 
 demo: install
 	$(BIN)/python deploy/demo.py

@@ -76,7 +76,9 @@ def _print_table(db: Path, study_uid: str) -> None:
         flags = ",".join(sorted(set(r.flags) | set(l.flags)))
         print(f"  {r.name:<22}{r.volume_ml:>10.1f}{l.volume_ml:>10.1f}{r.mean_hu:>7.0f}/{l.mean_hu:<6.0f}{change:>16}  {flags}")
     for g in m.groups:
-        if g.side == "both":
+        if g.side == "both" and not g.reported:
+            print(f"  group {g.group:<11} {g.withheld_reason}")
+        elif g.side == "both":
             smi = f"{g.smi_kg_m2:.2f} kg/m²" if g.smi_kg_m2 is not None else "-"
             print(f"  group {g.group:<11} volume {g.volume_ml:8.1f} cm³  mass {g.mass_g / 1000:6.2f} kg  SMI {smi}")
     if m.sarcopenia is not None:

@@ -102,6 +102,11 @@ SMI_THRESHOLD = _private("TN0004", "Sarcopenia threshold of skeletal muscle inde
 THRESHOLD_CALIBRATION = _private("TN0005", "Sarcopenia threshold calibration")
 HEIGHT_SOURCE = _private("TN0006", "Source of body height")
 MASS_DERIVATION = _private("TN0007", "Derivation of mass from attenuation")
+GROUP_NOT_REPORTED = _private("TN0008", "Muscle group total not reported")
+"""Qualitative evaluation whose value is a GROUP_CODES entry: the field of view does not cover
+the group's muscles, so it has no numeric value (the reason is a TEXT "Comment")."""
+SARCOPENIA_SCREEN = _private("TN0009", "Sarcopenia screen")
+"""TEXT: why the sarcopenia screen was not assessed, and which group's SMI was measured instead."""
 
 GROUP_CODES: MappingProxyType[str, Code] = MappingProxyType(
     {

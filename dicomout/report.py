@@ -13,8 +13,11 @@ Layout (A4 portrait):
   FOR CLINICAL USE"; a footer with the caveat that the values come from an automated
   segmentation.
 * **page 1 (summary)** -- group totals (gluteal / above knee / all; right, left, both:
-  volume, mass, volume/height², SMI), the sarcopenia screen with its threshold, the
-  threshold's source and a "not calibrated for CT" caveat when so, the quality flags in
+  volume, mass, volume/height², SMI; a group the field of view does not cover reads "not
+  reported", with the muscles and why under the table), the sarcopenia screen with its
+  threshold, the threshold's source and a "not calibrated for CT" caveat when so (when its
+  group is not reported: "not assessed" and the SMI of the group measured instead, with no
+  threshold unless the site configured one for that group), the quality flags in
   words, and two pictures: an axial slice at the level of the largest thigh muscle
   area and a coronal reformat, CT in a soft-tissue window (-160..240 HU) with the
   segmentation in the label colours (alpha 0.4) and R/L markers.

@@ -60,6 +60,7 @@ FLAG_TINT = {  # cell tint per flag, most severe first
     FLAG_PARTIAL_BOTTOM: "#ffdfb0",
     FLAG_EMPTY: "#dddddd",
 }
+NOT_REPORTED_TINT = "#dddddd"  # a group withheld: the field of view does not cover its muscles
 RIGHT_COLOR = "#3b6fb6"
 LEFT_COLOR = "#e08a2c"
 SEX_WORDS = {"F": "female", "M": "male", "O": "other"}

@@ -13,6 +13,7 @@ from dicomout.report_layout import (
     Cell,
     DASH,
     FLAG_TINT,
+    NOT_REPORTED_TINT,
     FLAG_WORDS,
     GROUP_TITLES,
     LEFT_COLOR,
@@ -51,6 +52,15 @@ def _group_rows(measurements: Measurements) -> list[list[Cell]]:
             g: GroupMeasurement | None = measurements.group(group, side)
             if g is None:
                 continue
+            if not g.reported:
+                rows.append([
+                    Cell(GROUP_TITLES.get(group, group), align="left", bold=side == SIDE_BOTH),
+                    Cell(side, align="left"),
+                    Cell("not reported", tint=NOT_REPORTED_TINT),
+                    *([Cell(DASH)] * 3),
+                    Cell("see note below", align="left", tint=NOT_REPORTED_TINT),
+                ])
+                continue
             tint = FLAG_TINT[FLAG_PARTIAL_TOP] if g.includes_partial else None
             rows.append([
                 Cell(GROUP_TITLES.get(group, group), align="left", bold=side == SIDE_BOTH),
@@ -64,14 +74,50 @@ def _group_rows(measurements: Measurements) -> list[list[Cell]]:
     return rows
 
 
+def _withheld_lines(measurements: Measurements) -> list[str]:
+    """One line per group withheld on any side, with the reason of its both-sides row (which
+    names the muscles of either side)."""
+    lines = []
+    for group in (GROUP_GLUTEAL, GROUP_ABOVE_KNEE, GROUP_ALL):
+        withheld = [g for g in measurements.groups if g.group == group and not g.reported]
+        if withheld:
+            g = next((w for w in withheld if w.side == SIDE_BOTH), withheld[0])
+            lines.append(f"{GROUP_TITLES.get(group, group)} ({g.side}): {g.withheld_reason}.")
+    return lines
+
+
+def _not_assessed_lines(measurements: Measurements) -> list[tuple[str, dict[str, Any]]]:
+    """The screen's configured group is withheld: say so, and what was measured instead."""
+    note = measurements.sarcopenia_not_assessed
+    assert note is not None
+    lines: list[tuple[str, dict[str, Any]]] = [(f"Sarcopenia screen: {note.reason}.", {"fontweight": "bold"})]
+    if not note.measured_group:
+        return lines
+    title = GROUP_TITLES.get(note.measured_group, note.measured_group)
+    smi = "no SMI (no height)" if note.measured_smi_kg_m2 is None else f"SMI {note.measured_smi_kg_m2:.2f} kg/m²"
+    if note.measured_threshold_applied:
+        how = f"screened below with the site's threshold for the {title} group."
+    else:
+        how = (
+            f"no threshold is applied to it: none is configured for the {title} group (a site that has "
+            f"calibrated one sets it in [sarcopenia.group_thresholds.{note.measured_group}])."
+        )
+    lines.append((f"Measured: {title}, both sides, {smi}; {how}", {}))
+    return lines
+
+
 def _sarcopenia_lines(measurements: Measurements) -> list[tuple[str, dict[str, Any]]]:
     s = measurements.sarcopenia
+    notes = _not_assessed_lines(measurements) if measurements.sarcopenia_not_assessed is not None else []
+    if s is None and notes:
+        return notes
     if s is None:
         reason = "no height" if measurements.height_m is None else "no threshold configured or group missing"
         return [(f"Sarcopenia screen: not assessed ({reason}).", {})]
     verdict = "BELOW threshold (suggests low muscle mass)" if s.below_threshold else "not below threshold"
     sex = SEX_WORDS.get(measurements.sex, measurements.sex or "unknown sex")
     lines: list[tuple[str, dict[str, Any]]] = [
+        *notes,
         (f"Sarcopenia screen — {GROUP_TITLES.get(s.group, s.group)}, both sides, {sex}:", {"fontweight": "bold"}),
         (
             f"SMI {s.smi_kg_m2:.2f} kg/m² vs threshold {s.threshold_kg_m2:.2f} kg/m² → {verdict}.",
@@ -139,6 +185,8 @@ def draw_summary_page(
     else:
         ax.text(0, 0.9, "No group totals were computed.", fontsize=8, va="top")
     y = table_top - row_h_fig * n_lines - 0.012
+    for line in _withheld_lines(measurements):
+        y = wrapped_text(fig, 0.06, y, line, width=140, line_step=0.0125, fontsize=7.5)
     for text, style in _sarcopenia_lines(measurements):
         y = wrapped_text(fig, 0.06, y, text, width=112, line_step=0.0135, fontsize=8, **style)
     y -= 0.006

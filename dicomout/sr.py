@@ -25,7 +25,12 @@ Measurement Report" (PS3.16 TID 1500):
   (gluteal, above knee, all) and side, volume, mass, volume / height² and skeletal muscle
   index (mass / height²), each with the group and side as finding site; the body height
   used; the sarcopenia assessment (SMI threshold, below-threshold yes/no, and whether the
-  threshold is calibrated for CT as text); the study-level quality flags.
+  threshold is calibrated for CT as text); the study-level quality flags. A group withheld
+  because the field of view does not cover its muscles (GroupMeasurement.withheld_reason) has
+  no numeric value: the group gets a qualitative evaluation "Muscle group total not reported"
+  (private TN0008) whose value is the group's code, and each withheld side a TEXT "Comment"
+  "<group> (<side>): not reported: <muscles> <why>"; when the sarcopenia group is withheld, a
+  TEXT "Sarcopenia screen" (TN0009) says "not assessed" and which group's SMI was measured.
 
 Coded concepts are in :mod:`dicomout.codes`; private ones use the coding scheme
 "99THIGHNODE", declared in CodingSchemeIdentificationSequence.
@@ -76,13 +81,14 @@ from pydicom.uid import RE_VALID_UID
 from dicomout import codes
 from dicomout.context import Equipment
 from dicomout.seg import BuildError, SourceInput, order_sources, segment_map, structure_code
+from dicomout.sr_items import add_texts, numeric
+from dicomout.sr_totals import PATIENT_TOTALS_ID, check_groups, patient_group  # noqa: F401 (PATIENT_TOTALS_ID: public here)
 from dicomout.uids import SR_SERIES, device_observer_uid, output_uid, tracking_uid
 from pipeline.errors import LabelTableError
 from pipeline.labels import LabelTable
 from pipeline.types import (
     SIDE_BOTH,
     Comparison,
-    GroupMeasurement,
     Measurements,
     PriorSearch,
     QualityFlag,
@@ -94,50 +100,8 @@ from pipeline.types import (
 logger = logging.getLogger(__name__)
 
 DEVICE_OBSERVER_NAME = "thighnode"
-PATIENT_TOTALS_ID = "patient totals"
-"""Tracking Identifier of the patient-level measurement group."""
 PRIOR_COMPARISON_ID = "prior study comparison"
 """Tracking Identifier of the group that identifies the prior study of the comparison."""
-
-_GROUP_SIDES = ("right", "left", SIDE_BOTH)
-
-
-def _num(
-    name: Code,
-    value: float | None,
-    unit: Code,
-    *,
-    what: str,
-    derivation: Code | None = None,
-    method: Code | None = None,
-    finding_sites: Sequence[hd.sr.FindingSite] | None = None,
-    algorithm: hd.sr.AlgorithmIdentification | None = None,
-) -> list[hd.sr.Measurement]:
-    """A TID 300 measurement, or nothing when the value is missing or not finite (logged)."""
-    if value is None or not math.isfinite(float(value)):
-        logger.warning("SR: %s %s is %r; measurement left out", what, name.meaning, value)
-        return []
-    return [
-        hd.sr.Measurement(
-            name=name,
-            value=float(value),
-            unit=unit,
-            derivation=derivation,
-            method=method,
-            finding_sites=finding_sites,
-            algorithm_id=algorithm,
-        )
-    ]
-
-
-def _add_texts(group: hd.sr.templates.Template, texts: Sequence[tuple[Code, str]]) -> None:
-    """Append TEXT content items (CONTAINS) to a measurement group's container."""
-    container = group[0]
-    for name, value in texts:
-        if value:
-            container.ContentSequence.append(
-                hd.sr.TextContentItem(name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-            )
 
 
 def _flag_messages(flags: Sequence[QualityFlag], code: str, structure: str, side: str) -> list[str]:
@@ -159,115 +123,14 @@ def _structure_evaluations(
 def _structure_measurements(s: StructureMeasurement) -> list[hd.sr.Measurement]:
     what = f"{s.key} {s.side}"
     return [
-        *_num(codes.VOLUME, s.volume_ml, codes.UNIT_CM3, what=what, method=codes.SUM_OF_SEGMENTED_VOXELS),
-        *_num(codes.ATTENUATION_COEFFICIENT, s.mean_hu, codes.UNIT_HU, what=what, derivation=codes.MEAN),
-        *_num(
+        *numeric(codes.VOLUME, s.volume_ml, codes.UNIT_CM3, what=what, method=codes.SUM_OF_SEGMENTED_VOXELS),
+        *numeric(codes.ATTENUATION_COEFFICIENT, s.mean_hu, codes.UNIT_HU, what=what, derivation=codes.MEAN),
+        *numeric(
             codes.ATTENUATION_COEFFICIENT, s.std_hu, codes.UNIT_HU, what=what, derivation=codes.STANDARD_DEVIATION
         ),
-        *_num(codes.MASS, s.mass_g, codes.UNIT_G, what=what),
-        *_num(codes.FAT_FRACTION, 100.0 * s.fat_fraction, codes.UNIT_PERCENT, what=what),
+        *numeric(codes.MASS, s.mass_g, codes.UNIT_G, what=what),
+        *numeric(codes.FAT_FRACTION, 100.0 * s.fat_fraction, codes.UNIT_PERCENT, what=what),
     ]
-
-
-def _group_measurements(g: GroupMeasurement) -> list[hd.sr.Measurement]:
-    site = [hd.sr.FindingSite(anatomic_location=codes.GROUP_CODES[g.group], laterality=codes.laterality(g.side))]
-    what = f"group {g.group} {g.side}"
-    return [
-        *_num(codes.VOLUME, g.volume_ml, codes.UNIT_CM3, what=what, finding_sites=site),
-        *_num(codes.MASS, g.mass_g, codes.UNIT_G, what=what, finding_sites=site),
-        *(
-            _num(codes.VOLUME_PER_HEIGHT2, g.volume_per_height2_cm3_m2, codes.UNIT_CM3_PER_M2, what=what, finding_sites=site)
-            if g.volume_per_height2_cm3_m2 is not None
-            else []
-        ),
-        *(
-            _num(codes.SKELETAL_MUSCLE_INDEX, g.smi_kg_m2, codes.UNIT_KG_PER_M2, what=what, finding_sites=site)
-            if g.smi_kg_m2 is not None
-            else []
-        ),
-    ]
-
-
-def _check_groups(measurements: Measurements) -> None:
-    for g in measurements.groups:
-        if g.group not in codes.GROUP_CODES:
-            raise BuildError(
-                f"GroupMeasurement.group {g.group!r} is not allowed; allowed: {tuple(codes.GROUP_CODES)}"
-            )
-        if g.side not in _GROUP_SIDES:
-            raise BuildError(f"GroupMeasurement.side {g.side!r} of group {g.group} is not allowed; allowed: {_GROUP_SIDES}")
-    if measurements.sarcopenia is not None and measurements.sarcopenia.group not in codes.GROUP_CODES:
-        raise BuildError(
-            f"SarcopeniaAssessment.group {measurements.sarcopenia.group!r} is not allowed; "
-            f"allowed: {tuple(codes.GROUP_CODES)}"
-        )
-
-
-def _patient_group(
-    measurements: Measurements,
-    sr_instance_uid: str,
-    algorithm: hd.sr.AlgorithmIdentification,
-    *,
-    prior: Comparison | None = None,
-    prior_search: PriorSearch | None = None,
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group with the muscle totals, height, sarcopenia assessment and study flags,
-    and whether a prior study was compared (DCM 122140; when not, the search as TEXT)."""
-    items: list[hd.sr.Measurement] = []
-    for g in measurements.groups:
-        items.extend(_group_measurements(g))
-    if measurements.height_m is not None:
-        items.extend(_num(codes.BODY_HEIGHT, measurements.height_m, codes.UNIT_M, what="patient"))
-    evaluations: list[hd.sr.QualitativeEvaluation] = []
-    texts: list[tuple[Code, str]] = [
-        (codes.HEIGHT_SOURCE, measurements.height_source),
-        (codes.MASS_DERIVATION, measurements.density_formula),
-    ]
-    for g in measurements.groups:
-        if g.includes_partial:
-            texts.append(
-                (
-                    codes.COMMENT,
-                    f"{codes.GROUP_CODES[g.group].meaning} ({g.side}): the totals include a structure "
-                    "cut by the field of view; they are lower bounds",
-                )
-            )
-    sarc = measurements.sarcopenia
-    if sarc is not None:
-        site = [hd.sr.FindingSite(anatomic_location=codes.GROUP_CODES[sarc.group], laterality=codes.RIGHT_AND_LEFT)]
-        items.extend(
-            _num(codes.SMI_THRESHOLD, sarc.threshold_kg_m2, codes.UNIT_KG_PER_M2, what="sarcopenia", finding_sites=site)
-        )
-        evaluations.append(
-            hd.sr.QualitativeEvaluation(codes.SMI_BELOW_THRESHOLD, codes.YES if sarc.below_threshold else codes.NO)
-        )
-        calibration = (
-            f"Threshold calibrated for CT ({sarc.source})"
-            if sarc.calibrated_for_ct
-            else f"Threshold NOT calibrated for CT: {sarc.source}; interpret the comparison with caution"
-        )
-        texts.append((codes.THRESHOLD_CALIBRATION, calibration))
-    for flag in measurements.flags:
-        if flag.structure:
-            continue
-        evaluations.append(hd.sr.QualitativeEvaluation(codes.QUALITY_CONTROL, codes.flag_code(flag.code)))
-        texts.append((codes.COMMENT, flag.message))
-    if prior is not None:
-        evaluations.append(hd.sr.QualitativeEvaluation(codes.COMPARISON_WITH_PRIOR_DONE, codes.YES))
-    elif prior_search is not None:
-        evaluations.append(hd.sr.QualitativeEvaluation(codes.COMPARISON_WITH_PRIOR_DONE, codes.NO))
-        texts.append((codes.PRIOR_STUDY_SEARCH, _search_text(prior_search)))
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=tracking_uid(sr_instance_uid, "patient_totals", SIDE_BOTH), identifier=PATIENT_TOTALS_ID
-        ),
-        finding_type=codes.SKELETAL_MUSCLE,
-        algorithm_id=algorithm,
-        measurements=items or None,
-        qualitative_evaluations=evaluations or None,
-    )
-    _add_texts(group, texts)
-    return group
 
 
 def _change_num(name: Code, value: float | None, unit: Code) -> list[hd.sr.Measurement]:
@@ -329,7 +192,7 @@ def _change_only_group(
         measurements=measurements or None,
         qualitative_evaluations=evaluations,
     )
-    _add_texts(group, texts)
+    add_texts(group, texts)
     return group
 
 
@@ -394,7 +257,7 @@ def _prior_group(
         container.ContentSequence.append(
             hd.sr.DateContentItem(name=codes.STUDY_DATE, value=date, relationship_type=contains)
         )
-    _add_texts(group, [(codes.COMPARISON_LANDMARK, prior.landmark), (codes.COMPARISON_METHOD, prior.method)])
+    add_texts(group, [(codes.COMPARISON_LANDMARK, prior.landmark), (codes.COMPARISON_METHOD, prior.method)])
     return group
 
 
@@ -405,17 +268,6 @@ def _study_date(da: str) -> datetime.date | None:
     except (ValueError, AttributeError):
         logger.warning("SR: prior StudyDate %r is not a DICOM DA (YYYYMMDD); Study Date left out", da)
         return None
-
-
-def _search_text(search: PriorSearch) -> str:
-    """The patient-level TEXT on the prior study search (no comparison given)."""
-    where = "; ".join(search.looked_in) or "nowhere (no source configured)"
-    if search.found:
-        head = f"Prior study {search.prior_study_uid or '(UID unknown)'} found but not compared"
-    else:
-        head = "No prior study found"
-    text = f"{head}. Looked in: {where}."
-    return f"{text} {search.message}" if search.message else text
 
 
 def _model_of(seg_dataset: Dataset) -> tuple[str, str]:
@@ -440,7 +292,7 @@ def _check_inputs(
     """The comparison, the SEG and the group values must fit the volume and each other."""
     _check_prior(prior, prior_search, volume)
     _check_seg(seg_dataset, volume)
-    _check_groups(measurements)
+    check_groups(measurements)
 
 
 def _check_seg(seg_dataset: Dataset, volume: Volume) -> None:
@@ -531,7 +383,7 @@ def _structure_group(
             measurements=[*_structure_measurements(s), *change_measurements] or None,
             qualitative_evaluations=evaluations or None,
         )
-    _add_texts(group, texts)
+    add_texts(group, texts)
     return group
 
 
@@ -554,7 +406,7 @@ def _measurement_groups(
             if (change.key, change.side) not in compared_keys:
                 groups.append(_change_only_group(change, parts.labels, parts.instance_uid, parts.algorithm))
     groups.append(
-        _patient_group(measurements, parts.instance_uid, parts.algorithm, prior=prior, prior_search=prior_search)
+        patient_group(measurements, parts.instance_uid, parts.algorithm, prior=prior, prior_search=prior_search)
     )
     if prior is not None:
         groups.append(_prior_group(prior, parts.instance_uid, parts.algorithm))

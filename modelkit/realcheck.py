@@ -16,6 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from modelkit.evaluation import EvaluationReport
 from modelkit.nifti import RAS_TO_LPS
 from pipeline.labels import LabelTable, load_label_table
 from pipeline.types import SIDE_LEFT, SIDE_RIGHT, Segmentation, Volume
@@ -94,12 +95,55 @@ def run(bundle_dir: Path, data_dir: Path, labels: LabelTable | None = None) -> t
     return segmentation, score_against_reference(segmentation, reference, volume.voxel_volume_ml)
 
 
+#: Our ilium is one part of the reference's hip bone: its Dice is bounded below 1 by construction and is
+#: reported apart from the reference mean (femur and gluteus maximus / medius / minimus, each side).
+APART_KEYS = frozenset({"ilium"})
+#: What real anatomy should reach (issue "Real hip and thigh CTs"): mean Dice over the reference structures.
+REAL_CT_GOAL_DICE = 0.80
+
+
+def reference_mean_dice(scores: list[RealScore]) -> float:
+    """Mean Dice over the reference structure-sides (femur, gluteus maximus / medius / minimus), ilium apart."""
+    valid = [s.dice for s in scores if s.key not in APART_KEYS and s.dice == s.dice]
+    return float(np.mean(valid)) if valid else float("nan")
+
+
+def _summary_lines(scores: list[RealScore]) -> list[str]:
+    counted = [s for s in scores if s.key not in APART_KEYS and s.dice == s.dice]
+    apart = [s.dice for s in scores if s.key in APART_KEYS and s.dice == s.dice]
+    lines = [f"real CT: mean Dice over {len(counted)} reference structure-sides (femur, gluteus maximus / medius / "
+             f"minimus): {reference_mean_dice(scores):.3f} (goal {REAL_CT_GOAL_DICE:.2f})"]
+    if apart:
+        lines.append(f"ilium against the whole hip bone, apart: {np.mean(apart):.3f} "
+                     "(our ilium is one part of the hip bone: bounded below 1 by construction)")
+    return lines
+
+
 def format_scores(scores: list[RealScore]) -> str:
-    """The scores as a table, with the mean Dice over the structure-sides that have one."""
+    """The scores as a table, with the reference mean Dice and the ilium apart."""
     lines = [f"{'structure':<18}{'side':<7}{'Dice':>7}{'ours cm³':>11}{'reference cm³':>15}"]
     for s in scores:
         lines.append(f"{s.key:<18}{s.side:<7}{s.dice:>7.3f}{s.predicted_ml:>11.1f}{s.reference_ml:>15.1f}")
-    valid = [s.dice for s in scores if s.dice == s.dice]
-    lines.append(f"mean Dice over {len(valid)} structure-sides: {np.mean(valid):.3f} "
-                 "(ilium vs whole hip bone is bounded below 1 by definition)")
+    return "\n".join(lines + _summary_lines(scores))
+
+
+def format_beside(phantom: EvaluationReport, scores: list[RealScore]) -> str:
+    """Held-out phantom Dice and real-CT Dice per structure and side, in one table, and what they mean."""
+    per_side = {side: phantom.per_structure(side) for side in ("right", "left")}
+    lines = [
+        f"phantoms ({len(phantom.cases)} held-out cases) beside the real hip CT "
+        f"(TotalSegmentator reference, {phantom.bundle_name} {phantom.bundle_version})",
+        f"{'structure':<18}{'side':<7}{'phantom Dice':>13}{'real Dice':>11}{'real ours cm³':>15}{'real ref cm³':>14}",
+    ]
+    for s in scores:
+        phantom_dice = per_side[s.side].get(s.key, (float("nan"),))[0]
+        lines.append(f"{s.key:<18}{s.side:<7}{phantom_dice:>13.3f}{s.dice:>11.3f}"
+                     f"{s.predicted_ml:>15.1f}{s.reference_ml:>14.1f}")
+    lines.extend(_summary_lines(scores))
+    lines.append(
+        "what it means: the phantom Dice says how well the model learned synthetic anatomy; the real-CT Dice "
+        "says how it transfers to a real patient (one hip CT with a left prosthesis, the only labelled real CT "
+        "here). Where the two differ, trust the real one, and read the node's volumes of those structures as "
+        "unvalidated."
+    )
     return "\n".join(lines)

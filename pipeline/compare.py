@@ -29,6 +29,14 @@ Flags of a :class:`StructureChange`
       fraction and mass (HU-based) are None.
     * ``compared=False``: no landmark on that side in either scan, no overlap of the two
       ranges, or the structure has no voxel inside the common range in either scan.
+
+Muscle groups (:func:`compare_groups`)
+    A group (gluteal, above knee, all; per side and both) is compared only when it is reported
+    in both studies (pipeline.measure withholds a group whose muscles the field of view does not
+    cover, pipeline.groups) and every member found in either study was compared; its change is
+    the sum of its members' changes over the common range. Otherwise ``compared`` is False and
+    the reason names the study and why (the group's own withheld reason, or the members not
+    compared). Structures keep the rules above.
 """
 
 from __future__ import annotations
@@ -45,8 +53,11 @@ from pipeline.profiles import LANDMARK, SIDES, CompareError, anatomical_profiles
 from pipeline.types import (
     FLAG_PARTIAL_COMMON_RANGE,
     FLAG_METAL,
+    SIDE_BOTH,
     AnatomicalProfiles,
     Comparison,
+    GroupChange,
+    GroupMeasurement,
     Measurements,
     StructureChange,
     StructureMeasurement,
@@ -360,6 +371,52 @@ def _metal_reason(
     )
 
 
+def _group_not_compared(g: GroupMeasurement, reason: str) -> GroupChange:
+    return GroupChange(
+        group=g.group, side=g.side, compared=False, reason=reason, structure_keys=g.structure_keys,
+        prior_volume_ml=None, current_volume_ml=None, change_ml=None, change_ratio=None,
+        change_per_height2_cm3_m2=None, change_mass_g=None,
+    )
+
+
+def _group_change(g: GroupMeasurement, prior: GroupMeasurement | None, comparison: Comparison) -> GroupChange:
+    if not g.reported:
+        return _group_not_compared(g, f"not compared: {g.withheld_reason} in the current study")
+    if prior is None or not prior.reported:
+        why = prior.withheld_reason if prior is not None else "not reported"
+        return _group_not_compared(g, f"not compared: {why} in the prior study")
+    sides = ("right", "left") if g.side == SIDE_BOTH else (g.side,)
+    members = [c for key in g.structure_keys for side in sides if (c := comparison.change(key, side)) is not None]
+    skipped = [c for c in members if not c.compared]
+    if skipped:
+        names = ", ".join(f"{c.name.lower()} {c.side} ({c.reason})" for c in skipped)
+        return _group_not_compared(g, f"not compared: {names}")
+    prior_ml = float(sum(c.prior_volume_ml for c in members))  # type: ignore[misc]
+    current_ml = float(sum(c.current_volume_ml for c in members))  # type: ignore[misc]
+    change = current_ml - prior_ml
+    h2 = comparison.height_m**2 if comparison.height_m else None
+    masses = [c.change_mass_g for c in members]
+    partial = any(FLAG_PARTIAL_COMMON_RANGE in c.flags for c in members)
+    return GroupChange(
+        group=g.group, side=g.side, compared=True,
+        reason="sum of its muscles' changes over the common range"
+        + (" (some compared over part of their length only)" if partial else ""),
+        structure_keys=g.structure_keys,
+        prior_volume_ml=prior_ml,
+        current_volume_ml=current_ml,
+        change_ml=change,
+        change_ratio=change / prior_ml if prior_ml > 0 else None,
+        change_per_height2_cm3_m2=change / h2 if h2 else None,
+        change_mass_g=float(sum(masses)) if all(m is not None for m in masses) else None,  # type: ignore[arg-type]
+    )
+
+
+def compare_groups(current: Measurements, prior: Measurements, comparison: Comparison) -> tuple[GroupChange, ...]:
+    """The change of every group of ``current`` (see the module docstring): compared only when
+    reported in both studies, from the structure changes of ``comparison``."""
+    return tuple(_group_change(g, prior.group(g.group, g.side), comparison) for g in current.groups)
+
+
 def _method(
     current: AnatomicalProfiles,
     prior: AnatomicalProfiles,
@@ -393,6 +450,7 @@ __all__: Sequence[str] = (
     "FLAG_PARTIAL_COMMON_RANGE",
     "CompareError",
     "anatomical_profiles",
+    "compare_groups",
     "compare_studies",
     "interval_days",
 )

@@ -6,7 +6,9 @@ side 0) this stage reports voxel count, volume, mean and standard deviation of H
 mass and fat fraction; per muscle group (gluteal, above_knee, all) the totals,
 volume / height² (cm³/m², as in the hip-fracture UNETR volume paper) and the skeletal
 muscle index SMI = mass (kg) / height² (m²) (as in the CT SMI paper, which compares
-it with the AWGS 2014 thresholds 5.4 kg/m² for women and 7.0 kg/m² for men).
+it with the AWGS 2014 thresholds 5.4 kg/m² for women and 7.0 kg/m² for men). A group is
+reported only when the field of view covers its muscles, else withheld with the reason, and
+the sarcopenia screen follows its group (:mod:`pipeline.groups`).
 
 Volume
     voxel_count x voxel volume, the voxel volume being |det| of the affine's 3x3 part
@@ -40,7 +42,9 @@ Quality flags (``QualityFlag`` in ``Measurements.flags`` and the code in the
   side; the message names the side of the implant.
 * ``FLAG_IMPLAUSIBLE_VOLUME``: a structure not cut by the field of view has a volume
   outside its plausible range (config/measurement.toml) scaled by (height/1.70 m)².
-* ``FLAG_EMPTY``: the structure has no voxel on that side.
+* ``FLAG_EMPTY``: the structure has no voxel on that side (where the field of view covers
+  the groups' region this is the segmentation's failure; where it does not, the structure
+  is absent from the field of view and withholds its groups: :mod:`pipeline.groups`).
 * ``FLAG_NO_HEIGHT`` (study): no usable height; height-adjusted values are None.
 
 Everything is vectorised: one ``np.bincount`` over ``label*3 + side`` per statistic,
@@ -66,6 +70,14 @@ else:  # pragma: no cover
 import numpy as np
 from scipy import ndimage
 
+from pipeline.groups import (
+    CROSSING_INFERIOR,
+    CROSSING_SUPERIOR,
+    SUPERIOR_LANDMARK,
+    GroupThreshold,
+    assess_sarcopenia,
+    measure_groups,
+)
 from pipeline.labels import GROUPS, LabelTable
 from pipeline.types import (
     FLAG_EMPTY,
@@ -81,11 +93,9 @@ from pipeline.types import (
     SIDE_LEFT,
     SIDE_NONE,
     SIDE_RIGHT,
-    GroupMeasurement,
     Measurements,
     PatientInfo,
     QualityFlag,
-    SarcopeniaAssessment,
     Segmentation,
     StructureMeasurement,
     Volume,
@@ -145,6 +155,10 @@ class MeasurementSettings:
     plausible_min_factor: float = 0.25
     plausible_max_factor: float = 3.0
     plausible_typical_ml: tuple[tuple[str, float], ...] = ()
+    crossing_inferior: tuple[str, ...] = CROSSING_INFERIOR
+    crossing_superior: tuple[str, ...] = CROSSING_SUPERIOR
+    superior_landmark: str = SUPERIOR_LANDMARK
+    group_thresholds: tuple[GroupThreshold, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.fat_min_hu < self.fat_max_hu:
@@ -175,6 +189,12 @@ class MeasurementSettings:
         for name in ("threshold_female_kg_m2", "threshold_male_kg_m2"):
             if not 0 < getattr(self, name) < 30:
                 raise MeasurementSettingsError(f"{name} is {getattr(self, name)!r}; allowed: 0 < value < 30 kg/m²")
+        for t in self.group_thresholds:
+            if t.group not in names or not (0 < t.threshold_female_kg_m2 < 30 and 0 < t.threshold_male_kg_m2 < 30):
+                raise MeasurementSettingsError(
+                    f"sarcopenia.group_thresholds.{t.group}: group must be one of {names} and thresholds "
+                    f"0 < value < 30 kg/m²; saw {t.threshold_female_kg_m2!r} / {t.threshold_male_kg_m2!r}"
+                )
         for key, typical in self.plausible_typical_ml:
             if not typical > 0:
                 raise MeasurementSettingsError(f"plausible_volume.typical_ml.{key} is {typical!r}; allowed: > 0 cm³")
@@ -219,6 +239,44 @@ def _bool(data: Mapping, section: str, key: str, path: Path) -> bool:
     return value
 
 
+def _keys(data: Mapping, end: str, path: Path) -> tuple[str, ...]:
+    """[group_coverage] <end> (label keys); the built-in list when the section is absent."""
+    section = data.get("group_coverage", {})
+    default = CROSSING_INFERIOR if end == "inferior" else CROSSING_SUPERIOR
+    value = section.get(f"crossing_{end}", default) if isinstance(section, dict) else None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(k, str) for k in value):
+        raise MeasurementSettingsError(f"{path}: [group_coverage] crossing_{end} = {value!r}; allowed: a list of label keys")
+    return tuple(value)
+
+
+def _landmark(data: Mapping, path: Path) -> str:
+    """[group_coverage] superior_landmark (a label key); the built-in one when absent."""
+    section = data.get("group_coverage", {})
+    value = section.get("superior_landmark", SUPERIOR_LANDMARK) if isinstance(section, dict) else None
+    if not isinstance(value, str):
+        raise MeasurementSettingsError(f"{path}: [group_coverage] superior_landmark = {value!r}; allowed: a label key")
+    return value
+
+
+def _group_thresholds(data: Mapping, path: Path) -> tuple[GroupThreshold, ...]:
+    """[sarcopenia.group_thresholds.<group>] tables (none by default)."""
+    tables = data.get("sarcopenia", {}).get("group_thresholds", {})
+    if not isinstance(tables, dict):
+        raise MeasurementSettingsError(f"{path}: [sarcopenia.group_thresholds] must hold one table per group")
+    out = []
+    for group in tables:
+        name = f"sarcopenia.group_thresholds.{group}"
+        section = {name: tables[group]}
+        out.append(GroupThreshold(
+            group=str(group),
+            threshold_female_kg_m2=_float(section, name, "threshold_female_kg_m2", path),
+            threshold_male_kg_m2=_float(section, name, "threshold_male_kg_m2", path),
+            calibrated_for_ct=_bool(section, name, "calibrated_for_ct", path),
+            source=_str(section, name, "source", path),
+        ))
+    return tuple(out)
+
+
 def load_measurement_settings(path: Path | None = None) -> MeasurementSettings:
     """Read config/measurement.toml (or ``path``) into :class:`MeasurementSettings`."""
     path = Path(path) if path is not None else DEFAULT_MEASUREMENT_PATH
@@ -261,6 +319,10 @@ def load_measurement_settings(path: Path | None = None) -> MeasurementSettings:
             plausible_min_factor=_float(data, "plausible_volume", "min_factor", path),
             plausible_max_factor=_float(data, "plausible_volume", "max_factor", path),
             plausible_typical_ml=tuple(typical_ml),
+            crossing_inferior=_keys(data, "inferior", path),
+            crossing_superior=_keys(data, "superior", path),
+            superior_landmark=_landmark(data, path),
+            group_thresholds=_group_thresholds(data, path),
         )
     except MeasurementSettingsError as exc:
         raise MeasurementSettingsError(f"{path}: {exc}") from exc
@@ -569,8 +631,8 @@ def measure(
 
     flags: list[QualityFlag] = [height_flag] if height_flag is not None else []
     flags.extend(_structure_flags(table, flag_sides, details, settings, metal, implant_sides))
-    groups = _groups(structures, table, settings, height)
-    sarcopenia = _sarcopenia(groups, settings, height, patient.sex)
+    groups = measure_groups(structures, table, settings, height)
+    sarcopenia, not_assessed = assess_sarcopenia(groups, settings, height, patient.sex)
     logger.info(
         "measured %d structures on %s voxels in %.2f s (%d flags, metal pieces %d)",
         n_labels, "x".join(map(str, volume.hu.shape)), time.perf_counter() - t0, len(flags), len(metal.pieces),
@@ -585,6 +647,7 @@ def measure(
         density_formula=DENSITY_FORMULA,
         sarcopenia=sarcopenia,
         voxel_volume_ml=voxel_ml,
+        sarcopenia_not_assessed=not_assessed,
     )
 
 
@@ -629,51 +692,3 @@ def _structure_flags(
                 msg = f"{name} {where}: {code}"
             out.append(QualityFlag(code=code, message=msg, structure=key, side=side))
     return out
-
-
-def _groups(
-    structures: Sequence[StructureMeasurement],
-    table: LabelTable,
-    settings: MeasurementSettings,
-    height_m: float | None,
-) -> tuple[GroupMeasurement, ...]:
-    by_key_side = {(s.key, s.side): s for s in structures}
-    out = []
-    for name, label_groups in settings.groups:
-        keys = tuple(l.key for l in table.labels if l.group in label_groups and not l.is_bone)
-        for side in ("right", "left", SIDE_BOTH):
-            members = [by_key_side[(k, side)] for k in keys]
-            volume_ml = float(sum(m.volume_ml for m in members))
-            mass_g = float(sum(m.mass_g for m in members))
-            h2 = height_m * height_m if height_m else None
-            out.append(
-                GroupMeasurement(
-                    group=name,
-                    side=side,
-                    structure_keys=keys,
-                    volume_ml=volume_ml,
-                    mass_g=mass_g,
-                    volume_per_height2_cm3_m2=volume_ml / h2 if h2 else None,
-                    smi_kg_m2=mass_g / 1000.0 / h2 if h2 else None,
-                    includes_partial=any(m.is_partial for m in members),
-                )
-            )
-    return tuple(out)
-
-
-def _sarcopenia(
-    groups: Sequence[GroupMeasurement], settings: MeasurementSettings, height_m: float | None, sex: str
-) -> SarcopeniaAssessment | None:
-    threshold = settings.threshold_kg_m2(sex)
-    if height_m is None or threshold is None:
-        return None
-    group = next(g for g in groups if g.group == settings.sarcopenia_group and g.side == SIDE_BOTH)
-    assert group.smi_kg_m2 is not None  # height is known
-    return SarcopeniaAssessment(
-        group=group.group,
-        smi_kg_m2=group.smi_kg_m2,
-        threshold_kg_m2=threshold,
-        below_threshold=group.smi_kg_m2 < threshold,
-        calibrated_for_ct=settings.calibrated_for_ct,
-        source=settings.threshold_source,
-    )

@@ -185,16 +185,40 @@ class StructureMeasurement:
 
 @dataclass(frozen=True)
 class GroupMeasurement:
-    """Muscle totals of a group (gluteal, above_knee, all) on a side or both, as in the SMI paper."""
+    """Muscle totals of a group (gluteal, above_knee, all) on a side or both, as in the SMI paper.
+
+    A group is reported only when the field of view covers its muscles (pipeline/groups.py);
+    otherwise ``withheld_reason`` says which muscles are cut or absent and every value is None.
+    ``includes_partial``: a member is cut by the field of view where its anatomy runs past the
+    groups' region (e.g. the hamstrings at the knee), so the totals are of the part inside it.
+    """
 
     group: str
     side: str
     structure_keys: tuple[str, ...]
-    volume_ml: float
-    mass_g: float
-    volume_per_height2_cm3_m2: float | None  # volume / height²
-    smi_kg_m2: float | None  # mass (kg) / height² (m²)
+    volume_ml: float | None  # None: withheld
+    mass_g: float | None  # None: withheld
+    volume_per_height2_cm3_m2: float | None  # volume / height²; None: no height or withheld
+    smi_kg_m2: float | None  # mass (kg) / height² (m²); None: no height or withheld
     includes_partial: bool  # a member structure is cut by the field of view
+    withheld_reason: str = ""  # "" = reported; else "not reported: <muscles> <why>"
+
+    def __post_init__(self) -> None:
+        values = (self.volume_ml, self.mass_g, self.volume_per_height2_cm3_m2, self.smi_kg_m2)
+        if self.withheld_reason and any(v is not None for v in values):
+            raise ValueError(
+                f"GroupMeasurement {self.group}/{self.side} is withheld ({self.withheld_reason!r}) but carries "
+                f"values {values}; a withheld group has none"
+            )
+        if not self.withheld_reason and (self.volume_ml is None or self.mass_g is None):
+            raise ValueError(
+                f"GroupMeasurement {self.group}/{self.side} has no volume or mass but no withheld_reason; "
+                "a reported group has both"
+            )
+
+    @property
+    def reported(self) -> bool:
+        return not self.withheld_reason
 
 
 @dataclass(frozen=True)
@@ -210,6 +234,19 @@ class SarcopeniaAssessment:
 
 
 @dataclass(frozen=True)
+class SarcopeniaNotAssessed:
+    """Why the sarcopenia screen of the configured group was not assessed (group withheld), and
+    which reported group's SMI was measured instead (no threshold applied unless the site
+    configured one for that group: then :class:`SarcopeniaAssessment` is on that group)."""
+
+    group: str  # the configured group
+    reason: str  # "not assessed: the above knee group is not fully in the field of view"
+    measured_group: str = ""  # the reported group named instead ("" when none is reported)
+    measured_smi_kg_m2: float | None = None
+    measured_threshold_applied: bool = False  # the site configured a threshold for measured_group
+
+
+@dataclass(frozen=True)
 class Measurements:
     """All measurements of one segmented study."""
 
@@ -222,6 +259,7 @@ class Measurements:
     density_formula: str  # how mass was derived from HU (for the report)
     sarcopenia: SarcopeniaAssessment | None = None
     voxel_volume_ml: float = 0.0
+    sarcopenia_not_assessed: SarcopeniaNotAssessed | None = None  # the configured group was withheld
 
     def structure(self, key: str, side: str) -> StructureMeasurement | None:
         for s in self.structures:
@@ -306,6 +344,28 @@ class StructureChange:
     current_fat_fraction: float | None
     change_fat_fraction: float | None
     flags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GroupChange:
+    """Change of a muscle group's total on a side (or both) between the prior and the current study.
+
+    Compared only when the group is reported in both studies (pipeline.measure withholds a group
+    the field of view does not cover); the values are the sums of its members' changes over the
+    common range (pipeline.compare). ``compared`` False: values None and ``reason`` says why.
+    """
+
+    group: str
+    side: str
+    compared: bool
+    reason: str
+    structure_keys: tuple[str, ...]
+    prior_volume_ml: float | None
+    current_volume_ml: float | None
+    change_ml: float | None
+    change_ratio: float | None  # change / prior volume
+    change_per_height2_cm3_m2: float | None
+    change_mass_g: float | None  # None also when metal withholds a member's mass change
 
 
 @dataclass(frozen=True)

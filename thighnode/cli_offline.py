@@ -98,6 +98,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from modelkit.evaluation import evaluate_bundle
 
     data = [Path(d) for d in args.data] if args.data else None
+    if data is not None and args.generate_from:
+        from modelkit.train_settings import TrainSettings
+        from modelkit.training import ensure_phantoms
+
+        ensure_phantoms(TrainSettings.from_toml(args.generate_from), only=tuple(data))
     if data is None:
         from modelkit.phantom_dataset import generate_dataset
 
@@ -107,6 +112,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = evaluate_bundle(Path(args.bundle), data, csv_path=Path(args.csv) if args.csv else None,
                              device=args.device)
     print(report.format_table())
+    if args.real is not None:
+        from modelkit.realcheck import DEFAULT_DATA_DIR, format_beside, run
+
+        _, scores = run(Path(args.bundle), Path(args.real) if args.real else DEFAULT_DATA_DIR)
+        print()
+        print(format_beside(report, scores))
     if args.side_check:
         from modelkit.sidecheck import run_sidecheck
 
@@ -166,8 +177,14 @@ def add_evaluation_commands(add: AddCommand) -> None:
                    help="labelled folders (NIfTI pairs), pooled in one table; default: fresh phantoms")
     p.add_argument("--phantoms", type=int, default=4, help="number of held-out phantoms when --data is not given")
     p.add_argument("--seed", type=int, default=9000, help="seed of the held-out phantoms")
+    p.add_argument("--generate-from", default=None, metavar="TRAIN_CONFIG",
+                   help="generate the --data folders that this training config defines as [[phantoms]] and that "
+                        "do not exist yet (e.g. the demo's held-out sets)")
     p.add_argument("--csv", default=None, help="write the table as CSV")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
+    p.add_argument("--real", nargs="?", const="", default=None, metavar="DIR",
+                   help="also segment the real hip CT (default: ../shared/data/totalseg-hip-ct) and print its Dice "
+                        "beside the phantoms', per structure and side")
     p.add_argument("--side-check", action="store_true",
                    help="also segment a phantom pair with one leg atrophied: is the loss on that side only? (exit 1 if not)")
     p.set_defaults(func=cmd_evaluate, log_level="INFO")

@@ -222,6 +222,7 @@ class ResultsStore(SqliteStore):
                             g.smi_kg_m2, int(g.includes_partial), ",".join(g.structure_keys),
                         )
                         for g in m.groups
+                        if g.reported  # a withheld group (field of view) has no values to store
                     ],
                 )
                 self._db.execute("COMMIT")

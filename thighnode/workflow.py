@@ -342,13 +342,18 @@ def _prior_summary(comparison: Comparison | None, prior_search: PriorSearch | No
     }
 
 
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 def _summary(m: Measurements) -> dict[str, Any]:
     """A compact summary for the job record (what `thighnode status --json` shows)."""
     groups = {
         f"{g.group}/{g.side}": {
-            "volume_ml": round(g.volume_ml, 1),
-            "mass_g": round(g.mass_g, 1),
-            "smi_kg_m2": None if g.smi_kg_m2 is None else round(g.smi_kg_m2, 3),
+            "volume_ml": _rounded(g.volume_ml, 1),
+            "mass_g": _rounded(g.mass_g, 1),
+            "smi_kg_m2": _rounded(g.smi_kg_m2, 3),
+            **({"withheld": g.withheld_reason} if g.withheld_reason else {}),
         }
         for g in m.groups
     }

@@ -3,6 +3,7 @@ the orientation of the pictures (patient right on the image left, from the affin
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from pipeline.types import (
     PatientInfo,
     QualityFlag,
     SarcopeniaAssessment,
+    SarcopeniaNotAssessed,
     Segmentation,
     StructureMeasurement,
     Volume,
@@ -290,3 +292,34 @@ def test_header_from_source_dataset(tmp_path: Path) -> None:
         institution_name="Test Hospital", referring_physician="Referrer^Test", node_version="0.3.0",
         model_name="m", model_version="1", demonstration_model=True,
     )
+
+
+def test_withheld_groups_say_not_reported_with_the_reason(
+    report_inputs: tuple[Volume, Segmentation, Measurements], tmp_path: Path
+) -> None:
+    """A hip CT: above knee and all withheld (thigh muscles cut), the gluteal group reported and named
+    by the sarcopenia screen without a threshold."""
+    volume, seg, meas = report_inputs
+    reason = "not reported: rectus femoris right, vastus lateralis right cut at the inferior edge of the field of view"
+    groups = tuple(
+        dataclasses.replace(g, volume_ml=None, mass_g=None, volume_per_height2_cm3_m2=None, smi_kg_m2=None,
+                            withheld_reason=reason)
+        if g.group in ("above_knee", "all") else g
+        for g in meas.groups
+    )
+    hip = dataclasses.replace(
+        meas, groups=groups, sarcopenia=None,
+        sarcopenia_not_assessed=SarcopeniaNotAssessed(
+            group="all", reason="not assessed: all muscles not fully in the field of view",
+            measured_group="gluteal", measured_smi_kg_m2=0.56,
+        ),
+    )
+    text = _pdf_text(render_report(volume, seg, hip, PATIENT, study=_header(False)), tmp_path)
+    flat = " ".join(text.split())
+    assert text.count("not reported") >= 4  # two rows and two reasons
+    for absent in ("3086.2", "1610.2", "4.37", "BELOW threshold"):
+        assert absent not in text, absent
+    assert "1476.0" in text and "0.56" in text  # the gluteal group is reported
+    assert "vastus lateralis right cut at the inferior edge of the field of view" in flat
+    assert "Sarcopenia screen: not assessed: all muscles not fully in the field of view." in flat
+    assert "no threshold is applied to it" in flat and "[sarcopenia.group_thresholds.gluteal]" in flat

@@ -3,6 +3,7 @@ against the input measurements and the SEG it references."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import highdicom as hd
@@ -27,6 +28,7 @@ from pipeline.types import (
     Measurements,
     QualityFlag,
     SarcopeniaAssessment,
+    SarcopeniaNotAssessed,
     Segmentation,
     StructureMeasurement,
     Volume,
@@ -303,3 +305,87 @@ def test_prior_of_wrong_type_is_refused(built: dict) -> None:
             prior=object(),
             equipment=Equipment(**EQUIPMENT),
         )
+
+
+def test_withheld_group_has_no_numeric_and_carries_its_reason(built: dict, tmp_path: Path) -> None:
+    """A hip CT: "above knee" and "all" not covered by the field of view -> no value, the reason as text."""
+    m: Measurements = built["measurements"]
+    reason = "not reported: vastus lateralis right, rectus femoris right cut at the inferior edge of the field of view"
+    groups = tuple(
+        dataclasses.replace(
+            g, volume_ml=None, mass_g=None, volume_per_height2_cm3_m2=None, smi_kg_m2=None, withheld_reason=reason
+        )
+        if g.group in (GROUP_ABOVE_KNEE, GROUP_ALL)
+        else g
+        for g in m.groups
+    )
+    glut = next(g for g in groups if g.group == GROUP_GLUTEAL and g.side == "both")
+    hip = dataclasses.replace(
+        m,
+        groups=groups,
+        sarcopenia=None,
+        sarcopenia_not_assessed=SarcopeniaNotAssessed(
+            group=GROUP_ALL,
+            reason="not assessed: all muscles not fully in the field of view",
+            measured_group=GROUP_GLUTEAL,
+            measured_smi_kg_m2=glut.smi_kg_m2,
+        ),
+    )
+    sr = build_sr(
+        hip, built["seg_ds"], built["paths"], volume=built["volume"], labels=built["seg"].labels,
+        equipment=Equipment(**EQUIPMENT),
+    )
+    path = tmp_path / "sr_hip.dcm"
+    sr.save_as(path)
+    validation = run_dciodvfy(path)
+    assert validation.errors == (), validation.output
+    totals = {g.tracking_identifier: g for g in read_report(path).get_image_measurement_groups()}[PATIENT_TOTALS_ID]
+    sites = {
+        next(k for k, c in codes.GROUP_CODES.items() if c == m.finding_sites[0].value)
+        for m in totals.get_measurements()
+        if m.finding_sites
+    }
+    assert sites == {GROUP_GLUTEAL}  # no volume, mass, vol/h² or SMI of a withheld group
+    assert len(totals.get_measurements(name=codes.SKELETAL_MUSCLE_INDEX)) == 3  # gluteal right, left, both
+    assert totals.get_measurements(name=codes.SMI_THRESHOLD) == []  # no threshold for the gluteal group
+    not_reported = totals.get_qualitative_evaluations(name=codes.GROUP_NOT_REPORTED)
+    assert {e.value for e in not_reported} == {codes.GROUP_CODES[GROUP_ABOVE_KNEE], codes.GROUP_CODES[GROUP_ALL]}
+    texts = [(i.name.meaning, i.value) for i in totals[0].ContentSequence if i.value_type == hd.sr.ValueTypeValues.TEXT]
+    assert (codes.COMMENT.meaning, f"All measured muscles (both): {reason}") in texts
+    assert (codes.COMMENT.meaning, f"Thigh muscles above the knee (right): {reason}") in texts
+    screen = [v for name, v in texts if name == codes.SARCOPENIA_SCREEN.meaning]
+    assert screen == [
+        "not assessed: all muscles not fully in the field of view; measured: Gluteal muscles "
+        f"SMI {glut.smi_kg_m2:.2f} kg/m² (both sides), no threshold applied (none configured for that group)"
+    ]
+    assert not any("lower bounds" in v and "All measured" in v for _, v in texts)
+
+
+def test_site_threshold_for_the_measured_group_is_written_with_its_site(built: dict, tmp_path: Path) -> None:
+    m: Measurements = built["measurements"]
+    groups = tuple(
+        dataclasses.replace(g, volume_ml=None, mass_g=None, volume_per_height2_cm3_m2=None, smi_kg_m2=None,
+                            withheld_reason="not reported: gracilis left not in the field of view")
+        if g.group == GROUP_ALL else g
+        for g in m.groups
+    )
+    glut = next(g for g in groups if g.group == GROUP_GLUTEAL and g.side == "both")
+    assert glut.smi_kg_m2 is not None
+    hip = dataclasses.replace(
+        m, groups=groups,
+        sarcopenia=SarcopeniaAssessment(GROUP_GLUTEAL, glut.smi_kg_m2, 0.01, False, True, "site gluteal cut-off"),
+        sarcopenia_not_assessed=SarcopeniaNotAssessed(
+            GROUP_ALL, "not assessed: all muscles not fully in the field of view", GROUP_GLUTEAL, glut.smi_kg_m2, True
+        ),
+    )
+    sr = build_sr(hip, built["seg_ds"], built["paths"], volume=built["volume"], labels=built["seg"].labels,
+                  equipment=Equipment(**EQUIPMENT))
+    path = tmp_path / "sr_site.dcm"
+    sr.save_as(path)
+    assert run_dciodvfy(path).errors == ()
+    totals = {g.tracking_identifier: g for g in read_report(path).get_image_measurement_groups()}[PATIENT_TOTALS_ID]
+    (threshold,) = totals.get_measurements(name=codes.SMI_THRESHOLD)
+    assert threshold.finding_sites[0].value == codes.GROUP_CODES[GROUP_GLUTEAL]
+    texts = {i.value for i in totals[0].ContentSequence if i.value_type == hd.sr.ValueTypeValues.TEXT}
+    assert "Threshold calibrated for CT (site gluteal cut-off)" in texts
+    assert any(t.endswith("screened with the site's threshold for that group") for t in texts)

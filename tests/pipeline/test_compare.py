@@ -19,6 +19,7 @@ from pipeline.compare import (
     LANDMARK,
     CompareError,
     anatomical_profiles,
+    compare_groups,
     compare_studies,
     interval_days,
 )
@@ -422,3 +423,43 @@ def test_partial_slices_integrate_the_same_anatomy_at_any_spacing(table: LabelTa
     assert "current" in sa.reason and sa.change_ml is None
     assert c.change("vastus_lateralis", "left") is None  # in neither scan on the left
     assert "-151..40 mm (right)" in c.method and "nothing on the left (no landmark" in c.method
+
+
+# --------------------------------------------------------------------------- muscle groups
+
+
+@pytest.fixture(scope="module")
+def hip_ct(table: LabelTable, settings: MeasurementSettings) -> Scan:
+    """A hip CT of the same patient: the thigh muscles are cut, only the gluteal group is reported."""
+    return _scan(table, settings, scan_seed=14, fov_bottom_mm=-250.0)
+
+
+def test_groups_reported_in_both_studies_are_compared(prior: Scan, atrophied: Scan) -> None:
+    c = _compare(atrophied, prior)
+    groups = compare_groups(atrophied.measurements, prior.measurements, c)
+    assert {(g.group, g.side) for g in groups} == {(g.group, g.side) for g in atrophied.measurements.groups}
+    for g in groups:
+        assert g.compared, (g.group, g.side, g.reason)
+        sides = ("right", "left") if g.side == "both" else (g.side,)
+        members = [ch for k in g.structure_keys for s in sides if (ch := c.change(k, s)) is not None]
+        assert g.change_ml == pytest.approx(sum(ch.change_ml for ch in members))  # type: ignore[misc]
+    glut_right = next(g for g in groups if g.group == "gluteal" and g.side == "right")
+    glut_left = next(g for g in groups if g.group == "gluteal" and g.side == "left")
+    assert glut_right.change_ml < 0 and abs(glut_left.change_ratio) < 0.02  # type: ignore[operator,arg-type]
+
+
+def test_group_withheld_in_one_study_has_no_group_change(prior: Scan, hip_ct: Scan) -> None:
+    for current, old, where in ((hip_ct, prior, "current"), (prior, hip_ct, "prior")):
+        c = _compare(current, old)
+        groups = {(g.group, g.side): g for g in compare_groups(current.measurements, old.measurements, c)}
+        for side in ("right", "left", "both"):
+            for name in ("above_knee", "all"):
+                g = groups[(name, side)]
+                assert not g.compared and g.change_ml is None and g.current_volume_ml is None
+                assert g.reason.startswith("not compared: not reported: ") and g.reason.endswith(f"in the {where} study")
+                assert "cut at the inferior edge of the field of view" in g.reason
+            glut = groups[("gluteal", side)]
+            assert glut.compared and glut.change_ml is not None and abs(glut.change_ratio) < 0.02  # type: ignore[arg-type]
+        # structures keep today's rules: the vasti are compared over the common range
+        vl = c.change("vastus_lateralis", "right")
+        assert vl is not None and vl.compared and FLAG_PARTIAL_COMMON_RANGE in vl.flags

@@ -18,6 +18,7 @@ from pipeline.measure import (
     measure,
 )
 from modelkit.phantom import Phantom, PhantomParams, generate_phantom
+from pipeline.groups import GroupThreshold
 from pipeline.types import (
     FLAG_EMPTY,
     FLAG_IMPLAUSIBLE_VOLUME,
@@ -254,10 +255,11 @@ def test_patient_size_in_centimetres_is_not_used(table: LabelTable, settings: Me
 
 
 def _big_psoas(n_voxels: int, table: LabelTable) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """n one-litre voxels of psoas at 50 HU (1.05 kg each), split right/left."""
-    hu, labels, sides = _blank((4, 4, 10))
+    """n one-litre voxels of psoas at 50 HU (1.05 kg each), split right/left, inside the field of view
+    (a slice of background above and below: a psoas cut at the inferior end would withhold "all")."""
+    hu, labels, sides = _blank((6, 4, 10))
     flat_l, flat_s = labels.reshape(-1), sides.reshape(-1)
-    idx = np.arange(16, 16 + n_voxels)
+    idx = np.arange(56, 56 + n_voxels)
     flat_l[idx] = table.by_key("psoas").id
     flat_s[idx] = np.where(idx % 2 == 0, SIDE_RIGHT, SIDE_LEFT)
     hu[labels > 0] = 50.0
@@ -429,3 +431,148 @@ def test_phantom_left_implant_flags_left_structures_only(table: LabelTable, sett
     left20 = {s.key for s in m20.structures if s.side == "left" and FLAG_METAL in s.flags}
     assert left20 == set(phantom.metal_structures)
     assert all("patient's left" in f.message for f in m.flags if f.code == FLAG_METAL)
+
+
+# --------------------------------------------------------------------------- groups by coverage
+
+
+@pytest.fixture(scope="module")
+def hip_ct(table: LabelTable, settings: MeasurementSettings) -> Measurements:
+    """A hip CT: the field of view ends 250 mm below the iliac crest, cutting the thigh muscles."""
+    phantom = generate_phantom(PhantomParams(seed=3, spacing_mm=(4.0, 3.0, 3.0), fov_bottom_mm=-250.0), table)
+    return _measure_phantom(phantom, table, settings)
+
+
+@pytest.fixture(scope="module")
+def full_ct(table: LabelTable, settings: MeasurementSettings) -> Measurements:
+    phantom = generate_phantom(PhantomParams(seed=3, spacing_mm=(4.0, 3.0, 3.0)), table)
+    return _measure_phantom(phantom, table, settings)
+
+
+def test_hip_ct_withholds_above_knee_and_all_reports_gluteal(hip_ct: Measurements) -> None:
+    for group in ("above_knee", "all"):
+        for side in ("right", "left", "both"):
+            g = hip_ct.group(group, side)
+            assert g is not None and not g.reported, (group, side)
+            assert (g.volume_ml, g.mass_g, g.volume_per_height2_cm3_m2, g.smi_kg_m2) == (None, None, None, None)
+            assert g.withheld_reason.startswith("not reported: ")
+            assert "cut at the inferior edge of the field of view" in g.withheld_reason
+    right = hip_ct.group("above_knee", "right")
+    assert right is not None and "vastus lateralis right" in right.withheld_reason and " left" not in right.withheld_reason
+    both = hip_ct.group("all", "both")
+    assert both is not None and "vastus lateralis right and left" in both.withheld_reason
+    # the hamstrings cross the knee: cut at the inferior edge they are not what withholds the group
+    assert "biceps femoris" not in both.withheld_reason
+    for side in ("right", "left", "both"):
+        g = hip_ct.group("gluteal", side)
+        assert g is not None and g.reported and g.withheld_reason == ""
+        members = [hip_ct.structure(k, side) for k in g.structure_keys]
+        assert g.volume_ml == pytest.approx(sum(m.volume_ml for m in members if m))
+        assert g.smi_kg_m2 == pytest.approx(sum(m.mass_g for m in members if m) / 1000.0 / hip_ct.height_m**2)  # type: ignore[operator]
+        assert g.volume_per_height2_cm3_m2 is not None and not g.includes_partial
+
+
+def test_hip_ct_sarcopenia_not_assessed_names_gluteal_smi(
+    hip_ct: Measurements, table: LabelTable, settings: MeasurementSettings
+) -> None:
+    assert hip_ct.sarcopenia is None
+    note = hip_ct.sarcopenia_not_assessed
+    glut = hip_ct.group("gluteal")
+    assert note is not None and glut is not None
+    assert note.group == "all" and note.reason == "not assessed: all muscles not fully in the field of view"
+    assert note.measured_group == "gluteal" and note.measured_smi_kg_m2 == glut.smi_kg_m2
+    assert not note.measured_threshold_applied
+    # a site threshold for the gluteal group: the screen is made on it
+    site = GroupThreshold("gluteal", 0.9, 1.2, True, "site calibration")
+    phantom = generate_phantom(PhantomParams(seed=3, spacing_mm=(4.0, 3.0, 3.0), fov_bottom_mm=-250.0), table)
+    m = _measure_phantom(phantom, table, dataclasses.replace(settings, group_thresholds=(site,)))
+    assert m.sarcopenia is not None and m.sarcopenia.group == "gluteal"
+    assert m.sarcopenia.smi_kg_m2 == glut.smi_kg_m2 and m.sarcopenia.calibrated_for_ct
+    assert m.sarcopenia.threshold_kg_m2 == site.for_sex(phantom.params.sex)
+    assert m.sarcopenia_not_assessed is not None and m.sarcopenia_not_assessed.measured_threshold_applied
+
+
+def test_full_phantom_reports_every_group_as_before(full_ct: Measurements) -> None:
+    assert full_ct.sarcopenia_not_assessed is None and full_ct.sarcopenia is not None
+    h2 = full_ct.height_m**2  # type: ignore[operator]
+    for g in full_ct.groups:
+        assert g.reported and g.withheld_reason == "", (g.group, g.side)
+        members = [full_ct.structure(k, g.side) for k in g.structure_keys]
+        volume = float(sum(m.volume_ml for m in members if m))
+        mass = float(sum(m.mass_g for m in members if m))
+        assert (g.volume_ml, g.mass_g) == (volume, mass)  # the very same sums as before
+        assert g.smi_kg_m2 == mass / 1000.0 / h2 and g.volume_per_height2_cm3_m2 == volume / h2
+    ak = full_ct.group("above_knee")
+    assert ak is not None and ak.includes_partial  # the hamstrings are cut at the knee, as before
+    assert full_ct.sarcopenia.group == "all"  # type: ignore[union-attr]
+
+
+def test_absent_muscle_withholds_only_where_the_field_of_view_is_cut(
+    table: LabelTable, settings: MeasurementSettings
+) -> None:
+    hu, labels, sides = _blank((10, 12, 14))
+    gmed, gmax, vl = (table.by_key(k).id for k in ("gluteus_medius", "gluteus_maximus", "vastus_lateralis"))
+    labels[4:6, 2:4, 2:12] = gmed  # inside
+    labels[3:7, 6:8, 2:12] = vl  # inside
+    sides[labels > 0] = SIDE_RIGHT
+    sides[:, :, 7:][labels[:, :, 7:] > 0] = SIDE_LEFT
+    hu[labels > 0] = 50.0
+    covered = _run(hu, labels, sides, table, settings, height_m=1.6)
+    g = covered.group("gluteal", "right")
+    # gluteus maximus found nowhere in a covered region: the model's failure, flagged, group reported
+    assert g is not None and g.reported and FLAG_EMPTY in _codes(covered, "gluteus_maximus", "right")
+    labels[0:3, 9:11, 2:7] = gmax  # cut at the inferior end on the right: the region is not covered there
+    sides[0:3, 9:11, 2:7] = SIDE_RIGHT
+    labels[4:6, 2:4, 2:7] = 0  # and gluteus medius is gone on the right
+    cut = _run(hu, labels, sides, table, settings, height_m=1.6)
+    right, left = cut.group("gluteal", "right"), cut.group("gluteal", "left")
+    assert right is not None and left is not None and cut.group("gluteal", "both") is not None
+    assert "gluteus maximus right cut at the inferior edge of the field of view" in right.withheld_reason
+    assert "gluteus medius right" in right.withheld_reason and "not in the field of view" in right.withheld_reason
+    assert left.reported  # nothing is cut on the left: the missing left muscles are not found, not absent
+    assert not cut.group("gluteal", "both").reported  # type: ignore[union-attr]
+
+
+def test_group_coverage_and_site_thresholds_from_toml(tmp_path: Path, settings: MeasurementSettings) -> None:
+    assert "sartorius" in settings.crossing_inferior and "psoas" in settings.crossing_superior
+    assert "vastus_lateralis" not in settings.crossing_inferior and settings.group_thresholds == ()
+    text = DEFAULT_MEASUREMENT_PATH.read_text(encoding="utf-8")
+    path = tmp_path / "m.toml"
+    path.write_text(
+        text + '\n[sarcopenia.group_thresholds.gluteal]\nthreshold_female_kg_m2 = 1.9\nthreshold_male_kg_m2 = 2.4\n'
+        'calibrated_for_ct = true\nsource = "site"\n',
+        encoding="utf-8",
+    )
+    loaded = load_measurement_settings(path)
+    assert loaded.group_thresholds == (GroupThreshold("gluteal", 1.9, 2.4, True, "site"),)
+    path.write_text(path.read_text(encoding="utf-8").replace("group_thresholds.gluteal", "group_thresholds.thighs"),
+                    encoding="utf-8")
+    with pytest.raises(MeasurementSettingsError, match=r"group_thresholds\.thighs: group must be one of"):
+        load_measurement_settings(path)
+
+
+def test_superior_edge_counts_only_below_the_iliac_crest(table: LabelTable, settings: MeasurementSettings) -> None:
+    # the scan starts 20 mm below the iliac crest: the ilium is cut, and so are the gluteus medius and iliacus
+    low = _measure_phantom(
+        generate_phantom(PhantomParams(seed=3, spacing_mm=(4.0, 3.0, 3.0), fov_top_mm=-20.0), table), table, settings
+    )
+    assert FLAG_PARTIAL_TOP in _codes(low, "ilium", "right")
+    glut = low.group("gluteal", "right")
+    assert glut is not None and not glut.reported
+    assert "gluteus medius right cut at the superior edge of the field of view" in glut.withheld_reason
+    allm = low.group("all", "right")
+    assert allm is not None and "iliacus right" in allm.withheld_reason
+    assert "psoas" not in allm.withheld_reason  # runs into the trunk: cut by any scan of the region
+    # a whole phantom whose gluteus medius touches the top slice while the ilium is whole: reported
+    touching = _measure_phantom(
+        generate_phantom(PhantomParams(seed=5, spacing_mm=(4.0, 3.0, 3.0), height_m=1.6, sex="F"), table),
+        table, settings,
+    )
+    assert FLAG_PARTIAL_TOP in _codes(touching, "gluteus_medius", "right")
+    assert FLAG_PARTIAL_TOP not in _codes(touching, "ilium", "right")
+    assert all(g.reported for g in touching.groups)
+    strict = _measure_phantom(
+        generate_phantom(PhantomParams(seed=5, spacing_mm=(4.0, 3.0, 3.0), height_m=1.6, sex="F"), table),
+        table, dataclasses.replace(settings, superior_landmark="no_such_structure"),
+    )
+    assert not any(g.reported for g in strict.groups)  # without the landmark the touching label counts

@@ -117,7 +117,7 @@ def test_realcheck_command_prints_the_scores_of_the_real_ct(monkeypatch, capsys,
     assert seen == [(tmp_path / "b", tmp_path / "d")]
     out = capsys.readouterr().out
     assert ["femur", "left", "0.500", "120.0", "121.0"] in [line.split() for line in out.splitlines()]
-    assert "mean Dice over 2 structure-sides: 0.600" in out
+    assert "mean Dice over 2 reference structure-sides (femur, gluteus maximus / medius / minimus): 0.600" in out
     assert main(["realcheck"]) == 0
     assert seen[-1] == (modelkit.realcheck.REPO_BUNDLE, modelkit.realcheck.DEFAULT_DATA_DIR)
 
@@ -175,6 +175,53 @@ def test_evaluate_and_calibrate_take_the_device(monkeypatch, capsys, tmp_path: P
     assert main(["calibrate", "--bundle", "b", "--data", str(tmp_path), "--device", "cpu", "--dry-run"]) == 0
     assert seen == {"evaluate": "cpu", "calibrate": "cpu"}
     assert capsys.readouterr().out.split() == ["table", "fit", "result"]
+
+
+def test_evaluate_generates_only_the_missing_phantom_sets_a_training_config_defines(
+    monkeypatch, tmp_path: Path  # noqa: ANN001
+) -> None:
+    """`evaluate --generate-from CONFIG` writes the --data folders that CONFIG defines as [[phantoms]] and that
+    are missing (what `make evaluate-demo` needs), and nothing else."""
+    import modelkit.evaluation
+    import modelkit.training
+
+    written: list[Path] = []
+    monkeypatch.setattr(modelkit.training, "write_phantom_set", lambda out, spec: written.append(Path(out)))
+    monkeypatch.setattr(modelkit.evaluation, "evaluate_bundle", lambda bundle, data, **kw: type(
+        "R", (), {"format_table": lambda self: "table"})())
+    missing, present, other = tmp_path / "test", tmp_path / "test5", tmp_path / "train"
+    present.mkdir()
+    (present / "case_ct.nii.gz").write_bytes(b"")
+    cfg = tmp_path / "train.toml"
+    cfg.write_text(
+        f'data_dirs = ["{other}"]\noutput_bundle = "{tmp_path / "bundle"}"\ncheckpoint_dir = "{tmp_path / "ckpt"}"\n'
+        + "".join(f'[[phantoms]]\ndir = "{d}"\nn_subjects = 2\nseed = 3\n' for d in (missing, present, other)),
+        encoding="utf-8",
+    )
+    rc = main(["evaluate", "--bundle", "b", "--data", str(missing), str(present), "--generate-from", str(cfg)])
+    assert rc == 0
+    assert written == [missing]
+
+
+def test_evaluate_real_prints_the_real_ct_beside_the_phantoms(monkeypatch, capsys, tmp_path: Path) -> None:  # noqa: ANN001
+    """`evaluate --real [DIR]` segments the real CT with the evaluated bundle (default folder: shared data)."""
+    import modelkit.evaluation
+    import modelkit.realcheck
+
+    seen = {}
+
+    def fake_run(bundle: Path, data: Path) -> tuple[None, list[str]]:
+        seen.setdefault("runs", []).append((bundle, data))
+        return None, ["scores"]
+
+    monkeypatch.setattr(modelkit.realcheck, "run", fake_run)
+    monkeypatch.setattr(modelkit.realcheck, "format_beside", lambda report, scores: f"beside {report} {scores[0]}")
+    report = type("R", (), {"format_table": lambda self: "table", "__str__": lambda self: "phantoms"})()
+    monkeypatch.setattr(modelkit.evaluation, "evaluate_bundle", lambda bundle, data, **kw: report)
+    assert main(["evaluate", "--bundle", "bdir", "--data", str(tmp_path), "--real"]) == 0
+    assert main(["evaluate", "--bundle", "bdir", "--data", str(tmp_path), "--real", str(tmp_path / "ct")]) == 0
+    assert seen["runs"] == [(Path("bdir"), modelkit.realcheck.DEFAULT_DATA_DIR), (Path("bdir"), tmp_path / "ct")]
+    assert capsys.readouterr().out.split().count("beside") == 2
 
 
 def test_status_shows_each_outbox_item_with_its_transport(tmp_path: Path, capsys) -> None:  # noqa: ANN001

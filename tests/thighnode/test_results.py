@@ -56,6 +56,25 @@ def test_results_round_trip_and_are_replaced_on_reprocessing(tmp_path: Path) -> 
     store.close()
 
 
+def test_withheld_group_is_not_stored(tmp_path: Path) -> None:
+    """A group the field of view does not cover has no values: it is not stored, and a prior read
+    back has no such group (its comparison says "not reported in the prior study")."""
+    m = _measurements(500.0)
+    withheld = GroupMeasurement(
+        group="all", side="both", structure_keys=("vastus_lateralis",), volume_ml=None, mass_g=None,
+        volume_per_height2_cm3_m2=None, smi_kg_m2=None, includes_partial=True,
+        withheld_reason="not reported: vastus lateralis right cut at the inferior edge of the field of view",
+    )
+    m = Measurements(**{**m.__dict__, "groups": (*m.groups, withheld)})
+    store = ResultsStore(tmp_path / "r.db")
+    store.save(study_uid="1.2.3", job_id=1, study_date="20240101", measurements=m, series_uid="1.2.3.9",
+               patient_id="P1", issuer="", model_name="m", model_version="1")
+    got = store.get("1.2.3")
+    assert got is not None and got.measurements.group("all") is None
+    assert got.measurements.group("gluteal") is not None
+    store.close()
+
+
 def test_comparisons_round_trip(tmp_path: Path) -> None:
     from pipeline.types import Comparison, StructureChange
 

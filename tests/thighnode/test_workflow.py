@@ -260,3 +260,24 @@ def test_a_study_without_femur_is_declined_and_nothing_is_queued(tmp_path: Path,
     assert outcome.reason.startswith("no hip or thigh in the field of view"), outcome.reason
     assert outcome.result["coverage"]["policy"] == {"accept_regions": ["hip", "thigh"], "min_region_mm": 20.0}
     assert outbox.items(study_uid=study) == []
+
+
+def test_a_study_whose_field_of_view_cuts_the_thigh_muscles_withholds_those_groups_in_the_job_record(
+    tmp_path: Path,
+) -> None:
+    """A scan ending above the knee: the job is done, the gluteal group is reported, and the groups whose
+    muscles the field of view cuts are recorded as withheld with their reason (no number)."""
+    phantom = generate_phantom(PhantomParams(seed=5, spacing_mm=(4.0, 3.0, 3.0), height_m=1.6, sex="F",
+                                             fov_bottom_mm=-250.0))
+    paths = write_dicom_series(
+        phantom, tmp_path / "dicom", patient_id="TN-WF-2", patient_name="Test^Hip", patient_sex="F",
+        birth_date="19500101", height_m=1.6, study_uid=STUDY, series_uid=STUDY + ".2",
+        frame_of_reference_uid=STUDY + ".3", study_date="20240301", accession="A2",
+    )
+    _, outcome, _, _ = _run(tmp_path, (phantom, load_label_table(), paths))
+    assert outcome.state == DONE, outcome.reason
+    groups = outcome.result["measurements"]["groups"]
+    assert groups["gluteal/both"]["volume_ml"] > 0 and "withheld" not in groups["gluteal/both"]
+    for key in ("above_knee/both", "all/both"):
+        assert groups[key]["volume_ml"] is None and groups[key]["smi_kg_m2"] is None
+        assert "cut at the inferior edge" in groups[key]["withheld"]
