@@ -15,7 +15,7 @@ enabled`` (by default seg → sr → pdf, one stage each) from one
 SR) is built and written even when it is not enabled, but only enabled ones are queued.
 
 A :class:`pipeline.errors.DeclinedError` ends the job as *declined* with the message
-(the data cannot be processed: tilt, gaps, not a thigh CT...); nothing is sent. Any
+(the data cannot be processed: tilt, gaps, no hip or femur in the field of view...); nothing is sent. Any
 other error ends it as *failed*. Either way the received files stay in the spool for
 the retention period.
 
