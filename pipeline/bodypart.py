@@ -1,18 +1,20 @@
-"""Is this a thigh CT? Decline studies that show no femur before measuring anything.
+"""Femoral shafts and the femur label: the bone machinery of the field-of-view check.
 
-Two independent checks; both must pass (:func:`check_thigh_ct`):
+The node's field-of-view check is :mod:`pipeline.coverage` (which regions a series covers),
+built on :func:`find_bone_components` and :func:`classify_shafts` here; after the model the
+workflow checks the femur label (:func:`femur_label_volumes_ml`).
 
-(a) Image-based and model-free (:func:`find_femoral_shafts`): in every axial slice,
-    bone (HU > ``bone_hu``) is split into 2-D connected components with their holes
+Femoral shafts, image-based and model-free (:func:`find_femoral_shafts`): in every axial
+    slice, bone (HU > ``bone_hu``) is split into 2-D connected components with their holes
     filled (the fatty marrow inside the cortical ring), and each component is classed
     by its area, roundness (equivalent diameter / major-axis length from its second
     moments: 1 for a disc, 0.71 for a 2:1 ellipse) and lateral offset from the body
     midline (x-centroid of the body, HU > ``body_hu``, in that slice). A femoral shaft
     cross-section is a compact round component of ``min_area_cm2``..``max_area_cm2``
     lying ``min_offset_mm``..``max_offset_mm`` to one side of the midline. A slice
-    counts when it holds one on the patient's left AND one on the right, and the femora
-    are found when such slices run over at least ``min_femur_length_mm`` of z (gaps of
-    one slice allowed). What is rejected, and why:
+    counts when it holds one on the patient's left AND one on the right; the result
+    gives the z extent of the longest run of such slices (gaps of one slice allowed).
+    What is rejected, and why:
 
     * spine, sacrum, sternum, pubic symphysis: centroid near the midline;
     * ribs, fibula-sized or thin bone: too small, or elongated;
@@ -20,31 +22,24 @@ Two independent checks; both must pass (:func:`check_thigh_ct`):
     * arms held at the sides (humeri): too far lateral.
 
     Femoral heads (about 45 mm wide, merged with the acetabulum at this threshold) and
-    the trochanteric region are mostly rejected as large/elongated: the check looks for
-    the shaft, so a scan that ends just below the hip joints shows little of it.
-
-(b) When a segmentation is given: its ``femur`` label has at least
-    ``min_femur_label_ml`` on at least one side.
+    the trochanteric region are mostly rejected as large/elongated: this looks for the
+    shaft, so a scan that ends just below the hip joints shows little of it
+    (:mod:`pipeline.coverage` finds the heads).
 
 Slices are taken along the array axis most aligned with patient z (from the affine),
-so the check does not depend on slice order. In-plane, images finer than
+so nothing here depends on slice order. In-plane, images finer than
 :data:`WORK_PIXEL_MM` are subsampled for speed.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
-from pipeline.errors import DeclinedError
 from pipeline.types import SIDE_LEFT, SIDE_RIGHT, Segmentation, Volume
-
-logger = logging.getLogger(__name__)
 
 WORK_PIXEL_MM = 1.4
 """In-plane pixels finer than this are subsampled by an integer stride."""
@@ -52,6 +47,7 @@ _SLAB_VOXELS = 16_000_000
 _STRUCT_2D = np.zeros((3, 3, 3), dtype=bool)
 _STRUCT_2D[1] = True  # 8-connected within a slice, never across slices
 _STRUCT_2D.setflags(write=False)
+_THICK_MIN_MM2 = 500.0  # components smaller than this get an upper bound for their inscribed disc
 
 
 @dataclass(frozen=True)
@@ -141,6 +137,8 @@ class _Components:
     col: np.ndarray
     area_mm2: np.ndarray
     roundness: np.ndarray  # equivalent-circle diameter / major axis (1 for a disc)
+    inscribed_mm: np.ndarray  # diameter of the largest inscribed disc
+    dense_fraction: np.ndarray  # share of pixels above the dense threshold
 
 
 def _body_midline_x(block: np.ndarray, body_hu: float, origin: np.ndarray, cols: np.ndarray, k0: int) -> np.ndarray:
@@ -153,16 +151,48 @@ def _body_midline_x(block: np.ndarray, body_hu: float, origin: np.ndarray, cols:
     return origin[0] + cols[0, 0] * ks + cols[0, 1] * r_mean + cols[0, 2] * c_mean
 
 
-def _bone_components(block: np.ndarray, bone_hu: float, plane: np.ndarray, pixel_mm2: float) -> _Components | None:
-    """Hole-filled bone components of every slice of the slab with their shape; None when there is no bone."""
-    bone = _fill_holes_2d(block > bone_hu)
+def _inscribed_mm(labels: np.ndarray, counts: np.ndarray, sampling: tuple[float, float], min_pixels: float) -> np.ndarray:
+    """Per component 1..n: the diameter (mm) of the largest disc inside it.
+
+    Measured (distance transform over the component's own box) for components of at least
+    ``min_pixels``; smaller ones get their equivalent-circle diameter, an upper bound.
+    """
+    out = 2.0 * np.sqrt(counts * sampling[0] * sampling[1] / math.pi)
+    for i, box in enumerate(ndimage.find_objects(labels)):
+        if box is None or counts[i] < min_pixels:
+            continue
+        mask = np.pad(labels[box][0] == i + 1, 1)
+        out[i] = 2.0 * float(ndimage.distance_transform_edt(mask, sampling=sampling).max())
+    return out
+
+
+@dataclass(frozen=True)
+class _Thresholds:
+    bone_hu: float  # bone (and metal) for the components
+    dense_hu: float  # cortical bone or metal within them
+    thickness: bool  # measure the largest inscribed disc (a distance transform per slice)
+
+
+def _bone_components(
+    block: np.ndarray, hu: _Thresholds, plane: np.ndarray, pixel_mm2: float, sampling: tuple[float, float, float]
+) -> _Components | None:
+    """Hole-filled bone components of every slice of the slab with their shape; None when there is no bone.
+
+    ``sampling``: (row mm, column mm) of a pixel.
+    """
+    bone = _fill_holes_2d(block > hu.bone_hu)
     labels, n = ndimage.label(bone, structure=_STRUCT_2D)
-    del bone
     if n == 0:
         return None
+    dense = np.bincount(labels[block > hu.dense_hu], minlength=n + 1)[1:].astype(np.float64)
+    del bone
     m = _component_moments(labels, n)
-    del labels
     cnt = m[:, 0]
+    if hu.thickness:
+        inscribed_mm = _inscribed_mm(labels, cnt, sampling, _THICK_MIN_MM2 / pixel_mm2)
+    else:
+        inscribed_mm = np.full(n, np.nan)
+    del labels
     kc, rc, cc = m[:, 1] / cnt, m[:, 2] / cnt, m[:, 3] / cnt
     var_r = m[:, 4] / cnt - rc * rc
     var_c = m[:, 5] / cnt - cc * cc
@@ -175,12 +205,46 @@ def _bone_components(block: np.ndarray, bone_hu: float, plane: np.ndarray, pixel
     area_mm2 = cnt * pixel_mm2
     major_mm = 4.0 * np.sqrt(np.maximum(lam_max, 1e-9))
     roundness = 2.0 * np.sqrt(area_mm2 / math.pi) / major_mm
-    return _Components(np.rint(kc).astype(np.intp), rc, cc, area_mm2, roundness)
+    return _Components(np.rint(kc).astype(np.intp), rc, cc, area_mm2, roundness, inscribed_mm, dense / cnt)
 
 
-def find_femoral_shafts(volume: Volume, criteria: FemurShaftCriteria | None = None) -> FemurShaftSearch:
-    """Search every axial slice for a left and a right femoral shaft cross-section."""
-    crit = criteria if criteria is not None else FemurShaftCriteria()
+@dataclass(frozen=True)
+class BoneComponents:
+    """The hole-filled in-plane bone components of every axial slice of a volume.
+
+    Slices run along the array axis most aligned with patient z; per slice ``z_mm`` (patient
+    z) and ``midline_x_mm`` (x of the body's centroid, HU > ``body_hu``); per component its
+    slice, ``offset_mm`` (x minus the slice's midline; LPS: > 0 on the patient's left),
+    ``y_mm`` (its centroid's anterior-posterior position), ``area_mm2``, ``roundness``
+    (equivalent-circle diameter / major axis) and ``inscribed_mm`` (the diameter of the
+    largest disc inside it: thick bone such as a femoral head or condyle, not a thin wing) and
+    ``dense_fraction`` (the share of its pixels above ``dense_hu``: cortical bone or metal;
+    contrast-filled organs have none). Metal (any HU above ``bone_hu``) counts as bone.
+    """
+
+    z_mm: np.ndarray
+    slice_mm: float
+    slice_idx: np.ndarray
+    offset_mm: np.ndarray
+    y_mm: np.ndarray
+    area_mm2: np.ndarray
+    roundness: np.ndarray
+    inscribed_mm: np.ndarray
+    dense_fraction: np.ndarray
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.z_mm.size)
+
+
+def find_bone_components(
+    volume: Volume, bone_hu: float = 300.0, body_hu: float = -300.0, dense_hu: float = 300.0, *, thickness: bool = True
+) -> BoneComponents:
+    """Label the hole-filled bone of every axial slice into 2-D components and measure each.
+
+    ``thickness=False`` skips the inscribed discs (``inscribed_mm`` is NaN): faster. Components
+    under 5 cm² get their equivalent-circle diameter as ``inscribed_mm`` (an upper bound).
+    """
     affine = volume.affine_lps
     axis = int(np.argmax(np.abs(affine[2, :3])))
     in_plane = [a for a in range(3) if a != axis]
@@ -192,42 +256,58 @@ def find_femoral_shafts(volume: Volume, criteria: FemurShaftCriteria | None = No
     origin = affine[:3, 3]
     pixel_mm2 = float(np.linalg.norm(np.cross(cols[:, 1], cols[:, 2])))
     plane = cols[:, 1:]  # 3x2: in-plane index -> mm
+    sampling = (float(np.linalg.norm(cols[:, 1])), float(np.linalg.norm(cols[:, 2])))
     nk = hu.shape[0]
-    z = origin[2] + cols[2, 0] * np.arange(nk)
     slab = max(1, _SLAB_VOXELS // max(1, hu.shape[1] * hu.shape[2]))
-
-    left = np.zeros(nk, dtype=bool)
-    right = np.zeros(nk, dtype=bool)
-    kinds = {kind: np.zeros(nk, dtype=bool) for kind in _KINDS}
+    parts: list[tuple[np.ndarray, ...]] = []
     for k0 in range(0, nk, slab):
         block = np.asarray(hu[k0 : k0 + slab])
-        mid_x = _body_midline_x(block, crit.body_hu, origin, cols, k0)
-        comps = _bone_components(block, crit.bone_hu, plane, pixel_mm2)
+        mid_x = _body_midline_x(block, body_hu, origin, cols, k0)
+        comps = _bone_components(block, _Thresholds(bone_hu, dense_hu, thickness), plane, pixel_mm2, sampling)
         if comps is None:
             continue
-        slice_idx, area_mm2 = comps.slice_idx, comps.area_mm2
-        x = origin[0] + cols[0, 0] * (slice_idx + k0) + cols[0, 1] * comps.row + cols[0, 2] * comps.col
-        offset = x - mid_x[slice_idx]
-        small = area_mm2 < crit.min_area_cm2 * 100.0
-        large = area_mm2 > crit.max_area_cm2 * 100.0
-        elongated = comps.roundness < crit.min_roundness
-        midline = np.abs(offset) < crit.min_offset_mm
-        far = np.abs(offset) > crit.max_offset_mm
-        candidate = ~small & ~large & ~elongated & ~midline & ~far
-        seen_k = {
-            _KIND_MIDLINE: midline & ~small,
-            _KIND_SMALL: small & ~midline,
-            _KIND_LARGE: (large | (elongated & ~small)) & ~midline,
-            _KIND_FAR: far & ~small & ~large & ~elongated,
-        }
-        for kind, sel in seen_k.items():
-            kinds[kind][k0 + slice_idx[sel]] = True
-        # LPS: x grows toward the patient's left
-        left[k0 + slice_idx[candidate & (offset > 0)]] = True
-        right[k0 + slice_idx[candidate & (offset < 0)]] = True
+        k = comps.slice_idx + k0
+        x = origin[0] + cols[0, 0] * k + cols[0, 1] * comps.row + cols[0, 2] * comps.col
+        y = origin[1] + cols[1, 0] * k + cols[1, 1] * comps.row + cols[1, 2] * comps.col
+        offset = x - mid_x[comps.slice_idx]
+        parts.append((k, offset, y, comps.area_mm2, comps.roundness, comps.inscribed_mm, comps.dense_fraction))
+    fields = [np.concatenate(f) for f in zip(*parts)] if parts else [np.zeros(0, np.intp)] + [np.zeros(0)] * 6
+    return BoneComponents(origin[2] + cols[2, 0] * np.arange(nk), abs(float(cols[2, 0])), *fields)
+
+
+def find_femoral_shafts(volume: Volume, criteria: FemurShaftCriteria | None = None) -> FemurShaftSearch:
+    """Search every axial slice for a left and a right femoral shaft cross-section."""
+    crit = criteria if criteria is not None else FemurShaftCriteria()
+    return classify_shafts(find_bone_components(volume, crit.bone_hu, crit.body_hu, thickness=False), crit)
+
+
+def classify_shafts(bones: BoneComponents, crit: FemurShaftCriteria) -> FemurShaftSearch:
+    """Class every bone component (shaft candidate or one of the rejected kinds) and find the pair run."""
+    nk, z = bones.n_slices, bones.z_mm
+    slice_idx, area_mm2, offset = bones.slice_idx, bones.area_mm2, bones.offset_mm
+    small = area_mm2 < crit.min_area_cm2 * 100.0
+    large = area_mm2 > crit.max_area_cm2 * 100.0
+    elongated = bones.roundness < crit.min_roundness
+    midline = np.abs(offset) < crit.min_offset_mm
+    far = np.abs(offset) > crit.max_offset_mm
+    candidate = ~small & ~large & ~elongated & ~midline & ~far
+    kinds = {kind: np.zeros(nk, dtype=bool) for kind in _KINDS}
+    seen_k = {
+        _KIND_MIDLINE: midline & ~small,
+        _KIND_SMALL: small & ~midline,
+        _KIND_LARGE: (large | (elongated & ~small)) & ~midline,
+        _KIND_FAR: far & ~small & ~large & ~elongated,
+    }
+    for kind, sel in seen_k.items():
+        kinds[kind][slice_idx[sel]] = True
+    left = np.zeros(nk, dtype=bool)
+    right = np.zeros(nk, dtype=bool)
+    # LPS: x grows toward the patient's left
+    left[slice_idx[candidate & (offset > 0)]] = True
+    right[slice_idx[candidate & (offset < 0)]] = True
     pair = left & right
     kinds[_KIND_SINGLE] = (left | right) & ~pair
-    run_mm, run_z = _longest_run(pair, z, abs(float(cols[2, 0])), crit.max_gap_slices)
+    run_mm, run_z = longest_run(pair, z, bones.slice_mm, crit.max_gap_slices)
     return FemurShaftSearch(
         n_slices=nk,
         z_min_mm=float(z.min()),
@@ -239,7 +319,7 @@ def find_femoral_shafts(volume: Volume, criteria: FemurShaftCriteria | None = No
     )
 
 
-def _longest_run(flags: np.ndarray, z: np.ndarray, dz: float, max_gap: int) -> tuple[float, tuple[float, float] | None]:
+def longest_run(flags: np.ndarray, z: np.ndarray, dz: float, max_gap: int) -> tuple[float, tuple[float, float] | None]:
     """z extent (mm, slice thickness included) of the longest run of True with gaps <= max_gap."""
     hits = np.flatnonzero(flags)
     if hits.size == 0:
@@ -264,49 +344,3 @@ def femur_label_volumes_ml(segmentation: Segmentation, voxel_ml: float) -> tuple
     mask = segmentation.label_map == fid
     sides = np.bincount(segmentation.side_map[mask].ravel(), minlength=3)
     return float(sides[SIDE_RIGHT] * voxel_ml), float(sides[SIDE_LEFT] * voxel_ml)
-
-
-def check_thigh_ct(
-    volume: Volume,
-    segmentation: Segmentation | None = None,
-    *,
-    min_femur_length_mm: float = 60.0,
-    min_femur_label_ml: float = 30.0,
-    criteria: FemurShaftCriteria | None = None,
-) -> None:
-    """Raise :class:`DeclinedError` ("not a thigh CT: ...") unless both femur checks pass.
-
-    (a) :func:`find_femoral_shafts` finds a left and a right shaft over at least
-    ``min_femur_length_mm`` of z; (b) when ``segmentation`` (on the volume's grid) is
-    given, its femur label has at least ``min_femur_label_ml`` on one side. The message
-    lists every check that failed with what was seen.
-    """
-    t0 = time.perf_counter()
-    search = find_femoral_shafts(volume, criteria)
-    problems = []
-    if search.run_mm < min_femur_length_mm:
-        problems.append(
-            f"no femoral shafts over {min_femur_length_mm:.0f} mm of z: {search.describe()}"
-        )
-    label_text = ""
-    if segmentation is not None:
-        if segmentation.label_map.shape != volume.hu.shape:
-            raise ValueError(
-                f"segmentation shape {segmentation.label_map.shape} differs from volume shape {volume.hu.shape}"
-            )
-        femur = femur_label_volumes_ml(segmentation, volume.voxel_volume_ml)
-        if femur is None:
-            problems.append(f"the label table of {segmentation.model_name} has no 'femur' label")
-        else:
-            label_text = f"femur label right {femur[0]:.1f} cm³, left {femur[1]:.1f} cm³"
-            if max(femur) < min_femur_label_ml:
-                problems.append(
-                    f"the segmentation's {label_text}; at least {min_femur_label_ml:.0f} cm³ on one side is needed"
-                )
-    logger.info(
-        "thigh check: %d slices, femur pair run %.0f mm, %s, %s in %.2f s",
-        search.n_slices, search.run_mm, label_text or "no segmentation",
-        "declined" if problems else "passed", time.perf_counter() - t0,
-    )
-    if problems:
-        raise DeclinedError("not a thigh CT: " + "; ".join(problems), study_uid=volume.study_instance_uid or None)

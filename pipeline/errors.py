@@ -1,6 +1,6 @@
 """Errors raised by the pipeline stages.
 
-``DeclinedError`` means the study cannot be processed as a thigh CT for a reason
+``DeclinedError`` means the study cannot be processed (no hip or thigh to measure) for a reason
 that lies in the data (tilt, missing slices, not CT, no femur ...): the job is
 recorded as *declined* with the message, its files are kept. Other subclasses
 mean the node failed (job *failed*).

@@ -135,6 +135,7 @@ def status_report(settings: Any) -> dict[str, Any]:
                 "series_uid": j.series_uid,
                 "updated": _when(j.updated_at),
                 "timings_s": j.timings_s,
+                "coverage": j.result.get("coverage", {}),
             }
             for j in jobs.jobs()
         ]
@@ -180,6 +181,25 @@ def status_report(settings: Any) -> dict[str, Any]:
                 close()
 
 
+def format_coverage(coverage: dict[str, Any]) -> str:
+    """One line: the regions the image shows (patient z), what the segmentation supports, the policy.
+
+    E.g. "hip 94..181 mm, pelvis 187..220 mm; segmentation: hip, thigh (cut); policy: hip or thigh over >= 20 mm".
+    """
+    regions = coverage.get("regions")
+    if regions is None:
+        seen = "not checked"
+    else:
+        seen = ", ".join(f"{name} {z[0]:.0f}..{z[1]:.0f} mm" for name, z in regions.items()) or "no region seen"
+    parts = [seen]
+    if "from_segmentation" in coverage:
+        parts.append(f"segmentation: {', '.join(coverage['from_segmentation']) or 'none'}")
+    policy = coverage.get("policy")
+    if policy:
+        parts.append(f"policy: {' or '.join(policy['accept_regions'])} over >= {policy['min_region_mm']:g} mm")
+    return "; ".join(parts)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
     report = status_report(settings)
@@ -196,6 +216,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  job {j['job']:>5}  {j['state']:<9} study {j['study_uid']}  attempts={j['attempts']}  {timings}")
         if j["reason"]:
             print(f"             reason: {j['reason']}")
+        if j.get("coverage"):
+            print(f"             coverage: {format_coverage(j['coverage'])}")
     if report.get("prior_requests"):
         print(f"\nprior studies requested from the PACS ({len(report['prior_requests'])}):")
         for r in report["prior_requests"]:

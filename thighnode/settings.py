@@ -33,6 +33,7 @@ else:  # pragma: no cover
 
 from dicomout.outputs.registry import entry_problem
 from node_errors import NodeError
+from pipeline.coverage import REGIONS
 from scp.validate import validate_ae_title
 
 INSTALL_ROOT = Path(__file__).resolve().parents[1]
@@ -127,6 +128,19 @@ def _ae_list(key: str, value: Any) -> tuple[str, ...]:
     return tuple(_ae_title(f"{key}[{i}]", v) for i, v in enumerate(value))
 
 
+def _region_list(key: str, value: Any) -> tuple[str, ...]:
+    """A non-empty list of body regions (pipeline.coverage.REGIONS), each once."""
+    allowed = ", ".join(REGIONS)
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key} = {value!r}: must be a non-empty list of regions among {allowed}")
+    for i, v in enumerate(value):
+        if v not in REGIONS:
+            raise ConfigError(f"{key}[{i}] = {v!r}: allowed {allowed}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{key} = {value!r}: a region may be listed once")
+    return tuple(value)
+
+
 def _network_list(key: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ConfigError(f"{key} = {value!r}: must be a list of addresses or networks, e.g. [\"10.0.0.0/8\"]")
@@ -184,6 +198,8 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "min_slices": _int_range(2),
         "workers": _int_range(1, 16),
         "job_timeout_s": _float_range(0.0, lo_open=True),
+        "accept_regions": _region_list,
+        "min_region_mm": _float_range(0.0, 1000.0, lo_open=True),
     },
     "model": {
         "bundle": _path,
@@ -271,6 +287,8 @@ class ProcessingSettings:
     min_slices: int
     workers: int
     job_timeout_s: float
+    accept_regions: tuple[str, ...]  # a series is processed when it shows one of these (pipeline.coverage)
+    min_region_mm: float  # ... over at least this much of z
 
 
 @dataclass(frozen=True)

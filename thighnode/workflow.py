@@ -2,7 +2,12 @@
 
 Stages, each logged with its duration and recorded in the job's timings::
 
-    select → load → check (a thigh CT?) → segment → measure → compare → outputs → queue
+    select → load → check (the field of view) → segment → measure → compare → outputs → queue
+
+The check (:func:`pipeline.coverage.check_field_of_view`) finds the body regions the series
+covers and declines it unless the ``[processing]`` policy accepts one of them; after the
+model, a segmentation without a femur is declined too. The regions seen, those the
+segmentation supports and the policy are recorded in the job's result (``coverage``).
 
 The outputs are plug-ins (:mod:`dicomout.outputs`), built in the order of ``[outputs]
 enabled`` (by default seg → sr → pdf, one stage each) from one
@@ -10,7 +15,7 @@ enabled`` (by default seg → sr → pdf, one stage each) from one
 SR) is built and written even when it is not enabled, but only enabled ones are queued.
 
 A :class:`pipeline.errors.DeclinedError` ends the job as *declined* with the message
-(the data cannot be processed: tilt, gaps, not a thigh CT...); nothing is sent. Any
+(the data cannot be processed: tilt, gaps, no hip or femur in the field of view...); nothing is sent. Any
 other error ends it as *failed*. Either way the received files stay in the spool for
 the retention period.
 
@@ -38,7 +43,8 @@ import pydicom
 from dicomout.context import ModelInfo, OutputSettings, StudyContext
 from dicomout.outputs import plan_outputs
 from node_errors import NodeError
-from pipeline.bodypart import check_thigh_ct, femur_label_volumes_ml
+from pipeline.bodypart import femur_label_volumes_ml
+from pipeline.coverage import CoveragePolicy, check_field_of_view, regions_from_segmentation
 from pipeline.errors import DeclinedError
 from pipeline.measure import MeasurementSettings, load_measurement_settings, measure
 from pipeline.selection import select_series
@@ -172,10 +178,15 @@ class Workflow:
         segmenter = self._segmenter()
         if segmenter is None:
             return "received, selected and loaded; segmentation is off (node started with --no-model)"
+        processing = self._settings.processing
+        policy = CoveragePolicy(processing.accept_regions, processing.min_region_mm)
+        result["coverage"] = {"policy": policy.to_record()}
         with _stage(job, "check", timings):
-            check_thigh_ct(volume)  # image-based, before spending time on the model
+            coverage = check_field_of_view(volume, policy)  # image-based, before spending time on the model
+        result["coverage"].update(regions=coverage.to_record(), evidence=coverage.evidence)
         with _stage(job, "segment", timings):
             segmentation = segmenter.segment(volume)
+        result["coverage"]["from_segmentation"] = list(regions_from_segmentation(segmentation, volume.voxel_volume_ml))
         _check_femur_label(volume, segmentation)
         result["model"] = {"name": segmentation.model_name, "version": segmentation.model_version}
         with _stage(job, "measure", timings):
@@ -292,12 +303,12 @@ class Workflow:
 
 
 def _check_femur_label(volume: Volume, segmentation: Segmentation, min_ml: float = 30.0) -> None:
-    """Decline when the model found no femur: the study is not a thigh CT (or the model failed on it)."""
+    """Decline when the model found no femur: no hip or thigh to measure (or the model failed on it)."""
     volumes = femur_label_volumes_ml(segmentation, volume.voxel_volume_ml)
     if volumes is None or max(volumes) < min_ml:
         right, left = volumes or (0.0, 0.0)
         raise DeclinedError(
-            f"not a thigh CT: the segmentation found femur right {right:.1f} cm³, left {left:.1f} cm³ "
+            f"no femur in the segmentation: it found femur right {right:.1f} cm³, left {left:.1f} cm³ "
             f"(at least {min_ml:.0f} cm³ on one side is required); nothing is reported"
         )
 

@@ -243,3 +243,32 @@ def test_status_shows_each_outbox_item_with_its_transport(tmp_path: Path, capsys
     assert main(["status", "--json", "--config", str(cfg)]) == 0
     items = json.loads(capsys.readouterr().out)["outbox"]
     assert {(i["destination"], i["transport"]) for i in items} == {("pacs", "cstore"), ("ris", "webhook")}
+
+
+def test_status_prints_each_jobs_coverage(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """`thighnode status`: one coverage line per job (regions seen, segmentation, policy); --json carries it."""
+    import json
+
+    from thighnode.jobs import DECLINED, JobStore, StudyProgress
+
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n', encoding="utf-8")
+    jobs = JobStore(tmp_path / "var" / "thighnode.db")
+    jobs.sync([StudyProgress("1.2.3", 0.0)], now=100.0, quiet_period_s=1)
+    job = jobs.claim_next()
+    coverage = {
+        "policy": {"accept_regions": ["hip", "thigh"], "min_region_mm": 20.0},
+        "regions": {"pelvis": [187.3, 220.3], "hip": [94.3, 181.3]},
+        "from_segmentation": ["hip", "thigh (cut)"],
+    }
+    jobs.finish(job.id, DECLINED, "why", result={"coverage": coverage})
+    jobs.close()
+    assert main(["status", "--config", str(cfg)]) == 0
+    text = capsys.readouterr().out
+    assert (
+        "coverage: pelvis 187..220 mm, hip 94..181 mm; segmentation: hip, thigh (cut); policy: hip or thigh over >= 20 mm"
+        in text
+    )
+    assert main(["status", "--json", "--config", str(cfg)]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["jobs"]
+    assert row["coverage"] == coverage

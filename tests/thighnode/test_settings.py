@@ -20,6 +20,14 @@ def test_defaults_load_and_match_documented_values(tmp_path: Path) -> None:
     assert s.db_path == tmp_path / "var" / "thighnode.db"
 
 
+def test_the_field_of_view_policy_defaults_accept_hip_and_thigh_and_can_be_set(tmp_path: Path) -> None:
+    s = load_settings(environ={"THIGHNODE_HOME": str(tmp_path)})
+    assert s.processing.accept_regions == ("hip", "thigh")
+    assert s.processing.min_region_mm == 20.0
+    s = load_settings(environ={"THIGHNODE_PROCESSING__ACCEPT_REGIONS": '["thigh"]', "THIGHNODE_PROCESSING__MIN_REGION_MM": "60"})
+    assert s.processing.accept_regions == ("thigh",) and s.processing.min_region_mm == 60.0
+
+
 def test_file_overrides_defaults_and_keeps_the_rest(tmp_path: Path) -> None:
     cfg = tmp_path / "node.toml"
     cfg.write_text(
@@ -61,6 +69,11 @@ def test_environment_overrides_a_key(tmp_path: Path) -> None:
         ({"THIGHNODE_MODEL__DEVICE": "tpu"}, "model.device = 'tpu': allowed auto, cpu, cuda, cuda:N"),
         ({"THIGHNODE_MODEL__MIRROR": "yes"}, "model.mirror = 'yes': allowed bundle, on, off"),
         ({"THIGHNODE_DESTINATIONS": '[{name = "p", host = "h", port = 1}]'}, "lacks the key 'ae_title'"),
+        ({"THIGHNODE_PROCESSING__ACCEPT_REGIONS": '["hip", "abdomen"]'},
+         "processing.accept_regions[1] = 'abdomen': allowed pelvis, hip, thigh, knee, below_knee"),
+        ({"THIGHNODE_PROCESSING__ACCEPT_REGIONS": "[]"}, "processing.accept_regions = []: must be a non-empty list"),
+        ({"THIGHNODE_PROCESSING__ACCEPT_REGIONS": '["hip", "hip"]'}, "a region may be listed once"),
+        ({"THIGHNODE_PROCESSING__MIN_REGION_MM": "0"}, "processing.min_region_mm = 0.0: allowed > 0.0 and <= 1000.0"),
     ],
 )
 def test_invalid_values_name_key_value_and_allowed(env: dict[str, str], fragment: str) -> None:

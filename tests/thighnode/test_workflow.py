@@ -52,7 +52,8 @@ def phantom_study(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     return phantom, labels, paths
 
 
-def _run(tmp_path: Path, phantom_study, extra_env: dict[str, str] | None = None, bundle: object = None):  # noqa: ANN001, ANN202
+def _run(tmp_path: Path, phantom_study, extra_env: dict[str, str] | None = None, bundle: object = None,  # noqa: ANN001, ANN202
+         segmenter: object = None):
     phantom, labels, paths = phantom_study
     env = {"THIGHNODE_HOME": str(tmp_path),
            "THIGHNODE_DESTINATIONS": '[{name = "pacs", ae_title = "PACS", host = "127.0.0.1", port = 4242}]',
@@ -68,7 +69,7 @@ def _run(tmp_path: Path, phantom_study, extra_env: dict[str, str] | None = None,
     seg = TruthSegmenter({STUDY: phantom}, labels)
     if bundle is not None:
         seg.bundle = bundle  # type: ignore[attr-defined]  # what a pipeline.inference.Segmenter carries
-    wf = Workflow(settings, index, lambda: seg, results=results, outbox=outbox)
+    wf = Workflow(settings, index, lambda: segmenter or seg, results=results, outbox=outbox)
     outcome = wf.run(job)
     return settings, outcome, results, outbox
 
@@ -84,6 +85,15 @@ def test_a_phantom_study_yields_valid_seg_sr_pdf_queued_for_the_pacs(tmp_path: P
         assert dciodvfy_errors(path) == [], f"{kind}: dciodvfy errors"
     items = outbox.items(study_uid=STUDY)
     assert sorted(i.destination for i in items) == ["pacs"] * 3
+
+    # The field of view is recorded: the regions the image shows, those the segmentation supports, the policy.
+    coverage = outcome.result["coverage"]
+    assert {"pelvis", "hip", "thigh"} <= set(coverage["regions"])
+    assert all(z0 <= z1 for z0, z1 in coverage["regions"].values())
+    # the phantom's gluteal muscles reach its top slice (the iliac crest): "hip (cut)"
+    assert [r.split(" ")[0] for r in coverage["from_segmentation"]] == ["hip", "thigh"]
+    assert coverage["policy"] == {"accept_regions": ["hip", "thigh"], "min_region_mm": 20.0}
+    assert "axial slices" in coverage["evidence"]
 
     # The SR's volumes equal the voxel volumes of the SEG's segments, read back.
     seg = hd.seg.segread(kinds["seg"])
@@ -208,6 +218,26 @@ def test_the_report_banner_follows_the_bundle_demonstration_flag(tmp_path: Path,
     assert "NOT FOR CLINICAL USE" not in texts[False]
 
 
+def test_a_segmentation_without_femur_is_declined_after_the_model(tmp_path: Path, phantom_study) -> None:  # noqa: ANN001
+    """The image shows hip and thigh, so the model runs; a segmentation with no femur still declines."""
+    phantom, labels, _ = phantom_study
+
+    class NoFemur:
+        def segment(self, volume: Volume) -> Segmentation:
+            truth = TruthSegmenter({STUDY: phantom}, labels).segment(volume)
+            femur = labels.by_key("femur").id
+            keep = truth.label_map != femur
+            return Segmentation(truth.label_map * keep, truth.side_map * keep, labels, "unit", "0",
+                                affine_lps=truth.affine_lps)
+
+    _, outcome, _, outbox = _run(tmp_path, phantom_study, segmenter=NoFemur())
+    assert outcome.state == DECLINED
+    assert outcome.reason.startswith("no femur in the segmentation: it found femur right 0.0 cm³, left 0.0 cm³")
+    assert {"hip", "thigh"} <= set(outcome.result["coverage"]["regions"])
+    assert [r.split(" ")[0] for r in outcome.result["coverage"]["from_segmentation"]] == ["hip", "thigh"]
+    assert outbox.items(study_uid=STUDY) == []
+
+
 def test_a_study_without_femur_is_declined_and_nothing_is_queued(tmp_path: Path, shared_data: Path) -> None:
     paths = sorted((shared_data / "tcia-pancreas-ct" / "dcm").glob("*.dcm"))
     study = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
@@ -227,7 +257,8 @@ def test_a_study_without_femur_is_declined_and_nothing_is_queued(tmp_path: Path,
 
     outcome = Workflow(settings, index, lambda: MustNotRun(), outbox=outbox).run(job)
     assert outcome.state == DECLINED
-    assert "not a thigh CT" in outcome.reason
+    assert outcome.reason.startswith("no hip or thigh in the field of view"), outcome.reason
+    assert outcome.result["coverage"]["policy"] == {"accept_regions": ["hip", "thigh"], "min_region_mm": 20.0}
     assert outbox.items(study_uid=study) == []
 
 

@@ -1,0 +1,44 @@
+"""The real hip CT (TotalSegmentator example: pelvis to proximal femur, left hip prosthesis), written as a
+DICOM CT series and pushed with dcmtk storescu into a real `thighnode serve` with the shipped demonstration
+bundle: the field-of-view check accepts it by its hips (it was declined as "not a thigh CT"), the job ends
+done, and `thighnode status` shows the coverage."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_end_to_end import BUNDLE, _finished, _push
+from tests.support.niftict import write_nifti_ct_as_dicom
+from tests.support.node import REPO_ROOT, NodeProcess
+
+pytestmark = pytest.mark.integration
+
+STUDY = "1.2.826.0.1.3680043.8.498.66101"
+
+
+def test_the_real_hip_ct_is_processed_and_its_coverage_shown(tmp_path: Path, shared_data: Path) -> None:
+    assert (BUNDLE / "models" / "model.pt").is_file(), "the shipped bundle is missing"
+    files = write_nifti_ct_as_dicom(
+        shared_data / "totalseg-hip-ct" / "example_ct.nii.gz", tmp_path / "ct", study_uid=STUDY,
+        patient_id="TN-HIP-1", height_m=1.75, reverse_slices=True,
+    )
+    with NodeProcess(tmp_path / "node", quiet_period_s=1.0, load_model=True) as node:
+        _push(node.port, files)
+        status = node.wait_for(_finished(STUDY), timeout_s=900, what="the hip CT's job")
+        job = next(j for j in status["jobs"] if j["study_uid"] == STUDY)
+        assert job["state"] == "done", job
+        coverage = job["coverage"]
+        assert coverage["policy"] == {"accept_regions": ["hip", "thigh"], "min_region_mm": 20.0}
+        z0, z1 = coverage["regions"]["hip"]
+        assert z1 - z0 >= 45.0 and "thigh" not in coverage["regions"]
+        assert any(r.startswith("hip") for r in coverage["from_segmentation"]), coverage  # the gluteal muscles
+        text = subprocess.run(
+            [sys.executable, "-m", "thighnode", "status", "--config", str(node.config)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=node.env(),
+        )
+        assert text.returncode == 0, text.stderr
+        assert "coverage: pelvis " in text.stdout and f"hip {z0:.0f}..{z1:.0f} mm" in text.stdout
