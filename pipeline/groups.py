@@ -26,6 +26,16 @@ Coverage of a group on a side (for "both": on either side)
     end of a phantom's gluteus medius). The knee has no such landmark in the label table (the
     femur is cut at the knee by a thigh CT), so the inferior end relies on ``crossing_inferior``.
 
+    The gluteal group has an inferior landmark of its own: where the femur label reaches at least
+    ``gluteal_min_reach_mm`` (default 50 mm) above the inferior edge of the field of view on a
+    side, the scan covers the hip down to about the lesser trochanter, where hip and abdominal
+    CTs usually end; the SMI paper (004) measures the gluteal group on exactly such scans (AUC
+    0.93). There, gluteal muscles cut at the inferior edge (the distal insertion of the gluteus
+    maximus, the deep rotators) and gluteal muscles with no voxel do not withhold the gluteal
+    group: it is reported over the field of view, marked as including partial muscles, and the
+    partial flags stay on the muscles. A scan that ends higher (through the femoral head) still
+    withholds it.
+
     A muscle with no voxel on a side whose region is fully covered is a segmentation failure,
     not a coverage gap: it keeps its FLAG_EMPTY ("not found") flag and the group is reported as
     before, the flag beside it.
@@ -50,6 +60,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from pipeline.labels import LabelTable
 from pipeline.types import (
     FLAG_PARTIAL_BOTTOM,
@@ -58,9 +70,12 @@ from pipeline.types import (
     GROUP_ALL,
     GROUP_GLUTEAL,
     SIDE_BOTH,
+    SIDE_LEFT,
+    SIDE_RIGHT,
     GroupMeasurement,
     SarcopeniaAssessment,
     SarcopeniaNotAssessed,
+    Segmentation,
     StructureMeasurement,
 )
 
@@ -75,6 +90,11 @@ SUPERIOR_LANDMARK = "ilium"
 """Its top is the iliac crest, the groups' superior end: whole in the field of view on a side,
 no muscle of the region is cut at the superior edge there (a label touching it lies above the
 crest: leakage, or a phantom's rounded muscle end)."""
+
+GLUTEAL_MIN_REACH_MM = 50.0
+"""How far the femur must reach above the inferior edge of the field of view (about the lesser
+trochanter) for the gluteal group to count as covered at its inferior end."""
+FEMUR_KEY = "femur"
 
 CUT_SUPERIOR = "cut at the superior edge of the field of view"
 CUT_INFERIOR = "cut at the inferior edge of the field of view"
@@ -147,16 +167,45 @@ def _coverage(
     return _Coverage(by_key_side, crest, region_cut, settings)
 
 
-def _gaps(keys: Sequence[str], side: str, cov: _Coverage) -> list[_Gap]:
+def _gaps(keys: Sequence[str], side: str, cov: _Coverage, floor_reached: bool = False) -> list[_Gap]:
+    """Why the members ``keys`` on ``side`` are not covered; ``floor_reached``: the group's own
+    inferior landmark is in the field of view (inferior cuts and absences do not count)."""
     gaps = []
     for key in keys:
         s = cov.by_key_side[(key, side)]
         if s.voxel_count == 0:
-            if cov.region_cut[side]:
+            if cov.region_cut[side] and not floor_reached:
                 gaps.append(_Gap(key, s.name, side, ABSENT))
             continue  # a covered region: the segmentation missed it (FLAG_EMPTY), not the field of view
-        gaps.extend(_Gap(key, s.name, side, why) for why in _cuts(s, cov.settings, cov.crest_in_view[side]))
+        whys = _cuts(s, cov.settings, cov.crest_in_view[side])
+        gaps.extend(_Gap(key, s.name, side, why) for why in whys if not (floor_reached and why == CUT_INFERIOR))
     return gaps
+
+
+def read_gluteal_min_reach(data: Mapping, path: object, error: type[ValueError]) -> float:
+    """[group_coverage] gluteal_min_reach_mm (mm, >= 0); :data:`GLUTEAL_MIN_REACH_MM` when absent."""
+    section = data.get("group_coverage", {})
+    value = section.get("gluteal_min_reach_mm", GLUTEAL_MIN_REACH_MM) if isinstance(section, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise error(f"{path}: [group_coverage] gluteal_min_reach_mm = {value!r}; allowed: a number of mm >= 0")
+    return float(value)
+
+
+def femur_reach_mm(segmentation: Segmentation, z_axis: int, bottom_index: int, affine_lps: np.ndarray) -> dict[str, float]:
+    """Per side, how far (patient z, mm) the top of the femur label lies above the inferior edge of
+    the field of view (the centre of the bottom slice); 0 where the side has no femur voxel."""
+    step_mm = abs(float(affine_lps[2, z_axis]))
+    femur = next((label.id for label in segmentation.labels.labels if label.key == FEMUR_KEY), None)
+    reach = {}
+    for side, code in (("right", SIDE_RIGHT), ("left", SIDE_LEFT)):
+        if femur is None:
+            reach[side] = 0.0
+            continue
+        mask = (segmentation.label_map == femur) & (segmentation.side_map == code)
+        other_axes = tuple(a for a in range(mask.ndim) if a != z_axis)
+        indices = np.flatnonzero(mask.any(axis=other_axes))
+        reach[side] = float(np.abs(indices - bottom_index).max() * step_mm) if indices.size else 0.0
+    return reach
 
 
 def _withheld_reason(gaps: Sequence[_Gap]) -> str:
@@ -181,10 +230,14 @@ def measure_groups(
     table: LabelTable,
     settings: MeasurementSettings,
     height_m: float | None,
+    femur_reach: Mapping[str, float] | None = None,
 ) -> tuple[GroupMeasurement, ...]:
     """Totals of every group of ``settings.groups`` per side and both sides, or withheld with the
-    reason when the field of view does not cover them (see the module docstring)."""
+    reason when the field of view does not cover them (see the module docstring). ``femur_reach``:
+    :func:`femur_reach_mm` (the gluteal group's inferior landmark; none: not used)."""
     cov = _coverage(structures, table, settings)
+    reach = femur_reach or {}
+    floor = {s: reach.get(s, 0.0) >= settings.gluteal_min_reach_mm for s in _SIDES}  # gluteal group only
     h2 = height_m * height_m if height_m else None
     out = []
     for name, label_groups in settings.groups:
@@ -192,7 +245,8 @@ def measure_groups(
         for side in (*_SIDES, SIDE_BOTH):
             members = [cov.by_key_side[(k, side)] for k in keys]
             partial = any(m.is_partial for m in members)
-            gaps = [g for s in ((side,) if side != SIDE_BOTH else _SIDES) for g in _gaps(keys, s, cov)]
+            sides = (side,) if side != SIDE_BOTH else _SIDES
+            gaps = [g for s in sides for g in _gaps(keys, s, cov, name == GROUP_GLUTEAL and floor.get(s, False))]
             if gaps:
                 out.append(GroupMeasurement(
                     group=name, side=side, structure_keys=keys, volume_ml=None, mass_g=None,

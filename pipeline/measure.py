@@ -73,10 +73,13 @@ from scipy import ndimage
 from pipeline.groups import (
     CROSSING_INFERIOR,
     CROSSING_SUPERIOR,
+    GLUTEAL_MIN_REACH_MM,
     SUPERIOR_LANDMARK,
     GroupThreshold,
     assess_sarcopenia,
+    femur_reach_mm,
     measure_groups,
+    read_gluteal_min_reach,
 )
 from pipeline.labels import GROUPS, LabelTable
 from pipeline.types import (
@@ -158,6 +161,7 @@ class MeasurementSettings:
     crossing_inferior: tuple[str, ...] = CROSSING_INFERIOR
     crossing_superior: tuple[str, ...] = CROSSING_SUPERIOR
     superior_landmark: str = SUPERIOR_LANDMARK
+    gluteal_min_reach_mm: float = GLUTEAL_MIN_REACH_MM
     group_thresholds: tuple[GroupThreshold, ...] = ()
 
     def __post_init__(self) -> None:
@@ -322,6 +326,7 @@ def load_measurement_settings(path: Path | None = None) -> MeasurementSettings:
             crossing_inferior=_keys(data, "inferior", path),
             crossing_superior=_keys(data, "superior", path),
             superior_landmark=_landmark(data, path),
+            gluteal_min_reach_mm=read_gluteal_min_reach(data, path, MeasurementSettingsError),
             group_thresholds=_group_thresholds(data, path),
         )
     except MeasurementSettingsError as exc:
@@ -631,7 +636,8 @@ def measure(
 
     flags: list[QualityFlag] = [height_flag] if height_flag is not None else []
     flags.extend(_structure_flags(table, flag_sides, details, settings, metal, implant_sides))
-    groups = measure_groups(structures, table, settings, height)
+    reach = femur_reach_mm(segmentation, axis, bottom_index, volume.affine_lps)
+    groups = measure_groups(structures, table, settings, height, reach)
     sarcopenia, not_assessed = assess_sarcopenia(groups, settings, height, patient.sex)
     logger.info(
         "measured %d structures on %s voxels in %.2f s (%d flags, metal pieces %d)",

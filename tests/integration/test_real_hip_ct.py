@@ -42,3 +42,25 @@ def test_the_real_hip_ct_is_processed_and_its_coverage_shown(tmp_path: Path, sha
         )
         assert text.returncode == 0, text.stderr
         assert "coverage: pelvis " in text.stdout and f"hip {z0:.0f}..{z1:.0f} mm" in text.stdout
+    _assert_sr_reports_only_the_gluteal_group(node.data_dir / "outputs" / STUDY)
+
+
+def _assert_sr_reports_only_the_gluteal_group(out_dir: Path) -> None:
+    """Paper 004 on a hip CT: the gluteal group's SMI (height 1.75 m given) is in the SR; the above-knee and
+    all-muscle groups, whose thigh muscles the field of view cuts, have no number."""
+    import highdicom as hd
+
+    from dicomout import codes
+    from dicomout.sr import PATIENT_TOTALS_ID
+
+    (sr_path,) = sorted(out_dir.glob("sr_*.dcm"))
+    report = hd.sr.srread(sr_path).content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    totals = {g.tracking_identifier: g for g in report.get_image_measurement_groups()}[PATIENT_TOTALS_ID]
+    smi_sites = [
+        next(k for k, c in codes.GROUP_CODES.items() if c == m.finding_sites[0].value)
+        for m in totals.get_measurements(name=codes.SKELETAL_MUSCLE_INDEX)
+        if m.finding_sites
+    ]
+    assert set(smi_sites) == {"gluteal"} and len(smi_sites) == 3, smi_sites  # right, left, both
+    assert all(float(m.value) > 0 for m in totals.get_measurements(name=codes.SKELETAL_MUSCLE_INDEX))

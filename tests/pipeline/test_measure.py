@@ -576,3 +576,36 @@ def test_superior_edge_counts_only_below_the_iliac_crest(table: LabelTable, sett
         table, dataclasses.replace(settings, superior_landmark="no_such_structure"),
     )
     assert not any(g.reported for g in strict.groups)  # without the landmark the touching label counts
+
+
+def test_a_hip_ct_ending_below_the_lesser_trochanter_reports_the_gluteal_group_over_its_field_of_view(
+    table: LabelTable, settings: MeasurementSettings
+) -> None:
+    """Paper 004's hip CTs end about the lesser trochanter: the gluteus maximus's insertion is cut, yet the
+    gluteal group is measured. Here: the femur reaches >= gluteal_min_reach_mm above the inferior edge ->
+    reported (marked partial, the cut muscle keeps its flag); a scan through the femoral head -> withheld."""
+    def hip_ct(bottom_mm: float, s: MeasurementSettings) -> Measurements:
+        phantom = generate_phantom(PhantomParams(seed=3, spacing_mm=(4.0, 3.0, 3.0), fov_bottom_mm=bottom_mm), table)
+        return _measure_phantom(phantom, table, s)
+
+    low = hip_ct(-150.0, settings)  # about 70 mm of femur in view
+    glut = low.group("gluteal")
+    assert glut is not None and glut.reported and glut.includes_partial and glut.smi_kg_m2 > 0
+    assert FLAG_PARTIAL_BOTTOM in _codes(low, "gluteus_maximus", "right")
+    assert not low.group("above_knee").reported  # type: ignore[union-attr]
+    high = hip_ct(-120.0, settings)  # about 40 mm: through the femoral head
+    reason = high.group("gluteal").withheld_reason  # type: ignore[union-attr]
+    assert reason.startswith("not reported: gluteus maximus right and left") and "cut at the inferior edge" in reason
+    strict = hip_ct(-150.0, dataclasses.replace(settings, gluteal_min_reach_mm=1000.0))
+    assert not strict.group("gluteal").reported  # type: ignore[union-attr]
+
+
+def test_gluteal_min_reach_is_read_and_checked(tmp_path: Path) -> None:
+    text = DEFAULT_MEASUREMENT_PATH.read_text(encoding="utf-8")
+    assert load_measurement_settings().gluteal_min_reach_mm == 50.0
+    path = tmp_path / "m.toml"
+    path.write_text(text.replace("gluteal_min_reach_mm = 50.0", "gluteal_min_reach_mm = 65"), encoding="utf-8")
+    assert load_measurement_settings(path).gluteal_min_reach_mm == 65.0
+    path.write_text(text.replace("gluteal_min_reach_mm = 50.0", "gluteal_min_reach_mm = -1"), encoding="utf-8")
+    with pytest.raises(MeasurementSettingsError, match=r"gluteal_min_reach_mm = -1; allowed: a number of mm >= 0"):
+        load_measurement_settings(path)
