@@ -3,8 +3,8 @@
 The image is wrapped as a :class:`modelkit.phantom.Phantom` (axes (slice, row, column), LPS
 affine) and written by :func:`modelkit.phantom.write_dicom_series` (PS3.3 A.3; one file per
 slice, Explicit VR Little Endian by default), so the series carries the same modules as the
-phantoms' series. ``reverse_slices`` writes the slices in the opposite array order (another
-orientation of the same anatomy).
+phantoms' series. ``reverse_slices`` writes the slices in the opposite array order and
+``transpose_in_plane`` swaps rows and columns (other orientations of the same anatomy).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def write_nifti_ct_as_dicom(
     height_m: float,
     patient_sex: str = "M",
     reverse_slices: bool = False,
+    transpose_in_plane: bool = False,
     transfer_syntax: str | None = None,
 ) -> list[Path]:
     img = nib.load(str(nifti))
@@ -42,6 +43,9 @@ def write_nifti_ct_as_dicom(
         hu = hu[::-1]
         lps[:3, 3] += lps[:3, 0] * (hu.shape[0] - 1)
         lps[:3, 0] *= -1
+    if transpose_in_plane:  # rows <-> columns: another ImageOrientationPatient for the same anatomy
+        hu = hu.transpose(0, 2, 1)
+        lps[:3, [1, 2]] = lps[:3, [2, 1]]
     image = Phantom(
         hu=np.ascontiguousarray(hu), labels=np.zeros(hu.shape, np.uint8), affine_lps=lps,
         params=PhantomParams(seed=0, sex=patient_sex, height_m=height_m), midline_x_mm=0.0,
