@@ -29,6 +29,7 @@ def write_nifti_ct_as_dicom(
     reverse_slices: bool = False,
     transpose_in_plane: bool = False,
     transfer_syntax: str | None = None,
+    study_date: str = "20240101",
 ) -> list[Path]:
     img = nib.load(str(nifti))
     affine = RAS_TO_LPS @ img.affine
@@ -54,5 +55,5 @@ def write_nifti_ct_as_dicom(
         image, out_dir, patient_id=patient_id, patient_name="Real^HipCT", patient_sex=patient_sex,
         height_m=height_m, study_uid=study_uid, series_uid=study_uid + ".1", frame_of_reference_uid=study_uid + ".2",
         study_description="CT hip", series_description="Hip CT (TotalSegmentator example)",
-        transfer_syntax=transfer_syntax,
+        transfer_syntax=transfer_syntax, study_date=study_date,
     )
