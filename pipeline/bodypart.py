@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from pipeline.labels import FEMUR_KEY
 from pipeline.types import SIDE_LEFT, SIDE_RIGHT, Segmentation, Volume
 
 WORK_PIXEL_MM = 1.4
@@ -338,9 +339,9 @@ def femur_label_volumes_ml(segmentation: Segmentation, voxel_ml: float) -> tuple
 
     ``voxel_ml``: the voxel volume of the grid (the volume's; the segmentation is on it).
     """
-    if "femur" not in segmentation.labels.keys():
+    if FEMUR_KEY not in segmentation.labels.keys():
         return None
-    fid = segmentation.labels.by_key("femur").id
+    fid = segmentation.labels.by_key(FEMUR_KEY).id
     mask = segmentation.label_map == fid
     sides = np.bincount(segmentation.side_map[mask].ravel(), minlength=3)
     return float(sides[SIDE_RIGHT] * voxel_ml), float(sides[SIDE_LEFT] * voxel_ml)

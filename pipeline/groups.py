@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.labels import LabelTable
+from pipeline.labels import FEMUR_KEY, LabelTable
 from pipeline.types import (
     FLAG_PARTIAL_BOTTOM,
     FLAG_PARTIAL_TOP,
@@ -94,7 +94,6 @@ crest: leakage, or a phantom's rounded muscle end)."""
 GLUTEAL_MIN_REACH_MM = 50.0
 """How far the femur must reach above the inferior edge of the field of view (about the lesser
 trochanter) for the gluteal group to count as covered at its inferior end."""
-FEMUR_KEY = "femur"
 
 CUT_SUPERIOR = "cut at the superior edge of the field of view"
 CUT_INFERIOR = "cut at the inferior edge of the field of view"
@@ -194,17 +193,16 @@ def read_gluteal_min_reach(data: Mapping, path: object, error: type[ValueError])
 def femur_reach_mm(segmentation: Segmentation, z_axis: int, bottom_index: int, affine_lps: np.ndarray) -> dict[str, float]:
     """Per side, how far (patient z, mm) the top of the femur label lies above the inferior edge of
     the field of view (the centre of the bottom slice); 0 where the side has no femur voxel."""
+    reach = {"right": 0.0, "left": 0.0}
+    if FEMUR_KEY not in segmentation.labels.keys():
+        return reach
+    femur = segmentation.label_map == segmentation.labels.by_key(FEMUR_KEY).id
+    other_axes = tuple(a for a in range(femur.ndim) if a != z_axis)
     step_mm = abs(float(affine_lps[2, z_axis]))
-    femur = next((label.id for label in segmentation.labels.labels if label.key == FEMUR_KEY), None)
-    reach = {}
     for side, code in (("right", SIDE_RIGHT), ("left", SIDE_LEFT)):
-        if femur is None:
-            reach[side] = 0.0
-            continue
-        mask = (segmentation.label_map == femur) & (segmentation.side_map == code)
-        other_axes = tuple(a for a in range(mask.ndim) if a != z_axis)
-        indices = np.flatnonzero(mask.any(axis=other_axes))
-        reach[side] = float(np.abs(indices - bottom_index).max() * step_mm) if indices.size else 0.0
+        indices = np.flatnonzero((femur & (segmentation.side_map == code)).any(axis=other_axes))
+        if indices.size:
+            reach[side] = float(np.abs(indices - bottom_index).max() * step_mm)
     return reach
 
 

@@ -18,6 +18,7 @@ import torch
 
 from pipeline.bundle import Bundle
 from pipeline.errors import SegmentationError
+from pipeline.labels import FEMUR_KEY
 from pipeline.postprocess import keep_largest_components, split_sides
 from pipeline.preprocess import PreprocessPlan, prepare, restore_probabilities
 from pipeline.types import Segmentation, Volume
@@ -121,7 +122,7 @@ class Segmenter:
         self._keep_largest = keep_largest
         self._lock = threading.Lock()
         self._network = bundle.network.to(self._device).eval()
-        femur = [l.id for l in bundle.labels.labels if l.key == "femur"]
+        femur = [l.id for l in bundle.labels.labels if l.key == FEMUR_KEY]
         self._femur_id = femur[0] if femur else None
 
     @property

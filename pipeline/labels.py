@@ -15,6 +15,9 @@ else:  # pragma: no cover
 from pipeline.errors import LabelTableError
 
 GROUPS = ("anterior", "medial", "posterior", "gluteal", "other", "bone")
+FEMUR_KEY = "femur"
+"""The femur's label key: the post-processing's side split, the comparison's landmark and the
+gluteal group's coverage landmark all look it up."""
 DEFAULT_LABELS_PATH = Path(__file__).resolve().parents[1] / "config" / "labels.toml"
 #: Words a structure's name may carry that do not change which structure of the table it is
 #: (labels carry no side: the side comes from the patient's midline).

@@ -12,7 +12,6 @@ from pipeline.types import SIDE_LEFT, SIDE_NONE, SIDE_RIGHT
 logger = logging.getLogger(__name__)
 
 #: Label key of the femur, used to find the patient midline.
-FEMUR_KEY = "femur"
 
 
 def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.labels import LabelTable
+from pipeline.labels import FEMUR_KEY, LabelTable
 from pipeline.types import (
     SIDE_LEFT,
     SIDE_RIGHT,
@@ -51,7 +51,6 @@ from pipeline.types import (
 logger = logging.getLogger(__name__)
 
 LANDMARK = "top of the femoral head"
-FEMUR_KEY = "femur"
 LANDMARK_METAL_MM = 30.0
 """Metal within this z distance of a side's landmark makes that landmark unreliable."""
 MIN_AXIAL_COSINE = 0.9

@@ -571,11 +571,6 @@ def _positive(value: Any) -> float | None:
     return v if v > 0 and math.isfinite(v) else None
 
 
-def read_patient_info(path: Path) -> PatientInfo:
-    """Patient attributes of one instance file (see :func:`patient_info`)."""
-    return patient_info(_read_header(Path(path)))
-
-
 def patient_info(ds: Dataset) -> PatientInfo:
     """Patient attributes of one header (Patient and Patient Study modules, PS3.3 C.7.1.1, C.7.2.2).
 

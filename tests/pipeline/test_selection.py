@@ -1,4 +1,4 @@
-"""select_series / classify_kernel / read_patient_info."""
+"""select_series / classify_kernel / patient_info."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from pydicom.uid import EnhancedCTImageStorage
 
 from pipeline.errors import DeclinedError, SelectionError, VolumeError
-from pipeline.selection import classify_kernel, read_patient_info, select_series
+from pipeline.selection import classify_kernel, patient_info, select_series
 from pipeline.volume import load_volume
 from tests.support.synthetic_ct import DEFAULT_PATIENT, write_ct_series, write_localizer
 
@@ -246,9 +246,9 @@ def test_classify_kernel(kernel: str, description: str, expected: str) -> None:
     assert classify_kernel(kernel, description) == expected
 
 
-def test_read_patient_info(tmp_path: Path) -> None:
+def test_patient_info(tmp_path: Path) -> None:
     paths = write_ct_series(tmp_path / "a", n_slices=1, **GRID)
-    info = read_patient_info(paths[0])
+    info = patient_info(pydicom.dcmread(paths[0], stop_before_pixels=True))
     assert info.patient_id == DEFAULT_PATIENT["PatientID"]
     assert info.issuer_of_patient_id == DEFAULT_PATIENT["IssuerOfPatientID"]
     assert info.patient_name == DEFAULT_PATIENT["PatientName"]
@@ -263,18 +263,18 @@ def test_read_patient_info(tmp_path: Path) -> None:
     "size, weight, height_m, weight_kg",
     [("", "", None, None), ("0", "0", None, None), ("168", "80.5", None, 80.5), ("1.9", "-3", 1.9, None)],
 )
-def test_read_patient_info_missing_or_implausible_size(
+def test_patient_info_missing_or_implausible_size(
     tmp_path: Path, size: str, weight: str, height_m: float | None, weight_kg: float | None
 ) -> None:
     paths = write_ct_series(tmp_path, n_slices=1, **GRID, patient={"PatientSize": size, "PatientWeight": weight})
-    info = read_patient_info(paths[0])
+    info = patient_info(pydicom.dcmread(paths[0], stop_before_pixels=True))
     assert info.height_m == (pytest.approx(height_m) if height_m is not None else None)
     assert info.weight_kg == (pytest.approx(weight_kg) if weight_kg is not None else None)
 
 
-def test_read_patient_info_absent_attributes(tmp_path: Path) -> None:
+def test_patient_info_absent_attributes(tmp_path: Path) -> None:
     paths = write_ct_series(
         tmp_path, n_slices=1, **GRID, extra={"PatientSize": None, "PatientWeight": None, "PatientSex": None}
     )
-    info = read_patient_info(paths[0])
+    info = patient_info(pydicom.dcmread(paths[0], stop_before_pixels=True))
     assert (info.height_m, info.weight_kg, info.sex) == (None, None, "")
