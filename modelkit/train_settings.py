@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelkit.augment import TissueContrastSettings
 from modelkit.calibration import DEFAULT_OBJECTIVE, OBJECTIVES
 from pipeline.bundle import DEMO_INTENDED_USE
 from pipeline.network import NetworkSettings
@@ -60,6 +61,15 @@ class TrainSettings:
     flip_prob: float = 0.5
     intensity_prob: float = 0.5
     noise_prob: float = 0.2
+    #: Per-structure HU offsets, global contrast, an HU bias field and blur on each training patch
+    #: (modelkit.augment.RandTissueContrastd, SynthSeg-style): probability per patch (0 = off) and
+    #: its strengths. For transfer from phantoms to real CT.
+    contrast_prob: float = 0.0
+    contrast_structure_sd_hu: float = 12.0
+    contrast_global_sd_hu: float = 10.0
+    contrast_fraction: float = 0.15
+    contrast_bias_hu: float = 20.0
+    contrast_blur_max_vox: float = 0.8
     network: NetworkSettings = field(default_factory=NetworkSettings)
     preprocess: PreprocessSettings = field(default_factory=PreprocessSettings)
     bundle_name: str = "thighnode_demo"
@@ -103,6 +113,7 @@ class TrainSettings:
     case_cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
+        self.tissue_contrast()  # validates the contrast_* keys
         if self.iterations < 0 or self.val_every < 1 or self.batch_size < 1 or self.samples_per_volume < 1:
             raise ValueError(
                 f"TrainSettings: iterations ({self.iterations}) >= 0, val_every ({self.val_every}), batch_size "
@@ -125,6 +136,17 @@ class TrainSettings:
         if self.calibration_objective not in OBJECTIVES:
             raise ValueError(f"TrainSettings.calibration_objective must be one of {', '.join(OBJECTIVES)}; "
                              f"saw {self.calibration_objective!r}")
+
+    def tissue_contrast(self) -> TissueContrastSettings:
+        """The contrast_* keys as the augmentation's settings (raises ValueError naming the key)."""
+        try:
+            return TissueContrastSettings(
+                prob=self.contrast_prob, structure_sd_hu=self.contrast_structure_sd_hu,
+                global_sd_hu=self.contrast_global_sd_hu, contrast_fraction=self.contrast_fraction,
+                bias_hu=self.contrast_bias_hu, blur_max_vox=self.contrast_blur_max_vox,
+            )
+        except ValueError as exc:
+            raise ValueError(f"TrainSettings contrast_* keys: {exc}") from exc
 
     @classmethod
     def from_toml(cls, path: Path, **overrides: Any) -> "TrainSettings":

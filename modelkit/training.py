@@ -276,10 +276,19 @@ def build_transforms(settings: TrainSettings, num_classes: int):  # -> monai.tra
         SpatialPadd,
     )
 
+    from modelkit.augment import RandTissueContrastd
+
     size = settings.network.img_size
     rot = math.radians(settings.rotate_deg)
     target = "soft" if settings.soft_labels else "label"
     target_mode = "bilinear" if settings.soft_labels else "nearest"
+    pre = settings.preprocess
+    contrast = []
+    if settings.contrast_prob > 0:
+        if not settings.soft_labels:
+            raise ValueError("TrainSettings.contrast_prob > 0 needs soft_labels = true (the structures' weights)")
+        contrast = [RandTissueContrastd("image", "soft", settings.tissue_contrast(),
+                                        (pre.window_lo_hu, pre.window_hi_hu), pre.gamma)]
     return Compose(
         [
             SpatialPadd(keys=("image", target), spatial_size=size, mode="constant"),
@@ -292,6 +301,7 @@ def build_transforms(settings: TrainSettings, num_classes: int):  # -> monai.tra
                 scale_range=(settings.scale_fraction,) * 3, mode=("bilinear", target_mode), padding_mode="zeros",
             ),
             RandFlipd(keys=("image", target), prob=settings.flip_prob, spatial_axis=2),
+            *contrast,
             RandScaleIntensityd(keys="image", factors=0.1, prob=settings.intensity_prob),
             RandShiftIntensityd(keys="image", offsets=0.05, prob=settings.intensity_prob),
             RandGaussianNoised(keys="image", prob=settings.noise_prob, std=0.02),

@@ -1,0 +1,115 @@
+"""Training augmentation for transfer from phantoms to real CT: tissue contrast, bias field and blur.
+
+The phantoms give each muscle its own mean HU (``Subject.muscle_hu``), clean edges and a flat
+field: a network can learn those as cues, and real CT has none of them. :class:`RandTissueContrastd`
+(after SynthSeg, Billot et al., Med Image Anal 2023: intensities drawn per structure from the label
+map so that only shape and context are left to learn) changes, per training patch:
+
+* **per-structure HU offset**: every class (background included) gets its own offset drawn from
+  N(0, ``structure_sd_hu``), spread over the patch with the soft labels (partial-volume voxels take
+  the mixture), so two muscles can no longer be told apart by their mean HU;
+* **global contrast**: an HU offset N(0, ``global_sd_hu``) and a scale U(1 - s, 1 + s) about soft
+  tissue (40 HU), like scanner calibration, kVp and contrast medium do;
+* **bias field**: a smooth additive HU field (a random 4x4x4 grid upsampled trilinearly) of
+  amplitude up to ``bias_hu`` (beam hardening, cupping, patient size);
+* **blur**: a Gaussian of sigma U(0, ``blur_max_vox``) voxels per axis (reconstruction kernels,
+  slice thickness, the partial volume of coarser series).
+
+The image arrives windowed and gamma-corrected (pipeline.preprocess.window_gamma: clip to
+[lo, hi] HU, scale to [0, 1], power gamma). The transform undoes the gamma, works in HU-linear
+window units (1 = hi - lo HU), clips to the window and applies the gamma again, so what the network
+sees is exactly what a CT with those HU would give after preprocessing. Voxels the window clipped
+(fat, air, bone) are moved a margin beyond it first (:data:`CLIPPED_MARGIN_HU`), so bone stays white.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import MapTransform, RandomizableTransform
+from scipy import ndimage
+
+SOFT_TISSUE_HU = 40.0
+#: Voxels the window clipped are put this far below / above it before the changes (fat lies near
+#: -100 HU, cortical bone far above 164): an offset or contrast change must not turn them grey.
+CLIPPED_MARGIN_HU = (50.0, 300.0)
+
+
+@dataclass(frozen=True)
+class TissueContrastSettings:
+    """How much :class:`RandTissueContrastd` changes; ``prob`` 0 turns it off."""
+
+    prob: float = 0.0
+    structure_sd_hu: float = 12.0
+    global_sd_hu: float = 10.0
+    contrast_fraction: float = 0.15
+    bias_hu: float = 20.0
+    blur_max_vox: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prob <= 1.0:
+            raise ValueError(f"contrast augmentation prob is {self.prob!r}; allowed: 0 .. 1")
+        for name in ("structure_sd_hu", "global_sd_hu", "contrast_fraction", "bias_hu", "blur_max_vox"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"contrast augmentation {name} is {value!r}; allowed: a number >= 0")
+        if self.contrast_fraction >= 1.0:
+            raise ValueError(f"contrast augmentation contrast_fraction is {self.contrast_fraction!r}; allowed: below 1")
+
+
+class RandTissueContrastd(RandomizableTransform, MapTransform):
+    """Per-structure contrast, bias field and blur on ``image`` (C=1, D, H, W), using ``soft``
+    (C classes, D, H, W; any non-negative weights, uint8 0..255 or float) for the structures."""
+
+    def __init__(self, image_key: str, soft_key: str, settings: TissueContrastSettings,
+                 window_hu: tuple[float, float], gamma: float) -> None:
+        MapTransform.__init__(self, keys=(image_key,))
+        RandomizableTransform.__init__(self, prob=settings.prob)
+        self.image_key, self.soft_key = image_key, soft_key
+        self.settings = settings
+        self.lo_hu, self.hi_hu = float(window_hu[0]), float(window_hu[1])
+        self.gamma = float(gamma)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        image = np.asarray(d[self.image_key], dtype=np.float32)
+        soft = np.asarray(d[self.soft_key], dtype=np.float32)
+        out = self.apply(image, soft)
+        d[self.image_key] = torch.as_tensor(out) if isinstance(d[self.image_key], torch.Tensor) else out
+        return d
+
+    def apply(self, image: np.ndarray, soft: np.ndarray) -> np.ndarray:
+        """The augmented image; draws from this transform's random state."""
+        s, rng = self.settings, self.R
+        span = self.hi_hu - self.lo_hu
+        x = np.power(np.clip(image[0], 0.0, 1.0), 1.0 / self.gamma)
+        hu = x * span + self.lo_hu
+        # the window clipped them: what lay above it (bone, contrast) or below (fat, air) stays there
+        hu[x >= 1.0 - 1e-4] = self.hi_hu + CLIPPED_MARGIN_HU[1]
+        hu[x <= 1e-4] = self.lo_hu - CLIPPED_MARGIN_HU[0]
+        weights = soft / np.maximum(soft.sum(0, keepdims=True), 1e-6)
+        offsets = rng.normal(0.0, s.structure_sd_hu, size=soft.shape[0]).astype(np.float32)
+        hu = hu + np.tensordot(offsets, weights, axes=(0, 0))
+        scale = rng.uniform(1.0 - s.contrast_fraction, 1.0 + s.contrast_fraction)
+        hu = SOFT_TISSUE_HU + (hu - SOFT_TISSUE_HU) * scale + rng.normal(0.0, s.global_sd_hu)
+        if s.bias_hu > 0:
+            hu = hu + _smooth_field(rng, hu.shape, s.bias_hu)
+        sigma = rng.uniform(0.0, s.blur_max_vox, size=3)
+        if sigma.max() > 0.1:
+            hu = ndimage.gaussian_filter(hu, sigma=tuple(float(x) for x in sigma), mode="nearest")
+        x = np.clip((hu - self.lo_hu) / span, 0.0, 1.0)
+        return np.power(x, self.gamma, dtype=np.float32)[None].astype(np.float32)
+
+
+def _smooth_field(rng: np.random.RandomState, shape: tuple[int, ...], amplitude: float) -> np.ndarray:
+    """A smooth field in [-amplitude, amplitude]: a 4x4x4 uniform grid, upsampled trilinearly."""
+    grid = torch.as_tensor(rng.uniform(-amplitude, amplitude, size=(1, 1, 4, 4, 4)), dtype=torch.float32)
+    field = torch.nn.functional.interpolate(grid, size=tuple(shape), mode="trilinear", align_corners=True)
+    return field[0, 0].numpy()
