@@ -36,6 +36,8 @@ import numpy as np
 from scipy import ndimage
 
 from modelkit import phantom_anatomy as anat
+from modelkit.phantom_artifacts import add_metal_artifacts
+from modelkit.phantom_implants import implant_masks
 from modelkit.phantom_io import (
     NIFTI_LPS_TO_RAS,
     phantom_uid,
@@ -62,10 +64,11 @@ from modelkit.phantom_shapes import (
     draw_subject,
     interp_rows,
     muscle_tracks,
-    seg_dist,
     smoothstep,
 )
 from modelkit.phantom_types import (
+    IMPLANT_KINDS,
+    IMPLANT_SIDES,
     SEXES,
     SIDES,
     Phantom,
@@ -77,7 +80,7 @@ from modelkit.phantom_types import (
 from pipeline.labels import LabelTable, load_label_table
 
 __all__ = [
-    "NIFTI_LPS_TO_RAS", "SEXES", "SIDES", "Phantom", "PhantomError", "PhantomParams", "generate_phantom",
+    "IMPLANT_KINDS", "IMPLANT_SIDES", "NIFTI_LPS_TO_RAS", "SEXES", "SIDES", "Phantom", "PhantomError", "PhantomParams", "generate_phantom",
     "ground_truth", "phantom_uid", "write_dicom_series", "write_ground_truth", "write_nifti_pair",
 ]
 
@@ -306,36 +309,13 @@ def _apply_atrophy(
         sub_tis[ri] = FAT
 
 
-def _implant_mask(params: PhantomParams, subj: Subject, grid: _Grid) -> np.ndarray:
-    """Total hip prosthesis: femoral head, neck and stem plus the acetabular cup."""
-    f = Femur(subj)
-    n_k, n_r, n_c = len(grid.z), len(grid.y), len(grid.x)
-    mask = np.zeros((n_k, n_r, n_c), dtype=bool)
+def _body_coords(subj: Subject, grid: _Grid) -> tuple[np.ndarray, np.ndarray]:
+    """Body-frame x (toward the patient's left) and y (posterior) of each voxel of a slice (r, c), mm."""
     X, Y = np.meshgrid(grid.x, grid.y)
     cr, sr = math.cos(subj.rot_rad), math.sin(subj.rot_rad)
     xb = cr * (X - subj.midline_x_mm) + sr * (Y - subj.center_y_mm)
     yb = -sr * (X - subj.midline_x_mm) + cr * (Y - subj.center_y_mm)
-    u = xb if params.implant == "left" else -xb
-    stem_end_z = -250.0 * subj.zs
-    au, ay = f.axis(stem_end_z)
-    stem_end = np.array([float(au), float(ay), stem_end_z])
-    stem_top = np.array([*(float(v) for v in f.axis(f.neck_base[2])), f.neck_base[2]])
-    h, r = f.head, f.head_r
-    for k, z in enumerate(grid.z):
-        z = float(z)
-        if z > h[2] + r + 6.0 or z < stem_end_z - 8.0:
-            continue
-        m = np.zeros((n_r, n_c), dtype=bool)
-        dist = np.sqrt((u - h[0]) ** 2 + (y_ := yb - h[1]) ** 2 + (z - h[2]) ** 2)
-        m |= dist <= r - 2.0  # head
-        m |= (dist >= r + 0.5) & (dist <= r + 4.0) & ((u - h[0]) < 0.2 * r)  # cup
-        m |= seg_dist(u, yb, z, h, f.neck_base) <= 8.0
-        d_stem = seg_dist(u, yb, z, stem_top, stem_end)
-        t = float(np.clip((stem_top[2] - z) / (stem_top[2] - stem_end_z), 0, 1))
-        m |= d_stem <= 9.0 - 4.0 * t
-        del y_
-        mask[k] = m
-    return mask
+    return xb, yb
 
 
 def _metal_neighbours(metal: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, float], table: LabelTable) -> tuple[str, ...]:
@@ -388,26 +368,6 @@ def _render_hu(
     return hu
 
 
-def _add_streaks(hu: np.ndarray, metal: np.ndarray, grid: _Grid, rng: np.random.Generator) -> None:
-    """Bright/dark radial streaks through the metal of each slice that contains it."""
-    angles = rng.uniform(0, np.pi, size=14)
-    amps = rng.uniform(250, 700, size=14) * np.where(np.arange(14) % 2 == 0, 1.0, -1.0)
-    X, Y = np.meshgrid(grid.x, grid.y)
-    dz, dy, dx = grid.spacing_mm
-    for k in np.flatnonzero(metal.any(axis=(1, 2))):
-        rr, cc = np.nonzero(metal[k])
-        cx, cy = float(grid.x[cc].mean()), float(grid.y[rr].mean())
-        strength = min(1.0, math.sqrt(rr.size * dx * dy / 400.0))
-        phi = np.arctan2(Y - cy, X - cx)
-        rho = np.hypot(X - cx, Y - cy)
-        streak = np.zeros_like(rho)
-        for ang, amp in zip(angles, amps):
-            perp = np.abs(rho * np.sin(phi - ang))
-            streak += amp * np.exp(-(perp**2) / (2 * 2.5**2)) * np.exp(-rho / 140.0)
-        hu[k] += (strength * streak).astype(np.float32)
-    hu[metal] = np.maximum(hu[metal], 3000.0)
-
-
 def generate_phantom(params: PhantomParams, labels: LabelTable | None = None) -> Phantom:
     """Build one synthetic subject (deterministic in ``params``)."""
     t0 = time.perf_counter()
@@ -424,13 +384,18 @@ def generate_phantom(params: PhantomParams, labels: LabelTable | None = None) ->
     metal = np.zeros(tissue.shape, dtype=bool)
     metal_near: tuple[str, ...] = ()
     if params.implant is not None:
-        metal = _implant_mask(params, subj, grid) & (tissue != AIR)
+        xb, yb = _body_coords(subj, grid)
+        metal, plastic = implant_masks(params, subj, grid.z, xb, yb)
+        metal &= tissue != AIR
+        plastic &= tissue != AIR
+        tissue[plastic] = FAT  # polyethylene of a bipolar head (about -100 HU)
+        label_map[plastic] = 0
         tissue[metal] = METAL
         label_map[metal] = 0
         metal_near = _metal_neighbours(metal, label_map, grid.spacing_mm, table)
     hu = _render_hu(params, subj, tissue, label_map, table, rng_texture)
     if metal.any():
-        _add_streaks(hu, metal, grid, rng_metal)
+        add_metal_artifacts(hu, metal, _body_coords(subj, grid)[0] > 0, grid.x, grid.y, grid.spacing_mm, rng_metal)
     hu[tissue == AIR] = np.minimum(hu[tissue == AIR], -900.0) if params.implant else hu[tissue == AIR]
     np.clip(hu, -1024.0, 8000.0, out=hu)
     phantom = Phantom(

@@ -11,7 +11,7 @@ import numpy as np
 
 from modelkit.phantom import generate_phantom
 from modelkit.phantom_io import phantom_uid, write_dicom_series, write_ground_truth, write_nifti_pair
-from modelkit.phantom_types import PhantomError, PhantomParams
+from modelkit.phantom_types import IMPLANT_KINDS, PhantomError, PhantomParams
 from pipeline.labels import LabelTable, load_label_table
 
 FOLLOW_UP_MUSCLES = (
@@ -53,7 +53,12 @@ def subject_params(
     implant_fraction: float = 0.0,
     cut_fov_fraction: float = 0.0,
 ) -> PhantomParams:
-    """The parameters of subject ``index`` of a dataset drawn from ``seed``."""
+    """The parameters of subject ``index`` of a dataset drawn from ``seed``.
+
+    With probability ``implant_fraction`` the subject has an implant: its side is drawn as before
+    (left or right, same stream), then a stream of its own turns 20 % of them into "both" and picks
+    the kind uniformly over IMPLANT_KINDS.
+    """
     rng = np.random.default_rng([seed, index, 11])
     subject_seed = int(rng.integers(0, 2**31 - 1))
     if not variation:
@@ -61,9 +66,13 @@ def subject_params(
     sex = "F" if rng.random() < 0.5 else "M"
     height = float(rng.normal(1.64, 0.06) if sex == "F" else rng.normal(1.77, 0.07))
     fat = float(rng.uniform(0.18, 0.42) if sex == "F" else rng.uniform(0.1, 0.3))
-    implant = None
+    implant, kind = None, "total_hip"
     if rng.random() < implant_fraction:
-        implant = "left" if rng.random() < 0.5 else "right"
+        implant = "left" if rng.random() < 0.5 else "right"  # today's draw, kept: later draws stay the same
+        both, kind_u = np.random.default_rng([seed, index, 13]).random(2)
+        kind = IMPLANT_KINDS[min(int(kind_u * len(IMPLANT_KINDS)), len(IMPLANT_KINDS) - 1)]
+        if both < 0.2:
+            implant = "both"  # left 40 %, right 40 %, both 20 %
     top = bottom = None
     if rng.random() < cut_fov_fraction:
         if rng.random() < 0.5:
@@ -77,6 +86,7 @@ def subject_params(
         size=float(np.clip(rng.normal(1.0, 0.1), 0.82, 1.22)),
         fat_fraction=fat,
         implant=implant,
+        implant_kind=kind,
         fov_top_mm=top,
         fov_bottom_mm=bottom,
         spacing_mm=spacing_mm,

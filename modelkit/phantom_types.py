@@ -16,6 +16,8 @@ from pipeline.labels import LabelTable, load_label_table
 
 SIDES = ("left", "right")
 SEXES = ("F", "M")
+IMPLANT_SIDES = ("left", "right", "both")
+IMPLANT_KINDS = ("total_hip", "hemi", "nail", "screws", "dhs")
 
 
 class PhantomError(ValueError):
@@ -33,6 +35,11 @@ class PhantomParams:
     subject (anatomy, position); ``scan_seed`` (default: ``seed``) the image noise and
     texture, so a follow-up scan of the same subject uses the same ``seed`` and another
     ``scan_seed``.
+
+    ``implant`` (None, "left", "right" or "both") puts the metal of hip surgery on that side
+    (both sides get the same kind); ``implant_kind`` is one of :data:`IMPLANT_KINDS`: total hip
+    prosthesis, hemiarthroplasty, cephalomedullary nail, three cannulated screws or dynamic hip
+    screw (geometry: :mod:`modelkit.phantom_implants`).
     """
 
     seed: int
@@ -42,6 +49,7 @@ class PhantomParams:
     fat_fraction: float = 0.25
     atrophy: Mapping[str, float] = field(default_factory=dict)
     implant: str | None = None
+    implant_kind: str = "total_hip"
     fov_top_mm: float | None = None
     fov_bottom_mm: float | None = None
     spacing_mm: tuple[float, float, float] = (2.0, 2.0, 2.0)
@@ -70,8 +78,12 @@ class PhantomParams:
                 raise PhantomError(
                     f"PhantomParams.atrophy[{key!r}] is {value!r}; allowed: remaining volume fraction in (0, 1]"
                 )
-        if self.implant not in (None, "left", "right"):
-            raise PhantomError(f"PhantomParams.implant is {self.implant!r}; allowed: None, 'left', 'right'")
+        if self.implant is not None and self.implant not in IMPLANT_SIDES:
+            raise PhantomError(f"PhantomParams.implant is {self.implant!r}; allowed: None, {', '.join(map(repr, IMPLANT_SIDES))}")
+        if self.implant_kind not in IMPLANT_KINDS:
+            raise PhantomError(
+                f"PhantomParams.implant_kind is {self.implant_kind!r}; allowed: {', '.join(map(repr, IMPLANT_KINDS))}"
+            )
         top = self.fov_top_mm if self.fov_top_mm is not None else math.inf
         bottom = self.fov_bottom_mm if self.fov_bottom_mm is not None else -math.inf
         if not top - bottom >= 20.0:

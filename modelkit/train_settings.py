@@ -28,6 +28,29 @@ class PhantomDataSettings:
     n_subjects: int
     seed: int
     spacing_mm: tuple[float, float, float] = (2.0, 2.0, 2.0)
+    #: Share (0..1) of subjects with the metal of hip surgery (kind uniform over the five of
+    #: modelkit.phantom_types.IMPLANT_KINDS; left 40 %, right 40 %, both 20 %), for models that
+    #: must read post-operative CTs. Drawn from a stream of its own: other subjects stay the same.
+    implant_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.implant_fraction) <= 1.0:
+            raise ValueError(f"[[phantoms]] implant_fraction is {self.implant_fraction!r}; allowed: 0 .. 1")
+
+
+_PHANTOM_KEYS = ("dir", "n_subjects", "seed", "spacing_mm", "implant_fraction")
+
+
+def _phantom_settings(entry: dict[str, Any], source: str) -> PhantomDataSettings:
+    """One ``[[phantoms]]`` table."""
+    unknown = sorted(set(entry) - set(_PHANTOM_KEYS))
+    if unknown:
+        raise ValueError(f"{source}: unknown [[phantoms]] keys {unknown}; allowed: {list(_PHANTOM_KEYS)}")
+    return PhantomDataSettings(
+        int(entry["n_subjects"]), int(entry["seed"]),
+        tuple(float(s) for s in entry.get("spacing_mm", (2, 2, 2))),  # type: ignore[arg-type]
+        float(entry.get("implant_fraction", 0.0)),
+    )
 
 
 @dataclass(frozen=True)
@@ -151,7 +174,7 @@ class TrainSettings:
     @classmethod
     def from_toml(cls, path: Path, **overrides: Any) -> "TrainSettings":
         """Read a TOML file: top-level keys of TrainSettings, ``[network]``, ``[preprocess]``,
-        ``[[phantoms]]`` (dir, n_subjects, seed, spacing_mm). Relative paths stay relative to the
+        ``[[phantoms]]`` (dir, n_subjects, seed, spacing_mm, implant_fraction). Relative paths stay relative to the
         working directory (the repository root for the documented commands).
 
         ``base = "other.toml"`` (relative to this file's folder) reads that file first; this
@@ -179,8 +202,7 @@ class TrainSettings:
         kwargs["network"] = NetworkSettings.from_dict(net)
         kwargs["preprocess"] = PreprocessSettings.from_dict(pre)
         kwargs["phantoms"] = {
-            str(Path(p["dir"])): PhantomDataSettings(int(p["n_subjects"]), int(p["seed"]),
-                                                     tuple(float(s) for s in p.get("spacing_mm", (2, 2, 2))))  # type: ignore[arg-type]
+            str(Path(p["dir"])): _phantom_settings(p, source)
             for p in phantoms
         }
         kwargs.update({k: v for k, v in overrides.items() if v is not None})

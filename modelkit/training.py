@@ -93,6 +93,18 @@ def _training_atrophy(rng: np.random.Generator, muscles: list[str]) -> dict[str,
     return atrophy
 
 
+def draw_implant(rng: np.random.Generator, implant_fraction: float) -> tuple[str | None, str]:
+    """(side or None, kind) of a subject's implant: present with probability ``implant_fraction``,
+    kind uniform over IMPLANT_KINDS, side left 40 %, right 40 %, both 20 %. Always draws three
+    numbers, so what follows on ``rng`` does not depend on the outcome."""
+    from modelkit.phantom_types import IMPLANT_KINDS, IMPLANT_SIDES
+
+    present, kind_u, side_u = rng.random(3)
+    kind = IMPLANT_KINDS[min(int(kind_u * len(IMPLANT_KINDS)), len(IMPLANT_KINDS) - 1)]
+    side = IMPLANT_SIDES[0 if side_u < 0.4 else 1 if side_u < 0.8 else 2]
+    return (side if present < implant_fraction else None), kind
+
+
 def phantom_params(spec: PhantomDataSettings, index: int):  # -> modelkit.phantom.PhantomParams
     """Subject ``index`` of a phantom set: varied sex, height, girth, fat, noise and atrophy,
     all drawn from (spec.seed, index) only.
@@ -100,7 +112,8 @@ def phantom_params(spec: PhantomDataSettings, index: int):  # -> modelkit.phanto
     About 75 % of subjects have one to four atrophied muscles (each kept at 0.6-0.95 of its
     normal volume, on one side or both): with only occasional, mild atrophy a model learns a
     muscle's usual outline and underestimates a real loss. The atrophy has its own random
-    stream: the subject (sex, height, size, ...) does not depend on it.
+    stream: the subject (sex, height, size, ...) does not depend on it. So does the implant
+    (``spec.implant_fraction``, :func:`draw_implant`): subjects without one stay the same.
     """
     from modelkit.phantom import PhantomParams
     from pipeline.labels import load_label_table
@@ -110,6 +123,7 @@ def phantom_params(spec: PhantomDataSettings, index: int):  # -> modelkit.phanto
     ])
     rng = np.random.default_rng([spec.seed, index])
     rng.random()  # the draw that once decided the atrophy: subjects drawn without it stay the same
+    implant, kind = draw_implant(np.random.default_rng([spec.seed, index, 3]), spec.implant_fraction)
     return PhantomParams(
         seed=int(spec.seed * 1000 + index),
         sex=("F", "M")[int(rng.integers(2))],
@@ -117,6 +131,8 @@ def phantom_params(spec: PhantomDataSettings, index: int):  # -> modelkit.phanto
         size=float(rng.uniform(0.85, 1.2)),
         fat_fraction=float(rng.uniform(0.1, 0.45)),
         atrophy=atrophy,
+        implant=implant,
+        implant_kind=kind,
         spacing_mm=spec.spacing_mm,
         noise_hu=float(rng.uniform(8.0, 20.0)),
     )

@@ -177,7 +177,7 @@ def test_subject_variation_changes_size(table: LabelTable) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("sex", "X"), ("height_m", 3.0), ("size", 0.2), ("fat_fraction", 0.9), ("implant", "both"),
+    [("sex", "X"), ("height_m", 3.0), ("size", 0.2), ("fat_fraction", 0.9), ("implant", "middle"), ("implant_kind", "plate"),
      ("spacing_mm", (2.0, 2.0)), ("noise_hu", -1.0), ("atrophy", {"vastus_lateralis:up": 0.8}),
      ("atrophy", {"vastus_lateralis": 1.5}), ("fov_top_mm", -600.0)],
 )
