@@ -32,13 +32,19 @@ class PhantomDataSettings:
     #: modelkit.phantom_types.IMPLANT_KINDS; left 40 %, right 40 %, both 20 %), for models that
     #: must read post-operative CTs. Drawn from a stream of its own: other subjects stay the same.
     implant_fraction: float = 0.0
+    #: Share (0..1) of subjects scanned with a limited field of view (modelkit.training.draw_fov):
+    #: 60 % of them a hip CT (pelvis to the proximal femur), 40 % a thigh CT starting at or below
+    #: the hip. Own random stream, as the implants.
+    fov_cut_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= float(self.implant_fraction) <= 1.0:
-            raise ValueError(f"[[phantoms]] implant_fraction is {self.implant_fraction!r}; allowed: 0 .. 1")
+        for key in ("implant_fraction", "fov_cut_fraction"):
+            value = getattr(self, key)
+            if not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"[[phantoms]] {key} is {value!r}; allowed: 0 .. 1")
 
 
-_PHANTOM_KEYS = ("dir", "n_subjects", "seed", "spacing_mm", "implant_fraction")
+_PHANTOM_KEYS = ("dir", "n_subjects", "seed", "spacing_mm", "implant_fraction", "fov_cut_fraction")
 
 
 def _phantom_settings(entry: dict[str, Any], source: str) -> PhantomDataSettings:
@@ -50,6 +56,7 @@ def _phantom_settings(entry: dict[str, Any], source: str) -> PhantomDataSettings
         int(entry["n_subjects"]), int(entry["seed"]),
         tuple(float(s) for s in entry.get("spacing_mm", (2, 2, 2))),  # type: ignore[arg-type]
         float(entry.get("implant_fraction", 0.0)),
+        float(entry.get("fov_cut_fraction", 0.0)),
     )
 
 

@@ -105,6 +105,21 @@ def draw_implant(rng: np.random.Generator, implant_fraction: float) -> tuple[str
     return (side if present < implant_fraction else None), kind
 
 
+def draw_fov(rng: np.random.Generator, fov_cut_fraction: float) -> tuple[float | None, float | None]:
+    """(fov_top_mm, fov_bottom_mm) relative to the iliac crest, or (None, None) for the full scan.
+
+    With probability ``fov_cut_fraction`` the field of view is limited: 60 % a hip CT whose lowest
+    slice lies between the femoral head (-110 mm) and the lesser trochanter's foot (-200 mm), 40 % a
+    thigh CT whose first slice lies between the acetabulum (-70 mm) and the lesser trochanter
+    (-150 mm). Always draws three numbers."""
+    cut, which, where = rng.random(3)
+    if cut >= fov_cut_fraction:
+        return None, None
+    if which < 0.6:
+        return None, float(-110.0 - 90.0 * where)
+    return float(-70.0 - 80.0 * where), None
+
+
 def phantom_params(spec: PhantomDataSettings, index: int):  # -> modelkit.phantom.PhantomParams
     """Subject ``index`` of a phantom set: varied sex, height, girth, fat, noise and atrophy,
     all drawn from (spec.seed, index) only.
@@ -113,7 +128,8 @@ def phantom_params(spec: PhantomDataSettings, index: int):  # -> modelkit.phanto
     normal volume, on one side or both): with only occasional, mild atrophy a model learns a
     muscle's usual outline and underestimates a real loss. The atrophy has its own random
     stream: the subject (sex, height, size, ...) does not depend on it. So does the implant
-    (``spec.implant_fraction``, :func:`draw_implant`): subjects without one stay the same.
+    (``spec.implant_fraction``, :func:`draw_implant`) and the field of view (``spec.fov_cut_fraction``,
+    :func:`draw_fov`): subjects without them stay the same.
     """
     from modelkit.phantom import PhantomParams
     from pipeline.labels import load_label_table
@@ -124,6 +140,7 @@ def phantom_params(spec: PhantomDataSettings, index: int):  # -> modelkit.phanto
     rng = np.random.default_rng([spec.seed, index])
     rng.random()  # the draw that once decided the atrophy: subjects drawn without it stay the same
     implant, kind = draw_implant(np.random.default_rng([spec.seed, index, 3]), spec.implant_fraction)
+    fov_top, fov_bottom = draw_fov(np.random.default_rng([spec.seed, index, 5]), spec.fov_cut_fraction)
     return PhantomParams(
         seed=int(spec.seed * 1000 + index),
         sex=("F", "M")[int(rng.integers(2))],
@@ -133,6 +150,8 @@ def phantom_params(spec: PhantomDataSettings, index: int):  # -> modelkit.phanto
         atrophy=atrophy,
         implant=implant,
         implant_kind=kind,
+        fov_top_mm=fov_top,
+        fov_bottom_mm=fov_bottom,
         spacing_mm=spec.spacing_mm,
         noise_hu=float(rng.uniform(8.0, 20.0)),
     )

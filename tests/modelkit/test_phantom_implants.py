@@ -185,3 +185,18 @@ def test_dataset_subjects_draw_kind_and_side() -> None:
     assert {p.implant_kind for p in drawn} == set(IMPLANT_KINDS)
     assert {p.implant for p in drawn} == {"left", "right", "both"}
     assert all(subject_params(i, 3).implant is None for i in range(20))
+
+
+def test_training_set_fov_cut_draw_limits_fields_of_view_and_nothing_else() -> None:
+    plain = PhantomDataSettings(300, 7, (4.0, 4.0, 4.0))
+    cut = PhantomDataSettings(300, 7, (4.0, 4.0, 4.0), fov_cut_fraction=0.5)
+    drawn = [(phantom_params(plain, i), phantom_params(cut, i)) for i in range(300)]
+    assert all(a.fov_top_mm is None and a.fov_bottom_mm is None for a, _ in drawn)
+    for a, b in drawn:  # only the field of view differs
+        assert a.to_record() | {"fov_top_mm": b.fov_top_mm, "fov_bottom_mm": b.fov_bottom_mm} == b.to_record()
+    hip = [b.fov_bottom_mm for _, b in drawn if b.fov_bottom_mm is not None]
+    thigh = [b.fov_top_mm for _, b in drawn if b.fov_top_mm is not None]
+    assert 0.35 < (len(hip) + len(thigh)) / 300 < 0.65 and len(hip) > len(thigh) > 0
+    assert all(-200.0 <= z <= -110.0 for z in hip) and all(-150.0 <= z <= -70.0 for z in thigh)
+    with pytest.raises(ValueError, match="fov_cut_fraction is 2"):
+        PhantomDataSettings(3, 7, fov_cut_fraction=2)
