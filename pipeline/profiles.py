@@ -153,18 +153,29 @@ def _midline_x_mm(
     ``Segmentation.side_map``).
     """
     if femur_id is not None:
-        k, r, c = np.nonzero(labels == femur_id)
-        if k.size:
-            x = _voxel_x(affine, axis, k, r, c)
-            s = sides[k, r, c]
-            right, left = x[s == SIDE_RIGHT], x[s == SIDE_LEFT]
-            if right.size and left.size:
-                return float(0.5 * (right.mean() + left.mean()))
+        femur = labels == femur_id
+        centroids = [_mean_x(femur & (sides == code), affine, axis) for code in (SIDE_RIGHT, SIDE_LEFT)]
+        if all(x is not None for x in centroids):
+            return float(0.5 * (centroids[0] + centroids[1]))  # type: ignore[operator]
     k, r, c = np.nonzero(labels)
     if k.size == 0:
         return float(_voxel_x(affine, axis, *(np.array([(n - 1) / 2.0]) for n in labels.shape))[0])
     x = _voxel_x(affine, axis, k, r, c)
     return float(0.5 * (x.min() + x.max()))
+
+
+def _mean_x(mask: np.ndarray, affine: np.ndarray, axis: int) -> float | None:
+    """Mean LPS x of the voxels of ``mask`` (None when empty): x is linear in the indices, so it is
+    the x of the mean index, from three axis sums (no index arrays of every voxel)."""
+    n = int(np.count_nonzero(mask))
+    if n == 0:
+        return None
+    mean_idx = [
+        float(np.count_nonzero(mask, axis=tuple(j for j in range(3) if j != i)) @ np.arange(mask.shape[i])) / n
+        for i in range(3)
+    ]
+    others = [i for i in range(3) if i != axis]
+    return float(_voxel_x(affine, axis, *(np.array([mean_idx[i]]) for i in (axis, *others)))[0])
 
 
 @dataclass(frozen=True)
