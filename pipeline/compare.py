@@ -8,6 +8,17 @@ paper (loss in cm³, as a ratio of the pre-operative volume, and per height² in
 the contralateral side shown beside the operated one). The alignment, the landmark
 and the profiles each study keeps are those of :mod:`pipeline.profiles`.
 
+Alignment per side
+    On the landmark (the top of the femoral head, after pipeline.profiles' other-side fallback)
+    when both studies have one there: z is relative to it. Otherwise - the landmark missing in
+    either study, or only unreliable (metal near it on both sides) in both - by the model-free
+    bone-profile registration of :mod:`pipeline.boneshift` when both studies kept bone profiles:
+    both scans' profiles are placed on the current scan's absolute patient z (the prior's moved
+    by the registration's shift), and the common range below is in that z. A failed registration
+    leaves the side not compared with the registration's reason (correlation, overlap), except
+    that unreliable landmarks in both are then used as before. Profiles stored before bone
+    profiles existed offer no registration: the side is not compared, as before.
+
 Common-range integration (:func:`compare_studies`)
     Per side the common range is the intersection of the two scans' ``fov_z_mm`` (each
     scan covers its first slice centre - spacing/2 to its last + spacing/2). A slice i
@@ -27,8 +38,9 @@ Flags of a :class:`StructureChange`
       lies within ``metal_margin_mm`` of the structure's z extent inside the common range,
       or either study's measurements flag it "metal". Volume change is kept; mean HU, fat
       fraction and mass (HU-based) are None.
-    * ``compared=False``: no landmark on that side in either scan, no overlap of the two
-      ranges, or the structure has no voxel inside the common range in either scan.
+    * ``compared=False``: no landmark on that side in either scan and no bone-profile
+      registration (or a failed one), no overlap of the two ranges, or the structure has no
+      voxel inside the common range in either scan.
 
 Muscle groups (:func:`compare_groups`)
     A group (gluteal, above knee, all; per side and both) is compared only when it is reported
@@ -45,10 +57,12 @@ import datetime as _dt
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from pipeline.boneshift import METHOD as BONE_METHOD
+from pipeline.boneshift import BoneRegistration, register_bone_profiles
 from pipeline.profiles import LANDMARK, SIDES, CompareError, anatomical_profiles
 from pipeline.types import (
     FLAG_PARTIAL_COMMON_RANGE,
@@ -158,8 +172,9 @@ class _Context:
     prior: Measurements
     current_profiles: AnatomicalProfiles
     prior_profiles: AnatomicalProfiles
-    common: Mapping[str, tuple[float, float] | None]  # per side, relative z (mm); None: not compared
+    common: Mapping[str, tuple[float, float] | None]  # per side, on the side's axis (mm); None: not compared
     side_reason: Mapping[str, str]  # per side without a common range: why
+    axis_text: Mapping[str, str]  # per side: what the common range's z is measured from
     metal_margin_mm: float
     height2_m2: float | None
     profiles_by_key: Mapping[str, Mapping[tuple[str, str], StructureProfile]]  # study -> (key, side) -> profile
@@ -189,7 +204,10 @@ def compare_studies(
     height = height_m if height_m is not None else current.height_m
     if height is not None and not 0.5 <= height <= 2.5:
         raise CompareError(f"height_m is {height!r}; allowed: 0.5 .. 2.5 m (is it in cm?)")
-    common, side_reason = _common_ranges(current_profiles, prior_profiles)
+    alignment = _align(current_profiles, prior_profiles)
+    current_profiles = _on_axis(current_profiles, {s: a.offset_mm["current"] for s, a in alignment.items()})
+    prior_profiles = _on_axis(prior_profiles, {s: a.offset_mm["prior"] for s, a in alignment.items()})
+    common, side_reason = _common_ranges(current_profiles, prior_profiles, alignment)
     ctx = _Context(
         current=current,
         prior=prior,
@@ -197,6 +215,7 @@ def compare_studies(
         prior_profiles=prior_profiles,
         common=common,
         side_reason=side_reason,
+        axis_text={side: a.axis_text for side, a in alignment.items()},
         metal_margin_mm=metal_margin_mm,
         height2_m2=height * height if height is not None else None,
         profiles_by_key={
@@ -218,7 +237,7 @@ def compare_studies(
     days = interval_days(current_study_date, prior_study_date)
     if days is not None and days < 0:
         logger.warning("prior study %s is dated %d days after the current one", prior_study_uid, -days)
-    method = _method(current_profiles, prior_profiles, common, side_reason)
+    method = _method(current_profiles, prior_profiles, common, side_reason, alignment)
     logger.info(
         "compared with prior %s: %d structure/side entries (%d compared), operated side %r, in %.3f s",
         prior_study_uid, len(changes), sum(c.compared for c in changes), operated, time.perf_counter() - t0,
@@ -228,7 +247,7 @@ def compare_studies(
         prior_study_date=prior_study_date,
         current_study_date=current_study_date,
         interval_days=days,
-        landmark=LANDMARK,
+        landmark=_landmark_text(alignment, common),
         method=method,
         changes=tuple(changes),
         operated_side=operated,
@@ -236,24 +255,86 @@ def compare_studies(
     )
 
 
+@dataclass(frozen=True)
+class _Alignment:
+    """How one side's two scans are placed on a common z axis (module docstring, "Alignment per side")."""
+
+    by: str  # "landmark", BONE_METHOD, or "" (not aligned: ``reason`` says why)
+    offset_mm: Mapping[str, float]  # study -> mm added to its stored z (profiles, fov, metal) on this side
+    reason: str = ""
+    registration: BoneRegistration | None = None
+
+    @property
+    def axis_text(self) -> str:
+        if self.by == BONE_METHOD and self.registration is not None:
+            return f"in the current scan's patient z, {self.registration.describe()}"
+        return "from the landmark"
+
+
+def _align(current: AnatomicalProfiles, prior: AnatomicalProfiles) -> dict[str, _Alignment]:
+    """Per side, the landmark alignment, else the bone-profile registration, else why neither."""
+    studies = (("prior", prior), ("current", current))
+    out: dict[str, _Alignment] = {}
+    for side, _ in SIDES:
+        missing = [
+            name for name, prof in studies
+            if prof.landmark_z_mm.get(side) is None or prof.fov_z_mm.get(side) is None
+        ]
+        unreliable = all(not prof.landmark_reliable.get(side, True) for _, prof in studies)
+        landmark = _Alignment("landmark", {"current": 0.0, "prior": 0.0})
+        if not missing and not unreliable:
+            out[side] = landmark
+            continue
+        reason = (
+            "no landmark: femoral head not in the " + " or the ".join(f"{n} scan's" for n in missing)
+            + f" field of view on the {side}"
+        ) if missing else ""
+        bones = {name: prof.bone.get(side) for name, prof in studies}
+        if any(b is None for b in bones.values()) or any(prof.fov_z_mm.get(side) is None for _, prof in studies):
+            out[side] = _Alignment("", {"current": 0.0, "prior": 0.0}, reason) if missing else landmark
+            continue
+        reg = register_bone_profiles(bones["prior"], bones["current"])  # type: ignore[arg-type]
+        if reg.accepted:
+            assert reg.shift_mm is not None
+            base = {name: prof.landmark_z_mm.get(side) or 0.0 for name, prof in studies}  # back to absolute z
+            offset = {"current": base["current"], "prior": base["prior"] + reg.shift_mm}
+            out[side] = _Alignment(BONE_METHOD, offset, registration=reg)
+        elif missing:
+            out[side] = _Alignment("", {"current": 0.0, "prior": 0.0}, f"{reason}; {reg.reason}", reg)
+        else:
+            out[side] = landmark  # unreliable landmarks in both: used as before
+    return out
+
+
+def _on_axis(profiles: AnatomicalProfiles, offset_mm: Mapping[str, float]) -> AnatomicalProfiles:
+    """The profiles with each side's z (structure profiles, field of view, metal) moved by ``offset_mm[side]``."""
+    if not any(offset_mm.values()):
+        return profiles
+
+    def moved(rng: tuple[float, float] | None, side: str) -> tuple[float, float] | None:
+        return None if rng is None else (rng[0] + offset_mm.get(side, 0.0), rng[1] + offset_mm.get(side, 0.0))
+
+    return replace(
+        profiles,
+        fov_z_mm={side: moved(rng, side) for side, rng in profiles.fov_z_mm.items()},
+        metal_z_mm={side: moved(rng, side) for side, rng in profiles.metal_z_mm.items()},
+        profiles=tuple(
+            replace(p, z_mm=tuple(z + offset_mm[p.side] for z in p.z_mm)) if offset_mm.get(p.side) else p
+            for p in profiles.profiles
+        ),
+    )
+
+
 def _common_ranges(
-    current: AnatomicalProfiles, prior: AnatomicalProfiles
+    current: AnatomicalProfiles, prior: AnatomicalProfiles, alignment: Mapping[str, _Alignment]
 ) -> tuple[dict[str, tuple[float, float] | None], dict[str, str]]:
-    """Per side, the z range (relative to the landmark) both scans cover, or None and why."""
+    """Per side, the z range (on that side's common axis) both scans cover, or None and why."""
     common: dict[str, tuple[float, float] | None] = {}
     side_reason: dict[str, str] = {}
     for side, _ in SIDES:
-        missing = [
-            name for name, prof in (("prior", prior), ("current", current))
-            if prof.landmark_z_mm.get(side) is None or prof.fov_z_mm.get(side) is None
-        ]
-        if missing:
+        if not alignment[side].by:
             common[side] = None
-            side_reason[side] = (
-                "no landmark: femoral head not in the "
-                + " or the ".join(f"{n} scan's" for n in missing)
-                + f" field of view on the {side}"
-            )
+            side_reason[side] = alignment[side].reason
             continue
         c, p = current.fov_z_mm[side], prior.fov_z_mm[side]
         assert c is not None and p is not None
@@ -262,7 +343,7 @@ def _common_ranges(
             common[side] = None
             side_reason[side] = (
                 f"the scans share no range on the {side}: current {c[0]:.0f}..{c[1]:.0f} mm, "
-                f"prior {p[0]:.0f}..{p[1]:.0f} mm from the landmark"
+                f"prior {p[0]:.0f}..{p[1]:.0f} mm {alignment[side].axis_text}"
             )
             continue
         common[side] = (lo, hi)
@@ -283,7 +364,7 @@ def _compare_structure(m: StructureMeasurement, side: str, ctx: _Context) -> Str
         return None  # in neither scan on this side: nothing to say
     sums = {name: (_integrate(prof, lo, hi) if prof is not None else None) for name, prof in profiles.items()}
     absent = [name for name, s in sums.items() if s is None or not s.present]
-    range_text = f"z {lo:.0f}..{hi:.0f} mm from the landmark"
+    range_text = f"z {lo:.0f}..{hi:.0f} mm {ctx.axis_text[side]}"
     if absent:
         return _not_compared(
             m, side, f"not present in the common range ({range_text}) of the {' and '.join(absent)} scan", rng
@@ -417,17 +498,31 @@ def compare_groups(current: Measurements, prior: Measurements, comparison: Compa
     return tuple(_group_change(g, prior.group(g.group, g.side), comparison) for g in current.groups)
 
 
+def _landmark_text(alignment: Mapping[str, _Alignment], common: Mapping[str, tuple[float, float] | None]) -> str:
+    """The Comparison's alignment landmark: the femoral head, or which sides the bone profiles aligned."""
+    bone = [side for side, _ in SIDES if alignment[side].by == BONE_METHOD and common[side] is not None]
+    if not bone:
+        return LANDMARK
+    if len(bone) == 2:
+        return f"{BONE_METHOD} (no usable {LANDMARK})"
+    other = "left" if bone[0] == "right" else "right"
+    return f"{LANDMARK} ({other}); {BONE_METHOD} ({bone[0]})"
+
+
 def _method(
     current: AnatomicalProfiles,
     prior: AnatomicalProfiles,
     common: Mapping[str, tuple[float, float] | None],
     side_reason: Mapping[str, str],
+    alignment: Mapping[str, _Alignment],
 ) -> str:
     parts: list[str] = []
     for side, _ in SIDES:
         rng = common[side]
         if rng is None:
             parts.append(f"nothing on the {side} ({side_reason[side]})")
+        elif alignment[side].by == BONE_METHOD:
+            parts.append(f"z {rng[0]:.0f}..{rng[1]:.0f} mm ({side}, {alignment[side].axis_text})")
         else:
             parts.append(f"z {rng[0]:.0f}..{rng[1]:.0f} mm ({side})")
     notes = [
@@ -436,7 +531,9 @@ def _method(
         if p.landmark.startswith(LANDMARK) and p.landmark != LANDMARK
     ]
     text = (
-        f"Aligned on the {LANDMARK} per side; compared over the common range "
+        f"Aligned on the {LANDMARK} per side"
+        + (f" (else by {BONE_METHOD})" if any(a.by == BONE_METHOD for a in alignment.values()) else "")
+        + "; compared over the common range "
         + " and ".join(parts)
         + " covered by both scans, volumes integrated slice by slice with partial slices at the range ends"
     )

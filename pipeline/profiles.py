@@ -26,6 +26,15 @@ Profiles
     The slice axis is the array axis most aligned with patient z (it must be within
     ~25° of it: axial series); the sign of its z step gives superior/inferior, so slices
     stored superior-to-inferior come out the same.
+
+Bone profiles (model-free, for :mod:`pipeline.boneshift`)
+    Per side, per slice (ascending absolute patient z of the slice centre): the area (mm²) of the
+    voxels with :data:`BONE_HU` <= HU <= ``metal_hu`` on that side of the body midline (the one
+    that gives unlabelled metal its side), and whether the slice holds metal on that side (at
+    least :data:`METAL_MIN_SLICE_AREA_MM2` above ``metal_hu``; such slices are left out of the
+    registration). One pass over the volume in slabs. A side without a landmark keeps its
+    structure profiles, field of view and metal range in absolute patient z (relative to z = 0)
+    so that the bone-profile registration can place them on the other scan's axis.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from pipeline.types import (
     SIDE_RIGHT,
     AnatomicalProfiles,
     Segmentation,
+    BoneProfile,
     StructureProfile,
     Volume,
 )
@@ -57,6 +67,9 @@ MIN_AXIAL_COSINE = 0.9
 """The slice axis must make an angle of at most ~25° with patient z."""
 METAL_MIN_SLICE_AREA_MM2 = 20.0
 """A slice holds metal on a side when at least this area of it is above the metal threshold."""
+BONE_HU = 200.0
+"""Lower end of the bone window of the bone profiles (cancellous bone and cortex; muscle, fat and
+contrast-free vessels lie below)."""
 
 SIDES: tuple[tuple[str, int], ...] = (("right", SIDE_RIGHT), ("left", SIDE_LEFT))
 """(side name, Segmentation.side_map code) of the two sides, right first."""
@@ -140,18 +153,29 @@ def _midline_x_mm(
     ``Segmentation.side_map``).
     """
     if femur_id is not None:
-        k, r, c = np.nonzero(labels == femur_id)
-        if k.size:
-            x = _voxel_x(affine, axis, k, r, c)
-            s = sides[k, r, c]
-            right, left = x[s == SIDE_RIGHT], x[s == SIDE_LEFT]
-            if right.size and left.size:
-                return float(0.5 * (right.mean() + left.mean()))
+        femur = labels == femur_id
+        centroids = [_mean_x(femur & (sides == code), affine, axis) for code in (SIDE_RIGHT, SIDE_LEFT)]
+        if all(x is not None for x in centroids):
+            return float(0.5 * (centroids[0] + centroids[1]))  # type: ignore[operator]
     k, r, c = np.nonzero(labels)
     if k.size == 0:
         return float(_voxel_x(affine, axis, *(np.array([(n - 1) / 2.0]) for n in labels.shape))[0])
     x = _voxel_x(affine, axis, k, r, c)
     return float(0.5 * (x.min() + x.max()))
+
+
+def _mean_x(mask: np.ndarray, affine: np.ndarray, axis: int) -> float | None:
+    """Mean LPS x of the voxels of ``mask`` (None when empty): x is linear in the indices, so it is
+    the x of the mean index, from three axis sums (no index arrays of every voxel)."""
+    n = int(np.count_nonzero(mask))
+    if n == 0:
+        return None
+    mean_idx = [
+        float(np.count_nonzero(mask, axis=tuple(j for j in range(3) if j != i)) @ np.arange(mask.shape[i])) / n
+        for i in range(3)
+    ]
+    others = [i for i in range(3) if i != axis]
+    return float(_voxel_x(affine, axis, *(np.array([mean_idx[i]]) for i in (axis, *others)))[0])
 
 
 @dataclass(frozen=True)
@@ -195,8 +219,9 @@ def anatomical_profiles(
 ) -> AnatomicalProfiles:
     """Per structure and side area/HU profiles along patient z, aligned on the top of the femoral head.
 
-    See the module docstring for the landmark rule and its fallback. ``fov_z_mm[side]``
-    and ``metal_z_mm[side]`` are relative to that side's landmark (None without one);
+    See the module docstring for the landmark rule and its fallback, and for the bone
+    profiles. ``fov_z_mm[side]``, ``metal_z_mm[side]`` and the profiles' z are relative to
+    that side's landmark (absolute patient z without one);
     metal counts on a side when at least :data:`METAL_MIN_SLICE_AREA_MM2` of a slice and
     ``metal_min_volume_ml`` in all lie above ``metal_hu`` there.
     """
@@ -218,8 +243,10 @@ def anatomical_profiles(
         else:
             found[side] = _find_landmark(count[:, femur_id, code], geo.slice_z_mm, geo.slice_mm)
     moved = _moved_affine(affine, geo.axis)
-    metal_abs = _metal_z_mm(hu > metal_hu, labels, sides, moved, geo, femur_id, metal_min_volume_ml)
-    landmark_z, notes = _choose_landmarks(found, metal_abs)
+    midline = _midline_x_mm(labels, sides, moved, 0, femur_id)
+    metal_abs = _metal_z_mm(hu > metal_hu, midline, moved, geo, metal_min_volume_ml)
+    landmark_z, reliable, notes = _choose_landmarks(found, metal_abs)
+    bone = _bone_profiles(hu, moved, midline, geo, metal_hu)
 
     order = np.argsort(geo.slice_z_mm)
     z_sorted = geo.slice_z_mm[order]
@@ -229,11 +256,8 @@ def anatomical_profiles(
     metal_rel: dict[str, tuple[float, float] | None] = {}
     profiles: list[StructureProfile] = []
     for side, code in SIDES:
-        lm = landmark_z[side]
-        if lm is None:
-            fov[side] = None
-            metal_rel[side] = None
-            continue
+        # without a landmark: absolute patient z, for the bone-profile registration (module docstring)
+        lm = landmark_z[side] if landmark_z[side] is not None else 0.0
         fov[side] = (fov_lo - lm, fov_hi - lm)
         m = metal_abs[side]
         metal_rel[side] = (m[0] - lm, m[1] - lm) if m is not None else None
@@ -250,6 +274,8 @@ def anatomical_profiles(
         fov_z_mm=fov,
         profiles=tuple(profiles),
         metal_z_mm=metal_rel,
+        bone=bone,
+        landmark_reliable=reliable,
     )
 
 
@@ -269,23 +295,16 @@ def _check_profile_inputs(volume: Volume, segmentation: Segmentation, fat_hu: tu
 
 
 def _metal_z_mm(
-    is_metal: np.ndarray,
-    labels: np.ndarray,
-    sides: np.ndarray,
-    affine: np.ndarray,
-    geo: _Geometry,
-    femur_id: int | None,
-    min_volume_ml: float,
+    is_metal: np.ndarray, midline: float, affine: np.ndarray, geo: _Geometry, min_volume_ml: float
 ) -> dict[str, tuple[float, float] | None]:
     """Absolute z extent (mm, slice edges) of the metal on each side, or None.
 
-    The arrays have the slice axis first (``affine`` is theirs); unlabelled metal voxels
-    get their side from the midline.
+    The array has the slice axis first (``affine`` is its); metal voxels get their side
+    from the midline x (mm).
     """
     metal_abs: dict[str, tuple[float, float] | None] = {"right": None, "left": None}
     mk, mr, mc = np.nonzero(is_metal)
     if mk.size:
-        midline = _midline_x_mm(labels, sides, affine, 0, femur_id)
         x = _voxel_x(affine, 0, mk, mr, mc)
         for side, left in (("right", False), ("left", True)):
             on_side = (x > midline) if left else (x <= midline)
@@ -301,8 +320,9 @@ def _metal_z_mm(
 
 def _choose_landmarks(
     found: Mapping[str, _Landmark], metal_abs: Mapping[str, tuple[float, float] | None]
-) -> tuple[dict[str, float | None], list[str]]:
-    """Each side's landmark z after the reliability check and the fallback, and notes on what was done."""
+) -> tuple[dict[str, float | None], dict[str, bool], list[str]]:
+    """Each side's landmark z after the reliability check and the fallback, whether it is reliable
+    (False: used although metal lies near it and the other side's is no better), and notes on what was done."""
     found = dict(found)
     notes: list[str] = []
     reliable: dict[str, bool] = {}
@@ -316,8 +336,10 @@ def _choose_landmarks(
         if near_metal:
             found[side] = _Landmark(lm, f"metal within {LANDMARK_METAL_MM:g} mm of the femoral head: prosthesis")
     landmark_z: dict[str, float | None] = {}
+    chosen_reliable: dict[str, bool] = {}
     for side, _ in SIDES:
         other = "left" if side == "right" else "right"
+        chosen_reliable[side] = reliable[side] or reliable[other]
         if reliable[side]:
             landmark_z[side] = found[side].z_mm
         elif reliable[other]:
@@ -329,7 +351,44 @@ def _choose_landmarks(
         else:
             landmark_z[side] = None
             notes.append(f"{side} side not found ({found[side].why_missing})")
-    return landmark_z, notes
+    return landmark_z, chosen_reliable, notes
+
+
+def _bone_profiles(
+    hu: np.ndarray, affine: np.ndarray, midline: float, geo: _Geometry, metal_hu: float
+) -> dict[str, BoneProfile | None]:
+    """Per side, bone-window area and metal per slice in ascending z (module docstring), in slabs.
+
+    ``hu`` has the slice axis first and ``affine`` is its; a voxel is on the left when its
+    LPS x is above ``midline`` (mm), as in :func:`_metal_z_mm`.
+    """
+    nk, nr, nc = hu.shape
+    x_plane = affine[0, 3] + affine[0, 1] * np.arange(nr)[:, None] + affine[0, 2] * np.arange(nc)[None, :]
+    counts = {name: np.zeros((nk, 2), dtype=np.int64) for name in ("bone", "metal")}  # [slice, (all, left)]
+    slab = max(1, _SLAB_VOXELS // max(1, nr * nc))
+    for k0 in range(0, nk, slab):
+        k1 = min(nk, k0 + slab)
+        ks = np.arange(k0, k1, dtype=np.float64)[:, None, None]
+        left = (x_plane[None] + affine[0, 0] * ks) > midline if affine[0, 0] else (x_plane > midline)[None]
+        h = hu[k0:k1]
+        is_metal = h > metal_hu
+        for name, mask in (("bone", (h >= BONE_HU) & ~is_metal), ("metal", is_metal)):
+            counts[name][k0:k1, 0] = np.count_nonzero(mask, axis=(1, 2))
+            counts[name][k0:k1, 1] = np.count_nonzero(mask & left, axis=(1, 2))
+    order = np.argsort(geo.slice_z_mm)
+    z = tuple(float(v) for v in geo.slice_z_mm[order])
+    out: dict[str, BoneProfile | None] = {}
+    for side, column in (("right", None), ("left", 1)):
+        def per_side(c: np.ndarray) -> np.ndarray:
+            return (c[:, 1] if column else c[:, 0] - c[:, 1])[order]
+
+        area = per_side(counts["bone"]) * geo.pixel_area_mm2
+        metal = per_side(counts["metal"]) * geo.pixel_area_mm2 >= METAL_MIN_SLICE_AREA_MM2
+        out[side] = BoneProfile(
+            z_mm=z, area_mm2=tuple(float(v) for v in area), metal=tuple(bool(v) for v in metal),
+            slice_mm=geo.slice_mm,
+        )
+    return out
 
 
 @dataclass(frozen=True)

@@ -298,19 +298,44 @@ class StructureProfile:
 
 
 @dataclass(frozen=True)
+class BoneProfile:
+    """Bone area along patient z on one side of the body, from the image alone (no model).
+
+    ``z_mm[i]`` is the absolute patient z (LPS, mm) of slice i's centre, ascending; ``area_mm2[i]`` the
+    area of the voxels in the bone window (pipeline.profiles.BONE_HU <= HU <= the metal threshold) on
+    that side of the body midline; ``metal[i]`` True when that slice holds metal on that side (its
+    area is then not used). pipeline.boneshift registers two of them to align two scans along z when
+    the femoral-head landmark is missing.
+    """
+
+    z_mm: tuple[float, ...]
+    area_mm2: tuple[float, ...]
+    metal: tuple[bool, ...]
+    slice_mm: float
+
+
+@dataclass(frozen=True)
 class AnatomicalProfiles:
     """Per structure and side profiles of one study, aligned on a bone landmark per side.
 
     ``landmark_z_mm[side]`` is the patient z (LPS, mm) of the landmark (the top of the femoral head)
-    on that side, or None when it is not in the field of view; ``fov_z_mm[side]`` the covered range
-    relative to the landmark (lo, hi).
+    on that side, or None when it is not in the field of view. ``fov_z_mm[side]`` (the covered range,
+    lo, hi), ``metal_z_mm[side]`` and the z of that side's structure profiles are relative to the
+    landmark when there is one; without one they are absolute patient z (relative to z = 0 of the
+    patient coordinates) when ``bone[side]`` is set - then only the bone-profile registration can place
+    them on the prior's axis - and None/absent when it is not (profiles stored before the bone
+    profiles existed: that side cannot be compared). ``landmark_reliable[side]`` is False when that side
+    has no landmark, or one used although metal lies near it on both sides (no entry, in profiles
+    stored before it existed: reliable).
     """
 
     landmark: str
     landmark_z_mm: dict[str, float | None]
     fov_z_mm: dict[str, tuple[float, float] | None]
     profiles: tuple[StructureProfile, ...]
-    metal_z_mm: dict[str, tuple[float, float] | None]  # z range (relative) of metal on each side
+    metal_z_mm: dict[str, tuple[float, float] | None]  # z range of metal on each side (relative: see above)
+    bone: dict[str, BoneProfile | None] = field(default_factory=dict)  # per side; {} in old stored profiles
+    landmark_reliable: dict[str, bool] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from pipeline.types import (
     QualityFlag,
     StructureChange,
     StructureMeasurement,
+    BoneProfile,
     StructureProfile,
 )
 from scp.db import SqliteStore
@@ -238,6 +239,8 @@ class ResultsStore(SqliteStore):
             "fov_z_mm": profiles.fov_z_mm,
             "metal_z_mm": profiles.metal_z_mm,
             "profiles": [p.__dict__ for p in profiles.profiles],
+            "bone": {side: (b.__dict__ if b is not None else None) for side, b in profiles.bone.items()},
+            "landmark_reliable": profiles.landmark_reliable,
         }
         blob = zlib.compress(json.dumps(payload).encode("utf-8"), 6)
         with self._lock:
@@ -248,6 +251,8 @@ class ResultsStore(SqliteStore):
             )
 
     def profiles(self, study_uid: str) -> AnatomicalProfiles | None:
+        """The stored profiles of a study, or None. Profiles stored before the bone profiles (and
+        landmark reliability) existed load without them: no bone-profile registration for that study."""
         with self._lock:
             row = self._db.execute(
                 "SELECT profiles_zjson FROM study_profiles WHERE study_uid = ?", (study_uid,)
@@ -268,6 +273,8 @@ class ResultsStore(SqliteStore):
                 StructureProfile(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in p.items()})
                 for p in d["profiles"]
             ),
+            bone={side: _bone_profile(b) for side, b in d.get("bone", {}).items()},
+            landmark_reliable={side: bool(v) for side, v in d.get("landmark_reliable", {}).items()},
         )
 
     def get(self, study_uid: str) -> StudyResult | None:
@@ -368,4 +375,15 @@ def _study_result(row: sqlite3.Row, srows: list[sqlite3.Row], grows: list[sqlite
         patient_id=row["patient_id"], issuer=row["issuer"], study_date=row["study_date"], sex=row["sex"],
         height_m=row["height_m"], height_source=row["height_source"], model_name=row["model_name"],
         model_version=row["model_version"], measurements=measurements, extra=extra,
+    )
+
+
+def _bone_profile(d: dict[str, Any] | None) -> BoneProfile | None:
+    if d is None:
+        return None
+    return BoneProfile(
+        z_mm=tuple(float(v) for v in d["z_mm"]),
+        area_mm2=tuple(float(v) for v in d["area_mm2"]),
+        metal=tuple(bool(v) for v in d["metal"]),
+        slice_mm=float(d["slice_mm"]),
     )

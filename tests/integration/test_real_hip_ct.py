@@ -5,6 +5,7 @@ done, and `thighnode status` shows the coverage."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,12 +67,12 @@ def _assert_sr_reports_only_the_gluteal_group(out_dir: Path) -> None:
     assert all(float(m.value) > 0 for m in totals.get_measurements(name=codes.SKELETAL_MUSCLE_INDEX))
 
 
-def test_the_real_hip_ct_sent_twice_as_prior_and_follow_up_never_shows_a_change(tmp_path: Path, shared_data: Path) -> None:
+def test_the_real_hip_ct_sent_twice_as_prior_and_follow_up_reports_no_change(tmp_path: Path, shared_data: Path) -> None:
     """The same images under two studies of one patient, six months apart: the follow-up is compared with the
-    prior; every structure is either compared with a change of at most 0.5 % and 0.5 mL, or not compared with
-    its reason - never a change shown as a number. (With the demonstration model the femur label runs up to the
-    top of this scan, so no femoral-head landmark is found and nothing is compared: a model limitation, see the
-    README; the node says so instead of inventing a change.)"""
+    prior, and reports no change: every compared structure within 0.5 % and 0.5 mL, the gluteal muscles among
+    them on both sides; a structure not compared says why. With the demonstration model the femur label runs
+    up to the top of this scan, so no femoral-head landmark is found: the sides are aligned by the model-free
+    bone-profile registration (pipeline.boneshift), at shift 0 with correlation 1."""
     from thighnode.results import ResultsStore
 
     prior_uid, follow_uid = STUDY + ".7", STUDY + ".8"
@@ -98,3 +99,9 @@ def test_the_real_hip_ct_sent_twice_as_prior_and_follow_up_never_shows_a_change(
             assert abs(c.change_ml) <= 0.5 and abs(c.change_ratio) <= 0.005, (c.key, c.side, c.change_ml)
         else:
             assert c.reason and c.change_ml is None and c.change_ratio is None, (c.key, c.side, c.reason)
+    compared = {(c.key, c.side) for c in comparison.changes if c.compared}
+    for key in ("gluteus_maximus", "gluteus_medius", "gluteus_minimus"):
+        for side in ("right", "left"):
+            assert (key, side) in compared, (key, side, comparison.change(key, side))
+    aligned = re.findall(r"bone profile registration \(correlation 1\.00, shift [+-]0\.0 mm\)", comparison.method)
+    assert len(aligned) == 2, comparison.method  # right and left

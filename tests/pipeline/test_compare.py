@@ -335,10 +335,21 @@ def test_implant_flags_metal_on_the_operated_side_only(prior: Scan, implant: Sca
 # --------------------------------------------------------------------------- (f) no landmark
 
 
-def test_femoral_head_cut_means_no_comparison(prior: Scan, table: LabelTable, settings: MeasurementSettings) -> None:
+def test_femoral_head_cut_means_no_comparison_without_bone_profiles(
+    prior: Scan, table: LabelTable, settings: MeasurementSettings
+) -> None:
+    """Without the bone-profile registration (profiles stored before it: no bone profiles, nothing kept for a
+    side without a landmark) a scan with the femoral heads cut is not compared. (With bone profiles it is
+    registered instead: tests/pipeline/test_boneshift.py.)"""
     cut = _scan(table, settings, scan_seed=16, fov_top_mm=-85.0)
     assert cut.profiles.landmark_z_mm == {"right": None, "left": None}
-    assert cut.profiles.fov_z_mm == {"right": None, "left": None}
+    assert cut.profiles.fov_z_mm["right"] is not None  # absolute patient z, for the registration
+    registered = _compare(cut, prior)
+    assert any(ch.compared for ch in registered.changes) and "bone profile registration" in registered.method
+    cut = dataclasses.replace(cut, profiles=AnatomicalProfiles(
+        landmark=cut.profiles.landmark, landmark_z_mm=cut.profiles.landmark_z_mm,
+        fov_z_mm={"right": None, "left": None}, profiles=(), metal_z_mm={"right": None, "left": None},
+    ))
     c = _compare(cut, prior)
     assert c.changes
     for ch in c.changes:

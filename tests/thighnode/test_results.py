@@ -97,7 +97,9 @@ def test_comparisons_round_trip(tmp_path: Path) -> None:
 
 
 def test_profiles_round_trip(tmp_path: Path) -> None:
-    from pipeline.types import AnatomicalProfiles, StructureProfile
+    import dataclasses
+
+    from pipeline.types import AnatomicalProfiles, BoneProfile, StructureProfile
 
     prof = AnatomicalProfiles(
         landmark="top of the femoral head",
@@ -109,8 +111,37 @@ def test_profiles_round_trip(tmp_path: Path) -> None:
                              mean_hu=(50.0, 49.0), voxels=(10, 12), fat_voxels=(0, 1), slice_mm=3.0),
         ),
     )
+    bone = BoneProfile(z_mm=(-12.5, -9.5, -6.5), area_mm2=(300.0, 410.5, 0.0), metal=(False, True, False), slice_mm=3.0)
+    with_bone = dataclasses.replace(prof, bone={"right": bone, "left": None}, landmark_reliable={"right": True, "left": False})
     store = ResultsStore(tmp_path / "r.db")
     store.save_profiles("1.2.3", prof)
     assert store.profiles("1.2.3") == prof
+    store.save_profiles("1.2.5", with_bone)
+    assert store.profiles("1.2.5") == with_bone
     assert store.profiles("9.9") is None
     store.close()
+
+
+def test_profiles_stored_before_bone_profiles_load_without_them(tmp_path: Path) -> None:
+    """A payload written before the bone profiles existed (no "bone", no "landmark_reliable") still loads."""
+    import json
+    import sqlite3
+    import zlib
+
+    store = ResultsStore(tmp_path / "r.db")
+    store.close()
+    old = {
+        "landmark": "top of the femoral head", "landmark_z_mm": {"right": -80.5, "left": None},
+        "fov_z_mm": {"right": [-400.0, 120.0], "left": None}, "metal_z_mm": {"right": None, "left": None},
+        "profiles": [],
+    }
+    db = sqlite3.connect(tmp_path / "r.db")
+    db.execute("INSERT INTO study_profiles(study_uid, profiles_zjson) VALUES (?, ?)",
+               ("1.2.3", zlib.compress(json.dumps(old).encode("utf-8"))))
+    db.commit()
+    db.close()
+    store = ResultsStore(tmp_path / "r.db")
+    prof = store.profiles("1.2.3")
+    store.close()
+    assert prof is not None and prof.bone == {} and prof.landmark_reliable == {}
+    assert prof.fov_z_mm == {"right": (-400.0, 120.0), "left": None} and prof.landmark_z_mm["right"] == -80.5
