@@ -13,7 +13,11 @@ map so that only shape and context are left to learn) changes, per training patc
 * **bias field**: a smooth additive HU field (a random 4x4x4 grid upsampled trilinearly) of
   amplitude up to ``bias_hu`` (beam hardening, cupping, patient size);
 * **blur**: a Gaussian of sigma U(0, ``blur_max_vox``) voxels per axis (reconstruction kernels,
-  slice thickness, the partial volume of coarser series).
+  slice thickness, the partial volume of coarser series);
+* **background clutter** (with probability ``clutter_prob`` per patch): smooth blobs of soft-tissue
+  HU (-20..100) painted into unlabelled soft tissue within a few voxels of the labelled structures,
+  as bowel, vessels, lymph nodes and unlabelled muscles are in real CT: a blob of muscle density is
+  not by itself a muscle of the table.
 
 The image arrives windowed and gamma-corrected (pipeline.preprocess.window_gamma: clip to
 [lo, hi] HU, scale to [0, 1], power gamma). The transform undoes the gamma, works in HU-linear
@@ -49,10 +53,12 @@ class TissueContrastSettings:
     contrast_fraction: float = 0.15
     bias_hu: float = 20.0
     blur_max_vox: float = 0.8
+    clutter_prob: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.prob <= 1.0:
-            raise ValueError(f"contrast augmentation prob is {self.prob!r}; allowed: 0 .. 1")
+        for name in ("prob", "clutter_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"contrast augmentation {name} is {getattr(self, name)!r}; allowed: 0 .. 1")
         for name in ("structure_sd_hu", "global_sd_hu", "contrast_fraction", "bias_hu", "blur_max_vox"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -95,6 +101,8 @@ class RandTissueContrastd(RandomizableTransform, MapTransform):
         hu[x >= 1.0 - 1e-4] = self.hi_hu + CLIPPED_MARGIN_HU[1]
         hu[x <= 1e-4] = self.lo_hu - CLIPPED_MARGIN_HU[0]
         weights = soft / np.maximum(soft.sum(0, keepdims=True), 1e-6)
+        if s.clutter_prob > 0 and rng.uniform() < s.clutter_prob:
+            _paint_clutter(rng, hu, weights[0])
         offsets = rng.normal(0.0, s.structure_sd_hu, size=soft.shape[0]).astype(np.float32)
         hu = hu + np.tensordot(offsets, weights, axes=(0, 0))
         scale = rng.uniform(1.0 - s.contrast_fraction, 1.0 + s.contrast_fraction)
@@ -113,3 +121,18 @@ def _smooth_field(rng: np.random.RandomState, shape: tuple[int, ...], amplitude:
     grid = torch.as_tensor(rng.uniform(-amplitude, amplitude, size=(1, 1, 4, 4, 4)), dtype=torch.float32)
     field = torch.nn.functional.interpolate(grid, size=tuple(shape), mode="trilinear", align_corners=True)
     return field[0, 0].numpy()
+
+
+def _paint_clutter(rng: np.random.RandomState, hu: np.ndarray, background: np.ndarray) -> None:
+    """Soft-tissue blobs in unlabelled soft tissue near the structures (in place)."""
+    near = ndimage.binary_dilation(background < 0.5, iterations=6)
+    where = near & (background > 0.99) & (hu < 150.0)
+    if not where.any():
+        return
+    shape = hu.shape
+    blob = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma=2.0)
+    blob /= max(float(blob.std()), 1e-6)
+    level = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma=3.0)
+    level /= max(float(level.std()), 1e-6)
+    paint = where & (blob > rng.uniform(0.8, 1.4))
+    hu[paint] = (40.0 + 30.0 * level[paint]).clip(-20.0, 100.0)

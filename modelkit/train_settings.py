@@ -100,6 +100,8 @@ class TrainSettings:
     contrast_fraction: float = 0.15
     contrast_bias_hu: float = 20.0
     contrast_blur_max_vox: float = 0.8
+    #: Share of the augmented patches that also get soft-tissue blobs in unlabelled tissue.
+    contrast_clutter_prob: float = 0.0
     network: NetworkSettings = field(default_factory=NetworkSettings)
     preprocess: PreprocessSettings = field(default_factory=PreprocessSettings)
     bundle_name: str = "thighnode_demo"
@@ -174,6 +176,7 @@ class TrainSettings:
                 prob=self.contrast_prob, structure_sd_hu=self.contrast_structure_sd_hu,
                 global_sd_hu=self.contrast_global_sd_hu, contrast_fraction=self.contrast_fraction,
                 bias_hu=self.contrast_bias_hu, blur_max_vox=self.contrast_blur_max_vox,
+                clutter_prob=self.contrast_clutter_prob,
             )
         except ValueError as exc:
             raise ValueError(f"TrainSettings contrast_* keys: {exc}") from exc

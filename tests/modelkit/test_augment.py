@@ -87,3 +87,22 @@ def test_bone_above_the_window_stays_white_and_fat_stays_black() -> None:
     out = np.asarray(t({"image": image, "soft": soft})["image"])[0]
     assert out[:, :, :4].min() == 1.0
     assert float(out[:, :, 13:].mean()) < 0.02  # a 50 HU margin: strong offsets may lift some fat a little
+
+
+def test_clutter_paints_soft_tissue_blobs_into_unlabelled_tissue_near_structures_only() -> None:
+    image, soft = _patch()
+    hu = np.full((16, 16, 16), -100.0, dtype=np.float32)
+    hu[4:12, 2:14, 4:12] = 50.0
+    image = window_gamma(hu, *WINDOW, 2.0)[None]
+    quiet = dict(structure_sd_hu=0, global_sd_hu=0, contrast_fraction=0, bias_hu=0, blur_max_vox=0)
+    t = _transform(clutter_prob=1.0, **quiet)
+    out = np.asarray(t({"image": image, "soft": soft})["image"])[0]
+    inside = soft[0] < 128
+    np.testing.assert_allclose(out[inside], image[0][inside], atol=1e-5)  # the structures keep their HU
+    changed = np.abs(out - image[0]) > 1e-3
+    assert changed.any() and not changed[inside].any()
+    far = np.ones_like(inside)
+    far[max(0, 4 - 7):12 + 7, :, max(0, 4 - 7):12 + 7] = False
+    assert not changed[far].any()  # nothing painted beyond a few voxels of the structures
+    without = np.asarray(_transform(clutter_prob=0.0, **quiet)({"image": image, "soft": soft})["image"])[0]
+    np.testing.assert_allclose(without, image[0], atol=1e-5)
