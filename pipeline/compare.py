@@ -25,9 +25,17 @@ Flags of a :class:`StructureChange`
       gives the range); what lies outside is never counted as loss.
     * ``metal``: metal (voxels above ``metal_hu``) on the structure's side in either scan
       lies within ``metal_margin_mm`` of the structure's z extent inside the common range,
-      or either study's measurements flag it "metal". Volume change is kept; mean HU, fat
-      fraction and mass (HU-based) are None.
-    * ``compared=False``: no landmark on that side in either scan, no overlap of the two
+      or either study's measurements flag it "metal". Mean HU, fat fraction and mass (HU-based)
+      are None; the volume change is kept unless the structure is withheld (below).
+    * metal withholding (``compared=False``, flag ``metal`` kept): in either scan at least
+      ``metal_withhold_near_pct`` % of the structure's voxels on that side lie within the
+      measurement's ``metal_proximity_mm`` of metal (``StructureMeasurement.near_metal_voxels``
+      over ``voxel_count``, pipeline.measure). Near an implant the segmentation cannot be
+      trusted (streaks, the displaced anatomy), and a false loss shown as a number is worse
+      than no number: the change is not given and ``reason`` gives the share, the distance and
+      the scan. Measured quantities only; the default threshold was chosen on phantom pairs
+      (``thighnode evaluate-implants``, modelkit.implant_pairs).
+    * ``compared=False`` (also): no landmark on that side in either scan, no overlap of the two
       ranges, or the structure has no voxel inside the common range in either scan.
 
 Muscle groups (:func:`compare_groups`)
@@ -67,6 +75,9 @@ from pipeline.types import (
 logger = logging.getLogger(__name__)
 
 _RANGE_TOL_MM = 0.01
+METAL_WITHHOLD_NEAR_PCT = 10.0
+"""Default share (%) of a structure's voxels near metal from which its volume change is withheld
+(config/node.toml prior.metal_withhold_near_pct; chosen on calibration phantom pairs)."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +172,7 @@ class _Context:
     common: Mapping[str, tuple[float, float] | None]  # per side, relative z (mm); None: not compared
     side_reason: Mapping[str, str]  # per side without a common range: why
     metal_margin_mm: float
+    metal_withhold_near_pct: float | None  # None: never withheld (evaluations: the rule's effect)
     height2_m2: float | None
     profiles_by_key: Mapping[str, Mapping[tuple[str, str], StructureProfile]]  # study -> (key, side) -> profile
 
@@ -176,16 +188,21 @@ def compare_studies(
     prior_study_uid: str,
     height_m: float | None,
     metal_margin_mm: float = 30.0,
+    metal_withhold_near_pct: float | None = METAL_WITHHOLD_NEAR_PCT,
 ) -> Comparison:
     """Change of every structure and side between ``prior`` and ``current`` over their common range.
 
     ``height_m`` is the current study's height (``current.height_m`` when None); the
-    change per height² is None without one. See the module docstring for the range,
-    the integration and the flags.
+    change per height² is None without one. ``metal_withhold_near_pct`` (0 < x <= 100): the share
+    of a structure's voxels near metal from which its change is withheld (None: never; for evaluations
+that show the rule's effect). See the module docstring
+    for the range, the integration, the flags and the withholding.
     """
     t0 = time.perf_counter()
     if not metal_margin_mm >= 0:
         raise CompareError(f"metal_margin_mm is {metal_margin_mm!r}; allowed: >= 0 mm")
+    if metal_withhold_near_pct is not None and not 0 < metal_withhold_near_pct <= 100:
+        raise CompareError(f"metal_withhold_near_pct is {metal_withhold_near_pct!r}; allowed: 0 < x <= 100 (%)")
     height = height_m if height_m is not None else current.height_m
     if height is not None and not 0.5 <= height <= 2.5:
         raise CompareError(f"height_m is {height!r}; allowed: 0.5 .. 2.5 m (is it in cm?)")
@@ -198,6 +215,7 @@ def compare_studies(
         common=common,
         side_reason=side_reason,
         metal_margin_mm=metal_margin_mm,
+        metal_withhold_near_pct=metal_withhold_near_pct,
         height2_m2=height * height if height is not None else None,
         profiles_by_key={
             name: {(p.key, p.side): p for p in prof.profiles}
@@ -300,6 +318,11 @@ def _compare_structure(m: StructureMeasurement, side: str, ctx: _Context) -> Str
     if metal:
         flags.append(FLAG_METAL)
         reasons.append(metal)
+    withheld = _metal_withhold_reason(meas, ctx)
+    if withheld:
+        if FLAG_METAL not in flags:
+            flags.append(FLAG_METAL)
+        return _not_compared(m, side, "; ".join([withheld, *(r for r in reasons if r != metal)]), rng, tuple(flags))
     change = cur.volume_ml - pri.volume_ml
     hu_values: dict[str, float | None] = {
         "prior_mass_g": pri.mass_g, "current_mass_g": cur.mass_g,
@@ -368,6 +391,27 @@ def _metal_reason(
     return (
         f"metal within {ctx.metal_margin_mm:g} mm in the {where} scan: mean HU, fat fraction and mass "
         "changes are not given; the volume change may be affected"
+    )
+
+
+def _metal_withhold_reason(meas: Mapping[str, StructureMeasurement | None], ctx: _Context) -> str:
+    """Why the volume change is withheld near metal (module docstring), or ""."""
+    if ctx.metal_withhold_near_pct is None:
+        return ""
+    studies = {"current": ctx.current, "prior": ctx.prior}
+    worst: tuple[float, str] | None = None
+    for name, x in meas.items():
+        if x is None or x.voxel_count <= 0 or x.near_metal_voxels <= 0:
+            continue
+        pct = 100.0 * x.near_metal_voxels / x.voxel_count
+        if pct >= ctx.metal_withhold_near_pct and (worst is None or pct > worst[0]):
+            worst = (pct, name)
+    if worst is None:
+        return ""
+    pct, name = worst
+    return (
+        f"metal within {studies[name].metal_proximity_mm:g} mm of {pct:.0f} % of its voxels in the {name} scan "
+        f"(withheld from {ctx.metal_withhold_near_pct:g} %): its volume cannot be trusted and the change is not shown"
     )
 
 

@@ -233,6 +233,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "update_when_prior_arrives": _bool,
         "retrieve_attempts": _int_range(1, 100),
         "retry_delay_s": _float_range(0.0, lo_open=True),
+        "metal_withhold_near_pct": _float_range(0.0, 100.0, lo_open=True),
     },
     "sarcopenia": {
         "group": _choice("gluteal", "above_knee", "all"),
@@ -335,6 +336,7 @@ class PriorSettings:
     update_when_prior_arrives: bool
     retrieve_attempts: int
     retry_delay_s: float
+    metal_withhold_near_pct: float = 10.0  # pipeline.compare: volume change withheld from this share near metal
 
 
 @dataclass(frozen=True)
