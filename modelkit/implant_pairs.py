@@ -19,14 +19,14 @@ Both scans go through the node's data path in-process, as :mod:`modelkit.sideche
 (the bundle's :class:`pipeline.inference.Segmenter` = preprocess, inference, postprocess; then
 :func:`pipeline.measure.measure`, :func:`pipeline.compare.anatomical_profiles`,
 :func:`pipeline.compare.compare_studies`). The comparison is made twice: with the rule (the given
-threshold) and without it (``metal_withhold_near_pct=None``), so the rule's effect shows.
+thresholds) and without it (both thresholds None), so the rule's effect shows.
 
 Truth: the phantoms' label counts per muscle and side (both scans cover the whole anatomy, so
 the common range holds every muscle whole): true change % = 100 x (follow-up / prior - 1).
 Per muscle and side a row holds the truth, the reported change or the reason it is withheld, the
-error in percentage points and the largest share of its voxels near metal in either scan (what
-the rule decides from), so a threshold can be chosen from calibration pairs
-(:func:`largest_safe_threshold`) and checked on test pairs.
+error in percentage points and the two quantities the rule decides from (the largest share of its
+voxels near metal, and in slices holding metal, in either scan), so thresholds can be chosen on
+calibration pairs (:func:`choose_thresholds`) and checked on test pairs.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ class MuscleRow:
     reason: str  # why withheld ("" when shown)
     unruled_pct: float | None  # without the rule (metal_withhold_near_pct=None)
     near_metal_pct: float  # largest share (%) of its voxels near metal in either scan (what the rule uses)
+    metal_slices_pct: float = 0.0  # largest share (%) of its voxels in slices holding metal, either scan
 
     @property
     def error_pp(self) -> float | None:
@@ -121,7 +122,8 @@ class ImplantEvaluation:
     bundle: str
     seed: int
     spacing_mm: float
-    threshold_pct: float
+    threshold_pct: float  # near metal
+    slices_threshold_pct: float  # in slices holding metal
     pairs: tuple[tuple[int, str, str], ...]  # (index, kind, implant side)
     rows: tuple[MuscleRow, ...]
     seconds_per_pair: float
@@ -134,37 +136,41 @@ class ImplantEvaluation:
 
     def format_table(self) -> str:
         lines = [f"{'pair':<5}{'implant':<16}{'muscle':<22}{'side':<6}{'truth %':>8}{'shown %':>9}{'err pp':>8}"
-                 f"{'no rule %':>10}{'near %':>7}  reason"]
+                 f"{'no rule %':>10}{'near %':>7}{'slices %':>9}  reason"]
         for r in self.rows:
             shown = "withheld" if r.reported_pct is None else f"{r.reported_pct:.1f}"
             err = "" if r.error_pp is None else f"{r.error_pp:+.1f}"
             unruled = "-" if r.unruled_pct is None else f"{r.unruled_pct:.1f}"
             mark = "*" if r.atrophied else " "
             lines.append(f"{r.pair:<5}{r.kind + ' ' + r.implant_side:<16}{r.key:<21}{mark}{r.side:<6}"
-                         f"{r.true_pct:>8.1f}{shown:>9}{err:>8}{unruled:>10}{r.near_metal_pct:>7.1f}  {r.reason}")
+                         f"{r.true_pct:>8.1f}{shown:>9}{err:>8}{unruled:>10}{r.near_metal_pct:>7.1f}"
+                         f"{r.metal_slices_pct:>9.1f}  {r.reason}")
         lines.append("* atrophied in the follow-up")
         lines.extend(self.summary_lines())
         return "\n".join(lines)
 
     def summary_lines(self) -> list[str]:
-        safe = largest_safe_threshold(self.rows)
+        chosen = choose_thresholds(self.rows)
         return [
             f"bundle {self.bundle}, {len(self.pairs)} pairs (seed {self.seed}, {self.spacing_mm:g} mm), "
             f"{self.seconds_per_pair:.0f} s/pair",
-            f"with the rule (withheld from {self.threshold_pct:g} % of voxels near metal): {self.with_rule().line()}",
+            f"with the rule (withheld from {self.threshold_pct:g} % of voxels near metal or "
+            f"{self.slices_threshold_pct:g} % in slices with metal): {self.with_rule().line()}",
             f"without the rule: {self.without_rule().line()}",
-            "largest threshold with no shown error > 5 pp on these pairs: "
-            + (f"{safe:g} %" if safe is not None else "none (an error the rule cannot withhold: no metal near it)"),
+            "least withholding with no shown error > 5 pp on these pairs: "
+            + (f"near {_pct(chosen[0])}, slices {_pct(chosen[1])} ({chosen[2]} withheld)" if chosen is not None
+               else "none (a wrong change with no metal near it or in its slices)"),
         ]
 
     def to_record(self) -> dict:
         return {
             "bundle": self.bundle, "seed": self.seed, "spacing_mm": self.spacing_mm,
-            "threshold_pct": self.threshold_pct, "seconds_per_pair": self.seconds_per_pair,
+            "threshold_pct": self.threshold_pct, "slices_threshold_pct": self.slices_threshold_pct,
+            "seconds_per_pair": self.seconds_per_pair,
             "pairs": [{"index": i, "kind": k, "implant_side": s} for i, k, s in self.pairs],
             "with_rule": dataclasses.asdict(self.with_rule()),
             "without_rule": dataclasses.asdict(self.without_rule()),
-            "largest_safe_threshold_pct": largest_safe_threshold(self.rows),
+            "least_withholding_thresholds_pct": choose_thresholds(self.rows),
             "rows": [dataclasses.asdict(r) for r in self.rows],
         }
 
@@ -175,17 +181,42 @@ class ImplantEvaluation:
         return path
 
 
-def largest_safe_threshold(rows: Sequence[MuscleRow], max_error_pp: float = MAX_ERROR_PP) -> float | None:
-    """The largest threshold (0.1 % steps) (the least withholding) under which no shown change errs by
-    more than ``max_error_pp``: a row is withheld when its ``near_metal_pct`` >= the threshold. None
-    when a wrong change has no voxel near metal (no threshold withholds it). Rows not compared for
-    other reasons (``unruled_pct`` None) do not count."""
-    bad = [r.near_metal_pct for r in rows
-           if r.unruled_error_pp is not None and abs(r.unruled_error_pp) > max_error_pp]
-    if not bad:
-        return 100.0
-    safe = math.floor(min(bad) * 10.0) / 10.0  # withholds the worst-placed wrong change (near >= threshold)
-    return safe if safe > 0 else None
+def _pct(value: float | None) -> str:
+    return "off" if value is None else f"{value:g} %"
+
+
+def _withheld_by(row: MuscleRow, near_pct: float | None, slices_pct: float | None) -> bool:
+    return (near_pct is not None and row.near_metal_pct >= near_pct) or (
+        slices_pct is not None and row.metal_slices_pct >= slices_pct)
+
+
+def choose_thresholds(rows: Sequence[MuscleRow], max_error_pp: float = MAX_ERROR_PP
+                      ) -> tuple[float | None, float | None, int] | None:
+    """(near %, slices %, rows withheld): the thresholds that withhold the fewest changes such that no
+    shown change errs by more than ``max_error_pp`` (None: that test off; ties: the larger thresholds).
+    Candidates are the observed shares (rounded down to 0.1 %: a threshold equal to a row's share
+    withholds it). None when a wrong change has neither share above 0. Rows not compared for other
+    reasons (``unruled_pct`` None) do not count."""
+    rows = [r for r in rows if r.unruled_error_pp is not None]
+    wrong = [r for r in rows if abs(r.unruled_error_pp) > max_error_pp]  # type: ignore[arg-type]
+    if any(r.near_metal_pct <= 0 and r.metal_slices_pct <= 0 for r in wrong):
+        return None
+
+    def candidates(values: list[float]) -> list[float | None]:
+        return [None, *sorted({math.floor(v * 10.0) / 10.0 for v in values if v >= 0.1}, reverse=True)]
+
+    best: tuple[int, float, float, float | None, float | None] | None = None
+    for near in candidates([r.near_metal_pct for r in wrong]):
+        for slices in candidates([r.metal_slices_pct for r in wrong]):
+            if any(not _withheld_by(r, near, slices) for r in wrong):
+                continue
+            n = sum(_withheld_by(r, near, slices) for r in rows)
+            key = (n, -(near if near is not None else 101.0), -(slices if slices is not None else 101.0))
+            if best is None or key < best[:3]:
+                best = (*key, near, slices)
+    if best is None:
+        return None
+    return best[3], best[4], best[0]
 
 
 def implant_variants(kinds: Sequence[str] = KINDS, sides: Sequence[str] = IMPLANT_SIDES) -> list[tuple[str, str]]:
@@ -228,6 +259,24 @@ def true_change_pct(prior_ml: Mapping[tuple[str, str], float], follow_ml: Mappin
     return {k: 100.0 * (follow_ml.get(k, 0.0) / v - 1.0) for k, v in prior_ml.items() if v > 0}
 
 
+def metal_slices_pct(comparison, studies) -> dict[tuple[str, str], float]:  # noqa: ANN001
+    """Per (key, side) compared over a common range: the largest share (%) of its voxels in slices
+    holding metal over the studies' AnatomicalProfiles (what pipeline.compare's rule decides from)."""
+    from pipeline.compare import metal_slices_share
+
+    out: dict[tuple[str, str], float] = {}
+    for c in comparison.changes:
+        if c.common_range_mm is None:
+            continue
+        for prof in studies:
+            metal = [r for r in prof.metal_z_mm.values() if r is not None]
+            p = next((p for p in prof.profiles if p.key == c.key and p.side == c.side), None)
+            if metal and p is not None:
+                pct = 100.0 * metal_slices_share(p, c.common_range_mm, metal)
+                out[(c.key, c.side)] = max(out.get((c.key, c.side), 0.0), pct)
+    return out
+
+
 def near_metal_pct(*studies) -> dict[tuple[str, str], float]:
     """Per (key, side): the largest share (%) of the structure's voxels near metal over the studies'
     Measurements (what pipeline.compare's rule decides from)."""
@@ -241,7 +290,8 @@ def near_metal_pct(*studies) -> dict[tuple[str, str], float]:
 
 
 def pair_rows(pair: ImplantPair, truth: Mapping[tuple[str, str], float], ruled, unruled,
-              near: Mapping[tuple[str, str], float], muscles: Sequence[str]) -> list[MuscleRow]:
+              near: Mapping[tuple[str, str], float], muscles: Sequence[str],
+              slices: Mapping[tuple[str, str], float] | None = None) -> list[MuscleRow]:
     """The rows of one pair from the truth and the two comparisons (with and without the rule)."""
     rows = []
     atrophied = set(pair.follow_up.atrophy)  # type: ignore[attr-defined]
@@ -259,11 +309,14 @@ def pair_rows(pair: ImplantPair, truth: Mapping[tuple[str, str], float], ruled, 
                 reason="" if shown else (ch.reason if ch is not None else "not found in either study"),
                 unruled_pct=100.0 * ch0.change_ratio if shown0 else None,  # type: ignore[union-attr]
                 near_metal_pct=near.get((key, side), 0.0),
+                metal_slices_pct=(slices or {}).get((key, side), 0.0),
             ))
     return rows
 
 
-def _run_pair(pair: ImplantPair, segmenter, settings, threshold_pct: float, muscles: Sequence[str]) -> list[MuscleRow]:
+def _run_pair(pair: ImplantPair, segmenter, settings, thresholds: tuple[float, float], muscles: Sequence[str],
+              keep: list | None = None) -> list[MuscleRow]:
+    """The rows of one pair; ``keep`` (a list) receives (measurements, profiles) of prior and follow-up."""
     from modelkit.phantom import generate_phantom
     from modelkit.sidecheck import _truth_ml, _volume
     from pipeline.compare import anatomical_profiles, compare_studies
@@ -282,10 +335,14 @@ def _run_pair(pair: ImplantPair, segmenter, settings, threshold_pct: float, musc
     (prior_m, prior_p), (cur_m, cur_p) = studies
     kw = dict(current_study_date="20250301", prior_study_date="20240301", prior_study_uid=f"2.25.7{pair.index}",
               height_m=patient.height_m)
-    ruled = compare_studies(cur_m, cur_p, prior_m, prior_p, metal_withhold_near_pct=threshold_pct, **kw)
-    unruled = compare_studies(cur_m, cur_p, prior_m, prior_p, metal_withhold_near_pct=None, **kw)
-    return pair_rows(pair, true_change_pct(truths[0], truths[1]), ruled, unruled,
-                     near_metal_pct(prior_m, cur_m), muscles)
+    if keep is not None:
+        keep.extend(studies)
+    ruled = compare_studies(cur_m, cur_p, prior_m, prior_p, metal_withhold_near_pct=thresholds[0],
+                            metal_withhold_slices_pct=thresholds[1], **kw)
+    unruled = compare_studies(cur_m, cur_p, prior_m, prior_p, metal_withhold_near_pct=None,
+                              metal_withhold_slices_pct=None, **kw)
+    return pair_rows(pair, true_change_pct(truths[0], truths[1]), ruled, unruled, near_metal_pct(prior_m, cur_m),
+                     muscles, metal_slices_pct(unruled, (prior_p, cur_p)))
 
 
 def evaluate_implants(
@@ -295,13 +352,15 @@ def evaluate_implants(
     seed: int = CALIBRATION_SEED,
     spacing_mm: float = 3.0,
     threshold_pct: float | None = None,
+    slices_threshold_pct: float | None = None,
     variants: Sequence[tuple[str, str]] | None = None,
     segmenter=None,  # -> pipeline.inference.Segmenter (tests inject a fake)
 ) -> ImplantEvaluation:
     """Run ``pairs`` implant pairs of the set ``seed`` through the data path (module docstring).
-    ``threshold_pct``: the rule's threshold (default pipeline.compare.METAL_WITHHOLD_NEAR_PCT)."""
+    ``threshold_pct`` / ``slices_threshold_pct``: the rule's thresholds (default pipeline.compare's
+    METAL_WITHHOLD_NEAR_PCT / METAL_WITHHOLD_SLICES_PCT)."""
     from pipeline.bundle import load_bundle
-    from pipeline.compare import METAL_WITHHOLD_NEAR_PCT
+    from pipeline.compare import METAL_WITHHOLD_NEAR_PCT, METAL_WITHHOLD_SLICES_PCT
     from pipeline.inference import Segmenter
     from pipeline.labels import load_label_table
     from pipeline.measure import load_measurement_settings
@@ -309,6 +368,7 @@ def evaluate_implants(
     if pairs < 1:
         raise ValueError(f"pairs is {pairs!r}; allowed: >= 1")
     threshold = METAL_WITHHOLD_NEAR_PCT if threshold_pct is None else float(threshold_pct)
+    slices_threshold = METAL_WITHHOLD_SLICES_PCT if slices_threshold_pct is None else float(slices_threshold_pct)
     if segmenter is None:
         segmenter = Segmenter(load_bundle(Path(bundle_dir), load_label_table(), "auto"))
     muscles = [label.key for label in segmenter.bundle.labels.labels if not label.is_bone]
@@ -318,11 +378,12 @@ def evaluate_implants(
     t0 = time.monotonic()
     for i in range(pairs):
         pair = pair_params(i, seed, spacing_mm=spacing_mm, variants=variants)
-        rows.extend(_run_pair(pair, segmenter, settings, threshold, muscles))
+        rows.extend(_run_pair(pair, segmenter, settings, (threshold, slices_threshold), muscles))
         done.append((pair.index, pair.kind, pair.implant_side))
         logger.info("implant pair %d (%s %s) done", i, pair.kind, pair.implant_side)
     bundle = segmenter.bundle
     return ImplantEvaluation(
         bundle=f"{bundle.name} {bundle.version}", seed=seed, spacing_mm=spacing_mm, threshold_pct=threshold,
+        slices_threshold_pct=slices_threshold,
         pairs=tuple(done), rows=tuple(rows), seconds_per_pair=(time.monotonic() - t0) / pairs,
     )

@@ -27,14 +27,17 @@ Flags of a :class:`StructureChange`
       lies within ``metal_margin_mm`` of the structure's z extent inside the common range,
       or either study's measurements flag it "metal". Mean HU, fat fraction and mass (HU-based)
       are None; the volume change is kept unless the structure is withheld (below).
-    * metal withholding (``compared=False``, flag ``metal`` kept): in either scan at least
-      ``metal_withhold_near_pct`` % of the structure's voxels on that side lie within the
-      measurement's ``metal_proximity_mm`` of metal (``StructureMeasurement.near_metal_voxels``
-      over ``voxel_count``, pipeline.measure). Near an implant the segmentation cannot be
-      trusted (streaks, the displaced anatomy), and a false loss shown as a number is worse
-      than no number: the change is not given and ``reason`` gives the share, the distance and
-      the scan. Measured quantities only; the default threshold was chosen on phantom pairs
-      (``thighnode evaluate-implants``, modelkit.implant_pairs).
+    * metal withholding (``compared=False``, flag ``metal`` kept), in either scan:
+      - at least ``metal_withhold_near_pct`` % of the structure's voxels on that side lie within
+        the measurement's ``metal_proximity_mm`` of metal (``StructureMeasurement.near_metal_voxels``
+        over ``voxel_count``, pipeline.measure), or
+      - at least ``metal_withhold_slices_pct`` % of its voxels inside the common range lie in
+        slices that hold metal on either side (``AnatomicalProfiles.metal_z_mm``; streaks run
+        across the whole slice, through both legs, so this is not limited to the structure's side).
+      Near an implant and in its streaks the segmentation cannot be trusted, and a false loss
+      shown as a number is worse than no number: the change is not given and ``reason`` gives
+      the share, where and the scan. Measured quantities only; the default thresholds were chosen
+      on phantom pairs (``thighnode evaluate-implants``, modelkit.implant_pairs).
     * ``compared=False`` (also): no landmark on that side in either scan, no overlap of the two
       ranges, or the structure has no voxel inside the common range in either scan.
 
@@ -78,6 +81,9 @@ _RANGE_TOL_MM = 0.01
 METAL_WITHHOLD_NEAR_PCT = 10.0
 """Default share (%) of a structure's voxels near metal from which its volume change is withheld
 (config/node.toml prior.metal_withhold_near_pct; chosen on calibration phantom pairs)."""
+METAL_WITHHOLD_SLICES_PCT = 10.0
+"""Default share (%) of a structure's voxels in slices holding metal from which its volume change is
+withheld (config/node.toml prior.metal_withhold_slices_pct; chosen on calibration phantom pairs)."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +179,7 @@ class _Context:
     side_reason: Mapping[str, str]  # per side without a common range: why
     metal_margin_mm: float
     metal_withhold_near_pct: float | None  # None: never withheld (evaluations: the rule's effect)
+    metal_withhold_slices_pct: float | None  # None: never withheld
     height2_m2: float | None
     profiles_by_key: Mapping[str, Mapping[tuple[str, str], StructureProfile]]  # study -> (key, side) -> profile
 
@@ -189,20 +196,24 @@ def compare_studies(
     height_m: float | None,
     metal_margin_mm: float = 30.0,
     metal_withhold_near_pct: float | None = METAL_WITHHOLD_NEAR_PCT,
+    metal_withhold_slices_pct: float | None = METAL_WITHHOLD_SLICES_PCT,
 ) -> Comparison:
     """Change of every structure and side between ``prior`` and ``current`` over their common range.
 
     ``height_m`` is the current study's height (``current.height_m`` when None); the
     change per height² is None without one. ``metal_withhold_near_pct`` (0 < x <= 100): the share
     of a structure's voxels near metal from which its change is withheld (None: never; for evaluations
-that show the rule's effect). See the module docstring
+that show the rule's effect); ``metal_withhold_slices_pct`` likewise for the share in slices holding
+metal. See the module docstring
     for the range, the integration, the flags and the withholding.
     """
     t0 = time.perf_counter()
     if not metal_margin_mm >= 0:
         raise CompareError(f"metal_margin_mm is {metal_margin_mm!r}; allowed: >= 0 mm")
-    if metal_withhold_near_pct is not None and not 0 < metal_withhold_near_pct <= 100:
-        raise CompareError(f"metal_withhold_near_pct is {metal_withhold_near_pct!r}; allowed: 0 < x <= 100 (%)")
+    for name, pct in (("metal_withhold_near_pct", metal_withhold_near_pct),
+                      ("metal_withhold_slices_pct", metal_withhold_slices_pct)):
+        if pct is not None and not 0 < pct <= 100:
+            raise CompareError(f"{name} is {pct!r}; allowed: 0 < x <= 100 (%) or None (never withheld)")
     height = height_m if height_m is not None else current.height_m
     if height is not None and not 0.5 <= height <= 2.5:
         raise CompareError(f"height_m is {height!r}; allowed: 0.5 .. 2.5 m (is it in cm?)")
@@ -216,6 +227,7 @@ that show the rule's effect). See the module docstring
         side_reason=side_reason,
         metal_margin_mm=metal_margin_mm,
         metal_withhold_near_pct=metal_withhold_near_pct,
+        metal_withhold_slices_pct=metal_withhold_slices_pct,
         height2_m2=height * height if height is not None else None,
         profiles_by_key={
             name: {(p.key, p.side): p for p in prof.profiles}
@@ -318,7 +330,7 @@ def _compare_structure(m: StructureMeasurement, side: str, ctx: _Context) -> Str
     if metal:
         flags.append(FLAG_METAL)
         reasons.append(metal)
-    withheld = _metal_withhold_reason(meas, ctx)
+    withheld = _metal_withhold_reason(meas, ctx) or _metal_slices_reason(profiles, rng, ctx)
     if withheld:
         if FLAG_METAL not in flags:
             flags.append(FLAG_METAL)
@@ -412,6 +424,44 @@ def _metal_withhold_reason(meas: Mapping[str, StructureMeasurement | None], ctx:
     return (
         f"metal within {studies[name].metal_proximity_mm:g} mm of {pct:.0f} % of its voxels in the {name} scan "
         f"(withheld from {ctx.metal_withhold_near_pct:g} %): its volume cannot be trusted and the change is not shown"
+    )
+
+
+def metal_slices_share(profile: StructureProfile, rng: tuple[float, float],
+                       metal_z_mm: Sequence[tuple[float, float]]) -> float:
+    """Share (0..1) of the profile's voxels inside ``rng`` (partial end slices weighted) whose slice
+    centre lies in one of the ``metal_z_mm`` ranges (relative z, slice edges)."""
+    t = profile.slice_mm
+    z = np.asarray(profile.z_mm, dtype=np.float64)
+    lo, hi = rng
+    n = np.asarray(profile.voxels, dtype=np.float64) * np.clip(
+        (np.minimum(z + t / 2, hi) - np.maximum(z - t / 2, lo)) / t, 0.0, 1.0)
+    in_metal = np.zeros(z.shape, dtype=bool)
+    for m0, m1 in metal_z_mm:
+        in_metal |= (z >= m0) & (z <= m1)
+    total = float(n.sum())
+    return float(n[in_metal].sum()) / total if total > 0 else 0.0
+
+
+def _metal_slices_reason(profiles: Mapping[str, StructureProfile | None], rng: tuple[float, float], ctx: _Context) -> str:
+    """Why the volume change is withheld in the slices of metal's streaks (module docstring), or ""."""
+    if ctx.metal_withhold_slices_pct is None:
+        return ""
+    studies = {"current": ctx.current_profiles, "prior": ctx.prior_profiles}
+    worst: tuple[float, str] | None = None
+    for name, prof in profiles.items():
+        metal = [r for r in studies[name].metal_z_mm.values() if r is not None]
+        if prof is None or not metal:
+            continue
+        pct = 100.0 * metal_slices_share(prof, rng, metal)
+        if pct >= ctx.metal_withhold_slices_pct and (worst is None or pct > worst[0]):
+            worst = (pct, name)
+    if worst is None:
+        return ""
+    pct, name = worst
+    return (
+        f"{pct:.0f} % of its voxels lie in slices with metal (streaks) in the {name} scan "
+        f"(withheld from {ctx.metal_withhold_slices_pct:g} %): its volume cannot be trusted and the change is not shown"
     )
 
 

@@ -160,13 +160,15 @@ def cmd_evaluate_implants(args: argparse.Namespace) -> int:
     """Implant phantom pairs: every muscle's change within 5 pp of the truth or withheld (an evaluation: exit 0)."""
     from modelkit.implant_pairs import evaluate_implants
 
-    threshold = args.threshold
-    if threshold is None:
+    threshold, slices = args.threshold, args.slices_threshold
+    if threshold is None or slices is None:
         from thighnode.settings import load_settings
 
-        threshold = load_settings(args.config).prior.metal_withhold_near_pct
+        prior = load_settings(args.config).prior
+        threshold = prior.metal_withhold_near_pct if threshold is None else threshold
+        slices = prior.metal_withhold_slices_pct if slices is None else slices
     result = evaluate_implants(args.bundle, pairs=args.pairs, seed=args.seed, spacing_mm=args.spacing,
-                               threshold_pct=threshold)
+                               threshold_pct=threshold, slices_threshold_pct=slices)
     print(result.format_table())
     if args.json is not None:
         print(f"wrote {result.write_json(args.json)}")
@@ -225,6 +227,9 @@ def add_evaluation_commands(add: AddCommand) -> None:
     p.add_argument("--threshold", type=float, default=None, metavar="PCT",
                    help="withhold from this share of voxels near metal (default: the node configuration's "
                         "prior.metal_withhold_near_pct)")
+    p.add_argument("--slices-threshold", type=float, default=None, metavar="PCT",
+                   help="withhold from this share of voxels in slices holding metal (default: the node "
+                        "configuration's prior.metal_withhold_slices_pct)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write every row and the summaries as JSON")
     p.set_defaults(func=cmd_evaluate_implants, log_level="INFO")
 

@@ -234,6 +234,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "retrieve_attempts": _int_range(1, 100),
         "retry_delay_s": _float_range(0.0, lo_open=True),
         "metal_withhold_near_pct": _float_range(0.0, 100.0, lo_open=True),
+        "metal_withhold_slices_pct": _float_range(0.0, 100.0, lo_open=True),
     },
     "sarcopenia": {
         "group": _choice("gluteal", "above_knee", "all"),
@@ -337,6 +338,7 @@ class PriorSettings:
     retrieve_attempts: int
     retry_delay_s: float
     metal_withhold_near_pct: float = 10.0  # pipeline.compare: volume change withheld from this share near metal
+    metal_withhold_slices_pct: float = 10.0  # ... and from this share in slices holding metal (streaks)
 
 
 @dataclass(frozen=True)

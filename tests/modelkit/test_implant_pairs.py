@@ -22,7 +22,7 @@ from modelkit.implant_pairs import (
     MuscleRow,
     evaluate_implants,
     implant_variants,
-    largest_safe_threshold,
+    choose_thresholds,
     pair_params,
     summarize,
     true_change_pct,
@@ -32,10 +32,11 @@ from pipeline.labels import load_label_table
 from pipeline.types import Segmentation
 
 
-def _row(true_pct: float, reported: float | None, unruled: float | None, near: float, key: str = "m") -> MuscleRow:
+def _row(true_pct: float, reported: float | None, unruled: float | None, near: float, slices: float = 0.0,
+         key: str = "m") -> MuscleRow:
     return MuscleRow(pair=0, kind="total_hip", implant_side="left", key=key, side="left", atrophied=False,
                      true_pct=true_pct, reported_pct=reported, reason="" if reported is not None else "withheld",
-                     unruled_pct=unruled, near_metal_pct=near)
+                     unruled_pct=unruled, near_metal_pct=near, metal_slices_pct=slices)
 
 
 def test_summary_counts_shown_wrong_and_withheld() -> None:
@@ -45,11 +46,16 @@ def test_summary_counts_shown_wrong_and_withheld() -> None:
     assert summarize([]).shown == 0 and summarize([]).max_abs_error_pp == 0.0
 
 
-def test_largest_safe_threshold_withholds_the_wrong_changes_and_no_more() -> None:
-    rows = [_row(-10.0, None, -40.0, 23.46), _row(-10.0, None, -17.0, 31.0), _row(-20.0, -19.0, -19.0, 5.0)]
-    assert largest_safe_threshold(rows) == 23.4  # withholds both wrong ones (23.46 and 31 % near metal)
-    assert largest_safe_threshold(rows[2:]) == 100.0  # nothing wrong: nothing needs withholding
-    assert largest_safe_threshold([_row(-10.0, -30.0, -30.0, 0.0)]) is None  # wrong far from metal
+def test_chosen_thresholds_withhold_the_wrong_changes_and_as_few_others_as_possible() -> None:
+    rows = [_row(-10.0, None, -40.0, 23.46, 0.0), _row(-10.0, None, -17.0, 31.0, 5.0),
+            _row(-20.0, -19.0, -19.0, 5.0, 20.0), _row(0.0, -1.0, -1.0, 0.0, 12.0)]
+    # near metal alone withholds both wrong ones (23.46 and 31 %) and nothing else
+    assert choose_thresholds(rows) == (23.4, None, 2)
+    # a wrong change only in the slices of metal: the slices test is needed, at 40 % it spares the others
+    streak = _row(0.0, None, -30.0, 0.0, 40.0)
+    assert choose_thresholds([*rows, streak]) == (23.4, 40.0, 3)
+    assert choose_thresholds(rows[2:]) == (None, None, 0)  # nothing wrong: nothing needs withholding
+    assert choose_thresholds([_row(-10.0, -30.0, -30.0, 0.0, 0.0)]) is None  # wrong far from metal
 
 
 def test_true_change_is_the_label_ratio() -> None:
@@ -100,15 +106,19 @@ class _TruthSegmenter:
 
 def test_one_pair_through_the_data_path_with_a_perfect_model(monkeypatch, tmp_path: Path) -> None:  # noqa: ANN001
     seg = _TruthSegmenter(monkeypatch)
-    ev = evaluate_implants(Path("unused"), pairs=1, seed=11, spacing_mm=4.0, threshold_pct=10.0, segmenter=seg)
-    assert ev.pairs == ((0, "total_hip", "left"),) and ev.threshold_pct == 10.0
+    ev = evaluate_implants(Path("unused"), pairs=1, seed=11, spacing_mm=4.0, threshold_pct=10.0,
+                           slices_threshold_pct=100.0, segmenter=seg)
+    assert ev.pairs == ((0, "total_hip", "left"),) and ev.threshold_pct == 10.0 and ev.slices_threshold_pct == 100.0
     atrophied = {k for k in pair_params(0, 11, spacing_mm=4.0).follow_up.atrophy}
     assert {f"{r.key}:{r.side}" for r in ev.rows if r.atrophied} == atrophied
     with_rule, without = ev.with_rule(), ev.without_rule()
     assert with_rule.rows == without.rows == len(ev.rows) > 40
     assert with_rule.wrong == 0 and with_rule.withheld > without.withheld
     withheld = [r for r in ev.rows if r.reported_pct is None and r.unruled_pct is not None]
-    assert withheld and all(r.near_metal_pct >= 10.0 and r.side == "left" for r in withheld)
+    assert withheld and all(r.near_metal_pct >= 10.0 or r.metal_slices_pct >= 100.0 for r in withheld)
+    assert all(r.side == "left" for r in withheld if r.near_metal_pct >= 10.0)
+    assert any(r.near_metal_pct >= 10.0 for r in withheld)
+    assert any(r.metal_slices_pct > 0 for r in ev.rows) and all(r.metal_slices_pct <= 100.0 for r in ev.rows)
     assert all("cannot be trusted" in r.reason for r in withheld)
     for r in ev.rows:
         if r.reported_pct is not None:
@@ -126,8 +136,9 @@ def test_evaluation_refuses_no_pairs() -> None:
 
 def test_an_evaluation_summary_names_the_threshold_and_both_rules() -> None:
     rows = (_row(-10.0, None, -40.0, 30.0), _row(-20.0, -19.0, -19.0, 5.0))
-    ev = ImplantEvaluation("demo 1", 11, 3.0, 10.0, ((0, "total_hip", "left"),), rows, 12.0)
+    ev = ImplantEvaluation("demo 1", 11, 3.0, 10.0, 20.0, ((0, "total_hip", "left"),), rows, 12.0)
     lines = "\n".join(ev.summary_lines())
-    assert "withheld from 10 %" in lines and "2 muscle changes: 1 shown, 0 shown with |error| > 5 pp" in lines
+    assert "withheld from 10 % of voxels near metal or 20 % in slices with metal" in lines
+    assert "least withholding with no shown error > 5 pp on these pairs: near 30 %, slices off (1 withheld)" in lines and "2 muscle changes: 1 shown, 0 shown with |error| > 5 pp" in lines
     assert "without the rule: 2 muscle changes: 2 shown, 1 shown with |error| > 5 pp" in lines
     assert dataclasses.asdict(ev.with_rule())["withheld"] == 1

@@ -318,7 +318,7 @@ def test_implant_flags_metal_on_the_operated_side_only(prior: Scan, implant: Sca
     assert "right side taken from the left femoral head" in implant.profiles.landmark
     near = [k for k in implant.phantom.metal_structures if k in _muscles(table)]
     assert near
-    kept = _compare(implant, prior, metal_withhold_near_pct=None)  # without the withholding: volume kept
+    kept = _compare(implant, prior, metal_withhold_near_pct=None, metal_withhold_slices_pct=None)  # volume kept
     withheld = 0
     for key in near:
         ch = kept.change(key, "right")
@@ -336,7 +336,8 @@ def test_implant_flags_metal_on_the_operated_side_only(prior: Scan, implant: Sca
             assert share < METAL_WITHHOLD_NEAR_PCT and ch.change_ml == kept.change(key, "right").change_ml  # type: ignore[union-attr]
         else:
             withheld += 1
-            assert share >= METAL_WITHHOLD_NEAR_PCT and ch.change_ml is None and "cannot be trusted" in ch.reason
+            assert ch.change_ml is None and "cannot be trusted" in ch.reason
+            assert share >= METAL_WITHHOLD_NEAR_PCT or "slices with metal" in ch.reason
     assert withheld  # the muscles around a total hip
     for key in _muscles(table):
         ch = c.change(key, "left")
@@ -518,6 +519,7 @@ def _metal_comparison(table: LabelTable, near: dict[tuple[str, str], int], **kwa
     cur_areas[("gluteus_medius", "right")] = 40.0  # the model's false loss near the implant
     cur_areas[("vastus_medialis", "right")] = 80.0  # real atrophy, far from metal
     cur_m, cur_p = _metal_study(table, near, cur_areas, metal_right=True)
+    kwargs.setdefault("metal_withhold_slices_pct", None)  # the near-metal test alone (slices: below)
     return compare_studies(cur_m, cur_p, prior_m, prior_p, current_study_date="20240301",
                            prior_study_date="20231001", prior_study_uid="1.2.3.98", height_m=1.6, **kwargs)
 
@@ -554,6 +556,8 @@ def test_metal_withholding_threshold_and_rule_off(table: LabelTable) -> None:
     for bad in (0.0, -1.0, 100.5):
         with pytest.raises(CompareError, match="metal_withhold_near_pct"):
             _metal_comparison(table, near, metal_withhold_near_pct=bad)
+        with pytest.raises(CompareError, match="metal_withhold_slices_pct"):
+            _metal_comparison(table, near, metal_withhold_slices_pct=bad)
 
 
 def test_metal_withheld_in_the_prior_scan_too(table: LabelTable) -> None:
@@ -562,7 +566,8 @@ def test_metal_withheld_in_the_prior_scan_too(table: LabelTable) -> None:
                                     metal_right=True)
     cur_m, cur_p = _metal_study(table, {}, {k: 100.0 for k in METAL_KEYS}, metal_right=False)
     c = compare_studies(cur_m, cur_p, prior_m, prior_p, current_study_date="20240301",
-                        prior_study_date="20231001", prior_study_uid="1.2", height_m=1.6, metal_withhold_near_pct=20.0)
+                        prior_study_date="20231001", prior_study_uid="1.2", height_m=1.6, metal_withhold_near_pct=20.0,
+                        metal_withhold_slices_pct=None)
     ch = c.change("gluteus_medius", "right")
     assert ch is not None and not ch.compared and "50 % of its voxels in the prior scan" in ch.reason
 
@@ -576,3 +581,44 @@ def test_group_with_a_member_withheld_near_metal_is_not_compared(table: LabelTab
     groups = compare_groups(dataclasses.replace(cur_m, groups=(group,)), dataclasses.replace(cur_m, groups=(group,)), c)
     assert len(groups) == 1 and not groups[0].compared and groups[0].change_ml is None
     assert "gluteus medius right" in groups[0].reason.lower() and "cannot be trusted" in groups[0].reason
+
+
+def test_metal_in_the_slices_of_a_structure_withholds_its_change_on_both_sides(table: LabelTable) -> None:
+    """Streaks cross the slice: a structure with a large share of its voxels in slices holding metal is
+    withheld on either side; one below the metal is shown, its real atrophy as its number."""
+    z_hip = -98.0 + 4.0 * np.arange(25)  # -100..0 mm: the hip, metal in -120..10 on the right
+    z_thigh = -298.0 + 4.0 * np.arange(40)  # -300..-140 mm: below the metal
+    z_mixed = -198.0 + 4.0 * np.arange(25)  # -200..-100 mm: 5 of 25 slices (20 %) in the metal's
+    keys = {("gluteus_medius", "right"): z_hip, ("gluteus_medius", "left"): z_hip,
+            ("vastus_medialis", "right"): z_thigh, ("adductor_longus", "left"): z_mixed}
+
+    def study(area: dict, metal: bool) -> tuple[Measurements, AnatomicalProfiles]:
+        m, _ = _metal_study(table, {}, {k: 100.0 for k in keys}, metal_right=metal)
+        profiles = AnatomicalProfiles(
+            LANDMARK, {"right": 0.0, "left": 0.0}, {"right": (-300.0, 0.0), "left": (-300.0, 0.0)},
+            tuple(_sided_profile(k, s, area.get((k, s), 100.0), z) for (k, s), z in keys.items()),
+            {"right": (-120.0, 10.0) if metal else None, "left": None},
+        )
+        return m, profiles
+
+    prior_m, prior_p = study({}, metal=False)
+    cur_m, cur_p = study({("vastus_medialis", "right"): 80.0}, metal=True)
+
+    def compare(slices_pct: float | None) -> Comparison:
+        return compare_studies(cur_m, cur_p, prior_m, prior_p, current_study_date="20240301",
+                               prior_study_date="20231001", prior_study_uid="1.2", height_m=1.6,
+                               metal_withhold_near_pct=None, metal_withhold_slices_pct=slices_pct)
+
+    c = compare(25.0)
+    for side in ("right", "left"):
+        ch = c.change("gluteus_medius", side)
+        assert ch is not None and not ch.compared and ch.change_ml is None and FLAG_METAL in ch.flags, side
+        assert "100 % of its voxels lie in slices with metal (streaks) in the current scan" in ch.reason
+    vm = c.change("vastus_medialis", "right")
+    assert vm is not None and vm.compared and vm.change_ratio == pytest.approx(-0.2)
+    al = c.change("adductor_longus", "left")  # 20 %: below 25 %, shown
+    assert al is not None and al.compared and al.change_ratio == pytest.approx(0.0)
+    al = compare(20.0).change("adductor_longus", "left")
+    assert al is not None and not al.compared and "20 % of its voxels lie in slices with metal" in al.reason
+    off = compare(None).change("gluteus_medius", "left")
+    assert off is not None and off.compared

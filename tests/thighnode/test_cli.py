@@ -287,18 +287,20 @@ def test_evaluate_implants_passes_its_options_writes_json_and_exits_0(monkeypatc
     def fake(bundle: Path, **kwargs) -> ImplantEvaluation:  # noqa: ANN003
         seen.update(bundle=bundle, **kwargs)
         return ImplantEvaluation("fake 1", kwargs["seed"], kwargs["spacing_mm"], kwargs["threshold_pct"],
-                                 ((0, "total_hip", "left"),), (wrong,), 1.0)
+                                 kwargs["slices_threshold_pct"], ((0, "total_hip", "left"),), (wrong,), 1.0)
 
     monkeypatch.setattr(modelkit.implant_pairs, "evaluate_implants", fake)
     out = tmp_path / "implants.json"
     argv = ["evaluate-implants", "--bundle", "b", "--pairs", "3", "--seed", "11", "--spacing", "4", "--json", str(out)]
     assert main(argv) == 0
-    assert seen == {"bundle": Path("b"), "pairs": 3, "seed": 11, "spacing_mm": 4.0, "threshold_pct": 10.0}
+    assert seen == {"bundle": Path("b"), "pairs": 3, "seed": 11, "spacing_mm": 4.0, "threshold_pct": 10.0,
+                    "slices_threshold_pct": 10.0}
     printed = capsys.readouterr().out
     assert "1 shown with |error| > 5 pp" in printed and str(out) in printed
     assert json.loads(out.read_text())["with_rule"]["wrong"] == 1
     config = tmp_path / "node.toml"
-    config.write_text("[prior]\nmetal_withhold_near_pct = 25.0\n")
+    config.write_text("[prior]\nmetal_withhold_near_pct = 25.0\nmetal_withhold_slices_pct = 35.0\n")
     assert main(["evaluate-implants", "--config", str(config)]) == 0
-    assert seen["threshold_pct"] == 25.0 and seen["bundle"] == Path("bundles/thighnode_demo") and seen["seed"] == 12
-    assert main(["evaluate-implants", "--threshold", "7.5"]) == 0 and seen["threshold_pct"] == 7.5
+    assert seen["threshold_pct"] == 25.0 and seen["slices_threshold_pct"] == 35.0 and seen["bundle"] == Path("bundles/thighnode_demo") and seen["seed"] == 12
+    assert main(["evaluate-implants", "--threshold", "7.5", "--slices-threshold", "60"]) == 0
+    assert seen["threshold_pct"] == 7.5 and seen["slices_threshold_pct"] == 60.0
