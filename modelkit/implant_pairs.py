@@ -259,22 +259,13 @@ def true_change_pct(prior_ml: Mapping[tuple[str, str], float], follow_ml: Mappin
     return {k: 100.0 * (follow_ml.get(k, 0.0) / v - 1.0) for k, v in prior_ml.items() if v > 0}
 
 
-def metal_slices_pct(comparison, studies) -> dict[tuple[str, str], float]:  # noqa: ANN001
-    """Per (key, side) compared over a common range: the largest share (%) of its voxels in slices
-    holding metal over the studies' AnatomicalProfiles (what pipeline.compare's rule decides from)."""
-    from pipeline.compare import metal_slices_share
+def metal_slices_pct(comparison, current, prior) -> dict[tuple[str, str], float]:  # noqa: ANN001
+    """Per (key, side) compared over a common range: pipeline.compare.metal_slices_pct (what its rule
+    decides from), from the two studies' AnatomicalProfiles."""
+    from pipeline.compare import metal_slices_pct as share
 
-    out: dict[tuple[str, str], float] = {}
-    for c in comparison.changes:
-        if c.common_range_mm is None:
-            continue
-        for prof in studies:
-            metal = [r for r in prof.metal_z_mm.values() if r is not None]
-            p = next((p for p in prof.profiles if p.key == c.key and p.side == c.side), None)
-            if metal and p is not None:
-                pct = 100.0 * metal_slices_share(p, c.common_range_mm, metal)
-                out[(c.key, c.side)] = max(out.get((c.key, c.side), 0.0), pct)
-    return out
+    return {(c.key, c.side): share(current, prior, c.key, c.side, c.common_range_mm)[0]
+            for c in comparison.changes if c.common_range_mm is not None}
 
 
 def near_metal_pct(*studies) -> dict[tuple[str, str], float]:
@@ -342,7 +333,7 @@ def _run_pair(pair: ImplantPair, segmenter, settings, thresholds: tuple[float, f
     unruled = compare_studies(cur_m, cur_p, prior_m, prior_p, metal_withhold_near_pct=None,
                               metal_withhold_slices_pct=None, **kw)
     return pair_rows(pair, true_change_pct(truths[0], truths[1]), ruled, unruled, near_metal_pct(prior_m, cur_m),
-                     muscles, metal_slices_pct(unruled, (prior_p, cur_p)))
+                     muscles, metal_slices_pct(unruled, cur_p, prior_p))
 
 
 def evaluate_implants(

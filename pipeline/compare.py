@@ -31,9 +31,11 @@ Flags of a :class:`StructureChange`
       - at least ``metal_withhold_near_pct`` % of the structure's voxels on that side lie within
         the measurement's ``metal_proximity_mm`` of metal (``StructureMeasurement.near_metal_voxels``
         over ``voxel_count``, pipeline.measure), or
-      - at least ``metal_withhold_slices_pct`` % of its voxels inside the common range lie in
-        slices that hold metal on either side (``AnatomicalProfiles.metal_z_mm``; streaks run
-        across the whole slice, through both legs, so this is not limited to the structure's side).
+      - at least ``metal_withhold_slices_pct`` % of its voxels inside the common range, as either
+        scan segments it, lie in slices that hold metal on either side in either scan
+        (``AnatomicalProfiles.metal_z_mm``, aligned on the landmark; :func:`metal_slices_pct`):
+        streaks run across the whole slice, through both legs, and a model that loses a muscle in
+        them leaves few of its voxels there in the scan with metal, the other scan still shows them.
       Near an implant and in its streaks the segmentation cannot be trusted, and a false loss
       shown as a number is worse than no number: the change is not given and ``reason`` gives
       the share, where and the scan. Measured quantities only; the default thresholds were chosen
@@ -330,7 +332,7 @@ def _compare_structure(m: StructureMeasurement, side: str, ctx: _Context) -> Str
     if metal:
         flags.append(FLAG_METAL)
         reasons.append(metal)
-    withheld = _metal_withhold_reason(meas, ctx) or _metal_slices_reason(profiles, rng, ctx)
+    withheld = _metal_withhold_reason(meas, ctx) or _metal_slices_reason(m.key, side, rng, ctx)
     if withheld:
         if FLAG_METAL not in flags:
             flags.append(FLAG_METAL)
@@ -443,25 +445,41 @@ def metal_slices_share(profile: StructureProfile, rng: tuple[float, float],
     return float(n[in_metal].sum()) / total if total > 0 else 0.0
 
 
-def _metal_slices_reason(profiles: Mapping[str, StructureProfile | None], rng: tuple[float, float], ctx: _Context) -> str:
+def metal_slices_pct(
+    current: AnatomicalProfiles, prior: AnatomicalProfiles, key: str, side: str, rng: tuple[float, float]
+) -> tuple[float, str, str]:
+    """(share %, scan, metal scans): the largest share of the structure's voxels on ``side`` inside ``rng``,
+    as either scan segments it, that lies in slices holding metal (either side) in either scan.
+
+    Both scans' metal counts for both profiles: a model that loses a muscle in the streaks leaves
+    few of its voxels there in the scan with metal, but the other scan still shows where it lies.
+    """
+    studies = {"current": current, "prior": prior}
+    metal_in = [name for name, prof in studies.items() if any(r is not None for r in prof.metal_z_mm.values())]
+    metal = [r for name in metal_in for r in studies[name].metal_z_mm.values() if r is not None]
+    best = (0.0, "", " and ".join(metal_in))
+    if not metal:
+        return best
+    for name, prof in studies.items():
+        p = next((p for p in prof.profiles if p.key == key and p.side == side), None)
+        if p is not None:
+            pct = 100.0 * metal_slices_share(p, rng, metal)
+            if pct > best[0]:
+                best = (pct, name, best[2])
+    return best
+
+
+def _metal_slices_reason(key: str, side: str, rng: tuple[float, float], ctx: _Context) -> str:
     """Why the volume change is withheld in the slices of metal's streaks (module docstring), or ""."""
     if ctx.metal_withhold_slices_pct is None:
         return ""
-    studies = {"current": ctx.current_profiles, "prior": ctx.prior_profiles}
-    worst: tuple[float, str] | None = None
-    for name, prof in profiles.items():
-        metal = [r for r in studies[name].metal_z_mm.values() if r is not None]
-        if prof is None or not metal:
-            continue
-        pct = 100.0 * metal_slices_share(prof, rng, metal)
-        if pct >= ctx.metal_withhold_slices_pct and (worst is None or pct > worst[0]):
-            worst = (pct, name)
-    if worst is None:
+    pct, name, metal_in = metal_slices_pct(ctx.current_profiles, ctx.prior_profiles, key, side, rng)
+    if not metal_in or pct < ctx.metal_withhold_slices_pct:
         return ""
-    pct, name = worst
     return (
-        f"{pct:.0f} % of its voxels lie in slices with metal (streaks) in the {name} scan "
-        f"(withheld from {ctx.metal_withhold_slices_pct:g} %): its volume cannot be trusted and the change is not shown"
+        f"{pct:.0f} % of its voxels (as the {name} scan shows it) lie in slices with metal in the {metal_in} scan "
+        f"(streaks; withheld from {ctx.metal_withhold_slices_pct:g} %): its volume cannot be trusted and the change "
+        "is not shown"
     )
 
 
