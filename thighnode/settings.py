@@ -337,8 +337,8 @@ class PriorSettings:
     update_when_prior_arrives: bool
     retrieve_attempts: int
     retry_delay_s: float
-    metal_withhold_near_pct: float = 10.0  # pipeline.compare: volume change withheld from this share near metal
-    metal_withhold_slices_pct: float = 10.0  # ... and from this share in slices holding metal (streaks)
+    metal_withhold_near_pct: float = 7.0  # pipeline.compare: volume change withheld from this share near metal
+    metal_withhold_slices_pct: float = 3.5  # ... and from this share in slices holding metal (streaks)
 
 
 @dataclass(frozen=True)

@@ -50,12 +50,13 @@ def test_chosen_thresholds_withhold_the_wrong_changes_and_as_few_others_as_possi
     rows = [_row(-10.0, None, -40.0, 23.46, 0.0), _row(-10.0, None, -17.0, 31.0, 5.0),
             _row(-20.0, -19.0, -19.0, 5.0, 20.0), _row(0.0, -1.0, -1.0, 0.0, 12.0)]
     # near metal alone withholds both wrong ones (23.46 and 31 %) and nothing else
-    assert choose_thresholds(rows) == (23.4, None, 2)
+    assert choose_thresholds(rows) == (23.4, None, 2, 0)
     # a wrong change only in the slices of metal: the slices test is needed, at 40 % it spares the others
     streak = _row(0.0, None, -30.0, 0.0, 40.0)
-    assert choose_thresholds([*rows, streak]) == (23.4, 40.0, 3)
-    assert choose_thresholds(rows[2:]) == (None, None, 0)  # nothing wrong: nothing needs withholding
-    assert choose_thresholds([_row(-10.0, -30.0, -30.0, 0.0, 0.0)]) is None  # wrong far from metal
+    assert choose_thresholds([*rows, streak]) == (23.4, 40.0, 3, 0)
+    assert choose_thresholds(rows[2:]) == (None, None, 0, 0)  # nothing wrong: nothing needs withholding
+    # wrong far from metal: no threshold withholds it, it is counted and the others are still chosen for
+    assert choose_thresholds([*rows, _row(-10.0, -30.0, -30.0, 0.0, 0.0)]) == (23.4, None, 2, 1)
 
 
 def test_true_change_is_the_label_ratio() -> None:
