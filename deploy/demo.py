@@ -52,7 +52,39 @@ def _wait_done(node: NodeProcess, study_uid: str, timeout_s: float = 1800) -> di
     return next(j for j in status["jobs"] if j["study_uid"] == study_uid)
 
 
-def _print_table(db: Path, study_uid: str) -> None:
+def _truth_pct(prior, follow) -> dict[tuple[str, str], float]:  # noqa: ANN001 - modelkit.phantom.Phantom
+    """True change (%) per muscle and side from the phantoms' own labels (both cover the whole anatomy)."""
+    from modelkit.phantom import ground_truth
+
+    before, after = ground_truth(prior)["structures"], ground_truth(follow)["structures"]
+    return {
+        (key, side): 100.0 * (after[key][side]["volume_ml"] / v[side]["volume_ml"] - 1.0)
+        for key, v in before.items() for side in ("right", "left") if v[side]["volume_ml"] > 0
+    }
+
+
+def _print_changes(comparison, truth: dict[tuple[str, str], float]) -> None:  # noqa: ANN001 - Comparison
+    """Each muscle change against the phantoms' truth: within 5 pp, or withheld with its reason."""
+    shown, wrong, withheld = 0, [], []
+    for c in comparison.changes:
+        true = truth.get((c.key, c.side))
+        if true is None or c.group == "bone":
+            continue
+        if c.compared and c.change_ratio is not None:
+            shown += 1
+            if abs(100 * c.change_ratio - true) > 5.0:
+                wrong.append(f"{c.name} {c.side}: shown {100 * c.change_ratio:+.1f} %, truth {true:+.1f} %")
+        else:
+            withheld.append(f"{c.name} {c.side} (truth {true:+.1f} %): {c.reason}")
+    print(f"\n  changes against the phantoms' truth: {shown} shown, {len(wrong)} of them off by more than 5 pp, "
+          f"{len(withheld)} withheld")
+    for line in wrong:
+        print(f"    OFF  {line}")
+    for line in withheld:
+        print(f"    withheld  {line}")
+
+
+def _print_table(db: Path, study_uid: str, truth: dict[tuple[str, str], float] | None = None) -> None:
     store = ResultsStore(db)
     try:
         result = store.get(study_uid)
@@ -71,7 +103,8 @@ def _print_table(db: Path, study_uid: str) -> None:
         change = ""
         if comparison is not None:
             cr, cl = comparison.change(key, "right"), comparison.change(key, "left")
-            fmt = lambda c: f"{100 * c.change_ratio:+.1f}" if c is not None and c.change_ratio is not None else "-"  # noqa: E731
+            fmt = lambda c: f"{100 * c.change_ratio:+.1f}" if c is not None and c.change_ratio is not None else (  # noqa: E731
+                "withheld" if c is not None else "-")
             change = f"{fmt(cr)}/{fmt(cl)}"
         flags = ",".join(sorted(set(r.flags) | set(l.flags)))
         print(f"  {r.name:<22}{r.volume_ml:>10.1f}{l.volume_ml:>10.1f}{r.mean_hu:>7.0f}/{l.mean_hu:<6.0f}{change:>16}  {flags}")
@@ -85,6 +118,8 @@ def _print_table(db: Path, study_uid: str) -> None:
         s = m.sarcopenia
         print(f"  sarcopenia screen ({s.group}): SMI {s.smi_kg_m2:.2f} vs {s.threshold_kg_m2:.2f} kg/m² "
               f"-> {'below' if s.below_threshold else 'above'}; {s.source}")
+    if comparison is not None and truth:
+        _print_changes(comparison, truth)
 
 
 def main() -> int:
@@ -139,7 +174,7 @@ def main() -> int:
                 import pydicom
 
                 (out / "report.pdf").write_bytes(bytes(pydicom.dcmread(pdf).EncapsulatedDocument).rstrip(b"\0"))
-            _print_table(node.data_dir / "thighnode.db", follow_uid)
+            _print_table(node.data_dir / "thighnode.db", follow_uid, _truth_pct(prior, follow))
             if not args.no_wait:
                 try:
                     input("\nPress Enter to stop Orthanc and the node ... ")

@@ -36,9 +36,22 @@ Flags of a :class:`StructureChange`
       gives the range); what lies outside is never counted as loss.
     * ``metal``: metal (voxels above ``metal_hu``) on the structure's side in either scan
       lies within ``metal_margin_mm`` of the structure's z extent inside the common range,
-      or either study's measurements flag it "metal". Volume change is kept; mean HU, fat
-      fraction and mass (HU-based) are None.
-    * ``compared=False``: no landmark on that side in either scan and no bone-profile
+      or either study's measurements flag it "metal". Mean HU, fat fraction and mass (HU-based)
+      are None; the volume change is kept unless the structure is withheld (below).
+    * metal withholding (``compared=False``, flag ``metal`` kept), in either scan:
+      - at least ``metal_withhold_near_pct`` % of the structure's voxels on that side lie within
+        the measurement's ``metal_proximity_mm`` of metal (``StructureMeasurement.near_metal_voxels``
+        over ``voxel_count``, pipeline.measure), or
+      - at least ``metal_withhold_slices_pct`` % of its voxels inside the common range, as either
+        scan segments it, lie in slices that hold metal on either side in either scan
+        (``AnatomicalProfiles.metal_z_mm``, on the side's common axis; :func:`metal_slices_pct`):
+        streaks run across the whole slice, through both legs, and a model that loses a muscle in
+        them leaves few of its voxels there in the scan with metal, the other scan still shows them.
+      Near an implant and in its streaks the segmentation cannot be trusted, and a false loss
+      shown as a number is worse than no number: the change is not given and ``reason`` gives
+      the share, where and the scan. Measured quantities only; the default thresholds were chosen
+      on phantom pairs (``thighnode evaluate-implants``, modelkit.implant_pairs).
+    * ``compared=False`` (also): no landmark on that side in either scan and no bone-profile
       registration (or a failed one), no overlap of the two ranges, or the structure has no
       voxel inside the common range in either scan.
 
@@ -81,6 +94,12 @@ from pipeline.types import (
 logger = logging.getLogger(__name__)
 
 _RANGE_TOL_MM = 0.01
+METAL_WITHHOLD_NEAR_PCT = 7.0
+"""Default share (%) of a structure's voxels near metal from which its volume change is withheld
+(config/node.toml prior.metal_withhold_near_pct; chosen on calibration phantom pairs)."""
+METAL_WITHHOLD_SLICES_PCT = 3.5
+"""Default share (%) of a structure's voxels in slices holding metal from which its volume change is
+withheld (config/node.toml prior.metal_withhold_slices_pct; chosen on calibration phantom pairs)."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +195,8 @@ class _Context:
     side_reason: Mapping[str, str]  # per side without a common range: why
     axis_text: Mapping[str, str]  # per side: what the common range's z is measured from
     metal_margin_mm: float
+    metal_withhold_near_pct: float | None  # None: never withheld (evaluations: the rule's effect)
+    metal_withhold_slices_pct: float | None  # None: never withheld
     height2_m2: float | None
     profiles_by_key: Mapping[str, Mapping[tuple[str, str], StructureProfile]]  # study -> (key, side) -> profile
 
@@ -191,19 +212,21 @@ def compare_studies(
     prior_study_uid: str,
     height_m: float | None,
     metal_margin_mm: float = 30.0,
+    metal_withhold_near_pct: float | None = METAL_WITHHOLD_NEAR_PCT,
+    metal_withhold_slices_pct: float | None = METAL_WITHHOLD_SLICES_PCT,
 ) -> Comparison:
     """Change of every structure and side between ``prior`` and ``current`` over their common range.
 
     ``height_m`` is the current study's height (``current.height_m`` when None); the
-    change per height² is None without one. See the module docstring for the range,
-    the integration and the flags.
+    change per height² is None without one. ``metal_withhold_near_pct`` (0 < x <= 100): the share
+    of a structure's voxels near metal from which its change is withheld (None: never; for
+    evaluations that show the rule's effect); ``metal_withhold_slices_pct`` likewise for the share
+    in slices holding metal. See the module docstring for the range, the integration, the flags
+    and the withholding.
     """
     t0 = time.perf_counter()
-    if not metal_margin_mm >= 0:
-        raise CompareError(f"metal_margin_mm is {metal_margin_mm!r}; allowed: >= 0 mm")
     height = height_m if height_m is not None else current.height_m
-    if height is not None and not 0.5 <= height <= 2.5:
-        raise CompareError(f"height_m is {height!r}; allowed: 0.5 .. 2.5 m (is it in cm?)")
+    _check_arguments(metal_margin_mm, metal_withhold_near_pct, metal_withhold_slices_pct, height)
     alignment = _align(current_profiles, prior_profiles)
     current_profiles = _on_axis(current_profiles, {s: a.offset_mm["current"] for s, a in alignment.items()})
     prior_profiles = _on_axis(prior_profiles, {s: a.offset_mm["prior"] for s, a in alignment.items()})
@@ -217,6 +240,8 @@ def compare_studies(
         side_reason=side_reason,
         axis_text={side: a.axis_text for side, a in alignment.items()},
         metal_margin_mm=metal_margin_mm,
+        metal_withhold_near_pct=metal_withhold_near_pct,
+        metal_withhold_slices_pct=metal_withhold_slices_pct,
         height2_m2=height * height if height is not None else None,
         profiles_by_key={
             name: {(p.key, p.side): p for p in prof.profiles}
@@ -253,6 +278,18 @@ def compare_studies(
         operated_side=operated,
         height_m=height,
     )
+
+
+def _check_arguments(
+    metal_margin_mm: float, near_pct: float | None, slices_pct: float | None, height_m: float | None
+) -> None:
+    if not metal_margin_mm >= 0:
+        raise CompareError(f"metal_margin_mm is {metal_margin_mm!r}; allowed: >= 0 mm")
+    for name, pct in (("metal_withhold_near_pct", near_pct), ("metal_withhold_slices_pct", slices_pct)):
+        if pct is not None and not 0 < pct <= 100:
+            raise CompareError(f"{name} is {pct!r}; allowed: 0 < x <= 100 (%) or None (never withheld)")
+    if height_m is not None and not 0.5 <= height_m <= 2.5:
+        raise CompareError(f"height_m is {height_m!r}; allowed: 0.5 .. 2.5 m (is it in cm?)")
 
 
 @dataclass(frozen=True)
@@ -381,6 +418,11 @@ def _compare_structure(m: StructureMeasurement, side: str, ctx: _Context) -> Str
     if metal:
         flags.append(FLAG_METAL)
         reasons.append(metal)
+    withheld = _metal_withhold_reason(meas, ctx) or _metal_slices_reason(m.key, side, rng, ctx)
+    if withheld:
+        if FLAG_METAL not in flags:
+            flags.append(FLAG_METAL)
+        return _not_compared(m, side, "; ".join([withheld, *(r for r in reasons if r != metal)]), rng, tuple(flags))
     change = cur.volume_ml - pri.volume_ml
     hu_values: dict[str, float | None] = {
         "prior_mass_g": pri.mass_g, "current_mass_g": cur.mass_g,
@@ -449,6 +491,81 @@ def _metal_reason(
     return (
         f"metal within {ctx.metal_margin_mm:g} mm in the {where} scan: mean HU, fat fraction and mass "
         "changes are not given; the volume change may be affected"
+    )
+
+
+def _metal_withhold_reason(meas: Mapping[str, StructureMeasurement | None], ctx: _Context) -> str:
+    """Why the volume change is withheld near metal (module docstring), or ""."""
+    if ctx.metal_withhold_near_pct is None:
+        return ""
+    studies = {"current": ctx.current, "prior": ctx.prior}
+    worst: tuple[float, str] | None = None
+    for name, x in meas.items():
+        if x is None or x.voxel_count <= 0 or x.near_metal_voxels <= 0:
+            continue
+        pct = 100.0 * x.near_metal_voxels / x.voxel_count
+        if pct >= ctx.metal_withhold_near_pct and (worst is None or pct > worst[0]):
+            worst = (pct, name)
+    if worst is None:
+        return ""
+    pct, name = worst
+    return (
+        f"metal within {studies[name].metal_proximity_mm:g} mm of {pct:.0f} % of its voxels in the {name} scan "
+        f"(withheld from {ctx.metal_withhold_near_pct:g} %): its volume cannot be trusted and the change is not shown"
+    )
+
+
+def metal_slices_share(profile: StructureProfile, rng: tuple[float, float],
+                       metal_z_mm: Sequence[tuple[float, float]]) -> float:
+    """Share (0..1) of the profile's voxels inside ``rng`` (partial end slices weighted) whose slice
+    centre lies in one of the ``metal_z_mm`` ranges (relative z, slice edges)."""
+    t = profile.slice_mm
+    z = np.asarray(profile.z_mm, dtype=np.float64)
+    lo, hi = rng
+    n = np.asarray(profile.voxels, dtype=np.float64) * np.clip(
+        (np.minimum(z + t / 2, hi) - np.maximum(z - t / 2, lo)) / t, 0.0, 1.0)
+    in_metal = np.zeros(z.shape, dtype=bool)
+    for m0, m1 in metal_z_mm:
+        in_metal |= (z >= m0) & (z <= m1)
+    total = float(n.sum())
+    return float(n[in_metal].sum()) / total if total > 0 else 0.0
+
+
+def metal_slices_pct(
+    current: AnatomicalProfiles, prior: AnatomicalProfiles, key: str, side: str, rng: tuple[float, float]
+) -> tuple[float, str, str]:
+    """(share %, scan, metal scans): the largest share of the structure's voxels on ``side`` inside ``rng``,
+    as either scan segments it, that lies in slices holding metal (either side) in either scan.
+
+    Both scans' metal counts for both profiles: a model that loses a muscle in the streaks leaves
+    few of its voxels there in the scan with metal, but the other scan still shows where it lies.
+    """
+    studies = {"current": current, "prior": prior}
+    metal_in = [name for name, prof in studies.items() if any(r is not None for r in prof.metal_z_mm.values())]
+    metal = [r for name in metal_in for r in studies[name].metal_z_mm.values() if r is not None]
+    best = (0.0, "", " and ".join(metal_in))
+    if not metal:
+        return best
+    for name, prof in studies.items():
+        p = next((p for p in prof.profiles if p.key == key and p.side == side), None)
+        if p is not None:
+            pct = 100.0 * metal_slices_share(p, rng, metal)
+            if pct > best[0]:
+                best = (pct, name, best[2])
+    return best
+
+
+def _metal_slices_reason(key: str, side: str, rng: tuple[float, float], ctx: _Context) -> str:
+    """Why the volume change is withheld in the slices of metal's streaks (module docstring), or ""."""
+    if ctx.metal_withhold_slices_pct is None:
+        return ""
+    pct, name, metal_in = metal_slices_pct(ctx.current_profiles, ctx.prior_profiles, key, side, rng)
+    if not metal_in or pct < ctx.metal_withhold_slices_pct:
+        return ""
+    return (
+        f"{pct:.0f} % of its voxels (as the {name} scan shows it) lie in slices with metal in the {metal_in} scan "
+        f"(streaks; withheld from {ctx.metal_withhold_slices_pct:g} %): its volume cannot be trusted and the change "
+        "is not shown"
     )
 
 

@@ -39,7 +39,8 @@ Quality flags (``QualityFlag`` in ``Measurements.flags`` and the code in the
   its z step), never from the array order.
 * ``FLAG_METAL``: voxels above the metal threshold (connected pieces of at least
   ``metal_min_volume_ml``) lie within ``metal_proximity_mm`` of the structure on that
-  side; the message names the side of the implant.
+  side; the message names the side of the implant. ``near_metal_voxels`` counts those
+  voxels (pipeline.compare withholds a volume change when their share is large).
 * ``FLAG_IMPLAUSIBLE_VOLUME``: a structure not cut by the field of view has a volume
   outside its plausible range (config/measurement.toml) scaled by (height/1.70 m)².
 * ``FLAG_EMPTY``: the structure has no voxel on that side (where the field of view covers
@@ -485,13 +486,8 @@ def _check_inputs(volume: Volume, seg: Segmentation) -> None:
 
 
 def _structure(
-    label_id: int,
-    table: LabelTable,
-    side: str,
-    bins: Sequence[int],
-    stats: _BinStats,
-    voxel_ml: float,
-    flags: tuple[str, ...],
+    label_id: int, table: LabelTable, side: str, bins: Sequence[int], stats: _BinStats, voxel_ml: float,
+    flags: tuple[str, ...], near_metal: np.ndarray,
 ) -> StructureMeasurement:
     label = table.by_id(label_id)
     n = int(sum(int(stats.count[b]) for b in bins))
@@ -501,18 +497,12 @@ def _structure(
     mean = s / n if n else 0.0
     std = math.sqrt(max(ss / n - mean * mean, 0.0)) if n else 0.0
     return StructureMeasurement(
-        label_id=label_id,
-        key=label.key,
-        name=label.name,
-        group=label.group,
-        side=side,
-        voxel_count=n,
-        volume_ml=n * voxel_ml,
-        mean_hu=mean,
-        std_hu=std,
+        label_id=label_id, key=label.key, name=label.name, group=label.group, side=side,
+        voxel_count=n, volume_ml=n * voxel_ml, mean_hu=mean, std_hu=std,
         mass_g=(n + s / 1000.0) * voxel_ml,  # Σ (1 + HU/1000) g/cm³ x V_voxel cm³
         fat_fraction=fat / n if n else 0.0,
         flags=flags,
+        near_metal_voxels=int(sum(int(near_metal[b]) for b in bins)),
     )
 
 
@@ -623,13 +613,13 @@ def measure(
             b = lid * _N_SIDE_CODES + side_code
             codes, more = _one_side_flags(label.key, side_name, b, ev)
             details.update(more)
-            structures.append(_structure(lid, table, side_name, [b], stats, voxel_ml, tuple(codes)))
+            structures.append(_structure(lid, table, side_name, [b], stats, voxel_ml, tuple(codes), metal.near_counts))
             for code in codes:
                 flag_sides.setdefault((code, label.key), []).append(side_name)
         all_bins = [lid * _N_SIDE_CODES + s for s in range(_N_SIDE_CODES)]
         both, more = _both_sides_flags(label.key, all_bins, ev)
         details.update(more)
-        structures.append(_structure(lid, table, SIDE_BOTH, all_bins, stats, voxel_ml, tuple(both)))
+        structures.append(_structure(lid, table, SIDE_BOTH, all_bins, stats, voxel_ml, tuple(both), metal.near_counts))
         if FLAG_IMPLAUSIBLE_VOLUME in both and (FLAG_IMPLAUSIBLE_VOLUME, label.key) not in flag_sides:
             # each side alone is plausible, their sum is not: one flag for "both"
             flag_sides[(FLAG_IMPLAUSIBLE_VOLUME, label.key)] = [SIDE_BOTH]
@@ -654,6 +644,7 @@ def measure(
         sarcopenia=sarcopenia,
         voxel_volume_ml=voxel_ml,
         sarcopenia_not_assessed=not_assessed,
+        metal_proximity_mm=settings.metal_proximity_mm,
     )
 
 

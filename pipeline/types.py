@@ -177,6 +177,7 @@ class StructureMeasurement:
     mass_g: float
     fat_fraction: float  # fraction of voxels within -190..-30 HU inside the structure
     flags: tuple[str, ...] = ()  # QualityFlag codes that concern this structure and side
+    near_metal_voxels: int = 0  # voxels within Measurements.metal_proximity_mm of metal (pipeline.measure)
 
     @property
     def is_partial(self) -> bool:
@@ -260,6 +261,7 @@ class Measurements:
     sarcopenia: SarcopeniaAssessment | None = None
     voxel_volume_ml: float = 0.0
     sarcopenia_not_assessed: SarcopeniaNotAssessed | None = None  # the configured group was withheld
+    metal_proximity_mm: float = 15.0  # the distance StructureMeasurement.near_metal_voxels counts within
 
     def structure(self, key: str, side: str) -> StructureMeasurement | None:
         for s in self.structures:

@@ -156,6 +156,25 @@ def cmd_realcheck(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_implants(args: argparse.Namespace) -> int:
+    """Implant phantom pairs: every muscle's change within 5 pp of the truth or withheld (an evaluation: exit 0)."""
+    from modelkit.implant_pairs import evaluate_implants
+
+    threshold, slices = args.threshold, args.slices_threshold
+    if threshold is None or slices is None:
+        from thighnode.settings import load_settings
+
+        prior = load_settings(args.config).prior
+        threshold = prior.metal_withhold_near_pct if threshold is None else threshold
+        slices = prior.metal_withhold_slices_pct if slices is None else slices
+    result = evaluate_implants(args.bundle, pairs=args.pairs, seed=args.seed, spacing_mm=args.spacing,
+                               threshold_pct=threshold, slices_threshold_pct=slices)
+    print(result.format_table())
+    if args.json is not None:
+        print(f"wrote {result.write_json(args.json)}")
+    return 0
+
+
 def add_evaluation_commands(add: AddCommand) -> None:
     p = add("calibrate", "fit a bundle's per-class volume calibration on labelled cases (a validation set)")
     p.add_argument("--bundle", required=True)
@@ -197,6 +216,22 @@ def add_evaluation_commands(add: AddCommand) -> None:
     p.add_argument("--side-tolerance", type=float, default=0.02,
                    help="allowed total change of the unaffected muscles of each leg (0.02 = 2 %%)")
     p.set_defaults(func=cmd_sidecheck, log_level="INFO")
+
+    p = add("evaluate-implants", "phantom pairs with an implant at follow-up: each muscle's change within 5 pp of the "
+            "truth, or withheld near metal with its reason (with and without the withholding rule)")
+    p.add_argument("--bundle", type=Path, default=DEMO_BUNDLE, help="default %(default)s")
+    p.add_argument("--pairs", type=int, default=6, help="number of pairs (default %(default)s)")
+    p.add_argument("--seed", type=int, default=12,
+                   help="subject set (default %(default)s, the test pairs; 11: the calibration pairs)")
+    p.add_argument("--spacing", type=float, default=3.0, help="phantom voxel size in mm (default %(default)s)")
+    p.add_argument("--threshold", type=float, default=None, metavar="PCT",
+                   help="withhold from this share of voxels near metal (default: the node configuration's "
+                        "prior.metal_withhold_near_pct)")
+    p.add_argument("--slices-threshold", type=float, default=None, metavar="PCT",
+                   help="withhold from this share of voxels in slices holding metal (default: the node "
+                        "configuration's prior.metal_withhold_slices_pct)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write every row and the summaries as JSON")
+    p.set_defaults(func=cmd_evaluate_implants, log_level="INFO")
 
     p = add("realcheck", "Dice and volumes of a bundle on the real TotalSegmentator hip CT against its reference labels")
     p.add_argument("--bundle", type=Path, default=None, help="default: the repository's demonstration bundle")

@@ -173,6 +173,8 @@ class PriorFinder:
                 measurements, profiles, prior_result.measurements, prior_profiles,
                 current_study_date=study_date, prior_study_date=prior_result.study_date,
                 prior_study_uid=prior_result.study_uid, height_m=measurements.height_m,
+                metal_withhold_near_pct=self._settings.prior.metal_withhold_near_pct,
+                metal_withhold_slices_pct=self._settings.prior.metal_withhold_slices_pct,
             )
             self._results.save_comparison(study_uid, comparison)
             for request in self._requests.for_prior(prior_result.study_uid):

@@ -200,6 +200,11 @@ class ResultsStore(SqliteStore):
                                 **(extra or {}),
                                 "density_formula": m.density_formula,
                                 "voxel_volume_ml": m.voxel_volume_ml,
+                                # what pipeline.compare's metal withholding decides from (a prior's too)
+                                "metal_proximity_mm": m.metal_proximity_mm,
+                                "near_metal_voxels": {
+                                    f"{s.key}:{s.side}": s.near_metal_voxels for s in m.structures if s.near_metal_voxels
+                                },
                             }
                         ),
                         time.time() if now is None else now,
@@ -344,6 +349,7 @@ def _comparison(payload: dict[str, Any]) -> Comparison:
 
 def _study_result(row: sqlite3.Row, srows: list[sqlite3.Row], grows: list[sqlite3.Row]) -> StudyResult:
     extra = json.loads(row["extra_json"])
+    near = extra.pop("near_metal_voxels", {})
     measurements = Measurements(
         structures=tuple(
             StructureMeasurement(
@@ -351,6 +357,7 @@ def _study_result(row: sqlite3.Row, srows: list[sqlite3.Row], grows: list[sqlite
                 voxel_count=s["voxel_count"], volume_ml=s["volume_ml"], mean_hu=s["mean_hu"], std_hu=s["std_hu"],
                 mass_g=s["mass_g"], fat_fraction=s["fat_fraction"],
                 flags=tuple(f for f in s["flags"].split(",") if f),
+                near_metal_voxels=int(near.get(f"{s['key']}:{s['side']}", 0)),
             )
             for s in srows
         ),
@@ -369,6 +376,7 @@ def _study_result(row: sqlite3.Row, srows: list[sqlite3.Row], grows: list[sqlite
         sex=row["sex"],
         density_formula=extra.pop("density_formula", ""),
         voxel_volume_ml=extra.pop("voxel_volume_ml", 0.0),
+        metal_proximity_mm=extra.pop("metal_proximity_mm", 15.0),
     )
     return StudyResult(
         study_uid=row["study_uid"], job_id=row["job_id"], series_uid=row["series_uid"],

@@ -233,6 +233,8 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "update_when_prior_arrives": _bool,
         "retrieve_attempts": _int_range(1, 100),
         "retry_delay_s": _float_range(0.0, lo_open=True),
+        "metal_withhold_near_pct": _float_range(0.0, 100.0, lo_open=True),
+        "metal_withhold_slices_pct": _float_range(0.0, 100.0, lo_open=True),
     },
     "sarcopenia": {
         "group": _choice("gluteal", "above_knee", "all"),
@@ -335,6 +337,8 @@ class PriorSettings:
     update_when_prior_arrives: bool
     retrieve_attempts: int
     retry_delay_s: float
+    metal_withhold_near_pct: float = 7.0  # pipeline.compare: volume change withheld from this share near metal
+    metal_withhold_slices_pct: float = 3.5  # ... and from this share in slices holding metal (streaks)
 
 
 @dataclass(frozen=True)

@@ -186,3 +186,33 @@ def test_wrong_types_are_refused(inputs: tuple[Volume, Segmentation, Measurement
     volume, seg, meas = inputs
     with pytest.raises(ReportError, match=match):
         render_report(volume, seg, meas, PATIENT, study=_header(False), **kwargs)
+
+
+WITHHELD_REASON = ("metal within 15 mm of 23 % of its voxels in the current scan (withheld from 10 %): "
+                   "its volume cannot be trusted and the change is not shown")
+
+
+def test_volume_change_withheld_near_metal_shows_its_reason_and_no_number(
+    inputs: tuple[Volume, Segmentation, Measurements], comparison: Comparison, labels: LabelTable, tmp_path: Path
+) -> None:
+    """pipeline.compare withholds the right gluteus maximus near metal: its row has dashes and the numbered
+    reason, none of its values, and the left side is still shown."""
+    metal = comparison.change("gluteus_maximus", "right")
+    assert metal is not None and metal.change_ml is not None
+    withheld = dataclasses.replace(
+        change(labels, "gluteus_maximus", "right", None, None, reason=WITHHELD_REASON),
+        common_range_mm=(-60.0, 240.0), flags=(FLAG_METAL,),
+    )
+    changes = tuple(withheld if c is metal else c for c in comparison.changes)
+    volume, seg, meas = inputs
+    pdf = render_report(volume, seg, meas, PATIENT, study=_header(False),
+                        comparison=dataclasses.replace(comparison, changes=changes),
+                        prior_search=PriorSearch(True, PRIOR_UID, LOOKED_IN))
+    text = " ".join(_pdf_text(pdf, tmp_path).split())
+    assert "not compared: metal within 15 mm of 23 % of its voxels in the current scan" in text
+    assert "cannot be trusted and the change is not shown" in text
+    # (its current volume, 734.2 cm³, is this study's own measurement and stays on the other pages)
+    for value in (f"{metal.prior_volume_ml:.1f}", _signed(metal.change_ml), _signed(100 * metal.change_ratio)):  # type: ignore[operator]
+        assert value not in text, value
+    left = comparison.change("gluteus_maximus", "left")
+    assert left is not None and _signed(left.change_ml) in text  # type: ignore[arg-type]

@@ -246,3 +246,32 @@ def test_inconsistent_comparisons_are_refused(case: dict) -> None:
     twice = Comparison(**{**comparison.__dict__, "changes": comparison.changes + comparison.changes[:1]})
     with pytest.raises(BuildError, match="appears twice"):
         build_sr(*case["args"], prior=twice, **case["kwargs"])
+
+
+WITHHELD_REASON = ("metal within 15 mm of 23 % of its voxels in the current scan (withheld from 10 %): "
+                   "its volume cannot be trusted and the change is not shown")
+
+
+def test_volume_change_withheld_near_metal_has_its_reason_and_no_number(case: dict, tmp_path: Path) -> None:
+    """pipeline.compare withholds a structure near metal: not compared, flag metal kept, no change value."""
+    comparison: Comparison = case["comparison"]
+    metal = next(c for c in comparison.changes if c.flags == (FLAG_METAL,))
+    withheld = dataclasses.replace(
+        _not_compared(metal.key, metal.name, metal.group, metal.side, WITHHELD_REASON),
+        common_range_mm=(-40.0, 120.0), flags=(FLAG_METAL,),
+    )
+    changes = tuple(withheld if c is metal else c for c in comparison.changes)
+    path = tmp_path / "sr_withheld.dcm"
+    build_sr(*case["args"], prior=dataclasses.replace(comparison, changes=changes),
+             prior_search=PriorSearch(True, PRIOR_UID, LOOKED_IN), **case["kwargs"]).save_as(path)
+    g = _groups_by_key_side(_report(path))[(metal.key, metal.side)]
+    values = _values(g)
+    for code in (codes.PRIOR_VOLUME_COMMON_RANGE, codes.CURRENT_VOLUME_COMMON_RANGE, codes.VOLUME_CHANGE,
+                 codes.VOLUME_CHANGE_RATIO, codes.VOLUME_CHANGE_PER_HEIGHT2, codes.MASS_CHANGE):
+        assert code.value not in values, code.meaning
+    (done,) = g.get_qualitative_evaluations(name=codes.COMPARISON_WITH_PRIOR_DONE)
+    assert done.value == codes.NO
+    flags = [e.value for e in g.get_qualitative_evaluations(name=codes.COMPARISON_FLAG)]
+    assert flags == [codes.comparison_flag_code(FLAG_METAL)]
+    assert _texts(g, codes.COMPARISON_NOTE) == [WITHHELD_REASON]
+    assert run_dciodvfy(path).errors == ()

@@ -17,6 +17,7 @@ import pytest
 from pipeline.compare import (
     FLAG_PARTIAL_COMMON_RANGE,
     LANDMARK,
+    METAL_WITHHOLD_NEAR_PCT,
     CompareError,
     anatomical_profiles,
     compare_groups,
@@ -317,12 +318,27 @@ def test_implant_flags_metal_on_the_operated_side_only(prior: Scan, implant: Sca
     assert "right side taken from the left femoral head" in implant.profiles.landmark
     near = [k for k in implant.phantom.metal_structures if k in _muscles(table)]
     assert near
+    kept = _compare(implant, prior, metal_withhold_near_pct=None, metal_withhold_slices_pct=None)  # volume kept
+    withheld = 0
     for key in near:
-        ch = c.change(key, "right")
+        ch = kept.change(key, "right")
         assert ch is not None and ch.compared and FLAG_METAL in ch.flags, key
         assert ch.change_mean_hu is None and ch.change_fat_fraction is None and ch.change_mass_g is None
         assert ch.current_mean_hu is None and ch.prior_mass_g is None
         assert ch.change_ml is not None and "metal" in ch.reason
+        # with it (the default threshold): shown with the same values, or withheld with the share near metal
+        ch = c.change(key, "right")
+        assert ch is not None and FLAG_METAL in ch.flags, key
+        m = implant.measurements.structure(key, "right")
+        assert m is not None
+        share = 100.0 * m.near_metal_voxels / m.voxel_count
+        if ch.compared:
+            assert share < METAL_WITHHOLD_NEAR_PCT and ch.change_ml == kept.change(key, "right").change_ml  # type: ignore[union-attr]
+        else:
+            withheld += 1
+            assert ch.change_ml is None and "cannot be trusted" in ch.reason
+            assert share >= METAL_WITHHOLD_NEAR_PCT or "slices with metal" in ch.reason
+    assert withheld  # the muscles around a total hip
     for key in _muscles(table):
         ch = c.change(key, "left")
         if ch is None or not ch.compared:
@@ -474,3 +490,156 @@ def test_group_withheld_in_one_study_has_no_group_change(prior: Scan, hip_ct: Sc
         # structures keep today's rules: the vasti are compared over the common range
         vl = c.change("vastus_lateralis", "right")
         assert vl is not None and vl.compared and FLAG_PARTIAL_COMMON_RANGE in vl.flags
+
+
+# --------------------------------------------------------------------------- metal: volume change withheld
+
+
+def _sided_profile(key: str, side: str, area: float, z: np.ndarray) -> StructureProfile:
+    n = int(area / 10.0)
+    return StructureProfile(key=key, side=side, z_mm=tuple(float(v) for v in z), area_mm2=(area,) * len(z),
+                            mean_hu=(50.0,) * len(z), voxels=(n,) * len(z), fat_voxels=(0,) * len(z), slice_mm=4.0)
+
+
+def _metal_study(table: LabelTable, near: dict[tuple[str, str], int], areas: dict[tuple[str, str], float],
+                 metal_right: bool) -> tuple[Measurements, AnatomicalProfiles]:
+    """Structures with 1000 voxels each, ``near[(key, side)]`` of them within 15 mm of metal (flag metal)."""
+    z = -198.0 + 4.0 * np.arange(50)  # -200..0 mm from the landmark
+    structures = []
+    for key, side in areas:
+        n_near = near.get((key, side), 0)
+        structures.append(StructureMeasurement(
+            table.by_key(key).id, key, table.by_key(key).name, table.by_key(key).group, side, 1000, 10.0,
+            50.0, 10.0, 10.5, 0.0, flags=(FLAG_METAL,) if n_near else (), near_metal_voxels=n_near,
+        ))
+    profiles = AnatomicalProfiles(
+        LANDMARK, {"right": 0.0, "left": 0.0}, {"right": (-200.0, 0.0), "left": (-200.0, 0.0)},
+        tuple(_sided_profile(key, side, area, z) for (key, side), area in areas.items()),
+        {"right": (-120.0, 10.0) if metal_right else None, "left": None},
+    )
+    return Measurements(tuple(structures), (), (), None, "", "F", ""), profiles
+
+
+METAL_KEYS = [("gluteus_medius", "right"), ("gluteus_minimus", "right"), ("gluteus_medius", "left"),
+              ("vastus_medialis", "right"), ("vastus_medialis", "left")]
+
+
+def _metal_comparison(table: LabelTable, near: dict[tuple[str, str], int], **kwargs: Any) -> Comparison:
+    prior_m, prior_p = _metal_study(table, {}, {k: 100.0 for k in METAL_KEYS}, metal_right=False)
+    cur_areas = {k: 100.0 for k in METAL_KEYS}
+    cur_areas[("gluteus_medius", "right")] = 40.0  # the model's false loss near the implant
+    cur_areas[("vastus_medialis", "right")] = 80.0  # real atrophy, far from metal
+    cur_m, cur_p = _metal_study(table, near, cur_areas, metal_right=True)
+    kwargs.setdefault("metal_withhold_slices_pct", None)  # the near-metal test alone (slices: below)
+    return compare_studies(cur_m, cur_p, prior_m, prior_p, current_study_date="20240301",
+                           prior_study_date="20231001", prior_study_uid="1.2.3.98", height_m=1.6, **kwargs)
+
+
+def test_metal_near_a_large_share_of_a_structure_withholds_its_volume_change(table: LabelTable) -> None:
+    near = {("gluteus_medius", "right"): 230, ("gluteus_minimus", "right"): 99}
+    c = _metal_comparison(table, near, metal_withhold_near_pct=10.0)
+    gmed = c.change("gluteus_medius", "right")
+    assert gmed is not None and not gmed.compared and FLAG_METAL in gmed.flags
+    assert gmed.change_ml is None and gmed.change_ratio is None and gmed.change_per_height2_cm3_m2 is None
+    assert gmed.prior_volume_ml is None and gmed.current_volume_ml is None
+    assert "metal within 15 mm of 23 % of its voxels in the current scan" in gmed.reason
+    assert "cannot be trusted and the change is not shown" in gmed.reason
+    # just below the threshold (9.9 %): shown, flagged metal, HU-based values withheld
+    gmin = c.change("gluteus_minimus", "right")
+    assert gmin is not None and gmin.compared and FLAG_METAL in gmin.flags
+    assert gmin.change_ratio == pytest.approx(0.0) and gmin.change_mean_hu is None
+    # the other side of the metal: shown
+    left = c.change("gluteus_medius", "left")
+    assert left is not None and left.compared and left.change_ratio == pytest.approx(0.0) and not left.flags
+    # real atrophy far from metal: shown as its number
+    vm = c.change("vastus_medialis", "right")
+    assert vm is not None and vm.compared and vm.change_ratio == pytest.approx(-0.2)
+
+
+def test_metal_withholding_threshold_and_rule_off(table: LabelTable) -> None:
+    near = {("gluteus_medius", "right"): 230, ("gluteus_minimus", "right"): 99}
+    low = _metal_comparison(table, near, metal_withhold_near_pct=9.9)
+    gmin = low.change("gluteus_minimus", "right")
+    assert gmin is not None and not gmin.compared and "10 % of its voxels" in gmin.reason  # 9.9 % >= 9.9 %
+    off = _metal_comparison(table, near, metal_withhold_near_pct=None)
+    gmed = off.change("gluteus_medius", "right")
+    assert gmed is not None and gmed.compared and gmed.change_ratio == pytest.approx(-0.6)
+    for bad in (0.0, -1.0, 100.5):
+        with pytest.raises(CompareError, match="metal_withhold_near_pct"):
+            _metal_comparison(table, near, metal_withhold_near_pct=bad)
+        with pytest.raises(CompareError, match="metal_withhold_slices_pct"):
+            _metal_comparison(table, near, metal_withhold_slices_pct=bad)
+
+
+def test_metal_withheld_in_the_prior_scan_too(table: LabelTable) -> None:
+    """Metal in the prior (an earlier implant): its share there withholds the change as well."""
+    prior_m, prior_p = _metal_study(table, {("gluteus_medius", "right"): 500}, {k: 100.0 for k in METAL_KEYS},
+                                    metal_right=True)
+    cur_m, cur_p = _metal_study(table, {}, {k: 100.0 for k in METAL_KEYS}, metal_right=False)
+    c = compare_studies(cur_m, cur_p, prior_m, prior_p, current_study_date="20240301",
+                        prior_study_date="20231001", prior_study_uid="1.2", height_m=1.6, metal_withhold_near_pct=20.0,
+                        metal_withhold_slices_pct=None)
+    ch = c.change("gluteus_medius", "right")
+    assert ch is not None and not ch.compared and "50 % of its voxels in the prior scan" in ch.reason
+
+
+def test_group_with_a_member_withheld_near_metal_is_not_compared(table: LabelTable) -> None:
+    from pipeline.types import GroupMeasurement
+
+    c = _metal_comparison(table, {("gluteus_medius", "right"): 230}, metal_withhold_near_pct=10.0)
+    group = GroupMeasurement("gluteal", "right", ("gluteus_medius", "gluteus_minimus"), 20.0, 21.0, None, None, False)
+    cur_m, _ = _metal_study(table, {}, {k: 100.0 for k in METAL_KEYS}, metal_right=True)
+    groups = compare_groups(dataclasses.replace(cur_m, groups=(group,)), dataclasses.replace(cur_m, groups=(group,)), c)
+    assert len(groups) == 1 and not groups[0].compared and groups[0].change_ml is None
+    assert "gluteus medius right" in groups[0].reason.lower() and "cannot be trusted" in groups[0].reason
+
+
+def test_metal_in_the_slices_of_a_structure_withholds_its_change_on_both_sides(table: LabelTable) -> None:
+    """Streaks cross the slice: a structure with a large share of its voxels in slices holding metal is
+    withheld on either side; one below the metal is shown, its real atrophy as its number."""
+    z_hip = -98.0 + 4.0 * np.arange(25)  # -100..0 mm: the hip, metal in -120..10 on the right
+    z_thigh = -298.0 + 4.0 * np.arange(40)  # -300..-140 mm: below the metal
+    z_mixed = -198.0 + 4.0 * np.arange(25)  # -200..-100 mm: 5 of 25 slices (20 %) in the metal's
+    keys = {("gluteus_medius", "right"): z_hip, ("gluteus_medius", "left"): z_hip,
+            ("vastus_medialis", "right"): z_thigh, ("adductor_longus", "left"): z_mixed}
+
+    def study(area: dict, metal: bool) -> tuple[Measurements, AnatomicalProfiles]:
+        m, _ = _metal_study(table, {}, {k: 100.0 for k in keys}, metal_right=metal)
+        profiles = AnatomicalProfiles(
+            LANDMARK, {"right": 0.0, "left": 0.0}, {"right": (-300.0, 0.0), "left": (-300.0, 0.0)},
+            tuple(_sided_profile(k, s, area.get((k, s), 100.0), z) for (k, s), z in keys.items()),
+            {"right": (-120.0, 10.0) if metal else None, "left": None},
+        )
+        return m, profiles
+
+    prior_m, prior_p = study({}, metal=False)
+    cur_m, cur_p = study({("vastus_medialis", "right"): 80.0}, metal=True)
+
+    def compare(slices_pct: float | None) -> Comparison:
+        return compare_studies(cur_m, cur_p, prior_m, prior_p, current_study_date="20240301",
+                               prior_study_date="20231001", prior_study_uid="1.2", height_m=1.6,
+                               metal_withhold_near_pct=None, metal_withhold_slices_pct=slices_pct)
+
+    c = compare(25.0)
+    for side in ("right", "left"):
+        ch = c.change("gluteus_medius", side)
+        assert ch is not None and not ch.compared and ch.change_ml is None and FLAG_METAL in ch.flags, side
+        assert "100 % of its voxels (as the current scan shows it) lie in slices with metal in the current scan" in ch.reason
+    vm = c.change("vastus_medialis", "right")
+    assert vm is not None and vm.compared and vm.change_ratio == pytest.approx(-0.2)
+    al = c.change("adductor_longus", "left")  # 20 %: below 25 %, shown
+    assert al is not None and al.compared and al.change_ratio == pytest.approx(0.0)
+    al = compare(20.0).change("adductor_longus", "left")
+    assert al is not None and not al.compared and "20 % of its voxels (as the current scan shows it)" in al.reason
+    off = compare(None).change("gluteus_medius", "left")
+    assert off is not None and off.compared
+    # the model lost the adductor in the streaks of the follow-up: the prior still shows 20 % of it there
+    lost = AnatomicalProfiles(cur_p.landmark, cur_p.landmark_z_mm, cur_p.fov_z_mm, tuple(
+        dataclasses.replace(p, z_mm=p.z_mm[:20], area_mm2=p.area_mm2[:20], mean_hu=p.mean_hu[:20],
+                            voxels=p.voxels[:20], fat_voxels=p.fat_voxels[:20]) if p.key == "adductor_longus" else p
+        for p in cur_p.profiles), cur_p.metal_z_mm)
+    c = compare_studies(cur_m, lost, prior_m, prior_p, current_study_date="20240301", prior_study_date="20231001",
+                        prior_study_uid="1.2", height_m=1.6, metal_withhold_near_pct=None, metal_withhold_slices_pct=20.0)
+    al = c.change("adductor_longus", "left")
+    assert al is not None and not al.compared
+    assert "20 % of its voxels (as the prior scan shows it) lie in slices with metal in the current scan" in al.reason

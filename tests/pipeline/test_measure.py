@@ -341,9 +341,17 @@ def test_metal_flag_on_the_implant_side_only(table: LabelTable, settings: Measur
     metal_flags = [f for f in m.flags if f.code == FLAG_METAL]
     assert [(f.structure, f.side) for f in metal_flags] == [("gluteus_medius", "left")]
     assert "patient's left" in metal_flags[0].message and "15 mm" in metal_flags[0].message
+    # the voxels within 15 mm (what pipeline.compare's metal withholding decides from): all 64 of the left
+    # gluteus medius (at most 12 mm from the metal), none elsewhere
+    near = {(s.key, s.side): s.near_metal_voxels for s in m.structures if s.near_metal_voxels}
+    assert near == {("gluteus_medius", "left"): 64, ("gluteus_medius", "both"): 64}
+    assert m.metal_proximity_mm == 15.0
     wider = dataclasses.replace(settings, metal_proximity_mm=20.0)
     m = _run(hu, labels, sides, table, wider, affine)
     assert FLAG_METAL in _codes(m, "vastus_lateralis", "left")
+    # 20 mm reaches its top row (18 mm below) in the two columns within sqrt(20² - 18²) = 8.7 mm: 2 x 4 slices
+    assert m.structure("vastus_lateralis", "left").near_metal_voxels == 8  # type: ignore[union-attr]
+    assert m.metal_proximity_mm == 20.0
 
 
 def test_implausible_volume_scales_with_height(table: LabelTable, settings: MeasurementSettings) -> None:

@@ -272,3 +272,35 @@ def test_status_prints_each_jobs_coverage(tmp_path: Path, capsys) -> None:  # no
     assert main(["status", "--json", "--config", str(cfg)]) == 0
     (row,) = json.loads(capsys.readouterr().out)["jobs"]
     assert row["coverage"] == coverage
+
+
+def test_evaluate_implants_passes_its_options_writes_json_and_exits_0(monkeypatch, capsys, tmp_path: Path) -> None:  # noqa: ANN001
+    """`thighnode evaluate-implants`: options reach the evaluation, the threshold defaults to the node
+    configuration's prior.metal_withhold_near_pct, the table is printed and the JSON written; an evaluation
+    with wrong values still exits 0."""
+    import modelkit.implant_pairs
+    from modelkit.implant_pairs import ImplantEvaluation, MuscleRow
+
+    seen: dict = {}
+    wrong = MuscleRow(0, "total_hip", "left", "gluteus_medius", "left", True, -10.0, -60.0, "", -60.0, 2.0)
+
+    def fake(bundle: Path, **kwargs) -> ImplantEvaluation:  # noqa: ANN003
+        seen.update(bundle=bundle, **kwargs)
+        return ImplantEvaluation("fake 1", kwargs["seed"], kwargs["spacing_mm"], kwargs["threshold_pct"],
+                                 kwargs["slices_threshold_pct"], ((0, "total_hip", "left"),), (wrong,), 1.0)
+
+    monkeypatch.setattr(modelkit.implant_pairs, "evaluate_implants", fake)
+    out = tmp_path / "implants.json"
+    argv = ["evaluate-implants", "--bundle", "b", "--pairs", "3", "--seed", "11", "--spacing", "4", "--json", str(out)]
+    assert main(argv) == 0
+    assert seen == {"bundle": Path("b"), "pairs": 3, "seed": 11, "spacing_mm": 4.0, "threshold_pct": 7.0,
+                    "slices_threshold_pct": 3.5}
+    printed = capsys.readouterr().out
+    assert "1 shown with |error| > 5 pp" in printed and str(out) in printed
+    assert json.loads(out.read_text())["with_rule"]["wrong"] == 1
+    config = tmp_path / "node.toml"
+    config.write_text("[prior]\nmetal_withhold_near_pct = 25.0\nmetal_withhold_slices_pct = 35.0\n")
+    assert main(["evaluate-implants", "--config", str(config)]) == 0
+    assert seen["threshold_pct"] == 25.0 and seen["slices_threshold_pct"] == 35.0 and seen["bundle"] == Path("bundles/thighnode_demo") and seen["seed"] == 12
+    assert main(["evaluate-implants", "--threshold", "7.5", "--slices-threshold", "60"]) == 0
+    assert seen["threshold_pct"] == 7.5 and seen["slices_threshold_pct"] == 60.0

@@ -145,3 +145,24 @@ def test_profiles_stored_before_bone_profiles_load_without_them(tmp_path: Path) 
     store.close()
     assert prof is not None and prof.bone == {} and prof.landmark_reliable == {}
     assert prof.fov_z_mm == {"right": (-400.0, 120.0), "left": None} and prof.landmark_z_mm["right"] == -80.5
+
+
+def test_voxels_near_metal_round_trip_for_the_metal_withholding(tmp_path: Path) -> None:
+    """pipeline.compare withholds a change from a prior's share of voxels near metal too: the counts
+    and their distance are kept, and older records without them read back as none near metal."""
+    import dataclasses
+
+    m = _measurements(500.0)
+    m = dataclasses.replace(m, metal_proximity_mm=12.0,
+                            structures=(dataclasses.replace(m.structures[0], near_metal_voxels=230),))
+    store = ResultsStore(tmp_path / "r.db")
+    common = dict(series_uid="1.2.3.9", patient_id="P1", issuer="", model_name="m", model_version="1")
+    store.save(study_uid="1.2.3", job_id=1, study_date="20240101", measurements=m, **common)
+    store.save(study_uid="1.2.4", job_id=2, study_date="20240601", measurements=_measurements(450.0), **common)
+    got = store.get("1.2.3")
+    assert got is not None and got.measurements.metal_proximity_mm == 12.0
+    assert got.measurements.structure("gluteus_maximus", "right").near_metal_voxels == 230  # type: ignore[union-attr]
+    assert "near_metal_voxels" not in got.extra
+    other = store.get("1.2.4")
+    assert other is not None and other.measurements.structure("gluteus_maximus", "right").near_metal_voxels == 0  # type: ignore[union-attr]
+    store.close()

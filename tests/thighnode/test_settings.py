@@ -74,6 +74,9 @@ def test_environment_overrides_a_key(tmp_path: Path) -> None:
         ({"THIGHNODE_PROCESSING__ACCEPT_REGIONS": "[]"}, "processing.accept_regions = []: must be a non-empty list"),
         ({"THIGHNODE_PROCESSING__ACCEPT_REGIONS": '["hip", "hip"]'}, "a region may be listed once"),
         ({"THIGHNODE_PROCESSING__MIN_REGION_MM": "0"}, "processing.min_region_mm = 0.0: allowed > 0.0 and <= 1000.0"),
+        ({"THIGHNODE_PRIOR__METAL_WITHHOLD_NEAR_PCT": "0"}, "prior.metal_withhold_near_pct = 0.0: allowed > 0.0 and <= 100.0"),
+        ({"THIGHNODE_PRIOR__METAL_WITHHOLD_NEAR_PCT": "150"}, "prior.metal_withhold_near_pct = 150.0: allowed > 0.0"),
+        ({"THIGHNODE_PRIOR__METAL_WITHHOLD_SLICES_PCT": "-1"}, "prior.metal_withhold_slices_pct = -1.0: allowed > 0.0"),
     ],
 )
 def test_invalid_values_name_key_value_and_allowed(env: dict[str, str], fragment: str) -> None:
