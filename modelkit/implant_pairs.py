@@ -12,8 +12,7 @@ training, validation and test sets use seeds 1..3, the side check 4) is scanned 
   lateralis, iliopsoas - and one or two others on either side, each losing 5..25 %) and an implant.
 
 Implant kinds and sides are a parameter (default: all of :data:`KINDS` x :data:`IMPLANT_SIDES`,
-cycled over the pairs). Where ``PhantomParams`` has no ``implant_kind`` (only a total hip on the
-left or right), the pairs fall back to a total hip left/right.
+cycled over the pairs).
 
 Both scans go through the node's data path in-process, as :mod:`modelkit.sidecheck` runs it
 (the bundle's :class:`pipeline.inference.Segmenter` = preprocess, inference, postprocess; then
@@ -42,9 +41,11 @@ from pathlib import Path
 
 import numpy as np
 
+from modelkit.phantom_types import IMPLANT_KINDS
+
 logger = logging.getLogger(__name__)
 
-KINDS = ("total_hip", "hemi", "nail", "screws", "dhs")
+KINDS = IMPLANT_KINDS
 IMPLANT_SIDES = ("left", "right", "both")
 #: Muscles next to a hip implant (atrophied on the implant side of every pair).
 NEAR_MUSCLES = ("gluteus_medius", "gluteus_minimus", "vastus_lateralis", "iliopsoas")
@@ -61,7 +62,7 @@ class ImplantPair:
     """The parameters of one pair: prior (no implant) and follow-up (implant, known atrophy)."""
 
     index: int
-    kind: str  # implant kind ("total_hip" where PhantomParams has no implant_kind)
+    kind: str  # implant kind (modelkit.phantom_types.IMPLANT_KINDS)
     implant_side: str  # "left", "right" or "both"
     prior: object  # modelkit.phantom.PhantomParams
     follow_up: object  # modelkit.phantom.PhantomParams
@@ -221,11 +222,7 @@ def choose_thresholds(rows: Sequence[MuscleRow], max_error_pp: float = MAX_ERROR
 
 
 def implant_variants(kinds: Sequence[str] = KINDS, sides: Sequence[str] = IMPLANT_SIDES) -> list[tuple[str, str]]:
-    """(kind, side) pairs to cycle over; a total hip left/right where PhantomParams has no implant_kind."""
-    from modelkit.phantom_types import PhantomParams
-
-    if "implant_kind" not in PhantomParams.__dataclass_fields__:
-        return [("total_hip", s) for s in sides if s in ("left", "right")] or [("total_hip", "left")]
+    """(kind, side) pairs to cycle over."""
     return [(k, s) for k in kinds for s in sides]
 
 
@@ -248,9 +245,8 @@ def pair_params(index: int, seed: int, *, spacing_mm: float = 3.0,
     for i in rng.choice(len(OTHER_MUSCLES), size=int(rng.integers(1, 3)), replace=False):
         side = ("left", "right")[int(rng.integers(2))]
         atrophy[f"{OTHER_MUSCLES[i]}:{side}"] = round(float(rng.uniform(0.75, 0.95)), 3)
-    extra = {"implant_kind": kind} if "implant_kind" in type(base).__dataclass_fields__ else {}
-    follow = dataclasses.replace(prior, atrophy=atrophy, implant=implant_side, scan_seed=base.seed + 1_000_003,
-                                 **extra)
+    follow = dataclasses.replace(prior, atrophy=atrophy, implant=implant_side, implant_kind=kind,
+                                 scan_seed=base.seed + 1_000_003)
     return ImplantPair(index, kind, implant_side, prior, follow)
 
 
