@@ -98,8 +98,24 @@ def scale_classes(probs: torch.Tensor, weights) -> torch.Tensor:
     return probs * torch.tensor(weights, dtype=probs.dtype)[(slice(None),) + (None,) * (probs.dim() - 1)]
 
 
+#: Voxels at or above this HU are metal (implants), never a structure: the segmentation leaves them
+#: unlabelled, so bone labels exclude the metal. The measurement's default metal threshold.
+METAL_EXCLUDE_HU = 2000.0
+
+
+def _exclude_metal(label_map: np.ndarray, hu: np.ndarray, threshold_hu: float, slab: int = 32) -> None:
+    """Background where ``hu >= threshold_hu`` (in place, a slab of slices at a time)."""
+    for k in range(0, hu.shape[0], slab):
+        metal = hu[k:k + slab] >= threshold_hu
+        if metal.any():
+            label_map[k:k + slab][metal] = 0
+
+
 class Segmenter:
-    """Segments volumes with one bundle. Thread-safe; load once and share."""
+    """Segments volumes with one bundle. Thread-safe; load once and share.
+
+    ``metal_exclude_hu``: voxels at or above it are set to background before the clean-up (None: off).
+    """
 
     def __init__(
         self,
@@ -111,8 +127,10 @@ class Segmenter:
         num_threads: int | None = None,
         keep_largest: bool = True,
         mirror: bool | None = None,
+        metal_exclude_hu: float | None = METAL_EXCLUDE_HU,
     ) -> None:
         self._bundle = bundle
+        self._metal_exclude_hu = metal_exclude_hu
         self._device = select_device(device)
         self._sw_batch_size = int(sw_batch_size if sw_batch_size is not None else bundle.sliding_window.sw_batch_size)
         self._overlap = float(overlap if overlap is not None else bundle.sliding_window.overlap)
@@ -177,6 +195,8 @@ class Segmenter:
                 probs = scale_classes(probs, self._bundle.class_weights)
             label_map = restore_probabilities(probs, plan)
             del probs
+            if self._metal_exclude_hu is not None:
+                _exclude_metal(label_map, volume.hu, self._metal_exclude_hu)
             label_map, side_map = self.postprocess(label_map, volume.affine_lps)
         except SegmentationError:
             raise

@@ -127,3 +127,19 @@ def test_segmenter_describes_what_it_runs(tmp_path: Path) -> None:
                          {"name": "p", "version": "1"})
     text = Segmenter(load_bundle(plain, labels, "cpu"), device="cpu", mirror=False).describe()
     assert "mirror off" in text and "volume calibration off" in text and "model grid 4 x 4 x 4 mm" in text
+
+
+def test_metal_is_never_labelled(bundle) -> None:
+    """Bone labels exclude the metal: voxels at or above the metal threshold come out as background."""
+    affine = np.array([[0, 0, 2.0, -30], [0, 2.0, 0, -20], [3.0, 0, 0, 10], [0, 0, 0, 1]])
+    volume = _volume(affine)
+    hu = volume.hu.copy()
+    hu[5:15, 10:14, 12:16] = 3500.0  # a stem inside the body
+    import dataclasses
+
+    with_metal = dataclasses.replace(volume, hu=hu)
+    kept = Segmenter(bundle, device="cpu", num_threads=1, metal_exclude_hu=None).segment(with_metal)
+    assert kept.label_map[hu >= 2000].any()  # the (random) tiny model labels some of it
+    seg = Segmenter(bundle, device="cpu", num_threads=1).segment(with_metal)
+    assert not seg.label_map[hu >= 2000].any()
+    assert seg.label_map[hu < 2000].any()
