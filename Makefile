@@ -41,12 +41,17 @@ train-demo: install
 	$(BIN)/thighnode train config/train_demo_stage4.toml
 	$(BIN)/thighnode train config/train_demo_stage5.toml
 	$(BIN)/thighnode train config/train_demo_stage6.toml
+	$(BIN)/thighnode train config/train_demo_stage7.toml
 
-# The held-out test phantoms of config/train_demo_stage6.toml (seeds 3 and 5; generated if missing),
+# The held-out test phantoms of config/train_demo_stage6.toml (seeds 3 and 5; generated if missing) and of
+# stage 7 (seed 16, with implants), the real hip CT, the implant pairs (seed 18),
 # pooled, the targets, and the one-leg-atrophied side check.
 evaluate-demo: install
 	$(BIN)/thighnode evaluate --bundle bundles/thighnode_demo --data /tmp/thighnode_data_v3/test /tmp/thighnode_data_v3/test5 \
-		--generate-from config/train_demo_stage6.toml --side-check
+		--generate-from config/train_demo_stage6.toml --side-check --real
+	$(BIN)/thighnode evaluate --bundle bundles/thighnode_demo --data /tmp/thighnode_data_v3/test_imp16 \
+		--generate-from config/train_demo_stage7.toml
+	$(BIN)/thighnode evaluate-implants --bundle bundles/thighnode_demo
 
 demo: install
 	$(BIN)/python deploy/demo.py
