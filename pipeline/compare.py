@@ -97,7 +97,7 @@ _RANGE_TOL_MM = 0.01
 METAL_WITHHOLD_NEAR_PCT = 7.0
 """Default share (%) of a structure's voxels near metal from which its volume change is withheld
 (config/node.toml prior.metal_withhold_near_pct; chosen on calibration phantom pairs)."""
-METAL_WITHHOLD_SLICES_PCT = 3.5
+METAL_WITHHOLD_SLICES_PCT = 1.0
 """Default share (%) of a structure's voxels in slices holding metal from which its volume change is
 withheld (config/node.toml prior.metal_withhold_slices_pct; chosen on calibration phantom pairs)."""
 

@@ -338,7 +338,7 @@ class PriorSettings:
     retrieve_attempts: int
     retry_delay_s: float
     metal_withhold_near_pct: float = 7.0  # pipeline.compare: volume change withheld from this share near metal
-    metal_withhold_slices_pct: float = 3.5  # ... and from this share in slices holding metal (streaks)
+    metal_withhold_slices_pct: float = 1.0  # ... and from this share in slices holding metal (streaks)
 
 
 @dataclass(frozen=True)

@@ -294,7 +294,7 @@ def test_evaluate_implants_passes_its_options_writes_json_and_exits_0(monkeypatc
     argv = ["evaluate-implants", "--bundle", "b", "--pairs", "3", "--seed", "11", "--spacing", "4", "--json", str(out)]
     assert main(argv) == 0
     assert seen == {"bundle": Path("b"), "pairs": 3, "seed": 11, "spacing_mm": 4.0, "threshold_pct": 7.0,
-                    "slices_threshold_pct": 3.5}
+                    "slices_threshold_pct": 1.0}
     printed = capsys.readouterr().out
     assert "1 shown with |error| > 5 pp" in printed and str(out) in printed
     assert json.loads(out.read_text())["with_rule"]["wrong"] == 1
