@@ -141,7 +141,7 @@ def write_bundle(
         if not metadata.get(key):
             raise BundleError(f"bundle metadata needs a non-empty {key!r}; saw {metadata.get(key)!r}")
     if demonstration is None:
-        demonstration = metadata.get("demonstration", "intended_use" not in metadata)
+        demonstration = metadata.get("demonstration", metadata.get("intended_use", DEMO_INTENDED_USE) == DEMO_INTENDED_USE)
     if not isinstance(demonstration, bool):
         raise BundleError(f"bundle metadata 'demonstration' is {demonstration!r}; allowed: true or false")
     sliding_window = sliding_window or SlidingWindowSettings()

@@ -192,6 +192,17 @@ def test_write_bundle_takes_the_demonstration_flag(tmp_path: Path) -> None:
         write_bundle(tmp_path / "bad", net, TINY, PRE, labels, {**site, "demonstration": "no"})
 
 
+def test_a_bundle_written_with_the_demonstration_statement_is_a_demonstration_model(tmp_path: Path) -> None:
+    """thighnode train writes the intended use it is given; the default is the demonstration statement."""
+    from pipeline.bundle import DEMO_INTENDED_USE
+
+    labels = load_label_table()
+    net = build_network(TINY, labels.num_classes)
+    path = write_bundle(tmp_path / "d", net, TINY, PRE, labels,
+                        {"name": "d", "version": "1", "intended_use": DEMO_INTENDED_USE})
+    assert load_bundle(path, labels, "cpu").demonstration is True
+
+
 def test_the_shipped_bundle_is_a_demonstration_model() -> None:
     root = Path(__file__).resolve().parents[2]
     meta = json.loads((root / "bundles" / "thighnode_demo" / METADATA_PATH).read_text())
