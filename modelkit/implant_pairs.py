@@ -222,8 +222,11 @@ def choose_thresholds(rows: Sequence[MuscleRow], max_error_pp: float = MAX_ERROR
 
 
 def implant_variants(kinds: Sequence[str] = KINDS, sides: Sequence[str] = IMPLANT_SIDES) -> list[tuple[str, str]]:
-    """(kind, side) pairs to cycle over."""
-    return [(k, s) for k in kinds for s in sides]
+    """(kind, side) pairs to cycle over: kind and side advance together, so that any run of
+    len(kinds) pairs holds every kind (and, with coprime counts, len(kinds) x len(sides) pairs
+    every combination)."""
+    n = math.lcm(len(kinds), len(sides)) if kinds and sides else 0
+    return [(kinds[i % len(kinds)], sides[i % len(sides)]) for i in range(n)]
 
 
 def pair_params(index: int, seed: int, *, spacing_mm: float = 3.0,

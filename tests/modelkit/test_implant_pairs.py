@@ -143,3 +143,12 @@ def test_an_evaluation_summary_names_the_threshold_and_both_rules() -> None:
     assert "least withholding with no shown error > 5 pp on these pairs: near 30 %, slices off (1 withheld)" in lines and "2 muscle changes: 1 shown, 0 shown with |error| > 5 pp" in lines
     assert "without the rule: 2 muscle changes: 2 shown, 1 shown with |error| > 5 pp" in lines
     assert dataclasses.asdict(ev.with_rule())["withheld"] == 1
+
+
+def test_five_pairs_hold_every_implant_kind_and_fifteen_every_combination() -> None:
+    from modelkit.implant_pairs import IMPLANT_SIDES, KINDS, implant_variants
+
+    variants = implant_variants()
+    assert {k for k, _ in variants[:5]} == set(KINDS)
+    assert {s for _, s in variants[:5]} == set(IMPLANT_SIDES)
+    assert set(variants) == {(k, s) for k in KINDS for s in IMPLANT_SIDES} and len(variants) == 15
