@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.compare import compare_studies
 from tests.integration.test_end_to_end import BUNDLE, _finished, _push
 from tests.support.niftict import write_nifti_ct_as_dicom
 from tests.support.node import REPO_ROOT, NodeProcess
@@ -69,11 +70,12 @@ def _assert_sr_reports_only_the_gluteal_group(out_dir: Path) -> None:
 
 def test_the_real_hip_ct_sent_twice_as_prior_and_follow_up_reports_no_change(tmp_path: Path, shared_data: Path) -> None:
     """The same images under two studies of one patient, six months apart: the follow-up is compared with the
-    prior, and reports no change: every compared structure within 0.5 % and 0.5 mL, the gluteal muscles among
-    them on the right, and on the left (the prosthesis) compared or withheld for the metal; a structure not
-    compared says why. Where no femoral-head landmark is found (the demonstration model's femur label may run up
-    the scan), a side is aligned by the model-free bone-profile registration (pipeline.boneshift), which must
-    give shift 0 at correlation 1."""
+    prior, and reports no change: every compared structure within 0.5 % and 0.5 mL, a structure not compared
+    says why. The node's metal rules withhold what lies in the prosthesis' slices (config prior.metal_withhold_*),
+    so the gluteal muscles are compared or withheld for the metal; the same stored results compared with the
+    rules off must compare the right gluteals with no change. Where no femoral-head landmark is found (the
+    demonstration model's femur label may run up the scan), a side is aligned by the model-free bone-profile
+    registration (pipeline.boneshift), which must give shift 0 at correlation 1."""
     from thighnode.results import ResultsStore
 
     prior_uid, follow_uid = STUDY + ".7", STUDY + ".8"
@@ -92,21 +94,39 @@ def test_the_real_hip_ct_sent_twice_as_prior_and_follow_up_reports_no_change(tmp
         store = ResultsStore(node.data_dir / "thighnode.db")
         try:
             comparison = store.comparison(follow_uid)
+            stored = {uid: (store.get(uid), store.profiles(uid)) for uid in (prior_uid, follow_uid)}
         finally:
             store.close()
     assert comparison is not None and comparison.prior_study_uid == prior_uid and comparison.changes
-    for c in comparison.changes:
-        if c.compared:
-            assert abs(c.change_ml) <= 0.5 and abs(c.change_ratio) <= 0.005, (c.key, c.side, c.change_ml)
-        else:
-            assert c.reason and c.change_ml is None and c.change_ratio is None, (c.key, c.side, c.reason)
+    _assert_no_change(comparison)
     compared = {(c.key, c.side) for c in comparison.changes if c.compared}
+    assert len(compared) >= 6, compared  # structures away from the metal are compared
     for key in ("gluteus_maximus", "gluteus_medius", "gluteus_minimus"):
-        assert (key, "right") in compared, (key, comparison.change(key, "right"))
-        left = comparison.change(key, "left")  # the side of the prosthesis: compared, or withheld for the metal
-        assert left is not None and (left.compared or "metal" in left.reason), (key, left)
+        for side in ("right", "left"):  # the node's defaults: compared, or withheld for the metal (left prosthesis)
+            c = comparison.change(key, side)
+            assert c is not None and (c.compared or "metal" in c.reason), (key, side, c)
+    # the numbers behind the withholding: the same stored results compared with the metal rules off must compare
+    # every gluteal muscle on both sides, with no change (the alignment and the common range, not the rule)
+    (prior_result, prior_profiles), (follow_result, follow_profiles) = stored[prior_uid], stored[follow_uid]
+    assert prior_result is not None and follow_result is not None and prior_profiles and follow_profiles
+    unruled = compare_studies(
+        follow_result.measurements, follow_profiles, prior_result.measurements, prior_profiles,
+        current_study_date="20240701", prior_study_date="20240101", prior_study_uid=prior_uid, height_m=1.75,
+        metal_withhold_near_pct=None, metal_withhold_slices_pct=None,
+    )
+    _assert_no_change(unruled)
+    for key in ("gluteus_maximus", "gluteus_medius", "gluteus_minimus"):
+        assert unruled.change(key, "right").compared, (key, unruled.change(key, "right").reason)
     # aligned on the femoral head, or (no head found: the demonstration model's femur runs up the scan) by the
     # bone profiles, which for one scan twice must give shift 0 at correlation 1
     registrations = re.findall(r"bone profile registration \(correlation ([0-9.]+), shift ([+-][0-9.]+) mm\)",
                                comparison.method)
     assert all(float(r) >= 0.995 and abs(float(z)) < 0.05 for r, z in registrations), comparison.method
+
+
+def _assert_no_change(comparison) -> None:
+    for c in comparison.changes:
+        if c.compared:
+            assert abs(c.change_ml) <= 0.5 and abs(c.change_ratio) <= 0.005, (c.key, c.side, c.change_ml)
+        else:
+            assert c.reason and c.change_ml is None and c.change_ratio is None, (c.key, c.side, c.reason)

@@ -101,24 +101,30 @@ def test_settings_from_toml(tmp_path: Path) -> None:
         assert after.init_weights == before.output_bundle  # each stage starts from the one before
         assert set(before.data_dirs) < set(after.data_dirs)  # on more subjects
         assert after.network == s.network and after.preprocess == s.preprocess
-    # one case cache for the six stages: a stage reuses the folders the stages before prepared
+    # stage 7 (post-operative and limited fields of view) fine-tunes stage 6's weights on stage 1-2 subjects
+    # and new ones with implants, and is the only stage that writes the shipped bundle
+    last = TrainSettings.from_toml(cfg.with_name("train_demo_stage7.toml"))
+    assert last.init_weights == stages[-1].output_bundle and last.network == s.network and last.preprocess == s.preprocess
+    assert set(stages[1].data_dirs) < set(last.data_dirs)
+    assert any(spec.implant_fraction > 0 for d, spec in last.phantoms.items() if d in map(str, last.data_dirs))
+    stages.append(last)
+    # one case cache for all stages: a stage reuses the folders the stages before prepared
     assert s.case_cache and s.case_cache_dir is not None and {st.case_cache_dir for st in stages} == {s.case_cache_dir}
-    # only the last stage writes the shipped bundle, and only it calibrates
-    assert [st.output_bundle == Path("bundles/thighnode_demo") for st in stages] == [False] * 5 + [True]
-    assert [st.calibrate_volumes for st in stages] == [False] * 5 + [True]
+    assert [st.output_bundle == Path("bundles/thighnode_demo") for st in stages] == [False] * 6 + [True]
+    assert [st.calibrate_volumes for st in stages] == [False] * 5 + [True, True]
     # held-out phantom folders are never trained, validated or calibrated on
-    held_out = {d for d, spec in stages[-1].phantoms.items() if spec.seed in (3, 5)}
-    assert len(held_out) == 2
     for stage in stages:
+        held_out = {d for d, spec in stage.phantoms.items() if spec.seed in (3, 5, 16, 18)}
         used = {*map(Path, stage.data_dirs), *map(Path, stage.val_dirs), *map(Path, stage.calibration_dirs)}
         assert not used & {Path(d) for d in held_out}
-    # the calibration of the shipped bundle: 44 generated phantoms, none trained on
-    last = stages[-1]
-    calibration = [*last.val_dirs, *last.calibration_dirs]
-    assert all(str(d) in last.phantoms for d in calibration)  # generated from seeds when missing
-    assert not set(map(Path, calibration)) & set(map(Path, last.data_dirs))
-    assert sum(last.phantoms[str(d)].n_subjects for d in calibration) == 44
-    assert len({last.phantoms[str(d)].seed for d in calibration}) == len(calibration)  # distinct subjects
+    assert len({d for d, spec in stages[-2].phantoms.items() if spec.seed in (3, 5)}) == 2
+    # calibration on generated phantoms, none trained on: 44 for stage 6, 32 for the shipped stage 7
+    for stage, n in ((stages[-2], 44), (last, 32)):
+        calibration = [*stage.val_dirs, *stage.calibration_dirs]
+        assert all(str(d) in stage.phantoms for d in calibration)  # generated from seeds when missing
+        assert not set(map(Path, calibration)) & set(map(Path, stage.data_dirs))
+        assert sum(stage.phantoms[str(d)].n_subjects for d in calibration) == n
+        assert len({stage.phantoms[str(d)].seed for d in calibration}) == len(calibration)  # distinct subjects
     bad = tmp_path / "bad.toml"
     bad.write_text('data_dirs = ["x"]\noutput_bundle = "b"\ncheckpoint_dir = "c"\nlearning_rate = 1\n')
     with pytest.raises(ValueError, match="unknown training settings \\['learning_rate'\\]"):
