@@ -53,12 +53,14 @@ class OutputSettings:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """The segmentation model: name, version, and whether it is a demonstration model
-    (bundle metadata ``demonstration``: the report then says "not for clinical use")."""
+    """The segmentation model: name, version, whether it is a demonstration model
+    (bundle metadata ``demonstration``: the report then says "not for clinical use"), and the sha256 of its
+    weights file ("" when unknown), printed in the report."""
 
     name: str
     version: str
     demonstration: bool = False
+    sha256: str = ""
 
 
 @dataclass(frozen=True)

@@ -196,6 +196,7 @@ def render_report(
         "pages": plan.pages, "patient": patient, "measurements": measurements, "study": study,
         "model_name": study.model_name or segmentation.model_name,
         "model_version": study.model_version or segmentation.model_version,
+        "model_sha256": study.model_sha256 or segmentation.model_sha256,
     }
     buffer = io.BytesIO()
     with _RC_LOCK, rc_context(_RC), PdfPages(buffer, metadata=_pdf_metadata(study)) as pdf:

@@ -83,7 +83,8 @@ class ReportHeader:
 
     ``study_date`` is a DICOM DA (YYYYMMDD) and ``referring_physician`` a DICOM PN
     (``Family^Given``); both are printed in a readable form. ``model_name`` and
-    ``model_version`` default to the segmentation's when empty. ``demonstration_model``
+    ``model_version`` (and ``model_sha256``, the weights' sha256, of which the report prints the first
+    12 hex digits) default to the segmentation's when empty. ``demonstration_model``
     prints the red "NOT FOR CLINICAL USE" banner.
     """
 
@@ -97,6 +98,7 @@ class ReportHeader:
     model_name: str = ""
     model_version: str = ""
     demonstration_model: bool = False
+    model_sha256: str = ""
 
     @classmethod
     def from_dataset(
@@ -107,6 +109,7 @@ class ReportHeader:
         model_name: str = "",
         model_version: str = "",
         demonstration_model: bool = False,
+        model_sha256: str = "",
     ) -> "ReportHeader":
         """Read the General Study (PS3.3 C.7.2.1) and General Equipment (C.7.5.1)
         attributes of a source image header; missing attributes become ""."""
@@ -126,6 +129,7 @@ class ReportHeader:
             model_name=model_name,
             model_version=model_version,
             demonstration_model=bool(demonstration_model),
+            model_sha256=model_sha256,
         )
 
 
@@ -279,10 +283,12 @@ def draw_page_frame(
     study: ReportHeader,
     model_name: str,
     model_version: str,
+    model_sha256: str = "",
 ) -> float:
     """Title, identification block, banner and footer; returns the top of the content area."""
     fig.text(0.06, 0.965, "Thigh and hip muscle CT measurements", fontsize=13, fontweight="bold", va="baseline")
-    fig.text(0.94, 0.965, f"Page {page} of {pages}", fontsize=8, ha="right", va="baseline")
+    fig.text(0.94, 0.965, f"thighnode {study.node_version or DASH}    Page {page} of {pages}", fontsize=8, ha="right",
+             va="baseline")
     sex = SEX_WORDS.get(patient.sex or measurements.sex, (patient.sex or measurements.sex) or DASH)
     age = patient.age.lstrip("0") if patient.age else ""
     left = [
@@ -299,7 +305,7 @@ def draw_page_frame(
         ("Study", study.study_description or DASH),
         ("Institution", study.institution_name or DASH),
         ("Referrer", _format_person(study.referring_physician)),
-        ("Model", f"{model_name or DASH} {model_version}".strip() + f"  (thighnode {study.node_version or DASH})"),
+        ("Model", f"{model_name or DASH} {model_version}".strip() + (f"  sha256 {model_sha256[:12]}" if model_sha256 else "")),
     ]
     y0, dy = 0.944, 0.0125
     for column_x, value_x, items in ((0.06, 0.15, left), (0.52, 0.61, right)):
@@ -307,7 +313,7 @@ def draw_page_frame(
             fig.text(column_x, y0 - i * dy, f"{key}:", fontsize=7.5, color="#444444", va="top")
             fig.text(value_x, y0 - i * dy, value, fontsize=7.5,
                      fontweight="bold" if key in ("Patient", "Patient ID") else "normal", va="top")
-    y = y0 - len(left) * dy - 0.006
+    y = y0 - max(len(left), len(right)) * dy - 0.006
     fig.add_artist(_hline(fig, y))
     if study.demonstration_model:
         from matplotlib.patches import Rectangle

@@ -304,6 +304,11 @@ def _segment_description(spec: SegmentSpec, algorithm: hd.AlgorithmIdentificatio
     return desc
 
 
+WEIGHTS_SHA256_PARAMETER = "weights_sha256"
+"""AlgorithmParameters (0066,0032) key of the model weights' sha256 (``weights_sha256=<64 hex>``): the exact
+model, beside AlgorithmName / AlgorithmVersion; the SR takes it from there."""
+
+
 def _segment_descriptions(
     segments: Sequence[SegmentSpec], segmentation: Segmentation, manufacturer: str, series_uid: str
 ) -> list[hd.seg.SegmentDescription]:
@@ -321,6 +326,7 @@ def _segment_descriptions(
         family=codes.ARTIFICIAL_INTELLIGENCE,
         version=segmentation.model_version[:64],
         source=manufacturer[:64] or None,
+        parameters={WEIGHTS_SHA256_PARAMETER: segmentation.model_sha256} if segmentation.model_sha256 else None,
     )
     return [_segment_description(spec, algorithm) for spec in segments]
 

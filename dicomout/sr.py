@@ -15,7 +15,8 @@ Measurement Report" (PS3.16 TID 1500):
   TrackingUID; the segment referenced (TID 1411 row "Referenced Segment": SEG
   SOPInstanceUID and segment number, with the source series); finding = the structure's
   SNOMED CT code, finding site = the same with its laterality (CID 244); the model as
-  algorithm identification (TID 4019); measurements (TID 300): volume (cm3, method "sum of
+  algorithm identification (TID 4019: name, version and, when the SEG names them, the weights'
+  sha256 as the TEXT "Algorithm Parameters" ``weights_sha256=<64 hex>``); measurements (TID 300): volume (cm3, method "sum of
   segmented voxels"), mean and standard deviation of attenuation (HU), mass (g), fat
   fraction (%); quality flags as qualitative evaluations "Quality Control" = flag code, each
   followed by its message as a TEXT "Comment";
@@ -80,7 +81,9 @@ from pydicom.uid import RE_VALID_UID
 
 from dicomout import codes
 from dicomout.context import Equipment
-from dicomout.seg import BuildError, SourceInput, order_sources, segment_map, structure_code
+from dicomout.seg import (
+    WEIGHTS_SHA256_PARAMETER, BuildError, SourceInput, order_sources, segment_map, structure_code,
+)
 from dicomout.sr_items import add_texts, numeric
 from dicomout.sr_totals import PATIENT_TOTALS_ID, check_groups, patient_group  # noqa: F401 (PATIENT_TOTALS_ID: public here)
 from dicomout.uids import SR_SERIES, device_observer_uid, output_uid, tracking_uid
@@ -270,12 +273,32 @@ def _study_date(da: str) -> datetime.date | None:
         return None
 
 
-def _model_of(seg_dataset: Dataset) -> tuple[str, str]:
-    """(AlgorithmName, AlgorithmVersion) of the SEG's segments (the segmentation model)."""
+@dataclass(frozen=True)
+class _Model:
+    """The segmentation model as the SEG identifies it; ``weights_sha256`` is "" when the SEG does not say."""
+
+    name: str
+    version: str
+    weights_sha256: str = ""
+
+
+def _parameter(parameters: str, key: str) -> str:
+    """The value of ``key`` in an AlgorithmParameters string ``k1=v1,k2=v2`` ("" when absent)."""
+    for part in parameters.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() == key:
+            return value.strip()
+    return ""
+
+
+def _model_of(seg_dataset: Dataset) -> _Model:
+    """The model of the SEG's segments: AlgorithmName, AlgorithmVersion and the weights' sha256 from
+    AlgorithmParameters (:data:`dicomout.seg.WEIGHTS_SHA256_PARAMETER`)."""
     for item in seg_dataset.SegmentSequence:
         if "SegmentationAlgorithmIdentificationSequence" in item:
             algo = item.SegmentationAlgorithmIdentificationSequence[0]
-            return str(algo.AlgorithmName), str(algo.AlgorithmVersion)
+            sha256 = _parameter(str(algo.get("AlgorithmParameters", "") or ""), WEIGHTS_SHA256_PARAMETER)
+            return _Model(str(algo.AlgorithmName), str(algo.AlgorithmVersion), sha256)
     raise BuildError(
         f"SEG {seg_dataset.SOPInstanceUID} has no SegmentationAlgorithmIdentificationSequence in any segment; "
         "the SR needs the model name and version"
@@ -325,15 +348,14 @@ class _ReportParts:
     source_series: hd.sr.SourceSeriesForSegmentation
 
 
-def _report_parts(
-    seg_dataset: Dataset, volume: Volume, labels: LabelTable, model_name: str, model_version: str
-) -> _ReportParts:
+def _report_parts(seg_dataset: Dataset, volume: Volume, labels: LabelTable, model: _Model) -> _ReportParts:
+    parameters = [f"{WEIGHTS_SHA256_PARAMETER}={model.weights_sha256}"] if model.weights_sha256 else None
     return _ReportParts(
         seg_dataset=seg_dataset,
         segment_numbers=segment_map(seg_dataset),
         segment_items={int(item.SegmentNumber): item for item in seg_dataset.SegmentSequence},
-        instance_uid=output_uid(volume.series_instance_uid, model_version, "sr.instance"),
-        algorithm=hd.sr.AlgorithmIdentification(name=model_name[:64], version=model_version[:64]),
+        instance_uid=output_uid(volume.series_instance_uid, model.version, "sr.instance"),
+        algorithm=hd.sr.AlgorithmIdentification(name=model.name[:64], version=model.version[:64], parameters=parameters),
         labels=labels,
         source_series=hd.sr.SourceSeriesForSegmentation(volume.series_instance_uid),
     )
@@ -475,8 +497,9 @@ def build_sr(
     started = time.monotonic()
     _check_inputs(measurements, seg_dataset, volume, prior, prior_search)
     sources = order_sources(volume, source_datasets)
-    model_name, model_version = _model_of(seg_dataset)
-    parts = _report_parts(seg_dataset, volume, labels, model_name, model_version)
+    model = _model_of(seg_dataset)
+    model_name, model_version = model.name, model.version
+    parts = _report_parts(seg_dataset, volume, labels, model)
     groups = _measurement_groups(measurements, parts, prior, prior_search)
     context = hd.sr.ObservationContext(observer_device_context=_observer(model_name, equipment))
     report = hd.sr.MeasurementReport(context, codes.CT_OF_THIGH, imaging_measurements=groups)

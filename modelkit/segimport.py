@@ -207,6 +207,13 @@ def list_dicom_cases(data_dir: Path) -> list[Path]:
 
 def load_dicom_case(case_dir: Path, labels: LabelTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(hu, labels, affine_lps)`` of a folder with one CT series and one SEG (files searched recursively)."""
+    volume, lab = load_dicom_case_volume(case_dir, labels)
+    return np.asarray(volume.hu, dtype=np.float32), lab, np.asarray(volume.affine_lps)
+
+
+def load_dicom_case_volume(case_dir: Path, labels: LabelTable):  # -> tuple[pipeline.types.Volume, np.ndarray]
+    """The CT of a case folder (one CT series + one SEG, searched recursively) as the Volume the Segmenter
+    takes, and the SEG rasterised on its grid (label ids of ``labels``)."""
     from pipeline.volume import load_volume
 
     files = [p for p in sorted(Path(case_dir).rglob("*")) if p.is_file()]
@@ -218,4 +225,4 @@ def load_dicom_case(case_dir: Path, labels: LabelTable) -> tuple[np.ndarray, np.
         raise SegImportError(f"{case_dir}: no CT Image Storage files")
     volume = load_volume(cts)
     lab = read_seg_labels(segs[0], volume.shape, volume.affine_lps, labels, volume.frame_of_reference_uid or None)
-    return np.asarray(volume.hu, dtype=np.float32), lab, np.asarray(volume.affine_lps)
+    return volume, lab

@@ -13,6 +13,8 @@ with :class:`~pipeline.errors.BundleError`, anything that does not fit.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import logging
@@ -84,6 +86,9 @@ class Bundle:
     class_weights: tuple[float, ...] | None = None
     #: metadata.json "demonstration": the model is not for clinical use (the report says so on every page).
     demonstration: bool = False
+    #: sha256 (hex) of the models/model.pt bytes the network was loaded from: the exact weights, named in
+    #: every output (SEG AlgorithmParameters, SR, PDF). "" for a network built in memory (benchmarks).
+    weights_sha256: str = ""
 
 
 def inference_config(
@@ -313,10 +318,24 @@ def _read_labels(meta: dict[str, Any], labels: LabelTable, bundle_dir: Path) -> 
     return bundle_labels
 
 
-def _load_weights(bundle_dir: Path, network: torch.nn.Module) -> None:
-    """models/model.pt into ``network`` (strict)."""
+def weights_sha256(bundle_dir: Path) -> str:
+    """sha256 (hex) of a bundle's models/model.pt."""
+    digest = hashlib.sha256()
+    with open(Path(bundle_dir) / MODEL_PATH, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_weights(bundle_dir: Path, network: torch.nn.Module) -> str:
+    """models/model.pt into ``network`` (strict); returns the sha256 of the bytes loaded (read once, so the
+    digest names exactly the weights in the network)."""
     try:
-        state = torch.load(bundle_dir / MODEL_PATH, map_location="cpu", weights_only=True)
+        data = (bundle_dir / MODEL_PATH).read_bytes()
+    except OSError as exc:
+        raise BundleError(f"bundle {bundle_dir}: {MODEL_PATH} cannot be read: {exc}") from exc
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise BundleError(f"bundle {bundle_dir}: {MODEL_PATH} cannot be read as a state dict: {exc}") from exc
     if not isinstance(state, dict):
@@ -329,6 +348,7 @@ def _load_weights(bundle_dir: Path, network: torch.nn.Module) -> None:
             f"bundle {bundle_dir}: {MODEL_PATH} does not fit the UNETR of {INFERENCE_PATH}: "
             + " ".join(line.strip() for line in first[:4])
         ) from exc
+    return hashlib.sha256(data).hexdigest()
 
 
 def load_bundle(bundle_dir: Path, labels: LabelTable, device: str | torch.device = "cpu") -> Bundle:
@@ -360,14 +380,15 @@ def load_bundle(bundle_dir: Path, labels: LabelTable, device: str | torch.device
     except Exception as exc:
         raise BundleError(f"bundle {bundle_dir}: {INFERENCE_PATH} network_def cannot be built: {exc}") from exc
     _check_copies(bundle_dir, parser, labels.num_classes, network_settings, preprocess_settings, sliding_window)
-    _load_weights(bundle_dir, network)
+    sha256 = _load_weights(bundle_dir, network)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     network = network.to(torch.device(device)).eval()
     for p in network.parameters():
         p.requires_grad_(False)
     logger.info(
-        "loaded bundle %s %s from %s in %.2f s", meta["name"], meta["version"], bundle_dir, time.monotonic() - started
+        "loaded bundle %s %s (weights sha256 %s) from %s in %.2f s", meta["name"], meta["version"], sha256[:12],
+        bundle_dir, time.monotonic() - started,
     )
     return Bundle(
         name=str(meta["name"]),
@@ -381,6 +402,7 @@ def load_bundle(bundle_dir: Path, labels: LabelTable, device: str | torch.device
         path=bundle_dir,
         metadata=meta,
         demonstration=demonstration,
+        weights_sha256=sha256,
     )
 
 

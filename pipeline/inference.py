@@ -221,4 +221,5 @@ class Segmenter:
             model_name=self._bundle.name,
             model_version=self._bundle.version,
             affine_lps=np.array(volume.affine_lps, copy=True),
+            model_sha256=self._bundle.weights_sha256,
         )

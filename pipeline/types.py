@@ -116,6 +116,8 @@ class Segmentation:
     model_name: str
     model_version: str
     affine_lps: np.ndarray = field(repr=False, default_factory=lambda: np.eye(4))
+    #: sha256 (hex) of the model's weights file (pipeline.bundle.Bundle.weights_sha256); "" when unknown.
+    model_sha256: str = ""
 
     def __post_init__(self) -> None:
         if self.label_map.shape != self.side_map.shape:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from node_errors import NodeError
+from thighnode.cli_model import add_model_commands
 from thighnode.cli_offline import add_offline_commands
 
 log = logging.getLogger("thighnode")
@@ -105,9 +106,12 @@ def status_report(settings: Any) -> dict[str, Any]:
     from dicomout.outbox import Outbox
     from scp.index import InstanceIndex
     from thighnode.jobs import JobStore
+    from thighnode.models import model_status
 
+    model = model_status(settings)
     if not settings.db_path.exists():
-        return {"data_dir": str(settings.node.data_dir), "studies": [], "jobs": [], "outbox": [], "outbox_counts": {}}
+        return {"data_dir": str(settings.node.data_dir), "model": model, "studies": [], "jobs": [], "outbox": [],
+                "outbox_counts": {}}
     from thighnode.priors import PriorRequests
 
     index = InstanceIndex(settings.db_path)
@@ -167,6 +171,7 @@ def status_report(settings: Any) -> dict[str, Any]:
         ]
         return {
             "data_dir": str(settings.node.data_dir),
+            "model": model,
             "studies": studies,
             "prior_requests": prior_rows,
             "jobs": job_rows,
@@ -200,6 +205,22 @@ def format_coverage(coverage: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def format_model_status(model: dict[str, Any]) -> list[str]:
+    """The `model:` lines of `thighnode status`: the active model and its source, what a node loaded."""
+    active = model.get("active")
+    if active is None:
+        return [f"model: {model.get('summary', '')}"]
+    lines = [f"model: {active['name']} {active['version']}  sha256 {active['sha256'] or '-'}  source: {active['source']}",
+             f"       {active['path']}"]
+    loaded = model.get("loaded")
+    if loaded:
+        state = f"running, pid {loaded['pid']}" if loaded.get("running") else "not running"
+        lines.append(f"       last loaded by a node ({state}) at {loaded.get('loaded_at', '-')}: {loaded.get('name')} "
+                     f"{loaded.get('version')}  sha256 {str(loaded.get('sha256', ''))[:12]}  source: {loaded.get('source')}")
+    lines.append(f"       {model['summary']}")
+    return lines
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
     report = status_report(settings)
@@ -207,6 +228,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"data directory: {report['data_dir']}")
+    for line in format_model_status(report["model"]):
+        print(line)
     print(f"\nstudies ({len(report['studies'])}):")
     for s in report["studies"]:
         print(f"  {s['study_uid']}  instances={s['instances']} non-CT={s['non_ct']}  last received {s['last_received']}")
@@ -307,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_node_commands(add)
     _add_patient_commands(sub)
+    add_model_commands(sub)
     add_offline_commands(add)
     return parser
 

@@ -193,7 +193,8 @@ def add_evaluation_commands(add: AddCommand) -> None:
     p = add("evaluate", "per-structure Dice and volume difference of a bundle on a labelled set")
     p.add_argument("--bundle", required=True)
     p.add_argument("--data", default=None, nargs="+",
-                   help="labelled folders (NIfTI pairs), pooled in one table; default: fresh phantoms")
+                   help="labelled folders (NIfTI pairs, or DICOM case folders: CT series + one SEG), pooled in one "
+                        "table; default: fresh phantoms")
     p.add_argument("--phantoms", type=int, default=4, help="number of held-out phantoms when --data is not given")
     p.add_argument("--seed", type=int, default=9000, help="seed of the held-out phantoms")
     p.add_argument("--generate-from", default=None, metavar="TRAIN_CONFIG",

@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import IO
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -25,6 +26,7 @@ from scp.index import InstanceIndex
 from scp.spool import remove_study
 from scp.types import IngressConfig
 from thighnode.jobs import DONE, FINAL_STATES, Job, JobStore, StudyProgress
+from thighnode.models import PROMOTED, active_model, record_loaded
 from thighnode.priors import ARRIVED, REQUESTED, PriorFinder, PriorRequests
 from thighnode.priors import FAILED as PRIOR_FAILED
 from thighnode.results import ResultsStore
@@ -192,6 +194,8 @@ class Node:
             self._lock_file = None
 
     def _build_segmenter(self) -> SegmenterLike:
+        """The active model (thighnode.models: the promoted one, else ``[model] bundle``), loaded once; what was
+        loaded is recorded in ``<data_dir>/models/loaded.json`` for `thighnode status`."""
         from pipeline.bundle import load_bundle
         from pipeline.inference import Segmenter
         from pipeline.labels import load_label_table
@@ -199,13 +203,21 @@ class Node:
         m = self.settings.model
         t = time.perf_counter()
         try:
-            bundle = load_bundle(m.bundle, load_label_table(), device=m.device)
+            active = active_model(self.settings)
+            bundle = load_bundle(active.path, load_label_table(), device=m.device)
         except NodeError as exc:
-            raise NodeStartError(f"model bundle {m.bundle} cannot be used: {exc.message}") from exc
+            raise NodeStartError(f"model bundle cannot be used: {exc.message}") from exc
+        if active.source == PROMOTED and bundle.weights_sha256 != active.sha256:
+            raise NodeStartError(
+                f"promoted model {active.path}: models/model.pt has sha256 {bundle.weights_sha256[:12]}, the registry "
+                f"promoted {active.sha256[:12]}; the copy was changed: promote the bundle again or roll back"
+            )
         segmenter = Segmenter(bundle, device=m.device, sw_batch_size=m.sw_batch_size, overlap=m.overlap,
                               mirror=m.mirror_override)
-        log.info("model %s %s loaded in %.2f s (%s)", bundle.name, bundle.version, time.perf_counter() - t,
-                 segmenter.describe())
+        loaded = replace(active, name=bundle.name, version=bundle.version, sha256=bundle.weights_sha256)
+        record_loaded(self.settings.node.data_dir, loaded)
+        log.info("model %s %s (weights sha256 %s, %s) loaded in %.2f s (%s)", bundle.name, bundle.version,
+                 bundle.weights_sha256[:12], active.source, time.perf_counter() - t, segmenter.describe())
         return segmenter
 
     # -- scheduled work -----------------------------------------------------------------

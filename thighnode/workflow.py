@@ -188,7 +188,8 @@ class Workflow:
             segmentation = segmenter.segment(volume)
         result["coverage"]["from_segmentation"] = list(regions_from_segmentation(segmentation, volume.voxel_volume_ml))
         _check_femur_label(volume, segmentation)
-        result["model"] = {"name": segmentation.model_name, "version": segmentation.model_version}
+        result["model"] = {"name": segmentation.model_name, "version": segmentation.model_version,
+                           "sha256": segmentation.model_sha256}
         with _stage(job, "measure", timings):
             measurements = self._measure(volume, segmentation, selected.patient)
         result["measurements"] = _summary(measurements)
@@ -200,7 +201,7 @@ class Workflow:
             job_id=job.id, study_uid=job.study_uid, selected=selected, volume=volume, segmentation=segmentation,
             measurements=measurements, comparison=comparison, prior_search=prior_search,
             model=ModelInfo(segmentation.model_name, segmentation.model_version,
-                            demonstration=bool(getattr(bundle, "demonstration", False))),
+                            demonstration=bool(getattr(bundle, "demonstration", False)), sha256=segmentation.model_sha256),
             settings=self._output_settings, software_version=__version__, content_time=self._clock(),
         )
         outputs = self._build_outputs(job, context, timings)

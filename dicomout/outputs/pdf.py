@@ -26,7 +26,7 @@ class PdfOutput:
         model = context.model
         header = ReportHeader.from_dataset(
             headers[0], node_version=context.software_version, model_name=model.name,
-            model_version=model.version, demonstration_model=model.demonstration,
+            model_version=model.version, demonstration_model=model.demonstration, model_sha256=model.sha256,
         )
         pdf_bytes = render_report(
             context.volume, context.segmentation, context.measurements, context.selected.patient, study=header,

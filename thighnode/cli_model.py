@@ -1,0 +1,192 @@
+"""``thighnode model``: the node's model registry (:mod:`thighnode.models`) and the comparison of a candidate
+bundle with the deployed one (:mod:`modelkit.comparison`).
+
+::
+
+    thighnode model promote BUNDLE      validate, copy into <data_dir>/models/, make it the active model
+    thighnode model rollback            back to the model active before the current promotion
+    thighnode model list [--json]       the history, the active entry marked
+    thighnode model compare CANDIDATE [--data DIR ...] [--node-data-dir DIR] [--json]
+
+A promotion or rollback takes effect when the node next starts (`thighnode status` says which model the
+running node loaded and which is active). Errors are one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from node_errors import NodeError
+
+#: Defaults of modelkit.sitecases.held_out_cases (seed, share of the corrected cases held out).
+HELD_OUT_SEED = 0
+HELD_OUT_FRACTION = 0.2
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _fail(message: str) -> int:
+    print(f"error: {_one_line(message)}", file=sys.stderr)
+    return 2
+
+
+def _settings(args: argparse.Namespace):  # noqa: ANN202
+    from thighnode.settings import load_settings
+
+    return load_settings(args.config)
+
+
+def _ref_text(ref: dict[str, Any] | None) -> str:
+    if not ref:
+        return "the configured bundle"
+    return f"{ref['name']} {ref['version']} (sha256 {ref['sha256'][:12]})"
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from thighnode.models import models_dir, promote
+
+    settings = _settings(args)
+    try:
+        entry = promote(settings.node.data_dir, Path(args.bundle))
+    except NodeError as exc:
+        return _fail(f"not promoted: {exc.message}")
+    model = entry.model
+    assert model is not None
+    print(f"promoted {model.name} {model.version}  sha256 {model.sha256}")
+    print(f"  installed in {models_dir(settings.node.data_dir) / model.dir}")
+    print(f"  previous: {_ref_text(entry.previous.__dict__ if entry.previous else None)}")
+    print("  the node loads it at its next start (restart a running node)")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from thighnode.models import rollback
+
+    settings = _settings(args)
+    try:
+        entry = rollback(settings.node.data_dir)
+    except NodeError as exc:
+        return _fail(exc.message)
+    previous = entry.previous
+    assert previous is not None
+    now = _ref_text(entry.model.__dict__ if entry.model else None)
+    if entry.model is None:
+        now += f" {settings.model.bundle}"
+    print(f"rolled back {previous.name} {previous.version} (sha256 {previous.sha256[:12]}); active now: {now}")
+    print("  the node loads it at its next start (restart a running node)")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from thighnode.models import active_model, history_rows
+
+    settings = _settings(args)
+    try:
+        rows = history_rows(settings.node.data_dir)
+        active = active_model(settings)
+    except NodeError as exc:
+        return _fail(exc.message)
+    if args.json:
+        print(json.dumps({"active": active.to_record(), "history": rows}, indent=2))
+        return 0
+    print(f"active: {active.name} {active.version}  sha256 {active.sha256[:12] or '-'}  source: {active.source}"
+          f"  ({active.path})")
+    if not rows:
+        print("history: none (nothing was ever promoted; the node uses its configured [model] bundle)")
+        return 0
+    print(f"history ({len(rows)}, oldest first):")
+    for i, row in enumerate(rows, 1):
+        mark = "*" if row["active"] else " "
+        what = _ref_text(row["model"])
+        source = f" from {row['source_path']}" if row["source_path"] else ""
+        print(f" {mark}{i:>3}  {row['time']}  {row['action']:<8} -> {what}{source}  by {row['user']}"
+              f"  (before: {_ref_text(row['previous'])})")
+    return 0
+
+
+def _cases(args: argparse.Namespace, settings: Any) -> list:
+    """The labelled cases: --data folders, and the node's held-out corrected cases (--node-data-dir, or the
+    configured data directory when neither is given)."""
+    from modelkit.evaluation import list_labelled_cases
+
+    node_data_dir = args.node_data_dir
+    if not args.data and node_data_dir is None:
+        node_data_dir = str(settings.node.data_dir)
+    case_dirs: list[Path] = []
+    if node_data_dir is not None:
+        try:
+            from modelkit import sitecases  # lazily: written alongside; absent in older installs
+        except ImportError:
+            raise _CommandError(
+                "--node-data-dir needs modelkit.sitecases (the node's corrected cases), which this installation "
+                "lacks; give labelled folders with --data instead"
+            ) from None
+        case_dirs = list(sitecases.held_out_cases(Path(node_data_dir), args.seed, args.fraction))
+        if not case_dirs:
+            raise _CommandError(f"{node_data_dir}: no held-out corrected case (corrected/<StudyUID>/ folders)")
+    return list_labelled_cases([Path(d) for d in args.data or ()], case_dirs=case_dirs)
+
+
+class _CommandError(Exception):
+    pass
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from modelkit.comparison import compare_bundles
+    from thighnode.models import active_model
+
+    settings = _settings(args)
+    try:
+        deployed = active_model(settings)
+        cases = _cases(args, settings)
+        result = compare_bundles(Path(args.candidate), deployed.path, cases, deployed_source=deployed.source,
+                                 device=args.device)
+    except (NodeError, _CommandError) as exc:
+        return _fail(getattr(exc, "message", str(exc)))
+    if args.json:
+        print(json.dumps(result.to_record(), indent=2))
+    else:
+        print(result.format_table())
+    return 0
+
+
+def add_model_commands(sub: Any) -> None:
+    model = sub.add_parser("model", help="the node's model: compare a candidate, promote, roll back, list",
+                           description="the node's model: compare a candidate, promote, roll back, list")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        p = model_sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--config", type=Path, default=None, help="node configuration file (TOML)")
+        return p
+
+    p = add("promote", "validate a bundle and install it as the node's model (takes effect at the next start)")
+    p.add_argument("bundle", help="bundle folder (configs/metadata.json, configs/inference.json, models/model.pt)")
+    p.set_defaults(func=cmd_promote)
+
+    p = add("rollback", "make the model active before the current promotion active again")
+    p.set_defaults(func=cmd_rollback)
+
+    p = add("list", "the promotion history; the active entry is marked *")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_list)
+
+    p = add("compare", "Dice and volume error of a candidate bundle and the deployed one on the same labelled cases")
+    p.add_argument("candidate", help="the candidate bundle folder")
+    p.add_argument("--data", nargs="+", default=None, metavar="DIR",
+                   help="labelled folders: NIfTI pairs, or DICOM case folders (CT series + one SEG)")
+    p.add_argument("--node-data-dir", default=None, metavar="DIR",
+                   help="also the held-out corrected cases of this node data directory (modelkit.sitecases); "
+                        "the configured data directory's when no --data is given")
+    p.add_argument("--seed", type=int, default=HELD_OUT_SEED, help="held-out split seed (default %(default)s)")
+    p.add_argument("--fraction", type=float, default=HELD_OUT_FRACTION,
+                   help="share of the corrected cases held out (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_compare, log_level="INFO")
