@@ -498,16 +498,15 @@ def build_sr(
     _check_inputs(measurements, seg_dataset, volume, prior, prior_search)
     sources = order_sources(volume, source_datasets)
     model = _model_of(seg_dataset)
-    model_name, model_version = model.name, model.version
     parts = _report_parts(seg_dataset, volume, labels, model)
     groups = _measurement_groups(measurements, parts, prior, prior_search)
-    context = hd.sr.ObservationContext(observer_device_context=_observer(model_name, equipment))
+    context = hd.sr.ObservationContext(observer_device_context=_observer(model.name, equipment))
     report = hd.sr.MeasurementReport(context, codes.CT_OF_THIGH, imaging_measurements=groups)
     try:
         sr = hd.sr.Comprehensive3DSR(
             evidence=[*sources, seg_dataset],
             content=report,
-            series_instance_uid=output_uid(volume.series_instance_uid, model_version, "sr.series"),
+            series_instance_uid=output_uid(volume.series_instance_uid, model.version, "sr.series"),
             series_number=series_number,
             sop_instance_uid=parts.instance_uid,
             instance_number=instance_number,
@@ -519,7 +518,7 @@ def build_sr(
             manufacturer_model_name=DEVICE_OBSERVER_NAME,
             software_versions=equipment.software_version,
             device_serial_number=equipment.device_serial,
-            series_description=SR_SERIES.description(model_name, model_version),
+            series_description=SR_SERIES.description(model.name, model.version),
             coding_schemes=[codes.private_scheme_identification()],
         )
     except (ValueError, TypeError) as exc:

@@ -102,16 +102,22 @@ def _when(ts: float | None) -> str:
 
 
 def status_report(settings: Any) -> dict[str, Any]:
-    """Studies, jobs and outbox with states and reasons (what `thighnode status` prints)."""
+    """The model (active and loaded: thighnode.models.model_status), studies, jobs and outbox with states and
+    reasons (what `thighnode status` prints)."""
+    from thighnode.models import model_status
+
+    stores = _stores_report(settings)
+    return {"data_dir": stores.pop("data_dir"), "model": model_status(settings), **stores}
+
+
+def _stores_report(settings: Any) -> dict[str, Any]:
+    """Studies, jobs and outbox with states and reasons."""
     from dicomout.outbox import Outbox
     from scp.index import InstanceIndex
     from thighnode.jobs import JobStore
-    from thighnode.models import model_status
 
-    model = model_status(settings)
     if not settings.db_path.exists():
-        return {"data_dir": str(settings.node.data_dir), "model": model, "studies": [], "jobs": [], "outbox": [],
-                "outbox_counts": {}}
+        return {"data_dir": str(settings.node.data_dir), "studies": [], "jobs": [], "outbox": [], "outbox_counts": {}}
     from thighnode.priors import PriorRequests
 
     index = InstanceIndex(settings.db_path)
@@ -171,7 +177,6 @@ def status_report(settings: Any) -> dict[str, Any]:
         ]
         return {
             "data_dir": str(settings.node.data_dir),
-            "model": model,
             "studies": studies,
             "prior_requests": prior_rows,
             "jobs": job_rows,

@@ -323,3 +323,20 @@ def test_withheld_groups_say_not_reported_with_the_reason(
     assert "vastus lateralis right cut at the inferior edge of the field of view" in flat
     assert "Sarcopenia screen: not assessed: all muscles not fully in the field of view." in flat
     assert "no threshold is applied to it" in flat and "[sarcopenia.group_thresholds.gluteal]" in flat
+
+
+def test_model_row_names_the_weights_sha256(report_inputs: tuple[Volume, Segmentation, Measurements],
+                                            tmp_path: Path) -> None:
+    """Every page names the model version and the first 12 hex digits of its weights' sha256, from the header
+    or, when the header has none, from the segmentation."""
+    volume, seg, meas = report_inputs
+    sha = "0123456789abcdef" * 4
+    header = dataclasses.replace(_header(False), model_sha256=sha)
+    text = _pdf_text(render_report(volume, seg, meas, PATIENT, study=header), tmp_path)
+    assert text.count("thighnode-unetr 0.1.0-demo sha256 0123456789ab") == text.count("Page ") >= 3
+    assert "thighnode 0.3.0" in text
+    from_seg = dataclasses.replace(seg, model_sha256="fedcba9876543210" * 4)
+    text = _pdf_text(render_report(volume, from_seg, meas, PATIENT, study=_header(False)), tmp_path)
+    assert text.count("sha256 fedcba987654") == text.count("Page ")
+    text = _pdf_text(render_report(volume, seg, meas, PATIENT, study=_header(False)), tmp_path)
+    assert "sha256" not in text

@@ -389,3 +389,46 @@ def test_site_threshold_for_the_measured_group_is_written_with_its_site(built: d
     texts = {i.value for i in totals[0].ContentSequence if i.value_type == hd.sr.ValueTypeValues.TEXT}
     assert "Threshold calibrated for CT (site gluteal cut-off)" in texts
     assert any(t.endswith("screened with the site's threshold for that group") for t in texts)
+
+
+WEIGHTS_SHA256 = "d3b77cb0a4f0b2ba9c2d5d34e3f529ee4011cea347ddac93b7889406548acf3b"
+
+
+def _text_items(ds: pydicom.Dataset, code_value: str) -> list[str]:
+    """TextValue of every TEXT content item named ``code_value`` (DCM), anywhere in the content tree."""
+    found: list[str] = []
+    for item in ds.get("ContentSequence", []):
+        name = item.get("ConceptNameCodeSequence")
+        if name and name[0].CodeValue == code_value and item.ValueType == "TEXT":
+            found.append(str(item.TextValue))
+        found.extend(_text_items(item, code_value))
+    return found
+
+
+def test_seg_and_sr_name_the_model_weights_sha256(built: dict, tmp_path: Path) -> None:
+    """The exact model: the SEG's algorithm carries weights_sha256 in AlgorithmParameters, the SR repeats it
+    as the algorithm's TEXT "Algorithm Parameters" (DCM 111002) in every measurement group; the UIDs stay
+    those of the model version (deterministic, unchanged by the digest)."""
+    seg = dataclasses.replace(built["seg"], model_sha256=WEIGHTS_SHA256)
+    seg_ds = build_seg(built["volume"], seg, built["paths"], **EQUIPMENT)
+    algo = seg_ds.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algo.AlgorithmParameters == f"weights_sha256={WEIGHTS_SHA256}"
+    assert (algo.AlgorithmName, algo.AlgorithmVersion) == (MODEL_NAME, MODEL_VERSION)
+    assert seg_ds.SOPInstanceUID == built["seg_ds"].SOPInstanceUID
+
+    sr = build_sr(built["measurements"], seg_ds, built["paths"], volume=built["volume"], labels=seg.labels,
+                  equipment=Equipment(**EQUIPMENT))
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path)
+    back = pydicom.dcmread(path)
+    parameters = _text_items(back, "111002")
+    groups = read_report(path).get_volumetric_roi_measurement_groups()
+    assert len(parameters) >= len(groups) > 0
+    assert set(parameters) == {f"weights_sha256={WEIGHTS_SHA256}"}
+    report = run_dciodvfy(path)
+    assert report.errors == (), report.output
+    assert back.SOPInstanceUID == pydicom.dcmread(built["sr_path"]).SOPInstanceUID
+    assert back.SeriesInstanceUID == pydicom.dcmread(built["sr_path"]).SeriesInstanceUID
+    # without a digest (a segmentation of unknown weights) nothing is invented
+    assert _text_items(pydicom.dcmread(built["sr_path"]), "111002") == []
+    assert "AlgorithmParameters" not in built["seg_ds"].SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
