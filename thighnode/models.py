@@ -138,11 +138,11 @@ def _user() -> str:
 
 def _safe(text: str) -> str:
     """A bundle name or version as part of a folder name."""
-    return re.sub(r"[^A-Za-z0-9._+]+", "_", text).strip("._") or "model"
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("._-") or "model"
 
 
 def registry_folder_name(name: str, version: str, sha256: str) -> str:
-    """``<name>-<version>-<sha12>`` (characters outside ``A-Za-z0-9._+`` become ``_``)."""
+    """``<name>-<version>-<sha12>`` (characters outside ``A-Za-z0-9._+-`` become ``_``)."""
     return f"{_safe(name)}-{_safe(version)}-{sha256[:12]}"
 
 

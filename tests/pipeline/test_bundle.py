@@ -207,3 +207,31 @@ def test_the_shipped_bundle_is_a_demonstration_model() -> None:
     root = Path(__file__).resolve().parents[2]
     meta = json.loads((root / "bundles" / "thighnode_demo" / METADATA_PATH).read_text())
     assert meta["demonstration"] is True
+
+
+def test_the_weights_sha256_is_that_of_the_file_loaded_and_reaches_the_segmentation(tmp_path: Path) -> None:
+    """Bundle.weights_sha256 names the exact weights: the file's digest; the Segmenter hands it to every
+    Segmentation (the SEG, SR and PDF print it); other weights give another digest."""
+    import hashlib
+
+    import numpy as np
+
+    from pipeline.bundle import weights_sha256
+    from pipeline.inference import Segmenter
+    from pipeline.types import Volume
+
+    labels = load_label_table()
+    path, net = _write(tmp_path, labels)
+    expected = hashlib.sha256((path / MODEL_PATH).read_bytes()).hexdigest()
+    bundle = load_bundle(path, labels, "cpu")
+    assert bundle.weights_sha256 == expected == weights_sha256(path)
+    hu = np.full((8, 12, 12), -1000.0, dtype=np.float32)
+    hu[2:6, 3:9, 3:9] = 50.0
+    volume = Volume(hu=hu, affine_lps=np.diag([4.0, 4.0, 4.0, 1.0]), frame_of_reference_uid="", study_instance_uid="",
+                    series_instance_uid="1.2.3", sop_class_uid="", sop_instance_uids=())
+    assert Segmenter(bundle, device="cpu").segment(volume).model_sha256 == expected
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first] += 1e-3
+    torch.save(state, path / MODEL_PATH)
+    assert load_bundle(path, labels, "cpu").weights_sha256 not in ("", expected)
