@@ -1,0 +1,189 @@
+"""`thighnode model compare`: a candidate bundle and the deployed one on the same labelled cases
+(modelkit.comparison), NIfTI pairs and DICOM case folders (CT + SEG), and the node's corrected cases."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from modelkit.comparison import compare_bundles, expected_calibration_error, uncertainty_calibration
+from modelkit.evaluation import evaluate_bundle, list_labelled_cases
+from pipeline.labels import load_label_table
+from tests.thighnode.test_models import DEMO, make_site_bundle
+from thighnode.cli import main
+
+torch.set_num_threads(1)
+
+
+def _crop_phantom(full: Path, out: Path, slices: slice) -> Path:
+    """The phantom's NIfTI pair cut to a slab of slices (axis 0 is patient z): a tiny case that the demo
+    model segments in seconds."""
+    import nibabel as nib
+
+    out.mkdir(parents=True)
+    for kind in ("ct", "label"):
+        img = nib.load(str(full / "subject_000" / f"subject_000_{kind}.nii.gz"))
+        nib.save(img.slicer[slices], str(out / f"subject_000_{kind}.nii.gz"))
+    shutil.copy(full / "dataset.json", out / "dataset.json")
+    return out
+
+
+def _dicom_case(case_dir: Path, nifti_ct: Path) -> Path:
+    """A corrected-case folder as the node keeps it (case.json, ct/, seg.dcm) whose SEG is the demo model's
+    own segmentation of the CT: on it the deployed (demo) model must score Dice 1."""
+    from dicomout.seg import build_seg
+    from pipeline.bundle import load_bundle
+    from pipeline.inference import Segmenter
+    from pipeline.volume import load_volume
+    from tests.support.niftict import write_nifti_ct_as_dicom
+
+    paths = write_nifti_ct_as_dicom(nifti_ct, case_dir / "ct", study_uid=case_dir.name, patient_id="TN-CMP-1",
+                                    height_m=1.7)
+    volume = load_volume(paths)
+    seg = Segmenter(load_bundle(DEMO, load_label_table(), "cpu"), device="cpu").segment(volume)
+    build_seg(volume, seg, paths, manufacturer="test", software_version="0", device_serial="1").save_as(
+        case_dir / "seg.dcm")
+    (case_dir / "case.json").write_text("{}")
+    return case_dir
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("compare")
+    assert main(["phantom", "--out", str(root / "full"), "--subjects", "1", "--seed", "3", "--spacing", "6"]) == 0
+    nifti = _crop_phantom(root / "full", root / "nifti", slice(36, 60))  # 24 slices of 6 mm: mid-thigh
+    corrected = root / "node" / "corrected"
+    case = _dicom_case(corrected / "1.2.826.0.1.3680043.8.498.77", nifti / "subject_000_ct.nii.gz")
+    return {"nifti": nifti, "corrected": corrected, "case": case, "node": root / "node",
+            "candidate": make_site_bundle(root / "candidate", delta=0.05)}
+
+
+@pytest.fixture(scope="module")
+def comparison(data: dict[str, Path]):
+    cases = list_labelled_cases([data["nifti"], data["corrected"]])
+    return compare_bundles(data["candidate"], DEMO, cases, deployed_source="configured", device="cpu")
+
+
+def test_both_models_are_scored_on_the_same_nifti_and_dicom_cases(comparison, data: dict[str, Path]) -> None:
+    labels = load_label_table()
+    assert comparison.cases == ("nifti/subject_000", "corrected/1.2.826.0.1.3680043.8.498.77")
+    assert comparison.deployed.sha256 != comparison.candidate.sha256
+    assert (comparison.deployed.source, comparison.candidate.version) == ("configured", "0.9.1-site")
+    rows = comparison.rows()
+    assert len(rows) == 2 * len(labels.labels) and {r.side for r in rows} == {"right", "left"}
+    # the DICOM case's SEG is the deployed model's own output: it scores (near) 1 there, by structure
+    own = [s for s in comparison.deployed_report.scores
+           if s.case.startswith("corrected/") and s.side == "both" and not math.isnan(s.dice)]
+    assert len(own) >= 10 and min(s.dice for s in own) > 0.99
+    other = [s for s in comparison.candidate_report.scores
+             if s.case.startswith("corrected/") and s.side == "both" and not math.isnan(s.dice)]
+    assert np.mean([s.dice for s in other]) < np.mean([s.dice for s in own])
+    # the deployed model's scores on the NIfTI case are those `thighnode evaluate` gives (the same machinery)
+    alone = evaluate_bundle(DEMO, data["nifti"], labels=labels, device="cpu")
+    mine = [(s.label_id, s.side, s.dice, s.pred_volume_ml) for s in comparison.deployed_report.scores
+            if s.case == "nifti/subject_000"]
+    assert mine == [(s.label_id, s.side, s.dice, s.pred_volume_ml) for s in alone.scores]
+
+
+def test_table_json_and_summary(comparison) -> None:
+    table = comparison.format_table()
+    assert "candidate: thighnode_demo 0.9.1-site" in table and "deployed:  thighnode_demo 0.9.0" in table
+    assert "gluteus_maximus" in table and "MEAN" in table
+    assert "uncertainty calibration (ECE): deployed -, candidate -  (empty: neither model gives an uncertainty)" in table
+    record = json.loads(json.dumps(comparison.to_record(), allow_nan=False))
+    means = record["means"]
+    assert record["verdict"] == comparison.verdict() != "tie"
+    assert means["candidate"]["calibration_ece"] is None and means["deployed"]["calibration_ece"] is None
+    assert record["calibration_ece"]["deployed"] == {c: None for c in comparison.cases}
+    expected = {"candidate": "candidate is better", "deployed": "deployed model is better",
+                "mixed": "mixed: "}[record["verdict"]]
+    assert record["summary"].startswith(expected) and table.splitlines()[-1] == record["summary"]
+    assert f"mean Dice {means['candidate']['dice']:.3f} vs {means['deployed']['dice']:.3f}" in record["summary"]
+
+
+def test_a_bundle_against_itself_is_a_tie(data: dict[str, Path], tmp_path: Path) -> None:
+    same = shutil.copytree(DEMO, tmp_path / "same")
+    result = compare_bundles(same, DEMO, list_labelled_cases(data["corrected"]), device="cpu")
+    assert result.verdict() == "tie" and result.summary().startswith("no difference")
+    assert all(r.dice_change == 0 or math.isnan(r.dice_change) for r in result.rows())
+
+
+def test_expected_calibration_error() -> None:
+    assert expected_calibration_error(np.array([1.0, 1.0]), np.array([True, True])) == 0.0
+    assert expected_calibration_error(np.array([0.9] * 10), np.array([True] * 9 + [False])) == pytest.approx(0.0)
+    assert expected_calibration_error(np.array([0.95, 0.95]), np.array([False, False])) == pytest.approx(0.95)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        expected_calibration_error(np.array([1.5]), np.array([True]))
+
+
+@dataclass
+class _Seg:
+    label_map: np.ndarray
+    uncertainty: np.ndarray | None = None
+
+
+def test_the_uncertainty_hook_is_empty_without_uncertainty_and_scores_one_with_it() -> None:
+    truth = np.array([[0, 1, 1, 2]])
+    pred = np.array([[0, 1, 2, 2]])
+    assert uncertainty_calibration(_Seg(pred), truth) is None
+    # voxels 1..3 count; confidences 1, 0.5 (wrong), 1 -> bins: {1.0: 2 right}, {0.5: 1 wrong}
+    ece = uncertainty_calibration(_Seg(pred, np.array([[0.0, 0.0, 0.5, 0.0]])), truth)
+    assert ece == pytest.approx(0.5 / 3)
+
+
+def _config(tmp_path: Path, node_dir: Path) -> str:
+    path = tmp_path / "node.toml"
+    path.write_text(f'[node]\ndata_dir = "{node_dir}"\n[model]\nbundle = "{DEMO}"\ndevice = "cpu"\n')
+    return str(path)
+
+
+def test_cli_compare_on_folders_and_on_the_node_s_corrected_cases(
+    data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("THIGHNODE_NODE__DATA_DIR", raising=False)
+    cfg = _config(tmp_path, data["node"])
+    calls = []
+
+    def held_out_cases(node_data_dir: Path, seed: int, fraction: float) -> list[Path]:
+        calls.append((node_data_dir, seed, fraction))
+        return sorted((Path(node_data_dir) / "corrected").iterdir())
+
+    monkeypatch.setitem(sys.modules, "modelkit.sitecases", types.SimpleNamespace(held_out_cases=held_out_cases))
+    assert main(["model", "compare", "--config", cfg, str(data["candidate"]), "--node-data-dir", str(data["node"]),
+                 "--seed", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert calls == [(data["node"], 5, 0.2)]
+    assert out["cases"] == ["1.2.826.0.1.3680043.8.498.77"]
+    assert out["deployed"]["source"] == "configured" and out["candidate"]["version"] == "0.9.1-site"
+    assert len(out["rows"]) == 58 and out["verdict"] in ("candidate", "deployed", "mixed")
+
+    # without --data or --node-data-dir: the configured data directory's corrected cases
+    assert main(["model", "compare", "--config", cfg, str(data["candidate"])]) == 0
+    assert calls[-1] == (data["node"], 0, 0.2)
+    assert "candidate: thighnode_demo 0.9.1-site" in capsys.readouterr().out
+
+
+def test_cli_compare_without_sitecases_or_with_a_broken_candidate_says_so_in_one_line(
+    data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("THIGHNODE_NODE__DATA_DIR", raising=False)
+    cfg = _config(tmp_path, tmp_path / "var")
+    monkeypatch.setitem(sys.modules, "modelkit.sitecases", None)  # import fails as if the module were absent
+    assert main(["model", "compare", "--config", cfg, str(data["candidate"]), "--node-data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --node-data-dir needs modelkit.sitecases") and err.count("\n") == 1
+    assert main(["model", "compare", "--config", cfg, str(tmp_path / "nothing"), "--data", str(data["corrected"])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: bundle ") and "required file" in err and err.count("\n") == 1
+    assert main(["model", "compare", "--config", cfg, str(data["candidate"]), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "holds no NIfTI pairs and no DICOM case folder" in err and err.count("\n") == 1
