@@ -87,8 +87,9 @@ def uncertainty_calibration(segmentation: Any, truth: np.ndarray) -> float | Non
 
 @dataclass(frozen=True)
 class ComparisonRow:
-    """One structure and side: mean Dice and mean volume error (|V_pred - V_true| / V_true, %) over the cases
-    of each model (NaN where the structure is in no case)."""
+    """One structure and side: mean Dice and mean volume error (|V_pred - V_true| / V_true, %) of each model
+    over the same cases, those whose ground truth has the structure on that side (``cases``; NaN when none).
+    A structure a model labels where the truth has none is counted apart (``*_false_positives``)."""
 
     key: str
     side: str
@@ -96,6 +97,9 @@ class ComparisonRow:
     candidate_dice: float
     deployed_volume_error_pct: float
     candidate_volume_error_pct: float
+    cases: int = 0
+    deployed_false_positives: int = 0
+    candidate_false_positives: int = 0
 
     @property
     def dice_change(self) -> float:
@@ -115,13 +119,20 @@ class ModelComparison:
     calibration_ece: dict[str, dict[str, float | None]]
 
     def rows(self) -> list[ComparisonRow]:
+        """Per structure (label table order) and side (right, then left)."""
+        by_role = {role: _by_structure_side(report.scores)
+                   for role, report in (("deployed", self.deployed_report), ("candidate", self.candidate_report))}
+        keys = list(dict.fromkeys(s.key for s in self.deployed_report.scores))
         out = []
         for side in SIDES:
-            cand = self.candidate_report.per_structure(side)
-            dep = self.deployed_report.per_structure(side)
-            for key in dep:
-                d, c = dep[key], cand.get(key, (math.nan, math.nan, math.nan))
-                out.append(ComparisonRow(key, side, d[0], c[0], 100 * d[1], 100 * c[1]))
+            for key in keys:
+                dep, cand = by_role["deployed"].get((key, side), []), by_role["candidate"].get((key, side), [])
+                out.append(ComparisonRow(
+                    key, side, _present_mean(dep, "dice"), _present_mean(cand, "dice"),
+                    100 * _present_mean(dep, "ravd"), 100 * _present_mean(cand, "ravd"),
+                    cases=sum(1 for s in dep if s.true_volume_ml > 0),
+                    deployed_false_positives=_false_positives(dep), candidate_false_positives=_false_positives(cand),
+                ))
         return out
 
     def means(self) -> dict[str, dict[str, float | None]]:
@@ -136,6 +147,7 @@ class ModelComparison:
             out[role] = {
                 "dice": _nanmean(dice),
                 "volume_error_pct": _nanmean(vol),
+                "false_positives": float(sum(getattr(r, f"{role}_false_positives") for r in rows)),
                 "calibration_ece": float(np.mean(eces)) if eces else None,
             }
         return out
@@ -162,7 +174,9 @@ class ModelComparison:
         figures = (f"mean Dice {c['dice']:.3f} vs {d['dice']:.3f} ({c['dice'] - d['dice']:+.3f}), "  # type: ignore[operator]
                    f"mean volume error {c['volume_error_pct']:.2f} % vs {d['volume_error_pct']:.2f} % "
                    f"({c['volume_error_pct'] - d['volume_error_pct']:+.2f} pp); Dice better in {dice_better}, worse in "  # type: ignore[operator]
-                   f"{dice_worse} of {len(rows)} structure-sides, over {len(self.cases)} case(s)")
+                   f"{dice_worse} of {sum(1 for r in rows if r.cases)} structure-sides, over {len(self.cases)} case(s); "
+                   f"structures labelled where the truth has none: {c['false_positives']:.0f} vs "
+                   f"{d['false_positives']:.0f}")
         head = {
             "candidate": "candidate is better",
             "deployed": "deployed model is better",
@@ -179,13 +193,14 @@ class ModelComparison:
             f"cases ({len(self.cases)}): {', '.join(self.cases)}",
             "",
             f"{'structure':<24}{'side':<7}{'Dice dep':>9}{'Dice cand':>10}{'change':>8}"
-            f"{'vol err % dep':>15}{'vol err % cand':>16}",
+            f"{'vol err % dep':>15}{'vol err % cand':>16}{'cases':>7}{'FP dep/cand':>13}",
         ]
         for r in self.rows():
             lines.append(
                 f"{r.key:<24}{r.side:<7}{_f(r.deployed_dice, 3):>9}{_f(r.candidate_dice, 3):>10}"
                 f"{_f(r.dice_change, 3, sign=True):>8}{_f(r.deployed_volume_error_pct, 2):>15}"
-                f"{_f(r.candidate_volume_error_pct, 2):>16}"
+                f"{_f(r.candidate_volume_error_pct, 2):>16}{r.cases:>7}"
+                f"{f'{r.deployed_false_positives}/{r.candidate_false_positives}':>13}"
             )
         m = self.means()
         lines.append(
@@ -212,7 +227,9 @@ class ModelComparison:
                 {"key": r.key, "side": r.side, "deployed_dice": _j(r.deployed_dice),
                  "candidate_dice": _j(r.candidate_dice), "dice_change": _j(r.dice_change),
                  "deployed_volume_error_pct": _j(r.deployed_volume_error_pct),
-                 "candidate_volume_error_pct": _j(r.candidate_volume_error_pct)}
+                 "candidate_volume_error_pct": _j(r.candidate_volume_error_pct), "cases": r.cases,
+                 "deployed_false_positives": r.deployed_false_positives,
+                 "candidate_false_positives": r.candidate_false_positives}
                 for r in self.rows()
             ],
             "means": {role: {k: _j(v) for k, v in values.items()} for role, values in m.items()},
@@ -220,6 +237,23 @@ class ModelComparison:
             "verdict": self.verdict(),
             "summary": self.summary(),
         }
+
+
+def _by_structure_side(scores: Sequence[StructureScore]) -> dict[tuple[str, str], list[StructureScore]]:
+    out: dict[tuple[str, str], list[StructureScore]] = {}
+    for s in scores:
+        out.setdefault((s.key, s.side), []).append(s)
+    return out
+
+
+def _present_mean(scores: Sequence[StructureScore], field: str) -> float:
+    """Mean of ``field`` over the cases whose truth has the structure (NaN when none has)."""
+    return _nanmean([getattr(s, field) for s in scores if s.true_volume_ml > 0])
+
+
+def _false_positives(scores: Sequence[StructureScore]) -> int:
+    """Cases where the model labels the structure and the truth has none."""
+    return sum(1 for s in scores if s.true_volume_ml == 0 and s.pred_volume_ml > 0)
 
 
 def _nanmean(values: Sequence[float]) -> float:

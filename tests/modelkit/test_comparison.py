@@ -108,6 +108,17 @@ def test_table_json_and_summary(comparison) -> None:
                 "mixed": "mixed: "}[record["verdict"]]
     assert record["summary"].startswith(expected) and table.splitlines()[-1] == record["summary"]
     assert f"mean Dice {means['candidate']['dice']:.3f} vs {means['deployed']['dice']:.3f}" in record["summary"]
+    # both models are averaged over the same case set: where the truth has the structure; a structure labelled
+    # where the truth has none is counted apart, not averaged in as Dice 0
+    for row in record["rows"]:
+        if row["cases"] == 0:
+            assert row["deployed_dice"] is None and row["candidate_dice"] is None
+        else:
+            assert row["deployed_dice"] is not None and row["candidate_dice"] is not None
+    spurious = sum(1 for s in comparison.candidate_report.scores
+                   if s.side in ("right", "left") and s.true_volume_ml == 0 and s.pred_volume_ml > 0)
+    assert means["candidate"]["false_positives"] == spurious
+    assert f"structures labelled where the truth has none: {spurious} vs" in record["summary"]
 
 
 def test_a_bundle_against_itself_is_a_tie(data: dict[str, Path], tmp_path: Path) -> None:
