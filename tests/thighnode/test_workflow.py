@@ -281,3 +281,30 @@ def test_a_study_whose_field_of_view_cuts_the_thigh_muscles_withholds_those_grou
     for key in ("above_knee/both", "all/both"):
         assert groups[key]["volume_ml"] is None and groups[key]["smi_kg_m2"] is None
         assert "cut at the inferior edge" in groups[key]["withheld"]
+
+
+def test_every_output_and_the_job_record_name_the_model_weights_sha256(tmp_path: Path, phantom_study) -> None:  # noqa: ANN001
+    """The exact model that produced a study: the SEG's AlgorithmParameters, the SR's algorithm parameters, the
+    PDF's Model row and the job's result carry the sha256 the segmenter's Segmentation gives (from the bundle)."""
+    import dataclasses
+
+    from tests.dicomout.test_report import _pdf_text
+    from tests.dicomout.test_sr import _text_items
+
+    phantom, labels, _ = phantom_study
+    sha = "5fd24b9656d4" + "0" * 52
+
+    class Hashed:
+        def segment(self, volume: Volume) -> Segmentation:
+            return dataclasses.replace(TruthSegmenter({STUDY: phantom}, labels).segment(volume), model_sha256=sha)
+
+    _, outcome, _, _ = _run(tmp_path, phantom_study, segmenter=Hashed())
+    assert outcome.state == DONE, outcome.reason
+    assert outcome.result["model"] == {"name": "truth", "version": "0.0.1", "sha256": sha}
+    paths = {o["kind"]: o["path"] for o in outcome.result["outputs"]}
+    seg = pydicom.dcmread(paths["seg"], stop_before_pixels=True)
+    assert seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters == (
+        f"weights_sha256={sha}")
+    assert set(_text_items(pydicom.dcmread(paths["sr"]), "111002")) == {f"weights_sha256={sha}"}
+    text = _pdf_text(pydicom.dcmread(paths["pdf"]).EncapsulatedDocument.rstrip(b"\0"), tmp_path)
+    assert text.count("truth 0.0.1 sha256 5fd24b9656d4") == text.count("Page ") >= 3
