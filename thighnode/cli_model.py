@@ -124,8 +124,8 @@ def _cases(args: argparse.Namespace, settings: Any) -> list:
             from modelkit import sitecases  # lazily: written alongside; absent in older installs
         except ImportError:
             raise _CommandError(
-                "--node-data-dir needs modelkit.sitecases (the node's corrected cases), which this installation "
-                "lacks; give labelled folders with --data instead"
+                "the node's corrected cases (--node-data-dir, or the configured data directory when no --data is "
+                "given) need modelkit.sitecases, which this installation lacks; give labelled folders with --data"
             ) from None
         case_dirs = list(sitecases.held_out_cases(Path(node_data_dir), args.seed, args.fraction))
         if not case_dirs:

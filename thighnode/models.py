@@ -370,12 +370,6 @@ def history_rows(data_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def describe(ref: ModelRef | None, configured: str = "") -> str:
-    """One phrase for a model or, for None, the configured bundle."""
-    if ref is not None:
-        return ref.label
-    return f"the configured bundle{f' {configured}' if configured else ''}"
-
 
 def model_status(settings: Any) -> dict[str, Any]:
     """What `thighnode status` says about the model: ``active`` (what the node loads at its next start, with

@@ -191,7 +191,8 @@ def test_cli_compare_without_sitecases_or_with_a_broken_candidate_says_so_in_one
     monkeypatch.setitem(sys.modules, "modelkit.sitecases", None)  # import fails as if the module were absent
     assert main(["model", "compare", "--config", cfg, str(data["candidate"]), "--node-data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --node-data-dir needs modelkit.sitecases") and err.count("\n") == 1
+    assert err.startswith("error: the node's corrected cases (--node-data-dir") and err.count("\n") == 1
+    assert "need modelkit.sitecases, which this installation lacks" in err
     assert main(["model", "compare", "--config", cfg, str(tmp_path / "nothing"), "--data", str(data["corrected"])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: bundle ") and "required file" in err and err.count("\n") == 1

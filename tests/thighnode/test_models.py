@@ -201,3 +201,19 @@ def test_a_changed_registry_copy_stops_the_node_at_start(
     shutil.copy(bundles["configured"] / "models" / "model.pt", installed / "models" / "model.pt")
     with pytest.raises(NodeStartError, match="the copy was changed"):
         Node(settings)._build_segmenter()
+
+
+def test_promoting_an_earlier_model_again_reuses_its_copy(
+    config: Path, bundles: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = str(config)
+    for name in ("site", "configured", "site"):
+        code, _, err = _run(capsys, "model", "promote", "--config", cfg, str(bundles[name]))
+        assert code == 0, err
+    data_dir = load_settings(config, environ={}).node.data_dir
+    copies = sorted(p.name for p in models_dir(data_dir).iterdir() if p.is_dir())
+    assert copies == [f"thighnode_demo-0.9.0-{_sha(bundles['configured'])[:12]}",
+                      f"thighnode_demo-0.9.1-site-{_sha(bundles['site'])[:12]}"]
+    assert _active(config)["sha256"] == _sha(bundles["site"])
+    assert _run(capsys, "model", "rollback", "--config", cfg)[0] == 0
+    assert _active(config)["sha256"] == _sha(bundles["configured"])
