@@ -271,7 +271,7 @@ def calibrate_bundle(
     prepared = []
     finish = []
     names = []
-    for case in list_folders(data_folders(data_dir), "calibration data"):
+    for case in list_folders(data_folders(data_dir)):
         volume, truth = load_case_volume(case, labels)
         probs, plan = segmenter.predict(volume)
         ml = volume.voxel_volume_ml

@@ -44,21 +44,22 @@ def _has_nifti(folder: Path) -> bool:
     return any(folder.glob(f"*{CT_SUFFIX}")) or any(folder.glob(f"*/*{CT_SUFFIX}"))
 
 
-def folder_kind(folder: Path, key: str = "data folder") -> str:
-    """NIFTI or DICOM: what ``folder`` holds; DataFolderError naming ``key`` when it is missing or holds
-    neither NIfTI pairs nor DICOM case folders."""
+def folder_kind(folder: Path, key: str | None = None) -> str:
+    """NIFTI or DICOM: what ``folder`` holds; DataFolderError naming ``key`` (the settings key, when the
+    folder comes from one) when it is missing or holds neither NIfTI pairs nor DICOM case folders."""
     from modelkit.segimport import SegImportError, list_dicom_cases
 
     folder = Path(folder)
+    prefix = f"{key}: " if key else ""
     if not folder.is_dir():
-        raise DataFolderError(f"{key}: folder {folder} does not exist")
+        raise DataFolderError(f"{key}: folder {folder} does not exist" if key else f"data folder {folder} does not exist")
     if _has_nifti(folder):
         return NIFTI
     try:
         list_dicom_cases(folder)
     except SegImportError:
         raise DataFolderError(
-            f"{key}: {folder} holds neither NIfTI pairs (*{CT_SUFFIX} + *_label.nii.gz, or imagesTr/ + labelsTr/) "
+            f"{prefix}{folder} holds neither NIfTI pairs (*{CT_SUFFIX} + *_label.nii.gz, or imagesTr/ + labelsTr/) "
             "nor DICOM case folders (a CT series and one DICOM-SEG in each)"
         ) from None
     return DICOM
@@ -71,21 +72,22 @@ def dicom_case(folder: Path, name: str | None = None) -> LabelledCase:
     return LabelledCase(name or folder.name, DICOM, files, folder=folder)
 
 
-def list_labelled_cases(folder: Path, key: str = "data folder") -> list[LabelledCase]:
+def list_labelled_cases(folder: Path, key: str | None = None) -> list[LabelledCase]:
     """The labelled cases of one folder, NIfTI pairs or DICOM case folders (see :func:`folder_kind`)."""
     from modelkit.segimport import list_dicom_cases
 
     folder = Path(folder)
+    prefix = f"{key}: " if key else ""
     if folder_kind(folder, key) == NIFTI:
         try:
             cases = list_nifti_cases(folder)
         except NiftiError as exc:
-            raise DataFolderError(f"{key}: {exc}") from None
+            raise DataFolderError(f"{prefix}{exc}") from None
         return [LabelledCase(c.name, NIFTI, tuple(c.files), nifti=c) for c in cases]
     return [dicom_case(d) for d in list_dicom_cases(folder)]
 
 
-def list_folders(folders: Sequence[Path], key: str) -> list[LabelledCase]:
+def list_folders(folders: Sequence[Path], key: str | None = None) -> list[LabelledCase]:
     """:func:`list_labelled_cases` of every folder, in order, each folder once."""
     return [c for d in dict.fromkeys(Path(f) for f in folders) for c in list_labelled_cases(d, key)]
 

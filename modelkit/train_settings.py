@@ -230,10 +230,11 @@ class TrainSettings:
         phantoms = data.pop("phantoms", [])
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
-            hints = [f"{k} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
-                k, list(cls.__dataclass_fields__), n=1)) else k for k in unknown]
-            raise ValueError(f"{source}: unknown training setting(s) {', '.join(hints)}; "
-                             "`thighnode train --init FILE` writes a file with the usual keys")
+            hints = [f"{k} -> {close[0]}" for k in unknown
+                     if (close := difflib.get_close_matches(k, list(cls.__dataclass_fields__), n=1))]
+            raise ValueError(f"{source}: unknown training settings {unknown}"
+                             + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+                             + "; `thighnode train --init FILE` writes a file with the usual keys")
         if "dicom_dirs" in data:
             logger.warning("%s: dicom_dirs is deprecated: put DICOM case folders in data_dirs (read as such)", source)
         for key, value in data.items():

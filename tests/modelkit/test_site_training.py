@@ -145,6 +145,7 @@ def test_a_fine_tune_from_the_demo_bundle_on_the_nodes_corrected_cases(tmp_path:
         "output_bundle": str(tmp_path / "bundle"), "checkpoint_dir": str(tmp_path / "ckpt"),
         "iterations": 2, "val_every": 2, "warmup_iterations": 1, "samples_per_volume": 1, "num_threads": 1,
         "lr": 1e-4, "seed": 3, "held_out_fraction": 0.5, "bundle_name": "site_test", "bundle_version": "0.0.1",
+        "calibrate_volumes": True,  # on the DICOM validation folder
     })
     out = train(settings)
     meta = json.loads((out / METADATA_PATH).read_text())
@@ -159,8 +160,15 @@ def test_a_fine_tune_from_the_demo_bundle_on_the_nodes_corrected_cases(tmp_path:
     assert meta["network_settings"] == _demo_meta()["network_settings"]
     assert meta["training"]["init_weights_sha256"] == hashlib.sha256((DEMO / "models" / "model.pt").read_bytes()).hexdigest()
     assert meta["name"] == "site_test" and meta["training"]["iterations"] == 2
+    assert meta["class_weights_calibration"]["cases"] == ["v1"]  # fitted on the DICOM validation case
     import torch
 
     start = torch.load(DEMO / "models" / "model.pt", weights_only=True)
     tuned = torch.load(out / "models" / "model.pt", weights_only=True)
     assert start.keys() == tuned.keys() and not all(torch.equal(start[k], tuned[k]) for k in start)
+    # what `thighnode model compare` will do: evaluate the bundle on the held-out case folders
+    from modelkit.evaluation import evaluate_bundle
+
+    report = evaluate_bundle(out, held_dirs, device="cpu")
+    assert len(report.cases) == len(held_dirs) and all(d.name in name for d, name in zip(held_dirs, report.cases))
+    assert {s.key for s in report.scores} >= {"sartorius", "femur"}

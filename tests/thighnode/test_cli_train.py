@@ -50,8 +50,8 @@ def test_a_folder_with_neither_nifti_pairs_nor_dicom_cases(tmp_path: Path, capsy
 
 def test_an_unknown_key_is_named_with_the_likely_one(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     line = _one_line_error(capsys, ["train", str(_settings(tmp_path, 'data_dirs = ["d"]\nval_dir = ["v"]\n'))])
-    assert line.startswith(f"thighnode train: {tmp_path / 'site.toml'}: unknown training setting(s) val_dir "
-                           "(did you mean val_dirs?)")
+    assert line.startswith(f"thighnode train: {tmp_path / 'site.toml'}: unknown training settings ['val_dir'] "
+                           "(did you mean val_dir -> val_dirs?)")
 
 
 def test_bad_toml_names_the_file_and_the_line(tmp_path: Path, capsys) -> None:  # noqa: ANN001
