@@ -52,7 +52,8 @@ def folder_kind(folder: Path, key: str | None = None) -> str:
     folder = Path(folder)
     prefix = f"{key}: " if key else ""
     if not folder.is_dir():
-        raise DataFolderError(f"{key}: folder {folder} does not exist" if key else f"data folder {folder} does not exist")
+        raise DataFolderError(f"{prefix}folder {folder} does not exist" if key else
+                              f"data folder {folder} does not exist")
     if _has_nifti(folder):
         return NIFTI
     try:

@@ -505,7 +505,8 @@ def _site_split(settings: TrainSettings):  # -> modelkit.sitecases.SiteSplit | N
     return split
 
 
-def _load_training_cases(settings: TrainSettings, labels: LabelTable, site=None) -> tuple[list[PreparedCase], list[PreparedCase]]:
+def _load_training_cases(settings: TrainSettings, labels: LabelTable,
+                         site=None) -> tuple[list[PreparedCase], list[PreparedCase]]:
     """The training and validation cases (validation folders, or a seeded split of the training data);
     ``site``: the node's corrected cases (:func:`_site_split`), whose training side joins the data folders'."""
     cache = CaseCache(settings.case_cache_dir or Path(settings.checkpoint_dir) / "case_cache") \

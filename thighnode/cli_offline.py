@@ -209,7 +209,8 @@ def cmd_evaluate_implants(args: argparse.Namespace) -> int:
 def add_evaluation_commands(add: AddCommand) -> None:
     p = add("calibrate", "fit a bundle's per-class volume calibration on labelled cases (a validation set)")
     p.add_argument("--bundle", required=True)
-    p.add_argument("--data", required=True, nargs="+", help="folder(s) of NIfTI pairs; never the test set")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="folder(s) of NIfTI pairs or of DICOM case folders; never the test set")
     p.add_argument("--iterations", type=int, default=None,
                    help="at most this many rounds (default modelkit.calibration.MAX_ITERATIONS); the fit stops "
                         "when every class is within modelkit.calibration.TOLERANCE or after PATIENCE rounds "
@@ -224,7 +225,8 @@ def add_evaluation_commands(add: AddCommand) -> None:
     p = add("evaluate", "per-structure Dice and volume difference of a bundle on a labelled set")
     p.add_argument("--bundle", required=True)
     p.add_argument("--data", default=None, nargs="+",
-                   help="labelled folders (NIfTI pairs), pooled in one table; default: fresh phantoms")
+                   help="labelled folders (NIfTI pairs, DICOM case folders, or one DICOM case), pooled in one table; "
+                        "default: fresh phantoms")
     p.add_argument("--phantoms", type=int, default=4, help="number of held-out phantoms when --data is not given")
     p.add_argument("--seed", type=int, default=9000, help="seed of the held-out phantoms")
     p.add_argument("--generate-from", default=None, metavar="TRAIN_CONFIG",
