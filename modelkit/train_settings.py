@@ -218,7 +218,11 @@ class TrainSettings:
         ``base = "other.toml"`` (relative to this file's folder) reads that file first; this
         file then overrides it: top-level keys replace the base's, ``[network]`` and
         ``[preprocess]`` merge key by key, ``[[phantoms]]`` merge by ``dir`` (a folder named
-        again replaces the base's entry, new folders are added). Bases may chain."""
+        again replaces the base's entry, new folders are added). Bases may chain.
+
+        With ``init_weights`` a bundle folder, ``[network]`` and ``[preprocess]`` default to the bundle's;
+        a key given with another value is a ValueError naming it and both values (the preprocessing may
+        differ with ``allow_preprocess_change = true``)."""
         return cls.from_dict(read_train_toml(Path(path)), source=str(path), **overrides)
 
     @classmethod

@@ -2,8 +2,11 @@
 
 ``thighnode train config/train_demo.toml`` (:func:`train` with :class:`TrainSettings`).
 
-Data: NIfTI pairs (:mod:`modelkit.nifti`) or DICOM cases (one folder per case holding a
-CT series and a DICOM-SEG ground truth, :mod:`modelkit.segimport`). Every case goes
+Data: every folder of ``data_dirs`` / ``val_dirs`` holds NIfTI pairs (:mod:`modelkit.nifti`) or DICOM
+cases (one folder per case holding a CT series and a DICOM-SEG ground truth, :mod:`modelkit.segimport`),
+told apart by :mod:`modelkit.casefolders`; ``node_data_dir`` adds the node's corrected cases, split by
+patient into training and held-out cases (:mod:`modelkit.sitecases`; the held-out StudyInstanceUIDs go
+into the bundle's metadata, ``training.held_out``). Every case goes
 through the same :func:`pipeline.preprocess.prepare` as inference (canonical
 orientation, foreground crop, resampling to the model spacing, window + gamma) once, and
 is kept in the case cache (:mod:`modelkit.casecache`: on disk, memory-mapped, reused by the
