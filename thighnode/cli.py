@@ -108,9 +108,11 @@ def status_report(settings: Any) -> dict[str, Any]:
 
     if not settings.db_path.exists():
         return {"data_dir": str(settings.node.data_dir), "studies": [], "jobs": [], "outbox": [], "outbox_counts": {}}
+    from thighnode.corrections import CorrectionStore
     from thighnode.priors import PriorRequests
 
     index = InstanceIndex(settings.db_path)
+    corrections = CorrectionStore(settings.db_path)
     jobs = JobStore(settings.db_path)
     outbox = Outbox(settings.db_path)
     priors = PriorRequests(settings.db_path)
@@ -136,6 +138,7 @@ def status_report(settings: Any) -> dict[str, Any]:
                 "updated": _when(j.updated_at),
                 "timings_s": j.timings_s,
                 "coverage": j.result.get("coverage", {}),
+                **({"kind": j.result["kind"]} if "kind" in j.result else {}),
             }
             for j in jobs.jobs()
         ]
@@ -173,9 +176,13 @@ def status_report(settings: Any) -> dict[str, Any]:
             "job_counts": jobs.counts(),
             "outbox": items,
             "outbox_counts": outbox.counts(),
+            "corrections": [
+                {"job": c.job_id, "study_uid": c.study_uid, "handled": _when(c.handled_at), **c.to_summary()}
+                for c in corrections.records()
+            ],
         }
     finally:
-        for store in (index, jobs, outbox, priors):
+        for store in (index, jobs, outbox, priors, corrections):
             close = getattr(store, "close", None)
             if close is not None:
                 close()
@@ -224,6 +231,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  prior {r['prior_study_uid']} for {r['for_study_uid']}: {r['state']} (attempts {r['attempts']})")
             if r["last_error"]:
                 print(f"             error: {r['last_error']}")
+    if report.get("corrections"):
+        print(f"\nSEGs received from readers ({len(report['corrections'])}):")
+        for c in report["corrections"]:
+            print(f"  SEG {c['seg_sop_instance_uid']}  {c['state']:<8} study {c['study_uid']}  job {c['job']}")
+            print(f"             reason: {c['reason']}")
     print(f"\noutbox ({len(report['outbox'])}): {report['outbox_counts']}")
     for i in report["outbox"]:
         print(
