@@ -392,15 +392,16 @@ def _structure_group(
     return group
 
 
-def _model_value_texts(verification: Verification, key: str, side: str) -> list[str]:
+def _model_value_texts(verification: Verification, key: str, side: str) -> list[tuple[Code, str]]:
     """The model's volume beside the corrected one (a verified report keeps the model's values)."""
     d = verification.difference(key, side)
     if d is None:
         return []
-    return [
+    return [(
+        codes.COMMENT,
         f"Corrected by the reader: model volume {d.model_volume_ml:.1f} cm3, corrected volume "
-        f"{d.corrected_volume_ml:.1f} cm3, corrected - model {d.difference_ml:+.1f} cm3"
-    ]
+        f"{d.corrected_volume_ml:.1f} cm3, corrected - model {d.difference_ml:+.1f} cm3",
+    )]
 
 
 def _observation_context(model_name: str, equipment: Equipment, verification: Verification | None) -> hd.sr.ObservationContext:
