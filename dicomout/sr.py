@@ -417,9 +417,23 @@ def _observation_context(model_name: str, equipment: Equipment, verification: Ve
     return hd.sr.ObservationContext(observer_person_context=person, observer_device_context=_observer(model_name, equipment))
 
 
-def _verify(sr: hd.sr.Comprehensive3DSR, verification: Verification) -> None:
+def _set_verification_time(sr: hd.sr.Comprehensive3DSR, verification: Verification | None) -> None:
     """VerificationDateTime from the correction (deterministic), not highdicom's "now"."""
-    sr.VerifyingObserverSequence[0].VerificationDateTime = verification.verified_at.strftime("%Y%m%d%H%M%S")
+    if verification is not None:
+        sr.VerifyingObserverSequence[0].VerificationDateTime = verification.verified_at.strftime("%Y%m%d%H%M%S")
+
+
+def _verification_flags(verification: Verification | None, is_final: bool) -> dict[str, object]:
+    """SR Document General Module (PS3.3 C.17.2): a reader's correction makes the report VERIFIED and
+    FINAL, with VerifyingObserverSequence naming the correction SEG's ContentCreatorName; the reader
+    is also the person observer (TID 1003) and each structure group carries the model's volume and
+    the difference (:func:`_model_value_texts`)."""
+    if verification is None:
+        return {"is_final": is_final, "is_verified": False}
+    return {
+        "is_final": True, "is_verified": True, "verifying_observer_name": verification.observer_name or "UNKNOWN",
+        "verifying_organization": verification.organization or "UNKNOWN",
+    }
 
 
 def _measurement_groups(
@@ -475,9 +489,7 @@ def build_sr(
     series_number: int = SR_SERIES.number,
     instance_number: int = 1,
     is_final: bool = False,
-    series_uid: str | None = None,
-    instance_uid: str | None = None,
-    verification: Verification | None = None,
+    series_uid: str | None = None, instance_uid: str | None = None, verification: Verification | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 Measurement Report (Comprehensive 3D SR) of one segmented study.
 
@@ -501,13 +513,8 @@ def build_sr(
             ``prior`` it must say found.
         series_number, instance_number: SeriesNumber / InstanceNumber.
         is_final: PreliminaryFlag FINAL instead of PRELIMINARY.
-        series_uid, instance_uid: SeriesInstanceUID / SOPInstanceUID instead of the ones
-            derived from the source series and the model version.
-        verification: a reader's correction: the report is VERIFIED and FINAL (PS3.3
-            C.17.2, SR Document General Module: VerifyingObserverSequence with the SEG's
-            ContentCreatorName), the reader is the person observer (TID 1003), and each
-            structure group carries the model's volume and the difference. Without it the
-            report is never VERIFIED: no person has signed it.
+        series_uid, instance_uid, verification: UIDs instead of those derived from the source series and
+            model; a reader's correction (:func:`_verification_flags`), else never VERIFIED: no person signed.
 
     Raises:
         BuildError: the SEG does not belong to the volume's study or frame of reference, a
@@ -530,26 +537,19 @@ def build_sr(
             content=report,
             series_instance_uid=series_uid or output_uid(volume.series_instance_uid, model_version, "sr.series"),
             series_number=series_number,
-            sop_instance_uid=parts.instance_uid,
-            instance_number=instance_number,
+            sop_instance_uid=parts.instance_uid, instance_number=instance_number,
             manufacturer=equipment.manufacturer,
             is_complete=True,
-            is_final=is_final or verification is not None,
-            is_verified=verification is not None,
-            verifying_observer_name=(verification.observer_name or "UNKNOWN") if verification else None,
-            verifying_organization=(verification.organization or "UNKNOWN") if verification else None,
+            **_verification_flags(verification, is_final),
             institution_name=equipment.institution_name or None,
-            manufacturer_model_name=DEVICE_OBSERVER_NAME,
-            software_versions=equipment.software_version,
+            manufacturer_model_name=DEVICE_OBSERVER_NAME, software_versions=equipment.software_version,
             device_serial_number=equipment.device_serial,
-            series_description=(SR_SERIES if verification is None else SR_VERIFIED_SERIES).description(
-                model_name, model_version),
+            series_description=(SR_VERIFIED_SERIES if verification else SR_SERIES).description(model_name, model_version),
             coding_schemes=[codes.private_scheme_identification()],
         )
     except (ValueError, TypeError) as exc:
         raise BuildError(f"highdicom refused the Comprehensive 3D SR: {exc}") from exc
-    if verification is not None:
-        _verify(sr, verification)
+    _set_verification_time(sr, verification)
     logger.info(
         "build_sr end: series %s, %d measurement groups, prior study %s in %.2f s",
         volume.series_instance_uid, len(groups), prior.prior_study_uid if prior is not None else "none",

@@ -108,11 +108,9 @@ def status_report(settings: Any) -> dict[str, Any]:
 
     if not settings.db_path.exists():
         return {"data_dir": str(settings.node.data_dir), "studies": [], "jobs": [], "outbox": [], "outbox_counts": {}}
-    from thighnode.corrections import CorrectionStore
     from thighnode.priors import PriorRequests
 
     index = InstanceIndex(settings.db_path)
-    corrections = CorrectionStore(settings.db_path)
     jobs = JobStore(settings.db_path)
     outbox = Outbox(settings.db_path)
     priors = PriorRequests(settings.db_path)
@@ -137,8 +135,7 @@ def status_report(settings: Any) -> dict[str, Any]:
                 "series_uid": j.series_uid,
                 "updated": _when(j.updated_at),
                 "timings_s": j.timings_s,
-                "coverage": j.result.get("coverage", {}),
-                **({"kind": j.result["kind"]} if "kind" in j.result else {}),
+                "coverage": j.result.get("coverage", {}), **({"kind": j.result["kind"]} if "kind" in j.result else {}),
             }
             for j in jobs.jobs()
         ]
@@ -176,16 +173,25 @@ def status_report(settings: Any) -> dict[str, Any]:
             "job_counts": jobs.counts(),
             "outbox": items,
             "outbox_counts": outbox.counts(),
-            "corrections": [
-                {"job": c.job_id, "study_uid": c.study_uid, "handled": _when(c.handled_at), **c.to_summary()}
-                for c in corrections.records()
-            ],
+            "corrections": _correction_rows(settings.db_path),
         }
     finally:
-        for store in (index, jobs, outbox, priors, corrections):
+        for store in (index, jobs, outbox, priors):
             close = getattr(store, "close", None)
             if close is not None:
                 close()
+
+
+def _correction_rows(db_path: Any) -> list[dict[str, Any]]:
+    """SEGs received from readers (thighnode.corrections): own, accepted or refused with the reason."""
+    from thighnode.corrections import CorrectionStore
+
+    store = CorrectionStore(db_path)
+    try:
+        return [{"job": c.job_id, "study_uid": c.study_uid, "handled": _when(c.handled_at), **c.to_summary()}
+                for c in store.records()]
+    finally:
+        store.close()
 
 
 def format_coverage(coverage: dict[str, Any]) -> str:
