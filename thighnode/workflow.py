@@ -19,6 +19,13 @@ A :class:`pipeline.errors.DeclinedError` ends the job as *declined* with the mes
 other error ends it as *failed*. Either way the received files stay in the spool for
 the retention period.
 
+Before the model, the study's SEG instances not yet handled are looked at
+(:mod:`thighnode.corrections`): the node's own SEG echoed back is recorded as such; a reader's
+corrected SEG is measured on the measured CT series and sent back as a verified SEG/SR/PDF
+(UIDs from the correction's SOP Instance UID) and stored as ground truth; an unusable one is
+recorded with its reason. When no CT arrived since the model's results, that is the whole job
+(``result["kind"] = "correction"``; declined when every SEG was refused): the model does not run again.
+
 Outputs are written under ``<data_dir>/outputs/<StudyInstanceUID>/`` (``<name>_<SOPInstanceUID>.dcm``) with UIDs derived
 from the source series and the model version (reprocessing replaces them in the PACS),
 then queued in the outbox for every configured destination. The job is marked done only

@@ -14,7 +14,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 from pydicom.pixels import pack_bits
@@ -27,6 +26,7 @@ from pipeline.labels import load_label_table
 from scp.index import InstanceIndex
 from scp.types import ReceivedInstance
 from tests.conftest import require_tool
+from tests.support.correction import READER, make_correction
 from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.truth import TruthSegmenter
 from thighnode.corrections import ACCEPTED, OWN, REFUSED, CorrectionStore
@@ -37,7 +37,6 @@ from thighnode.workflow import Workflow
 
 STUDY = "1.2.826.0.1.3680043.8.498.77231"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-READER = "Reader^Test"
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +65,6 @@ class _Node:
         self.outbox = Outbox(self.settings.db_path)
         self.corrections = CorrectionStore(self.settings.db_path)
         self.segmenter = TruthSegmenter({STUDY: phantom}, load_label_table())
-        self.segment_calls = 0
 
         def segmenter():  # noqa: ANN202
             return self.segmenter
@@ -107,25 +105,8 @@ def node(tmp_path: Path, phantom_study) -> _Node:  # noqa: ANN001
 
 
 def _correction_from_own_seg(node: _Node, out: Path, *, erase: str = "gluteus maximus right") -> tuple[Path, int]:
-    """The node's SEG with every pixel of one segment erased in one of its frames; returns (path, voxels erased)."""
-    ds = pydicom.dcmread(node.model_outputs["seg"]["path"])  # type: ignore[attr-defined]
-    number = next(int(s.SegmentNumber) for s in ds.SegmentSequence if s.SegmentLabel.lower() == erase)
-    frames = ds.pixel_array.reshape(int(ds.NumberOfFrames), int(ds.Rows), int(ds.Columns)).copy()
-    of_segment = [f for f, item in enumerate(ds.PerFrameFunctionalGroupsSequence)
-                  if int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == number]
-    f = max(of_segment, key=lambda i: int(frames[i].sum()))
-    erased = int(frames[f].sum())
-    frames[f] = 0
-    ds.PixelData = pack_bits(frames.ravel())
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesDescription = "Segmentation edited in Slicer"
-    ds.Manufacturer = "3D Slicer"
-    ds.ContentCreatorName = READER
-    path = out / f"{ds.SOPInstanceUID}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path, erased
+    """The node's SEG with one segment's largest frame erased; returns (path, voxels erased)."""
+    return make_correction(Path(node.model_outputs["seg"]["path"]), out, erase=erase)  # type: ignore[attr-defined]
 
 
 def _content_values(ds: pydicom.Dataset) -> list[str]:
