@@ -26,9 +26,10 @@ STUDY = "1.2.826.0.1.3680043.8.498.66231"
 
 
 def _push(port: int, files: list[Path], calling: str) -> None:
+    """storescu -R: propose the files' SOP classes (its fixed default list lacks Segmentation Storage)."""
     storescu = require_tool("storescu")
     done = subprocess.run(
-        [storescu, "-aet", calling, "-aec", "THIGHNODE", "127.0.0.1", str(port), *map(str, files)],
+        [storescu, "-R", "-aet", calling, "-aec", "THIGHNODE", "127.0.0.1", str(port), *map(str, files)],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
