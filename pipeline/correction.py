@@ -50,7 +50,8 @@ class StructureDifference:
             "key": self.key, "side": self.side,
             "model_volume_ml": round(self.model_volume_ml, 3), "corrected_volume_ml": round(self.corrected_volume_ml, 3),
             "difference_ml": round(self.difference_ml, 3), "model_voxels": self.model_voxel_count,
-            "corrected_voxels": self.corrected_voxel_count,
+            "corrected_voxels": self.corrected_voxel_count, "model_mass_g": round(self.model_mass_g, 3),
+            "corrected_mass_g": round(self.corrected_mass_g, 3),
         }
 
 

@@ -10,7 +10,9 @@ The assembler turns any late instance into a new job; the workflow asks
 :func:`pending_segs` which SEG instances of the study are not yet handled, applies each
 (:meth:`thighnode.workflow.Workflow`), and records the outcome here, one row per SEG
 instance (``corrections``): ``own`` (ours echoed back), ``accepted`` (measured, verified SR
-and PDF queued, stored as ground truth) or ``refused`` with the reason. A refused SEG's
+and PDF queued, stored as ground truth; the corrected measurements of every structure and side
+beside the model's, :data:`VERIFIED_MEASUREMENTS`, while the model's stay in the results store)
+or ``refused`` with the reason. A refused SEG's
 file stays in the spool; nothing is deleted.
 
 Ground truth for training (:func:`store_case`), under the node's data directory::
@@ -56,6 +58,8 @@ REFUSED = "refused"
 CORRECTION_STATES = (OWN, ACCEPTED, REFUSED)
 
 CORRECTED_DIR = "corrected"
+VERIFIED_MEASUREMENTS = "verified_measurements"
+"""Key of an accepted correction's detail: every structure/side, model and corrected (voxels, cm³, g)."""
 MIN_STRUCTURE_SHARE = 0.5
 """A correction must hold at least this share of the structure/sides the model found (else: partial)."""
 
@@ -96,9 +100,10 @@ class CorrectionRecord:
     detail: dict[str, Any]
 
     def to_summary(self) -> dict[str, Any]:
-        """For the job record and `thighnode status --json` (no observer name: it is a person's name)."""
+        """For the job record and `thighnode status --json`: no observer name (a person's name) and not
+        the full verified measurements (those stay in the ``corrections`` table)."""
         return {"seg_sop_instance_uid": self.seg_sop_instance_uid, "state": self.state, "reason": self.reason,
-                **self.detail}
+                **{k: v for k, v in self.detail.items() if k != VERIFIED_MEASUREMENTS}}
 
 
 class CorrectionStore(SqliteStore):

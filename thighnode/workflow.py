@@ -65,7 +65,7 @@ from pipeline.volume import load_volume
 from scp.index import InstanceIndex
 from scp.types import ReceivedInstance, ReceivedStudy
 from thighnode.corrections import (
-    ACCEPTED, OWN, REFUSED, CorrectionRecord, CorrectionRefused, CorrectionStore, check_coverage, check_references,
+    ACCEPTED, OWN, REFUSED, VERIFIED_MEASUREMENTS, CorrectionRecord, CorrectionRefused, CorrectionStore, check_coverage, check_references,
     corrected_segmentation, new_ct_since, observer_of, own_sop_instance_uids, pending_segs, store_case,
 )
 from thighnode import __version__
@@ -348,6 +348,7 @@ class Workflow:
         return {
             "series_uid": stored.series_uid, "segments": len(read.matches), "changed": len(changed),
             "differences": [d.to_record() for d in changed], "missing": [f"{k} {s}" for k, s in missing],
+            VERIFIED_MEASUREMENTS: [d.to_record() for d in differences],
             "kinds": [o.kind.upper() for o in outputs], "destinations": destinations, "case_dir": str(case_dir),
             "outputs": [{"kind": o.kind, "sop_instance_uid": o.sop_instance_uid, "path": str(o.path)} for o in outputs],
         }

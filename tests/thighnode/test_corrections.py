@@ -29,6 +29,7 @@ from tests.conftest import require_tool
 from tests.support.correction import READER, make_correction
 from tests.support.dciodvfy import dciodvfy_errors
 from tests.support.truth import TruthSegmenter
+from thighnode.cli import status_report
 from thighnode.corrections import ACCEPTED, OWN, REFUSED, CorrectionStore
 from thighnode.jobs import DECLINED, DONE, JobStore, StudyProgress
 from thighnode.results import ResultsStore
@@ -184,7 +185,13 @@ def test_a_reader_correction_becomes_verified_outputs_and_ground_truth(node: _No
     assert len(meta["patient_key"]) == 64 and "TN-CORR-1" not in json.dumps(meta)
     assert sorted(p.name for p in (case / "ct").iterdir()) == sorted(p.name for p in node.ct_paths)
     assert (case / "seg.dcm").read_bytes() == seg_path.read_bytes()
-    assert [r.state for r in node.corrections.records(study_uid=STUDY)] == [ACCEPTED]
+    [record] = node.corrections.records(study_uid=STUDY)
+    assert record.state == ACCEPTED and record.observer == READER
+    verified = {(m["key"], m["side"]): m for m in record.detail["verified_measurements"]}
+    assert verified[("gluteus_maximus", "right")]["corrected_voxels"] == d["corrected_voxels"]
+    assert len(verified) >= 50  # every structure and side, not only those changed
+    [row] = [c for c in status_report(node.settings)["corrections"] if c["seg_sop_instance_uid"] == seg_uid]
+    assert row["state"] == ACCEPTED and "verified_measurements" not in row
 
     # A second correction replaces the first as ground truth; the first is kept under previous/.
     second, _ = _correction_from_own_seg(node, tmp_path, erase="vastus lateralis left")
