@@ -102,7 +102,7 @@ def read_corrected_cases(node_data_dir: Path) -> list[CorrectedCase]:
     root = node_data_dir / CORRECTED_DIR
     if not root.is_dir():
         return []
-    return [_read_case(d) for d in sorted(p for p in root.iterdir() if p.is_dir())]
+    return [_read_case(d) for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))]
 
 
 def _draw(seed: int, patient_key: str) -> float:

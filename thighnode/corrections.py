@@ -21,7 +21,8 @@ Ground truth for training (:func:`store_case`), under the node's data directory:
                                               "seg_sop_instance_uid", "observer", "received_at"}
     corrected/<StudyInstanceUID>/ct/         the CT series' files (hard links of the spooled files)
     corrected/<StudyInstanceUID>/seg.dcm     the reader's SEG as received
-    corrected/<StudyInstanceUID>/previous/<time>/   an earlier correction of the study, kept
+    corrected-history/<StudyInstanceUID>/<time>/   an earlier correction of the study, kept (outside
+                                             the case folder, so the case stays one CT series + one SEG)
 
 ``patient_key`` is the SHA-256 (hex) of ``IssuerOfPatientID + "/" + PatientID``: no PHI in
 the JSON. The retention purge deletes spooled files only, never ``corrected/``.
@@ -254,13 +255,14 @@ def store_case(
     ct_paths: Sequence[Path],
     seg_path: Path,
 ) -> Path:
-    """Write ``corrected/<study>/`` (module docstring); an earlier correction moves to ``previous/<time>/``.
+    """Write ``corrected/<study>/`` (module docstring); an earlier correction moves to
+    ``corrected-history/<study>/<time>/``.
 
     The new case is staged beside the folder and moved in, so the folder always holds one
     complete case. The same SEG stored again (a resumed job) replaces itself without a copy.
     """
     root = Path(data_dir) / CORRECTED_DIR / study_uid
-    staging = Path(data_dir) / CORRECTED_DIR / f".staging-{study_uid}-{os.getpid()}"
+    staging = Path(data_dir) / f"{CORRECTED_DIR}-staging" / f"{study_uid}-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
     (staging / "ct").mkdir(parents=True)
@@ -281,7 +283,8 @@ def store_case(
             for name in names:
                 _remove(root / name)
         else:
-            previous = root / "previous" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+            previous = (Path(data_dir) / f"{CORRECTED_DIR}-history" / study_uid
+                        / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ"))
             previous.mkdir(parents=True)
             for name in names:
                 if (root / name).exists():

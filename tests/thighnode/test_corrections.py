@@ -199,9 +199,17 @@ def test_a_reader_correction_becomes_verified_outputs_and_ground_truth(node: _No
     assert node.run_next().state == DONE
     meta2 = json.loads((case / "case.json").read_text())
     assert meta2["seg_sop_instance_uid"] != seg_uid
-    [previous] = list((case / "previous").iterdir())
+    [previous] = list((node.settings.node.data_dir / "corrected-history" / STUDY).iterdir())
     assert json.loads((previous / "case.json").read_text())["seg_sop_instance_uid"] == seg_uid
     assert (previous / "seg.dcm").exists() and len(list((previous / "ct").iterdir())) == len(node.ct_paths)
+    # the case folder stays one training case (one CT series, one SEG: the second), as thighnode train reads it
+    from modelkit.segimport import load_dicom_case
+    from modelkit.sitecases import read_corrected_cases
+
+    [stored] = read_corrected_cases(node.settings.node.data_dir)
+    assert stored.folder == case and stored.seg_sop_instance_uid == meta2["seg_sop_instance_uid"]
+    hu, labels, _ = load_dicom_case(case, load_label_table())
+    assert hu.shape == labels.shape and labels.any()
 
 
 def test_our_own_seg_echoed_back_is_not_a_correction(node: _Node, tmp_path: Path) -> None:
