@@ -22,7 +22,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from modelkit.evaluation import EvaluationReport, LabelledCase, StructureScore, score_case, truth_sides
+from modelkit.casefolders import LabelledCase, load_case_volume
+from modelkit.evaluation import EvaluationReport, StructureScore, score_case
 from pipeline.labels import LabelTable
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,14 @@ class ModelIdentity:
     sha256: str
     path: str
     source: str = ""
+
+
+def truth_sides(truth: np.ndarray, affine_lps: np.ndarray, labels: LabelTable) -> np.ndarray:
+    """The ground truth's side map, split at the midline as the node splits its own labels (as `evaluate`)."""
+    from pipeline.postprocess import split_sides
+
+    femur_id = next((l.id for l in labels.labels if l.key == "femur"), None)
+    return split_sides(truth, affine_lps, femur_id=femur_id)
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
@@ -301,8 +310,8 @@ def compare_bundles(
     ece: dict[str, dict[str, float | None]] = {"deployed": {}, "candidate": {}}
     seconds = {"deployed": 0.0, "candidate": 0.0}
     for case in cases:
-        volume, truth = case.load(labels)
-        sides = truth_sides(truth, volume, labels)
+        volume, truth = load_case_volume(case, labels)
+        sides = truth_sides(truth, volume.affine_lps, labels)
         for role, (_, segmenter) in models.items():
             started = time.monotonic()
             seg = segmenter.segment(volume)

@@ -180,66 +180,6 @@ def score_case(
     return out
 
 
-@dataclass(frozen=True)
-class LabelledCase:
-    """A labelled case to score a model on: a NIfTI pair (``kind`` "nifti", ``source`` the modelkit.nifti
-    NiftiCase) or a DICOM case folder with one CT series and one SEG (``kind`` "dicom", ``source`` the folder)."""
-
-    name: str
-    kind: str
-    source: object
-
-    def load(self, labels: LabelTable):  # -> tuple[pipeline.types.Volume, np.ndarray]
-        """The CT as the Segmenter's Volume and the ground truth on its grid."""
-        if self.kind == "nifti":
-            from modelkit.nifti import load_nifti_case
-
-            return load_nifti_case(self.source, labels)  # type: ignore[arg-type]
-        from modelkit.segimport import load_dicom_case_volume
-
-        return load_dicom_case_volume(Path(self.source), labels)  # type: ignore[arg-type]
-
-
-def _folder_cases(folder: Path) -> list[tuple[Path, str, object]]:
-    """(folder, kind, source) of the cases of one folder: its NIfTI pairs when it holds NIfTI files, else its
-    DICOM case folders (CT + SEG)."""
-    from modelkit.nifti import NiftiError, list_nifti_cases
-    from modelkit.segimport import SegImportError, list_dicom_cases
-
-    if not folder.is_dir():
-        raise NiftiError(f"data folder {folder} does not exist")
-    if next(folder.glob("**/*.nii*"), None) is not None:
-        return [(folder, "nifti", c) for c in list_nifti_cases(folder)]
-    try:
-        return [(folder, "dicom", c) for c in list_dicom_cases(folder)]
-    except SegImportError as exc:
-        raise SegImportError(
-            f"{folder} holds no NIfTI pairs and no DICOM case folder (CT series + one DICOM-SEG)"
-        ) from exc
-
-
-def list_labelled_cases(
-    data_dir: Path | Sequence[Path] = (), *, case_dirs: Sequence[Path] = ()
-) -> list[LabelledCase]:
-    """The cases of ``data_dir`` (one folder or several, pooled: NIfTI pairs or DICOM case folders) and of
-    ``case_dirs`` (DICOM case folders given one by one, e.g. a node's corrected cases), every folder listed
-    and checked before any case is loaded. Case names carry the folder when several folders are pooled."""
-    from modelkit.nifti import data_folders
-
-    listed = [item for d in data_folders(data_dir) for item in _folder_cases(d)]
-    listed += [(Path(c).parent, "dicom", Path(c)) for c in case_dirs]
-    names = _case_names([(d, c) for d, _, c in listed])
-    return [LabelledCase(name, kind, source) for name, (_, kind, source) in zip(names, listed)]
-
-
-def truth_sides(truth: np.ndarray, volume, labels: LabelTable) -> np.ndarray:  # volume: pipeline.types.Volume
-    """The ground truth's side map, split at the midline as the node splits its own labels."""
-    from pipeline.postprocess import split_sides
-
-    femur_id = next((l.id for l in labels.labels if l.key == "femur"), None)
-    return split_sides(truth, volume.affine_lps, femur_id=femur_id)
-
-
 def _case_names(listed: list) -> list[str]:
     """Case names of one report: as they are from one folder; from several, prefixed with the folder's
     name (its path where two folders share a name), so pooled cases never collide."""
@@ -251,6 +191,21 @@ def _case_names(listed: list) -> list[str]:
     return [f"{d if full else d.name}/{c.name}" for d, c in listed]
 
 
+def pooled_cases(data_dir: Path | Sequence[Path] = (), case_dirs: Sequence[Path] = ()) -> list:
+    """The labelled cases (:class:`modelkit.casefolders.LabelledCase`) of the folders ``data_dir`` (NIfTI pairs
+    or DICOM case folders) and of the DICOM case folders ``case_dirs`` (e.g. a node's held-out corrected cases,
+    :func:`modelkit.sitecases.held_out_cases`), every folder listed and checked before any case is read;
+    named as :func:`evaluate_bundle` names them (with their folder's name when several folders are pooled)."""
+    from dataclasses import replace
+
+    from modelkit.casefolders import dicom_case, list_labelled_cases
+    from modelkit.nifti import data_folders
+
+    listed = [(d, c) for d in data_folders(data_dir) for c in list_labelled_cases(d)]
+    listed += [(Path(c).parent, dicom_case(Path(c))) for c in case_dirs]
+    return [replace(c, name=name) for (_, c), name in zip(listed, _case_names(listed))]
+
+
 def evaluate_bundle(
     bundle_dir: Path,
     data_dir: Path | Sequence[Path],
@@ -259,24 +214,30 @@ def evaluate_bundle(
     labels: LabelTable | None = None,
     device: str = "auto",
 ) -> EvaluationReport:
-    """Segment every case of ``data_dir`` (NIfTI pairs or DICOM CT + SEG case folders; one folder or several,
-    pooled in one report) with the bundle, on each case's own grid, and score it."""
+    """Segment every labelled case of ``data_dir`` (one folder or several, pooled in one report; each a
+    folder of NIfTI pairs, of DICOM case folders, or one DICOM case folder, as
+    :func:`modelkit.sitecases.held_out_cases` gives) with the bundle, on each case's own grid, and score it."""
+    from modelkit.casefolders import list_labelled_cases, load_case_volume
+    from modelkit.nifti import data_folders
     from pipeline.bundle import load_bundle
     from pipeline.inference import Segmenter, select_device
     from pipeline.labels import load_label_table
+    from pipeline.postprocess import split_sides
 
     labels = labels or load_label_table()
     dev = select_device(device)
     bundle = load_bundle(Path(bundle_dir), labels, dev)
     segmenter = Segmenter(bundle, device=str(dev))
+    femur_id = next((l.id for l in labels.labels if l.key == "femur"), None)
     scores: list[StructureScore] = []
     names: list[str] = []
     started = time.monotonic()
-    for case in list_labelled_cases(data_dir):  # every folder is listed (and checked) first
-        case_name = case.name
-        volume, truth = case.load(labels)
+    listed = [(d, c) for d in data_folders(data_dir) for c in list_labelled_cases(d)]  # every folder is listed (and checked) first
+    case_names = _case_names(listed)
+    for (_, case), case_name in zip(listed, case_names):
+        volume, truth = load_case_volume(case, labels)
         seg = segmenter.segment(volume)
-        true_sides = truth_sides(truth, volume, labels)
+        true_sides = split_sides(truth, volume.affine_lps, femur_id=femur_id)
         case_scores = score_case(case_name, seg.label_map, truth, labels, volume.voxel_volume_ml, seg.side_map, true_sides)
         scores.extend(case_scores)
         names.append(case_name)

@@ -22,7 +22,8 @@ from typing import Any
 
 from node_errors import NodeError
 
-#: Defaults of modelkit.sitecases.held_out_cases (seed, share of the corrected cases held out).
+#: The held-out split of the node's corrected cases when neither the command line nor the candidate bundle's
+#: metadata (``training.held_out``, written by a fine-tune on corrected cases) gives one.
 HELD_OUT_SEED = 0
 HELD_OUT_FRACTION = 0.2
 
@@ -110,10 +111,29 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def held_out_split(args: argparse.Namespace) -> tuple[int, float, str]:
+    """(seed, fraction, where from) of the held-out split: the command line, else the candidate bundle's
+    ``training.held_out`` (the split it was trained with, so that it is compared on cases it never saw),
+    else the defaults."""
+    held: dict[str, Any] = {}
+    try:
+        meta = json.loads((Path(args.candidate) / "configs" / "metadata.json").read_text(encoding="utf-8"))
+        held = dict((meta.get("training") or {}).get("held_out") or {})
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass  # an unreadable candidate is refused, with its reason, when it is loaded
+    seed = args.seed if args.seed is not None else held.get("seed")
+    fraction = args.fraction if args.fraction is not None else held.get("held_out_fraction")
+    source = "the candidate's training.held_out" if held and (args.seed is None or args.fraction is None) else ""
+    seed = HELD_OUT_SEED if seed is None else int(seed)
+    fraction = HELD_OUT_FRACTION if fraction is None else float(fraction)
+    return seed, fraction, source or ("the command line" if args.seed is not None or args.fraction is not None
+                                      else "the defaults")
+
+
 def _cases(args: argparse.Namespace, settings: Any) -> list:
     """The labelled cases: --data folders, and the node's held-out corrected cases (--node-data-dir, or the
     configured data directory when neither is given)."""
-    from modelkit.evaluation import list_labelled_cases
+    from modelkit.evaluation import pooled_cases
 
     node_data_dir = args.node_data_dir
     if not args.data and node_data_dir is None:
@@ -127,10 +147,14 @@ def _cases(args: argparse.Namespace, settings: Any) -> list:
                 "the node's corrected cases (--node-data-dir, or the configured data directory when no --data is "
                 "given) need modelkit.sitecases, which this installation lacks; give labelled folders with --data"
             ) from None
-        case_dirs = list(sitecases.held_out_cases(Path(node_data_dir), args.seed, args.fraction))
+        seed, fraction, source = held_out_split(args)
+        case_dirs = list(sitecases.held_out_cases(Path(node_data_dir), seed, fraction))
+        args.held_out = {"node_data_dir": str(node_data_dir), "seed": seed, "fraction": fraction, "from": source,
+                         "cases": len(case_dirs)}
         if not case_dirs:
-            raise _CommandError(f"{node_data_dir}: no held-out corrected case (corrected/<StudyUID>/ folders)")
-    return list_labelled_cases([Path(d) for d in args.data or ()], case_dirs=case_dirs)
+            raise _CommandError(f"{node_data_dir}: no held-out corrected case (corrected/<StudyUID>/ folders; "
+                                f"seed {seed}, fraction {fraction})")
+    return pooled_cases([Path(d) for d in args.data or ()], case_dirs=case_dirs)
 
 
 class _CommandError(Exception):
@@ -149,10 +173,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                  device=args.device)
     except (NodeError, _CommandError) as exc:
         return _fail(getattr(exc, "message", str(exc)))
+    held = getattr(args, "held_out", None)
     if args.json:
-        print(json.dumps(result.to_record(), indent=2))
-    else:
-        print(result.format_table())
+        print(json.dumps({**result.to_record(), "held_out": held}, indent=2))
+        return 0
+    if held:
+        print(f"held-out corrected cases of {held['node_data_dir']}: {held['cases']} (seed {held['seed']}, "
+              f"fraction {held['fraction']:g}, from {held['from']})")
+    print(result.format_table())
     return 0
 
 
@@ -184,9 +212,11 @@ def add_model_commands(sub: Any) -> None:
     p.add_argument("--node-data-dir", default=None, metavar="DIR",
                    help="also the held-out corrected cases of this node data directory (modelkit.sitecases); "
                         "the configured data directory's when no --data is given")
-    p.add_argument("--seed", type=int, default=HELD_OUT_SEED, help="held-out split seed (default %(default)s)")
-    p.add_argument("--fraction", type=float, default=HELD_OUT_FRACTION,
-                   help="share of the corrected cases held out (default %(default)s)")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"held-out split seed (default: the candidate's training.held_out, else {HELD_OUT_SEED})")
+    p.add_argument("--fraction", type=float, default=None,
+                   help=f"share of the corrected patients held out (default: the candidate's training.held_out, "
+                        f"else {HELD_OUT_FRACTION})")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_compare, log_level="INFO")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from modelkit.comparison import compare_bundles, expected_calibration_error, uncertainty_calibration
-from modelkit.evaluation import evaluate_bundle, list_labelled_cases
+from modelkit.evaluation import evaluate_bundle, pooled_cases
 from pipeline.labels import load_label_table
 from tests.thighnode.test_models import DEMO, make_site_bundle
 from thighnode.cli import main
@@ -69,7 +69,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def comparison(data: dict[str, Path]):
-    cases = list_labelled_cases([data["nifti"], data["corrected"]])
+    cases = pooled_cases([data["nifti"], data["corrected"]])
     return compare_bundles(data["candidate"], DEMO, cases, deployed_source="configured", device="cpu")
 
 
@@ -123,7 +123,7 @@ def test_table_json_and_summary(comparison) -> None:
 
 def test_a_bundle_against_itself_is_a_tie(data: dict[str, Path], tmp_path: Path) -> None:
     same = shutil.copytree(DEMO, tmp_path / "same")
-    result = compare_bundles(same, DEMO, list_labelled_cases(data["corrected"]), device="cpu")
+    result = compare_bundles(same, DEMO, pooled_cases(data["corrected"]), device="cpu")
     assert result.verdict() == "tie" and result.summary().startswith("no difference")
     assert all(r.dice_change == 0 or math.isnan(r.dice_change) for r in result.rows())
 
@@ -177,10 +177,22 @@ def test_cli_compare_on_folders_and_on_the_node_s_corrected_cases(
     assert out["deployed"]["source"] == "configured" and out["candidate"]["version"] == "0.9.1-site"
     assert len(out["rows"]) == 58 and out["verdict"] in ("candidate", "deployed", "mixed")
 
-    # without --data or --node-data-dir: the configured data directory's corrected cases
-    assert main(["model", "compare", "--config", cfg, str(data["candidate"])]) == 0
-    assert calls[-1] == (data["node"], 0, 0.2)
-    assert "candidate: thighnode_demo 0.9.1-site" in capsys.readouterr().out
+    assert out["held_out"] == {"node_data_dir": str(data["node"]), "seed": 5, "fraction": 0.2,
+                               "from": "the command line", "cases": 1}
+
+    # without --data or --node-data-dir: the configured data directory's corrected cases, split as the
+    # candidate was trained (its metadata's training.held_out), else by the defaults
+    candidate = shutil.copytree(data["candidate"], tmp_path / "candidate")
+    meta_path = candidate / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta.setdefault("training", {})["held_out"] = {"seed": 17, "held_out_fraction": 0.3}
+    meta_path.write_text(json.dumps(meta))
+    assert main(["model", "compare", "--config", cfg, str(candidate)]) == 0
+    assert calls[-1] == (data["node"], 17, 0.3)
+    out = capsys.readouterr().out
+    assert out.startswith(f"held-out corrected cases of {data['node']}: 1 (seed 17, fraction 0.3, from the "
+                          "candidate's training.held_out)")
+    assert "candidate: thighnode_demo 0.9.1-site" in out
 
 
 def test_cli_compare_without_sitecases_or_with_a_broken_candidate_says_so_in_one_line(
@@ -198,4 +210,4 @@ def test_cli_compare_without_sitecases_or_with_a_broken_candidate_says_so_in_one
     assert err.startswith("error: bundle ") and "required file" in err and err.count("\n") == 1
     assert main(["model", "compare", "--config", cfg, str(data["candidate"]), "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "holds no NIfTI pairs and no DICOM case folder" in err and err.count("\n") == 1
+    assert "holds neither NIfTI pairs" in err and err.count("\n") == 1
