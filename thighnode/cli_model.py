@@ -15,6 +15,7 @@ running node loaded and which is active). Errors are one line on stderr, exit 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -141,7 +142,7 @@ def _cases(args: argparse.Namespace, settings: Any) -> list:
     case_dirs: list[Path] = []
     if node_data_dir is not None:
         try:
-            from modelkit import sitecases  # lazily: written alongside; absent in older installs
+            sitecases = importlib.import_module("modelkit.sitecases")  # lazily: the model kit, only for this
         except ImportError:
             raise _CommandError(
                 "the node's corrected cases (--node-data-dir, or the configured data directory when no --data is "
