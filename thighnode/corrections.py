@@ -195,15 +195,16 @@ def check_references(ds: Dataset, *, study_uid: str, series_uid: str, frame_of_r
 
 
 def corrected_segmentation(
-    read: SegLabels, volume: Volume, labels: LabelTable, *, model_name: str, model_version: str
+    read: SegLabels, volume: Volume, labels: LabelTable, *, model_name: str, model_version: str, model_sha256: str = ""
 ) -> Segmentation:
-    """The reader's labels as a :class:`Segmentation`; a segment without a side gets the midline's."""
+    """The reader's labels as a :class:`Segmentation` of the model whose output was corrected (name, version,
+    weights' sha256); a segment without a side gets the midline's."""
     side_map = read.side_map
     if np.any((read.label_map > 0) & (side_map == SIDE_NONE)):
         femur = labels.id_for_name("femur")
         midline = split_sides(read.label_map, volume.affine_lps, femur_id=femur)
         side_map = np.where((read.label_map > 0) & (side_map == SIDE_NONE), midline, side_map).astype(np.uint8)
-    return Segmentation(read.label_map, side_map, labels, model_name, model_version, volume.affine_lps)
+    return Segmentation(read.label_map, side_map, labels, model_name, model_version, volume.affine_lps, model_sha256)
 
 
 def check_coverage(model_keys: set[tuple[str, str]], corrected_keys: set[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -326,7 +326,8 @@ class Workflow:
         labels = stored_labels(self._segmenter())
         read = read_seg(ds, volume.shape, volume.affine_lps, labels, volume.frame_of_reference_uid or None, strict=True)
         segmentation = corrected_segmentation(read, volume, labels, model_name=stored.model_name,
-                                              model_version=stored.model_version)
+                                              model_version=stored.model_version,
+                                              model_sha256=str(stored.extra.get("model_sha256", "")))
         measurements = self._measure(volume, segmentation, selected.patient)
         missing = check_coverage(_sided_keys(stored.measurements), _sided_keys(measurements))
         differences = compare_with_model(stored.measurements, measurements)
@@ -334,7 +335,8 @@ class Workflow:
         context = StudyContext(
             job_id=job.id, study_uid=job.study_uid, selected=selected, volume=volume, segmentation=segmentation,
             measurements=measurements,
-            model=ModelInfo(stored.model_name, stored.model_version, bool(getattr(bundle, "demonstration", False))),
+            model=ModelInfo(stored.model_name, stored.model_version, bool(getattr(bundle, "demonstration", False)),
+                            segmentation.model_sha256),
             settings=self._output_settings, software_version=__version__, content_time=self._clock(),
             verification=Verification(observer_of(ds), inst.sop_instance_uid, self._clock(), differences),
         )
@@ -426,6 +428,7 @@ class Workflow:
             model_name=segmentation.model_name,
             model_version=segmentation.model_version,
             measurements=measurements,
+            extra={"model_sha256": segmentation.model_sha256} if segmentation.model_sha256 else None,
         )
 
     def _queue(self, job: Job, outputs: list[OutputFile]) -> list[str]:

@@ -305,3 +305,37 @@ def test_a_seg_for_a_study_the_node_never_measured_is_refused(tmp_path: Path, ph
     assert outcome.state == DECLINED
     assert "has not measured" in outcome.reason and "file kept" in outcome.reason
     assert path.exists()
+
+
+def test_verified_outputs_name_the_weights_sha256_of_the_model_that_was_corrected(
+    tmp_path: Path, phantom_study  # noqa: ANN001
+) -> None:
+    """The model's sha256 is kept with the study's results, so the verified SEG, SR and PDF built from a
+    reader's correction name the exact model whose segmentation was corrected."""
+    import dataclasses
+
+    from tests.dicomout.test_sr import _text_items
+
+    sha = "ab12cd34ef56" + "7" * 52
+    n = _Node(tmp_path / "node", phantom_study)
+    truth = n.segmenter
+
+    class Hashed:
+        def segment(self, volume):  # noqa: ANN001, ANN202
+            return dataclasses.replace(truth.segment(volume), model_sha256=sha)
+
+    n.segmenter = Hashed()  # type: ignore[assignment]
+    n.receive(n.ct_paths, "CT")
+    first = n.run_next()
+    assert first.state == DONE, first.reason
+    assert n.results.get(STUDY).extra["model_sha256"] == sha  # type: ignore[union-attr]
+    own_seg = next(o for o in first.result["outputs"] if o["kind"] == "seg")["path"]
+    seg_path, _ = make_correction(Path(own_seg), tmp_path)
+    n.receive([seg_path], "SEG")
+    outcome = n.run_next()
+    [summary] = outcome.result["corrections"]
+    assert summary["state"] == ACCEPTED, summary["reason"]
+    outputs = {o["kind"]: o["path"] for o in summary["outputs"]}
+    assert set(_text_items(pydicom.dcmread(outputs["sr"]), "111002")) == {f"weights_sha256={sha}"}
+    text = _pdf_text(Path(outputs["pdf"]), tmp_path)
+    assert "sha256 ab12cd34ef56" in text
