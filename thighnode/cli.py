@@ -136,6 +136,7 @@ def status_report(settings: Any) -> dict[str, Any]:
                 "updated": _when(j.updated_at),
                 "timings_s": j.timings_s,
                 "coverage": j.result.get("coverage", {}),
+                "uncertainty": j.result.get("uncertainty", {}),
             }
             for j in jobs.jobs()
         ]
@@ -218,6 +219,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"             reason: {j['reason']}")
         if j.get("coverage"):
             print(f"             coverage: {format_coverage(j['coverage'])}")
+        if j.get("uncertainty"):
+            low = j["uncertainty"].get("low_confidence", [])
+            names = ", ".join(f"{x['structure']} {x['side']}" for x in low) or "none"
+            print(f"             low confidence ({j['uncertainty'].get('method')}): {names}")
     if report.get("prior_requests"):
         print(f"\nprior studies requested from the PACS ({len(report['prior_requests'])}):")
         for r in report["prior_requests"]:

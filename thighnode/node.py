@@ -203,7 +203,8 @@ class Node:
         except NodeError as exc:
             raise NodeStartError(f"model bundle {m.bundle} cannot be used: {exc.message}") from exc
         segmenter = Segmenter(bundle, device=m.device, sw_batch_size=m.sw_batch_size, overlap=m.overlap,
-                              mirror=m.mirror_override)
+                              mirror=m.mirror_override, uncertainty=m.uncertainty,
+                              uncertainty_samples=m.uncertainty_samples)
         log.info("model %s %s loaded in %.2f s (%s)", bundle.name, bundle.version, time.perf_counter() - t,
                  segmenter.describe())
         return segmenter
