@@ -21,7 +21,7 @@ from pipeline.bundle import Bundle
 from pipeline.errors import SegmentationError
 from pipeline.labels import FEMUR_KEY
 from pipeline.postprocess import keep_largest_components, split_sides
-from pipeline.preprocess import PreprocessPlan, apply_to_labels, prepare, restore_labels, restore_probabilities
+from pipeline.preprocess import PreprocessPlan, prepare, restore_labels, restore_probabilities
 from pipeline.types import Segmentation, Volume
 from pipeline.uncertainty import (
     MAX_TTA_SAMPLES,
@@ -291,15 +291,13 @@ class Segmenter:
 
     def _summarise(self, entropy: np.ndarray, counts: list[np.ndarray], plan: PreprocessPlan,
                    label_map: np.ndarray, side_map: np.ndarray) -> SegmentationUncertainty:
-        """Summaries per structure and side of the final (cleaned-up) label map, on the model grid."""
-        n_labels = len(self._bundle.labels.labels)
-        combined = (label_map.astype(np.int16) * 3 + side_map.astype(np.int16)).astype(np.uint8)
-        on_model = apply_to_labels(combined, plan)
-        structures = summarise(entropy, on_model // 3, on_model % 3, counts, n_labels,
-                               method=UNCERTAINTY_TTA, thresholds=self._thresholds)
+        """Summaries per structure and side of the final (cleaned-up) label map on the volume's grid."""
+        entropy_u8 = restore_labels(quantise_entropy(entropy), plan)
+        structures = summarise(entropy_u8, label_map, side_map, counts, len(self._bundle.labels.labels),
+                               method=UNCERTAINTY_TTA, thresholds=self._thresholds, entropy_scale=1.0 / 255.0)
         return SegmentationUncertainty(
             method=UNCERTAINTY_TTA, n_samples=len(counts), structures=structures,
-            entropy_map_u8=restore_labels(quantise_entropy(entropy), plan), thresholds=self._thresholds,
+            entropy_map_u8=entropy_u8, thresholds=self._thresholds,
         )
 
     def postprocess(self, label_map: np.ndarray, affine_lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -13,12 +13,15 @@ clinical CT using Bayesian U-Net", IEEE TMI 2020, use the same summaries with MC
  3    mirror and shift
 ====  ======================================================================================
 
-Summaries per structure and side (and both sides), on the model grid:
+Summaries per structure and side (and both sides) of the final label map:
 
 * ``mean_entropy``: the mean over the structure's voxels of the voxel entropy of the samples'
   mean softmax, normalised by log(C): 0 = every sample certain of one class, 1 = uniform over C.
+  The entropy is computed on the model grid and carried to the volume's grid by nearest neighbour
+  (quantised to 1/255), like the label map's own restore.
 * ``volume_cv_pct``: the coefficient of variation (population SD / mean, %) of the structure's
-  volume (voxels of its class after argmax and side split) across the samples.
+  volume across the samples: per sample the voxels of its class after the volume calibration,
+  argmax and side split on the model grid (no clean-up: islands count).
 
 A structure is *low confidence* when either is above the bundle's threshold
 (``metadata.json`` ``"uncertainty"``), chosen on labelled calibration phantoms
@@ -147,30 +150,38 @@ def summarise(
     *,
     method: str = UNCERTAINTY_TTA,
     thresholds: UncertaintyThresholds | None = None,
+    entropy_scale: float = 1.0,
+    slab: int = 16,
 ) -> dict[tuple[int, str], StructureUncertainty]:
-    """Per (label id, side) summaries. ``entropy``, ``label_map`` and ``side_map`` share one grid;
-    ``sample_counts`` holds per sample the voxels per bin (:func:`bin_counts` of its own label map).
-    Structures with no voxel in ``label_map`` get no summary."""
+    """Per (label id, side) summaries. ``entropy`` (times ``entropy_scale``: 1/255 for
+    :func:`quantise_entropy`'s uint8), ``label_map`` and ``side_map`` share one grid (the volume's);
+    ``sample_counts`` holds per sample the voxels per bin (:func:`bin_counts` of its own label map,
+    on any grid: only their ratios count). Structures with no voxel in ``label_map`` get no summary.
+    The sums run ``slab`` slices at a time, so a full-resolution CT needs no float copy of itself."""
     if entropy.shape != label_map.shape or label_map.shape != side_map.shape:
         raise ValueError(f"entropy {entropy.shape}, label map {label_map.shape} and side map {side_map.shape} "
                          "must have one shape")
     if not sample_counts:
         raise ValueError("summarise needs at least one sample")
     n_bins = (n_labels + 1) * _N_SIDE_CODES
-    bins = (label_map.astype(np.int64) * _N_SIDE_CODES + side_map.astype(np.int64)).ravel()
-    count = np.bincount(bins, minlength=n_bins)[:n_bins]
-    ent_sum = np.bincount(bins, weights=entropy.ravel().astype(np.float64), minlength=n_bins)[:n_bins]
+    count = np.zeros(n_bins, dtype=np.int64)
+    ent_sum = np.zeros(n_bins, dtype=np.float64)
+    for k in range(0, label_map.shape[0] if label_map.ndim else 1, max(1, slab)):
+        bins = (label_map[k:k + slab].astype(np.int64) * _N_SIDE_CODES + side_map[k:k + slab]).ravel()
+        count += np.bincount(bins, minlength=n_bins)[:n_bins]
+        ent_sum += np.bincount(bins, weights=entropy[k:k + slab].ravel().astype(np.float64), minlength=n_bins)[:n_bins]
+    ent_sum *= float(entropy_scale)
     samples = np.stack([np.asarray(c, dtype=np.float64)[:n_bins] for c in sample_counts])
     out: dict[tuple[int, str], StructureUncertainty] = {}
+    groups = [(SIDE_NAMES[SIDE_RIGHT], [SIDE_RIGHT]), (SIDE_NAMES[SIDE_LEFT], [SIDE_LEFT]),
+              (SIDE_BOTH, list(range(_N_SIDE_CODES)))]
     for lid in range(1, n_labels + 1):
-        groups = [(SIDE_NAMES[SIDE_RIGHT], [SIDE_RIGHT]), (SIDE_NAMES[SIDE_LEFT], [SIDE_LEFT]),
-                  (SIDE_BOTH, list(range(_N_SIDE_CODES)))]
         for side, codes in groups:
             b = [lid * _N_SIDE_CODES + s for s in codes]
             n = int(count[b].sum())
             if n == 0:
                 continue
-            mean_entropy = float(ent_sum[b].sum() / n)
+            mean_entropy = min(1.0, max(0.0, float(ent_sum[b].sum() / n)))
             cv = volume_cv_pct(samples[:, b].sum(axis=1))
             low = thresholds.is_low_confidence(mean_entropy, cv) if thresholds is not None else False
             out[(lid, side)] = StructureUncertainty(method=method, n_samples=len(sample_counts),
