@@ -180,7 +180,7 @@ COMPARISON_FLAG_CODES: MappingProxyType[str, Code] = MappingProxyType(
 SEGMENTATION_ENTROPY = _private("TN0301", "Mean normalized voxel entropy of the segmentation")
 """Numeric (UCUM "1", 0..1): mean over the structure's voxels of the entropy of the test-time
 augmentation samples' mean class probabilities, divided by log(number of classes)."""
-VOLUME_SPREAD = _private("TN0302", "Coefficient of variation of volume across test-time augmentation samples")
+VOLUME_SPREAD = _private("TN0302", "Volume coefficient of variation across augmentation samples")
 """Numeric (%): population SD / mean of the structure's volume over the samples."""
 LOW_CONFIDENCE = _private("TN0303", "Low segmentation confidence")
 """Qualitative evaluation, value :data:`YES` / :data:`NO`: either value above the bundle's

@@ -20,8 +20,8 @@ Measurement Report" (PS3.16 TID 1500):
   fraction (%); quality flags as qualitative evaluations "Quality Control" = flag code, each
   followed by its message as a TEXT "Comment"; with ``[model] uncertainty = "tta"`` the
   segmentation's uncertainty (pipeline.uncertainty): "Mean normalized voxel entropy of the
-  segmentation" (TN0301, UCUM "1") and "Coefficient of variation of volume across test-time
-  augmentation samples" (TN0302, %), both with method "Test-time augmentation" (TN0304), and
+  segmentation" (TN0301, UCUM "1") and "Volume coefficient of variation across augmentation
+  samples" (TN0302, %), both with method "Test-time augmentation" (TN0304), and
   the qualitative evaluation "Low segmentation confidence" (TN0303) = Yes / No;
 * a TID 1501 "Measurements and Qualitative Evaluations" group per structure and side that
   was measured but has no segment (not found), with its flags;
