@@ -334,8 +334,8 @@ def draw_structure_page(fig: Any, top: float, rows: list[list[Cell]], continued:
         "Vol/height² = group volume / height²; SMI = group mass (kg) / height² (m²).",
     ]
     if uncertainty:
-        methods.append("Uncertainty: mean voxel entropy of the averaged test-time augmentation probabilities inside "
-                       "the structure (0 = certain, 1 = uniform) and volume spread across the samples.")
+        methods += ["Uncertainty: mean voxel entropy of the test-time augmentations' averaged probabilities in the",
+                    "structure (0 = certain, 1 = uniform over the classes) and its volume spread across them."]
     for line in methods:
         fig.text(0.07, y, line, fontsize=7.5, va="top")
         y -= 0.0135

@@ -3,8 +3,10 @@ phantoms, and the choice of the low-confidence threshold (``thighnode evaluate -
 
 Each structure on each side of each case is one row (the "both" rows are left out so that nothing counts
 twice). A *failure* is Dice < :data:`FAIL_DICE` or a relative volume error > :data:`FAIL_RAVD`. The
-threshold pair (mean entropy, volume CV %) is the one that maximises Youden's J (sensitivity +
-specificity - 1) for those failures on the calibration cases; it is then judged on held-out cases.
+threshold pair (mean entropy, volume CV %) is the one with the highest sensitivity for those failures
+among the pairs that leave at least :data:`MIN_SPECIFICITY` of the good structures unflagged on the
+calibration cases (a flag that fires on most structures tells nothing); it is then judged on held-out
+cases.
 """
 
 from __future__ import annotations
@@ -84,9 +86,15 @@ def flag_performance(rows: Sequence[StructureScore], thresholds: UncertaintyThre
                            tp / n_fail if n_fail else math.nan, tn / n_ok if n_ok else math.nan)
 
 
-def fit_thresholds(rows: Sequence[StructureScore], how_chosen: str = "") -> UncertaintyThresholds:
-    """The (entropy, volume CV) pair, each from the rows' own values (or off), with the highest Youden J;
-    among equals the one that flags fewest rows."""
+#: The flag's operating point: at most this share of the calibration's good structures flagged.
+MIN_SPECIFICITY = 0.90
+
+
+def fit_thresholds(rows: Sequence[StructureScore], how_chosen: str = "",
+                   min_specificity: float | None = MIN_SPECIFICITY) -> UncertaintyThresholds:
+    """The (entropy, volume CV) pair, each from the rows' own percentiles (or off), with the highest
+    sensitivity for failures among the pairs whose specificity is at least ``min_specificity`` (None:
+    the highest Youden J instead); among equals the one that flags fewest rows."""
     if not rows:
         raise ValueError("no rows with an uncertainty summary to fit a threshold on")
     ent = np.array([s.mean_entropy for s in rows])
@@ -94,7 +102,7 @@ def fit_thresholds(rows: Sequence[StructureScore], how_chosen: str = "") -> Unce
     fail = np.array([is_failure(s) for s in rows], dtype=bool)
     if fail.all() or not fail.any():
         raise ValueError(f"{int(fail.sum())} failures in {len(rows)} rows: need both failures and successes to fit")
-    qs = np.linspace(0, 100, 51)
+    qs = np.linspace(0, 100, 101)
     e_cands = np.unique(np.r_[np.percentile(ent, qs), np.inf])
     c_cands = np.unique(np.r_[np.percentile(cv, qs), np.inf])
     best: tuple[float, int, float, float] | None = None
@@ -102,11 +110,14 @@ def fit_thresholds(rows: Sequence[StructureScore], how_chosen: str = "") -> Unce
         fe = ent > te
         for tc in c_cands:
             flag = fe | (cv > tc)
-            j = flag[fail].mean() + (~flag[~fail]).mean() - 1.0
-            key = (round(float(j), 9), -int(flag.sum()))
+            sens, spec = flag[fail].mean(), (~flag[~fail]).mean()
+            if min_specificity is not None and spec < min_specificity:
+                continue
+            score = sens if min_specificity is not None else sens + spec - 1.0
+            key = (round(float(score), 9), -int(flag.sum()))
             if best is None or key > (best[0], best[1]):
                 best = (key[0], key[1], float(te), float(tc))
-    assert best is not None
+    assert best is not None  # flagging nothing always has specificity 1
     big = 1e6  # "off": JSON has no infinity
     return UncertaintyThresholds(min(best[2], big), min(best[3], big), how_chosen)
 
@@ -145,6 +156,6 @@ def format_uncertainty_report(scores: Sequence[StructureScore], bundle_dir: Path
     except ValueError as exc:
         lines.append(f"  no threshold fitted on these cases: {exc}")
     else:
-        lines.append(f"  fitted on these cases (Youden J): entropy > {fitted.mean_entropy:.4g} or volume CV > "
+        lines.append(f"  fitted on these cases (max. sensitivity at specificity >= {MIN_SPECIFICITY:.2f}): entropy > {fitted.mean_entropy:.4g} or volume CV > "
                      f"{fitted.volume_cv_pct:.4g} %: " + flag_performance(rows, fitted).line())
     return "\n".join(lines)

@@ -50,10 +50,11 @@ def test_rank_correlation_and_auc() -> None:
 
 def test_fitted_threshold_separates_the_failures_and_flags_them() -> None:
     rows = _rows()
-    thr = fit_thresholds(rows)
-    perf = flag_performance(rows, thr)
-    assert (perf.n_failures, perf.sensitivity, perf.specificity) == (3, 1.0, 1.0)
-    assert 0.06 <= thr.mean_entropy < 0.10 or 0.9 <= thr.volume_cv_pct < 1.5
+    for rule in (0.9, None):  # specificity >= 0.9, or Youden's J
+        thr = fit_thresholds(rows, min_specificity=rule)
+        perf = flag_performance(rows, thr)
+        assert (perf.n_failures, perf.sensitivity, perf.specificity) == (3, 1.0, 1.0)
+        assert 0.06 <= thr.mean_entropy < 0.10 or 0.9 <= thr.volume_cv_pct < 1.5
     none = flag_performance(rows, UncertaintyThresholds(1.0, 100.0))
     assert (none.n_flagged, none.sensitivity, none.specificity) == (0, 0.0, 1.0)
     with pytest.raises(ValueError, match="need both failures and successes"):
@@ -66,3 +67,11 @@ def test_rows_without_uncertainty_or_on_both_sides_are_left_out_and_the_report_r
     text = format_uncertainty_report(rows)
     assert "7 structure-sides of 7 cases" in text and "Spearman vs 1-Dice +1.000" in text
     assert "fitted on these cases" in text and "sensitivity 1.00 (3/3), specificity 1.00" in text
+
+
+def test_the_specificity_floor_is_kept_when_failures_cannot_be_separated() -> None:
+    """Two failures look certain: the fit flags no more good structures than the floor allows."""
+    rows = _rows() + [_row(10 + i, 0.7, 0.2, 0.01, 0.1) for i in range(2)] + [
+        _row(20 + i, 0.97, 0.01, 0.01 * i, 0.2) for i in range(20)]
+    thr = fit_thresholds(rows, min_specificity=0.9)
+    assert flag_performance(rows, thr).specificity >= 0.9
