@@ -1,4 +1,4 @@
-"""Uncertainty (pipeline.uncertainty) in the results store and in `thighnode status`."""
+"""Uncertainty (pipeline.uncertainty) through the workflow, in the results store and in `thighnode status`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from pipeline.types import StructureUncertainty
 from tests.thighnode.test_results import _measurements
+from tests.thighnode.test_workflow import phantom_study  # noqa: F401  (module fixture)
 from thighnode.cli import main
 from thighnode.results import ResultsStore
 
@@ -62,3 +65,57 @@ def test_status_shows_the_structures_flagged_low_confidence(tmp_path: Path, caps
     assert rows["1.2.3"]["uncertainty"]["low_confidence"][0]["structure"] == "gracilis"
     assert rows["1.2.3"]["uncertainty"] == uncertainty
     assert rows["1.2.4"]["uncertainty"] == {}
+
+
+class _UncertainSegmenter:
+    """The phantom's truth with a TTA summary: identical samples except the gracilis on the left,
+    whose volume differs between the two samples (and whose entropy is high), so only it is flagged."""
+
+    def __init__(self, truth) -> None:  # noqa: ANN001
+        self._truth = truth
+
+    def segment(self, volume):  # noqa: ANN001, ANN201
+        import numpy as np
+
+        from pipeline.types import SIDE_LEFT
+        from pipeline.uncertainty import SegmentationUncertainty, UncertaintyThresholds, bin_counts, summarise
+
+        seg = self._truth.segment(volume)
+        labels = seg.labels
+        gracilis = labels.by_key("gracilis").id
+        n = len(labels.labels)
+        first = bin_counts(seg.label_map, seg.side_map, n)
+        second = first.copy()
+        second[gracilis * 3 + SIDE_LEFT] = int(first[gracilis * 3 + SIDE_LEFT] * 0.8)
+        entropy = np.where((seg.label_map == gracilis) & (seg.side_map == SIDE_LEFT), 200, 5).astype(np.uint8)
+        thresholds = UncertaintyThresholds(0.3, 5.0)
+        structures = summarise(entropy, seg.label_map, seg.side_map, [first, second], n, thresholds=thresholds,
+                               entropy_scale=1 / 255)
+        return dataclasses.replace(seg, uncertainty=SegmentationUncertainty("tta", 2, structures, entropy, thresholds))
+
+
+def test_a_study_with_uncertainty_records_its_low_confidence_structures(tmp_path: Path, phantom_study) -> None:  # noqa: ANN001
+    import highdicom as hd
+
+    from dicomout import codes
+    from tests.support.dciodvfy import dciodvfy_errors
+    from tests.support.truth import TruthSegmenter
+    from tests.thighnode.test_workflow import STUDY, _run
+
+    phantom, labels, _ = phantom_study
+    segmenter = _UncertainSegmenter(TruthSegmenter({STUDY: phantom}, labels))
+    _, outcome, results, _ = _run(tmp_path, phantom_study, segmenter=segmenter)
+    assert outcome.result["uncertainty"]["low_confidence"] == [
+        {"structure": "gracilis", "side": "left", "mean_entropy": pytest.approx(200 / 255, abs=1e-3),
+         "volume_cv_pct": pytest.approx(100 / 9, abs=0.05)}]
+    assert outcome.result["uncertainty"]["threshold"] == {"mean_entropy": 0.3, "volume_cv_pct": 5.0}
+    stored = results.get(STUDY).measurements  # type: ignore[union-attr]
+    assert stored.structure("gracilis", "left").uncertainty.low_confidence  # type: ignore[union-attr]
+    assert not stored.structure("gracilis", "right").uncertainty.low_confidence  # type: ignore[union-attr]
+    sr_path = next(Path(o["path"]) for o in outcome.result["outputs"] if o["kind"] == "sr")
+    assert dciodvfy_errors(sr_path) == []
+    flagged = [
+        g.tracking_identifier for g in hd.sr.srread(sr_path).content.get_volumetric_roi_measurement_groups()
+        if g.get_qualitative_evaluations(name=codes.LOW_CONFIDENCE)[0].value == codes.YES
+    ]
+    assert len(flagged) == 1
