@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from dicomout.uids import correction_uid, output_uid
+from pipeline.correction import StructureDifference
 from pipeline.types import Comparison, Measurements, PriorSearch, Segmentation, SelectedSeries, Volume
 
 SEG_TYPES: tuple[str, ...] = ("BINARY", "LABELMAP")
@@ -62,6 +64,36 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class Verification:
+    """A reader's correction of the model's segmentation (the outputs are then marked verified).
+
+    ``observer_name`` is the correction SEG's ContentCreatorName (a person's name, PN: never
+    logged); ``seg_sop_instance_uid`` that SEG's SOPInstanceUID, from which the outputs' UIDs
+    are derived (:func:`dicomout.uids.correction_uid`); ``differences`` the model's values
+    against the corrected ones (:func:`pipeline.correction.compare_with_model`).
+    """
+
+    observer_name: str
+    seg_sop_instance_uid: str
+    verified_at: datetime
+    differences: tuple[StructureDifference, ...]
+    organization: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.seg_sop_instance_uid:
+            raise ValueError("Verification.seg_sop_instance_uid is empty; the correction SEG's SOPInstanceUID is required")
+
+    @property
+    def observer_display(self) -> str:
+        """The observer's name for text ("Reader^Test" -> "Test Reader"); "unknown reader" when empty."""
+        parts = [p for p in self.observer_name.split("^")[:2] if p.strip()]
+        return " ".join(reversed(parts)) if parts else "unknown reader"
+
+    def difference(self, key: str, side: str) -> StructureDifference | None:
+        return next((d for d in self.differences if d.key == key and d.side == side), None)
+
+
+@dataclass(frozen=True)
 class StudyContext:
     """One processed study: everything an output builder may read.
 
@@ -82,6 +114,14 @@ class StudyContext:
     content_time: datetime
     comparison: Comparison | None = None
     prior_search: PriorSearch | None = None
+    verification: Verification | None = None
+
+    def output_uid(self, kind: str) -> str:
+        """An output's UID: from the source series and the model version, or, for outputs of a
+        reader's correction, from the correction SEG's SOPInstanceUID (:mod:`dicomout.uids`)."""
+        if self.verification is not None:
+            return correction_uid(self.verification.seg_sop_instance_uid, kind)
+        return output_uid(self.selected.series_instance_uid, self.model.version, kind)
 
     @property
     def equipment(self) -> Equipment:

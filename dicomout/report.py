@@ -63,10 +63,12 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from dicomout.errors import ReportError
+from dicomout.report_correction import correction_chunks, draw_correction_page
 from dicomout.report_comparison import comparison_table, draw_comparison_chart_page, draw_comparison_table_page
 from dicomout.report_layout import DEMONSTRATION_BANNER, Cell, ReportHeader, draw_page_frame, structure_order
 from dicomout.report_overlay import (
@@ -77,6 +79,7 @@ from dicomout.report_overlay import (
     coronal_overlay_rgb,
 )
 from dicomout.report_pages import draw_chart_page, draw_structure_page, draw_summary_page, structure_rows
+from pipeline.correction import StructureDifference
 from pipeline.labels import LabelTable
 from pipeline.types import Comparison, Measurements, PatientInfo, PriorSearch, Segmentation, Volume
 
@@ -179,12 +182,16 @@ def render_report(
     study: ReportHeader,
     comparison: Comparison | None = None,
     prior_search: PriorSearch | None = None,
+    corrections: Sequence[StructureDifference] = (),
 ) -> bytes:
     """Render the report (layout in the module docstring) and return the PDF bytes.
 
     ``comparison`` (the current study against the patient's prior study) adds the
     "Comparison with prior study" pages; without one, ``prior_search`` (where the node
     looked) is reported on the last page as "No prior study found".
+    ``corrections`` (a reader's correction; ``study.verified_by`` names the reader) adds
+    the pages of the model's values against the corrected ones at the end
+    (:mod:`dicomout.report_correction`).
 
     Raises:
         ReportError: the segmentation is not on the volume's grid, the geometry cannot
@@ -202,8 +209,9 @@ def render_report(
     entropy = axial_entropy_rgb(volume, segmentation)
     keys = structure_order(measurements, labels)
     plan = _plan_pages(measurements, labels, keys, comparison)
+    corrected = correction_chunks(corrections) if corrections else []
     frame = {
-        "pages": plan.pages, "patient": patient, "measurements": measurements, "study": study,
+        "pages": plan.pages + len(corrected), "patient": patient, "measurements": measurements, "study": study,
         "model_name": study.model_name or segmentation.model_name,
         "model_version": study.model_version or segmentation.model_version,
     }
@@ -236,9 +244,13 @@ def render_report(
             fig, top = page(plan.pages)
             draw_comparison_chart_page(fig, top, comparison, labels)
             pdf.savefig(fig, dpi=150)
+        for i, chunk in enumerate(corrected):
+            fig, top = page(plan.pages + 1 + i)
+            draw_correction_page(fig, top, chunk, reader=study.verified_by or "the reader", continued=i > 0)
+            pdf.savefig(fig, dpi=150)
     data = buffer.getvalue()
     LOGGER.info(
         "report rendered: study %s, %d pages, %d structures, %d bytes in %.2f s",
-        volume.study_instance_uid, plan.pages, len(keys), len(data), time.perf_counter() - started,
+        volume.study_instance_uid, plan.pages + len(corrected), len(keys), len(data), time.perf_counter() - started,
     )
     return data

@@ -97,6 +97,7 @@ class ReportHeader:
     model_name: str = ""
     model_version: str = ""
     demonstration_model: bool = False
+    verified_by: str = ""  # a reader's correction: "Verified (corrected by <name>)" on every page
 
     @classmethod
     def from_dataset(
@@ -315,13 +316,29 @@ def draw_page_frame(
         fig.add_artist(Rectangle((0.06, y - 0.030), 0.88, 0.024, transform=fig.transFigure, facecolor="#c62828", edgecolor="none"))
         fig.text(0.5, y - 0.018, DEMONSTRATION_BANNER, ha="center", va="center", fontsize=12, fontweight="bold", color="white")
         y -= 0.036
+    if study.verified_by:
+        from matplotlib.patches import Rectangle
+
+        fig.add_artist(Rectangle((0.06, y - 0.030), 0.88, 0.024, transform=fig.transFigure, facecolor="#2e7d32", edgecolor="none"))
+        fig.text(0.5, y - 0.018, verified_banner(study.verified_by), ha="center", va="center", fontsize=11,
+                 fontweight="bold", color="white")
+        y -= 0.036
+    footer = (
+        f"Values come from the segmentation as corrected by {study.verified_by}; the model's values are listed for "
+        "comparison. " if study.verified_by else
+        "Values come from an automated segmentation; check the overlay before relying on them. "
+    )
     fig.text(
         0.06, 0.022,
-        "Values come from an automated segmentation; check the overlay before relying on them. "
-        "Volumes in cm³ (= ml); mass from HU-derived density.",
+        footer + "Volumes in cm³ (= ml); mass from HU-derived density.",
         fontsize=6.5, color="#555555",
     )
     return y - 0.012
+
+
+def verified_banner(reader: str) -> str:
+    """The banner of a report whose segmentation a reader corrected."""
+    return f"VERIFIED (corrected by {reader})"
 
 
 def _hline(fig: Any, y: float) -> Any:

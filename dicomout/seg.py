@@ -371,6 +371,7 @@ def build_seg(
     series_number: int = SEG_SERIES.number,
     instance_number: int = 1,
     workers: int = 0,
+    series_uid: str | None = None, instance_uid: str | None = None, series_description: str | None = None,
 ) -> hd.seg.Segmentation:
     """Build the DICOM Segmentation (PS3.3 A.51, or A.51.x Label Map Segmentation) of a study.
 
@@ -387,6 +388,7 @@ def build_seg(
             Equipment / Enhanced General Equipment (PS3.3 C.7.5.1, C.7.5.2).
         series_number, instance_number: SeriesNumber / InstanceNumber.
         workers: frame-compression worker processes (highdicom); 0 encodes in this process.
+        series_uid, instance_uid, series_description: instead of those from the source series and model.
 
     Returns:
         The Segmentation dataset (write it with ``save_as``).
@@ -400,8 +402,8 @@ def build_seg(
     _check_grid(volume, segmentation)
     ordered = order_sources(volume, source_datasets)
 
-    series_uid = output_uid(volume.series_instance_uid, segmentation.model_version, "seg.series")
-    instance_uid = output_uid(volume.series_instance_uid, segmentation.model_version, "seg.instance")
+    series_uid = series_uid or output_uid(volume.series_instance_uid, segmentation.model_version, "seg.series")
+    instance_uid = instance_uid or output_uid(volume.series_instance_uid, segmentation.model_version, "seg.instance")
     segments, array = plan_segments(segmentation, instance_uid)
     descriptions = _segment_descriptions(segments, segmentation, manufacturer, volume.series_instance_uid)
 
@@ -427,7 +429,7 @@ def build_seg(
         )
     except (ValueError, TypeError) as exc:
         raise BuildError(f"highdicom refused the Segmentation ({segmentation_type}, {ts.name}): {exc}") from exc
-    seg.SeriesDescription = SEG_SERIES.description(segmentation.model_name, segmentation.model_version)
+    seg.SeriesDescription = series_description or SEG_SERIES.description(segmentation.model_name, segmentation.model_version)
     logger.info(
         "build_seg end: series %s, %s %s, %d segments, %d frames in %.2f s",
         volume.series_instance_uid, segmentation_type, ts.name, len(segments), int(seg.NumberOfFrames),

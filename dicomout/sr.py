@@ -83,11 +83,11 @@ from pydicom.sr.coding import Code
 from pydicom.uid import RE_VALID_UID
 
 from dicomout import codes
-from dicomout.context import Equipment
+from dicomout.context import Equipment, Verification
 from dicomout.seg import BuildError, SourceInput, order_sources, segment_map, structure_code
 from dicomout.sr_items import add_texts, numeric
 from dicomout.sr_totals import PATIENT_TOTALS_ID, check_groups, patient_group  # noqa: F401 (PATIENT_TOTALS_ID: public here)
-from dicomout.uids import SR_SERIES, device_observer_uid, output_uid, tracking_uid
+from dicomout.uids import SR_SERIES, SR_VERIFIED_SERIES, device_observer_uid, output_uid, tracking_uid
 from pipeline.errors import LabelTableError
 from pipeline.labels import LabelTable
 from pipeline.types import (
@@ -344,19 +344,22 @@ class _ReportParts:
     algorithm: hd.sr.AlgorithmIdentification
     labels: LabelTable
     source_series: hd.sr.SourceSeriesForSegmentation
+    verification: Verification | None = None
 
 
 def _report_parts(
-    seg_dataset: Dataset, volume: Volume, labels: LabelTable, model_name: str, model_version: str
+    seg_dataset: Dataset, volume: Volume, labels: LabelTable, model_name: str, model_version: str,
+    instance_uid: str | None = None, verification: Verification | None = None,
 ) -> _ReportParts:
     return _ReportParts(
         seg_dataset=seg_dataset,
         segment_numbers=segment_map(seg_dataset),
         segment_items={int(item.SegmentNumber): item for item in seg_dataset.SegmentSequence},
-        instance_uid=output_uid(volume.series_instance_uid, model_version, "sr.instance"),
+        instance_uid=instance_uid or output_uid(volume.series_instance_uid, model_version, "sr.instance"),
         algorithm=hd.sr.AlgorithmIdentification(name=model_name[:64], version=model_version[:64]),
         labels=labels,
         source_series=hd.sr.SourceSeriesForSegmentation(volume.series_instance_uid),
+        verification=verification,
     )
 
 
@@ -375,6 +378,8 @@ def _structure_group(
         change_measurements, change_evaluations, change_texts = _change_items(change)
         evaluations += change_evaluations
         texts += change_texts
+    if parts.verification is not None:
+        texts += _model_value_texts(parts.verification, s.key, s.side)
     number = parts.segment_numbers.get((s.key, s.side))
     group: _Group
     if number is None:
@@ -406,6 +411,50 @@ def _structure_group(
         )
     add_texts(group, texts)
     return group
+
+
+def _model_value_texts(verification: Verification, key: str, side: str) -> list[tuple[Code, str]]:
+    """The model's volume beside the corrected one (a verified report keeps the model's values)."""
+    d = verification.difference(key, side)
+    if d is None:
+        return []
+    return [(
+        codes.COMMENT,
+        f"Corrected by the reader: model volume {d.model_volume_ml:.1f} cm3, corrected volume "
+        f"{d.corrected_volume_ml:.1f} cm3, corrected - model {d.difference_ml:+.1f} cm3",
+    )]
+
+
+def _observation_context(model_name: str, equipment: Equipment, verification: Verification | None) -> hd.sr.ObservationContext:
+    """The node as device observer (TID 1004); with a correction, the reader as person observer (TID 1003) too."""
+    person = None
+    if verification is not None:
+        person = hd.sr.ObserverContext(
+            observer_type=pydicom_codes.DCM.Person,
+            observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(
+                name=verification.observer_name or "UNKNOWN", organization_name=verification.organization or None,
+            ),
+        )
+    return hd.sr.ObservationContext(observer_person_context=person, observer_device_context=_observer(model_name, equipment))
+
+
+def _set_verification_time(sr: hd.sr.Comprehensive3DSR, verification: Verification | None) -> None:
+    """VerificationDateTime from the correction (deterministic), not highdicom's "now"."""
+    if verification is not None:
+        sr.VerifyingObserverSequence[0].VerificationDateTime = verification.verified_at.strftime("%Y%m%d%H%M%S")
+
+
+def _verification_flags(verification: Verification | None, is_final: bool) -> dict[str, object]:
+    """SR Document General Module (PS3.3 C.17.2): a reader's correction makes the report VERIFIED and
+    FINAL, with VerifyingObserverSequence naming the correction SEG's ContentCreatorName; the reader
+    is also the person observer (TID 1003) and each structure group carries the model's volume and
+    the difference (:func:`_model_value_texts`)."""
+    if verification is None:
+        return {"is_final": is_final, "is_verified": False}
+    return {
+        "is_final": True, "is_verified": True, "verifying_observer_name": verification.observer_name or "UNKNOWN",
+        "verifying_organization": verification.organization or "UNKNOWN",
+    }
 
 
 def _measurement_groups(
@@ -461,6 +510,7 @@ def build_sr(
     series_number: int = SR_SERIES.number,
     instance_number: int = 1,
     is_final: bool = False,
+    series_uid: str | None = None, instance_uid: str | None = None, verification: Verification | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 Measurement Report (Comprehensive 3D SR) of one segmented study.
 
@@ -483,8 +533,9 @@ def build_sr(
             reported in the patient-level group ("No prior study found ..."); with a
             ``prior`` it must say found.
         series_number, instance_number: SeriesNumber / InstanceNumber.
-        is_final: PreliminaryFlag FINAL instead of PRELIMINARY (the report is never
-            VERIFIED: no person has signed it).
+        is_final: PreliminaryFlag FINAL instead of PRELIMINARY.
+        series_uid, instance_uid, verification: UIDs instead of those derived from the source series and
+            model; a reader's correction (:func:`_verification_flags`), else never VERIFIED: no person signed.
 
     Raises:
         BuildError: the SEG does not belong to the volume's study or frame of reference, a
@@ -497,31 +548,29 @@ def build_sr(
     _check_inputs(measurements, seg_dataset, volume, prior, prior_search)
     sources = order_sources(volume, source_datasets)
     model_name, model_version = _model_of(seg_dataset)
-    parts = _report_parts(seg_dataset, volume, labels, model_name, model_version)
+    parts = _report_parts(seg_dataset, volume, labels, model_name, model_version, instance_uid, verification)
     groups = _measurement_groups(measurements, parts, prior, prior_search)
-    context = hd.sr.ObservationContext(observer_device_context=_observer(model_name, equipment))
+    context = _observation_context(model_name, equipment, verification)
     report = hd.sr.MeasurementReport(context, codes.CT_OF_THIGH, imaging_measurements=groups)
     try:
         sr = hd.sr.Comprehensive3DSR(
             evidence=[*sources, seg_dataset],
             content=report,
-            series_instance_uid=output_uid(volume.series_instance_uid, model_version, "sr.series"),
+            series_instance_uid=series_uid or output_uid(volume.series_instance_uid, model_version, "sr.series"),
             series_number=series_number,
-            sop_instance_uid=parts.instance_uid,
-            instance_number=instance_number,
+            sop_instance_uid=parts.instance_uid, instance_number=instance_number,
             manufacturer=equipment.manufacturer,
             is_complete=True,
-            is_final=is_final,
-            is_verified=False,
+            **_verification_flags(verification, is_final),
             institution_name=equipment.institution_name or None,
-            manufacturer_model_name=DEVICE_OBSERVER_NAME,
-            software_versions=equipment.software_version,
+            manufacturer_model_name=DEVICE_OBSERVER_NAME, software_versions=equipment.software_version,
             device_serial_number=equipment.device_serial,
-            series_description=SR_SERIES.description(model_name, model_version),
+            series_description=(SR_VERIFIED_SERIES if verification else SR_SERIES).description(model_name, model_version),
             coding_schemes=[codes.private_scheme_identification()],
         )
     except (ValueError, TypeError) as exc:
         raise BuildError(f"highdicom refused the Comprehensive 3D SR: {exc}") from exc
+    _set_verification_time(sr, verification)
     logger.info(
         "build_sr end: series %s, %d measurement groups, prior study %s in %.2f s",
         volume.series_instance_uid, len(groups), prior.prior_study_uid if prior is not None else "none",

@@ -14,6 +14,8 @@ What the UID depends on:
 * a segment's TrackingUID (PS3.3 C.8.20.2, Segment Description Macro): the SEG's
   SOPInstanceUID and the segment's structure key and side, so the SR (TID 1411) can
   quote the same value;
+* outputs built from a reader's corrected SEG (:func:`correction_uid`): that SEG's
+  SOPInstanceUID and the output kind;
 * the device observer UID (TID 1004): the device name, manufacturer and serial number.
 
 Series numbers and descriptions of the outputs are here too (:data:`OUTPUT_SERIES`),
@@ -67,6 +69,10 @@ class OutputSeries:
 SEG_SERIES = OutputSeries(number=901, title="Thigh muscles SEG")
 SR_SERIES = OutputSeries(number=902, title="Thigh muscles SR")
 PDF_SERIES = OutputSeries(number=903, title="Thigh muscles report")
+SEG_VERIFIED_SERIES = OutputSeries(number=911, title="Thigh muscles SEG verified")
+SR_VERIFIED_SERIES = OutputSeries(number=912, title="Thigh muscles SR verified")
+PDF_VERIFIED_SERIES = OutputSeries(number=913, title="Thigh muscles report verified")
+"""The outputs of a reader's correction (:func:`correction_uid`)."""
 
 OUTPUT_SERIES: MappingProxyType[str, OutputSeries] = MappingProxyType(
     {"seg": SEG_SERIES, "sr": SR_SERIES, "pdf": PDF_SERIES}
@@ -101,6 +107,21 @@ def output_uid(source_series_uid: str, model_version: str, kind: str) -> str:
     if not source_series_uid:
         raise ValueError("source SeriesInstanceUID is empty; an output UID needs the source series")
     return _derived_uid("output", source_series_uid, model_version, kind)
+
+
+def correction_uid(seg_sop_instance_uid: str, kind: str) -> str:
+    """The SeriesInstanceUID or SOPInstanceUID of an output built from a reader's corrected SEG.
+
+    Derived from the correction SEG's SOPInstanceUID (so a correction received twice gives the
+    same objects, and they never collide with the model's outputs of :func:`output_uid`).
+    """
+    if not isinstance(kind, str) or not OUTPUT_KIND_PATTERN.fullmatch(kind):
+        raise ValueError(
+            f"correction UID kind {kind!r} is not allowed; allowed: '<output name>.series' or '<output name>.instance'"
+        )
+    if not seg_sop_instance_uid:
+        raise ValueError("correction SEG SOPInstanceUID is empty; a correction UID needs it")
+    return _derived_uid("correction", seg_sop_instance_uid, kind)
 
 
 def tracking_uid(seg_instance_uid: str, structure_key: str, side: str) -> str:

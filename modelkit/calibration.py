@@ -253,11 +253,12 @@ def calibrate_bundle(
     device: str = "auto",
     objective: str = DEFAULT_OBJECTIVE,
 ) -> CalibrationResult:
-    """Fit the class weights of ``bundle_dir`` on the NIfTI pairs of ``data_dir`` (one folder or
-    several) and (``write``) store them in the bundle's metadata. Existing weights are ignored
+    """Fit the class weights of ``bundle_dir`` on the labelled cases of ``data_dir`` (one folder or
+    several, each of NIfTI pairs or of DICOM CT + SEG case folders) and (``write``) store them in the bundle's metadata. Existing weights are ignored
     (refitted from 1). ``objective``: see OBJECTIVES (checked before any case is segmented)."""
     check_objective(objective)
-    from modelkit.nifti import NiftiError, data_folders, list_nifti_cases, load_nifti_case
+    from modelkit.casefolders import DataFolderError, list_folders, load_case_volume
+    from modelkit.nifti import data_folders
     from pipeline.bundle import load_bundle, set_class_weights
     from pipeline.inference import Segmenter
     from pipeline.labels import load_label_table
@@ -270,8 +271,8 @@ def calibrate_bundle(
     prepared = []
     finish = []
     names = []
-    for case in (c for d in data_folders(data_dir) for c in list_nifti_cases(d)):
-        volume, truth = load_nifti_case(case, labels)
+    for case in list_folders(data_folders(data_dir)):
+        volume, truth = load_case_volume(case, labels)
         probs, plan = segmenter.predict(volume)
         ml = volume.voxel_volume_ml
         prepared.append((probs, plan, _counts(truth, n) * ml, ml))
@@ -279,7 +280,7 @@ def calibrate_bundle(
         names.append(case.name)
         logger.info("calibration case %s predicted", case.name)
     if not prepared:
-        raise NiftiError(f"calibration data {data_dir} holds no NIfTI pairs")
+        raise DataFolderError(f"calibration data {data_dir} holds no labelled cases")
     per_case: dict = {}
     weights, _, _, done = fit_class_weights(prepared, n, iterations=iterations, finish=finish,
                                             objective=objective, per_case=per_case)

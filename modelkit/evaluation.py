@@ -212,11 +212,13 @@ def evaluate_bundle(
     device: str = "auto",
     uncertainty_samples: int = 0,
 ) -> EvaluationReport:
-    """Segment every NIfTI pair of ``data_dir`` (one folder or several, pooled in one report) with the
-    bundle, on each case's own grid, and score it. ``uncertainty_samples`` >= 2: also draw that many
-    test-time augmentations (pipeline.uncertainty) and record each structure's summaries beside its
-    scores (modelkit.uncertainty_eval relates them to the errors)."""
-    from modelkit.nifti import data_folders, list_nifti_cases, load_nifti_case
+    """Segment every labelled case of ``data_dir`` (one folder or several, pooled in one report; each a
+    folder of NIfTI pairs, of DICOM case folders, or one DICOM case folder, as
+    :func:`modelkit.sitecases.held_out_cases` gives) with the bundle, on each case's own grid, and score it.
+    ``uncertainty_samples`` >= 2: also draw that many test-time augmentations (pipeline.uncertainty) and
+    record each structure's summaries beside its scores (modelkit.uncertainty_eval relates them to the errors)."""
+    from modelkit.casefolders import list_labelled_cases, load_case_volume
+    from modelkit.nifti import data_folders
     from pipeline.bundle import load_bundle
     from pipeline.inference import Segmenter, select_device
     from pipeline.labels import load_label_table
@@ -231,10 +233,10 @@ def evaluate_bundle(
     scores: list[StructureScore] = []
     names: list[str] = []
     started = time.monotonic()
-    listed = [(d, c) for d in data_folders(data_dir) for c in list_nifti_cases(d)]  # every folder is listed (and checked) first
+    listed = [(d, c) for d in data_folders(data_dir) for c in list_labelled_cases(d)]  # every folder is listed (and checked) first
     case_names = _case_names(listed)
     for (_, case), case_name in zip(listed, case_names):
-        volume, truth = load_nifti_case(case, labels)
+        volume, truth = load_case_volume(case, labels)
         seg = segmenter.segment(volume)
         true_sides = split_sides(truth, volume.affine_lps, femur_id=femur_id)
         case_scores = score_case(case_name, seg.label_map, truth, labels, volume.voxel_volume_ml, seg.side_map, true_sides)

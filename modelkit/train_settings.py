@@ -3,7 +3,9 @@ chain (config/train_demo*.toml), and the phantom sets a run generates when their
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +21,13 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+logger = logging.getLogger(__name__)
+
+#: Keys that name data folders (each a folder of NIfTI pairs or of DICOM case folders, modelkit.casefolders).
+#: ``dicom_dirs`` is the deprecated name of DICOM folders in ``data_dirs``, still read.
+FOLDER_KEYS = ("data_dirs", "val_dirs", "dicom_dirs", "calibration_dirs")
+PATH_KEYS = ("output_bundle", "checkpoint_dir", "resume", "init_weights", "case_cache_dir", "node_data_dir")
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,17 @@ class TrainSettings:
     checkpoint_dir: Path
     val_dirs: tuple[Path, ...] = ()
     val_fraction: float = 0.15
+    #: Deprecated: DICOM case folders now go in data_dirs (any folder of it may hold NIfTI pairs or DICOM
+    #: cases). Still read; its folders are appended to data_dirs.
     dicom_dirs: tuple[Path, ...] = ()
+    #: The node's data directory ([node] data_dir): every case under <node_data_dir>/corrected/ (the
+    #: radiologists' corrected SEGs, modelkit.sitecases) is used, split into training and held-out cases by
+    #: patient (held_out_fraction, seed); the held-out StudyInstanceUIDs go into the bundle's metadata.
+    node_data_dir: Path | None = None
+    held_out_fraction: float = 0.2
+    #: With init_weights a bundle: a [preprocess] that differs from the bundle's is refused unless this is
+    #: true (e.g. a deliberate fine-tune on another model grid).
+    allow_preprocess_change: bool = False
     iterations: int = 1000
     val_every: int = 100
     lr: float = 1e-3
@@ -146,6 +165,15 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         self.tissue_contrast()  # validates the contrast_* keys
+        if self.dicom_dirs:  # the deprecated key: its folders are data folders like any other
+            object.__setattr__(self, "data_dirs", tuple(dict.fromkeys((*self.data_dirs, *self.dicom_dirs))))
+            object.__setattr__(self, "dicom_dirs", ())
+        fraction = self.held_out_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
+            raise ValueError(f"TrainSettings.held_out_fraction must be a number, 0 <= value < 1; saw {fraction!r}")
+        if not isinstance(self.allow_preprocess_change, bool):
+            raise ValueError(f"TrainSettings.allow_preprocess_change must be true or false; "
+                             f"saw {self.allow_preprocess_change!r}")
         if self.iterations < 0 or self.val_every < 1 or self.batch_size < 1 or self.samples_per_volume < 1:
             raise ValueError(
                 f"TrainSettings: iterations ({self.iterations}) >= 0, val_every ({self.val_every}), batch_size "
@@ -190,7 +218,11 @@ class TrainSettings:
         ``base = "other.toml"`` (relative to this file's folder) reads that file first; this
         file then overrides it: top-level keys replace the base's, ``[network]`` and
         ``[preprocess]`` merge key by key, ``[[phantoms]]`` merge by ``dir`` (a folder named
-        again replaces the base's entry, new folders are added). Bases may chain."""
+        again replaces the base's entry, new folders are added). Bases may chain.
+
+        With ``init_weights`` a bundle folder, ``[network]`` and ``[preprocess]`` default to the bundle's;
+        a key given with another value is a ValueError naming it and both values (the preprocessing may
+        differ with ``allow_preprocess_change = true``)."""
         return cls.from_dict(read_train_toml(Path(path)), source=str(path), **overrides)
 
     @classmethod
@@ -200,32 +232,109 @@ class TrainSettings:
         net = data.pop("network", {})
         pre = data.pop("preprocess", {})
         phantoms = data.pop("phantoms", [])
-        unknown = set(data) - set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"{source}: unknown training settings {sorted(unknown)}")
+            hints = [f"{k} -> {close[0]}" for k in unknown
+                     if (close := difflib.get_close_matches(k, list(cls.__dataclass_fields__), n=1))]
+            raise ValueError(f"{source}: unknown training settings {unknown}"
+                             + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+                             + "; `thighnode train --init FILE` writes a file with the usual keys")
+        if "dicom_dirs" in data:
+            logger.warning("%s: dicom_dirs is deprecated: put DICOM case folders in data_dirs (read as such)", source)
         for key, value in data.items():
-            if key in ("data_dirs", "val_dirs", "dicom_dirs", "calibration_dirs"):
+            if key in FOLDER_KEYS:
+                if not isinstance(value, (str, list)) or not all(isinstance(v, str) for v in
+                                                                 ([value] if isinstance(value, str) else value)):
+                    raise ValueError(f"{source}: {key} must be a folder or a list of folders; saw {value!r}")
                 value = tuple(Path(v) for v in ([value] if isinstance(value, str) else value))
-            elif key in ("output_bundle", "checkpoint_dir", "resume", "init_weights", "case_cache_dir"):
+            elif key in PATH_KEYS:
+                if value and not isinstance(value, str):
+                    raise ValueError(f"{source}: {key} must be a path (a string); saw {value!r}")
                 value = Path(value) if value else None
             kwargs[key] = value
-        kwargs["network"] = NetworkSettings.from_dict(net)
-        kwargs["preprocess"] = PreprocessSettings.from_dict(pre)
+        for section, table, kind in (("network", net, NetworkSettings), ("preprocess", pre, PreprocessSettings)):
+            if not isinstance(table, dict):
+                raise ValueError(f"{source}: [{section}] must be a table; saw {table!r}")
+            if extra := sorted(set(table) - set(kind.__dataclass_fields__)):
+                raise ValueError(f"{source}: unknown [{section}] key(s) {', '.join(extra)}; "
+                                 f"allowed: {', '.join(kind.__dataclass_fields__)}")
+        init = overrides.get("init_weights") or kwargs.get("init_weights")
+        if init is not None:
+            net, pre = _architecture_from_bundle(Path(init), net, pre, source,
+                                                 bool(kwargs.get("allow_preprocess_change", False)))
+        try:
+            kwargs["network"] = NetworkSettings.from_dict(net)
+            kwargs["preprocess"] = PreprocessSettings.from_dict(pre)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: [network] / [preprocess]: {exc}") from None
         kwargs["phantoms"] = {
             str(Path(p["dir"])): _phantom_settings(p, source)
             for p in phantoms
         }
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        if "data_dirs" not in kwargs and (kwargs.get("node_data_dir") or kwargs.get("dicom_dirs")):
+            kwargs["data_dirs"] = ()
         for key in ("data_dirs", "output_bundle", "checkpoint_dir"):
             if key not in kwargs:
-                raise ValueError(f"{source}: training setting {key!r} is required")
-        return cls(**kwargs)
+                raise ValueError(f"{source}: training setting {key!r} is required"
+                                 + (" (or node_data_dir)" if key == "data_dirs" else ""))
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise ValueError(f"{source}: {exc}") from None
 
     def provenance(self) -> dict[str, Any]:
         d = asdict(self)
         d["network"] = self.network.to_dict()
         d["preprocess"] = self.preprocess.to_dict()
         return json.loads(json.dumps(d, default=str))
+
+
+def read_bundle_settings(bundle: Path) -> dict[str, Any] | None:
+    """``{"network", "preprocess", "name", "version"}`` of a bundle folder's configs/metadata.json, or None
+    when ``bundle`` is not a bundle folder (a state-dict file, or not there yet)."""
+    from pipeline.bundle import METADATA_PATH
+
+    path = Path(bundle) / METADATA_PATH
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        return {"network": dict(meta["network_settings"]), "preprocess": dict(meta["preprocess_settings"]),
+                "name": str(meta.get("name", "")), "version": str(meta.get("version", ""))}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"init_weights {bundle}: {path} is not a bundle's metadata ({exc!r})") from None
+
+
+#: [network] keys that may differ from the init bundle's (they change no weight's shape or meaning).
+_FREE_NETWORK_KEYS = ("dropout_rate",)
+
+
+def _architecture_from_bundle(init: Path, net: dict[str, Any], pre: dict[str, Any], source: str,
+                              allow_preprocess_change: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """[network] and [preprocess] of settings that start from the bundle ``init``: the bundle's, with the
+    file's keys on top; a key the file gives with another value than the bundle's is refused (ValueError
+    naming the key and both values), except the preprocessing when ``allow_preprocess_change``. Unchanged
+    when ``init`` is no bundle folder (a .pt file, or a bundle an earlier stage has yet to write)."""
+    bundle = read_bundle_settings(init)
+    if bundle is None:
+        return net, pre
+    checks = [("network", NetworkSettings, net, bundle["network"], _FREE_NETWORK_KEYS)]
+    if not allow_preprocess_change:
+        checks.append(("preprocess", PreprocessSettings, pre, bundle["preprocess"], ()))
+    for section, kind, given, theirs, free in checks:
+        try:
+            ours_n = kind.from_dict({**theirs, **given}).to_dict()
+            theirs_n = kind.from_dict(theirs).to_dict()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: [{section}]: {exc}") from None
+        for key in given:
+            if key in ours_n and key not in free and ours_n[key] != theirs_n[key]:
+                hint = " (or set allow_preprocess_change = true)" if section == "preprocess" else ""
+                raise ValueError(
+                    f"{source}: [{section}] {key} = {json.dumps(ours_n[key])} but the init_weights bundle {init} has "
+                    f"{json.dumps(theirs_n[key])}: leave it out to take the bundle's{hint}")
+    return {**bundle["network"], **net}, {**bundle["preprocess"], **pre}
 
 
 def read_train_toml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:

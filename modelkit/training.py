@@ -2,8 +2,11 @@
 
 ``thighnode train config/train_demo.toml`` (:func:`train` with :class:`TrainSettings`).
 
-Data: NIfTI pairs (:mod:`modelkit.nifti`) or DICOM cases (one folder per case holding a
-CT series and a DICOM-SEG ground truth, :mod:`modelkit.segimport`). Every case goes
+Data: every folder of ``data_dirs`` / ``val_dirs`` holds NIfTI pairs (:mod:`modelkit.nifti`) or DICOM
+cases (one folder per case holding a CT series and a DICOM-SEG ground truth, :mod:`modelkit.segimport`),
+told apart by :mod:`modelkit.casefolders`; ``node_data_dir`` adds the node's corrected cases, split by
+patient into training and held-out cases (:mod:`modelkit.sitecases`; the held-out StudyInstanceUIDs go
+into the bundle's metadata, ``training.held_out``). Every case goes
 through the same :func:`pipeline.preprocess.prepare` as inference (canonical
 orientation, foreground crop, resampling to the model spacing, window + gamma) once, and
 is kept in the case cache (:mod:`modelkit.casecache`: on disk, memory-mapped, reused by the
@@ -190,42 +193,35 @@ def load_cases(
     soft_labels: bool = False,
     cache: CaseCache | None = None,
     indices: bool = False,
+    case_dirs: tuple[Path, ...] = (),
+    key: str = "data_dirs",
 ) -> list[PreparedCase]:
-    """Load and preprocess every case of the folders (NIfTI pairs, and DICOM CT + SEG case folders).
+    """Load and preprocess every case of the folders (each a folder of NIfTI pairs or of DICOM CT + SEG case
+    folders, :mod:`modelkit.casefolders`; ``dicom_dirs``, deprecated, is read the same way) and the single
+    DICOM case folders ``case_dirs`` (the node's corrected cases). ``key`` names the folders in errors.
 
     ``indices``: with the per-class voxel indices for patch sampling (training cases). With a
     ``cache`` (modelkit.casecache) each case is prepared once and its arrays come back
     memory-mapped from disk; without, they are held in memory."""
-    from modelkit.nifti import list_nifti_cases, load_nifti_pair
+    from modelkit.casefolders import dicom_case, list_folders, load_labelled_case
 
-    sources: list[tuple[str, list[Path], Any]] = []
-    for d in data_dirs:
-        for case in list_nifti_cases(Path(d)):
-            sources.append((case.name, list(case.files),
-                            lambda c=case: load_nifti_pair(c.ct_path, c.label_path, labels,
-                                                           label_names_path=c.label_names_path)))
-    for d in dicom_dirs:
-        from modelkit.segimport import load_dicom_case, list_dicom_cases
-
-        for case_dir in list_dicom_cases(Path(d)):
-            sources.append((case_dir.name, sorted(f for f in case_dir.rglob("*") if f.is_file()),
-                            lambda c=case_dir: load_dicom_case(c, labels)))
+    listed = list_folders((*data_dirs, *dicom_dirs), key) + [dicom_case(d) for d in case_dirs]
     soft_classes = labels.num_classes if soft_labels else 0
     recipe = {"preprocess": preprocess.to_dict(), "soft_classes": soft_classes, "num_classes": labels.num_classes,
               "indices": indices}
     cases: list[PreparedCase] = []
     before = cache.counts() if cache is not None else (0, 0, 0)
-    for name, files, load in sources:
-        def build(name=name, load=load) -> PreparedCase:
-            hu, lab, affine = load()
-            case = _prepare_case(name, hu, lab, affine, preprocess, soft_classes)
+    for source in listed:
+        def build(source=source) -> PreparedCase:
+            hu, lab, affine = load_labelled_case(source, labels)
+            case = _prepare_case(source.name, hu, lab, affine, preprocess, soft_classes)
             return with_class_indices(case, labels.num_classes) if indices else case
 
         if cache is None:
             cases.append(build())
         else:
-            arrays = cache.fetch(name, files, recipe, lambda build=build: _case_arrays(build()))
-            cases.append(_case_from_arrays(name, arrays))
+            arrays = cache.fetch(source.name, list(source.files), recipe, lambda build=build: _case_arrays(build()))
+            cases.append(_case_from_arrays(source.name, arrays))
     if cache is not None:
         logger.info("%s", cache.summary(since=before))
     return cases
@@ -419,7 +415,8 @@ def train(settings: TrainSettings, labels: LabelTable | None = None) -> Path:
     set_determinism(seed=settings.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _check_inputs(settings)
-    train_cases, val_cases = _load_training_cases(settings, labels)
+    site = _site_split(settings)
+    train_cases, val_cases = _load_training_cases(settings, labels, site)
     logger.info("training on %d cases, validating on %d (loaded in %.1f s)", len(train_cases), len(val_cases),
                 time.monotonic() - started)
 
@@ -465,7 +462,7 @@ def train(settings: TrainSettings, labels: LabelTable | None = None) -> Path:
         progress.best_state = _cpu_state(network)
     out = _write_trained_bundle(settings, labels, progress.best_state, progress.best, progress.history, progress.step,
                                 [c.name for c in train_cases], [c.name for c in val_cases], time.monotonic() - started,
-                                init_sha256=init_sha256)
+                                init_sha256=init_sha256, extra=_held_out_record(settings, site))
     if settings.calibrate_volumes and (settings.val_dirs or settings.calibration_dirs):
         _calibrate(out, settings, labels, device)
     logger.info("training finished in %.0f s; bundle %s (best mean Dice %.4f at step %d)",
@@ -485,30 +482,60 @@ class _Progress:
 
 def _check_inputs(settings: TrainSettings) -> None:
     """Fail on a wrong path now, not after loading the data or training; generate missing phantom sets."""
+    from modelkit.casefolders import folder_kind
+
     if settings.resume is None and settings.init_weights is not None:
         _init_weights_file(Path(settings.init_weights))
     ensure_phantoms(settings)
+    folders = [("data_dirs", settings.data_dirs), ("val_dirs", settings.val_dirs)]
     if settings.calibrate_volumes:
-        from modelkit.nifti import list_nifti_cases
+        folders.append(("calibration_dirs", settings.calibration_dirs))
+    for key, dirs in folders:
+        for folder in dirs:
+            folder_kind(Path(folder), key)
+    if not settings.data_dirs and settings.node_data_dir is None:
+        raise ValueError("training settings: data_dirs is empty and node_data_dir is not set: no training cases")
 
-        for folder in settings.calibration_dirs:
-            list_nifti_cases(Path(folder))
+
+def _site_split(settings: TrainSettings):  # -> modelkit.sitecases.SiteSplit | None
+    """The node's corrected cases split by patient (node_data_dir), or None when not configured."""
+    if settings.node_data_dir is None:
+        return None
+    from modelkit.sitecases import split_corrected_cases
+
+    split = split_corrected_cases(Path(settings.node_data_dir), settings.seed, settings.held_out_fraction)
+    logger.info("node_data_dir %s: %s", settings.node_data_dir, split.note)
+    return split
 
 
-def _load_training_cases(settings: TrainSettings, labels: LabelTable) -> tuple[list[PreparedCase], list[PreparedCase]]:
-    """The training and validation cases (validation folders, or a seeded split of the training data)."""
+def _load_training_cases(settings: TrainSettings, labels: LabelTable,
+                         site=None) -> tuple[list[PreparedCase], list[PreparedCase]]:
+    """The training and validation cases (validation folders, or a seeded split of the training data);
+    ``site``: the node's corrected cases (:func:`_site_split`), whose training side joins the data folders'."""
     cache = CaseCache(settings.case_cache_dir or Path(settings.checkpoint_dir) / "case_cache") \
         if settings.case_cache else None
+    site_dirs = tuple(c.folder for c in site.train) if site is not None else ()
     cases = load_cases(settings.data_dirs, settings.dicom_dirs, labels, settings.preprocess, settings.soft_labels,
-                       cache=cache, indices=True)
+                       cache=cache, indices=True, case_dirs=site_dirs)
     if settings.val_dirs:
         train_cases = cases
-        val_cases = load_cases(settings.val_dirs, (), labels, settings.preprocess, cache=cache)
+        val_cases = load_cases(settings.val_dirs, (), labels, settings.preprocess, cache=cache, key="val_dirs")
     else:
         train_cases, val_cases = split_cases(cases, settings.val_fraction, settings.seed)
     if not train_cases:
-        raise ValueError(f"no training cases found in {settings.data_dirs} / {settings.dicom_dirs}")
+        where = [str(d) for d in settings.data_dirs] + ([f"{settings.node_data_dir}/corrected"] if site else [])
+        raise ValueError(f"no training cases found in {', '.join(where) or 'no folder'}")
     return train_cases, val_cases
+
+
+def _held_out_record(settings: TrainSettings, site) -> dict[str, Any]:
+    """What the bundle's metadata says of the node's held-out cases (StudyInstanceUIDs only)."""
+    if site is None:
+        return {}
+    return {"held_out": {"node_data_dir": str(settings.node_data_dir), "seed": settings.seed,
+                         "held_out_fraction": settings.held_out_fraction, "patients": site.patients,
+                         "train_study_uids": [c.study_uid for c in site.train],
+                         "study_uids": [c.study_uid for c in site.held_out]}}
 
 
 def _start(settings: TrainSettings, network: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[_Progress, str | None]:
@@ -564,7 +591,8 @@ def _calibrate(bundle: Path, settings: TrainSettings, labels: LabelTable, device
 
 def _write_trained_bundle(settings: TrainSettings, labels: LabelTable, state: dict, best: dict, history: list,
                           step: int, train_names: list[str], val_names: list[str], seconds: float,
-                          output: Path | None = None, init_sha256: str | None = None) -> Path:
+                          output: Path | None = None, init_sha256: str | None = None,
+                          extra: dict[str, Any] | None = None) -> Path:
     network = build_network(settings.network, labels.num_classes)
     network.load_state_dict(state)
     metadata = {
@@ -583,6 +611,7 @@ def _write_trained_bundle(settings: TrainSettings, labels: LabelTable, state: di
             "history": history,
             "seconds": seconds,
             **({"init_weights_sha256": init_sha256} if init_sha256 else {}),
+            **(extra or {}),
         },
         "metrics": {"validation_mean_dice_model_grid": best["mean_dice"], "validation_dice_model_grid": best["dice"]},
     }

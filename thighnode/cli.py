@@ -135,7 +135,7 @@ def status_report(settings: Any) -> dict[str, Any]:
                 "series_uid": j.series_uid,
                 "updated": _when(j.updated_at),
                 "timings_s": j.timings_s,
-                "coverage": j.result.get("coverage", {}),
+                "coverage": j.result.get("coverage", {}), **({"kind": j.result["kind"]} if "kind" in j.result else {}),
                 "uncertainty": j.result.get("uncertainty", {}),
             }
             for j in jobs.jobs()
@@ -174,12 +174,25 @@ def status_report(settings: Any) -> dict[str, Any]:
             "job_counts": jobs.counts(),
             "outbox": items,
             "outbox_counts": outbox.counts(),
+            "corrections": _correction_rows(settings.db_path),
         }
     finally:
         for store in (index, jobs, outbox, priors):
             close = getattr(store, "close", None)
             if close is not None:
                 close()
+
+
+def _correction_rows(db_path: Any) -> list[dict[str, Any]]:
+    """SEGs received from readers (thighnode.corrections): own, accepted or refused with the reason."""
+    from thighnode.corrections import CorrectionStore
+
+    store = CorrectionStore(db_path)
+    try:
+        return [{"job": c.job_id, "study_uid": c.study_uid, "handled": _when(c.handled_at), **c.to_summary()}
+                for c in store.records()]
+    finally:
+        store.close()
 
 
 def format_coverage(coverage: dict[str, Any]) -> str:
@@ -229,6 +242,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  prior {r['prior_study_uid']} for {r['for_study_uid']}: {r['state']} (attempts {r['attempts']})")
             if r["last_error"]:
                 print(f"             error: {r['last_error']}")
+    if report.get("corrections"):
+        print(f"\nSEGs received from readers ({len(report['corrections'])}):")
+        for c in report["corrections"]:
+            print(f"  SEG {c['seg_sop_instance_uid']}  {c['state']:<8} study {c['study_uid']}  job {c['job']}")
+            print(f"             reason: {c['reason']}")
     print(f"\noutbox ({len(report['outbox'])}): {report['outbox_counts']}")
     for i in report["outbox"]:
         print(

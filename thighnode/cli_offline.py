@@ -9,12 +9,15 @@ kit is imported inside the commands: the node's own commands never load it.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 #: The demonstration bundle as the node's default configuration names it (relative to the working directory).
 DEMO_BUNDLE = Path("bundles/thighnode_demo")
+#: The same bundle in this checkout, where the working directory has none.
+REPO_DEMO_BUNDLE = Path(__file__).resolve().parents[1] / DEMO_BUNDLE
 
 AddCommand = Callable[[str, str], argparse.ArgumentParser]
 
@@ -53,6 +56,28 @@ def _train_command(args: argparse.Namespace) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train (or ``--init``: write a site's settings file). A settings or data error (the node's own errors,
+    ValueError, which TOML decode errors are, and missing or unreadable files) is one line on stderr,
+    ``thighnode train: ...``, and exit 2, never a traceback."""
+    from node_errors import NodeError
+
+    try:
+        return _train(args)
+    except (NodeError, ValueError, OSError) as exc:
+        print(f"thighnode train: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.init is not None:
+        from modelkit.sitesettings import write_site_settings
+
+        bundle = args.from_bundle or (DEMO_BUNDLE if DEMO_BUNDLE.is_dir() else REPO_DEMO_BUNDLE)
+        path = write_site_settings(args.init, bundle)
+        print(f"wrote {path}: replace its /path/to/... folders, then run: thighnode train {path}")
+        return 0
+    if args.train_config is None:
+        raise ValueError("a settings file is required (thighnode train SETTINGS.toml), or --init FILE to write one")
     from modelkit.train_settings import TrainSettings
     from modelkit.training import export_checkpoint, train
 
@@ -79,7 +104,13 @@ def add_training_commands(add: AddCommand) -> None:
     p.set_defaults(func=cmd_phantom, log_level="INFO")
 
     p = add("train", "train a model bundle from labelled CTs (NIfTI pairs or DICOM CT + DICOM-SEG)")
-    p.add_argument("train_config", type=Path, help="training settings (TOML), e.g. config/train_demo.toml")
+    p.add_argument("train_config", type=Path, nargs="?", default=None,
+                   help="training settings (TOML), e.g. the file --init wrote or config/train_demo.toml")
+    p.add_argument("--init", type=Path, default=None, metavar="FILE",
+                   help="do not train: write a commented settings file for fine-tuning --from-bundle on a site's "
+                        "cases (no phantoms), to edit and then pass to thighnode train")
+    p.add_argument("--from-bundle", type=Path, default=None, metavar="BUNDLE",
+                   help=f"with --init: the bundle to start from, its architecture and grid (default {DEMO_BUNDLE})")
     p.add_argument("--resume", type=Path, default=None, help="checkpoint to resume from")
     p.add_argument("--init-weights", type=Path, default=None,
                    help="start from this bundle's weights (fine-tuning; same architecture)")
@@ -183,7 +214,8 @@ def cmd_evaluate_implants(args: argparse.Namespace) -> int:
 def add_evaluation_commands(add: AddCommand) -> None:
     p = add("calibrate", "fit a bundle's per-class volume calibration on labelled cases (a validation set)")
     p.add_argument("--bundle", required=True)
-    p.add_argument("--data", required=True, nargs="+", help="folder(s) of NIfTI pairs; never the test set")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="folder(s) of NIfTI pairs or of DICOM case folders; never the test set")
     p.add_argument("--iterations", type=int, default=None,
                    help="at most this many rounds (default modelkit.calibration.MAX_ITERATIONS); the fit stops "
                         "when every class is within modelkit.calibration.TOLERANCE or after PATIENCE rounds "
@@ -198,7 +230,8 @@ def add_evaluation_commands(add: AddCommand) -> None:
     p = add("evaluate", "per-structure Dice and volume difference of a bundle on a labelled set")
     p.add_argument("--bundle", required=True)
     p.add_argument("--data", default=None, nargs="+",
-                   help="labelled folders (NIfTI pairs), pooled in one table; default: fresh phantoms")
+                   help="labelled folders (NIfTI pairs, DICOM case folders, or one DICOM case), pooled in one table; "
+                        "default: fresh phantoms")
     p.add_argument("--phantoms", type=int, default=4, help="number of held-out phantoms when --data is not given")
     p.add_argument("--seed", type=int, default=9000, help="seed of the held-out phantoms")
     p.add_argument("--generate-from", default=None, metavar="TRAIN_CONFIG",

@@ -9,7 +9,9 @@ time and reason)::
     running  --(node restarted while it ran)--> ready
 
 A study that receives instances after its job left ``received``/``ready`` gets a
-new job (the old one keeps its record). After a crash or ``kill -9``,
+new job (the old one keeps its record); when what arrived is a Segmentation (a reader's
+correction, or the node's own SEG echoed back) the workflow handles it without running the
+model again (:mod:`thighnode.corrections`). After a crash or ``kill -9``,
 :meth:`JobStore.recover` puts every ``running`` job back to ``ready``; since a job
 is only marked ``done`` after its outputs were queued (idempotently), a job is
 never finished twice.

@@ -24,6 +24,7 @@ from scp.ae import IngressServer, start_ingress
 from scp.index import InstanceIndex
 from scp.spool import remove_study
 from scp.types import IngressConfig
+from thighnode.corrections import CorrectionStore
 from thighnode.jobs import DONE, FINAL_STATES, Job, JobStore, StudyProgress
 from thighnode.priors import ARRIVED, REQUESTED, PriorFinder, PriorRequests
 from thighnode.priors import FAILED as PRIOR_FAILED
@@ -98,6 +99,7 @@ class Node:
         self.jobs: JobStore | None = None
         self.outbox: Outbox | None = None
         self.results: ResultsStore | None = None
+        self.corrections: CorrectionStore | None = None
         self.prior_requests: PriorRequests | None = None
         self.priors: PriorFinder | None = None
         self._ingress: IngressServer | None = None
@@ -125,10 +127,12 @@ class Node:
         if self._load_model:
             self._segmenter = self._build_segmenter()
         self.results = ResultsStore(s.db_path)
+        self.corrections = CorrectionStore(s.db_path)
         self.prior_requests = PriorRequests(s.db_path)
         self.priors = PriorFinder(s, self.results, self.prior_requests, self.index)
         self._workflow = Workflow(
-            s, self.index, lambda: self._segmenter, results=self.results, outbox=self.outbox, priors=self.priors
+            s, self.index, lambda: self._segmenter, results=self.results, outbox=self.outbox, priors=self.priors,
+            corrections=self.corrections,
         )
         self._executor = ThreadPoolExecutor(max_workers=s.processing.workers, thread_name_prefix="job")
         self._ingress = start_ingress(ingress_config_of(s), self.index)
@@ -161,7 +165,7 @@ class Node:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
-        for store in (self.index, self.jobs, self.outbox, self.results, self.prior_requests):
+        for store in (self.index, self.jobs, self.outbox, self.results, self.prior_requests, self.corrections):
             close = getattr(store, "close", None)
             if close is not None:
                 close()
@@ -279,7 +283,8 @@ class Node:
 
     def purge(self, now: float | None = None) -> int:
         """Retention: delete spooled files of studies idle for longer than keep_received_days
-        whose jobs are all final. Returns the number of studies purged."""
+        whose jobs are all final. Returns the number of studies purged. Never touches
+        ``<data_dir>/corrected/`` (ground truth from readers' corrections, hard links of its own)."""
         assert self.index is not None and self.jobs is not None
         now = time.time() if now is None else now
         horizon = now - self.settings.retention.keep_received_days * 86400.0

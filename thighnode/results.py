@@ -288,6 +288,12 @@ class ResultsStore(SqliteStore):
             landmark_reliable={side: bool(v) for side, v in d.get("landmark_reliable", {}).items()},
         )
 
+    def saved_at(self, study_uid: str) -> float | None:
+        """When the study's measurements were last saved (epoch s); None when it has none."""
+        with self._lock:
+            row = self._db.execute("SELECT created_at FROM study_results WHERE study_uid = ?", (study_uid,)).fetchone()
+        return None if row is None else float(row[0])
+
     def get(self, study_uid: str) -> StudyResult | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM study_results WHERE study_uid = ?", (study_uid,)).fetchone()

@@ -19,6 +19,13 @@ A :class:`pipeline.errors.DeclinedError` ends the job as *declined* with the mes
 other error ends it as *failed*. Either way the received files stay in the spool for
 the retention period.
 
+Before the model, the study's SEG instances not yet handled are looked at
+(:mod:`thighnode.corrections`): the node's own SEG echoed back is recorded as such; a reader's
+corrected SEG is measured on the measured CT series and sent back as a verified SEG/SR/PDF
+(UIDs from the correction's SOP Instance UID) and stored as ground truth; an unusable one is
+recorded with its reason. When no CT arrived since the model's results, that is the whole job
+(``result["kind"] = "correction"``; declined when every SEG was refused): the model does not run again.
+
 Outputs are written under ``<data_dir>/outputs/<StudyInstanceUID>/`` (``<name>_<SOPInstanceUID>.dcm``) with UIDs derived
 from the source series and the model version (reprocessing replaces them in the PACS),
 then queued in the outbox for every configured destination. The job is marked done only
@@ -40,12 +47,16 @@ from typing import Any, Callable, Iterator, Protocol
 
 import pydicom
 
-from dicomout.context import ModelInfo, OutputSettings, StudyContext
+from dicomout.context import ModelInfo, OutputSettings, StudyContext, Verification
 from dicomout.outputs import plan_outputs
 from node_errors import NodeError
 from pipeline.bodypart import femur_label_volumes_ml
 from pipeline.coverage import CoveragePolicy, check_field_of_view, regions_from_segmentation
+from dicomout.uids import output_uid
+from pipeline.correction import compare_with_model
 from pipeline.errors import DeclinedError
+from pipeline.labels import LabelTable, load_label_table
+from pipeline.segread import SEG_SOP_CLASS_UID, SegReadError, read_seg
 from pipeline.measure import MeasurementSettings, load_measurement_settings, measure
 from pipeline.selection import select_series
 from pipeline.compare import anatomical_profiles
@@ -62,13 +73,21 @@ from pipeline.types import (
 from pipeline.uncertainty import SegmentationUncertainty
 from pipeline.volume import load_volume
 from scp.index import InstanceIndex
+from scp.types import ReceivedInstance, ReceivedStudy
+from thighnode.corrections import (
+    ACCEPTED, OWN, REFUSED, VERIFIED_MEASUREMENTS, CorrectionRecord, CorrectionRefused, CorrectionStore, check_coverage, check_references,
+    corrected_segmentation, new_ct_since, observer_of, own_sop_instance_uids, pending_segs, store_case,
+)
 from thighnode import __version__
 from thighnode.jobs import DECLINED, DONE, FAILED, Job
 from thighnode.priors import PriorFinder
-from thighnode.results import ResultsStore
+from thighnode.results import ResultsStore, StudyResult
 from thighnode.settings import Settings
 
 log = logging.getLogger(__name__)
+
+CORRECTION_OUTPUTS = ("seg", "sr", "pdf")
+"""The outputs built for a reader's correction (the SR references the SEG of the corrected labels)."""
 
 
 def _utc_now() -> datetime:
@@ -117,6 +136,7 @@ class Workflow:
         outbox: OutboxLike | None = None,
         measurement_settings: MeasurementSettings | None = None,
         priors: PriorFinder | None = None,
+        corrections: CorrectionStore | None = None,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self._settings = settings
@@ -125,6 +145,7 @@ class Workflow:
         self._results = results
         self._outbox = outbox
         self._priors = priors
+        self._corrections = corrections
         self._clock = clock  # the outputs' content time
         out = settings.outputs
         self._output_settings = OutputSettings(
@@ -174,6 +195,9 @@ class Workflow:
         study = self._index.get_study(job.study_uid)
         result["instances"] = study.instance_count
         result["excluded_non_ct"] = dict(study.excluded_counts)
+        corrected = self._handle_corrections(job, study, timings, result)
+        if corrected is not None:
+            return corrected
         with _stage(job, "select", timings):
             selected: SelectedSeries = select_series(
                 study.series,
@@ -231,6 +255,116 @@ class Workflow:
             reason += f"; compared with the prior of {comparison.prior_study_date}"
         return reason
 
+    # -- a reader's corrected SEG (thighnode.corrections) ---------------------------------------
+
+    def _handle_corrections(
+        self, job: Job, study: ReceivedStudy, timings: dict[str, float], result: dict[str, Any]
+    ) -> str | None:
+        """Handle the study's SEG instances not handled yet. Returns the job's reason when nothing
+        else is to be done (no CT arrived since the model's results), None to run the model too;
+        DeclinedError when every SEG was refused and there is nothing else to do."""
+        if self._corrections is None or self._results is None:
+            return None
+        instances = self._index.instances(job.study_uid)
+        seg_uids = [i.sop_instance_uid for i in instances if i.sop_class_uid == SEG_SOP_CLASS_UID]
+        segs = pending_segs(instances, self._corrections.known(seg_uids))
+        if not segs:
+            return None
+        stored = self._results.get(job.study_uid)
+        own = own_sop_instance_uids(self._settings.outputs_dir, job.study_uid)
+        if stored is not None:
+            own.add(output_uid(stored.series_uid, stored.model_version, "seg.instance"))
+        records = []
+        with _stage(job, "correct", timings):
+            for inst in segs:
+                record = self._correction(job, inst, study, stored, own, timings)
+                self._corrections.record(record)
+                records.append(record)
+        result["corrections"] = [r.to_summary() for r in records]
+        if study.series and (stored is None or new_ct_since(instances, self._results.saved_at(job.study_uid))):
+            return None  # CT arrived too: the model runs as for any late instance
+        result["kind"] = "correction"
+        reason = "; ".join(f"SEG {r.seg_sop_instance_uid}: {r.reason}" for r in records)
+        if all(r.state == REFUSED for r in records):
+            raise DeclinedError(f"correction refused: {reason}")
+        return reason
+
+    def _correction(
+        self, job: Job, inst: ReceivedInstance, study: ReceivedStudy, stored: StudyResult | None, own: set[str],
+        timings: dict[str, float],
+    ) -> CorrectionRecord:
+        """One SEG instance: the node's own, refused (with the reason) or applied."""
+
+        def record(state: str, reason: str, observer: str = "", detail: dict[str, Any] | None = None) -> CorrectionRecord:
+            return CorrectionRecord(
+                inst.sop_instance_uid, job.study_uid, stored.series_uid if stored else "", job.id, state, reason,
+                observer, inst.received_at, time.time(), detail or {},
+            )
+
+        if inst.sop_instance_uid in own:
+            return record(OWN, "the node's own SEG (a SOPInstanceUID the node wrote) came back; not a correction")
+        if stored is None:
+            return record(REFUSED, f"SEG for a study the node has not measured (no measurements for {job.study_uid}); "
+                                   "a correction must follow the node's results for the study; file kept")
+        try:
+            ds = _read_seg(inst.path)
+            observer = observer_of(ds)
+            detail = self._apply_correction(job, inst, ds, study, stored, timings)
+        except (CorrectionRefused, SegReadError, DeclinedError) as exc:
+            log.warning("job %d: correction SEG %s refused: %s", job.id, inst.sop_instance_uid, exc.message)
+            return record(REFUSED, f"{exc.message}; file kept")
+        destinations = detail.get("destinations") or []
+        sent = f"verified {'+'.join(detail['kinds'])} queued to {', '.join(destinations)}" if destinations else (
+            "verified outputs written; no destination configured")
+        return record(ACCEPTED, f"correction applied ({detail['changed']} structure/sides changed); {sent}; "
+                                "stored as ground truth", observer, detail)
+
+    def _apply_correction(
+        self, job: Job, inst: ReceivedInstance, ds: pydicom.Dataset, study: ReceivedStudy, stored: StudyResult,
+        timings: dict[str, float],
+    ) -> dict[str, Any]:
+        """Measure the reader's labels on the measured CT, build and queue the verified outputs, store the case."""
+        paths = study.series.get(stored.series_uid)
+        if not paths:
+            raise CorrectionRefused(f"the measured CT series {stored.series_uid} is no longer in the spool "
+                                    "(retention); a correction needs it")
+        processing = self._settings.processing
+        selected = select_series({stored.series_uid: paths}, study_instance_uid=job.study_uid,
+                                 max_slice_thickness_mm=processing.max_slice_thickness_mm, min_slices=processing.min_slices)
+        volume = load_volume(selected.paths, headers=selected.headers, min_slices=processing.min_slices)
+        check_references(ds, study_uid=job.study_uid, series_uid=stored.series_uid,
+                         frame_of_reference_uid=volume.frame_of_reference_uid)
+        labels = stored_labels(self._segmenter())
+        read = read_seg(ds, volume.shape, volume.affine_lps, labels, volume.frame_of_reference_uid or None, strict=True)
+        segmentation = corrected_segmentation(read, volume, labels, model_name=stored.model_name,
+                                              model_version=stored.model_version)
+        measurements = self._measure(volume, segmentation, selected.patient)
+        missing = check_coverage(_sided_keys(stored.measurements), _sided_keys(measurements))
+        differences = compare_with_model(stored.measurements, measurements)
+        bundle = getattr(self._segmenter(), "bundle", None)
+        context = StudyContext(
+            job_id=job.id, study_uid=job.study_uid, selected=selected, volume=volume, segmentation=segmentation,
+            measurements=measurements,
+            model=ModelInfo(stored.model_name, stored.model_version, bool(getattr(bundle, "demonstration", False))),
+            settings=self._output_settings, software_version=__version__, content_time=self._clock(),
+            verification=Verification(observer_of(ds), inst.sop_instance_uid, self._clock(), differences),
+        )
+        outputs = self._build_outputs(job, context, timings, only=CORRECTION_OUTPUTS)
+        destinations = self._queue(job, outputs)
+        case_dir = store_case(
+            self._settings.node.data_dir, study_uid=job.study_uid, series_uid=stored.series_uid,
+            patient=selected.patient, seg_sop_instance_uid=inst.sop_instance_uid, observer=observer_of(ds),
+            received_at=inst.received_at, ct_paths=selected.paths, seg_path=inst.path,
+        )
+        changed = [d for d in differences if d.difference_voxels]
+        return {
+            "series_uid": stored.series_uid, "segments": len(read.matches), "changed": len(changed),
+            "differences": [d.to_record() for d in changed], "missing": [f"{k} {s}" for k, s in missing],
+            VERIFIED_MEASUREMENTS: [d.to_record() for d in differences],
+            "kinds": [o.kind.upper() for o in outputs], "destinations": destinations, "case_dir": str(case_dir),
+            "outputs": [{"kind": o.kind, "sop_instance_uid": o.sop_instance_uid, "path": str(o.path)} for o in outputs],
+        }
+
     # -- stages ------------------------------------------------------------------------------
 
     def _measure(self, volume: Volume, segmentation: Segmentation, patient: PatientInfo) -> Measurements:
@@ -264,14 +398,19 @@ class Workflow:
     def _study_outputs(self, job: Job) -> Path:
         return self._settings.outputs_dir / job.study_uid
 
-    def _build_outputs(self, job: Job, context: StudyContext, timings: dict[str, float]) -> list[OutputFile]:
-        """Build and write every planned output (one stage each); returns those to send, in order."""
+    def _build_outputs(
+        self, job: Job, context: StudyContext, timings: dict[str, float], only: tuple[str, ...] | None = None
+    ) -> list[OutputFile]:
+        """Build and write every planned output (one stage each; ``only``: those of these names);
+        returns those to send, in order."""
         out_dir = self._study_outputs(job)
         out_dir.mkdir(parents=True, exist_ok=True)
         built: dict[str, pydicom.Dataset] = {}
         files: list[OutputFile] = []
         for planned in self._outputs:
             builder = planned.builder
+            if only is not None and builder.name not in only:
+                continue
             with _stage(job, builder.name, timings):
                 ds = builder.build(context, MappingProxyType({name: built[name] for name in builder.needs}))
                 output = _write(ds, out_dir, builder.name)
@@ -312,6 +451,24 @@ class Workflow:
                 )
             names.append(dest.name)
         return names
+
+
+def _read_seg(path: Path) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(path)
+    except Exception as exc:  # noqa: BLE001 - a file that does not read is a refused correction
+        raise CorrectionRefused(f"the SEG file does not read as DICOM ({type(exc).__name__}: {exc})") from exc
+
+
+def _sided_keys(m: Measurements) -> set[tuple[str, str]]:
+    return {(s.key, s.side) for s in m.structures if s.side in ("right", "left") and s.voxel_count > 0}
+
+
+def stored_labels(segmenter: object) -> LabelTable:
+    """The label table of the node's model (its bundle's), else the configured one."""
+    bundle = getattr(segmenter, "bundle", None)
+    labels = getattr(bundle, "labels", None)
+    return labels if isinstance(labels, LabelTable) else load_label_table()
 
 
 def _check_femur_label(volume: Volume, segmentation: Segmentation, min_ml: float = 30.0) -> None:

@@ -4,15 +4,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from pydicom.dataset import Dataset
 
 from dicomout.context import StudyContext
 from dicomout.pdf import build_encapsulated_pdf
 from dicomout.report import ReportHeader, render_report
-from dicomout.uids import PDF_SERIES, output_uid
+from dicomout.uids import PDF_SERIES, PDF_VERIFIED_SERIES
 
 DOCUMENT_TITLE = "Thigh and hip muscle CT measurements"
+VERIFIED_TITLE = "verified, corrected by the reader"
 
 
 class PdfOutput:
@@ -28,21 +30,26 @@ class PdfOutput:
             headers[0], node_version=context.software_version, model_name=model.name,
             model_version=model.version, demonstration_model=model.demonstration,
         )
+        verification = context.verification
+        if verification is not None:
+            header = replace(header, verified_by=verification.observer_display)
+        series_info = PDF_SERIES if verification is None else PDF_VERIFIED_SERIES
         pdf_bytes = render_report(
             context.volume, context.segmentation, context.measurements, context.selected.patient, study=header,
             comparison=context.comparison, prior_search=context.prior_search,
+            corrections=verification.differences if verification is not None else (),
         )
-        series = context.selected.series_instance_uid
         return build_encapsulated_pdf(
             pdf_bytes,
             headers[0],
-            series_uid=output_uid(series, model.version, "pdf.series"),
-            sop_uid=output_uid(series, model.version, "pdf.instance"),
-            document_title=DOCUMENT_TITLE,
+            series_uid=context.output_uid("pdf.series"),
+            sop_uid=context.output_uid("pdf.instance"),
+            document_title=DOCUMENT_TITLE if verification is None else f"{DOCUMENT_TITLE} ({VERIFIED_TITLE})",
             manufacturer=context.settings.manufacturer,
             software_version=context.software_version,
             content_datetime=context.content_time,
-            series_number=PDF_SERIES.number,
+            series_number=series_info.number,
+            **({} if verification is None else {"series_description": f"{series_info.title} (thighnode)"}),
             source_instances=[(ds.SOPClassUID, ds.SOPInstanceUID) for ds in headers],
             institution_name=context.settings.institution_name or None,
         )

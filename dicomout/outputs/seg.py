@@ -9,6 +9,7 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, UID
 
 from dicomout.context import StudyContext
 from dicomout.seg import build_seg
+from dicomout.uids import SEG_VERIFIED_SERIES
 
 LABELMAP_SYNTAXES: Mapping[str, UID | None] = {
     "RLE": RLELossless,
@@ -37,4 +38,16 @@ class SegOutput:
             manufacturer=settings.manufacturer,
             software_version=context.software_version,
             device_serial=settings.device_serial,
+            **_correction_identity(context),
         )
+
+
+def _correction_identity(context: StudyContext) -> dict[str, object]:
+    """UIDs, series number and description of the SEG of a reader's correction (none otherwise)."""
+    if context.verification is None:
+        return {}
+    return {
+        "series_uid": context.output_uid("seg.series"), "instance_uid": context.output_uid("seg.instance"),
+        "series_number": SEG_VERIFIED_SERIES.number,
+        "series_description": SEG_VERIFIED_SERIES.description(context.model.name, context.model.version),
+    }

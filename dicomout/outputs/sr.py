@@ -9,6 +9,7 @@ from pydicom.dataset import Dataset
 
 from dicomout.context import StudyContext
 from dicomout.sr import build_sr
+from dicomout.uids import SR_VERIFIED_SERIES
 
 
 class SrOutput:
@@ -27,4 +28,15 @@ class SrOutput:
             equipment=context.equipment,
             prior=context.comparison,
             prior_search=context.prior_search,
+            **_correction_identity(context),
         )
+
+
+def _correction_identity(context: StudyContext) -> dict[str, object]:
+    """The verified SR of a reader's correction: its UIDs, series number and the verification."""
+    if context.verification is None:
+        return {}
+    return {
+        "series_uid": context.output_uid("sr.series"), "instance_uid": context.output_uid("sr.instance"),
+        "series_number": SR_VERIFIED_SERIES.number, "verification": context.verification,
+    }

@@ -67,3 +67,28 @@ def test_purge_removes_only_idle_studies_whose_jobs_are_final(node: Node) -> Non
     assert not old.exists() and not (node.settings.spool_dir / OLD).exists()
     assert busy.exists() and recent.exists()
     assert {a.study_instance_uid for a in node.index.activity()} == {BUSY, RECENT}
+
+
+def test_purge_keeps_the_ground_truth_of_a_corrected_study(node: Node, tmp_path: Path) -> None:
+    from pipeline.types import PatientInfo
+    from thighnode.corrections import store_case
+
+    assert node.jobs is not None
+    keep_s = node.settings.retention.keep_received_days * DAY_S
+    now = 1_000.0 * DAY_S
+    ct = _receive(node, OLD, now - keep_s - 10)
+    seg = tmp_path / "seg.dcm"
+    seg.write_bytes(b"seg")
+    case = store_case(
+        node.settings.node.data_dir, study_uid=OLD, series_uid=f"{OLD}.1", patient=PatientInfo(patient_id="P1"),
+        seg_sop_instance_uid="1.2.3.4", observer="Reader^Test", received_at=now, ct_paths=[ct], seg_path=seg,
+    )
+    node.jobs.sync([StudyProgress(OLD, now - keep_s - 10)], now=now - keep_s, quiet_period_s=0)
+    job = node.jobs.claim_next(now=now - keep_s)
+    assert job is not None
+    node.jobs.finish(job.id, DONE, "ok", now=now - keep_s)
+
+    assert node.purge(now=now) == 1
+    assert not ct.exists()
+    assert (case / "ct" / ct.name).read_bytes() == b"dicom" and (case / "seg.dcm").read_bytes() == b"seg"
+    assert (case / "case.json").is_file()
