@@ -206,7 +206,6 @@ def render_report(
     labels = segmentation.labels
     axial = axial_overlay_rgb(volume, segmentation)
     coronal = coronal_overlay_rgb(volume, segmentation)
-    entropy = axial_entropy_rgb(volume, segmentation)
     keys = structure_order(measurements, labels)
     plan = _plan_pages(measurements, labels, keys, comparison)
     corrected = correction_chunks(corrections) if corrections else []
@@ -223,7 +222,7 @@ def render_report(
             return fig, draw_page_frame(fig, page=number, **frame)
 
         fig, top = page(1)
-        draw_summary_page(fig, top, measurements, labels, axial, coronal, entropy)
+        draw_summary_page(fig, top, measurements, labels, axial, coronal, axial_entropy_rgb(volume, segmentation))
         pdf.savefig(fig, dpi=150)
         last = len(plan.structure_chunks) - 1
         for i, chunk in enumerate(plan.structure_chunks):

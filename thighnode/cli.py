@@ -100,6 +100,22 @@ def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+def _job_row(j: Any) -> dict[str, Any]:
+    """One job of `thighnode status --json`: its state, timings, coverage and low-confidence structures."""
+    return {
+        "job": j.id,
+        "study_uid": j.study_uid,
+        "state": j.state,
+        "reason": j.reason,
+        "attempts": j.attempts,
+        "series_uid": j.series_uid,
+        "updated": _when(j.updated_at),
+        "timings_s": j.timings_s,
+        "coverage": j.result.get("coverage", {}), **({"kind": j.result["kind"]} if "kind" in j.result else {}),
+        "uncertainty": j.result.get("uncertainty", {}),
+    }
+
+
 def status_report(settings: Any) -> dict[str, Any]:
     """Studies, jobs and outbox with states and reasons (what `thighnode status` prints)."""
     from dicomout.outbox import Outbox
@@ -125,21 +141,7 @@ def status_report(settings: Any) -> dict[str, Any]:
             }
             for a in index.activity()
         ]
-        job_rows = [
-            {
-                "job": j.id,
-                "study_uid": j.study_uid,
-                "state": j.state,
-                "reason": j.reason,
-                "attempts": j.attempts,
-                "series_uid": j.series_uid,
-                "updated": _when(j.updated_at),
-                "timings_s": j.timings_s,
-                "coverage": j.result.get("coverage", {}), **({"kind": j.result["kind"]} if "kind" in j.result else {}),
-                "uncertainty": j.result.get("uncertainty", {}),
-            }
-            for j in jobs.jobs()
-        ]
+        job_rows = [_job_row(j) for j in jobs.jobs()]
         items = [
             {
                 "item": i.id,
