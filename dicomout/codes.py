@@ -175,6 +175,20 @@ COMPARISON_FLAG_CODES: MappingProxyType[str, Code] = MappingProxyType(
 """Value of a comparison-flag evaluation per StructureChange flag (pipeline.compare)."""
 
 
+# --- Segmentation uncertainty (pipeline.uncertainty; StructureMeasurement.uncertainty) ---------
+
+SEGMENTATION_ENTROPY = _private("TN0301", "Mean normalized voxel entropy of the segmentation")
+"""Numeric (UCUM "1", 0..1): mean over the structure's voxels of the entropy of the test-time
+augmentation samples' mean class probabilities, divided by log(number of classes)."""
+VOLUME_SPREAD = _private("TN0302", "Volume coefficient of variation across augmentation samples")
+"""Numeric (%): population SD / mean of the structure's volume over the samples."""
+LOW_CONFIDENCE = _private("TN0303", "Low segmentation confidence")
+"""Qualitative evaluation, value :data:`YES` / :data:`NO`: either value above the bundle's
+threshold (calibrated on labelled phantoms). No PS3.16 concept names a segmentation's own
+uncertainty, hence private concepts."""
+TEST_TIME_AUGMENTATION = _private("TN0304", "Test-time augmentation")
+"""Measurement method of the two values above."""
+
 # --- UCUM units (PS3.16 CID 82 "Units of Measurement") --------------------------------
 
 UNIT_CM3 = Code("cm3", "UCUM", "cubic centimeter")
@@ -186,6 +200,7 @@ UNIT_CM3_PER_M2 = Code("cm3/m2", "UCUM", "cubic centimeter per square meter")
 UNIT_KG_PER_M2 = Code("kg/m2", "UCUM", "kilogram per square meter")
 UNIT_MM = Code("mm", "UCUM", "millimeter")
 UNIT_DAY = Code("d", "UCUM", "day")
+UNIT_ONE = Code("1", "UCUM", "no units")
 
 
 def laterality(side: str) -> Code | None:

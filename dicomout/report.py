@@ -20,9 +20,12 @@ Layout (A4 portrait):
   threshold unless the site configured one for that group), the quality flags in
   words, and two pictures: an axial slice at the level of the largest thigh muscle
   area and a coronal reformat, CT in a soft-tissue window (-160..240 HU) with the
-  segmentation in the label colours (alpha 0.4) and R/L markers.
+  segmentation in the label colours (alpha 0.4) and R/L markers; with ``[model] uncertainty =
+  "tta"`` a third picture: the axial slice with the most voxel entropy inside the structures, the
+  entropy of the test-time augmentation samples' mean probabilities in red to yellow.
 * **page 2 (structures)** -- one row per structure, right and left side by side
-  (volume cm³, mean HU, mass g, fat %), the total of both sides, and the flags;
+  (volume cm³, mean HU, mass g, fat %), the total of both sides, the uncertainty (mean
+  normalised entropy right / left, "*" = low confidence; only with uncertainty on) and the flags;
   flagged cells are tinted (partial field of view: orange, volume prefixed with "≥";
   metal: red; implausible volume: violet); then the methods (density formula, voxel
   size, height source). Long tables continue on further pages.
@@ -68,7 +71,13 @@ from dicomout.errors import ReportError
 from dicomout.report_correction import correction_chunks, draw_correction_page
 from dicomout.report_comparison import comparison_table, draw_comparison_chart_page, draw_comparison_table_page
 from dicomout.report_layout import DEMONSTRATION_BANNER, Cell, ReportHeader, draw_page_frame, structure_order
-from dicomout.report_overlay import WINDOW_HU, OverlayImage, axial_overlay_rgb, coronal_overlay_rgb
+from dicomout.report_overlay import (
+    WINDOW_HU,
+    OverlayImage,
+    axial_entropy_rgb,
+    axial_overlay_rgb,
+    coronal_overlay_rgb,
+)
 from dicomout.report_pages import draw_chart_page, draw_structure_page, draw_summary_page, structure_rows
 from pipeline.correction import StructureDifference
 from pipeline.labels import LabelTable
@@ -213,7 +222,7 @@ def render_report(
             return fig, draw_page_frame(fig, page=number, **frame)
 
         fig, top = page(1)
-        draw_summary_page(fig, top, measurements, labels, axial, coronal)
+        draw_summary_page(fig, top, measurements, labels, axial, coronal, axial_entropy_rgb(volume, segmentation))
         pdf.savefig(fig, dpi=150)
         last = len(plan.structure_chunks) - 1
         for i, chunk in enumerate(plan.structure_chunks):

@@ -6,6 +6,7 @@ drawn in the radiological convention (see :mod:`dicomout.report`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -211,5 +212,64 @@ def coronal_overlay_rgb(
         height_mm=canon.hu.shape[0] * sz,
         plane="coronal",
         position_mm=canon.coordinate_mm(1, level),
+        level=level,
+    )
+
+
+ENTROPY_MAX_ALPHA = 0.85
+"""Opacity of the uncertainty overlay where the normalised entropy is 1 (it fades to 0 at 0)."""
+
+
+def _entropy_composite(hu: np.ndarray, ent_u8: np.ndarray) -> np.ndarray:
+    """Grey CT with the normalised voxel entropy as a red (low) to yellow (high) overlay whose
+    opacity grows with the entropy (x2, capped at :data:`ENTROPY_MAX_ALPHA`)."""
+    lo, hi = WINDOW_HU
+    grey = np.clip((hu.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0) * 255.0
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    e = ent_u8.astype(np.float32) / 255.0
+    colour = np.stack([np.full_like(e, 255.0), 255.0 * np.clip(2.0 * e, 0.0, 1.0), np.zeros_like(e)], axis=-1)
+    alpha = np.clip(2.0 * e, 0.0, ENTROPY_MAX_ALPHA)[..., None]
+    return np.round((1.0 - alpha) * rgb + alpha * colour).astype(np.uint8)
+
+
+def axial_entropy_rgb(
+    volume: Volume,
+    segmentation: Segmentation,
+    *,
+    level: int | None = None,
+    max_pixels: int = MAX_DISPLAY_PIXELS,
+) -> OverlayImage | None:
+    """The report's uncertainty picture: the axial slice (display orientation as
+    :func:`axial_overlay_rgb`) with the most voxel entropy inside the segmented structures, the
+    entropy of the test-time augmentation samples' mean probabilities drawn over the CT.
+    None when the segmentation carries no uncertainty (pipeline.uncertainty)."""
+    u = segmentation.uncertainty
+    if u is None:
+        return None
+    if u.entropy_map_u8.shape != segmentation.label_map.shape:
+        raise ReportError(f"entropy map shape {u.entropy_map_u8.shape} differs from the label map's "
+                          f"{segmentation.label_map.shape}")
+    ent_view = dataclasses.replace(segmentation, label_map=u.entropy_map_u8, uncertainty=None)
+    canon = _canonical(volume, ent_view)
+    labels = _canonical(volume, segmentation).labels
+    nz = canon.hu.shape[0]
+    if level is None:
+        stride = max(1, math.ceil(max(canon.labels.shape[1:]) / 128))
+        sub_e = np.asarray(canon.labels[:, ::stride, ::stride], dtype=np.float64)
+        sub_l = np.asarray(labels[:, ::stride, ::stride]) > 0
+        per_z = (sub_e * sub_l).sum(axis=(1, 2))
+        level = int(np.argmax(per_z)) if per_z.any() else nz // 2
+    if not 0 <= level < nz:
+        raise ReportError(f"axial level {level} is outside the volume (0..{nz - 1} along superior)")
+    stride = _stride_for(canon.hu.shape[1:], max_pixels)
+    hu = np.asarray(canon.hu[level, ::stride, ::stride])
+    ent = np.asarray(canon.labels[level, ::stride, ::stride])
+    _, sy, sx = canon.spacing_mm
+    return OverlayImage(
+        rgb=_entropy_composite(hu, ent),
+        width_mm=canon.hu.shape[2] * sx,
+        height_mm=canon.hu.shape[1] * sy,
+        plane="axial",
+        position_mm=canon.coordinate_mm(2, level),
         level=level,
     )

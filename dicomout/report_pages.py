@@ -166,7 +166,7 @@ def _draw_picture(ax: Any, image: OverlayImage, title: str) -> None:
 
 def draw_summary_page(
     fig: Any, top: float, measurements: Measurements, labels: LabelTable,
-    axial: OverlayImage, coronal: OverlayImage,
+    axial: OverlayImage, coronal: OverlayImage, entropy: OverlayImage | None = None,
 ) -> None:
     fig.text(0.06, top, "Muscle group totals", fontsize=10, fontweight="bold", va="top")
     rows = _group_rows(measurements)
@@ -202,11 +202,20 @@ def draw_summary_page(
     pic_top = y - 0.01
     pic_bottom = 0.045
     height = max(0.15, pic_top - pic_bottom - 0.02)
-    for x0, image, title in (
+    pictures = [
         (0.06, axial, f"Axial, z = {axial.position_mm:.0f} mm (largest thigh muscle area)"),
         (0.52, coronal, f"Coronal reformat, y = {coronal.position_mm:.0f} mm"),
-    ):
-        pax = fig.add_axes((x0, pic_bottom, 0.42, height))
+    ]
+    width = 0.42
+    if entropy is not None:
+        width = 0.285
+        pictures = [
+            (0.06, axial, f"Axial, z = {axial.position_mm:.0f} mm\n(largest thigh muscle area)"),
+            (0.365, coronal, f"Coronal reformat,\ny = {coronal.position_mm:.0f} mm"),
+            (0.67, entropy, f"Uncertainty (voxel entropy, red-yellow),\nz = {entropy.position_mm:.0f} mm (most uncertain)"),
+        ]
+    for x0, image, title in pictures:
+        pax = fig.add_axes((x0, pic_bottom, width, height))
         pax.set_anchor("N")
         _draw_picture(pax, image, title)
 
@@ -241,6 +250,8 @@ def structure_rows(measurements: Measurements, labels: LabelTable, keys: Sequenc
             total = sum(values) if values else None
             total_partial = any(m is not None and m.is_partial for m in (right, left))
         row.append(Cell(("≥" if total_partial else "") + format_number(total, 1), bold=True))
+        if has_uncertainty(measurements):
+            row.append(_uncertainty_cell(right, left))
         flag_parts = []
         if right is not None and left is not None and right.flags and right.flags == left.flags:
             flag_parts.append(f"R+L: {flag_words(right.flags)}")
@@ -255,6 +266,28 @@ def structure_rows(measurements: Measurements, labels: LabelTable, keys: Sequenc
     return rows
 
 
+#: Tint of the uncertainty cell of a structure flagged low confidence on either side.
+LOW_CONFIDENCE_TINT = "#c9def5"
+
+
+def has_uncertainty(measurements: Measurements) -> bool:
+    """Whether the structure table carries the uncertainty column (pipeline.uncertainty on)."""
+    return any(s.uncertainty is not None for s in measurements.structures)
+
+
+def _uncertainty_cell(right: StructureMeasurement | None, left: StructureMeasurement | None) -> Cell:
+    """Mean normalised entropy right / left; "*" marks a side flagged low confidence."""
+    parts, low = [], False
+    for m in (right, left):
+        u = m.uncertainty if m is not None else None
+        if u is None:
+            parts.append(DASH)
+            continue
+        low = low or u.low_confidence
+        parts.append(f"{u.mean_entropy:.2f}" + ("*" if u.low_confidence else ""))
+    return Cell(" / ".join(parts), tint=LOW_CONFIDENCE_TINT if low else None)
+
+
 def draw_structure_page(fig: Any, top: float, rows: list[list[Cell]], continued: bool, last: bool, measurements: Measurements) -> None:
     title = "Structures (right and left)" + (" — continued" if continued else "")
     fig.text(0.06, top, title, fontsize=10, fontweight="bold", va="top")
@@ -262,15 +295,15 @@ def draw_structure_page(fig: Any, top: float, rows: list[list[Cell]], continued:
     n_lines = len(rows) + 2
     table_top = top - 0.018
     ax = content_axes(fig, table_top - row_h_fig * n_lines, table_top)
-    draw_table(
-        ax,
-        ["Structure", "cm³", "HU", "g", "fat %", "cm³", "HU", "g", "fat %", "R+L cm³", "Flags"],
-        rows,
-        [0.165, 0.065, 0.045, 0.055, 0.05, 0.065, 0.045, 0.055, 0.05, 0.07, 0.255],
-        row_height=1.0 / n_lines,
-        font_size=6.8,
-        top_spans=((1, 4, "Right"), (5, 8, "Left"), (9, 9, "Total")),
-    )
+    headers = ["Structure", "cm³", "HU", "g", "fat %", "cm³", "HU", "g", "fat %", "R+L cm³", "Flags"]
+    widths = [0.165, 0.065, 0.045, 0.055, 0.05, 0.065, 0.045, 0.055, 0.05, 0.07, 0.255]
+    spans: tuple[tuple[int, int, str], ...] = ((1, 4, "Right"), (5, 8, "Left"), (9, 9, "Total"))
+    uncertainty = has_uncertainty(measurements)
+    if uncertainty:
+        headers.insert(10, "entropy R / L")
+        widths[-1:] = [0.09, 0.165]
+        spans += ((10, 10, "Uncertainty"),)
+    draw_table(ax, headers, rows, widths, row_height=1.0 / n_lines, font_size=6.8, top_spans=spans)
     y = table_top - row_h_fig * n_lines - 0.012
     if not last:
         return
@@ -281,6 +314,11 @@ def draw_structure_page(fig: Any, top: float, rows: list[list[Cell]], continued:
     ]
     from matplotlib.patches import Rectangle
 
+    if uncertainty:
+        thr = next((s.uncertainty for s in measurements.structures if s.uncertainty is not None), None)
+        n = thr.n_samples if thr is not None else 0
+        legend.append((LOW_CONFIDENCE_TINT, f"low confidence (*): uncertainty across {n} test-time augmentations "
+                       "above the model's calibrated threshold: check the outline"))
     for colour, text in legend:
         fig.add_artist(Rectangle((0.06, y - 0.009), 0.018, 0.009, transform=fig.transFigure, facecolor=colour, edgecolor="#777777", lw=0.3))
         fig.text(0.084, y - 0.0045, text, fontsize=7, va="center")
@@ -295,6 +333,9 @@ def draw_structure_page(fig: Any, top: float, rows: list[list[Cell]], continued:
         "Mean HU over the structure; fat % = share of its voxels within −190..−30 HU.",
         "Vol/height² = group volume / height²; SMI = group mass (kg) / height² (m²).",
     ]
+    if uncertainty:
+        methods += ["Uncertainty: mean voxel entropy of the test-time augmentations' averaged probabilities in the",
+                    "structure (0 = certain, 1 = uniform over the classes) and its volume spread across them."]
     for line in methods:
         fig.text(0.07, y, line, fontsize=7.5, va="top")
         y -= 0.0135

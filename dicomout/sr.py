@@ -19,7 +19,11 @@ Measurement Report" (PS3.16 TID 1500):
   sha256 as the TEXT "Algorithm Parameters" ``weights_sha256=<64 hex>``); measurements (TID 300): volume (cm3, method "sum of
   segmented voxels"), mean and standard deviation of attenuation (HU), mass (g), fat
   fraction (%); quality flags as qualitative evaluations "Quality Control" = flag code, each
-  followed by its message as a TEXT "Comment";
+  followed by its message as a TEXT "Comment"; with ``[model] uncertainty = "tta"`` the
+  segmentation's uncertainty (pipeline.uncertainty): "Mean normalized voxel entropy of the
+  segmentation" (TN0301, UCUM "1") and "Volume coefficient of variation across augmentation
+  samples" (TN0302, %), both with method "Test-time augmentation" (TN0304), and
+  the qualitative evaluation "Low segmentation confidence" (TN0303) = Yes / No;
 * a TID 1501 "Measurements and Qualitative Evaluations" group per structure and side that
   was measured but has no segment (not found), with its flags;
 * a TID 1501 patient-level group, tracking identifier "patient totals": per muscle group
@@ -120,7 +124,24 @@ def _structure_evaluations(
 ) -> tuple[list[hd.sr.QualitativeEvaluation], list[tuple[Code, str]]]:
     evaluations = [hd.sr.QualitativeEvaluation(codes.QUALITY_CONTROL, codes.flag_code(f)) for f in s.flags]
     texts = [(codes.COMMENT, msg) for f in s.flags for msg in _flag_messages(flags, f, s.key, s.side)]
+    if s.uncertainty is not None:
+        evaluations.append(hd.sr.QualitativeEvaluation(
+            codes.LOW_CONFIDENCE, codes.YES if s.uncertainty.low_confidence else codes.NO))
     return evaluations, texts
+
+
+def _uncertainty_measurements(s: StructureMeasurement) -> list[hd.sr.Measurement]:
+    """Mean normalised entropy and volume CV (private TN0301 / TN0302, method TN0304), if measured."""
+    u = s.uncertainty
+    if u is None:
+        return []
+    what = f"{s.key} {s.side} uncertainty"
+    return [
+        *numeric(codes.SEGMENTATION_ENTROPY, u.mean_entropy, codes.UNIT_ONE, what=what,
+                 method=codes.TEST_TIME_AUGMENTATION),
+        *numeric(codes.VOLUME_SPREAD, u.volume_cv_pct, codes.UNIT_PERCENT, what=what,
+                 method=codes.TEST_TIME_AUGMENTATION),
+    ]
 
 
 def _structure_measurements(s: StructureMeasurement) -> list[hd.sr.Measurement]:
@@ -409,7 +430,7 @@ def _structure_group(
             finding_type=finding,
             finding_sites=site,
             algorithm_id=parts.algorithm,
-            measurements=[*_structure_measurements(s), *change_measurements] or None,
+            measurements=[*_structure_measurements(s), *_uncertainty_measurements(s), *change_measurements] or None,
             qualitative_evaluations=evaluations or None,
         )
     add_texts(group, texts)

@@ -7,7 +7,7 @@ import csv
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -62,6 +62,10 @@ class StructureScore:
     ravd: float
     true_volume_ml: float
     pred_volume_ml: float
+    #: Test-time augmentation summaries (pipeline.uncertainty); NaN when not measured or not segmented.
+    mean_entropy: float = math.nan
+    volume_cv_pct: float = math.nan
+    low_confidence: bool = False
 
 
 #: Acceptance targets of the segmentation issue (held-out phantoms).
@@ -146,10 +150,12 @@ class EvaluationReport:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["case", "label_id", "key", "side", "dice", "ravd", "true_volume_ml", "pred_volume_ml"])
+            writer.writerow(["case", "label_id", "key", "side", "dice", "ravd", "true_volume_ml", "pred_volume_ml",
+                             "mean_entropy", "volume_cv_pct", "low_confidence"])
             for s in self.scores:
                 writer.writerow([s.case, s.label_id, s.key, s.side, f"{s.dice:.6f}", f"{s.ravd:.6f}",
-                                 f"{s.true_volume_ml:.3f}", f"{s.pred_volume_ml:.3f}"])
+                                 f"{s.true_volume_ml:.3f}", f"{s.pred_volume_ml:.3f}",
+                                 f"{s.mean_entropy:.6f}", f"{s.volume_cv_pct:.4f}", int(s.low_confidence)])
         return path
 
 
@@ -178,6 +184,12 @@ def score_case(
             out.append(StructureScore(case, l.id, l.key, side, dice[l.id], ravd[l.id],
                                       float(n_true[l.id] * voxel_volume_ml), float(n_pred[l.id] * voxel_volume_ml)))
     return out
+
+
+def _with_uncertainty(score: StructureScore, u) -> StructureScore:
+    if u is None:
+        return score
+    return replace(score, mean_entropy=u.mean_entropy, volume_cv_pct=u.volume_cv_pct, low_confidence=u.low_confidence)
 
 
 def _case_names(listed: list) -> list[str]:
@@ -213,10 +225,13 @@ def evaluate_bundle(
     csv_path: Path | None = None,
     labels: LabelTable | None = None,
     device: str = "auto",
+    uncertainty_samples: int = 0,
 ) -> EvaluationReport:
     """Segment every labelled case of ``data_dir`` (one folder or several, pooled in one report; each a
     folder of NIfTI pairs, of DICOM case folders, or one DICOM case folder, as
-    :func:`modelkit.sitecases.held_out_cases` gives) with the bundle, on each case's own grid, and score it."""
+    :func:`modelkit.sitecases.held_out_cases` gives) with the bundle, on each case's own grid, and score it.
+    ``uncertainty_samples`` >= 2: also draw that many test-time augmentations (pipeline.uncertainty) and
+    record each structure's summaries beside its scores (modelkit.uncertainty_eval relates them to the errors)."""
     from modelkit.casefolders import list_labelled_cases, load_case_volume
     from modelkit.nifti import data_folders
     from pipeline.bundle import load_bundle
@@ -227,7 +242,8 @@ def evaluate_bundle(
     labels = labels or load_label_table()
     dev = select_device(device)
     bundle = load_bundle(Path(bundle_dir), labels, dev)
-    segmenter = Segmenter(bundle, device=str(dev))
+    segmenter = Segmenter(bundle, device=str(dev), uncertainty="tta" if uncertainty_samples else "off",
+                          uncertainty_samples=max(2, uncertainty_samples))
     femur_id = next((l.id for l in labels.labels if l.key == "femur"), None)
     scores: list[StructureScore] = []
     names: list[str] = []
@@ -239,6 +255,8 @@ def evaluate_bundle(
         seg = segmenter.segment(volume)
         true_sides = split_sides(truth, volume.affine_lps, femur_id=femur_id)
         case_scores = score_case(case_name, seg.label_map, truth, labels, volume.voxel_volume_ml, seg.side_map, true_sides)
+        if seg.uncertainty is not None:
+            case_scores = [_with_uncertainty(s, seg.uncertainty.for_structure(s.label_id, s.side)) for s in case_scores]
         scores.extend(case_scores)
         names.append(case_name)
         both = [s.dice for s in case_scores if s.side == "both" and not math.isnan(s.dice)]

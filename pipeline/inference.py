@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -20,8 +21,21 @@ from pipeline.bundle import Bundle
 from pipeline.errors import SegmentationError
 from pipeline.labels import FEMUR_KEY
 from pipeline.postprocess import keep_largest_components, split_sides
-from pipeline.preprocess import PreprocessPlan, prepare, restore_probabilities
+from pipeline.preprocess import PreprocessPlan, prepare, restore_labels, restore_probabilities
 from pipeline.types import Segmentation, Volume
+from pipeline.uncertainty import (
+    MAX_TTA_SAMPLES,
+    TTA_SAMPLES,
+    UNCERTAINTY_METHODS,
+    UNCERTAINTY_OFF,
+    UNCERTAINTY_TTA,
+    SegmentationUncertainty,
+    UncertaintyThresholds,
+    bin_counts,
+    quantise_entropy,
+    summarise,
+    voxel_entropy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +61,28 @@ def default_cpu_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _autocast(device: torch.device):
+    return torch.autocast(device_type="cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _window_probs(network: torch.nn.Module, inp: torch.Tensor, roi_size: tuple[int, int, int], *,
+                  sw_batch_size: int, overlap: float, mode: str) -> torch.Tensor:
+    """Softmax ``(C, D, H, W)`` of one ``(1, 1, D, H, W)`` input by MONAI ``sliding_window_inference``."""
+    from monai.inferers import sliding_window_inference
+
+    logits = sliding_window_inference(
+        inp,
+        roi_size=tuple(roi_size),
+        sw_batch_size=sw_batch_size,
+        predictor=network,
+        overlap=overlap,
+        mode=mode,
+        padding_mode="constant",
+        cval=0.0,
+    )
+    return torch.softmax(logits.float(), dim=1)[0]
+
+
 def predict_scores(
     network: torch.nn.Module,
     image: np.ndarray,
@@ -64,32 +100,48 @@ def predict_scores(
     autocast on CUDA only (CPU autocast is slower for these 3-D convolutions). ``mirror``:
     the mean of the probabilities of the input and of its mirror along the last axis (x).
     """
-    from monai.inferers import sliding_window_inference
-
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
-    )
-
-    def _probs(inp: torch.Tensor) -> torch.Tensor:
-        logits = sliding_window_inference(
-            inp,
-            roi_size=tuple(roi_size),
-            sw_batch_size=sw_batch_size,
-            predictor=network,
-            overlap=overlap,
-            mode=mode,
-            padding_mode="constant",
-            cval=0.0,
-        )
-        return torch.softmax(logits.float(), dim=1)[0]
-
-    with torch.inference_mode(), autocast:
-        probs = _probs(x)
+    kw = dict(sw_batch_size=sw_batch_size, overlap=overlap, mode=mode)
+    with torch.inference_mode(), _autocast(device):
+        probs = _window_probs(network, x, roi_size, **kw)
         if mirror:
-            probs += torch.flip(_probs(torch.flip(x, dims=(-1,))), dims=(-1,))
+            probs += torch.flip(_window_probs(network, torch.flip(x, dims=(-1,)), roi_size, **kw), dims=(-1,))
             probs *= 0.5
     return probs.cpu()
+
+
+def predict_samples(
+    network: torch.nn.Module,
+    image: np.ndarray,
+    roi_size: tuple[int, int, int],
+    device: torch.device,
+    n_samples: int,
+    *,
+    sw_batch_size: int = 2,
+    overlap: float = 0.5,
+    mode: str = "gaussian",
+) -> Iterator[torch.Tensor]:
+    """Softmax ``(C, D, H, W)`` (float32, CPU) of each test-time augmentation in
+    :data:`pipeline.uncertainty.TTA_SAMPLES` order (identity, mirror, shift, mirror + shift), mapped
+    back onto the input's grid. The shift pads a quarter patch of zeros (the window's own padding
+    value) before every axis, so the sliding-window grid falls elsewhere."""
+    if not 1 <= n_samples <= MAX_TTA_SAMPLES:
+        raise SegmentationError(f"uncertainty samples = {n_samples}: allowed 1..{MAX_TTA_SAMPLES}")
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
+    kw = dict(sw_batch_size=sw_batch_size, overlap=overlap, mode=mode)
+    pad = [max(1, int(r) // 4) for r in roi_size]
+    for kind in TTA_SAMPLES[:n_samples]:
+        with torch.inference_mode(), _autocast(device):  # not held across the yield
+            inp = torch.flip(x, dims=(-1,)) if "mirror" in kind else x
+            if "shift" in kind:
+                inp = torch.nn.functional.pad(inp, (pad[2], 0, pad[1], 0, pad[0], 0), value=0.0)
+            probs = _window_probs(network, inp, roi_size, **kw)
+            if "shift" in kind:
+                probs = probs[:, pad[0]:, pad[1]:, pad[2]:]
+            if "mirror" in kind:
+                probs = torch.flip(probs, dims=(-1,))
+            probs = probs.contiguous().cpu()
+        yield probs
 
 
 def scale_classes(probs: torch.Tensor, weights) -> torch.Tensor:
@@ -115,6 +167,10 @@ class Segmenter:
     """Segments volumes with one bundle. Thread-safe; load once and share.
 
     ``metal_exclude_hu``: voxels at or above it are set to background before the clean-up (None: off).
+    ``uncertainty``: ``"tta"`` also draws ``uncertainty_samples`` test-time augmentations
+    (pipeline.uncertainty) and attaches their per-structure summaries to the segmentation; the label
+    map stays the one ``mirror`` gives (the mirror pass is the second sample), so the reported
+    volumes do not depend on this setting.
     """
 
     def __init__(
@@ -128,7 +184,19 @@ class Segmenter:
         keep_largest: bool = True,
         mirror: bool | None = None,
         metal_exclude_hu: float | None = METAL_EXCLUDE_HU,
+        uncertainty: str = UNCERTAINTY_OFF,
+        uncertainty_samples: int = 2,
     ) -> None:
+        if uncertainty not in UNCERTAINTY_METHODS:
+            raise SegmentationError(f"uncertainty = {uncertainty!r}: allowed {', '.join(UNCERTAINTY_METHODS)}")
+        if not 2 <= int(uncertainty_samples) <= MAX_TTA_SAMPLES:
+            raise SegmentationError(f"uncertainty_samples = {uncertainty_samples}: allowed 2..{MAX_TTA_SAMPLES}")
+        try:
+            self._thresholds = UncertaintyThresholds.from_metadata(bundle.metadata or {})
+        except ValueError as exc:
+            raise SegmentationError(f"bundle {bundle.name} {bundle.version}: {exc}") from exc
+        self._uncertainty = uncertainty
+        self._uncertainty_samples = int(uncertainty_samples)
         self._bundle = bundle
         self._metal_exclude_hu = metal_exclude_hu
         self._device = select_device(device)
@@ -152,11 +220,24 @@ class Segmenter:
         grid = " x ".join(f"{s:g}" for s in self._bundle.preprocess_settings.spacing_mm)
         return (f"device {self._device.type}, model grid {grid} mm, overlap {self._overlap:g} {self._mode}, "
                 f"sw_batch_size {self._sw_batch_size}, mirror {'on' if self._mirror else 'off'}, "
+                f"uncertainty {self._uncertainty_label()}, "
                 f"volume calibration {'on' if self._bundle.class_weights is not None else 'off'}")
+
+    def _uncertainty_label(self) -> str:
+        if self._uncertainty == UNCERTAINTY_OFF:
+            return "off"
+        thr = "no threshold" if self._thresholds is None else (
+            f"low confidence above entropy {self._thresholds.mean_entropy:g} or volume CV "
+            f"{self._thresholds.volume_cv_pct:g} %")
+        return f"tta x{self._uncertainty_samples} ({thr})"
 
     @property
     def device(self) -> torch.device:
         return self._device
+
+    @property
+    def uncertainty_thresholds(self) -> UncertaintyThresholds | None:
+        return self._thresholds
 
     def predict(self, volume: Volume) -> tuple[torch.Tensor, PreprocessPlan]:
         """Model-grid probabilities and the plan (no restore, no post-processing)."""
@@ -176,6 +257,49 @@ class Segmenter:
             )
         return probs, plan
 
+    def predict_tta(self, volume: Volume) -> tuple[torch.Tensor, PreprocessPlan, np.ndarray, list[np.ndarray]]:
+        """Model-grid probabilities for the label map (sample 0, or the mean of samples 0 and 1 when
+        ``mirror`` is on: what :meth:`predict` gives), the plan, the normalised voxel entropy of the
+        mean over all samples, and per sample its voxels per (label, side) bin."""
+        image, plan = prepare(volume.hu, volume.affine_lps, self._bundle.preprocess_settings)
+        n_labels = len(self._bundle.labels.labels)
+        model_affine = np.asarray(plan.model_affine_lps)
+        counts: list[np.ndarray] = []
+        total: torch.Tensor | None = None
+        label_probs: torch.Tensor | None = None
+        with self._lock, torch.inference_mode():  # the samples are inference tensors
+            if self._device.type == "cpu":
+                torch.set_num_threads(self._num_threads)
+            for i, probs in enumerate(predict_samples(
+                self._network, image, self._bundle.network_settings.img_size, self._device,
+                self._uncertainty_samples, sw_batch_size=self._sw_batch_size, overlap=self._overlap, mode=self._mode,
+            )):
+                scaled = probs if self._bundle.class_weights is None else scale_classes(probs, self._bundle.class_weights)
+                labels = torch.argmax(scaled, dim=0).to(torch.uint8).numpy()
+                del scaled
+                counts.append(bin_counts(labels, split_sides(labels, model_affine, femur_id=self._femur_id), n_labels))
+                total = probs.clone() if total is None else total.add_(probs)
+                if i == 0:
+                    label_probs = probs
+                elif i == 1 and self._mirror:
+                    label_probs += probs  # type: ignore[operator]  # as predict_scores(mirror=True)
+                    label_probs *= 0.5  # type: ignore[operator]
+            assert total is not None and label_probs is not None
+            total /= float(len(counts))
+            entropy = voxel_entropy(total)
+        return label_probs, plan, entropy, counts
+
+    def _summarise(self, entropy: np.ndarray, counts: list[np.ndarray], plan: PreprocessPlan,
+                   label_map: np.ndarray, side_map: np.ndarray) -> SegmentationUncertainty:
+        """Summaries per structure and side of the final (cleaned-up) label map on the volume's grid."""
+        entropy_u8 = restore_labels(quantise_entropy(entropy), plan)
+        structures = summarise(entropy_u8, label_map, side_map, counts, len(self._bundle.labels.labels),
+                               method=UNCERTAINTY_TTA, thresholds=self._thresholds, entropy_scale=1.0 / 255.0)
+        return SegmentationUncertainty(
+            method=UNCERTAINTY_TTA, n_samples=len(counts), structures=structures,
+            entropy_map_u8=entropy_u8, thresholds=self._thresholds,
+        )
+
     def postprocess(self, label_map: np.ndarray, affine_lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(label map, side map) of a restored label map: the side split by the patient's midline and,
         unless switched off, the largest components per structure and side. The volume calibration
@@ -189,8 +313,12 @@ class Segmenter:
     def segment(self, volume: Volume) -> Segmentation:
         """Label map (and side map) on the volume's grid."""
         started = time.monotonic()
+        uncertainty: SegmentationUncertainty | None = None
         try:
-            probs, plan = self.predict(volume)
+            if self._uncertainty == UNCERTAINTY_TTA:
+                probs, plan, entropy, counts = self.predict_tta(volume)
+            else:
+                probs, plan = self.predict(volume)
             if self._bundle.class_weights is not None:
                 probs = scale_classes(probs, self._bundle.class_weights)
             label_map = restore_probabilities(probs, plan)
@@ -198,6 +326,8 @@ class Segmenter:
             if self._metal_exclude_hu is not None:
                 _exclude_metal(label_map, volume.hu, self._metal_exclude_hu)
             label_map, side_map = self.postprocess(label_map, volume.affine_lps)
+            if self._uncertainty == UNCERTAINTY_TTA:
+                uncertainty = self._summarise(entropy, counts, plan, label_map, side_map)
         except SegmentationError:
             raise
         except (RuntimeError, ValueError, MemoryError) as exc:
@@ -206,13 +336,14 @@ class Segmenter:
                 f"{self._bundle.name} {self._bundle.version} on {self._device} failed: {exc}"
             ) from exc
         logger.info(
-            "segmented series %s shape %s with %s %s on %s in %.1f s",
+            "segmented series %s shape %s with %s %s on %s in %.1f s (uncertainty %s)",
             volume.series_instance_uid,
             volume.shape,
             self._bundle.name,
             self._bundle.version,
             self._device,
             time.monotonic() - started,
+            self._uncertainty_label(),
         )
         return Segmentation(
             label_map=label_map,
@@ -222,4 +353,5 @@ class Segmenter:
             model_version=self._bundle.version,
             affine_lps=np.array(volume.affine_lps, copy=True),
             model_sha256=self._bundle.weights_sha256,
+            uncertainty=uncertainty,
         )

@@ -104,6 +104,7 @@ from pipeline.types import (
     StructureMeasurement,
     Volume,
 )
+from pipeline.uncertainty import with_uncertainty
 
 logger = logging.getLogger(__name__)
 
@@ -613,13 +614,15 @@ def measure(
             b = lid * _N_SIDE_CODES + side_code
             codes, more = _one_side_flags(label.key, side_name, b, ev)
             details.update(more)
-            structures.append(_structure(lid, table, side_name, [b], stats, voxel_ml, tuple(codes), metal.near_counts))
+            structures.append(with_uncertainty(
+                _structure(lid, table, side_name, [b], stats, voxel_ml, tuple(codes), metal.near_counts), segmentation))
             for code in codes:
                 flag_sides.setdefault((code, label.key), []).append(side_name)
         all_bins = [lid * _N_SIDE_CODES + s for s in range(_N_SIDE_CODES)]
         both, more = _both_sides_flags(label.key, all_bins, ev)
         details.update(more)
-        structures.append(_structure(lid, table, SIDE_BOTH, all_bins, stats, voxel_ml, tuple(both), metal.near_counts))
+        structures.append(with_uncertainty(
+            _structure(lid, table, SIDE_BOTH, all_bins, stats, voxel_ml, tuple(both), metal.near_counts), segmentation))
         if FLAG_IMPLAUSIBLE_VOLUME in both and (FLAG_IMPLAUSIBLE_VOLUME, label.key) not in flag_sides:
             # each side alone is plausible, their sum is not: one flag for "both"
             flag_sides[(FLAG_IMPLAUSIBLE_VOLUME, label.key)] = [SIDE_BOTH]

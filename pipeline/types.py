@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from pipeline.labels import LabelTable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.uncertainty import SegmentationUncertainty
 
 
 def _frozen_array(a: np.ndarray) -> np.ndarray:
@@ -118,6 +122,8 @@ class Segmentation:
     affine_lps: np.ndarray = field(repr=False, default_factory=lambda: np.eye(4))
     #: sha256 (hex) of the model's weights file (pipeline.bundle.Bundle.weights_sha256); "" when unknown.
     model_sha256: str = ""
+    #: Test-time augmentation summaries (pipeline.uncertainty); None when ``[model] uncertainty = "off"``.
+    uncertainty: SegmentationUncertainty | None = field(repr=False, default=None)
 
     def __post_init__(self) -> None:
         if self.label_map.shape != self.side_map.shape:
@@ -164,6 +170,39 @@ class QualityFlag:
 
 
 @dataclass(frozen=True)
+class StructureUncertainty:
+    """How sure the model is of one structure on one side (pipeline.uncertainty).
+
+    ``mean_entropy``: mean normalised voxel entropy (0..1) of the samples' mean softmax inside the
+    structure; ``volume_cv_pct``: coefficient of variation of its volume across the samples (%);
+    ``low_confidence``: either is above the bundle's calibrated threshold.
+    """
+
+    method: str  # "tta": test-time augmentation
+    n_samples: int
+    mean_entropy: float
+    volume_cv_pct: float
+    low_confidence: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1:
+            raise ValueError(f"StructureUncertainty.n_samples = {self.n_samples}: allowed >= 1")
+        for name in ("mean_entropy", "volume_cv_pct"):
+            v = getattr(self, name)
+            if not (v >= 0.0 and v < float("inf")):
+                raise ValueError(f"StructureUncertainty.{name} = {v!r}: allowed a finite number >= 0")
+
+    def to_record(self) -> list:
+        """Compact JSON form (results store): [method, n_samples, mean_entropy, volume_cv_pct, low]."""
+        return [self.method, self.n_samples, round(self.mean_entropy, 6), round(self.volume_cv_pct, 4),
+                bool(self.low_confidence)]
+
+    @classmethod
+    def from_record(cls, rec: list) -> "StructureUncertainty":
+        return cls(str(rec[0]), int(rec[1]), float(rec[2]), float(rec[3]), bool(rec[4]))
+
+
+@dataclass(frozen=True)
 class StructureMeasurement:
     """One structure on one side ("left", "right") or both sides together ("both")."""
 
@@ -180,6 +219,7 @@ class StructureMeasurement:
     fat_fraction: float  # fraction of voxels within -190..-30 HU inside the structure
     flags: tuple[str, ...] = ()  # QualityFlag codes that concern this structure and side
     near_metal_voxels: int = 0  # voxels within Measurements.metal_proximity_mm of metal (pipeline.measure)
+    uncertainty: StructureUncertainty | None = None  # None: uncertainty off, or stored before it existed
 
     @property
     def is_partial(self) -> bool:

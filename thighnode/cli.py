@@ -101,6 +101,22 @@ def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+def _job_row(j: Any) -> dict[str, Any]:
+    """One job of `thighnode status --json`: its state, timings, coverage and low-confidence structures."""
+    return {
+        "job": j.id,
+        "study_uid": j.study_uid,
+        "state": j.state,
+        "reason": j.reason,
+        "attempts": j.attempts,
+        "series_uid": j.series_uid,
+        "updated": _when(j.updated_at),
+        "timings_s": j.timings_s,
+        "coverage": j.result.get("coverage", {}), **({"kind": j.result["kind"]} if "kind" in j.result else {}),
+        "uncertainty": j.result.get("uncertainty", {}),
+    }
+
+
 def status_report(settings: Any) -> dict[str, Any]:
     """The model (active and loaded: thighnode.models.model_status), studies, jobs and outbox with states and
     reasons (what `thighnode status` prints)."""
@@ -135,20 +151,7 @@ def _stores_report(settings: Any) -> dict[str, Any]:
             }
             for a in index.activity()
         ]
-        job_rows = [
-            {
-                "job": j.id,
-                "study_uid": j.study_uid,
-                "state": j.state,
-                "reason": j.reason,
-                "attempts": j.attempts,
-                "series_uid": j.series_uid,
-                "updated": _when(j.updated_at),
-                "timings_s": j.timings_s,
-                "coverage": j.result.get("coverage", {}), **({"kind": j.result["kind"]} if "kind" in j.result else {}),
-            }
-            for j in jobs.jobs()
-        ]
+        job_rows = [_job_row(j) for j in jobs.jobs()]
         items = [
             {
                 "item": i.id,
@@ -259,6 +262,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"             reason: {j['reason']}")
         if j.get("coverage"):
             print(f"             coverage: {format_coverage(j['coverage'])}")
+        if j.get("uncertainty"):
+            low = j["uncertainty"].get("low_confidence", [])
+            names = ", ".join(f"{x['structure']} {x['side']}" for x in low) or "none"
+            print(f"             low confidence ({j['uncertainty'].get('method')}): {names}")
     if report.get("prior_requests"):
         print(f"\nprior studies requested from the PACS ({len(report['prior_requests'])}):")
         for r in report["prior_requests"]:

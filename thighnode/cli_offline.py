@@ -141,8 +141,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         generate_dataset(tmp, n_subjects=args.phantoms, seed=args.seed, spacing_mm=(2.0, 2.0, 2.0))
         data = tmp
     report = evaluate_bundle(Path(args.bundle), data, csv_path=Path(args.csv) if args.csv else None,
-                             device=args.device)
+                             device=args.device, uncertainty_samples=args.uncertainty)
     print(report.format_table())
+    if args.uncertainty:
+        from modelkit.uncertainty_eval import format_uncertainty_report
+
+        print()
+        print(format_uncertainty_report(report.scores, Path(args.bundle)))
     if args.real is not None:
         from modelkit.realcheck import DEFAULT_DATA_DIR, format_beside, run
 
@@ -239,6 +244,11 @@ def add_evaluation_commands(add: AddCommand) -> None:
                         "beside the phantoms', per structure and side")
     p.add_argument("--side-check", action="store_true",
                    help="also segment a phantom pair with one leg atrophied: is the loss on that side only? (exit 1 if not)")
+    p.add_argument("--uncertainty", type=int, nargs="?", const=2, default=0, metavar="N",
+                   help="also draw N test-time augmentations (default 2: identity + mirror) and report how the "
+                        "per-structure uncertainty predicts the errors: rank correlations, the low-confidence "
+                        "flag's sensitivity/specificity at the bundle's threshold, and the threshold fitted on "
+                        "these cases")
     p.set_defaults(func=cmd_evaluate, log_level="INFO")
 
     p = add("sidecheck", "one phantom leg atrophied: does the bundle show the loss on that side only? (exit 1 if not)")

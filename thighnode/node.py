@@ -217,7 +217,8 @@ class Node:
                 f"promoted {active.sha256[:12]}; the copy was changed: promote the bundle again or roll back"
             )
         segmenter = Segmenter(bundle, device=m.device, sw_batch_size=m.sw_batch_size, overlap=m.overlap,
-                              mirror=m.mirror_override)
+                              mirror=m.mirror_override, uncertainty=m.uncertainty,
+                              uncertainty_samples=m.uncertainty_samples)
         loaded = replace(active, name=bundle.name, version=bundle.version, sha256=bundle.weights_sha256)
         record_loaded(self.settings.node.data_dir, loaded)
         log.info("model %s %s (weights sha256 %s, %s) loaded in %.2f s (%s)", bundle.name, bundle.version,

@@ -29,6 +29,7 @@ from pipeline.types import (
     QualityFlag,
     StructureChange,
     StructureMeasurement,
+    StructureUncertainty,
     BoneProfile,
     StructureProfile,
 )
@@ -205,6 +206,11 @@ class ResultsStore(SqliteStore):
                                 "near_metal_voxels": {
                                     f"{s.key}:{s.side}": s.near_metal_voxels for s in m.structures if s.near_metal_voxels
                                 },
+                                # pipeline.uncertainty summaries (absent in rows stored before them)
+                                "uncertainty": {
+                                    f"{s.key}:{s.side}": s.uncertainty.to_record()
+                                    for s in m.structures if s.uncertainty is not None
+                                },
                             }
                         ),
                         time.time() if now is None else now,
@@ -356,6 +362,7 @@ def _comparison(payload: dict[str, Any]) -> Comparison:
 def _study_result(row: sqlite3.Row, srows: list[sqlite3.Row], grows: list[sqlite3.Row]) -> StudyResult:
     extra = json.loads(row["extra_json"])
     near = extra.pop("near_metal_voxels", {})
+    uncertainty = extra.pop("uncertainty", {})
     measurements = Measurements(
         structures=tuple(
             StructureMeasurement(
@@ -364,6 +371,7 @@ def _study_result(row: sqlite3.Row, srows: list[sqlite3.Row], grows: list[sqlite
                 mass_g=s["mass_g"], fat_fraction=s["fat_fraction"],
                 flags=tuple(f for f in s["flags"].split(",") if f),
                 near_metal_voxels=int(near.get(f"{s['key']}:{s['side']}", 0)),
+                uncertainty=_uncertainty(uncertainty.get(f"{s['key']}:{s['side']}")),
             )
             for s in srows
         ),
@@ -390,6 +398,10 @@ def _study_result(row: sqlite3.Row, srows: list[sqlite3.Row], grows: list[sqlite
         height_m=row["height_m"], height_source=row["height_source"], model_name=row["model_name"],
         model_version=row["model_version"], measurements=measurements, extra=extra,
     )
+
+
+def _uncertainty(record: list | None) -> StructureUncertainty | None:
+    return None if record is None else StructureUncertainty.from_record(record)
 
 
 def _bone_profile(d: dict[str, Any] | None) -> BoneProfile | None:

@@ -207,6 +207,8 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "sw_batch_size": _int_range(1, 256),
         "overlap": _float_range(0.0, 0.95),
         "mirror": _choice("bundle", "on", "off"),
+        "uncertainty": _choice("off", "tta"),
+        "uncertainty_samples": _int_range(2, 4),
     },
     "outputs": {
         "seg_type": _choice("BINARY", "LABELMAP"),
@@ -300,6 +302,8 @@ class ModelSettings:
     sw_batch_size: int
     overlap: float
     mirror: str  # "bundle" (the bundle's sliding_window.mirror), "on" or "off"
+    uncertainty: str = "off"  # "off" or "tta": per-structure uncertainty from test-time augmentation
+    uncertainty_samples: int = 2  # 2..4 augmentations (identity, mirror, shift, mirror + shift)
 
     @property
     def mirror_override(self) -> bool | None:

@@ -60,7 +60,17 @@ from pipeline.segread import SEG_SOP_CLASS_UID, SegReadError, read_seg
 from pipeline.measure import MeasurementSettings, load_measurement_settings, measure
 from pipeline.selection import select_series
 from pipeline.compare import anatomical_profiles
-from pipeline.types import Comparison, Measurements, PatientInfo, PriorSearch, Segmentation, SelectedSeries, Volume
+from pipeline.types import (
+    SIDE_BOTH,
+    Comparison,
+    Measurements,
+    PatientInfo,
+    PriorSearch,
+    Segmentation,
+    SelectedSeries,
+    Volume,
+)
+from pipeline.uncertainty import SegmentationUncertainty
 from pipeline.volume import load_volume
 from scp.index import InstanceIndex
 from scp.types import ReceivedInstance, ReceivedStudy
@@ -217,6 +227,8 @@ class Workflow:
         with _stage(job, "measure", timings):
             measurements = self._measure(volume, segmentation, selected.patient)
         result["measurements"] = _summary(measurements)
+        if segmentation.uncertainty is not None:
+            result["uncertainty"] = _uncertainty_summary(measurements, segmentation.uncertainty)
         with _stage(job, "compare", timings):
             comparison, prior_search = self._compare(job, selected, volume, segmentation, measurements)
         result["prior"] = _prior_summary(comparison, prior_search)
@@ -524,6 +536,23 @@ def _summary(m: Measurements) -> dict[str, Any]:
         "flags": [f"{f.code}: {f.message}" for f in m.flags],
         "height_m": m.height_m,
         "height_source": m.height_source,
+    }
+
+
+def _uncertainty_summary(m: Measurements, u: SegmentationUncertainty) -> dict[str, Any]:
+    """The job record's ``uncertainty`` (`thighnode status --json`): the method, the threshold and
+    the structure-sides flagged low confidence, each with its mean entropy and volume CV."""
+    return {
+        "method": u.method,
+        "samples": u.n_samples,
+        "threshold": None if u.thresholds is None else {
+            "mean_entropy": u.thresholds.mean_entropy, "volume_cv_pct": u.thresholds.volume_cv_pct},
+        "low_confidence": [
+            {"structure": s.key, "side": s.side, "mean_entropy": round(s.uncertainty.mean_entropy, 4),
+             "volume_cv_pct": round(s.uncertainty.volume_cv_pct, 2)}
+            for s in m.structures
+            if s.uncertainty is not None and s.uncertainty.low_confidence and s.side != SIDE_BOTH
+        ],
     }
 
 
