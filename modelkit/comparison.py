@@ -6,9 +6,11 @@ calibration factors, restore to the case's grid, side split, largest components)
 :func:`modelkit.evaluation.score_case` (Dice, relative absolute volume difference) per structure and side,
 and the result holds one :class:`~modelkit.evaluation.EvaluationReport` per model.
 
-Uncertainty calibration: :func:`uncertainty_calibration` is the hook for the uncertainty work (issue 23).
-While :class:`pipeline.types.Segmentation` carries no per-voxel uncertainty it returns None and the
-``calibration_ece`` column stays empty.
+Uncertainty calibration: with ``uncertainty_samples`` >= 2 both models also draw the node's test-time
+augmentations (pipeline.uncertainty); per model, :func:`uncertainty_calibration` says how well its
+per-structure uncertainty predicts its own failures on these cases (modelkit.uncertainty_eval: Spearman
+rank correlation of the mean entropy with 1 - Dice, AUC for failure, and the sensitivity and
+specificity of the bundle's own low-confidence flag).
 """
 
 from __future__ import annotations
@@ -55,43 +57,29 @@ def truth_sides(truth: np.ndarray, affine_lps: np.ndarray, labels: LabelTable) -
     return split_sides(truth, affine_lps, femur_id=femur_id)
 
 
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
-    """Expected calibration error (Guo et al., ICML 2017): the voxel-weighted mean over ``bins`` equal-width
-    confidence bins of |accuracy - mean confidence|. ``confidence`` in [0, 1]; ``correct`` boolean."""
-    conf = np.asarray(confidence, dtype=np.float64).ravel()
-    hit = np.asarray(correct, dtype=bool).ravel()
-    if conf.shape != hit.shape:
-        raise ValueError(f"confidence has {conf.size} values, correct has {hit.size}")
-    if conf.size == 0:
-        return math.nan
-    if conf.min() < 0.0 or conf.max() > 1.0:
-        raise ValueError(f"confidence must lie in [0, 1]; saw {conf.min():.3g}..{conf.max():.3g}")
-    which = np.minimum((conf * bins).astype(np.int64), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        inside = which == b
-        n = int(inside.sum())
-        if n:
-            total += n * abs(float(hit[inside].mean()) - float(conf[inside].mean()))
-    return total / conf.size
+def uncertainty_calibration(scores: Sequence[StructureScore], thresholds: Any | None) -> dict[str, float | None] | None:
+    """How well a model's per-structure uncertainty predicts its failures (Dice < 0.85 or volume error > 5 %)
+    on these cases: Spearman of mean entropy vs 1 - Dice, AUC of the entropy for failure, and the bundle's
+    low-confidence flag (``thresholds``: pipeline.uncertainty.UncertaintyThresholds, None when the bundle
+    has none). None when the scores carry no uncertainty (compared without test-time augmentation)."""
+    from modelkit.uncertainty_eval import auc, flag_performance, is_failure, scored_rows, spearman
 
-
-def uncertainty_calibration(segmentation: Any, truth: np.ndarray) -> float | None:
-    """HOOK (uncertainty, issue 23): the expected calibration error of a segmentation's per-voxel uncertainty
-    on the voxels labelled in the truth or the prediction; None when the segmentation has no uncertainty.
-
-    Expects ``segmentation.uncertainty``: an array on the label map's grid in [0, 1] (1 = no confidence in the
-    voxel's label), confidence = 1 - uncertainty, a voxel correct when its label equals the truth's. Today
-    no Segmentation has that attribute, so this returns None and the column stays empty."""
-    uncertainty = getattr(segmentation, "uncertainty", None)
-    if uncertainty is None:
+    rows = scored_rows(scores)
+    if not rows:
         return None
-    uncertainty = np.asarray(uncertainty)
-    pred = np.asarray(segmentation.label_map)
-    if uncertainty.shape != pred.shape:
-        raise ValueError(f"uncertainty shape {uncertainty.shape} differs from the label map's {pred.shape}")
-    region = (pred > 0) | (truth > 0)
-    return expected_calibration_error(1.0 - uncertainty[region], pred[region] == truth[region])
+    entropy = [r.mean_entropy for r in rows]
+    out: dict[str, float | None] = {
+        "structure_sides": float(len(rows)),
+        "failures": float(sum(is_failure(r) for r in rows)),
+        "spearman_entropy_vs_dice_loss": spearman(entropy, [1.0 - r.dice for r in rows])[0],
+        "auc_entropy_for_failure": auc(entropy, [is_failure(r) for r in rows]),
+        "flag_sensitivity": None,
+        "flag_specificity": None,
+    }
+    if thresholds is not None:
+        perf = flag_performance(rows, thresholds)
+        out["flag_sensitivity"], out["flag_specificity"] = perf.sensitivity, perf.specificity
+    return out
 
 
 @dataclass(frozen=True)
@@ -124,8 +112,8 @@ class ModelComparison:
     cases: tuple[str, ...]
     candidate_report: EvaluationReport
     deployed_report: EvaluationReport
-    #: Per model role, per case: the uncertainty's expected calibration error, None without uncertainty.
-    calibration_ece: dict[str, dict[str, float | None]]
+    #: Per model role: :func:`uncertainty_calibration` over all cases (None: compared without uncertainty).
+    uncertainty: dict[str, dict[str, float | None] | None]
 
     def rows(self) -> list[ComparisonRow]:
         """Per structure (label table order) and side (right, then left)."""
@@ -145,19 +133,17 @@ class ModelComparison:
         return out
 
     def means(self) -> dict[str, dict[str, float | None]]:
-        """Per role: mean Dice and mean volume error % over the structure-side rows present, and the mean
-        calibration error (None without uncertainty)."""
+        """Per role: mean Dice and mean volume error % over the structure-side rows present, and structures
+        labelled where the truth has none."""
         rows = self.rows()
         out: dict[str, dict[str, float | None]] = {}
         for role in ("deployed", "candidate"):
             dice = [getattr(r, f"{role}_dice") for r in rows]
             vol = [getattr(r, f"{role}_volume_error_pct") for r in rows]
-            eces = [v for v in self.calibration_ece.get(role, {}).values() if v is not None]
             out[role] = {
                 "dice": _nanmean(dice),
                 "volume_error_pct": _nanmean(vol),
                 "false_positives": float(sum(getattr(r, f"{role}_false_positives") for r in rows)),
-                "calibration_ece": float(np.mean(eces)) if eces else None,
             }
         return out
 
@@ -217,14 +203,26 @@ class ModelComparison:
             f"{_f(m['candidate']['dice'] - m['deployed']['dice'], 3, sign=True):>8}"  # type: ignore[operator]
             f"{_f(m['deployed']['volume_error_pct'], 2):>15}{_f(m['candidate']['volume_error_pct'], 2):>16}"
         )
-        lines.append(
-            f"uncertainty calibration (ECE): deployed {_f(m['deployed']['calibration_ece'], 3)}, candidate "
-            f"{_f(m['candidate']['calibration_ece'], 3)}"
-            + ("" if m["deployed"]["calibration_ece"] is not None or m["candidate"]["calibration_ece"] is not None
-               else "  (empty: neither model gives an uncertainty)")
-        )
+        lines += self._uncertainty_lines()
         lines.append(self.summary())
         return "\n".join(lines)
+
+    def _uncertainty_lines(self) -> list[str]:
+        if all(self.uncertainty.get(role) is None for role in ("deployed", "candidate")):
+            return ["uncertainty calibration: not measured (compared with --uncertainty 0)"]
+        lines = []
+        for role in ("deployed", "candidate"):
+            u = self.uncertainty.get(role)
+            if u is None:
+                lines.append(f"uncertainty calibration, {role}: not measured")
+                continue
+            lines.append(
+                f"uncertainty calibration, {role}: {u['failures']:.0f} failures in {u['structure_sides']:.0f} "
+                f"structure-sides; entropy vs 1-Dice Spearman {_f(u['spearman_entropy_vs_dice_loss'], 2)}, AUC for "
+                f"failure {_f(u['auc_entropy_for_failure'], 2)}; low-confidence flag sensitivity "
+                f"{_f(u['flag_sensitivity'], 2)}, specificity {_f(u['flag_specificity'], 2)}"
+                + ("" if u["flag_sensitivity"] is not None else " (the bundle has no threshold)"))
+        return lines
 
     def to_record(self) -> dict[str, Any]:
         m = self.means()
@@ -242,7 +240,8 @@ class ModelComparison:
                 for r in self.rows()
             ],
             "means": {role: {k: _j(v) for k, v in values.items()} for role, values in m.items()},
-            "calibration_ece": self.calibration_ece,
+            "uncertainty_calibration": {role: None if u is None else {k: _j(v) for k, v in u.items()}
+                                        for role, u in self.uncertainty.items()},
             "verdict": self.verdict(),
             "summary": self.summary(),
         }
@@ -289,12 +288,15 @@ def compare_bundles(
     deployed_source: str = "",
     labels: LabelTable | None = None,
     device: str = "auto",
+    uncertainty_samples: int = 2,
 ) -> ModelComparison:
     """Segment every case with both bundles (each loaded once, refused like the node refuses a bundle) and
-    score them on the same ground truth."""
+    score them on the same ground truth; ``uncertainty_samples`` >= 2 also draws the node's test-time
+    augmentations and scores each model's uncertainty (0: not measured, half the time)."""
     from pipeline.bundle import load_bundle
     from pipeline.inference import Segmenter, select_device
     from pipeline.labels import load_label_table
+    from modelkit.evaluation import with_uncertainty
 
     if not cases:
         raise ValueError("no case to compare on")
@@ -305,9 +307,9 @@ def compare_bundles(
         bundle = load_bundle(Path(path), labels, dev)
         identity = ModelIdentity(role, bundle.name, bundle.version, bundle.weights_sha256, str(path),
                                  deployed_source if role == "deployed" else "")
-        models[role] = (identity, Segmenter(bundle, device=str(dev)))
+        models[role] = (identity, Segmenter(bundle, device=str(dev), uncertainty="tta" if uncertainty_samples else "off",
+                                            uncertainty_samples=max(2, uncertainty_samples)))
     scores: dict[str, list[StructureScore]] = {"deployed": [], "candidate": []}
-    ece: dict[str, dict[str, float | None]] = {"deployed": {}, "candidate": {}}
     seconds = {"deployed": 0.0, "candidate": 0.0}
     for case in cases:
         volume, truth = load_case_volume(case, labels)
@@ -316,15 +318,19 @@ def compare_bundles(
             started = time.monotonic()
             seg = segmenter.segment(volume)
             seconds[role] += time.monotonic() - started
-            scores[role].extend(score_case(case.name, seg.label_map, truth, labels, volume.voxel_volume_ml,
-                                           seg.side_map, sides))
-            ece[role][case.name] = uncertainty_calibration(seg, truth)
-        logger.info("compared on case %d of %d", len(ece["deployed"]), len(cases))
+            case_scores = score_case(case.name, seg.label_map, truth, labels, volume.voxel_volume_ml, seg.side_map, sides)
+            if seg.uncertainty is not None:
+                case_scores = [with_uncertainty(s, seg.uncertainty.for_structure(s.label_id, s.side))
+                               for s in case_scores]
+            scores[role].extend(case_scores)
+        logger.info("compared on case %d of %d", cases.index(case) + 1, len(cases))
     names = tuple(c.name for c in cases)
     reports = {
         role: EvaluationReport(identity.name, identity.version, names, tuple(scores[role]),
                                seconds[role] / len(cases))
         for role, (identity, _) in models.items()
     }
+    uncertainty = {role: uncertainty_calibration(scores[role], segmenter.uncertainty_thresholds)
+                   for role, (_, segmenter) in models.items()}
     return ModelComparison(models["candidate"][0], models["deployed"][0], names, reports["candidate"],
-                           reports["deployed"], ece)
+                           reports["deployed"], uncertainty)

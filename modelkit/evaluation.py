@@ -186,7 +186,7 @@ def score_case(
     return out
 
 
-def _with_uncertainty(score: StructureScore, u) -> StructureScore:
+def with_uncertainty(score: StructureScore, u) -> StructureScore:
     if u is None:
         return score
     return replace(score, mean_entropy=u.mean_entropy, volume_cv_pct=u.volume_cv_pct, low_confidence=u.low_confidence)
@@ -256,7 +256,7 @@ def evaluate_bundle(
         true_sides = split_sides(truth, volume.affine_lps, femur_id=femur_id)
         case_scores = score_case(case_name, seg.label_map, truth, labels, volume.voxel_volume_ml, seg.side_map, true_sides)
         if seg.uncertainty is not None:
-            case_scores = [_with_uncertainty(s, seg.uncertainty.for_structure(s.label_id, s.side)) for s in case_scores]
+            case_scores = [with_uncertainty(s, seg.uncertainty.for_structure(s.label_id, s.side)) for s in case_scores]
         scores.extend(case_scores)
         names.append(case_name)
         both = [s.dice for s in case_scores if s.side == "both" and not math.isnan(s.dice)]

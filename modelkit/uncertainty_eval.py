@@ -55,8 +55,8 @@ def is_failure(s: StructureScore) -> bool:
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
     """Spearman's rank correlation and its two-sided p-value (NaN for fewer than 3 pairs)."""
-    if len(x) < 3:
-        return math.nan, math.nan
+    if len(x) < 3 or np.ptp(np.asarray(x, dtype=float)) == 0 or np.ptp(np.asarray(y, dtype=float)) == 0:
+        return math.nan, math.nan  # undefined for a constant input
     from scipy.stats import spearmanr
 
     res = spearmanr(np.asarray(x, dtype=float), np.asarray(y, dtype=float))

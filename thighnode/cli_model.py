@@ -170,8 +170,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         deployed = active_model(settings)
         cases = _cases(args, settings)
+        if args.uncertainty and not 2 <= args.uncertainty <= 4:
+            raise _CommandError(f"--uncertainty {args.uncertainty}: allowed 0 (off) or 2..4 samples")
         result = compare_bundles(Path(args.candidate), deployed.path, cases, deployed_source=deployed.source,
-                                 device=args.device)
+                                 device=args.device, uncertainty_samples=args.uncertainty)
     except (NodeError, _CommandError) as exc:
         return _fail(getattr(exc, "message", str(exc)))
     held = getattr(args, "held_out", None)
@@ -219,5 +221,8 @@ def add_model_commands(sub: Any) -> None:
                    help=f"share of the corrected patients held out (default: the candidate's training.held_out, "
                         f"else {HELD_OUT_FRACTION})")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
+    p.add_argument("--uncertainty", type=int, default=2, metavar="N",
+                   help="test-time augmentation samples for each model's uncertainty calibration (2-4; 0: not "
+                        "measured, half the time; default %(default)s, as the node)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_compare, log_level="INFO")

@@ -8,14 +8,15 @@ import math
 import shutil
 import sys
 import types
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from modelkit.comparison import compare_bundles, expected_calibration_error, uncertainty_calibration
+from modelkit.comparison import compare_bundles, uncertainty_calibration
+from modelkit.evaluation import StructureScore
+from pipeline.uncertainty import UncertaintyThresholds
 from modelkit.evaluation import evaluate_bundle, pooled_cases
 from pipeline.labels import load_label_table
 from tests.thighnode.test_models import DEMO, make_site_bundle
@@ -98,12 +99,18 @@ def test_table_json_and_summary(comparison) -> None:
     table = comparison.format_table()
     assert "candidate: thighnode_demo 0.9.1-site" in table and "deployed:  thighnode_demo 0.9.0" in table
     assert "gluteus_maximus" in table and "MEAN" in table
-    assert "uncertainty calibration (ECE): deployed -, candidate -  (empty: neither model gives an uncertainty)" in table
+    # both models drew the node's test-time augmentations: each one's uncertainty is scored against its own errors
+    for role in ("deployed", "candidate"):
+        assert f"uncertainty calibration, {role}: " in table
     record = json.loads(json.dumps(comparison.to_record(), allow_nan=False))
     means = record["means"]
     assert record["verdict"] == comparison.verdict() != "tie"
-    assert means["candidate"]["calibration_ece"] is None and means["deployed"]["calibration_ece"] is None
-    assert record["calibration_ece"]["deployed"] == {c: None for c in comparison.cases}
+    for role, report in (("deployed", comparison.deployed_report), ("candidate", comparison.candidate_report)):
+        u = record["uncertainty_calibration"][role]
+        rows = [s for s in report.scores if s.side in ("right", "left") and math.isfinite(s.mean_entropy)
+                and math.isfinite(s.dice) and math.isfinite(s.ravd)]
+        assert rows and u["structure_sides"] == len(rows)
+        assert u["flag_sensitivity"] is not None or u["failures"] == 0  # the demo bundle has a threshold
     expected = {"candidate": "candidate is better", "deployed": "deployed model is better",
                 "mixed": "mixed: "}[record["verdict"]]
     assert record["summary"].startswith(expected) and table.splitlines()[-1] == record["summary"]
@@ -123,32 +130,28 @@ def test_table_json_and_summary(comparison) -> None:
 
 def test_a_bundle_against_itself_is_a_tie(data: dict[str, Path], tmp_path: Path) -> None:
     same = shutil.copytree(DEMO, tmp_path / "same")
-    result = compare_bundles(same, DEMO, pooled_cases(data["corrected"]), device="cpu")
+    result = compare_bundles(same, DEMO, pooled_cases(data["corrected"]), device="cpu", uncertainty_samples=0)
     assert result.verdict() == "tie" and result.summary().startswith("no difference")
     assert all(r.dice_change == 0 or math.isnan(r.dice_change) for r in result.rows())
 
 
-def test_expected_calibration_error() -> None:
-    assert expected_calibration_error(np.array([1.0, 1.0]), np.array([True, True])) == 0.0
-    assert expected_calibration_error(np.array([0.9] * 10), np.array([True] * 9 + [False])) == pytest.approx(0.0)
-    assert expected_calibration_error(np.array([0.95, 0.95]), np.array([False, False])) == pytest.approx(0.95)
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        expected_calibration_error(np.array([1.5]), np.array([True]))
+def _score(dice: float, ravd: float, entropy: float) -> StructureScore:
+    return StructureScore("c", 1, "k", "right", dice, ravd, 10.0, 10.0, mean_entropy=entropy, volume_cv_pct=0.0)
 
 
-@dataclass
-class _Seg:
-    label_map: np.ndarray
-    uncertainty: np.ndarray | None = None
-
-
-def test_the_uncertainty_hook_is_empty_without_uncertainty_and_scores_one_with_it() -> None:
-    truth = np.array([[0, 1, 1, 2]])
-    pred = np.array([[0, 1, 2, 2]])
-    assert uncertainty_calibration(_Seg(pred), truth) is None
-    # voxels 1..3 count; confidences 1, 0.5 (wrong), 1 -> bins: {1.0: 2 right}, {0.5: 1 wrong}
-    ece = uncertainty_calibration(_Seg(pred, np.array([[0.0, 0.0, 0.5, 0.0]])), truth)
-    assert ece == pytest.approx(0.5 / 3)
+def test_uncertainty_calibration_ranks_failures_and_scores_the_flag() -> None:
+    assert uncertainty_calibration([_score(0.9, 0.01, math.nan)], None) is None  # no uncertainty measured
+    rows = [_score(0.95, 0.01, 0.01), _score(0.93, 0.02, 0.02), _score(0.80, 0.10, 0.20), _score(0.60, 0.30, 0.40)]
+    u = uncertainty_calibration(rows, UncertaintyThresholds(0.1, 1e6, "test"))
+    assert u is not None and (u["structure_sides"], u["failures"]) == (4, 2)
+    assert u["spearman_entropy_vs_dice_loss"] == pytest.approx(1.0) and u["auc_entropy_for_failure"] == 1.0
+    assert (u["flag_sensitivity"], u["flag_specificity"]) == (1.0, 1.0)
+    # an uncertainty that points the wrong way
+    bad = uncertainty_calibration([_score(r.dice, r.ravd, 1.0 - r.mean_entropy) for r in rows],
+                                  UncertaintyThresholds(0.85, 1e6, "test"))
+    assert bad["spearman_entropy_vs_dice_loss"] == pytest.approx(-1.0) and bad["auc_entropy_for_failure"] == 0.0
+    assert (bad["flag_sensitivity"], bad["flag_specificity"]) == (0.0, 0.0)
+    assert uncertainty_calibration(rows, None)["flag_sensitivity"] is None
 
 
 def _config(tmp_path: Path, node_dir: Path) -> str:
