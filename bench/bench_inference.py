@@ -12,6 +12,8 @@ measures, each in a fresh child process so that peak figures are not mixed:
   overlap 0.5 / gaussian / sw_batch_size 2 / inference_mode (+AMP on CUDA), linear restore to
   the 512x512xN grid, side split, largest components);
 * ``ours-sw``: only our sliding-window call on the preprocessed input;
+* ``segmenter-tta``: the same with the node's default uncertainty (``[model] uncertainty = "tta"``, 2
+  test-time augmentation samples: identity and mirror) - the added time per study of the uncertainty;
 * ``baseline-sw``: plain ``monai.inferers.sliding_window_inference`` with its defaults
   (overlap 0.25, mode constant, sw_batch_size 1) under ``torch.no_grad`` only, on the same
   preprocessed input (without no_grad autograd would keep every window's activations).
@@ -98,8 +100,9 @@ def _child(kind: str, model: str, args: dict, queue) -> None:
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
     windows = None
-    if kind == "segmenter":
-        seg = Segmenter(bundle, device=str(device), num_threads=args["threads"]).segment(volume)
+    if kind in ("segmenter", "segmenter-tta"):
+        tta = {"uncertainty": "tta", "uncertainty_samples": 2} if kind == "segmenter-tta" else {}
+        seg = Segmenter(bundle, device=str(device), num_threads=args["threads"], **tta).segment(volume)
         shape = seg.label_map.shape
     else:
         image, plan = prepare(volume.hu, volume.affine_lps, bundle.preprocess_settings)
@@ -154,12 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     print(f"synthetic CT {a.slices}x512x512, 0.8 mm pixels, {a.slice_mm} mm slices; device {a.device}, {a.threads} threads")
     for model in models:
-        rows = {kind: run(kind, model, args) for kind in ("segmenter", "ours-sw", "baseline-sw")}
+        rows = {kind: run(kind, model, args) for kind in ("segmenter", "segmenter-tta", "ours-sw", "baseline-sw")}
         base = rows["baseline-sw"]["wall_s"]
         for kind, r in rows.items():
             cuda = f", cuda peak {r['cuda_peak_mb']:.0f} MB" if r["cuda_peak_mb"] is not None else ""
             print(f"{model:>10} {kind:<12} {r['wall_s']:8.1f} s  ({r['wall_s'] / base:5.2f}x baseline)  "
                   f"peak RSS {r['peak_rss_mb']:7.0f} MB, numpy peak {r['numpy_peak_mb']:6.0f} MB{cuda}")
+        added = rows["segmenter-tta"]["wall_s"] - rows["segmenter"]["wall_s"]
+        print(f"{model:>10} uncertainty (tta x2) adds {added:.1f} s per study "
+              f"({rows['segmenter-tta']['wall_s'] / rows['segmenter']['wall_s']:.2f}x the segment stage)")
         results.extend(rows.values())
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
