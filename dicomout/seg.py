@@ -43,7 +43,14 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sr.coding import Code
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless, UID
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+)
 
 from dicomout import codes
 from dicomout.errors import OutputError
@@ -56,10 +63,14 @@ logger = logging.getLogger(__name__)
 SEGMENTATION_TYPES: tuple[str, ...] = ("BINARY", "LABELMAP")
 """Allowed ``segmentation_type`` values of :func:`build_seg` (PS3.3 C.8.20.2 SegmentationType)."""
 
-BINARY_TRANSFER_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian,)
-"""BINARY frames are bit-packed native pixel data (1 bit per pixel)."""
+BINARY_TRANSFER_SYNTAXES: tuple[UID, ...] = (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEG2000Lossless)
+"""BINARY: bit-packed native frames (1 bit per pixel), the whole dataset deflated (PS3.5 A.5) or not,
+or each frame JPEG 2000 lossless (PS3.5 8.2.4, 8 bits per pixel before compression). The first is the
+default: 0.2 % of the source CT's bytes at about the uncompressed build time (bench/bench_seg.py)."""
 
-LABELMAP_TRANSFER_SYNTAXES: tuple[UID, ...] = (RLELossless, JPEGLSLossless, JPEG2000Lossless, ExplicitVRLittleEndian)
+LABELMAP_TRANSFER_SYNTAXES: tuple[UID, ...] = (
+    RLELossless, JPEGLSLossless, JPEG2000Lossless, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
+)
 """Lossless transfer syntaxes for LABELMAP; the first is the default (see bench/bench_seg.py)."""
 
 CONTENT_LABEL = "THIGH_MUSCLES"
@@ -377,6 +388,7 @@ def build_seg(
     series_number: int = SEG_SERIES.number,
     instance_number: int = 1,
     workers: int = 0,
+    omit_empty_frames: bool = True,
     series_uid: str | None = None, instance_uid: str | None = None, series_description: str | None = None,
 ) -> hd.seg.Segmentation:
     """Build the DICOM Segmentation (PS3.3 A.51, or A.51.x Label Map Segmentation) of a study.
@@ -394,6 +406,8 @@ def build_seg(
             Equipment / Enhanced General Equipment (PS3.3 C.7.5.1, C.7.5.2).
         series_number, instance_number: SeriesNumber / InstanceNumber.
         workers: frame-compression worker processes (highdicom); 0 encodes in this process.
+        omit_empty_frames: leave out frames with no pixel of their segment (highdicom's default); every
+            frame kept carries its own PlanePositionSequence, so readers place it by position, not by index.
         series_uid, instance_uid, series_description: instead of those from the source series and model.
 
     Returns:
@@ -429,12 +443,16 @@ def build_seg(
             device_serial_number=device_serial,
             content_label=CONTENT_LABEL,
             content_description=f"Thigh and hip muscles by {segmentation.model_name} {segmentation.model_version}"[:64],
-            transfer_syntax_uid=ts,
-            omit_empty_frames=True,
+            # Deflate applies to the whole Part 10 body, not to frames: the frames are built native and
+            # pydicom deflates the dataset when it is written (PS3.5 A.5).
+            transfer_syntax_uid=ExplicitVRLittleEndian if ts == DeflatedExplicitVRLittleEndian else ts,
+            omit_empty_frames=omit_empty_frames,
             workers=workers,
         )
     except (ValueError, TypeError) as exc:
         raise BuildError(f"highdicom refused the Segmentation ({segmentation_type}, {ts.name}): {exc}") from exc
+    if ts == DeflatedExplicitVRLittleEndian:
+        seg.file_meta.TransferSyntaxUID = ts
     seg.SeriesDescription = series_description or SEG_SERIES.description(segmentation.model_name, segmentation.model_version)
     logger.info(
         "build_seg end: series %s, %s %s, %d segments, %d frames in %.2f s",
