@@ -19,8 +19,11 @@ from pipeline.types import Comparison, Measurements, PriorSearch, Segmentation, 
 SEG_TYPES: tuple[str, ...] = ("BINARY", "LABELMAP")
 """Allowed :attr:`OutputSettings.seg_type` values (PS3.3 C.8.20.2 SegmentationType)."""
 
-LABELMAP_COMPRESSIONS: tuple[str, ...] = ("RLE", "JPEGLS", "JPEG2000", "none")
+LABELMAP_COMPRESSIONS: tuple[str, ...] = ("RLE", "JPEGLS", "JPEG2000", "deflate", "none")
 """Allowed :attr:`OutputSettings.labelmap_compression` values."""
+
+BINARY_COMPRESSIONS: tuple[str, ...] = ("deflate", "JPEG2000", "none")
+"""Allowed :attr:`OutputSettings.binary_compression` values."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,8 @@ class OutputSettings:
     """How the outputs are written (the workflow maps the node's ``[outputs]`` section to this)."""
 
     seg_type: str = "BINARY"
-    labelmap_compression: str = "RLE"
+    labelmap_compression: str = "deflate"
+    binary_compression: str = "deflate"
     manufacturer: str = "thighnode"
     institution_name: str = ""
     device_serial: str = "0001"
@@ -46,6 +50,11 @@ class OutputSettings:
     def __post_init__(self) -> None:
         if self.seg_type not in SEG_TYPES:
             raise ValueError(f"OutputSettings.seg_type is {self.seg_type!r}; allowed: {', '.join(SEG_TYPES)}")
+        if self.binary_compression not in BINARY_COMPRESSIONS:
+            raise ValueError(
+                f"OutputSettings.binary_compression is {self.binary_compression!r}; "
+                f"allowed: {', '.join(BINARY_COMPRESSIONS)}"
+            )
         if self.labelmap_compression not in LABELMAP_COMPRESSIONS:
             raise ValueError(
                 f"OutputSettings.labelmap_compression is {self.labelmap_compression!r}; "

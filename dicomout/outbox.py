@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error         TEXT    NOT NULL DEFAULT '',
     sent_at            REAL,
     transport          TEXT    NOT NULL DEFAULT 'cstore',
+    transfer_syntax_uid TEXT   NOT NULL DEFAULT '',
     UNIQUE (destination, sop_instance_uid)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
@@ -61,16 +62,21 @@ CREATE INDEX IF NOT EXISTS outbox_study ON outbox (study_instance_uid);
 
 _COLUMNS = (
     "id, destination, path, sop_class_uid, sop_instance_uid, study_instance_uid, job_id, state, "
-    "attempts, generation, created_at, next_attempt_at, last_status, last_error, sent_at, transport"
+    "attempts, generation, created_at, next_attempt_at, last_status, last_error, sent_at, transport, "
+    "transfer_syntax_uid"
 )
 
 
 def _add_transport_column(conn: sqlite3.Connection) -> None:
-    """Migrate a database made before items had a transport kind: they were all C-STORE."""
+    """Migrate a database made before items had a transport kind (they were all C-STORE) or recorded
+    the transfer syntax they were sent in (unknown: empty)."""
     columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
     if "transport" not in columns:
         conn.execute(f"ALTER TABLE outbox ADD COLUMN transport TEXT NOT NULL DEFAULT '{TRANSPORT_CSTORE}'")
         LOGGER.info("outbox table migrated: column transport added (existing items: %s)", TRANSPORT_CSTORE)
+    if "transfer_syntax_uid" not in columns:
+        conn.execute("ALTER TABLE outbox ADD COLUMN transfer_syntax_uid TEXT NOT NULL DEFAULT ''")
+        LOGGER.info("outbox table migrated: column transfer_syntax_uid added (existing items: unknown)")
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,7 @@ class OutboxItem:
     last_error: str
     sent_at: float | None
     transport: str = TRANSPORT_CSTORE  # how it is sent (dicomout.transports)
+    transfer_syntax_uid: str = ""  # the syntax the destination stored it in ("" until sent, or unknown)
 
 
 def _item(row: sqlite3.Row) -> OutboxItem:
@@ -154,6 +161,7 @@ def _item(row: sqlite3.Row) -> OutboxItem:
         last_error=row["last_error"],
         sent_at=None if row["sent_at"] is None else float(row["sent_at"]),
         transport=row["transport"],
+        transfer_syntax_uid=row["transfer_syntax_uid"],
     )
 
 
@@ -235,7 +243,8 @@ class Outbox:
                     next_attempt_at = excluded.next_attempt_at,
                     last_status = NULL,
                     last_error = '',
-                    sent_at = NULL
+                    sent_at = NULL,
+                    transfer_syntax_uid = ''
                 RETURNING id, generation
                 """,
                 (destination, str(path), sop_class_uid, sop_instance_uid, study_uid, job_id, now, now, transport),
@@ -281,13 +290,17 @@ class Outbox:
             row = conn.execute(f"SELECT {_COLUMNS} FROM outbox WHERE id = ?", (item.id,)).fetchone()
         return _item(row)
 
-    def mark_sent(self, item: OutboxItem, status: int | None = 0, now: float | None = None) -> OutboxItem | None:
-        """Record that the object was stored by the destination (state ``sent``)."""
+    def mark_sent(
+        self, item: OutboxItem, status: int | None = 0, now: float | None = None, *, transfer_syntax_uid: str = ""
+    ) -> OutboxItem | None:
+        """Record that the object was stored by the destination (state ``sent``) in ``transfer_syntax_uid``
+        (the accepted presentation context's syntax; "" when the transport does not say)."""
         now = time.time() if now is None else now
         return self._update(
             item,
-            "state = 'sent', attempts = attempts + 1, last_status = ?, last_error = '', sent_at = ?",
-            (status, now),
+            "state = 'sent', attempts = attempts + 1, last_status = ?, last_error = '', sent_at = ?, "
+            "transfer_syntax_uid = ?",
+            (status, now, transfer_syntax_uid),
         )
 
     def mark_retry(
@@ -431,7 +444,7 @@ def _send_batch(
     sent = retrying = failed = 0
     for item, result in zip(items, results, strict=True):
         if result.ok:
-            if outbox.mark_sent(item, result.status, _stamp(now)) is not None:
+            if outbox.mark_sent(item, result.status, _stamp(now), transfer_syntax_uid=result.transfer_syntax_uid) is not None:
                 sent += 1
             continue
         error = result.error

@@ -66,10 +66,10 @@ SEGMENTATION_TYPES: tuple[str, ...] = ("BINARY", "LABELMAP")
 BINARY_TRANSFER_SYNTAXES: tuple[UID, ...] = (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEG2000Lossless)
 """BINARY: bit-packed native frames (1 bit per pixel), the whole dataset deflated (PS3.5 A.5) or not,
 or each frame JPEG 2000 lossless (PS3.5 8.2.4, 8 bits per pixel before compression). The first is the
-default: 0.2 % of the source CT's bytes at about the uncompressed build time (bench/bench_seg.py)."""
+default: 0.8 % of the source CT's bytes at the uncompressed build time (bench/bench_seg.py)."""
 
 LABELMAP_TRANSFER_SYNTAXES: tuple[UID, ...] = (
-    RLELossless, JPEGLSLossless, JPEG2000Lossless, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian, RLELossless, JPEGLSLossless, JPEG2000Lossless, ExplicitVRLittleEndian,
 )
 """Lossless transfer syntaxes for LABELMAP; the first is the default (see bench/bench_seg.py)."""
 

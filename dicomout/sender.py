@@ -8,12 +8,15 @@ for each SOP Class in the batch we propose
 * one context with the uncompressed syntaxes: the files' own native little-endian
   syntax(es) first, then Explicit VR Little Endian and Implicit VR Little Endian
   as fallbacks (pynetdicom re-encodes between them);
-* one context per compressed (or big-endian) transfer syntax seen for that class,
-  so that compressed objects travel as they are.
+* one context per compressed, deflated (or big-endian) transfer syntax seen for that
+  class, each on its own so that the peer's preference among several syntaxes of one
+  context cannot turn it down silently: compressed objects travel as they are wherever
+  the peer accepts their syntax.
 
 If the peer accepts a SOP Class only uncompressed, a compressed object is
-decompressed with pydicom before it is sent (so the uncompressed context is also
-proposed for classes whose files are all compressed). A class for which the peer
+decompressed with pydicom (a deflated one is sent inflated) before it is sent (so the
+uncompressed context is also proposed for classes whose files are all compressed).
+:attr:`SendResult.transfer_syntax_uid` says which syntax was used. A class for which the peer
 accepts no context at all is reported per object as *refused*, permanently;
 nothing of it is sent and the rest of the batch goes on. At most 128 contexts are
 proposed per association (PS3.8 9.3.2.2); larger plans are split over several
@@ -170,8 +173,8 @@ class _ObjectHeader:
 
 
 def _needs_own_syntax(ts: UID) -> bool:
-    """Compressed or big-endian objects cannot be re-encoded by pynetdicom."""
-    return ts.is_compressed or not ts.is_little_endian
+    """Compressed, deflated or big-endian objects are proposed in a context of their own syntax."""
+    return ts.is_compressed or ts.is_deflated or not ts.is_little_endian
 
 
 @dataclass(frozen=True)
@@ -343,6 +346,14 @@ def _prepare_dataset(header: _ObjectHeader, accepted: list[UID], destination: De
     if ts in accepted:
         return ds, ts
     if not _needs_own_syntax(ts) and uncompressed_le:
+        return ds, uncompressed_le[0]
+    if ts.is_deflated and uncompressed_le:
+        # dcmread inflated the dataset: it is sent in the accepted native syntax (PS3.5 A.5).
+        ds.file_meta.TransferSyntaxUID = uncompressed_le[0]
+        LOGGER.info(
+            "SOP Instance UID %s sent inflated (%s) to %s: %s not accepted",
+            header.sop_instance_uid, uncompressed_le[0].name, destination.name, ts.name,
+        )
         return ds, uncompressed_le[0]
     if ts.is_compressed and uncompressed_le:
         try:

@@ -101,6 +101,13 @@ def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+def _uid_name(uid: str) -> str:
+    """The registered name of a UID ("Deflated Explicit VR Little Endian"), else the UID ("" stays "")."""
+    from pydicom.uid import UID
+
+    return UID(uid).name if uid else ""
+
+
 def _job_row(j: Any) -> dict[str, Any]:
     """One job of `thighnode status --json`: its state, timings, coverage and low-confidence structures."""
     return {
@@ -157,6 +164,9 @@ def _stores_report(settings: Any) -> dict[str, Any]:
                 "item": i.id,
                 "destination": i.destination,
                 "transport": i.transport,
+                "sop_class": _uid_name(i.sop_class_uid),
+                "transfer_syntax_uid": i.transfer_syntax_uid,
+                "transfer_syntax": _uid_name(i.transfer_syntax_uid),
                 "sop_instance_uid": i.sop_instance_uid,
                 "study_uid": i.study_instance_uid,
                 "job": i.job_id,
@@ -283,6 +293,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  item {i['item']:>5}  {i['state']:<8} -> {i['destination']} ({i['transport']})  {i['sop_instance_uid']}  "
             f"attempts={i['attempts']} next={i['next_attempt']}"
         )
+        if i["transfer_syntax_uid"]:
+            print(f"             sent as {i['transfer_syntax']} ({i['sop_class']})")
         if i["last_error"]:
             print(f"             error: {i['last_error']}")
     return 0

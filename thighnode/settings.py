@@ -212,7 +212,8 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     },
     "outputs": {
         "seg_type": _choice("BINARY", "LABELMAP"),
-        "labelmap_compression": _choice("RLE", "JPEGLS", "JPEG2000", "none"),
+        "labelmap_compression": _choice("RLE", "JPEGLS", "JPEG2000", "deflate", "none"),
+        "binary_compression": _choice("deflate", "JPEG2000", "none"),
         "enabled": _output_list,
         "manufacturer": _string,
         "institution_name": _text,
@@ -315,6 +316,7 @@ class ModelSettings:
 class OutputsSettings:
     seg_type: str
     labelmap_compression: str
+    binary_compression: str
     enabled: tuple[str, ...]  # the outputs sent, in order: built-in names or "package.module:Name"
     manufacturer: str
     institution_name: str

@@ -149,7 +149,8 @@ class Workflow:
         self._clock = clock  # the outputs' content time
         out = settings.outputs
         self._output_settings = OutputSettings(
-            seg_type=out.seg_type, labelmap_compression=out.labelmap_compression, manufacturer=out.manufacturer,
+            seg_type=out.seg_type, labelmap_compression=out.labelmap_compression,
+            binary_compression=out.binary_compression, manufacturer=out.manufacturer,
             institution_name=out.institution_name, device_serial=out.device_serial,
         )
         self._outputs = plan_outputs(out.enabled)  # imports the builders: a wrong entry stops the start

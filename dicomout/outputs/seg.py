@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from pydicom.dataset import Dataset
-from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, UID
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+)
 
 from dicomout.context import StudyContext
 from dicomout.seg import build_seg
@@ -15,9 +22,17 @@ LABELMAP_SYNTAXES: Mapping[str, UID | None] = {
     "RLE": RLELossless,
     "JPEGLS": JPEGLSLossless,
     "JPEG2000": JPEG2000Lossless,
+    "deflate": DeflatedExplicitVRLittleEndian,
     "none": None,  # the LABELMAP default (dicomout.seg.LABELMAP_TRANSFER_SYNTAXES[0])
 }
 """OutputSettings.labelmap_compression -> transfer syntax of a LABELMAP SEG."""
+
+BINARY_SYNTAXES: Mapping[str, UID] = {
+    "deflate": DeflatedExplicitVRLittleEndian,
+    "JPEG2000": JPEG2000Lossless,
+    "none": ExplicitVRLittleEndian,
+}
+"""OutputSettings.binary_compression -> transfer syntax of a BINARY SEG (see bench/bench_seg.py)."""
 
 
 class SegOutput:
@@ -28,7 +43,11 @@ class SegOutput:
 
     def build(self, context: StudyContext, built: Mapping[str, Dataset]) -> Dataset:
         settings = context.settings
-        syntax = LABELMAP_SYNTAXES[settings.labelmap_compression] if settings.seg_type == "LABELMAP" else None
+        syntax = (
+            LABELMAP_SYNTAXES[settings.labelmap_compression]
+            if settings.seg_type == "LABELMAP"
+            else BINARY_SYNTAXES[settings.binary_compression]
+        )
         return build_seg(
             context.volume,
             context.segmentation,

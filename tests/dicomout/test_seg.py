@@ -8,7 +8,13 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+)
 
 from dicomout import codes
 from dicomout.seg import (
@@ -153,7 +159,47 @@ def test_binary_seg_matches_label_map_on_source_grid(tmp_path: Path, geometry: s
 
 @pytest.mark.parametrize(
     "geometry,transfer_syntax",
+    [("FFS", DeflatedExplicitVRLittleEndian), ("HFS-reversed-files", JPEG2000Lossless)],
+)
+def test_compressed_binary_seg_reads_back_as_the_uncompressed_one(
+    tmp_path: Path, geometry: str, transfer_syntax: str
+) -> None:
+    paths, volume, seg = make_case(tmp_path, geometry)
+    compressed = tmp_path / "seg_compressed.dcm"
+    plain = tmp_path / "seg_plain.dcm"
+    build_seg(volume, seg, paths, transfer_syntax_uid=transfer_syntax, **EQUIPMENT).save_as(compressed)
+    build_seg(volume, seg, paths, transfer_syntax_uid=ExplicitVRLittleEndian, **EQUIPMENT).save_as(plain)
+    assert pydicom.dcmread(compressed, stop_before_pixels=True).file_meta.TransferSyntaxUID == transfer_syntax
+    assert compressed.stat().st_size < plain.stat().st_size
+    check_frames_against_label_map(compressed, paths, volume, seg)
+    a = hd.seg.segread(compressed).get_volume(combine_segments=True, relabel=False)
+    b = hd.seg.segread(plain).get_volume(combine_segments=True, relabel=False)
+    np.testing.assert_array_equal(a.array, b.array)
+    np.testing.assert_allclose(a.affine, b.affine)
+    report = run_dciodvfy(compressed)
+    assert report.errors == (), report.output
+
+
+def test_binary_default_is_deflated_with_empty_frames_omitted(tmp_path: Path) -> None:
+    paths, volume, seg = make_case(tmp_path, "HFS")
+    out = tmp_path / "seg.dcm"
+    build_seg(volume, seg, paths, **EQUIPMENT).save_as(out)
+    read = pydicom.dcmread(out)
+    assert read.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    # One frame per segment and slice where that segment has a voxel, none for the empty ones.
+    smap = segment_map(read)
+    expected_frames = sum(
+        int(expected_mask(seg, k, key, side).any()) for (key, side) in smap for k in range(volume.shape[0])
+    )
+    assert int(read.NumberOfFrames) == expected_frames < len(smap) * volume.shape[0]
+    kept = build_seg(volume, seg, paths, omit_empty_frames=False, **EQUIPMENT)
+    assert int(kept.NumberOfFrames) == len(smap) * volume.shape[0]
+
+
+@pytest.mark.parametrize(
+    "geometry,transfer_syntax",
     [
+        ("HFS", DeflatedExplicitVRLittleEndian),
         ("HFS-flipped-columns", RLELossless),
         ("FFS", JPEGLSLossless),
         ("HFS-reversed-files", JPEG2000Lossless),
