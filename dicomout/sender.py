@@ -37,6 +37,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.pixels import pack_bits
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
@@ -324,6 +325,20 @@ def _accepted_by_class(assoc: Association) -> dict[str, list[UID]]:
     return accepted
 
 
+def _decompress(ds: Dataset) -> None:
+    """Decompress ``ds`` in place to Explicit VR Little Endian.
+
+    pydicom's ``decompress`` leaves a 1-bit image (a BINARY Segmentation in JPEG 2000, PS3.5 8.2.4
+    and A.4.4) with one byte per pixel under BitsAllocated 1; native 1-bit Pixel Data is packed 8
+    pixels a byte, frames contiguous (PS3.5 8.1.1), so those bytes are packed again.
+    """
+    frames = ds.pixel_array if int(ds.get("BitsAllocated", 0)) == 1 else None
+    ds.decompress()
+    if frames is not None:
+        ds.PixelData = pack_bits(frames.ravel())
+        ds["PixelData"].VR = "OB"
+
+
 def _prepare_dataset(header: _ObjectHeader, accepted: list[UID], destination: Destination) -> tuple[Dataset, UID]:
     """Read the file and make it sendable in one of the accepted syntaxes (decompressing
     when only an uncompressed syntax was accepted); raise a permanent SendError otherwise."""
@@ -357,7 +372,7 @@ def _prepare_dataset(header: _ObjectHeader, accepted: list[UID], destination: De
         return ds, uncompressed_le[0]
     if ts.is_compressed and uncompressed_le:
         try:
-            ds.decompress()
+            _decompress(ds)
         except Exception as exc:  # pydicom raises several types from its pixel backends
             raise SendError(
                 f"destination {destination.label} accepted {sop_name} only uncompressed and "
