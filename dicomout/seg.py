@@ -356,6 +356,12 @@ def _transfer_syntax(segmentation_type: str, transfer_syntax_uid: str | None) ->
     return ts
 
 
+def _frame_syntax(ts: UID) -> UID:
+    """The syntax highdicom encodes the frames in: Deflate applies to the whole Part 10 body, not to
+    frames (PS3.5 A.5), so a deflated SEG's frames are built native."""
+    return ExplicitVRLittleEndian if ts == DeflatedExplicitVRLittleEndian else ts
+
+
 def _check_grid(volume: Volume, segmentation: Segmentation) -> None:
     """The label map must lie on the volume's grid (same shape, same affine or none given)."""
     if segmentation.label_map.shape != volume.shape:
@@ -381,14 +387,9 @@ def build_seg(
     *,
     segmentation_type: str = "BINARY",
     transfer_syntax_uid: str | None = None,
-    manufacturer: str,
-    software_version: str,
-    device_serial: str,
-    manufacturer_model_name: str = "thighnode",
-    series_number: int = SEG_SERIES.number,
-    instance_number: int = 1,
-    workers: int = 0,
-    omit_empty_frames: bool = True,
+    manufacturer: str, software_version: str, device_serial: str, manufacturer_model_name: str = "thighnode",
+    series_number: int = SEG_SERIES.number, instance_number: int = 1,
+    workers: int = 0, omit_empty_frames: bool = True,
     series_uid: str | None = None, instance_uid: str | None = None, series_description: str | None = None,
 ) -> hd.seg.Segmentation:
     """Build the DICOM Segmentation (PS3.3 A.51, or A.51.x Label Map Segmentation) of a study.
@@ -406,8 +407,8 @@ def build_seg(
             Equipment / Enhanced General Equipment (PS3.3 C.7.5.1, C.7.5.2).
         series_number, instance_number: SeriesNumber / InstanceNumber.
         workers: frame-compression worker processes (highdicom); 0 encodes in this process.
-        omit_empty_frames: leave out frames with no pixel of their segment (highdicom's default); every
-            frame kept carries its own PlanePositionSequence, so readers place it by position, not by index.
+        omit_empty_frames: leave out frames with no pixel of their segment (highdicom's default; each
+            frame kept has its PlanePositionSequence: readers place it by position, not by index).
         series_uid, instance_uid, series_description: instead of those from the source series and model.
 
     Returns:
@@ -443,16 +444,13 @@ def build_seg(
             device_serial_number=device_serial,
             content_label=CONTENT_LABEL,
             content_description=f"Thigh and hip muscles by {segmentation.model_name} {segmentation.model_version}"[:64],
-            # Deflate applies to the whole Part 10 body, not to frames: the frames are built native and
-            # pydicom deflates the dataset when it is written (PS3.5 A.5).
-            transfer_syntax_uid=ExplicitVRLittleEndian if ts == DeflatedExplicitVRLittleEndian else ts,
+            transfer_syntax_uid=_frame_syntax(ts),
             omit_empty_frames=omit_empty_frames,
             workers=workers,
         )
     except (ValueError, TypeError) as exc:
         raise BuildError(f"highdicom refused the Segmentation ({segmentation_type}, {ts.name}): {exc}") from exc
-    if ts == DeflatedExplicitVRLittleEndian:
-        seg.file_meta.TransferSyntaxUID = ts
+    seg.file_meta.TransferSyntaxUID = ts  # Deflated: pydicom deflates the dataset when it is written
     seg.SeriesDescription = series_description or SEG_SERIES.description(segmentation.model_name, segmentation.model_version)
     logger.info(
         "build_seg end: series %s, %s %s, %d segments, %d frames in %.2f s",

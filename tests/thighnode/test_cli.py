@@ -245,6 +245,38 @@ def test_status_shows_each_outbox_item_with_its_transport(tmp_path: Path, capsys
     assert {(i["destination"], i["transport"]) for i in items} == {("pacs", "cstore"), ("ris", "webhook")}
 
 
+def test_status_shows_the_transfer_syntax_each_object_was_sent_in(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """Issue 24: `thighnode status` says whether the SEG went deflated or uncompressed to a destination."""
+    import json
+
+    from dicomout.outbox import Outbox
+
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n', encoding="utf-8")
+    outbox = Outbox(tmp_path / "var" / "thighnode.db")
+    seg = "1.2.840.10008.5.1.4.1.1.66.4"
+    for dest, ts in (("pacs", "1.2.840.10008.1.2.1.99"), ("oldpacs", "1.2.840.10008.1.2.1")):
+        item_id = outbox.enqueue(tmp_path / "seg.dcm", dest, job_id=1, study_uid="1.2.3", sop_class_uid=seg,
+                                 sop_instance_uid="1.2.3.4")
+        item = outbox.get(item_id)
+        assert item is not None
+        outbox.mark_sent(item, 0, transfer_syntax_uid=ts)
+    outbox.enqueue(tmp_path / "sr.dcm", "pacs", job_id=1, study_uid="1.2.3", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+                   sop_instance_uid="1.2.3.5")
+    assert main(["status", "--config", str(cfg)]) == 0
+    text = capsys.readouterr().out
+    assert "sent as Deflated Explicit VR Little Endian (Segmentation Storage)" in text
+    assert "sent as Explicit VR Little Endian (Segmentation Storage)" in text
+    assert text.count("sent as") == 2  # the pending SR has not been sent in any syntax yet
+    assert main(["status", "--json", "--config", str(cfg)]) == 0
+    items = json.loads(capsys.readouterr().out)["outbox"]
+    assert {(i["destination"], i["sop_instance_uid"], i["transfer_syntax_uid"]) for i in items} == {
+        ("pacs", "1.2.3.4", "1.2.840.10008.1.2.1.99"), ("oldpacs", "1.2.3.4", "1.2.840.10008.1.2.1"),
+        ("pacs", "1.2.3.5", ""),
+    }
+    assert {i["transfer_syntax"] for i in items} == {"Deflated Explicit VR Little Endian", "Explicit VR Little Endian", ""}
+
+
 def test_status_prints_each_jobs_coverage(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     """`thighnode status`: one coverage line per job (regions seen, segmentation, policy); --json carries it."""
     import json
