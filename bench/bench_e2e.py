@@ -7,9 +7,15 @@ and prints:
 - end-to-end latency: study ready (quiet period over) → last output acknowledged by Orthanc;
 - the time of each stage (select, load, check, segment, measure, seg, sr, pdf, queue);
 - the node's peak resident memory (VmHWM);
-- the size of each output object.
+- the size of each output object, the SEG's as a share of the CT's bytes beside the target of issue 24
+  (BINARY <= 10 %, LABELMAP <= 1 %) and beside the baseline, the same SEG in highdicom's default
+  encoding (Explicit VR Little Endian, empty frames omitted: the node's SEG inflated / decompressed and
+  written again in this run);
+- the transfer syntax each object was sent in (the outbox) and the one Orthanc stored, and whether the
+  SEG Orthanc gives back decodes to the same frames as the node's file.
 
 Usage: .venv/bin/python bench/bench_e2e.py [--slices 300] [--seg-type BINARY|LABELMAP]
+       [--binary-compression deflate|JPEG2000|none]
 Figures only; nothing is asserted.
 """
 
@@ -27,6 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pydicom.uid import UID  # noqa: E402
+
 from modelkit.phantom import PhantomParams, generate_phantom, write_dicom_series  # noqa: E402
 from tests.support.node import NodeProcess  # noqa: E402
 from tests.support.orthanc import OrthancServer  # noqa: E402
@@ -43,10 +51,51 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+SEG_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
+TARGET_PCT = {"BINARY": 10.0, "LABELMAP": 1.0}
+
+
+def _report_seg(path: Path, ct_bytes: float, seg_type: str, pacs: OrthancServer, tmp: Path) -> None:
+    """The SEG's size against the CT, the target and the baseline encoding; what Orthanc holds of it."""
+    import numpy as np
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    size = path.stat().st_size
+    t = time.perf_counter()
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        frames = ds.pixel_array
+        ds.decompress()
+        if int(ds.BitsAllocated) == 1:
+            ds.PixelData = pydicom.pixels.pack_bits(frames.ravel())
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    baseline_path = tmp / "seg_baseline.dcm"
+    ds.save_as(baseline_path)
+    baseline = baseline_path.stat().st_size
+    print(
+        f"  SEG {size / 1e6:.2f} MB = {100 * size / ct_bytes:.2f} % of the CT's {ct_bytes / 1e6:.0f} MB "
+        f"(target <= {TARGET_PCT[seg_type]:g} %); baseline (Explicit VR LE, empty frames omitted) "
+        f"{baseline / 1e6:.2f} MB = {100 * baseline / ct_bytes:.1f} % (written in {time.perf_counter() - t:.1f} s)"
+    )
+    uid = str(ds.SOPInstanceUID)
+    for instance in pacs.instances():
+        if pacs.instance_tags(instance).get("SOPInstanceUID") != uid:
+            continue
+        held = tmp / "seg_from_orthanc.dcm"
+        held.write_bytes(pacs.get_bytes(f"/instances/{instance}/file"))
+        back = pydicom.dcmread(held)
+        same = np.array_equal(back.pixel_array, pydicom.dcmread(path).pixel_array)
+        print(
+            f"  Orthanc stored the SEG as {pacs.instance_metadata(instance, 'TransferSyntax')} "
+            f"({held.stat().st_size / 1e6:.2f} MB); its frames {'equal' if same else 'DIFFER from'} the node's"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--seg-type", default="BINARY", choices=["BINARY", "LABELMAP"])
+    parser.add_argument("--binary-compression", default="deflate", choices=["deflate", "JPEG2000", "none"])
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
 
@@ -70,7 +119,7 @@ def main() -> int:
         node_port = free_port()
         with OrthancServer(tmp / "orthanc", modalities={"THIGHNODE": ("THIGHNODE", "127.0.0.1", node_port)}) as pacs:
             extra = (
-                f'[outputs]\nseg_type = "{args.seg_type}"\n\n'
+                f'[outputs]\nseg_type = "{args.seg_type}"\nbinary_compression = "{args.binary_compression}"\n\n'
                 f'[[destinations]]\nname = "pacs"\nae_title = "{pacs.aet}"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\n'
             )
             node = NodeProcess(tmp / "node", quiet_period_s=2.0, extra_config=extra, load_model=True, port=node_port)
@@ -106,7 +155,7 @@ def main() -> int:
                 "SELECT at FROM job_events WHERE job_id = ? AND to_state = 'ready' ORDER BY id LIMIT 1", (job_id,)
             ).fetchone()[0]
             last_sent = con.execute("SELECT MAX(sent_at) FROM outbox WHERE state = 'sent'").fetchone()[0]
-            outputs = con.execute("SELECT path FROM outbox").fetchall()
+            outputs = con.execute("SELECT path, sop_class_uid, transfer_syntax_uid FROM outbox").fetchall()
             con.close()
             print(f"job {job_id}: {state} ({reason})")
             if last_sent is None:
@@ -115,10 +164,12 @@ def main() -> int:
             print(f"end-to-end latency (ready -> last object acknowledged by Orthanc): {last_sent - ready_at:.1f} s")
             print("stage timings (s): " + json.dumps(json.loads(timings)))
             print(f"node peak resident memory (VmHWM): {peak:.0f} MB")
-            for (path,) in outputs:
+            for path, sop_class, ts in outputs:
                 p = Path(path)
                 if p.exists():
-                    print(f"  {p.name[:4]:<5} {p.stat().st_size / 1e6:8.2f} MB")
+                    print(f"  {p.name[:4]:<5} {p.stat().st_size / 1e6:8.2f} MB  sent as {UID(ts).name if ts else '?'}")
+                if sop_class in SEG_CLASSES and p.exists():
+                    _report_seg(p, size_mb * 1e6, args.seg_type, pacs, tmp)
             print(f"Orthanc holds {pacs.count_instances()} instances")
     finally:
         if not args.keep:
