@@ -78,16 +78,18 @@ def _report_seg(path: Path, ct_bytes: float, seg_type: str, pacs: OrthancServer,
         f"{baseline / 1e6:.2f} MB = {100 * baseline / ct_bytes:.1f} % (written in {time.perf_counter() - t:.1f} s)"
     )
     uid = str(ds.SOPInstanceUID)
+    held = tmp / "seg_from_orthanc.dcm"
     for instance in pacs.instances():
-        if pacs.instance_tags(instance).get("SOPInstanceUID") != uid:
-            continue
-        held = tmp / "seg_from_orthanc.dcm"
         held.write_bytes(pacs.get_bytes(f"/instances/{instance}/file"))
         back = pydicom.dcmread(held)
+        if str(back.SOPInstanceUID) != uid:
+            continue
         same = np.array_equal(back.pixel_array, pydicom.dcmread(path).pixel_array)
+        on_disk = pacs.get_json(f"/instances/{instance}/attachments/dicom/info")["CompressedSize"]
         print(
             f"  Orthanc stored the SEG as {pacs.instance_metadata(instance, 'TransferSyntax')} "
-            f"({held.stat().st_size / 1e6:.2f} MB); its frames {'equal' if same else 'DIFFER from'} the node's"
+            f"({held.stat().st_size / 1e6:.2f} MB file, {on_disk / 1e6:.2f} MB on its disk = "
+            f"{100 * on_disk / ct_bytes:.2f} % of the CT); its frames {'equal' if same else 'DIFFER from'} the node's"
         )
 
 

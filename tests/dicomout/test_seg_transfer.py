@@ -145,8 +145,9 @@ def test_destination_accepting_deflate_receives_it_deflated(
 
 
 @pytest.mark.integration
-def test_orthanc_stores_the_deflated_seg_and_gives_back_the_label_map(tmp_path: Path) -> None:
-    seg_path, paths, volume, seg = _seg_file(tmp_path, DeflatedExplicitVRLittleEndian)
+@pytest.mark.parametrize("transfer_syntax", [DeflatedExplicitVRLittleEndian, JPEG2000Lossless])
+def test_orthanc_stores_the_compressed_seg_and_gives_back_the_label_map(tmp_path: Path, transfer_syntax: str) -> None:
+    seg_path, paths, volume, seg = _seg_file(tmp_path, transfer_syntax)
     with OrthancServer(tmp_path) as orthanc:
         destination = Destination("pacs", orthanc.aet, "127.0.0.1", orthanc.dicom_port, timeout_s=20.0)
         (result,) = send_files([seg_path], destination)
@@ -155,7 +156,7 @@ def test_orthanc_stores_the_deflated_seg_and_gives_back_the_label_map(tmp_path: 
         stored_syntax = orthanc.instance_metadata(instance, "TransferSyntax")
         fetched = tmp_path / "from_orthanc.dcm"
         fetched.write_bytes(orthanc.get_bytes(f"/instances/{instance}/file"))
-    assert result.transfer_syntax_uid == stored_syntax
+    assert result.transfer_syntax_uid == stored_syntax == transfer_syntax
     assert dcmread(fetched, stop_before_pixels=True).file_meta.TransferSyntaxUID == stored_syntax
     # Frames, their positions and the volume rebuilt from the SEG's own geometry equal the label map.
     check_frames_against_label_map(fetched, paths, volume, seg)
