@@ -65,7 +65,7 @@ def _report_seg(path: Path, ct_bytes: float, seg_type: str, pacs: OrthancServer,
     t = time.perf_counter()
     if ds.file_meta.TransferSyntaxUID.is_compressed:
         frames = ds.pixel_array
-        ds.decompress()
+        ds.decompress(generate_instance_uid=False)
         if int(ds.BitsAllocated) == 1:
             ds.PixelData = pydicom.pixels.pack_bits(frames.ravel())
     ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian

@@ -326,14 +326,16 @@ def _accepted_by_class(assoc: Association) -> dict[str, list[UID]]:
 
 
 def _decompress(ds: Dataset) -> None:
-    """Decompress ``ds`` in place to Explicit VR Little Endian.
+    """Decompress ``ds`` in place to Explicit VR Little Endian, keeping its SOPInstanceUID.
 
     pydicom's ``decompress`` leaves a 1-bit image (a BINARY Segmentation in JPEG 2000, PS3.5 8.2.4
     and A.4.4) with one byte per pixel under BitsAllocated 1; native 1-bit Pixel Data is packed 8
     pixels a byte, frames contiguous (PS3.5 8.1.1), so those bytes are packed again.
     """
     frames = ds.pixel_array if int(ds.get("BitsAllocated", 0)) == 1 else None
-    ds.decompress()
+    # A lossless change of transfer syntax keeps the instance (PS3.5 10.1); pydicom 3 would give it a new
+    # SOPInstanceUID by default, breaking the outbox's record and every reference to it (the SR's to the SEG).
+    ds.decompress(generate_instance_uid=False)
     if frames is not None:
         ds.PixelData = pack_bits(frames.ravel())
         ds["PixelData"].VR = "OB"

@@ -125,6 +125,8 @@ def test_destination_accepting_only_uncompressed_receives_a_valid_seg_equal_to_t
     (ts,) = received.transfer_syntaxes
     assert ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
     assert item.transfer_syntax_uid == ts
+    # A lossless change of transfer syntax is the same instance (PS3.5 10.1): the SR references this UID.
+    assert str(received.datasets[0].SOPInstanceUID) == item.sop_instance_uid
     stored = _write_received(received.datasets[0], ts, tmp_path / "received.dcm")
     check_frames_against_label_map(stored, paths, volume, seg)
     report = run_dciodvfy(stored)

@@ -258,6 +258,7 @@ def test_jpeg_ls_file_is_decompressed_when_peer_accepts_only_uncompressed(
     (result,) = send_files([compressed], destination)
     assert result.ok and result.transfer_syntax_uid in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
     (ds,) = received.datasets
+    assert ds.SOPInstanceUID == result.sop_instance_uid == dcmread(compressed).SOPInstanceUID  # same instance
     ds.file_meta = Dataset()
     ds.file_meta.TransferSyntaxUID = received.transfer_syntaxes[0]
     assert np.array_equal(ds.pixel_array, dcmread(plain).pixel_array)
