@@ -19,8 +19,9 @@ a CT volume's grid) into a highdicom :class:`highdicom.seg.Segmentation`:
 * ``segmentation_type="BINARY"`` (Segmentation Storage, 1 bit per pixel, one frame per
   segment and slice, empty frames omitted) or ``"LABELMAP"`` (Label Map Segmentation
   Storage, 1.2.840.10008.5.1.4.1.1.66.7, one 8/16-bit frame per non-empty slice whose
-  pixel value is the segment number) with a lossless transfer syntax
-  (:data:`LABELMAP_TRANSFER_SYNTAXES`).
+  pixel value is the segment number), each with a lossless transfer syntax
+  (:data:`BINARY_TRANSFER_SYNTAXES`, :data:`LABELMAP_TRANSFER_SYNTAXES`; by default Deflated
+  Explicit VR Little Endian, PS3.5 A.5, applied when the dataset is written).
 
 The source instances are given as paths or as datasets (headers are enough) of the
 selected series, in any order; they are matched to the volume's slices by

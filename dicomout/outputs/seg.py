@@ -14,16 +14,16 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicomout.context import StudyContext
+from dicomout.context import OutputSettings, StudyContext
 from dicomout.seg import build_seg
 from dicomout.uids import SEG_VERIFIED_SERIES
 
-LABELMAP_SYNTAXES: Mapping[str, UID | None] = {
+LABELMAP_SYNTAXES: Mapping[str, UID] = {
     "RLE": RLELossless,
     "JPEGLS": JPEGLSLossless,
     "JPEG2000": JPEG2000Lossless,
     "deflate": DeflatedExplicitVRLittleEndian,
-    "none": None,  # the LABELMAP default (dicomout.seg.LABELMAP_TRANSFER_SYNTAXES[0])
+    "none": ExplicitVRLittleEndian,
 }
 """OutputSettings.labelmap_compression -> transfer syntax of a LABELMAP SEG."""
 
@@ -35,6 +35,13 @@ BINARY_SYNTAXES: Mapping[str, UID] = {
 """OutputSettings.binary_compression -> transfer syntax of a BINARY SEG (see bench/bench_seg.py)."""
 
 
+def seg_transfer_syntax(settings: OutputSettings) -> UID:
+    """The SEG's transfer syntax from ``[outputs]``: binary_compression or labelmap_compression by seg_type."""
+    if settings.seg_type == "LABELMAP":
+        return LABELMAP_SYNTAXES[settings.labelmap_compression]
+    return BINARY_SYNTAXES[settings.binary_compression]
+
+
 class SegOutput:
     """BINARY or LABELMAP Segmentation of the selected series, as the output settings say."""
 
@@ -43,17 +50,12 @@ class SegOutput:
 
     def build(self, context: StudyContext, built: Mapping[str, Dataset]) -> Dataset:
         settings = context.settings
-        syntax = (
-            LABELMAP_SYNTAXES[settings.labelmap_compression]
-            if settings.seg_type == "LABELMAP"
-            else BINARY_SYNTAXES[settings.binary_compression]
-        )
         return build_seg(
             context.volume,
             context.segmentation,
             context.selected.headers,
             segmentation_type=settings.seg_type,
-            transfer_syntax_uid=syntax,
+            transfer_syntax_uid=seg_transfer_syntax(settings),
             manufacturer=settings.manufacturer,
             software_version=context.software_version,
             device_serial=settings.device_serial,

@@ -124,3 +124,20 @@ def test_the_built_in_builders_read_only_the_context(tmp_path) -> None:  # noqa:
     assert first["seg"].SOPInstanceUID in {
         str(i.ReferencedSOPInstanceUID) for s in evidence for i in s.ReferencedSOPSequence
     }
+
+
+def test_the_seg_transfer_syntax_follows_the_outputs_settings() -> None:
+    """Issue 24: BINARY deflated by default; "none" is uncompressed for either type."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+
+    from dicomout.context import OutputSettings
+    from dicomout.outputs.seg import seg_transfer_syntax
+
+    assert seg_transfer_syntax(OutputSettings()) == DeflatedExplicitVRLittleEndian
+    assert seg_transfer_syntax(OutputSettings(binary_compression="JPEG2000")) == JPEG2000Lossless
+    assert seg_transfer_syntax(OutputSettings(binary_compression="none")) == ExplicitVRLittleEndian
+    assert seg_transfer_syntax(OutputSettings(seg_type="LABELMAP")) == DeflatedExplicitVRLittleEndian
+    assert seg_transfer_syntax(OutputSettings(seg_type="LABELMAP", labelmap_compression="RLE")) == RLELossless
+    assert seg_transfer_syntax(OutputSettings(seg_type="LABELMAP", labelmap_compression="none")) == ExplicitVRLittleEndian
+    with pytest.raises(ValueError, match="binary_compression is 'zip'; allowed: deflate, JPEG2000, none"):
+        OutputSettings(binary_compression="zip")

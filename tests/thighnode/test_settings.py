@@ -68,6 +68,7 @@ def test_environment_overrides_a_key(tmp_path: Path) -> None:
         ({"THIGHNODE_SECURITY__ALLOWED_PEERS": '["10.0.0.300"]'}, "allowed_peers[0] = '10.0.0.300'"),
         ({"THIGHNODE_MODEL__DEVICE": "tpu"}, "model.device = 'tpu': allowed auto, cpu, cuda, cuda:N"),
         ({"THIGHNODE_MODEL__MIRROR": "yes"}, "model.mirror = 'yes': allowed bundle, on, off"),
+        ({"THIGHNODE_OUTPUTS__BINARY_COMPRESSION": "zip"}, "outputs.binary_compression = 'zip': allowed deflate, JPEG2000, none"),
         ({"THIGHNODE_DESTINATIONS": '[{name = "p", host = "h", port = 1}]'}, "lacks the key 'ae_title'"),
         ({"THIGHNODE_PROCESSING__ACCEPT_REGIONS": '["hip", "abdomen"]'},
          "processing.accept_regions[1] = 'abdomen': allowed pelvis, hip, thigh, knee, below_knee"),
