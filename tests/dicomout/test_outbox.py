@@ -269,7 +269,15 @@ def test_a_database_without_the_transport_column_is_migrated(tmp_path: Path) -> 
     outbox = Outbox(db)
     (item,) = outbox.items()
     assert (item.sop_instance_uid, item.transport, item.state) == ("1.2.3.0", "cstore", STATE_PENDING)
-    Outbox(db)  # a second start finds the column and leaves it
+    assert item.transfer_syntax_uid == ""  # not known for items of an older database
+    Outbox(db)  # a second start finds the columns and leaves them
+    sent = outbox.mark_sent(item, 0, transfer_syntax_uid="1.2.840.10008.1.2.1.99")
+    assert sent is not None and sent.transfer_syntax_uid == "1.2.840.10008.1.2.1.99"
+    # Re-queued (reprocessing): the syntax of the earlier send no longer describes it.
+    outbox.enqueue(Path("/data/out/0.dcm"), "PACS", job_id=8, study_uid="1.2.3",
+                   sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid="1.2.3.0")
+    (again,) = outbox.items()
+    assert (again.state, again.transfer_syntax_uid) == (STATE_PENDING, "")
 
 
 class _Recorder:
