@@ -614,9 +614,25 @@ def _write_trained_bundle(settings: TrainSettings, labels: LabelTable, state: di
             **(extra or {}),
         },
         "metrics": {"validation_mean_dice_model_grid": best["mean_dice"], "validation_dice_model_grid": best["dice"]},
+        **_inherited_uncertainty(settings.init_weights),
     }
     return write_bundle(output or settings.output_bundle, network, settings.network, settings.preprocess, labels,
                         metadata, SlidingWindowSettings(overlap=settings.sw_overlap, mirror=settings.sw_mirror))
+
+
+def _inherited_uncertainty(init_weights: Path | str | None) -> dict[str, Any]:
+    """The init bundle's low-confidence thresholds (metadata "uncertainty"), carried into a fine-tuned bundle
+    and marked as inherited, so a promoted site model keeps flagging; refit them on the site's labelled cases
+    with ``thighnode evaluate --uncertainty``. Empty when the init weights are not a bundle with thresholds."""
+    meta_path = Path(init_weights) / "configs" / "metadata.json" if init_weights else None
+    if meta_path is None or not meta_path.is_file():
+        return {}
+    u = json.loads(meta_path.read_text(encoding="utf-8")).get("uncertainty")
+    if not isinstance(u, dict) or "mean_entropy_threshold" not in u:
+        return {}
+    how = f"inherited from the init bundle {Path(init_weights).name} (refit on this model's labelled cases: " \
+          f"thighnode evaluate --uncertainty); there: {u.get('how_chosen', '')}"
+    return {"uncertainty": {**u, "how_chosen": how, "inherited": True}}
 
 
 def export_checkpoint(settings: TrainSettings, checkpoint: Path, output: Path, labels: LabelTable | None = None) -> Path:

@@ -161,6 +161,10 @@ def test_a_fine_tune_from_the_demo_bundle_on_the_nodes_corrected_cases(tmp_path:
     assert meta["training"]["init_weights_sha256"] == hashlib.sha256((DEMO / "models" / "model.pt").read_bytes()).hexdigest()
     assert meta["name"] == "site_test" and meta["training"]["iterations"] == 2
     assert meta["class_weights_calibration"]["cases"] == ["v1"]  # fitted on the DICOM validation case
+    # the demo's low-confidence thresholds are carried, marked inherited, so a promoted site model keeps flagging
+    demo_u = _demo_meta()["uncertainty"]
+    assert meta["uncertainty"]["inherited"] is True and "inherited from the init bundle" in meta["uncertainty"]["how_chosen"]
+    assert meta["uncertainty"]["mean_entropy_threshold"] == demo_u["mean_entropy_threshold"]
     import torch
 
     start = torch.load(DEMO / "models" / "model.pt", weights_only=True)
