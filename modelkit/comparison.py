@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from modelkit.casefolders import LabelledCase, load_case_volume
-from modelkit.evaluation import EvaluationReport, StructureScore, score_case
+from modelkit.evaluation import EvaluationReport, StructureScore, score_case, with_uncertainty
 from pipeline.labels import LabelTable
 
 logger = logging.getLogger(__name__)
@@ -296,7 +296,6 @@ def compare_bundles(
     from pipeline.bundle import load_bundle
     from pipeline.inference import Segmenter, select_device
     from pipeline.labels import load_label_table
-    from modelkit.evaluation import with_uncertainty
 
     if not cases:
         raise ValueError("no case to compare on")
@@ -311,7 +310,7 @@ def compare_bundles(
                                             uncertainty_samples=max(2, uncertainty_samples)))
     scores: dict[str, list[StructureScore]] = {"deployed": [], "candidate": []}
     seconds = {"deployed": 0.0, "candidate": 0.0}
-    for case in cases:
+    for number, case in enumerate(cases, start=1):
         volume, truth = load_case_volume(case, labels)
         sides = truth_sides(truth, volume.affine_lps, labels)
         for role, (_, segmenter) in models.items():
@@ -323,7 +322,7 @@ def compare_bundles(
                 case_scores = [with_uncertainty(s, seg.uncertainty.for_structure(s.label_id, s.side))
                                for s in case_scores]
             scores[role].extend(case_scores)
-        logger.info("compared on case %d of %d", cases.index(case) + 1, len(cases))
+        logger.info("compared on case %d of %d", number, len(cases))
     names = tuple(c.name for c in cases)
     reports = {
         role: EvaluationReport(identity.name, identity.version, names, tuple(scores[role]),

@@ -18,6 +18,7 @@ from pipeline.bundle import METADATA_PATH, load_bundle
 from pipeline.labels import load_label_table
 from pipeline.network import NetworkSettings
 from pipeline.preprocess import PreprocessSettings
+from tests.support.dicom_cases import thigh_arrays
 
 torch.set_num_threads(1)
 
@@ -26,17 +27,8 @@ def _write_cases(folder: Path, n: int = 2) -> None:
     """Tiny synthetic 'thighs': body of fat with a muscle (1) and a bone (28) cylinder each side."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    shape = (24, 28, 40)
-    k, r, c = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
     for i in range(n):
-        lab = np.zeros(shape, np.uint8)
-        body = ((r - 14) / 12) ** 2 + ((c - 20) / 18) ** 2 < 1
-        for cx in (10, 30):
-            lab[((r - 14) / 6) ** 2 + ((c - cx) / 5) ** 2 < 1] = 1
-            lab[((r - 14) / 2.5) ** 2 + ((c - cx) / 2.5) ** 2 < 1] = 28
-        hu = np.where(body, -100.0, -1000.0).astype(np.float32)
-        hu[lab == 1], hu[lab == 28] = 50.0, 700.0
-        hu += rng.normal(0, 8, shape).astype(np.float32)
+        hu, lab = thigh_arrays(rng=rng)
         affine_lps = np.array([[0, 0, 4.0, -80], [0, 4.0, 0, -56], [4.0, 0, 0, 0], [0, 0, 0, 1]])
         nib.save(nib.Nifti1Image(hu, RAS_TO_LPS @ affine_lps), str(folder / f"case{i}_ct.nii.gz"))
         nib.save(nib.Nifti1Image(lab, RAS_TO_LPS @ affine_lps), str(folder / f"case{i}_label.nii.gz"))

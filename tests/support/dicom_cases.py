@@ -24,9 +24,10 @@ SHAPE = (24, 28, 40)  # slices, rows, columns
 SPACING_MM = 4.0
 
 
-def thigh_arrays(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(hu, labels) of two tiny 'thighs': fat body, a sartorius (1) and a femur (28) cylinder each side."""
-    rng = np.random.default_rng(seed)
+def thigh_arrays(seed: int = 0, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(hu, labels) of two tiny 'thighs': fat body, a sartorius (1) and a femur (28) cylinder each side; the
+    noise from ``rng`` when given (several cases from one stream), else from ``seed``."""
+    rng = rng if rng is not None else np.random.default_rng(seed)
     k, r, c = np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij")
     lab = np.zeros(SHAPE, np.uint8)
     body = ((r - 14) / 12) ** 2 + ((c - 20) / 18) ** 2 < 1
