@@ -138,7 +138,8 @@ def comparison_table(comparison: Comparison, labels: LabelTable) -> _ComparisonT
     for side in ("right", "left"):
         for rng in sorted(partial_ranges[side], key=lambda r: r or (0.0, 0.0)):
             lines.append(
-                f"partial ({side}): compared over z {_range_text(rng)} mm only (from the landmark); the structure "
+                f"partial ({side}): compared over z {_range_text(rng)} mm only "
+                f"({comparison.axis_text.get(side, 'from the landmark')}); the structure "
                 "extends beyond the range both scans cover, and what lies outside is not compared."
             )
     if metal:

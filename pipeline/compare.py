@@ -277,6 +277,7 @@ def compare_studies(
         changes=tuple(changes),
         operated_side=operated,
         height_m=height,
+        axis_text={side: a.axis_text for side, a in alignment.items()},
     )
 
 

@@ -450,6 +450,9 @@ class Comparison:
     changes: tuple[StructureChange, ...]
     operated_side: str = ""  # side with metal in either scan ("left"/"right"/""), shown beside the other
     height_m: float | None = None
+    # per side, what common_range_mm's z is measured from: "from the landmark", or the current scan's
+    # patient z when bone profile registration aligned that side; {} in comparisons stored before it
+    axis_text: dict[str, str] = field(default_factory=dict)
 
     def change(self, key: str, side: str) -> StructureChange | None:
         for c in self.changes:

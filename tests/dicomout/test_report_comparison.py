@@ -216,3 +216,18 @@ def test_volume_change_withheld_near_metal_shows_its_reason_and_no_number(
         assert value not in text, value
     left = comparison.change("gluteus_maximus", "left")
     assert left is not None and _signed(left.change_ml) in text  # type: ignore[arg-type]
+
+
+def test_partial_note_names_the_bone_registration_axis_of_that_side(
+    inputs: tuple[Volume, Segmentation, Measurements], comparison: Comparison, tmp_path: Path
+) -> None:
+    """A side aligned by bone profile registration (no femoral head in a hip-to-knee cut) has its
+    common range in the current scan's patient z: the partial note must say so, not "from the landmark"."""
+    volume, seg, meas = inputs
+    axis = "in the current scan's patient z, aligned by bone profile registration (correlation 0.97, shift +4.0 mm)"
+    bone_aligned = dataclasses.replace(comparison, axis_text={"left": axis, "right": "from the landmark"})
+    pdf = render_report(volume, seg, meas, PATIENT, study=_header(False), comparison=bone_aligned,
+                        prior_search=PriorSearch(True, PRIOR_UID, LOOKED_IN))
+    text = " ".join(_pdf_text(pdf, tmp_path).split())
+    assert "partial (left): compared over z −60..180 mm only (in the current scan's patient z, aligned by bone" in text
+    assert "partial (left): compared over z −60..180 mm only (from the landmark)" not in text

@@ -88,6 +88,7 @@ def test_comparisons_round_trip(tmp_path: Path) -> None:
     comp = Comparison(
         prior_study_uid="1.2.3", prior_study_date="20240101", current_study_date="20240301", interval_days=60,
         landmark="top of femoral head", method="common range", changes=(change,), operated_side="right", height_m=1.6,
+        axis_text={"right": "from the landmark", "left": "in the current scan's patient z, aligned by bone profile"},
     )
     store = ResultsStore(tmp_path / "r.db")
     store.save_comparison("1.2.4", comp)
