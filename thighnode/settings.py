@@ -518,12 +518,16 @@ def _resolve(base: Path, value: str) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
-def _audit_settings(values: dict[str, Any], data_dir: Path) -> AuditSettings:
-    """``[audit]`` with its file resolved against the data directory."""
-    host = values["syslog_host"]
+def _monitoring_sections(values: dict[str, dict[str, Any]], data_dir: Path) -> dict[str, Any]:
+    """``[audit]`` (its file resolved against the data directory) and ``[metrics]``, as Settings fields."""
+    audit = values["audit"]
+    host = audit["syslog_host"]
     if host and any(ch.isspace() for ch in host):
         raise ConfigError(f"audit.syslog_host = {host!r}: must be an IP address or host name, or \"\" (no syslog)")
-    return AuditSettings(**{**values, "file": _resolve(data_dir, values["file"])})
+    return {
+        "audit": AuditSettings(**{**audit, "file": _resolve(data_dir, audit["file"])}),
+        "metrics": MetricsSettings(**values["metrics"]),
+    }
 
 
 def load_settings(
@@ -604,7 +608,5 @@ def load_settings(
         sarcopenia=SarcopeniaSettings(**values["sarcopenia"]),
         security=SecuritySettings(**values["security"]),
         destinations=tuple(destinations),
-        sources=tuple(sources),
-        audit=_audit_settings(values["audit"], node["data_dir"]),
-        metrics=MetricsSettings(**values["metrics"]),
+        sources=tuple(sources), **_monitoring_sections(values, node["data_dir"]),
     )
