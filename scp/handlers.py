@@ -1,7 +1,7 @@
 """Event handlers of the C-STORE SCP, bound with pynetdicom's ``evt_handlers``.
 
 Each handler is a plain callable; its dependencies come in as extra arguments, e.g.
-``(evt.EVT_C_STORE, handle_store, [index, config, association_log])``. Every
+``(evt.EVT_C_STORE, handle_store, [index, config, association_log, observer])``. Every
 association runs on its own thread, so what the handlers share (the index, the
 config, the association log) is immutable or thread-safe.
 
