@@ -126,7 +126,8 @@ def test_a_study_life_is_in_the_audit_file_in_order_and_its_phi_not_in_the_log(
 ) -> None:
     study, files = canary_study
     with OrthancServer(tmp_path / "pacs", aet="PACS") as pacs:
-        extra = (f'[security]\nallowed_calling_aets = ["CTSCANNER"]\n'
+        # Uncertainty off: one inference pass; what is audited does not depend on it.
+        extra = (f'[model]\nuncertainty = "off"\n[security]\nallowed_calling_aets = ["CTSCANNER"]\n'
                  f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\n')
         with NodeProcess(tmp_path / "node", extra_config=extra, load_model=True) as node:
             _push(node.port, files)
