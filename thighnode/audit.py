@@ -316,15 +316,19 @@ class AuditTrail:
         try:
             message = AuditEvent(event_id, action, outcome, self._clock(), participants, self.source_id,
                                  event_types, outcome_description, objects).to_xml()
-        except Exception:  # noqa: BLE001 - auditing must never stop the node
-            log.exception("audit message %s could not be built", event_id.meaning)
+        except Exception as exc:  # noqa: BLE001 - auditing must never stop the node
+            # the exception's text may quote patient data: its type only, and no traceback
+            log.error("audit message %s could not be built: %s", event_id.meaning, type(exc).__name__)
             return
         for sink in self._sinks:
             try:
                 sink.emit(message)
-            except Exception as exc:  # noqa: BLE001
+            except OSError as exc:  # the file system's or the network's words: no patient data
                 log.error("audit message %s not recorded by %s: %s: %s",
                           event_id.meaning, type(sink).__name__, type(exc).__name__, exc)
+            except Exception as exc:  # noqa: BLE001
+                log.error("audit message %s not recorded by %s: %s", event_id.meaning, type(sink).__name__,
+                          type(exc).__name__)
 
 
 def _study_and_patient(
