@@ -95,8 +95,9 @@ class ReceivedAuditor:
         for job_id in job_ids:
             try:
                 self._report(job_id)
-            except Exception:  # noqa: BLE001 - assembly goes on without this message
-                log.exception("audit: instances received for job %d could not be reported", job_id)
+            except Exception as exc:  # noqa: BLE001 - assembly goes on without this message
+                log.error("audit: instances received for job %d could not be reported: %s: %s",
+                          job_id, type(exc).__name__, exc if isinstance(exc, OSError) else "")
 
     def _report(self, job_id: int) -> None:
         job = self._jobs.get(job_id)
