@@ -21,6 +21,7 @@ from pathlib import Path
 import pydicom
 
 from dicomout.outbox import OutboxItem
+from node_errors import NodeError
 from dicomout.sender import Destination
 from scp.index import InstanceIndex
 from scp.types import ReceivedInstance
@@ -35,12 +36,25 @@ log = logging.getLogger(__name__)
 _BYTES_PER_MB = 1024 * 1024
 
 
+class AuditStartError(NodeError):
+    """The audit trail's file cannot be created or opened."""
+
+
 def build_audit_trail(settings: Settings) -> AuditTrail | None:
-    """The audit trail ``[audit]`` asks for, or None when it is disabled."""
+    """The audit trail ``[audit]`` asks for, or None when it is disabled; its file is opened now, so that a
+    node whose audit trail cannot be written does not start."""
     a = settings.audit
     if not a.enabled:
         return None
-    sinks: list[AuditSink] = [AuditFile(a.file, max_bytes=max(1, int(a.max_file_mb * _BYTES_PER_MB)), keep=a.keep_files)]
+    audit_file = AuditFile(a.file, max_bytes=max(1, int(a.max_file_mb * _BYTES_PER_MB)), keep=a.keep_files)
+    try:
+        audit_file.open()
+    except OSError as exc:
+        raise AuditStartError(
+            f"audit.file = {str(a.file)!r}: cannot be created or opened for appending ({exc.strerror or exc}); "
+            "allowed: a writable path (its folder is created with mode 0700), or audit.enabled = false"
+        ) from None
+    sinks: list[AuditSink] = [audit_file]
     if a.syslog_host:
         sinks.append(SyslogSender(a.syslog_host, a.syslog_port, a.syslog_protocol))
     log.info("audit trail: %s%s", a.file,

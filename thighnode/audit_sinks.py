@@ -53,6 +53,11 @@ class AuditFile:
             self._fd = fd
         return self._fd
 
+    def open(self) -> None:
+        """Create or open the file now (the node checks at start that its audit trail can be written)."""
+        with self._lock:
+            self._open()
+
     def _rotate(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

@@ -125,6 +125,11 @@ class Node:
         s.spool_dir.mkdir(parents=True, exist_ok=True)
         s.outputs_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock()
+        try:
+            self.audit = build_audit_trail(s)
+        except NodeError as exc:
+            self._release_lock()
+            raise NodeStartError(exc.message) from exc
         t0 = time.perf_counter()
         # The spooled file is fsync'ed before the index is written; the index commit need not be.
         self.index = InstanceIndex(s.db_path, synchronous="NORMAL")
@@ -145,7 +150,6 @@ class Node:
             corrections=self.corrections,
         )
         self._executor = ThreadPoolExecutor(max_workers=s.processing.workers, thread_name_prefix="job")
-        self.audit = build_audit_trail(s)
         if self.audit is not None:
             self._received_auditor = ReceivedAuditor(self.audit, self.index, self.jobs)
         self._ingress = start_ingress(ingress_config_of(s), self.index, IngressEvents(self.audit, self._instances))
