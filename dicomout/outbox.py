@@ -17,7 +17,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,12 +360,35 @@ class Outbox:
                 counts[state] = int(n)
         return counts
 
+    def backlog(self) -> list[Backlog]:
+        """Pending items per destination (the node's metrics), by destination name."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT destination, COUNT(*), MIN(created_at) FROM outbox WHERE state = 'pending' "
+                "GROUP BY destination ORDER BY destination"
+            ).fetchall()
+        return [Backlog(str(r[0]), int(r[1]), float(r[2])) for r in rows]
+
+
+#: Told of each batch's objects the destination confirmed (Success or Warning), after they were marked sent.
+SentCallback = Callable[[Destination, tuple[OutboxItem, ...]], None]
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Pending items of one destination: how many, and when the oldest was (re-)enqueued (POSIX s)."""
+
+    destination: str
+    pending: int
+    oldest_created_at: float
+
 
 def send_pending(
     outbox: Outbox,
     destinations: Mapping[str, Destination],
     now: float | None = None,
     transports: Mapping[str, Transport] = DEFAULT_TRANSPORTS,
+    on_sent: SentCallback | None = None,
 ) -> int:
     """Send every due item, one batch per destination and transport kind; returns how many were stored.
 
@@ -373,13 +396,14 @@ def send_pending(
     (state lives in SQLite). A concurrent call on the same :class:`Outbox` returns 0
     at once instead of sending the same items twice. Items whose destination is no
     longer configured, or whose transport kind is not in ``transports``, fail with
-    that reason.
+    that reason. ``on_sent`` (the node's audit trail) is called once per batch with
+    the items the destination confirmed; an exception there is logged, never raised.
     """
     if not outbox.send_lock.acquire(blocking=False):
         LOGGER.info("send_pending already running on %s; skipped", outbox.db_path)
         return 0
     try:
-        return _send_pending(outbox, destinations, now, transports)
+        return _send_pending(outbox, destinations, now, transports, on_sent)
     finally:
         outbox.send_lock.release()
 
@@ -413,7 +437,11 @@ def _fail_all(outbox: Outbox, items: list[OutboxItem], error: str, now: float | 
 
 
 def _send_pending(
-    outbox: Outbox, destinations: Mapping[str, Destination], now: float | None, transports: Mapping[str, Transport]
+    outbox: Outbox,
+    destinations: Mapping[str, Destination],
+    now: float | None,
+    transports: Mapping[str, Transport],
+    on_sent: SentCallback | None = None,
 ) -> int:
     batches: dict[tuple[str, str], list[OutboxItem]] = {}
     for item in outbox.due(_stamp(now)):
@@ -431,21 +459,29 @@ def _send_pending(
             available = ", ".join(sorted(transports)) or "none"
             _fail_all(outbox, items, f"transport {kind!r} of {name!r} is not available (available: {available})", now)
             continue
-        stored += _send_batch(outbox, items, destination, transport, now)
+        stored += _send_batch(outbox, items, destination, transport, now, on_sent)
     return stored
 
 
 def _send_batch(
-    outbox: Outbox, items: list[OutboxItem], destination: Destination, transport: Transport, now: float | None
+    outbox: Outbox,
+    items: list[OutboxItem],
+    destination: Destination,
+    transport: Transport,
+    now: float | None,
+    on_sent: SentCallback | None = None,
 ) -> int:
     """Send one destination's due items of one transport kind and record each outcome; returns how many were stored."""
     started = time.monotonic()
     results = transport.send([item.path for item in items], destination)
     sent = retrying = failed = 0
+    confirmed: list[OutboxItem] = []
     for item, result in zip(items, results, strict=True):
         if result.ok:
-            if outbox.mark_sent(item, result.status, _stamp(now), transfer_syntax_uid=result.transfer_syntax_uid) is not None:
+            marked = outbox.mark_sent(item, result.status, _stamp(now), transfer_syntax_uid=result.transfer_syntax_uid)
+            if marked is not None:
                 sent += 1
+                confirmed.append(marked)
             continue
         error = result.error
         if result.sop_instance_uid and result.sop_instance_uid != item.sop_instance_uid:
@@ -464,4 +500,9 @@ def _send_batch(
         "outbox batch to %s: %d objects, %d sent, %d to retry, %d failed in %.2f s",
         destination.label, len(items), sent, retrying, failed, time.monotonic() - started,
     )
+    if confirmed and on_sent is not None:
+        try:
+            on_sent(destination, tuple(confirmed))
+        except Exception:  # noqa: BLE001 - the items are sent; a failing listener must not undo that
+            LOGGER.exception("outbox: the listener of %d sent objects to %s failed", len(confirmed), destination.label)
     return sent

@@ -75,6 +75,7 @@ from scp.handlers import (
     handle_store,
 )
 from scp.index import InstanceIndex
+from scp.observer import IngressObserver
 from scp.spool import remove_temporaries
 from scp.types import IngressConfig
 
@@ -159,6 +160,14 @@ class IngressServer:
         host, port = self._server.server_address[:2]
         return str(host), int(port)
 
+    @property
+    def serving(self) -> bool:
+        """True while the listening socket is open and not stopped (the node's /healthz)."""
+        try:
+            return not self._stopped and self._server.socket.fileno() != -1
+        except (OSError, AttributeError):
+            return False
+
     def stop(self) -> None:
         """Stop accepting, abort associations still open, close the socket."""
         if self._stopped:
@@ -188,8 +197,12 @@ def build_ae(config: IngressConfig, transfer_syntaxes: Sequence[str] = TRANSFER_
     return ae
 
 
-def start_ingress(config: IngressConfig, index: InstanceIndex) -> IngressServer:
-    """Start the C-STORE SCP described by ``config``, recording into ``index``; returns at once."""
+def start_ingress(
+    config: IngressConfig, index: InstanceIndex, observer: IngressObserver | None = None
+) -> IngressServer:
+    """Start the C-STORE SCP described by ``config``, recording into ``index``; returns at once.
+
+    ``observer`` hears of refused associations, security alerts and stored instances (audit, metrics)."""
     config.spool_dir.mkdir(parents=True, exist_ok=True)
     leftovers = remove_temporaries(config.spool_dir)
     if leftovers:
@@ -198,9 +211,9 @@ def start_ingress(config: IngressConfig, index: InstanceIndex) -> IngressServer:
     association_log = AssociationLog()
     handlers: list[EventHandlerType] = [
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [index, config, association_log]),
-        (evt.EVT_REQUESTED, handle_requested, [config]),
-        (evt.EVT_REJECTED, handle_rejected),
+        (evt.EVT_C_STORE, handle_store, [index, config, association_log, observer]),
+        (evt.EVT_REQUESTED, handle_requested, [config, observer]),
+        (evt.EVT_REJECTED, handle_rejected, [observer]),
         (evt.EVT_ACCEPTED, handle_accepted, [association_log]),
         (evt.EVT_CONN_CLOSE, handle_conn_close, [association_log]),
     ]

@@ -1,7 +1,7 @@
 """Event handlers of the C-STORE SCP, bound with pynetdicom's ``evt_handlers``.
 
 Each handler is a plain callable; its dependencies come in as extra arguments, e.g.
-``(evt.EVT_C_STORE, handle_store, [index, config, association_log])``. Every
+``(evt.EVT_C_STORE, handle_store, [index, config, association_log, observer])``. Every
 association runs on its own thread, so what the handlers share (the index, the
 config, the association log) is immutable or thread-safe.
 
@@ -23,7 +23,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
-from typing import TYPE_CHECKING, BinaryIO, cast
+from typing import TYPE_CHECKING, BinaryIO, Callable, cast
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -50,6 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from pynetdicom.events import Event
 
     from scp.index import InstanceIndex
+    from scp.observer import IngressObserver
 
 LOGGER = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ def handle_store(
     index: InstanceIndex,
     config: IngressConfig,
     association_log: AssociationLog | None = None,
+    observer: IngressObserver | None = None,
 ) -> int | Dataset:
     """C-STORE: write the instance durably, record it, then answer Success.
 
@@ -225,6 +227,8 @@ def handle_store(
         is_new = index.record(instance)
         if association_log is not None:
             association_log.count(assoc, "stored" if is_new else "duplicate", instance.size_bytes)
+        if is_new and observer is not None:
+            _notify(observer.instance_stored, instance)
         return STATUS_SUCCESS
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -340,7 +344,15 @@ def _peer(assoc: Association) -> str:
     return str(assoc.requestor.address)
 
 
-def handle_requested(event: Event, config: IngressConfig) -> None:
+def _notify(call: Callable[..., None], *args: object) -> None:
+    """Call an observer's method; a failure there is logged and never reaches pynetdicom."""
+    try:
+        call(*args)
+    except Exception:  # noqa: BLE001 - the observer must not break the association
+        LOGGER.exception("ingress observer %s failed", getattr(call, "__name__", call))
+
+
+def handle_requested(event: Event, config: IngressConfig, observer: IngressObserver | None = None) -> None:
     """A-ASSOCIATE-RQ received: refuse peers outside ``config.allowed_peers``, and make
     every accepted context take the sender's first proposed transfer syntax.
 
@@ -358,6 +370,10 @@ def handle_requested(event: Event, config: IngressConfig) -> None:
             getattr(rq, "calling_ae_title", "?"),
             getattr(rq, "called_ae_title", "?"),
         )
+        if observer is not None:
+            calling = str(getattr(rq, "calling_ae_title", "") or "").strip()
+            _notify(observer.association_refused, address, calling, "peer address not in allowed_peers")
+            _notify(observer.security_alert, address, f"peer address {address} not in allowed_peers (calling AE {calling})")
         assoc.acse.send_reject(REJECT_RESULT_PERMANENT, REJECT_SOURCE_SERVICE_USER, REJECT_DIAG_NO_REASON)
         assoc.kill()  # waits for the peer to close after reading the A-ASSOCIATE-RJ
         return
@@ -389,8 +405,9 @@ def prefer_requestor_transfer_syntaxes(assoc: Association) -> None:
         cx.transfer_syntax = first + [ts for ts in ours if ts not in first]
 
 
-def handle_rejected(event: Event) -> None:
-    """pynetdicom rejected an association (AE titles, association limit): log who and why."""
+def handle_rejected(event: Event, observer: IngressObserver | None = None) -> None:
+    """pynetdicom rejected an association (AE titles, association limit): log who and why, and tell
+    ``observer`` (a calling AE title outside allowed_calling_aets is also a security alert)."""
     assoc = event.assoc
     rq = assoc.requestor.primitive
     rj = assoc.acceptor.primitive
@@ -412,6 +429,11 @@ def handle_rejected(event: Event) -> None:
         getattr(rq, "called_ae_title", "?"),
         reason,
     )
+    if observer is not None:
+        calling = str(getattr(rq, "calling_ae_title", "") or "").strip()
+        _notify(observer.association_refused, _peer(assoc), calling, reason)
+        if reason == "calling AE not recognised":
+            _notify(observer.security_alert, _peer(assoc), f"calling AE {calling} not in allowed_calling_aets")
 
 
 def handle_accepted(event: Event, association_log: AssociationLog) -> None:

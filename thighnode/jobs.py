@@ -340,6 +340,15 @@ class JobStore(SqliteStore):
             rows = self._db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
         return {r["state"]: int(r["n"]) for r in rows}
 
+    def stage_durations(self) -> dict[str, tuple[int, float]]:
+        """Per stage of the recorded timings (``finish(timings_s=...)``): (jobs that ran it, seconds in all)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT t.key AS stage, COUNT(*) AS n, SUM(t.value) AS s FROM jobs, json_each(jobs.timings_json) t "
+                "WHERE t.type IN ('integer', 'real') GROUP BY t.key"
+            ).fetchall()
+        return {r["stage"]: (int(r["n"]), float(r["s"])) for r in rows}
+
 
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT under the store's lock (rolls back on error)."""

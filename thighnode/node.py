@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +26,11 @@ from scp.ae import IngressServer, start_ingress
 from scp.index import InstanceIndex
 from scp.spool import remove_study
 from scp.types import IngressConfig
+from thighnode.audit import AuditTrail
+from thighnode.audit_hooks import IngressEvents, ReceivedAuditor, audit_sent, build_audit_trail
 from thighnode.corrections import CorrectionStore
-from thighnode.jobs import DONE, FINAL_STATES, Job, JobStore, StudyProgress
+from thighnode.jobs import DONE, FINAL_STATES, STATES, Job, JobStore, StudyProgress
+from thighnode.metrics import InstanceCounter, MetricsServer, MetricsSnapshot, OutboxBacklog, StageDurations
 from thighnode.models import PROMOTED, active_model, record_loaded
 from thighnode.priors import ARRIVED, REQUESTED, PriorFinder, PriorRequests
 from thighnode.priors import FAILED as PRIOR_FAILED
@@ -108,6 +112,10 @@ class Node:
         self._scheduler: BackgroundScheduler | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._workflow: Workflow | None = None
+        self.audit: AuditTrail | None = None
+        self._received_auditor: ReceivedAuditor | None = None
+        self._instances = InstanceCounter()
+        self._metrics: MetricsServer | None = None
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -117,6 +125,11 @@ class Node:
         s.spool_dir.mkdir(parents=True, exist_ok=True)
         s.outputs_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock()
+        try:
+            self.audit = build_audit_trail(s)
+        except NodeError as exc:
+            self._release_lock()
+            raise NodeStartError(exc.message) from exc
         t0 = time.perf_counter()
         # The spooled file is fsync'ed before the index is written; the index commit need not be.
         self.index = InstanceIndex(s.db_path, synchronous="NORMAL")
@@ -137,7 +150,9 @@ class Node:
             corrections=self.corrections,
         )
         self._executor = ThreadPoolExecutor(max_workers=s.processing.workers, thread_name_prefix="job")
-        self._ingress = start_ingress(ingress_config_of(s), self.index)
+        if self.audit is not None:
+            self._received_auditor = ReceivedAuditor(self.audit, self.index, self.jobs)
+        self._ingress = start_ingress(ingress_config_of(s), self.index, IngressEvents(self.audit, self._instances))
         tick_s = max(0.2, min(1.0, s.node.quiet_period_s / 4 or 0.2))
         self._scheduler = BackgroundScheduler(timezone="UTC")
         self._scheduler.add_job(self.tick, "interval", seconds=tick_s, id="assemble", max_instances=1, coalesce=True)
@@ -151,6 +166,10 @@ class Node:
                 max_instances=1, coalesce=True,
             )
         self._scheduler.start()
+        if s.metrics.enabled:
+            self._metrics = MetricsServer(s.metrics.host, s.metrics.port, self.metrics_snapshot, self.health).start()
+        if self.audit is not None:
+            self.audit.application_started()
         log.info(
             "node %s listening on %s:%d, data in %s, started in %.2f s",
             s.node.ae_title, s.node.host, s.node.port, s.node.data_dir, time.perf_counter() - t0,
@@ -158,6 +177,9 @@ class Node:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self._metrics is not None:
+            self._metrics.stop()
+            self._metrics = None
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None
@@ -171,6 +193,10 @@ class Node:
             close = getattr(store, "close", None)
             if close is not None:
                 close()
+        if self.audit is not None:
+            self.audit.application_stopped()
+            self.audit.close()
+            self.audit = None
         self._release_lock()
         log.info("node stopped")
 
@@ -232,7 +258,9 @@ class Node:
         assert self.index is not None and self.jobs is not None and self._executor is not None
         try:
             progress = [StudyProgress(a.study_instance_uid, a.last_received_at) for a in self.index.activity()]
-            self.jobs.sync(progress, time.time(), self.settings.node.quiet_period_s)
+            ready = self.jobs.sync(progress, time.time(), self.settings.node.quiet_period_s)
+            if ready and self._received_auditor is not None:
+                self._received_auditor.jobs_ready(ready)
             while not self._stopping.is_set():
                 with self._busy_lock:
                     if self._busy >= self.settings.processing.workers:
@@ -288,7 +316,9 @@ class Node:
     def send_outbox(self) -> int:
         assert self.outbox is not None
         try:
-            return send_pending(self.outbox, destinations_of(self.settings))
+            audit = self.audit
+            on_sent = None if audit is None else (lambda dest, items: audit_sent(audit, dest, items))
+            return send_pending(self.outbox, destinations_of(self.settings), on_sent=on_sent)
         except Exception:  # noqa: BLE001
             log.exception("outbox run failed")
             return 0
@@ -312,6 +342,43 @@ class Node:
             purged += 1
             log.info("retention: purged study %s (idle since %.0f)", activity.study_instance_uid, activity.last_received_at)
         return purged
+
+    def security_alert(self, peer_address: str, reason: str) -> None:
+        """A peer failed a security check outside the ingress handlers (TLS: scp/security.py's
+        ``security_alert`` is wired here by the composition root); audited when the trail is on."""
+        if self.audit is not None:
+            self.audit.security_alert(peer_address, reason)
+
+    # -- monitoring ----------------------------------------------------------------------
+
+    def health(self) -> dict[str, bool]:
+        """Component -> running: the DICOM listener and the scheduler (/healthz)."""
+        scheduler = self._scheduler
+        return {
+            "listener": self._ingress is not None and self._ingress.serving,
+            "scheduler": scheduler is not None and bool(scheduler.running),
+        }
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """The figures /metrics reports, read now from the stores and the file systems."""
+        assert self.jobs is not None and self.outbox is not None
+        now = time.time()
+        jobs = dict.fromkeys(STATES, 0) | self.jobs.counts()
+        stages = {k: StageDurations(n, total) for k, (n, total) in self.jobs.stage_durations().items()}
+        backlog = {b.destination: OutboxBacklog(b.pending, max(0.0, now - b.oldest_created_at))
+                   for b in self.outbox.backlog()}
+        disk = {}
+        for path in (self.settings.node.data_dir, self.settings.spool_dir):
+            try:
+                disk[str(path)] = shutil.disk_usage(path).free
+            except OSError:
+                log.warning("metrics: free space of %s not readable", path)
+        return MetricsSnapshot(self._instances.value, jobs, stages, backlog, disk, self.health())
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """(host, port) the metrics endpoint listens on, None when it is off."""
+        return None if self._metrics is None else self._metrics.address
 
     def wait(self) -> None:
         """Block until :meth:`stop` is called from a signal handler."""

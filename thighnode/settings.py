@@ -250,6 +250,20 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "allowed_calling_aets": _ae_list,
         "allowed_peers": _network_list,
     },
+    "audit": {
+        "enabled": _bool,
+        "file": _path,
+        "max_file_mb": _float_range(0.0, lo_open=True),
+        "keep_files": _int_range(0, 1000),
+        "syslog_host": _text,
+        "syslog_port": _int_range(1, 65535),
+        "syslog_protocol": _choice("udp", "tcp"),
+    },
+    "metrics": {
+        "enabled": _bool,
+        "host": _host,
+        "port": _int_range(0, 65535),
+    },
 }
 
 _DESTINATION_SCHEMA: dict[str, Callable[[str, Any], Any]] = {
@@ -363,6 +377,28 @@ class SecuritySettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """The DICOM audit trail (thighnode.audit): PHI-bearing, apart from the application log."""
+
+    enabled: bool = True
+    file: Path = Path("var/audit/audit.log")  # resolved against data_dir when relative
+    max_file_mb: float = 50.0  # rotated past this size
+    keep_files: int = 10  # rotated files kept (audit.log.1 ...)
+    syslog_host: str = ""  # "" = no syslog
+    syslog_port: int = 514
+    syslog_protocol: str = "udp"  # udp (RFC 5426) | tcp (RFC 6587 octet counting)
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """The health and metrics HTTP endpoint (thighnode.metrics)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9464  # 0: any free port (tests)
+
+
+@dataclass(frozen=True)
 class DestinationSettings:
     name: str
     ae_title: str
@@ -383,6 +419,8 @@ class Settings:
     security: SecuritySettings
     destinations: tuple[DestinationSettings, ...] = ()
     sources: tuple[str, ...] = field(default=(), compare=False)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     @property
     def spool_dir(self) -> Path:
@@ -480,6 +518,18 @@ def _resolve(base: Path, value: str) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
+def _monitoring_sections(values: dict[str, dict[str, Any]], data_dir: Path) -> dict[str, Any]:
+    """``[audit]`` (its file resolved against the data directory) and ``[metrics]``, as Settings fields."""
+    audit = values["audit"]
+    host = audit["syslog_host"]
+    if host and any(ch.isspace() for ch in host):
+        raise ConfigError(f"audit.syslog_host = {host!r}: must be an IP address or host name, or \"\" (no syslog)")
+    return {
+        "audit": AuditSettings(**{**audit, "file": _resolve(data_dir, audit["file"])}),
+        "metrics": MetricsSettings(**values["metrics"]),
+    }
+
+
 def load_settings(
     path: Path | str | None = None,
     environ: Mapping[str, str] | None = None,
@@ -558,5 +608,5 @@ def load_settings(
         sarcopenia=SarcopeniaSettings(**values["sarcopenia"]),
         security=SecuritySettings(**values["security"]),
         destinations=tuple(destinations),
-        sources=tuple(sources),
+        sources=tuple(sources), **_monitoring_sections(values, node["data_dir"]),
     )

@@ -310,3 +310,54 @@ def test_send_pending_dispatches_each_item_to_its_transport(tmp_path: Path) -> N
     failed = outbox.get(lost)
     assert failed.state == STATE_FAILED
     assert failed.last_error == "transport 'carrier-pigeon' of 'PACS' is not available (available: cstore, web)"
+
+
+class _StoresAllBut:
+    """A transport that stores every file except those named in ``refuse`` (permanent refusal)."""
+
+    def __init__(self, refuse: set[Path]) -> None:
+        self.refuse = refuse
+
+    def send(self, paths, destination):  # noqa: ANN001, ANN201
+        from dicomout.sender import SendResult
+
+        return [SendResult(p, "", "", 0xA900 if p in self.refuse else 0, p not in self.refuse,
+                           "refused" if p in self.refuse else "", permanent=p in self.refuse) for p in paths]
+
+
+def test_on_sent_hears_of_the_confirmed_objects_only_once_per_batch(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "db.sqlite")
+    _enqueue(outbox, 3, study="1.2.3")
+    _enqueue(outbox, 1, study="1.2.4")
+    heard: list[tuple[str, list[str]]] = []
+    destination = Destination("PACS", "PACS", "127.0.0.1", 9)
+    stored = send_pending(
+        outbox, {"PACS": destination}, now=T0, transports={"cstore": _StoresAllBut({Path("/data/out/1.dcm")})},
+        on_sent=lambda dest, items: heard.append((dest.name, [i.sop_instance_uid for i in items])),
+    )
+    assert stored == 3
+    assert heard == [("PACS", ["1.2.3.0", "1.2.3.2", "1.2.4.0"])]
+    assert send_pending(outbox, {"PACS": destination}, now=T0 + 1, on_sent=lambda d, i: heard.append(("again", []))) == 0
+    assert len(heard) == 1  # nothing more was sent, nothing more heard
+
+
+def test_a_failing_on_sent_listener_leaves_the_items_sent(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "db.sqlite")
+    (item_id,) = _enqueue(outbox)
+
+    def broken(dest: Destination, items: tuple[object, ...]) -> None:
+        raise RuntimeError("listener broken")
+
+    stored = send_pending(outbox, {"PACS": Destination("PACS", "PACS", "127.0.0.1", 9)}, now=T0,
+                          transports={"cstore": _StoresAllBut(set())}, on_sent=broken)
+    assert stored == 1 and outbox.get(item_id).state == STATE_SENT
+
+
+def test_backlog_counts_pending_items_per_destination_with_the_oldest(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "db.sqlite")
+    _enqueue(outbox, 2, destination="PACS", now=T0 + 5)
+    _enqueue(outbox, 1, destination="VNA", study="1.2.9", now=T0)
+    sent_id = _enqueue(outbox, 1, destination="VNA", study="1.2.8", now=T0 - 100)[0]
+    outbox.mark_sent(outbox.get(sent_id), 0, T0)
+    assert [(b.destination, b.pending, b.oldest_created_at) for b in outbox.backlog()] == [
+        ("PACS", 2, T0 + 5), ("VNA", 1, T0)]

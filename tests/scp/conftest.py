@@ -31,7 +31,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., RunningIngress]]:
     """Factory: start an ingress server (config overrides as keywords); all are stopped at teardown."""
     running: list[RunningIngress] = []
 
-    def start(**overrides: object) -> RunningIngress:
+    def start(observer: object = None, **overrides: object) -> RunningIngress:
         n = len(running)
         values: dict[str, object] = {
             "ae_title": AE_TITLE,
@@ -48,7 +48,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., RunningIngress]]:
         config = IngressConfig(**values)  # type: ignore[arg-type]
         index = InstanceIndex(config.db_path)
         try:
-            server = start_ingress(config, index)
+            server = start_ingress(config, index, observer)  # type: ignore[arg-type]
         except BaseException:
             index.close()
             raise

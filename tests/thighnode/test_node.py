@@ -92,3 +92,21 @@ def test_purge_keeps_the_ground_truth_of_a_corrected_study(node: Node, tmp_path:
     assert not ct.exists()
     assert (case / "ct" / ct.name).read_bytes() == b"dicom" and (case / "seg.dcm").read_bytes() == b"seg"
     assert (case / "case.json").is_file()
+
+
+def test_a_node_whose_audit_trail_cannot_be_written_does_not_start(tmp_path: Path) -> None:
+    from thighnode.node import NodeStartError
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the audit folder should be")
+    settings = load_settings(environ={"THIGHNODE_HOME": str(tmp_path),
+                                      "THIGHNODE_AUDIT__FILE": str(blocker / "audit.log")})
+    node = Node(settings, load_model=False)
+    with pytest.raises(NodeStartError) as err:
+        node.start()
+    assert f"audit.file = '{blocker / 'audit.log'}': cannot be created or opened" in err.value.message
+    # the data directory's lock was given back: a corrected node may take it
+    import fcntl
+
+    with open(settings.node.data_dir / "thighnode.lock", "a+", encoding="utf-8") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -132,3 +132,37 @@ def test_the_production_example_loads(tmp_path: Path) -> None:
     s = load_settings(root / "deploy" / "node.production.toml", environ={})
     assert s.outputs.enabled == ("seg", "sr", "pdf")
     assert [d.name for d in s.destinations] == ["pacs"]
+
+
+def test_audit_and_metrics_defaults_and_overrides(tmp_path: Path) -> None:
+    s = load_settings(environ={"THIGHNODE_HOME": str(tmp_path)})
+    assert s.audit.enabled is True
+    assert s.audit.file == tmp_path / "var" / "audit" / "audit.log"  # relative to the data directory
+    assert (s.audit.syslog_host, s.audit.syslog_port, s.audit.syslog_protocol) == ("", 514, "udp")
+    assert (s.metrics.enabled, s.metrics.host, s.metrics.port) == (False, "127.0.0.1", 9464)
+    s = load_settings(environ={
+        "THIGHNODE_HOME": str(tmp_path), "THIGHNODE_AUDIT__FILE": "/srv/audit/a.log",
+        "THIGHNODE_AUDIT__SYSLOG_HOST": "arr.example", "THIGHNODE_AUDIT__SYSLOG_PROTOCOL": "tcp",
+        "THIGHNODE_METRICS__ENABLED": "true", "THIGHNODE_METRICS__PORT": "0",
+    })
+    assert s.audit.file == Path("/srv/audit/a.log")
+    assert (s.audit.syslog_host, s.audit.syslog_protocol) == ("arr.example", "tcp")
+    assert s.metrics.enabled is True and s.metrics.port == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"THIGHNODE_AUDIT__SYSLOG_PROTOCOL": "tls"}, "audit.syslog_protocol = 'tls': allowed udp, tcp"),
+        ({"THIGHNODE_AUDIT__SYSLOG_PORT": "0"}, "audit.syslog_port = 0: allowed 1..65535"),
+        ({"THIGHNODE_AUDIT__SYSLOG_HOST": '"two words"'}, "audit.syslog_host = 'two words': must be an IP address"),
+        ({"THIGHNODE_AUDIT__ENABLED": "yes"}, "audit.enabled = 'yes': must be true or false"),
+        ({"THIGHNODE_AUDIT__MAX_FILE_MB": "0"}, "audit.max_file_mb = 0.0: allowed > 0.0"),
+        ({"THIGHNODE_METRICS__PORT": "70000"}, "metrics.port = 70000: allowed 0..65535"),
+        ({"THIGHNODE_METRICS__HOST": '""'}, "metrics.host = '': must be an IP address or host name"),
+    ],
+)
+def test_audit_and_metrics_values_are_validated(env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(environ=env)
+    assert fragment in str(err.value)
