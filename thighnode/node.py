@@ -25,6 +25,7 @@ from scp.ae import IngressServer, start_ingress
 from scp.index import InstanceIndex
 from scp.spool import remove_study
 from scp.types import IngressConfig
+from thighnode.backfill import BackfillStore
 from thighnode.corrections import CorrectionStore
 from thighnode.jobs import DONE, FINAL_STATES, Job, JobStore, StudyProgress
 from thighnode.models import PROMOTED, active_model, record_loaded
@@ -102,6 +103,7 @@ class Node:
         self.outbox: Outbox | None = None
         self.results: ResultsStore | None = None
         self.corrections: CorrectionStore | None = None
+        self.backfill: BackfillStore | None = None
         self.prior_requests: PriorRequests | None = None
         self.priors: PriorFinder | None = None
         self._ingress: IngressServer | None = None
@@ -132,9 +134,10 @@ class Node:
         self.corrections = CorrectionStore(s.db_path)
         self.prior_requests = PriorRequests(s.db_path)
         self.priors = PriorFinder(s, self.results, self.prior_requests, self.index)
+        self.backfill = BackfillStore(s.db_path)
         self._workflow = Workflow(
             s, self.index, lambda: self._segmenter, results=self.results, outbox=self.outbox, priors=self.priors,
-            corrections=self.corrections,
+            corrections=self.corrections, backfill=self.backfill,
         )
         self._executor = ThreadPoolExecutor(max_workers=s.processing.workers, thread_name_prefix="job")
         self._ingress = start_ingress(ingress_config_of(s), self.index)
@@ -167,7 +170,8 @@ class Node:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
-        for store in (self.index, self.jobs, self.outbox, self.results, self.prior_requests, self.corrections):
+        for store in (self.index, self.jobs, self.outbox, self.results, self.prior_requests, self.corrections,
+                      self.backfill):
             close = getattr(store, "close", None)
             if close is not None:
                 close()
