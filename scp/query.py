@@ -21,6 +21,7 @@ its logger at WARNING. Each call builds its own AE and association
 from __future__ import annotations
 
 import datetime
+import fnmatch
 import logging
 import time
 from dataclasses import dataclass
@@ -324,3 +325,102 @@ def find_series(source: QuerySource, study_uid: str) -> list[SeriesMatch]:
     )
     return ordered
 
+
+
+@dataclass(frozen=True)
+class _CohortKeys:
+    """The checked matching keys of an archive (cohort) STUDY-level C-FIND, by date range."""
+
+    date_from: str
+    date_to: str
+    modality: str
+    description: str
+
+    def identifier(self) -> Dataset:
+        query = Dataset()
+        if not self.description.isascii():
+            query.SpecificCharacterSet = "ISO_IR 192"
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = ""
+        query.StudyDate = f"{self.date_from}-{self.date_to}"
+        query.StudyTime = ""
+        query.StudyDescription = self.description
+        query.AccessionNumber = ""
+        query.ModalitiesInStudy = self.modality
+        query.NumberOfStudyRelatedSeries = None
+        return query
+
+    def match(self, ident: Dataset) -> StudyMatch | None:
+        """The answer as a :class:`StudyMatch`, or None when the client-side check drops it (not
+        every PACS applies every key: range matching, ModalitiesInStudy and wildcards are checked again)."""
+        study_uid = read_text(ident, "StudyInstanceUID")
+        study_date = read_text(ident, "StudyDate")
+        modalities = read_multi(ident, "ModalitiesInStudy")
+        description = read_text(ident, "StudyDescription")
+        if (
+            not is_valid_uid(study_uid)
+            or not (len(study_date) == 8 and study_date.isdigit() and self.date_from <= study_date <= self.date_to)
+            or (self.modality and modalities and self.modality not in modalities)
+            or (self.description and not fnmatch.fnmatchcase(description.upper(), self.description.upper()))
+        ):
+            return None
+        return StudyMatch(
+            study_instance_uid=study_uid,
+            study_date=study_date,
+            study_time=read_text(ident, "StudyTime"),
+            study_description=description,
+            modalities_in_study=modalities,
+            accession_number=read_text(ident, "AccessionNumber"),
+            number_of_series=read_int(ident, "NumberOfStudyRelatedSeries"),
+        )
+
+
+def find_studies_in_range(
+    source: QuerySource,
+    *,
+    date_from: str,
+    date_to: str,
+    modality: str = "CT",
+    study_description: str = "",
+) -> list[StudyMatch]:
+    """Every study on ``source`` dated ``date_from``..``date_to`` (inclusive), oldest first.
+
+    For archive backfills (cohort research): a Study Root C-FIND at STUDY level (PS3.4 C.4.1,
+    C.6.2.1.2) with StudyDate range matching (C.2.2.2.5), ModalitiesInStudy when ``modality`` is not
+    ``""``, and StudyDescription with wildcard matching (``*``, ``?``; C.2.2.2.4) when
+    ``study_description`` is given. No patient key: every patient's studies match. The answer is
+    checked again client-side (date in range, modality, description, case-insensitive).
+
+    Raises :class:`~scp.errors.QueryArgumentError` for invalid arguments and
+    :class:`~scp.errors.QueryFailedError` when the C-FIND fails (the message names the PACS).
+    """
+    keys = _CohortKeys(
+        date_from=_check_date(date_from, "date_from"),
+        date_to=_check_date(date_to, "date_to"),
+        modality=_check_modality(modality),
+        description=_check_description(study_description),
+    )
+    if keys.date_from > keys.date_to:
+        raise QueryArgumentError(f"date_from {keys.date_from} is after date_to {keys.date_to}; allowed: from <= to")
+    started = time.monotonic()
+    identifiers = _run_find(source, keys.identifier(), "STUDY")
+    kept = {m.study_instance_uid: m for m in (keys.match(i) for i in identifiers) if m is not None}
+    studies = sorted(kept.values(), key=lambda m: (m.study_date, _time_key(m.study_time), m.study_instance_uid))
+    LOGGER.info(
+        "C-FIND STUDY on %s: %s..%s, modality %s: %d matches, %d kept, %.2f s",
+        source.label, keys.date_from, keys.date_to, keys.modality or "any", len(identifiers), len(studies),
+        time.monotonic() - started,
+    )
+    return studies
+
+
+def _check_description(value: object) -> str:
+    """A StudyDescription matching key: text of at most 64 characters; wildcards * and ? allowed."""
+    if not isinstance(value, str):
+        raise QueryArgumentError(f"study_description must be a str; got {type(value).__name__}")
+    if len(value) > _LO_MAX_CHARS or "\\" in value or any(ord(c) < 32 for c in value):
+        raise QueryArgumentError(
+            f"study_description {value!r} is not a valid LO matching key; allowed: at most {_LO_MAX_CHARS} "
+            "characters, no backslash or control characters (wildcards * and ? are allowed)"
+        )
+    return value

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from node_errors import NodeError
+from thighnode.cli_backfill import add_backfill_command
 from thighnode.cli_model import add_model_commands
 from thighnode.cli_offline import add_offline_commands
 
@@ -371,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     _add_node_commands(add)
+    add_backfill_command(add)
     _add_patient_commands(sub)
     add_model_commands(sub)
     add_offline_commands(add)

@@ -28,6 +28,7 @@ from scp.spool import remove_study
 from scp.types import IngressConfig
 from thighnode.audit import AuditTrail
 from thighnode.audit_hooks import IngressEvents, ReceivedAuditor, audit_sent, build_audit_trail
+from thighnode.backfill import BackfillStore
 from thighnode.corrections import CorrectionStore
 from thighnode.jobs import DONE, FINAL_STATES, STATES, Job, JobStore, StudyProgress
 from thighnode.metrics import InstanceCounter, MetricsServer, MetricsSnapshot, OutboxBacklog, StageDurations
@@ -106,6 +107,7 @@ class Node:
         self.outbox: Outbox | None = None
         self.results: ResultsStore | None = None
         self.corrections: CorrectionStore | None = None
+        self.backfill: BackfillStore | None = None
         self.prior_requests: PriorRequests | None = None
         self.priors: PriorFinder | None = None
         self._ingress: IngressServer | None = None
@@ -145,9 +147,10 @@ class Node:
         self.corrections = CorrectionStore(s.db_path)
         self.prior_requests = PriorRequests(s.db_path)
         self.priors = PriorFinder(s, self.results, self.prior_requests, self.index)
+        self.backfill = BackfillStore(s.db_path)
         self._workflow = Workflow(
             s, self.index, lambda: self._segmenter, results=self.results, outbox=self.outbox, priors=self.priors,
-            corrections=self.corrections,
+            corrections=self.corrections, backfill=self.backfill,
         )
         self._executor = ThreadPoolExecutor(max_workers=s.processing.workers, thread_name_prefix="job")
         if self.audit is not None:
@@ -189,7 +192,8 @@ class Node:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
-        for store in (self.index, self.jobs, self.outbox, self.results, self.prior_requests, self.corrections):
+        for store in (self.index, self.jobs, self.outbox, self.results, self.prior_requests, self.corrections,
+                      self.backfill):
             close = getattr(store, "close", None)
             if close is not None:
                 close()

@@ -79,6 +79,7 @@ from thighnode.corrections import (
     corrected_segmentation, new_ct_since, observer_of, own_sop_instance_uids, pending_segs, store_case,
 )
 from thighnode import __version__
+from thighnode.backfill import BackfillStore
 from thighnode.jobs import DECLINED, DONE, FAILED, Job
 from thighnode.priors import PriorFinder
 from thighnode.results import ResultsStore, StudyResult
@@ -137,6 +138,7 @@ class Workflow:
         measurement_settings: MeasurementSettings | None = None,
         priors: PriorFinder | None = None,
         corrections: CorrectionStore | None = None,
+        backfill: BackfillStore | None = None,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self._settings = settings
@@ -146,6 +148,7 @@ class Workflow:
         self._outbox = outbox
         self._priors = priors
         self._corrections = corrections
+        self._backfill = backfill
         self._clock = clock  # the outputs' content time
         out = settings.outputs
         self._output_settings = OutputSettings(
@@ -247,6 +250,8 @@ class Workflow:
             self._settings.prior.send_prior_results
         ):
             return "processed as a prior study; outputs not sent (prior.send_prior_results = false)"
+        if self._backfill is not None and self._backfill.holds_outputs(job.study_uid):
+            return f"processed for a backfill with --no-send; outputs kept in {self._study_outputs(job)}, not sent"
         with _stage(job, "queue", timings):
             destinations = self._queue(job, outputs)
         if destinations:
