@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -153,6 +152,3 @@ def add_backfill_command(add: Callable[[str, str], argparse.ArgumentParser]) -> 
     p.add_argument("--status", action="store_true", help="print the backfill's per-study records and exit")
     p.set_defaults(func=cmd_backfill)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("run as `thighnode backfill`")
