@@ -75,6 +75,7 @@ from scp.handlers import (
     handle_store,
 )
 from scp.index import InstanceIndex
+from scp.refusals import RefusalLog
 from scp.spool import remove_temporaries
 from scp.types import IngressConfig
 
@@ -188,8 +189,9 @@ def build_ae(config: IngressConfig, transfer_syntaxes: Sequence[str] = TRANSFER_
     return ae
 
 
-def start_ingress(config: IngressConfig, index: InstanceIndex) -> IngressServer:
-    """Start the C-STORE SCP described by ``config``, recording into ``index``; returns at once."""
+def start_ingress(config: IngressConfig, index: InstanceIndex, refusals: RefusalLog | None = None) -> IngressServer:
+    """Start the C-STORE SCP described by ``config``, recording into ``index`` (and every refused
+    C-STORE or association into ``refusals``); returns at once."""
     config.spool_dir.mkdir(parents=True, exist_ok=True)
     leftovers = remove_temporaries(config.spool_dir)
     if leftovers:
@@ -198,9 +200,9 @@ def start_ingress(config: IngressConfig, index: InstanceIndex) -> IngressServer:
     association_log = AssociationLog()
     handlers: list[EventHandlerType] = [
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [index, config, association_log]),
-        (evt.EVT_REQUESTED, handle_requested, [config]),
-        (evt.EVT_REJECTED, handle_rejected),
+        (evt.EVT_C_STORE, handle_store, [index, config, association_log, refusals]),
+        (evt.EVT_REQUESTED, handle_requested, [config, refusals]),
+        (evt.EVT_REJECTED, handle_rejected, [refusals]),
         (evt.EVT_ACCEPTED, handle_accepted, [association_log]),
         (evt.EVT_CONN_CLOSE, handle_conn_close, [association_log]),
     ]
