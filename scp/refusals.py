@@ -87,14 +87,15 @@ class RefusalLog:
         return [Refusal(float(r[0]), r[1], r[2], r[3], None if r[4] is None else int(r[4]), r[5], r[6]) for r in rows]
 
     def counts(self, since: float | None = None) -> dict[str, int]:
-        """Refusals per status ("0xC003", ..., "association") since ``since`` (epoch s; None = all)."""
+        """Refusals per status ("0xC003", ..., "association"), in that order, since ``since`` (epoch s; None = all)."""
         with self._lock:
             rows = self._connection().execute(
                 "SELECT kind, status, COUNT(*) FROM receive_refusals WHERE at >= ? GROUP BY kind, status",
                 (since if since is not None else float("-inf"),),
             ).fetchall()
-        return {(KIND_ASSOCIATION if kind == KIND_ASSOCIATION else f"0x{int(status):04X}"): int(n)
-                for kind, status, n in rows}
+        counts = {(KIND_ASSOCIATION if kind == KIND_ASSOCIATION else f"0x{int(status):04X}"): int(n)
+                  for kind, status, n in rows}
+        return dict(sorted(counts.items()))
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
