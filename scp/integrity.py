@@ -109,9 +109,14 @@ def check_file(path: Path, limits: IntegrityLimits) -> IntegrityProblem | None:
 def read_part10(path: Path) -> tuple[str, bytes]:
     """The transfer syntax and the encoded dataset (after the File Meta Information) of a Part 10 file."""
     with open(path, "rb") as fp:
-        read_preamble(fp, force=False)
-        meta = _read_file_meta_info(fp)
-        return str(meta.TransferSyntaxUID), fp.read()
+        return split_part10(fp)
+
+
+def split_part10(fp: BinaryIO) -> tuple[str, bytes]:
+    """The transfer syntax and the encoded dataset of the Part 10 file read from ``fp`` (PS3.10 7.1)."""
+    read_preamble(fp, force=False)
+    meta = _read_file_meta_info(fp)  # leaves fp at the first element of the dataset
+    return str(meta.TransferSyntaxUID), fp.read()
 
 
 def dataset_sha256(data: Buffer) -> str:

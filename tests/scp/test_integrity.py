@@ -254,3 +254,26 @@ def test_rejected_associations_are_recorded(start_server) -> None:
     [refusal] = server.refusals.recent()
     assert (refusal.kind, refusal.calling_ae, refusal.status) == ("association", "INTRUDER", None)
     assert "calling AE not recognised" in refusal.reason
+
+
+def test_the_c_get_sink_refuses_a_truncated_instance_like_the_ingress(tmp_path) -> None:  # noqa: ANN001
+    from scp.errors import IngressError
+    from scp.index import InstanceIndex
+    from scp.instance_sink import store_into
+    from scp.spool import file_head
+
+    def part10(ds: Dataset) -> bytes:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        return file_head(meta, "PACS") + _encode(ds)
+
+    with InstanceIndex(tmp_path / "node.db") as index:
+        store = store_into(index, tmp_path / "spool", "PACS")
+        sop = generate_uid()
+        with pytest.raises(IngressError, match="Pixel Data \\(7FE0,0010\\) is 256 bytes"):
+            store(part10(_truncate(_ct(sop_uid=sop))))
+        assert not index.has(sop)
+        store(part10(_ct(sop_uid=sop)))
+        assert index.has(sop)
