@@ -263,7 +263,8 @@ def _check_integrity(request: C_STORE, transfer_syntax: str, config: IngressConf
             problem = check_dataset(data, transfer_syntax, config.integrity_limits)
     except Exception as exc:  # noqa: BLE001 - any parse error means "cannot understand"
         LOGGER.warning("refused SOP Instance %s: dataset unreadable (%s: %s)", sop_uid, type(exc).__name__, exc)
-        return _Refusal(STATUS_CANNOT_UNDERSTAND, "dataset cannot be parsed", f"dataset cannot be parsed: {exc}")
+        return _Refusal(STATUS_CANNOT_UNDERSTAND, "dataset cannot be parsed",
+                        f"dataset cannot be parsed ({type(exc).__name__}; details in the log)")
     if problem is None:
         return None
     LOGGER.warning("refused SOP Instance %s: %s", sop_uid, problem.reason)

@@ -132,3 +132,23 @@ def test_the_production_example_loads(tmp_path: Path) -> None:
     s = load_settings(root / "deploy" / "node.production.toml", environ={})
     assert s.outputs.enabled == ("seg", "sr", "pdf")
     assert [d.name for d in s.destinations] == ["pacs"]
+
+
+def test_integrity_and_operations_settings_defaults_and_checks(tmp_path: Path) -> None:
+    s = load_settings(environ={"THIGHNODE_HOME": str(tmp_path)})
+    assert s.outbox.max_attempts == 0  # retried by age, not by count (issue 25)
+    assert s.processing.max_job_attempts == 3
+    assert (s.security.max_element_bytes, s.security.max_instance_bytes) == (16 * 1024 * 1024, 2 * 1024**3)
+    from thighnode.node import ingress_config_of, retry_policy_of
+
+    assert ingress_config_of(s).integrity_limits.max_element_bytes == 16 * 1024 * 1024
+    assert retry_policy_of(s).max_attempts == 0
+    for env, fragment in (
+        ({"THIGHNODE_OUTBOX__MAX_ATTEMPTS": "-1"}, "outbox.max_attempts = -1: allowed >= 0"),
+        ({"THIGHNODE_PROCESSING__MAX_JOB_ATTEMPTS": "0"}, "processing.max_job_attempts = 0: allowed 1..100"),
+        ({"THIGHNODE_SECURITY__MAX_ELEMENT_BYTES": "-5"}, "security.max_element_bytes = -5: allowed >= 0"),
+        ({"THIGHNODE_SECURITY__MAX_INSTANCE_BYTES": '"big"'}, "security.max_instance_bytes = 'big': must be an integer"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_settings(environ={"THIGHNODE_HOME": str(tmp_path), **env})
+        assert fragment in str(info.value)
