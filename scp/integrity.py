@@ -7,6 +7,7 @@ the pixel data are skipped, never copied, never decoded) checks:
   ``max_element_bytes`` long;
 - the instance is at most ``max_instance_bytes`` (for Deflated Explicit VR Little Endian
   the inflated dataset too: a deflate bomb is stopped at the limit);
+- no element declares more bytes than the dataset still holds (a stream cut short);
 - for a native (uncompressed) transfer syntax, the length of Pixel Data is what the Image
   Pixel Module says it must be (PS3.3 C.7.6.3; PS3.5 8.1.1 and 8.2): Rows x Columns x
   SamplesPerPixel x BitsAllocated / 8 x NumberOfFrames, padded to an even length.
@@ -32,7 +33,12 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
-from scp.status import STATUS_ELEMENT_TOO_LARGE, STATUS_INSTANCE_TOO_LARGE, STATUS_PIXEL_DATA_LENGTH
+from scp.status import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_ELEMENT_TOO_LARGE,
+    STATUS_INSTANCE_TOO_LARGE,
+    STATUS_PIXEL_DATA_LENGTH,
+)
 
 Buffer = bytes | bytearray | memoryview
 
@@ -159,10 +165,15 @@ def _scan(fp: BinaryIO, implicit: bool, little: bool, max_element: int) -> dict[
     Undefined-length sequences (parsed by pydicom into items) are checked item by item."""
     values: dict[int, tuple[int, bytes | None]] = {}
     defer = max_element or None
+    size = fp.seek(0, 2)
+    fp.seek(0)
     for elem in data_element_generator(fp, implicit, little, defer_size=defer):
         tag = int(elem.tag)
         value = elem.value
         length = int(getattr(elem, "length", 0) or 0)
+        value_tell = getattr(elem, "value_tell", None)
+        if length != _UNDEFINED_LENGTH and value_tell is not None and value_tell + length > size:
+            raise _TooLarge(_cut_short(tag, length, size - value_tell))
         if isinstance(value, Sequence):
             _check_items(value, max_element)
         elif tag != PIXEL_DATA and max_element and length != _UNDEFINED_LENGTH and length > max_element:
@@ -186,6 +197,17 @@ def _raw_elements(item: Dataset) -> Iterator[object]:
     """The elements of a sequence item as read (raw, not converted)."""
     for tag in list(item.keys()):
         yield item.get_item(tag)
+
+
+def _cut_short(tag: int, length: int, remaining: int) -> IntegrityProblem:
+    where = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+    status = STATUS_PIXEL_DATA_LENGTH if tag == PIXEL_DATA else STATUS_CANNOT_UNDERSTAND
+    return IntegrityProblem(
+        status,
+        f"dataset ends inside element {where}",
+        f"element {where} declares {length} bytes but the dataset ends {max(remaining, 0)} bytes into it; "
+        "allowed: a dataset that holds every element it declares",
+    )
 
 
 def _element_too_large(tag: int, length: int, limit: int) -> IntegrityProblem:

@@ -277,3 +277,16 @@ def test_the_c_get_sink_refuses_a_truncated_instance_like_the_ingress(tmp_path) 
         assert not index.has(sop)
         store(part10(_ct(sop_uid=sop)))
         assert index.has(sop)
+
+
+@pytest.mark.parametrize("ts", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian])
+@pytest.mark.parametrize("limits", [NO_LIMITS, IntegrityLimits(max_element_bytes=100)])
+def test_a_stream_cut_inside_the_pixel_data_is_refused(ts: str, limits: IntegrityLimits) -> None:
+    """The Pixel Data element still declares its full length, but the bytes stop early."""
+    plain = _encode(_ct(), ExplicitVRLittleEndian if ts == DeflatedExplicitVRLittleEndian else ts)[:-200]
+    if ts == DeflatedExplicitVRLittleEndian:
+        c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        plain = c.compress(plain) + c.flush()
+    problem = check_dataset(plain, ts, limits)
+    assert problem is not None and problem.status == st.STATUS_PIXEL_DATA_LENGTH
+    assert "(7FE0,0010) declares 512 bytes but the dataset ends 312 bytes into it" in problem.reason
