@@ -1,7 +1,8 @@
 """Issue 25, items 3 and 4, on real processes: a running node (and Orthanc as the PACS).
 
 - Truncated-then-complete: the truncated first copy is refused (and listed by `thighnode status`),
-  the complete copy is stored and the study is processed.
+  the complete copy is stored and the study is processed; a truncated copy already stored (by an older
+  node) is replaced by the complete one and the declined study is processed again.
 - PACS down past the retries, then up, then `thighnode resend`: delivered, and once (a second resend
   stores the same SOP Instance, not a second one).
 - A study that kills the node each time it is processed is failed after max_job_attempts, and the
@@ -72,6 +73,34 @@ def test_truncated_first_copy_is_refused_and_the_complete_copy_wins(tmp_path: Pa
     assert (refusal["status"], refusal["sop_instance_uid"], refusal["calling_ae"]) == (
         "0xC003", victim.SOPInstanceUID, "CTSCANNER")
     assert status["refusals"]["counts"] == {"0xC003": 1}
+
+
+def test_a_truncated_copy_stored_by_an_older_node_is_repaired_by_sending_the_complete_copy(tmp_path: Path) -> None:
+    """The issue's dead end: the study was declined ("cannot decode the pixel data") and no resend could
+    repair it. A truncated copy already in the spool (stored before these checks) is replaced by the
+    complete copy, and the study is processed again."""
+    files = _series(tmp_path / "in")
+    victim = pydicom.dcmread(files[5])
+    truncated = pydicom.dcmread(files[5])
+    truncated.PixelData = truncated.PixelData[: len(truncated.PixelData) // 2]
+    node = NodeProcess(tmp_path / "node", quiet_period_s=1.0)
+    spool = node.data_dir / "spool" / STUDY / SERIES
+    spool.mkdir(parents=True)
+    for path in files:  # what an older node stored: the start-up reconciliation indexes it
+        ds = truncated if path == files[5] else pydicom.dcmread(path)
+        ds.save_as(spool / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+    with node:
+        first = node.wait_for(_final, what="the job of the damaged study")
+        [job] = first["jobs"]
+        assert job["state"] == "declined" and "cannot decode the pixel data" in job["reason"], job
+        assert _send(node.port, [victim]) == [STATUS_SUCCESS]
+        status = node.wait_for(
+            lambda s: len(s["jobs"]) == 2 and all(j["state"] in ("done", "declined", "failed") for j in s["jobs"]),
+            what="the study to be processed again",
+        )
+    newest = max(status["jobs"], key=lambda j: j["job"])
+    assert newest["state"] == "done", newest
+    assert status["refusals"]["counts"] == {} and status["conflicts"] == []
 
 
 def _wait(predicate, timeout_s: float, what: str):  # noqa: ANN001, ANN202
