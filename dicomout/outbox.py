@@ -85,13 +85,15 @@ class RetryPolicy:
 
     The n-th failure (n = attempts after it, from 1) schedules the next attempt
     ``min(base_delay_s * 2**(n-1), max_delay_s)`` later: 10 s, 20 s, 40 s ... 1 h.
-    An item fails for good after ``max_attempts`` attempts or once it has waited
-    ``max_age_s`` since it was (re-)enqueued, whichever comes first.
+    An item fails for good once it has waited ``max_age_s`` since it was (re-)enqueued,
+    or after ``max_attempts`` attempts when that is not 0 (0, the default: no count, the
+    age alone ends delivery, so a long PACS outage does not lose results before
+    ``max_age_s``). A failed item is sent again by :meth:`Outbox.resend`.
     """
 
     base_delay_s: float = 10.0
     max_delay_s: float = 3600.0
-    max_attempts: int = 100
+    max_attempts: int = 0
     max_age_s: float = 3 * 24 * 3600.0
 
     def __post_init__(self) -> None:
@@ -104,8 +106,10 @@ class RetryPolicy:
                 f"RetryPolicy.max_delay_s {self.max_delay_s!r} is below base_delay_s {self.base_delay_s!r} "
                 "(allowed: max_delay_s >= base_delay_s)"
             )
-        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
-            raise OutputError(f"RetryPolicy.max_attempts is {self.max_attempts!r} (allowed: an integer >= 1)")
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 0:
+            raise OutputError(
+                f"RetryPolicy.max_attempts is {self.max_attempts!r} (allowed: an integer >= 0; 0 = no limit)"
+            )
 
     def delay_s(self, attempts: int) -> float:
         """Seconds to wait after the ``attempts``-th failed attempt (attempts >= 1)."""
@@ -322,7 +326,7 @@ class Outbox:
         give_up = ""
         if permanent:
             give_up = "permanent error"
-        elif attempts >= self.policy.max_attempts:
+        elif self.policy.max_attempts and attempts >= self.policy.max_attempts:
             give_up = f"gave up after {attempts} attempts (max_attempts {self.policy.max_attempts})"
         elif now - item.created_at >= self.policy.max_age_s:
             give_up = (
@@ -340,6 +344,61 @@ class Outbox:
             "attempts = ?, last_status = ?, last_error = ?, next_attempt_at = ?",
             (attempts, status, error, now + self.policy.delay_s(attempts)),
         )
+
+    def resend(
+        self,
+        *,
+        item_id: int | None = None,
+        job_id: int | None = None,
+        destination: str | None = None,
+        failed_only: bool = False,
+        now: float | None = None,
+    ) -> list[OutboxItem]:
+        """Queue items again (operator's `thighnode resend`); returns the items now pending again.
+
+        Exactly one selector: ``item_id`` (that item), ``job_id`` (the job's items) or
+        ``destination`` (its items; with ``failed_only`` only the failed ones). ``failed_only``
+        restricts any selector to failed items. Each selected item that is not pending
+        becomes pending with zero attempts, a new ``created_at`` (so ``max_age_s`` counts
+        from now) and the next generation; items already pending are left as they are, so
+        asking twice sends once. The same file and SOP Instance UID are sent again.
+        Raises :class:`OutputError` when no selector or more than one is given, or an item id
+        does not exist.
+        """
+        given = [name for name, v in (("item", item_id), ("job", job_id), ("destination", destination)) if v is not None]
+        if len(given) != 1:
+            raise OutputError(
+                f"Outbox.resend: selectors given: {', '.join(given) or 'none'} (allowed: exactly one of item, job, "
+                "destination)"
+            )
+        now = time.time() if now is None else now
+        if item_id is not None:
+            where, params = "id = ?", [item_id]
+        elif job_id is not None:
+            where, params = "job_id = ?", [job_id]
+        else:
+            where, params = "destination = ?", [destination]
+        where += " AND state != 'pending'"
+        if failed_only:
+            where += " AND state = 'failed'"
+        with self._connect() as conn:
+            if item_id is not None and conn.execute("SELECT 1 FROM outbox WHERE id = ?", (item_id,)).fetchone() is None:
+                raise OutputError(f"Outbox.resend: there is no outbox item {item_id}")
+            rows = conn.execute(
+                f"""
+                UPDATE outbox SET state = 'pending', attempts = 0, generation = generation + 1, created_at = ?,
+                    next_attempt_at = ?, last_status = NULL, last_error = '', sent_at = NULL, transfer_syntax_uid = ''
+                WHERE {where} RETURNING {_COLUMNS}
+                """,
+                (now, now, *params),
+            ).fetchall()
+        items = sorted((_item(r) for r in rows), key=lambda i: i.id)
+        for item in items:
+            LOGGER.info(
+                "outbox item %d queued again for %s by the operator: SOP Instance UID %s (job %s, generation %d)",
+                item.id, item.destination, item.sop_instance_uid, item.job_id, item.generation,
+            )
+        return items
 
     def items(self, study_uid: str | None = None) -> list[OutboxItem]:
         """All items (of one study when ``study_uid`` is given), in id order."""

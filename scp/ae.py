@@ -76,6 +76,7 @@ from scp.handlers import (
 )
 from scp.index import InstanceIndex
 from scp.observer import IngressObserver
+from scp.refusals import RefusalLog
 from scp.spool import remove_temporaries
 from scp.types import IngressConfig
 
@@ -198,9 +199,11 @@ def build_ae(config: IngressConfig, transfer_syntaxes: Sequence[str] = TRANSFER_
 
 
 def start_ingress(
-    config: IngressConfig, index: InstanceIndex, observer: IngressObserver | None = None
+    config: IngressConfig, index: InstanceIndex, observer: IngressObserver | None = None,
+    refusals: RefusalLog | None = None,
 ) -> IngressServer:
-    """Start the C-STORE SCP described by ``config``, recording into ``index``; returns at once.
+    """Start the C-STORE SCP described by ``config``, recording into ``index`` (and every refused
+    C-STORE or association into ``refusals``); returns at once.
 
     ``observer`` hears of refused associations, security alerts and stored instances (audit, metrics)."""
     config.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -211,9 +214,9 @@ def start_ingress(
     association_log = AssociationLog()
     handlers: list[EventHandlerType] = [
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [index, config, association_log, observer]),
-        (evt.EVT_REQUESTED, handle_requested, [config, observer]),
-        (evt.EVT_REJECTED, handle_rejected, [observer]),
+        (evt.EVT_C_STORE, handle_store, [index, config, association_log, observer, refusals]),
+        (evt.EVT_REQUESTED, handle_requested, [config, observer, refusals]),
+        (evt.EVT_REJECTED, handle_rejected, [observer, refusals]),
         (evt.EVT_ACCEPTED, handle_accepted, [association_log]),
         (evt.EVT_CONN_CLOSE, handle_conn_close, [association_log]),
     ]

@@ -23,6 +23,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, cast
 
 from pydicom.dataset import Dataset
@@ -31,6 +32,9 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from scp.errors import InvalidUIDError
+from scp.index import InstanceConflict
+from scp.integrity import IntegrityLimits, check_dataset, dataset_sha256, read_part10
+from scp.refusals import KIND_ASSOCIATION, KIND_STORE, Refusal, RefusalLog
 from scp.spool import file_head, write_instance
 from scp.status import (
     STATUS_CANNOT_UNDERSTAND,
@@ -40,6 +44,7 @@ from scp.status import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_PROCESSING_FAILURE,
     STATUS_SUCCESS,
+    STATUS_WARNING_ELEMENTS_DISCARDED,
 )
 from scp.types import IngressConfig, ReceivedInstance
 from scp.validate import validate_uid
@@ -187,10 +192,12 @@ def handle_echo(event: Event) -> int:
 
 @dataclass(frozen=True)
 class _Refusal:
-    """A C-STORE we answer with a failure: the named status and its Error Comment."""
+    """A C-STORE we answer with a failure: the named status, its Error Comment (VR LO, 64
+    characters) and the whole reason that is recorded (the comment when empty)."""
 
     status: int
     comment: str
+    detail: str = ""
 
 
 def handle_store(
@@ -199,30 +206,41 @@ def handle_store(
     config: IngressConfig,
     association_log: AssociationLog | None = None,
     observer: IngressObserver | None = None,
+    refusals: RefusalLog | None = None,
 ) -> int | Dataset:
-    """C-STORE: write the instance durably, record it, then answer Success.
+    """C-STORE: check the instance, write it durably, record it, then answer Success.
 
-    Order: disk floor, SOP Instance UID check, duplicate (Success without writing),
-    header (Study/Series UID, Modality; pixel data never decoded), durable write,
-    index record, Success. Never raises.
+    Order: disk floor, SOP Instance UID check, header (Study/Series UID, Modality),
+    integrity (:mod:`scp.integrity`: element and instance sizes, native Pixel Data length;
+    pixel data never decoded), duplicate handling, durable write, index record, Success.
+    A duplicate SOP Instance with the same bytes is acknowledged without writing; with
+    other bytes it replaces a stored copy that fails the integrity check, and otherwise is
+    recorded as a conflict and answered with a warning (first copy kept). Every failure is
+    recorded in ``refusals``. Never raises.
     """
     assoc = event.assoc
     sop_uid = "<unknown>"
+
+    def refuse(refusal: _Refusal) -> Dataset:
+        return _failure(assoc, association_log, refusal, refusals, sop_uid)
+
     try:
         received_at = time.time()
         request = cast("C_STORE", event.request)
         sop_uid = str(request.AffectedSOPInstanceUID or "")
         refusal = _check_free_space(config, sop_uid) or _check_sop_uid(sop_uid)
         if refusal is not None:
-            return _failure(assoc, association_log, refusal)
-        if index.has(sop_uid):
-            LOGGER.info("SOP Instance %s already received: acknowledged, not written again", sop_uid)
-            if association_log is not None:
-                association_log.count(assoc, "duplicate")
-            return STATUS_SUCCESS
-        header = _read_checked_header(request, str(event.context.transfer_syntax), sop_uid)
+            return refuse(refusal)
+        transfer_syntax = str(event.context.transfer_syntax)
+        header = _read_checked_header(request, transfer_syntax, sop_uid)
         if isinstance(header, _Refusal):
-            return _failure(assoc, association_log, header)
+            return refuse(header)
+        refusal = _check_integrity(request, transfer_syntax, config, sop_uid)
+        if refusal is not None:
+            return refuse(refusal)
+        stored = index.get_instance(sop_uid)
+        if stored is not None:
+            return _handle_duplicate(event, index, config, association_log, header, stored, received_at)
         instance = _store_in_spool(event, config, header, sop_uid, received_at)
         is_new = index.record(instance)
         if association_log is not None:
@@ -233,14 +251,100 @@ def handle_store(
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             LOGGER.error("could not store SOP Instance %s: disk full (%s)", sop_uid, exc)
-            return _failure(assoc, association_log, _Refusal(STATUS_OUT_OF_RESOURCES, "spool disk full"))
+            return refuse(_Refusal(STATUS_OUT_OF_RESOURCES, "spool disk full"))
         LOGGER.exception("could not store SOP Instance %s", sop_uid)
-        refusal = _Refusal(STATUS_PROCESSING_FAILURE, f"I/O error: {exc.strerror or exc}")
-        return _failure(assoc, association_log, refusal)
+        return refuse(_Refusal(STATUS_PROCESSING_FAILURE, f"I/O error: {exc.strerror or exc}"))
     except Exception as exc:
         LOGGER.exception("could not store SOP Instance %s", sop_uid)
-        refusal = _Refusal(STATUS_PROCESSING_FAILURE, f"{type(exc).__name__} while storing")
-        return _failure(assoc, association_log, refusal)
+        return refuse(_Refusal(STATUS_PROCESSING_FAILURE, f"{type(exc).__name__} while storing"))
+
+
+def _check_integrity(request: C_STORE, transfer_syntax: str, config: IngressConfig, sop_uid: str) -> _Refusal | None:
+    """Sizes and native Pixel Data length (:func:`scp.integrity.check_dataset`), or why not."""
+    stream = cast("BytesIO", request.DataSet)
+    try:
+        with stream.getbuffer() as data:
+            problem = check_dataset(data, transfer_syntax, config.integrity_limits)
+    except Exception as exc:  # noqa: BLE001 - any parse error means "cannot understand"
+        LOGGER.warning("refused SOP Instance %s: dataset unreadable (%s: %s)", sop_uid, type(exc).__name__, exc)
+        return _Refusal(STATUS_CANNOT_UNDERSTAND, "dataset cannot be parsed",
+                        f"dataset cannot be parsed ({type(exc).__name__}; details in the log)")
+    if problem is None:
+        return None
+    LOGGER.warning("refused SOP Instance %s: %s", sop_uid, problem.reason)
+    return _Refusal(problem.status, problem.comment, problem.reason)
+
+
+def _stored_problem(stored: ReceivedInstance, limits: IntegrityLimits) -> tuple[str, str | None]:
+    """(SHA-256 of the stored copy's dataset, why it fails the integrity check or None); a stored
+    copy that cannot be read has hash "" and fails."""
+    try:
+        ts, data = read_part10(stored.path)
+    except Exception as exc:  # noqa: BLE001 - a missing or damaged file is an invalid copy
+        return "", f"the stored file cannot be read ({type(exc).__name__}: {exc})"
+    try:
+        problem = check_dataset(data, ts, limits)
+    except Exception as exc:  # noqa: BLE001
+        return dataset_sha256(data), f"the stored dataset cannot be parsed ({type(exc).__name__})"
+    return dataset_sha256(data), None if problem is None else problem.reason
+
+
+def _handle_duplicate(
+    event: Event,
+    index: InstanceIndex,
+    config: IngressConfig,
+    association_log: AssociationLog | None,
+    header: InstanceHeader,
+    stored: ReceivedInstance,
+    received_at: float,
+) -> int | Dataset:
+    """A SOP Instance already recorded: same bytes = acknowledged; an invalid stored copy is replaced;
+    a different valid copy is a conflict (first copy kept, Warning Elements Discarded)."""
+    assoc = event.assoc
+    sop_uid = stored.sop_instance_uid
+    request = cast("C_STORE", event.request)
+    with cast("BytesIO", request.DataSet).getbuffer() as data:
+        received_sha = dataset_sha256(data)
+    stored_sha, stored_problem = _stored_problem(stored, config.integrity_limits)
+    if received_sha == stored_sha:
+        LOGGER.info("SOP Instance %s already received with the same bytes: acknowledged, not written again", sop_uid)
+        if association_log is not None:
+            association_log.count(assoc, "duplicate")
+        return STATUS_SUCCESS
+    if stored_problem is not None and header.study_instance_uid == stored.study_instance_uid:
+        instance = _store_in_spool(event, config, header, sop_uid, received_at)
+        index.replace(instance)
+        if Path(stored.path) != Path(instance.path):
+            Path(stored.path).unlink(missing_ok=True)
+        LOGGER.warning(
+            "SOP Instance %s: the stored copy was replaced by the one from %s (%s)",
+            sop_uid, assoc.requestor.ae_title, stored_problem,
+        )
+        if association_log is not None:
+            association_log.count(assoc, "stored", instance.size_bytes)
+        return STATUS_SUCCESS
+    if stored_problem is not None:
+        reason = (
+            f"the stored copy is invalid ({stored_problem}) but the new copy names study "
+            f"{header.study_instance_uid}, not {stored.study_instance_uid}; first copy kept"
+        )
+    else:
+        reason = "a copy with other bytes is already stored and valid; first copy kept"
+    index.record_conflict(
+        InstanceConflict(
+            at=received_at, sop_instance_uid=sop_uid, study_instance_uid=stored.study_instance_uid,
+            calling_ae=assoc.requestor.ae_title, peer_address=_peer(assoc),
+            stored_sha256=stored_sha, received_sha256=received_sha, reason=reason,
+        )
+    )
+    LOGGER.warning("SOP Instance %s from %s conflicts with the stored copy: %s", sop_uid, assoc.requestor.ae_title,
+                   reason)
+    if association_log is not None:
+        association_log.count(assoc, "duplicate")
+    rsp = Dataset()
+    rsp.Status = STATUS_WARNING_ELEMENTS_DISCARDED
+    rsp.ErrorComment = "duplicate SOP Instance differs; first copy kept"
+    return rsp
 
 
 def _check_free_space(config: IngressConfig, sop_uid: str) -> _Refusal | None:
@@ -331,9 +435,23 @@ def _store_in_spool(
     )
 
 
-def _failure(assoc: Association, association_log: AssociationLog | None, refusal: _Refusal) -> Dataset:
+def _failure(
+    assoc: Association,
+    association_log: AssociationLog | None,
+    refusal: _Refusal,
+    refusals: RefusalLog | None = None,
+    sop_uid: str = "",
+) -> Dataset:
     if association_log is not None:
         association_log.count(assoc, "failed")
+    if refusals is not None:
+        refusals.record(
+            Refusal(
+                at=time.time(), kind=KIND_STORE, calling_ae=assoc.requestor.ae_title, peer_address=_peer(assoc),
+                status=refusal.status, reason=refusal.detail or refusal.comment,
+                sop_instance_uid=sop_uid if sop_uid != "<unknown>" else "",
+            )
+        )
     rsp = Dataset()
     rsp.Status = refusal.status
     rsp.ErrorComment = refusal.comment[:_ERROR_COMMENT_MAX_CHARS]
@@ -352,7 +470,9 @@ def _notify(call: Callable[..., None], *args: object) -> None:
         LOGGER.exception("ingress observer %s failed", getattr(call, "__name__", call))
 
 
-def handle_requested(event: Event, config: IngressConfig, observer: IngressObserver | None = None) -> None:
+def handle_requested(
+    event: Event, config: IngressConfig, observer: IngressObserver | None = None, refusals: RefusalLog | None = None
+) -> None:
     """A-ASSOCIATE-RQ received: refuse peers outside ``config.allowed_peers``, and make
     every accepted context take the sender's first proposed transfer syntax.
 
@@ -374,6 +494,9 @@ def handle_requested(event: Event, config: IngressConfig, observer: IngressObser
             calling = str(getattr(rq, "calling_ae_title", "") or "").strip()
             _notify(observer.association_refused, address, calling, "peer address not in allowed_peers")
             _notify(observer.security_alert, address, f"peer address {address} not in allowed_peers (calling AE {calling})")
+        _record_association_refusal(
+            refusals, getattr(rq, "calling_ae_title", "?"), address, "peer address not in allowed_peers"
+        )
         assoc.acse.send_reject(REJECT_RESULT_PERMANENT, REJECT_SOURCE_SERVICE_USER, REJECT_DIAG_NO_REASON)
         assoc.kill()  # waits for the peer to close after reading the A-ASSOCIATE-RJ
         return
@@ -405,9 +528,19 @@ def prefer_requestor_transfer_syntaxes(assoc: Association) -> None:
         cx.transfer_syntax = first + [ts for ts in ours if ts not in first]
 
 
-def handle_rejected(event: Event, observer: IngressObserver | None = None) -> None:
-    """pynetdicom rejected an association (AE titles, association limit): log who and why, and tell
-    ``observer`` (a calling AE title outside allowed_calling_aets is also a security alert)."""
+def _record_association_refusal(refusals: RefusalLog | None, calling_ae: object, address: str, reason: str) -> None:
+    if refusals is None:
+        return
+    calling = calling_ae.decode("ascii", "replace") if isinstance(calling_ae, bytes) else str(calling_ae)
+    refusals.record(
+        Refusal(at=time.time(), kind=KIND_ASSOCIATION, calling_ae=calling.strip(), peer_address=address,
+                status=None, reason=f"association rejected: {reason}")
+    )
+
+
+def handle_rejected(event: Event, observer: IngressObserver | None = None, refusals: RefusalLog | None = None) -> None:
+    """pynetdicom rejected an association (AE titles, association limit): log who and why, record it in
+    ``refusals`` and tell ``observer`` (a calling AE title outside allowed_calling_aets is also a security alert)."""
     assoc = event.assoc
     rq = assoc.requestor.primitive
     rj = assoc.acceptor.primitive
@@ -421,6 +554,7 @@ def handle_rejected(event: Event, observer: IngressObserver | None = None) -> No
         reason = "maximum number of associations reached"
     else:
         reason = f"result source {source}, diagnostic {diagnostic}"
+    _record_association_refusal(refusals, getattr(rq, "calling_ae_title", "?"), _peer(assoc), reason)
     LOGGER.warning(
         "rejected association from %s:%s (calling AE %s, called AE %s): %s",
         _peer(assoc),

@@ -1,8 +1,8 @@
 """The instance index: which instances were received, where they are, and per-study activity.
 
 It lives in the node's SQLite file beside other modules' tables (jobs, outbox); it
-creates and touches only ``instances`` and ``studies`` (and the index
-``instances_by_study``).
+creates and touches only ``instances``, ``studies`` and ``instance_conflicts`` (and the
+index ``instances_by_study``).
 
 Durability: the database is in WAL mode. With ``synchronous="FULL"`` (the default)
 :meth:`InstanceIndex.record` returns only once the WAL has been fsync'ed. The running
@@ -24,11 +24,26 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from scp.db import Synchronous, open_db
 from scp.errors import IngressError, UnknownStudyError
 from scp.types import ReceivedInstance, ReceivedStudy, StudyActivity
+
+@dataclass(frozen=True)
+class InstanceConflict:
+    """A duplicate SOP Instance whose bytes differ from the valid copy kept (epoch seconds, SHA-256 hex
+    of each copy's dataset as sent)."""
+
+    at: float
+    sop_instance_uid: str
+    study_instance_uid: str
+    calling_ae: str
+    peer_address: str
+    stored_sha256: str
+    received_sha256: str
+    reason: str
 
 LOGGER = logging.getLogger(__name__)
 
@@ -59,6 +74,17 @@ CREATE TABLE IF NOT EXISTS studies (
     last_received_at   REAL NOT NULL,
     instance_count     INTEGER NOT NULL,
     non_ct_count       INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS instance_conflicts (
+    id                 INTEGER PRIMARY KEY AUTOINCREMENT,
+    at                 REAL NOT NULL,
+    sop_instance_uid   TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    calling_ae         TEXT NOT NULL,
+    peer_address       TEXT NOT NULL,
+    stored_sha256      TEXT NOT NULL,
+    received_sha256    TEXT NOT NULL,
+    reason             TEXT NOT NULL
 );
 """
 
@@ -146,6 +172,67 @@ class InstanceIndex:
                     conn.execute("ROLLBACK")
                 raise
         return True
+
+    def replace(self, inst: ReceivedInstance) -> None:
+        """Replace the recorded copy of ``inst``'s SOP Instance (same study) by ``inst``, and move its
+        study's ``last_received_at`` forward as a new instance would (so the study is assembled again).
+
+        Raises :class:`IngressError` when the SOP Instance is not recorded in that study.
+        """
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = conn.execute(
+                    "UPDATE instances SET sop_class_uid = ?, series_instance_uid = ?, modality = ?, "
+                    "transfer_syntax_uid = ?, path = ?, size_bytes = ?, calling_ae = ?, peer_address = ?, "
+                    "received_at = ? WHERE sop_instance_uid = ? AND study_instance_uid = ?",
+                    (inst.sop_class_uid, inst.series_instance_uid, inst.modality, inst.transfer_syntax_uid,
+                     str(inst.path), inst.size_bytes, inst.calling_ae, inst.peer_address, inst.received_at,
+                     inst.sop_instance_uid, inst.study_instance_uid),
+                )
+                if cur.rowcount == 0:
+                    raise IngressError(
+                        f"cannot replace SOP Instance {inst.sop_instance_uid}: not recorded in study "
+                        f"{inst.study_instance_uid}"
+                    )
+                conn.execute(
+                    "UPDATE studies SET last_received_at = max(?, last_received_at + ?) WHERE study_instance_uid = ?",
+                    (inst.received_at, _MIN_STEP_S, inst.study_instance_uid),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def get_instance(self, sop_uid: str) -> ReceivedInstance | None:
+        """The recorded instance with this SOP Instance UID, or None."""
+        with self._lock:
+            row = self._connection().execute(
+                f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE sop_instance_uid = ?", (sop_uid,)
+            ).fetchone()
+        return None if row is None else _instance_from_row(row)
+
+    def record_conflict(self, conflict: InstanceConflict) -> None:
+        """Record a duplicate SOP Instance that differs from the copy kept."""
+        with self._lock:
+            self._connection().execute(
+                "INSERT INTO instance_conflicts (at, sop_instance_uid, study_instance_uid, calling_ae, peer_address, "
+                "stored_sha256, received_sha256, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (conflict.at, conflict.sop_instance_uid, conflict.study_instance_uid, conflict.calling_ae,
+                 conflict.peer_address, conflict.stored_sha256, conflict.received_sha256, conflict.reason),
+            )
+
+    def conflicts(self, limit: int = 100) -> list[InstanceConflict]:
+        """The last ``limit`` conflicts, newest first."""
+        with self._lock:
+            rows = self._connection().execute(
+                "SELECT at, sop_instance_uid, study_instance_uid, calling_ae, peer_address, stored_sha256, "
+                "received_sha256, reason FROM instance_conflicts ORDER BY id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [InstanceConflict(float(r[0]), *(str(v) for v in tuple(r)[1:])) for r in rows]
 
     def has(self, sop_uid: str) -> bool:
         """True when an instance with this SOP Instance UID is recorded."""

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, cast
 from pydicom import dcmread
 from pynetdicom import AE, build_role
 
-from scp.errors import QuerySourceError
+from scp.errors import IngressError, QuerySourceError
+from scp.integrity import IntegrityLimits, check_dataset, split_part10
 from scp.pacs import read_text
 from scp.spool import file_head, write_instance
 from scp.status import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, STATUS_PROCESSING_FAILURE, STATUS_SUCCESS
@@ -86,6 +87,7 @@ def store_into(
     spool_dir: Path,
     calling_ae: str,
     peer_address: str = "",
+    limits: IntegrityLimits | None = None,
 ) -> InstanceSink:
     """An :data:`InstanceSink` that stores each instance exactly like the ingress SCP does.
 
@@ -94,9 +96,11 @@ def store_into(
     :meth:`InstanceIndex.record` (``calling_ae`` is recorded as the sender: the PACS's
     AE title; ``peer_address`` its address). An instance whose SOP Instance UID is
     already in the index is ignored (not written again). Raises (so the sub-operation
-    is answered with a failure) when the header cannot be read, a UID is invalid or
-    the write fails.
+    is answered with a failure) when the header cannot be read, a UID is invalid, the
+    instance fails the integrity check of the ingress (:func:`scp.integrity.check_dataset`
+    with ``limits``: sizes, native Pixel Data length) or the write fails.
     """
+    limits = limits or IntegrityLimits()
     calling_ae = validate_ae_title(calling_ae, "calling_ae", QuerySourceError)
     spool = Path(spool_dir)
 
@@ -109,6 +113,10 @@ def store_into(
         )
         meta = ds.file_meta
         sop_uid = validate_uid(str(meta.get("MediaStorageSOPInstanceUID", "")).strip(" \x00"), "SOPInstanceUID")
+        ts, dataset = split_part10(BytesIO(data))
+        problem = check_dataset(dataset, ts, limits)
+        if problem is not None:
+            raise IngressError(f"SOP Instance {sop_uid} refused: {problem.reason}")
         if index.has(sop_uid):
             LOGGER.info("SOP Instance %s already received: not written again", sop_uid)
             return

@@ -40,6 +40,19 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_MISSING_UID = 0xC001
 #: Error: Cannot Understand - StudyInstanceUID or SeriesInstanceUID is not a valid UID (ours too).
 STATUS_INVALID_UID = 0xC002
+#: Error: Cannot Understand - native Pixel Data whose length does not match the Image Pixel Module
+#: (Rows x Columns x SamplesPerPixel x BitsAllocated x NumberOfFrames), e.g. a truncated instance.
+STATUS_PIXEL_DATA_LENGTH = 0xC003
+#: Error: Cannot Understand - an element other than Pixel Data is over ``[security] max_element_bytes``.
+STATUS_ELEMENT_TOO_LARGE = 0xC004
+#: Error: Cannot Understand - the instance is over ``[security] max_instance_bytes`` (permanent: a retry
+#: of the same object cannot pass, so not Out of Resources, which senders retry).
+STATUS_INSTANCE_TOO_LARGE = 0xC005
+#: Warning: Elements Discarded (PS3.4 B.2.3) - answered to a duplicate SOP Instance whose bytes differ from
+#: the valid copy already stored: the first copy is kept, the new one discarded and a conflict recorded.
+#: A warning, not the failure 0x0111 (Duplicate SOP Instance, PS3.7 C.5.9): the SOP Instance *is* stored,
+#: so the sender must not retry, yet its log shows that this copy was not taken.
+STATUS_WARNING_ELEMENTS_DISCARDED = 0xB006
 
 # --- Query/Retrieve (PS3.4 C.4) ----------------------------------------------------------
 STATUS_OUT_OF_RESOURCES_MATCHES = 0xA701

@@ -13,6 +13,7 @@ from types import MappingProxyType
 
 from scp.association import AssociationSettings
 from scp.errors import IngressConfigError
+from scp.integrity import IntegrityLimits
 from scp.validate import validate_ae_title
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -113,7 +114,9 @@ class IngressConfig:
     means anyone. ``allowed_peers`` holds IPv4/IPv6 addresses or CIDR networks.
     ``maximum_pdu_size`` is the Maximum Length we announce (PS3.8 D.1), 0 for no limit.
     ``min_free_disk_mb`` is the free space the spool's file system must keep: below it
-    every C-STORE is answered Out of Resources (0xA700).
+    every C-STORE is answered Out of Resources (0xA700). ``max_element_bytes`` (any element
+    but Pixel Data) and ``max_instance_bytes`` bound what one C-STORE may carry; 0 = no limit
+    (see :mod:`scp.integrity`).
     """
 
     ae_title: str
@@ -129,6 +132,8 @@ class IngressConfig:
     network_timeout_s: float = 60.0
     maximum_pdu_size: int = 131072
     maximum_associations: int = 16
+    max_element_bytes: int = 0
+    max_instance_bytes: int = 0
     _peer_networks: tuple[IPNetwork, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -168,6 +173,13 @@ class IngressConfig:
             "maximum_associations",
             _check_int(self.maximum_associations, "maximum_associations", 1, None, ">= 1"),
         )
+        for name in ("max_element_bytes", "max_instance_bytes"):
+            set_(self, name, _check_int(getattr(self, name), name, 0, None, ">= 0 (0 = no limit)"))
+
+    @property
+    def integrity_limits(self) -> IntegrityLimits:
+        """The size limits :func:`scp.integrity.check_dataset` applies to each received instance."""
+        return IntegrityLimits(self.max_element_bytes, self.max_instance_bytes)
 
     @property
     def association(self) -> AssociationSettings:

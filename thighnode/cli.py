@@ -4,7 +4,7 @@ Every command takes ``--config FILE`` (the node configuration, read over the
 defaults in config/node.toml). Logging is set up here and only here; logs carry
 identifiers (UIDs, job ids), never patient names, IDs or birth dates.
 
-The node's commands (serve, echo, status, retry, patient) are here; the offline ones (phantom, train,
+The node's commands (serve, echo, status, retry, resend, patient) are here; the offline ones (phantom, train,
 evaluate, calibrate, sidecheck, realcheck: :mod:`modelkit`; cohort: :mod:`research`) are in
 :mod:`thighnode.cli_offline`.
 """
@@ -125,13 +125,50 @@ def _job_row(j: Any) -> dict[str, Any]:
     }
 
 
-def status_report(settings: Any) -> dict[str, Any]:
+def status_report(settings: Any, refusals: int = 10) -> dict[str, Any]:
     """The model (active and loaded: thighnode.models.model_status), studies, jobs and outbox with states and
-    reasons (what `thighnode status` prints)."""
+    reasons, the last ``refusals`` receive-time refusals with counts, and duplicate conflicts (what
+    `thighnode status` prints)."""
     from thighnode.models import model_status
 
     stores = _stores_report(settings)
-    return {"data_dir": stores.pop("data_dir"), "model": model_status(settings), **stores}
+    return {"data_dir": stores.pop("data_dir"), "model": model_status(settings), **stores,
+            **_receive_report(settings.db_path, refusals)}
+
+
+def _receive_report(db_path: Any, last: int) -> dict[str, Any]:
+    """Receive-time refusals (scp.refusals: the last ``last``, counts per status over all time and the last
+    24 h) and duplicate SOP Instances that differed from the copy kept (scp.index conflicts)."""
+    import time
+
+    from scp.index import InstanceIndex
+    from scp.refusals import RefusalLog
+
+    if not db_path.exists():
+        return {"refusals": {"counts": {}, "counts_24h": {}, "recent": []}, "conflicts": []}
+    log_ = RefusalLog(db_path)
+    index = InstanceIndex(db_path)
+    try:
+        refusals = {
+            "counts": log_.counts(),
+            "counts_24h": log_.counts(since=time.time() - 86400.0),
+            "recent": [
+                {"at": _when(r.at), "kind": r.kind, "calling_ae": r.calling_ae, "peer_address": r.peer_address,
+                 "status": None if r.status is None else f"0x{r.status:04X}", "reason": r.reason,
+                 "sop_instance_uid": r.sop_instance_uid}
+                for r in log_.recent(last)
+            ],
+        }
+        conflicts = [
+            {"at": _when(c.at), "sop_instance_uid": c.sop_instance_uid, "study_uid": c.study_instance_uid,
+             "calling_ae": c.calling_ae, "peer_address": c.peer_address, "stored_sha256": c.stored_sha256,
+             "received_sha256": c.received_sha256, "reason": c.reason}
+            for c in index.conflicts()
+        ]
+    finally:
+        log_.close()
+        index.close()
+    return {"refusals": refusals, "conflicts": conflicts}
 
 
 def _stores_report(settings: Any) -> dict[str, Any]:
@@ -255,7 +292,7 @@ def format_model_status(model: dict[str, Any]) -> list[str]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    report = status_report(settings)
+    report = status_report(settings, refusals=args.refusals)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -298,7 +335,25 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"             sent as {i['transfer_syntax']} ({i['sop_class']})")
         if i["last_error"]:
             print(f"             error: {i['last_error']}")
+    _print_receive_report(report)
     return 0
+
+
+def _print_receive_report(report: dict[str, Any]) -> None:
+    refusals = report.get("refusals", {})
+    if refusals.get("counts"):
+        print(f"\nrefused at receipt: {refusals['counts']} (last 24 h: {refusals.get('counts_24h', {})})")
+        for r in refusals.get("recent", []):
+            what = f"C-STORE {r['status']} {r['sop_instance_uid']}" if r["kind"] == "c-store" else "association"
+            print(f"  {r['at']}  {what}  from {r['calling_ae']} at {r['peer_address']}")
+            print(f"             reason: {r['reason']}")
+    if report.get("conflicts"):
+        print(f"\nduplicate SOP Instances that differ from the copy kept ({len(report['conflicts'])}):")
+        for c in report["conflicts"]:
+            print(f"  {c['at']}  {c['sop_instance_uid']}  study {c['study_uid']}  from {c['calling_ae']} at "
+                  f"{c['peer_address']}")
+            print(f"             kept sha256 {c['stored_sha256'][:16]}, received {c['received_sha256'][:16]}: "
+                  f"{c['reason']}")
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -311,6 +366,39 @@ def cmd_retry(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"job {args.job} is ready again; a running node will pick it up")
+    return 0
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    """Queue outbox items again: one item, a job's items, or a destination's failed items."""
+    from dicomout.outbox import Outbox
+
+    settings = _settings(args)
+    if args.destination is not None:
+        names = [d.name for d in settings.destinations]
+        if args.destination not in names:
+            print(f"error: destination {args.destination!r} is not configured; configured: "
+                  f"{', '.join(names) or 'none'}", file=sys.stderr)
+            return 2
+        if not args.failed:
+            print("error: --destination needs --failed (only a destination's failed items are sent again)",
+                  file=sys.stderr)
+            return 2
+    outbox = Outbox(settings.db_path)
+    try:
+        items = outbox.resend(item_id=args.item, job_id=args.job, destination=args.destination,
+                              failed_only=args.failed)
+    finally:
+        close = getattr(outbox, "close", None)
+        if close is not None:
+            close()
+    if not items:
+        print("nothing to send again: no matching item that is failed or sent (pending items are already queued)")
+        return 0
+    for item in items:
+        print(f"item {item.id} -> {item.destination}: SOP Instance UID {item.sop_instance_uid} (job {item.job_id})")
+    print(f"{len(items)} item(s) queued again; a running node sends them within "
+          f"{settings.outbox.send_interval_s:g} s")
     return 0
 
 
@@ -339,13 +427,22 @@ def _add_node_commands(add: Callable[[str, str], argparse.ArgumentParser]) -> No
     p.add_argument("destination", help="the destination's name in the configuration")
     p.set_defaults(func=cmd_echo)
 
-    p = add("status", "studies, jobs and outbox with states and reasons")
+    p = add("status", "studies, jobs and outbox with states and reasons, refusals at receipt, conflicts")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--refusals", type=int, default=10, metavar="N", help="show the last N refusals (default 10)")
     p.set_defaults(func=cmd_status)
 
     p = add("retry", "put a failed job back in the queue")
     p.add_argument("job", type=int)
     p.set_defaults(func=cmd_retry)
+
+    p = add("resend", "send outbox items again (same objects, same SOP Instance UIDs)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--item", type=int, help="one outbox item (failed or sent)")
+    which.add_argument("--job", type=int, help="every item of this job that is not pending")
+    which.add_argument("--destination", help="a destination's items (with --failed)")
+    p.add_argument("--failed", action="store_true", help="only failed items")
+    p.set_defaults(func=cmd_resend)
 
 
 def _add_patient_commands(sub: Any) -> None:

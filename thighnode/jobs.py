@@ -6,7 +6,8 @@ time and reason)::
     received --(quiet period passed)--> ready --(claimed by a worker)--> running
     ready    --(new instances)-------> received
     running  --> done | declined | failed
-    running  --(node restarted while it ran)--> ready
+    running  --(node restarted while it ran)--> ready, or failed once it was started
+               max_job_attempts times ("crashed the node N times")
 
 A study that receives instances after its job left ``received``/``ready`` gets a
 new job (the old one keeps its record); when what arrived is a Segmentation (a reader's
@@ -192,9 +193,20 @@ class JobStore(SqliteStore):
 
     # -- the assembler's tick ----------------------------------------------------------
 
-    def sync(self, studies: Iterable[StudyProgress], now: float, quiet_period_s: float) -> list[int]:
+    def sync(
+        self,
+        studies: Iterable[StudyProgress],
+        now: float,
+        quiet_period_s: float,
+        *,
+        started_at: float | None = None,
+    ) -> list[int]:
         """Create/reopen jobs for studies with new instances, then promote quiet ones to ready.
 
+        A study is quiet when nothing arrived for ``quiet_period_s`` *while the node ran*:
+        with ``started_at`` (when this node process started), time before it does not count,
+        so a study that was still arriving when the node stopped waits a whole quiet period
+        after the restart (its sender may be resending what it could not deliver meanwhile).
         Returns the ids of jobs that became ready.
         """
         with self._tx():
@@ -225,12 +237,17 @@ class JobStore(SqliteStore):
                         now,
                     )
             ready = []
+            if started_at is not None and started_at > now - quiet_period_s:
+                return ready  # the node has not run for a quiet period yet
             rows = self._db.execute(
-                "SELECT id FROM jobs WHERE state = ? AND received_through <= ? ORDER BY id",
+                "SELECT id, received_through FROM jobs WHERE state = ? AND received_through <= ? ORDER BY id",
                 (RECEIVED, now - quiet_period_s),
             ).fetchall()
             for row in rows:
-                self._set_state(row["id"], READY, f"no instance for {quiet_period_s:g} s", now)
+                why = f"no instance for {quiet_period_s:g} s"
+                if started_at is not None and row["received_through"] < started_at:
+                    why += " since the node started"
+                self._set_state(row["id"], READY, why, now)
                 ready.append(int(row["id"]))
             return ready
 
@@ -275,14 +292,33 @@ class JobStore(SqliteStore):
                 },
             )
 
-    def recover(self, now: float | None = None) -> list[int]:
-        """At start-up: every job left running by a crash goes back to ready."""
+    def recover(self, now: float | None = None, *, max_attempts: int | None = None) -> list[int]:
+        """At start-up: every job left running by a crash goes back to ready; returns their ids.
+
+        ``attempts`` is counted (and committed) when a job is claimed, before its work starts,
+        so a job whose work kills the process counts each time. A job already started
+        ``max_attempts`` times is failed instead ("crashed the node N times"), so a study that
+        kills the node cannot crash-loop it; it is not in the returned list.
+        """
         now = time.time() if now is None else now
+        resumed = []
         with self._tx():
-            rows = self._db.execute("SELECT id FROM jobs WHERE state = ? ORDER BY id", (RUNNING,)).fetchall()
+            rows = self._db.execute(
+                "SELECT id, attempts FROM jobs WHERE state = ? ORDER BY id", (RUNNING,)
+            ).fetchall()
             for row in rows:
+                attempts = int(row["attempts"])
+                if max_attempts is not None and attempts >= max_attempts:
+                    self._set_state(
+                        row["id"], FAILED,
+                        f"crashed the node {attempts} times: started {attempts} times and never finished "
+                        f"(max_job_attempts {max_attempts}); `thighnode retry {row['id']}` tries once more",
+                        now,
+                    )
+                    continue
                 self._set_state(row["id"], READY, "resumed: the node stopped while the job ran", now)
-            return [int(r["id"]) for r in rows]
+                resumed.append(int(row["id"]))
+            return resumed
 
     def requeue(self, study_uid: str, reason: str, now: float | None = None) -> int:
         """A new ready job for an already received study (e.g. its prior has arrived)."""

@@ -24,6 +24,7 @@ from dicomout.sender import Destination
 from node_errors import NodeError
 from scp.ae import IngressServer, start_ingress
 from scp.index import InstanceIndex
+from scp.refusals import RefusalLog
 from scp.spool import remove_study
 from scp.types import IngressConfig
 from thighnode.audit import AuditTrail
@@ -76,6 +77,8 @@ def ingress_config_of(settings: Settings) -> IngressConfig:
         network_timeout_s=settings.node.network_timeout_s,
         maximum_pdu_size=settings.node.max_pdu_bytes,
         maximum_associations=settings.node.max_associations,
+        max_element_bytes=settings.security.max_element_bytes,
+        max_instance_bytes=settings.security.max_instance_bytes,
     )
 
 
@@ -102,12 +105,14 @@ class Node:
         self._busy = 0
         self._busy_lock = threading.Lock()
         self._stopping = threading.Event()
+        self._started_at: float | None = None
         self.index: InstanceIndex | None = None
         self.jobs: JobStore | None = None
         self.outbox: Outbox | None = None
         self.results: ResultsStore | None = None
         self.corrections: CorrectionStore | None = None
         self.backfill: BackfillStore | None = None
+        self.refusals: RefusalLog | None = None
         self.prior_requests: PriorRequests | None = None
         self.priors: PriorFinder | None = None
         self._ingress: IngressServer | None = None
@@ -138,7 +143,8 @@ class Node:
         self.index.reconcile(s.spool_dir)
         self.jobs = JobStore(s.db_path)
         self.outbox = Outbox(s.db_path, retry_policy_of(s))
-        recovered = self.jobs.recover()
+        self._started_at = time.time()
+        recovered = self.jobs.recover(max_attempts=s.processing.max_job_attempts)
         if recovered:
             log.info("resumed %d job(s) left running by the previous process: %s", len(recovered), recovered)
         if self._load_model:
@@ -153,9 +159,12 @@ class Node:
             corrections=self.corrections, backfill=self.backfill,
         )
         self._executor = ThreadPoolExecutor(max_workers=s.processing.workers, thread_name_prefix="job")
+        self.refusals = RefusalLog(s.db_path)
         if self.audit is not None:
             self._received_auditor = ReceivedAuditor(self.audit, self.index, self.jobs)
-        self._ingress = start_ingress(ingress_config_of(s), self.index, IngressEvents(self.audit, self._instances))
+        self._ingress = start_ingress(
+            ingress_config_of(s), self.index, IngressEvents(self.audit, self._instances), self.refusals
+        )
         tick_s = max(0.2, min(1.0, s.node.quiet_period_s / 4 or 0.2))
         self._scheduler = BackgroundScheduler(timezone="UTC")
         self._scheduler.add_job(self.tick, "interval", seconds=tick_s, id="assemble", max_instances=1, coalesce=True)
@@ -193,7 +202,7 @@ class Node:
             self._executor.shutdown(wait=True)
             self._executor = None
         for store in (self.index, self.jobs, self.outbox, self.results, self.prior_requests, self.corrections,
-                      self.backfill):
+                      self.backfill, self.refusals):
             close = getattr(store, "close", None)
             if close is not None:
                 close()
@@ -262,7 +271,7 @@ class Node:
         assert self.index is not None and self.jobs is not None and self._executor is not None
         try:
             progress = [StudyProgress(a.study_instance_uid, a.last_received_at) for a in self.index.activity()]
-            ready = self.jobs.sync(progress, time.time(), self.settings.node.quiet_period_s)
+            ready = self.jobs.sync(progress, time.time(), self.settings.node.quiet_period_s, started_at=self._started_at)
             if ready and self._received_auditor is not None:
                 self._received_auditor.jobs_ready(ready)
             while not self._stopping.is_set():

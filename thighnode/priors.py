@@ -281,12 +281,15 @@ class PriorFinder:
     def retrieve(self, prior_study_uid: str, series_uids: tuple[str, ...]) -> str:
         """Retrieve the series; '' on success, else the reason."""
         from scp.instance_sink import store_into
+        from scp.integrity import IntegrityLimits
         from scp.retrieve import retrieve_series
 
         source = self.query_source()
         store = None
         if source.method == "get" and self._index is not None:
-            store = store_into(self._index, self._settings.spool_dir, source.ae_title)
+            sec = self._settings.security
+            store = store_into(self._index, self._settings.spool_dir, source.ae_title,
+                               limits=IntegrityLimits(sec.max_element_bytes, sec.max_instance_bytes))
         errors = []
         for uid in series_uids:
             result = retrieve_series(source, prior_study_uid, uid, store=store)

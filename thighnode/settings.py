@@ -200,6 +200,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "job_timeout_s": _float_range(0.0, lo_open=True),
         "accept_regions": _region_list,
         "min_region_mm": _float_range(0.0, 1000.0, lo_open=True),
+        "max_job_attempts": _int_range(1, 100),
     },
     "model": {
         "bundle": _path,
@@ -223,7 +224,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "send_interval_s": _float_range(0.0, lo_open=True),
         "base_delay_s": _float_range(0.0),
         "max_delay_s": _float_range(0.0),
-        "max_attempts": _int_range(1),
+        "max_attempts": _int_range(0),
         "max_age_days": _float_range(0.0, lo_open=True),
     },
     "prior": {
@@ -249,6 +250,8 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "security": {
         "allowed_calling_aets": _ae_list,
         "allowed_peers": _network_list,
+        "max_element_bytes": _int_range(0),
+        "max_instance_bytes": _int_range(0),
     },
     "audit": {
         "enabled": _bool,
@@ -308,6 +311,7 @@ class ProcessingSettings:
     job_timeout_s: float
     accept_regions: tuple[str, ...]  # a series is processed when it shows one of these (pipeline.coverage)
     min_region_mm: float  # ... over at least this much of z
+    max_job_attempts: int = 3  # a job started this many times without finishing (the node died) is failed
 
 
 @dataclass(frozen=True)
@@ -374,6 +378,8 @@ class SarcopeniaSettings:
 class SecuritySettings:
     allowed_calling_aets: tuple[str, ...]
     allowed_peers: tuple[str, ...]
+    max_element_bytes: int = 16 * 1024 * 1024  # any element but Pixel Data (scp.integrity); 0 = no limit
+    max_instance_bytes: int = 2 * 1024 * 1024 * 1024  # one C-STORE's dataset; 0 = no limit
 
 
 @dataclass(frozen=True)

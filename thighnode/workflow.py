@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import pydicom
 
@@ -124,6 +124,15 @@ class OutputFile:
     sop_instance_uid: str
 
 
+def _no_ct_reason(instance_count: int, excluded_counts: Mapping[str, int]) -> str:
+    """Why a study without any CT instance is declined: what it holds instead, by Modality."""
+    held = ", ".join(f"{n} {modality or '(no Modality)'}" for modality, n in sorted(excluded_counts.items()))
+    return (
+        f"the study holds no CT instance (Modality CT): its {instance_count} received instance(s) are "
+        f"{held or 'of no modality'}; only CT series are processed"
+    )
+
+
 class Workflow:
     """Runs one job end to end; shared by the worker threads (holds no per-job state)."""
 
@@ -202,6 +211,8 @@ class Workflow:
         corrected = self._handle_corrections(job, study, timings, result)
         if corrected is not None:
             return corrected
+        if not study.series:
+            raise DeclinedError(_no_ct_reason(study.instance_count, study.excluded_counts), study_uid=job.study_uid)
         with _stage(job, "select", timings):
             selected: SelectedSeries = select_series(
                 study.series,

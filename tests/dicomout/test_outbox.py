@@ -187,8 +187,8 @@ def test_enqueue_rejects_blank_uids(tmp_path: Path) -> None:
 
 
 def test_retry_policy_validation() -> None:
-    with pytest.raises(OutputError, match="max_attempts is 0"):
-        RetryPolicy(max_attempts=0)
+    with pytest.raises(OutputError, match="max_attempts is -1"):
+        RetryPolicy(max_attempts=-1)
     with pytest.raises(OutputError, match="max_delay_s 5.0 is below base_delay_s 10.0"):
         RetryPolicy(max_delay_s=5.0)
 
@@ -361,3 +361,60 @@ def test_backlog_counts_pending_items_per_destination_with_the_oldest(tmp_path: 
     outbox.mark_sent(outbox.get(sent_id), 0, T0)
     assert [(b.destination, b.pending, b.oldest_created_at) for b in outbox.backlog()] == [
         ("PACS", 2, T0 + 5), ("VNA", 1, T0)]
+def test_default_policy_counts_no_attempts_only_the_age(tmp_path: Path) -> None:
+    """Issue 25: with the old default (a count) a PACS outage of ~11 h failed every item for good;
+    now an item keeps being retried (backoff capped at max_delay_s) until max_age_s."""
+    policy = RetryPolicy()
+    assert policy.max_attempts == 0
+    outbox = Outbox(tmp_path / "node.db", policy)
+    _enqueue(outbox)
+    now = T0
+    for _ in range(200):  # 200 attempts over ~8 days of backoff would pass the age: stop before it
+        (item,) = outbox.due(now)
+        if now - T0 + policy.max_delay_s >= policy.max_age_s:
+            break
+        updated = outbox.mark_retry(item, "association rejected", None, now)
+        assert updated is not None and updated.state == STATE_PENDING
+        assert updated.next_attempt_at - now <= policy.max_delay_s
+        now = updated.next_attempt_at
+    assert now - T0 > 2 * 24 * 3600  # still pending after two days of outage, well past 20 attempts
+    (item,) = outbox.due(T0 + policy.max_age_s)
+    final = outbox.mark_retry(item, "association rejected", None, T0 + policy.max_age_s)
+    assert final is not None and final.state == STATE_FAILED and "max_age_s" in final.last_error
+
+
+def _fail(outbox: Outbox, item_id: int, now: float = T0) -> None:
+    item = outbox.get(item_id)
+    assert item is not None
+    outbox.mark_retry(item, "refused", None, now, permanent=True)
+
+
+def test_resend_requeues_failed_items_by_item_job_or_destination_once(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "node.db")
+    a, b = _enqueue(outbox, 2)
+    (c,) = _enqueue(outbox, 1, destination="ARCHIVE", study="1.2.4")
+    for item_id in (a, b, c):
+        _fail(outbox, item_id)
+    [again] = outbox.resend(item_id=a, now=T0 + 100)
+    assert (again.id, again.state, again.attempts, again.generation) == (a, STATE_PENDING, 0, 2)
+    assert again.created_at == T0 + 100 and again.last_error == "" and again.sop_instance_uid == "1.2.3.0"
+    assert outbox.resend(item_id=a, now=T0 + 101) == []  # already pending: asking twice sends once
+    assert [i.id for i in outbox.resend(destination="PACS", failed_only=True, now=T0 + 102)] == [b]
+    assert [i.id for i in outbox.resend(job_id=7, now=T0 + 103)] == [c]
+    assert [i.id for i in outbox.due(T0 + 103)] == [a, b, c]
+    assert outbox.counts() == {STATE_PENDING: 3, STATE_SENT: 0, STATE_FAILED: 0}
+
+
+def test_resend_of_a_sent_item_and_its_errors(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "node.db")
+    (a,) = _enqueue(outbox)
+    outbox.mark_sent(outbox.get(a), 0, T0 + 1)  # type: ignore[arg-type]
+    assert outbox.resend(destination="PACS", failed_only=True) == []  # only failed ones
+    [again] = outbox.resend(item_id=a, now=T0 + 5)
+    assert again.state == STATE_PENDING and again.sent_at is None
+    with pytest.raises(OutputError, match="there is no outbox item 99"):
+        outbox.resend(item_id=99)
+    with pytest.raises(OutputError, match="selectors given: none"):
+        outbox.resend()
+    with pytest.raises(OutputError, match="selectors given: item, job"):
+        outbox.resend(item_id=a, job_id=7)

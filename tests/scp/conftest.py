@@ -10,6 +10,7 @@ import pytest
 
 from scp.ae import IngressServer, start_ingress
 from scp.index import InstanceIndex
+from scp.refusals import RefusalLog
 from scp.types import IngressConfig
 from tests.scp.tools import AE_TITLE
 from tests.support.ports import free_port
@@ -20,6 +21,7 @@ class RunningIngress:
     config: IngressConfig
     index: InstanceIndex
     server: IngressServer
+    refusals: RefusalLog
 
     @property
     def port(self) -> int:
@@ -47,12 +49,14 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., RunningIngress]]:
         values.update(overrides)
         config = IngressConfig(**values)  # type: ignore[arg-type]
         index = InstanceIndex(config.db_path)
+        refusals = RefusalLog(config.db_path)
         try:
-            server = start_ingress(config, index, observer)  # type: ignore[arg-type]
+            server = start_ingress(config, index, observer, refusals)  # type: ignore[arg-type]
         except BaseException:
             index.close()
+            refusals.close()
             raise
-        item = RunningIngress(config, index, server)
+        item = RunningIngress(config, index, server, refusals)
         running.append(item)
         return item
 
@@ -62,3 +66,4 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., RunningIngress]]:
         for item in running:
             item.server.stop()
             item.index.close()
+            item.refusals.close()

@@ -146,7 +146,7 @@ def test_wal_mode_and_other_tables_are_left_alone(tmp_path: Path) -> None:
     try:
         assert check.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {r[0] for r in check.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert tables == {"jobs", "instances", "studies"}
+        assert tables == {"jobs", "instances", "studies", "instance_conflicts", "sqlite_sequence"}
         assert check.execute("SELECT study FROM jobs").fetchall() == [("x",)]
     finally:
         check.close()

@@ -51,7 +51,11 @@ class NodeProcess:
         extra_config: str = "",
         load_model: bool = False,
         port: int | None = None,
+        module: str = "thighnode",
+        extra_env: dict[str, str] | None = None,
     ) -> None:
+        """``module`` is run with ``python -m`` (tests.support.crashing_node for a node that crashes);
+        ``extra_env`` is added to its environment."""
         self.tmp_path = tmp_path
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -64,6 +68,8 @@ class NodeProcess:
             extra=extra_config,
         )
         self.load_model = load_model
+        self.module = module
+        self.extra_env = dict(extra_env or {})
         self.log_path = tmp_path / "node.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -72,10 +78,11 @@ class NodeProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("THIGHNODE_")}
         env["THIGHNODE_HOME"] = str(self.tmp_path)
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.extra_env)
         return env
 
     def start(self, timeout_s: float = 120.0) -> "NodeProcess":
-        cmd = [sys.executable, "-m", "thighnode", "serve", "--config", str(self.config)]
+        cmd = [sys.executable, "-m", self.module, "serve", "--config", str(self.config)]
         if not self.load_model:
             cmd.append("--no-model")
         log = open(self.log_path, "ab")
@@ -115,12 +122,16 @@ class NodeProcess:
         return rc
 
     def status(self) -> dict[str, Any]:
-        out = subprocess.run(
-            [sys.executable, "-m", "thighnode", "status", "--json", "--config", str(self.config)],
-            cwd=REPO_ROOT, env=self.env(), capture_output=True, text=True, timeout=60,
-        )
+        out = self.cli("status", "--json")
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`thighnode ARGS --config <this node's config>` as a separate process (as an operator runs it)."""
+        return subprocess.run(
+            [sys.executable, "-m", "thighnode", *args, "--config", str(self.config)],
+            cwd=REPO_ROOT, env=self.env(), capture_output=True, text=True, timeout=60,
+        )
 
     def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = 120.0, what: str = "") -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s

@@ -336,3 +336,55 @@ def test_evaluate_implants_passes_its_options_writes_json_and_exits_0(monkeypatc
     assert seen["threshold_pct"] == 25.0 and seen["slices_threshold_pct"] == 35.0 and seen["bundle"] == Path("bundles/thighnode_demo") and seen["seed"] == 18
     assert main(["evaluate-implants", "--threshold", "7.5", "--slices-threshold", "60"]) == 0
     assert seen["threshold_pct"] == 7.5 and seen["slices_threshold_pct"] == 60.0
+
+
+def test_resend_queues_failed_items_again_once_and_checks_its_arguments(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from dicomout.outbox import Outbox
+
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n\n[[destinations]]\nname = "pacs"\nae_title = "PACS"\n'
+                   'host = "127.0.0.1"\nport = 4242\n', encoding="utf-8")
+    outbox = Outbox(tmp_path / "var" / "thighnode.db")
+    ids = [outbox.enqueue(tmp_path / f"{i}.dcm", "pacs", job_id=3, study_uid="1.2.3", sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
+                          sop_instance_uid=f"1.2.3.{i}") for i in range(2)]
+    for item in outbox.due():
+        outbox.mark_retry(item, "association rejected (gave up)", None, permanent=True)
+    assert main(["resend", "--destination", "pacs", "--failed", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert f"item {ids[0]} -> pacs: SOP Instance UID 1.2.3.0 (job 3)" in out and "2 item(s) queued again" in out
+    assert [i.state for i in outbox.items()] == ["pending", "pending"]
+    assert main(["resend", "--job", "3", "--config", str(cfg)]) == 0  # already pending: nothing
+    assert "nothing to send again" in capsys.readouterr().out
+    assert main(["resend", "--destination", "nowhere", "--failed", "--config", str(cfg)]) == 2
+    assert "destination 'nowhere' is not configured; configured: pacs" in capsys.readouterr().err
+    assert main(["resend", "--item", "99", "--config", str(cfg)]) == 2
+    assert "there is no outbox item 99" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["resend", "--item", "1", "--job", "3", "--config", str(cfg)])
+
+
+def test_status_shows_refusals_at_receipt_and_conflicts(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from scp.index import InstanceConflict, InstanceIndex
+    from scp.refusals import Refusal, RefusalLog
+
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n', encoding="utf-8")
+    db = tmp_path / "var" / "thighnode.db"
+    log = RefusalLog(db)
+    log.record(Refusal(1.7e9, "c-store", "CT1", "10.0.0.5", 0xC003, "Pixel Data (7FE0,0010) is 256 bytes; ...", "1.2.9"))
+    log.record(Refusal(1.7e9 + 1, "association", "INTRUDER", "10.0.0.9", None, "association rejected: calling AE "
+                       "not recognised"))
+    log.close()
+    index = InstanceIndex(db)
+    index.record_conflict(InstanceConflict(1.7e9, "1.2.8", "1.2", "CT2", "10.0.0.6", "a" * 64, "b" * 64, "first copy kept"))
+    index.close()
+    assert main(["status", "--config", str(cfg)]) == 0
+    text = capsys.readouterr().out
+    assert "refused at receipt: {'0xC003': 1, 'association': 1}" in text
+    assert "C-STORE 0xC003 1.2.9  from CT1 at 10.0.0.5" in text and "Pixel Data (7FE0,0010) is 256 bytes" in text
+    assert "association  from INTRUDER at 10.0.0.9" in text
+    assert "1.2.8  study 1.2  from CT2 at 10.0.0.6" in text
+    assert main(["status", "--json", "--refusals", "1", "--config", str(cfg)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["calling_ae"] for r in report["refusals"]["recent"]] == ["INTRUDER"]
+    assert report["conflicts"][0]["sop_instance_uid"] == "1.2.8"

@@ -112,3 +112,42 @@ def test_impossible_transitions_are_refused_with_a_clear_message(store: JobStore
     store.retry(claimed.id)
     assert store.get(claimed.id).state == READY
     assert store.counts() == {READY: 1}
+
+
+def test_after_a_restart_the_quiet_period_counts_only_time_the_node_ran(store: JobStore) -> None:
+    """Issue 25: a partial study was declined 0.2 s after a restart because the downtime counted."""
+    store.sync([StudyProgress(S1, 100.0)], now=101.0, quiet_period_s=30)
+    # the node was down from 105 to 1000; the sender had not finished the study
+    assert store.sync([StudyProgress(S1, 100.0)], now=1000.2, quiet_period_s=30, started_at=1000.0) == []
+    assert store.sync([StudyProgress(S1, 100.0)], now=1029.9, quiet_period_s=30, started_at=1000.0) == []
+    [job_id] = store.sync([StudyProgress(S1, 100.0)], now=1030.0, quiet_period_s=30, started_at=1000.0)
+    assert store.get(job_id).reason == "no instance for 30 s since the node started"
+    # a study that arrives while the node runs is quiet after the period as before
+    S2 = "1.2.3.5"
+    store.sync([StudyProgress(S2, 1100.0)], now=1100.0, quiet_period_s=30, started_at=1000.0)
+    assert store.sync([StudyProgress(S2, 1100.0)], now=1130.0, quiet_period_s=30, started_at=1000.0) != []
+
+
+def test_a_job_that_keeps_killing_the_node_is_failed_after_max_attempts(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    store = JobStore(db)
+    store.sync([StudyProgress(S1, 100.0)], now=100.0, quiet_period_s=0)
+    store.sync([StudyProgress(S1, 100.0)], now=101.0, quiet_period_s=0)
+    job = store.claim_next(now=102.0)
+    assert job is not None and job.attempts == 1
+    store.close()  # the process died while the job ran: claim_next had committed attempts = 1
+    for restart in range(2, 4):
+        store = JobStore(db)
+        assert store.recover(now=100.0 + restart, max_attempts=3) == [job.id]
+        claimed = store.claim_next(now=100.5 + restart)
+        assert claimed is not None and claimed.attempts == restart
+        store.close()
+    store = JobStore(db)
+    assert store.recover(now=200.0, max_attempts=3) == []
+    failed = store.get(job.id)
+    assert failed.state == FAILED
+    assert failed.reason.startswith("crashed the node 3 times") and "max_job_attempts 3" in failed.reason
+    assert store.claim_next(now=201.0) is None
+    store.retry(job.id, now=202.0)  # the operator may try once more
+    assert store.claim_next(now=203.0).attempts == 4  # type: ignore[union-attr]
+    store.close()

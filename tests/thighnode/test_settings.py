@@ -166,3 +166,21 @@ def test_audit_and_metrics_values_are_validated(env: dict[str, str], fragment: s
     with pytest.raises(ConfigError) as err:
         load_settings(environ=env)
     assert fragment in str(err.value)
+def test_integrity_and_operations_settings_defaults_and_checks(tmp_path: Path) -> None:
+    s = load_settings(environ={"THIGHNODE_HOME": str(tmp_path)})
+    assert s.outbox.max_attempts == 0  # retried by age, not by count (issue 25)
+    assert s.processing.max_job_attempts == 3
+    assert (s.security.max_element_bytes, s.security.max_instance_bytes) == (16 * 1024 * 1024, 2 * 1024**3)
+    from thighnode.node import ingress_config_of, retry_policy_of
+
+    assert ingress_config_of(s).integrity_limits.max_element_bytes == 16 * 1024 * 1024
+    assert retry_policy_of(s).max_attempts == 0
+    for env, fragment in (
+        ({"THIGHNODE_OUTBOX__MAX_ATTEMPTS": "-1"}, "outbox.max_attempts = -1: allowed >= 0"),
+        ({"THIGHNODE_PROCESSING__MAX_JOB_ATTEMPTS": "0"}, "processing.max_job_attempts = 0: allowed 1..100"),
+        ({"THIGHNODE_SECURITY__MAX_ELEMENT_BYTES": "-5"}, "security.max_element_bytes = -5: allowed >= 0"),
+        ({"THIGHNODE_SECURITY__MAX_INSTANCE_BYTES": '"big"'}, "security.max_instance_bytes = 'big': must be an integer"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_settings(environ={"THIGHNODE_HOME": str(tmp_path), **env})
+        assert fragment in str(info.value)

@@ -308,3 +308,26 @@ def test_every_output_and_the_job_record_name_the_model_weights_sha256(tmp_path:
     assert set(_text_items(pydicom.dcmread(paths["sr"]), "111002")) == {f"weights_sha256={sha}"}
     text = _pdf_text(pydicom.dcmread(paths["pdf"]).EncapsulatedDocument.rstrip(b"\0"), tmp_path)
     assert text.count("truth 0.0.1 sha256 5fd24b9656d4") == text.count("Page ") >= 3
+
+
+def test_an_mr_only_study_is_declined_naming_what_it_holds(tmp_path: Path) -> None:
+    """Issue 25: an MR-only study was declined as "the study holds no series"."""
+    settings = load_settings(environ={"THIGHNODE_HOME": str(tmp_path)})
+    index = InstanceIndex(settings.db_path)
+    study = "1.2.826.0.1.3680043.8.498.77009"
+    for i, modality in enumerate(["MR"] * 3 + ["SR"]):
+        index.record(ReceivedInstance(
+            sop_instance_uid=f"{study}.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.4", study_instance_uid=study,
+            series_instance_uid=f"{study}.100", modality=modality, transfer_syntax_uid="1.2.840.10008.1.2.1",
+            path=tmp_path / f"{i}.dcm", size_bytes=1, calling_ae="MR1", peer_address="127.0.0.1", received_at=1.0,
+        ))
+    jobs = JobStore(settings.db_path)
+    jobs.sync([StudyProgress(study, 0.0)], now=100.0, quiet_period_s=1)
+    job = jobs.claim_next()
+    assert job is not None
+    outcome = Workflow(settings, index, lambda: None).run(job)
+    assert outcome.state == DECLINED
+    assert outcome.reason == (
+        "the study holds no CT instance (Modality CT): its 4 received instance(s) are 3 MR, 1 SR; "
+        "only CT series are processed"
+    )
