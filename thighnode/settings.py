@@ -167,6 +167,13 @@ def _output_list(key: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _broker_url(key: str, value: Any) -> str:
+    """An AMQP URL (amqp:// or amqps://) of the RabbitMQ broker."""
+    if not isinstance(value, str) or not value.startswith(("amqp://", "amqps://")):
+        raise ConfigError(f"{key} = {value!r}: allowed an AMQP URL, amqp://user:password@host:5672/vhost or amqps://...")
+    return value
+
+
 def _path(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{key} = {value!r}: must be a path (string)")
@@ -200,6 +207,12 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "job_timeout_s": _float_range(0.0, lo_open=True),
         "accept_regions": _region_list,
         "min_region_mm": _float_range(0.0, 1000.0, lo_open=True),
+    },
+    "compute": {
+        "backend": _choice("local", "celery"),
+        "broker_url": _broker_url,
+        "queue": _string,
+        "debug_task_delay_s": _float_range(0.0, 3600.0),
     },
     "model": {
         "bundle": _path,
@@ -297,6 +310,14 @@ class ProcessingSettings:
 
 
 @dataclass(frozen=True)
+class ComputeSettings:
+    backend: str  # "local": in-process worker threads; "celery": tasks on a RabbitMQ broker (thighnode.compute)
+    broker_url: str
+    queue: str
+    debug_task_delay_s: float  # tests only: a Celery task sleeps this long before its job
+
+
+@dataclass(frozen=True)
 class ModelSettings:
     bundle: Path
     device: str
@@ -381,6 +402,7 @@ class Settings:
     prior: PriorSettings
     sarcopenia: SarcopeniaSettings
     security: SecuritySettings
+    compute: ComputeSettings
     destinations: tuple[DestinationSettings, ...] = ()
     sources: tuple[str, ...] = field(default=(), compare=False)
 
@@ -557,6 +579,7 @@ def load_settings(
         prior=PriorSettings(**values["prior"]),
         sarcopenia=SarcopeniaSettings(**values["sarcopenia"]),
         security=SecuritySettings(**values["security"]),
+        compute=ComputeSettings(**values["compute"]),
         destinations=tuple(destinations),
         sources=tuple(sources),
     )
