@@ -142,7 +142,9 @@ class JobRunner:
 
     def close(self, **_signal: Any) -> None:
         for store in self._stores:
-            store.close()
+            close = getattr(store, "close", None)
+            if close is not None:
+                close()
         self._stores = []
 
     def run(self, job_id: int, study_uid: str, data_dir: str, *, worker: str = "", redelivered: bool = False) -> dict[str, Any]:
