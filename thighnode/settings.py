@@ -578,8 +578,7 @@ def load_settings(
         outbox=OutboxSettings(**values["outbox"]),
         prior=PriorSettings(**values["prior"]),
         sarcopenia=SarcopeniaSettings(**values["sarcopenia"]),
-        security=SecuritySettings(**values["security"]),
-        compute=ComputeSettings(**values["compute"]),
+        security=SecuritySettings(**values["security"]), compute=ComputeSettings(**values["compute"]),
         destinations=tuple(destinations),
         sources=tuple(sources),
     )

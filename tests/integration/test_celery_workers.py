@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -86,11 +87,52 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return files
 
 
-def test_six_studies_on_two_workers_one_killed_mid_task_each_output_reaches_the_pacs_once(
-    tmp_path: Path, studies: list[Path]
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQServer]:
+    with RabbitMQServer(tmp_path_factory.mktemp("mq")) as mq:
+        yield mq
+
+
+def _push(port: int, files: list[Path]) -> None:
+    done = subprocess.run([require_tool("storescu"), "-aet", "CTSCANNER", "-aec", "THIGHNODE", "127.0.0.1", str(port),
+                           *map(str, files)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_thighnode_worker_command_takes_the_node_s_job(
+    tmp_path: Path, studies: list[Path], broker: RabbitMQServer
 ) -> None:
-    storescu = require_tool("storescu")
-    with RabbitMQServer(tmp_path / "mq") as mq, OrthancServer(tmp_path / "pacs", aet="PACS") as pacs:
+    """`thighnode worker --no-model` (the real command line): the job ends after select and load."""
+    extra = f'[compute]\nbackend = "celery"\nbroker_url = "{broker.url}"\nqueue = "thighnode.cli"\n'
+    with NodeProcess(tmp_path / "node", quiet_period_s=1.0, extra_config=extra) as node:
+        log_path = tmp_path / "worker.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "thighnode", "worker", "--config", str(node.config), "--no-model",
+                 "--name", "cli@test"], cwd=REPO_ROOT, env=node.env(), stdout=log, stderr=subprocess.STDOUT,
+            )
+        try:
+            _push(node.port, [p for p in studies if p.parent.name == "0"])
+            status = node.wait_for(
+                lambda s: bool(s["jobs"]) and s["jobs"][0]["state"] in ("done", "declined", "failed"),
+                timeout_s=300, what="the job done by the worker",
+            )
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    worker_log = log_path.read_text(errors="replace")
+    job = status["jobs"][0]
+    assert (job["study_uid"], job["state"]) == (study_uid(0), "done"), job
+    assert "segmentation is off" in job["reason"]
+    assert f"job {job['job']}: task started on cli@test (first delivery" in worker_log, worker_log[-3000:]
+    assert "model off" in worker_log
+
+
+def test_six_studies_on_two_workers_one_killed_mid_task_each_output_reaches_the_pacs_once(
+    tmp_path: Path, studies: list[Path], broker: RabbitMQServer
+) -> None:
+    mq = broker
+    with OrthancServer(tmp_path / "pacs", aet="PACS") as pacs:
         extra = (
             f'[compute]\nbackend = "celery"\nbroker_url = "{mq.url}"\nqueue = "thighnode.test"\n'
             f"debug_task_delay_s = {DELAY_S}\n\n"
@@ -104,9 +146,7 @@ def test_six_studies_on_two_workers_one_killed_mid_task_each_output_reaches_the_
 
         try:
             _wait(lambda: all("ready in" in w.log() for w in workers), 300, "both workers ready", logs)
-            done = subprocess.run([storescu, "-aet", "CTSCANNER", "-aec", "THIGHNODE", "127.0.0.1", str(node.port),
-                                   *map(str, studies)], capture_output=True, text=True, timeout=600)
-            assert done.returncode == 0, done.stderr
+            _push(node.port, studies)
 
             started = re.compile(r"job (\d+): task started on (\S+) \(first delivery")
             _wait(lambda: any(started.search(w.log()) for w in workers), 300, "a first task to start", logs)
