@@ -104,7 +104,7 @@ def test_the_thighnode_worker_command_takes_the_node_s_job(
 ) -> None:
     """`thighnode worker --no-model` (the real command line): the job ends after select and load."""
     extra = f'[compute]\nbackend = "celery"\nbroker_url = "{broker.url}"\nqueue = "thighnode.cli"\n'
-    with NodeProcess(tmp_path / "node", quiet_period_s=1.0, extra_config=extra) as node:
+    with NodeProcess(tmp_path / "node", quiet_period_s=3.0, extra_config=extra) as node:
         log_path = tmp_path / "worker.log"
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
@@ -138,7 +138,8 @@ def test_six_studies_on_two_workers_one_killed_mid_task_each_output_reaches_the_
             f"debug_task_delay_s = {DELAY_S}\n\n"
             f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\n'
         )
-        node = NodeProcess(tmp_path / "node", quiet_period_s=1.0, extra_config=extra).start()
+        # a quiet period long enough that no study is split into two jobs on a loaded machine
+        node = NodeProcess(tmp_path / "node", quiet_period_s=3.0, extra_config=extra).start()
         workers = [Worker(node, "w0@test"), Worker(node, "w1@test")]
 
         def logs() -> str:
