@@ -4,7 +4,7 @@ Every command takes ``--config FILE`` (the node configuration, read over the
 defaults in config/node.toml). Logging is set up here and only here; logs carry
 identifiers (UIDs, job ids), never patient names, IDs or birth dates.
 
-The node's commands (serve, echo, status, retry, resend, patient) are here; the offline ones (phantom, train,
+The node's commands (serve, worker, echo, status, retry, resend, patient) are here; the offline ones (phantom, train,
 evaluate, calibrate, sidecheck, realcheck: :mod:`modelkit`; cohort: :mod:`research`) are in
 :mod:`thighnode.cli_offline`.
 """
@@ -66,6 +66,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         node.wait()
     finally:
         node.stop()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """A Celery worker ([compute] backend = "celery"): one process, one task at a time (thighnode.compute)."""
+    try:
+        from thighnode.compute import run_worker
+    except ImportError as exc:
+        print(f"error: thighnode worker needs Celery ({exc}); pip install 'thighnode[celery]'", file=sys.stderr)
+        return 2
+    from thighnode.node import build_segmenter
+
+    settings = _settings(args)
+    _setup_logging(settings.node.log_level)
+    logging.getLogger("celery").setLevel(logging.WARNING)
+    if settings.compute.backend != "celery":
+        log.warning("[compute] backend is %r: the node does not send jobs to workers", settings.compute.backend)
+    run_worker(settings, (lambda _s: None) if args.no_model else build_segmenter, name=args.name,
+               log_level=settings.node.log_level)
     return 0
 
 
@@ -422,6 +441,11 @@ def _add_node_commands(add: Callable[[str, str], argparse.ArgumentParser]) -> No
     p = add("serve", "run the node: DICOM ingress, processing, outbox")
     p.add_argument("--no-model", action="store_true", help="receive and assemble only; do not load the model")
     p.set_defaults(func=cmd_serve)
+
+    p = add("worker", "run one Celery worker: takes the node's jobs from RabbitMQ ([compute] backend = \"celery\")")
+    p.add_argument("--no-model", action="store_true", help="do not load the model (jobs end after loading)")
+    p.add_argument("--name", default="", help="the worker's Celery hostname (default thighnode-<pid>@<host>)")
+    p.set_defaults(func=cmd_worker)
 
     p = add("echo", "C-ECHO a configured destination")
     p.add_argument("destination", help="the destination's name in the configuration")

@@ -8,6 +8,7 @@ time and reason)::
     running  --> done | declined | failed
     running  --(node restarted while it ran)--> ready, or failed once it was started
                max_job_attempts times ("crashed the node N times")
+    running  --(the broker refused the task: celery backend)--> ready
 
 A study that receives instances after its job left ``received``/``ready`` gets a
 new job (the old one keeps its record); when what arrived is a Segmentation (a reader's
@@ -291,6 +292,12 @@ class JobStore(SqliteStore):
                     "result_json": json.dumps(result or {}),
                 },
             )
+
+    def release(self, job_id: int, reason: str, now: float | None = None) -> None:
+        """running -> ready: a claimed job could not be handed to a worker (the broker was unreachable)."""
+        now = time.time() if now is None else now
+        with self._tx():
+            self._set_state(job_id, READY, reason, now, expected=RUNNING)
 
     def recover(self, now: float | None = None, *, max_attempts: int | None = None) -> list[int]:
         """At start-up: every job left running by a crash goes back to ready; returns their ids.

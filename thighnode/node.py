@@ -15,7 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -31,14 +31,16 @@ from thighnode.audit import AuditTrail
 from thighnode.audit_hooks import IngressEvents, ReceivedAuditor, audit_sent, build_audit_trail
 from thighnode.backfill import BackfillStore
 from thighnode.corrections import CorrectionStore
-from thighnode.jobs import DONE, FINAL_STATES, STATES, Job, JobStore, StudyProgress
+from thighnode.jobs import FINAL_STATES, RUNNING, STATES, Job, JobStore, StudyProgress
 from thighnode.metrics import InstanceCounter, MetricsServer, MetricsSnapshot, OutboxBacklog, StageDurations
 from thighnode.models import PROMOTED, active_model, record_loaded
-from thighnode.priors import ARRIVED, REQUESTED, PriorFinder, PriorRequests
-from thighnode.priors import FAILED as PRIOR_FAILED
+from thighnode.priors import PriorFinder, PriorRequests, follow_up_prior
 from thighnode.results import ResultsStore
 from thighnode.settings import Settings
 from thighnode.workflow import SegmenterLike, Workflow
+
+if TYPE_CHECKING:
+    from thighnode.compute import CeleryDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,36 @@ def retry_policy_of(settings: Settings) -> RetryPolicy:
     )
 
 
+def build_segmenter(settings: Settings) -> SegmenterLike:
+    """The active model (thighnode.models: the promoted one, else ``[model] bundle``), loaded once; what was
+    loaded is recorded in ``<data_dir>/models/loaded.json`` for `thighnode status`. Used by the node (local
+    backend) and by each `thighnode worker` process (celery backend)."""
+    from pipeline.bundle import load_bundle
+    from pipeline.inference import Segmenter
+    from pipeline.labels import load_label_table
+
+    m = settings.model
+    t = time.perf_counter()
+    try:
+        active = active_model(settings)
+        bundle = load_bundle(active.path, load_label_table(), device=m.device)
+    except NodeError as exc:
+        raise NodeStartError(f"model bundle cannot be used: {exc.message}") from exc
+    if active.source == PROMOTED and bundle.weights_sha256 != active.sha256:
+        raise NodeStartError(
+            f"promoted model {active.path}: models/model.pt has sha256 {bundle.weights_sha256[:12]}, the registry "
+            f"promoted {active.sha256[:12]}; the copy was changed: promote the bundle again or roll back"
+        )
+    segmenter = Segmenter(bundle, device=m.device, sw_batch_size=m.sw_batch_size, overlap=m.overlap,
+                          mirror=m.mirror_override, uncertainty=m.uncertainty,
+                          uncertainty_samples=m.uncertainty_samples)
+    loaded = replace(active, name=bundle.name, version=bundle.version, sha256=bundle.weights_sha256)
+    record_loaded(settings.node.data_dir, loaded)
+    log.info("model %s %s (weights sha256 %s, %s) loaded in %.2f s (%s)", bundle.name, bundle.version,
+             bundle.weights_sha256[:12], active.source, time.perf_counter() - t, segmenter.describe())
+    return segmenter
+
+
 class Node:
     """Ingress + scheduler + workers over one data directory."""
 
@@ -123,6 +155,7 @@ class Node:
         self._received_auditor: ReceivedAuditor | None = None
         self._instances = InstanceCounter()
         self._metrics: MetricsServer | None = None
+        self._dispatcher: CeleryDispatcher | None = None
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -144,10 +177,17 @@ class Node:
         self.jobs = JobStore(s.db_path)
         self.outbox = Outbox(s.db_path, retry_policy_of(s))
         self._started_at = time.time()
-        recovered = self.jobs.recover(max_attempts=s.processing.max_job_attempts)
-        if recovered:
-            log.info("resumed %d job(s) left running by the previous process: %s", len(recovered), recovered)
-        if self._load_model:
+        celery = s.compute.backend == "celery"
+        if celery:
+            # Jobs left running are in the broker's queue (persistent, unacknowledged): a worker finishes them.
+            running = [j.id for j in self.jobs.jobs(state=RUNNING)]
+            if running:
+                log.info("%d job(s) running on Celery workers: %s", len(running), running)
+        else:
+            recovered = self.jobs.recover(max_attempts=s.processing.max_job_attempts)
+            if recovered:
+                log.info("resumed %d job(s) left running by the previous process: %s", len(recovered), recovered)
+        if self._load_model and not celery:  # with Celery, each worker process loads the model
             self._segmenter = self._build_segmenter()
         self.results = ResultsStore(s.db_path)
         self.corrections = CorrectionStore(s.db_path)
@@ -158,7 +198,12 @@ class Node:
             s, self.index, lambda: self._segmenter, results=self.results, outbox=self.outbox, priors=self.priors,
             corrections=self.corrections, backfill=self.backfill,
         )
-        self._executor = ThreadPoolExecutor(max_workers=s.processing.workers, thread_name_prefix="job")
+        if celery:
+            from thighnode.compute import CeleryDispatcher
+
+            self._dispatcher = CeleryDispatcher(s)
+        else:
+            self._executor = ThreadPoolExecutor(max_workers=s.processing.workers, thread_name_prefix="job")
         self.refusals = RefusalLog(s.db_path)
         if self.audit is not None:
             self._received_auditor = ReceivedAuditor(self.audit, self.index, self.jobs)
@@ -201,6 +246,9 @@ class Node:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        if self._dispatcher is not None:
+            self._dispatcher.close()
+            self._dispatcher = None
         for store in (self.index, self.jobs, self.outbox, self.results, self.prior_requests, self.corrections,
                       self.backfill, self.refusals):
             close = getattr(store, "close", None)
@@ -237,43 +285,22 @@ class Node:
             self._lock_file = None
 
     def _build_segmenter(self) -> SegmenterLike:
-        """The active model (thighnode.models: the promoted one, else ``[model] bundle``), loaded once; what was
-        loaded is recorded in ``<data_dir>/models/loaded.json`` for `thighnode status`."""
-        from pipeline.bundle import load_bundle
-        from pipeline.inference import Segmenter
-        from pipeline.labels import load_label_table
-
-        m = self.settings.model
-        t = time.perf_counter()
-        try:
-            active = active_model(self.settings)
-            bundle = load_bundle(active.path, load_label_table(), device=m.device)
-        except NodeError as exc:
-            raise NodeStartError(f"model bundle cannot be used: {exc.message}") from exc
-        if active.source == PROMOTED and bundle.weights_sha256 != active.sha256:
-            raise NodeStartError(
-                f"promoted model {active.path}: models/model.pt has sha256 {bundle.weights_sha256[:12]}, the registry "
-                f"promoted {active.sha256[:12]}; the copy was changed: promote the bundle again or roll back"
-            )
-        segmenter = Segmenter(bundle, device=m.device, sw_batch_size=m.sw_batch_size, overlap=m.overlap,
-                              mirror=m.mirror_override, uncertainty=m.uncertainty,
-                              uncertainty_samples=m.uncertainty_samples)
-        loaded = replace(active, name=bundle.name, version=bundle.version, sha256=bundle.weights_sha256)
-        record_loaded(self.settings.node.data_dir, loaded)
-        log.info("model %s %s (weights sha256 %s, %s) loaded in %.2f s (%s)", bundle.name, bundle.version,
-                 bundle.weights_sha256[:12], active.source, time.perf_counter() - t, segmenter.describe())
-        return segmenter
+        return build_segmenter(self.settings)
 
     # -- scheduled work -----------------------------------------------------------------
 
     def tick(self) -> None:
         """Assembly: create/reopen jobs, promote quiet studies, hand ready jobs to free workers."""
-        assert self.index is not None and self.jobs is not None and self._executor is not None
+        assert self.index is not None and self.jobs is not None
         try:
             progress = [StudyProgress(a.study_instance_uid, a.last_received_at) for a in self.index.activity()]
             ready = self.jobs.sync(progress, time.time(), self.settings.node.quiet_period_s, started_at=self._started_at)
             if ready and self._received_auditor is not None:
                 self._received_auditor.jobs_ready(ready)
+            if self._dispatcher is not None:
+                self._dispatch(self._dispatcher)
+                return
+            assert self._executor is not None
             while not self._stopping.is_set():
                 with self._busy_lock:
                     if self._busy >= self.settings.processing.workers:
@@ -285,6 +312,20 @@ class Node:
                 self._executor.submit(self._run_job, job)
         except Exception:  # noqa: BLE001 - a scheduler job must not die
             log.exception("assembly tick failed")
+
+    def _dispatch(self, dispatcher: CeleryDispatcher) -> None:
+        """Celery backend: every ready job goes to the broker's queue; the workers take them one at a time."""
+        assert self.jobs is not None
+        while not self._stopping.is_set():
+            job = self.jobs.claim_next()
+            if job is None:
+                return
+            try:
+                dispatcher.send(job)
+            except Exception as exc:  # noqa: BLE001 - the broker is away: the job waits for the next tick
+                self.jobs.release(job.id, f"not sent to the broker ({type(exc).__name__}: {exc}); retried")
+                log.warning("job %d: the broker is unreachable: %s", job.id, exc)
+                return
 
     def _run_job(self, job: Job) -> None:
         assert self._workflow is not None and self.jobs is not None
@@ -304,19 +345,8 @@ class Node:
     def _after_job(self, job: Job, state: str, reason: str) -> None:
         """When the finished study was another study's requested prior, reprocess that study."""
         assert self.prior_requests is not None and self.jobs is not None
-        for request in self.prior_requests.for_prior(job.study_uid):
-            if request.state != REQUESTED:
-                continue
-            if state != DONE:
-                self.prior_requests.mark(job.study_uid, PRIOR_FAILED, f"the prior study was {state}: {reason}")
-                continue
-            if self.settings.prior.update_when_prior_arrives:
-                self.jobs.requeue(
-                    request.for_study_uid,
-                    f"prior study {job.study_uid} arrived and was processed: reprocessing with the comparison",
-                )
-            else:
-                self.prior_requests.mark(job.study_uid, ARRIVED)
+        follow_up_prior(self.prior_requests, self.jobs, job.study_uid, state, reason,
+                        update_when_prior_arrives=self.settings.prior.update_when_prior_arrives)
 
     def retry_priors(self) -> int:
         assert self.priors is not None

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pipeline.compare import compare_studies
 from pipeline.types import AnatomicalProfiles, Comparison, Measurements, PatientInfo, PriorSearch
 from scp.db import SqliteStore
+from thighnode.jobs import DONE, JobStore
 from thighnode.results import ResultsStore
 from thighnode.settings import Settings
 
@@ -316,3 +317,23 @@ class PriorFinder:
             log.info("prior %s: retrieval retry %d %s", r.prior_study_uid, attempts, "failed" if error else "done")
             retried += 1
         return retried
+
+
+def follow_up_prior(
+    requests: PriorRequests, jobs: JobStore, study_uid: str, state: str, reason: str, *, update_when_prior_arrives: bool
+) -> None:
+    """After a job of ``study_uid`` ended: when that study was another study's requested prior, reprocess that
+    study (or record the prior as arrived, or as failed when its job did not end done)."""
+    for request in requests.for_prior(study_uid):
+        if request.state != REQUESTED:
+            continue
+        if state != DONE:
+            requests.mark(study_uid, FAILED, f"the prior study was {state}: {reason}")
+            continue
+        if update_when_prior_arrives:
+            jobs.requeue(
+                request.for_study_uid,
+                f"prior study {study_uid} arrived and was processed: reprocessing with the comparison",
+            )
+        else:
+            requests.mark(study_uid, ARRIVED)

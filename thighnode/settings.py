@@ -167,6 +167,13 @@ def _output_list(key: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _broker_url(key: str, value: Any) -> str:
+    """An AMQP URL (amqp:// or amqps://) of the RabbitMQ broker."""
+    if not isinstance(value, str) or not value.startswith(("amqp://", "amqps://")):
+        raise ConfigError(f"{key} = {value!r}: allowed an AMQP URL, amqp://user:password@host:5672/vhost or amqps://...")
+    return value
+
+
 def _path(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{key} = {value!r}: must be a path (string)")
@@ -201,6 +208,12 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "accept_regions": _region_list,
         "min_region_mm": _float_range(0.0, 1000.0, lo_open=True),
         "max_job_attempts": _int_range(1, 100),
+    },
+    "compute": {
+        "backend": _choice("local", "celery"),
+        "broker_url": _broker_url,
+        "queue": _string,
+        "debug_task_delay_s": _float_range(0.0, 3600.0),
     },
     "model": {
         "bundle": _path,
@@ -315,6 +328,14 @@ class ProcessingSettings:
 
 
 @dataclass(frozen=True)
+class ComputeSettings:
+    backend: str  # "local": in-process worker threads; "celery": tasks on a RabbitMQ broker (thighnode.compute)
+    broker_url: str
+    queue: str
+    debug_task_delay_s: float  # tests only: a Celery task sleeps this long before its job
+
+
+@dataclass(frozen=True)
 class ModelSettings:
     bundle: Path
     device: str
@@ -423,6 +444,7 @@ class Settings:
     prior: PriorSettings
     sarcopenia: SarcopeniaSettings
     security: SecuritySettings
+    compute: ComputeSettings
     destinations: tuple[DestinationSettings, ...] = ()
     sources: tuple[str, ...] = field(default=(), compare=False)
     audit: AuditSettings = field(default_factory=AuditSettings)
@@ -612,7 +634,7 @@ def load_settings(
         outbox=OutboxSettings(**values["outbox"]),
         prior=PriorSettings(**values["prior"]),
         sarcopenia=SarcopeniaSettings(**values["sarcopenia"]),
-        security=SecuritySettings(**values["security"]),
+        security=SecuritySettings(**values["security"]), compute=ComputeSettings(**values["compute"]),
         destinations=tuple(destinations),
         sources=tuple(sources), **_monitoring_sections(values, node["data_dir"]),
     )

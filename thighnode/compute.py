@@ -1,0 +1,210 @@
+"""Scale-out with Celery (``[compute] backend = "celery"``): the node stays the one scheduler, ``thighnode
+worker`` processes do the heavy work of each job.
+
+Who does what:
+
+- The node (``thighnode serve``, one process per data directory) receives, assembles, claims each ready job in
+  its job store (ready -> running), and publishes one task per job to ``[compute] queue`` on the RabbitMQ broker
+  at ``[compute] broker_url``. The task carries only the job id, the StudyInstanceUID and the data directory.
+  The node still sends the outbox and runs retention: it is the only process that C-STOREs to the PACS.
+- A worker (``thighnode worker``: prefork pool, concurrency 1) loads the model once per worker process
+  (``worker_process_init``), takes one task at a time (prefetch 1), runs the same :class:`~thighnode.workflow.Workflow`
+  as the local backend (select, load, check, segment, measure, compare, build outputs under
+  ``<data_dir>/outputs``, queue them in the outbox), records the outcome in the job store (running -> done /
+  declined / failed) and only then acknowledges the message (late acknowledgement).
+- A worker that dies in a task (SIGKILL, power loss) never acknowledged it: RabbitMQ redelivers the message to
+  another worker (``task_reject_on_worker_lost`` does the same when only the pool process dies), which runs the
+  job again. The outputs' UIDs are deterministic (:mod:`dicomout.uids`) and the outbox holds one item per
+  (destination, SOPInstanceUID), so a redelivered job replaces files and outbox items instead of adding any: the
+  PACS gets each object once. A delivery for a job that is no longer running (an earlier delivery finished it
+  and died before its acknowledgement) does nothing.
+
+The node learns that a job ended from the job store, not from a result backend (results are ignored): the
+workflow writes the instance index, results, corrections and outbox tables of the same SQLite file anyway, so
+the worker needs the database, and a result message would add a second channel that can disagree with it. The
+cost: the node's SQLite file (WAL journal, :mod:`scp.db`) must be on a local disk shared by every process that
+opens it, so with this backend every worker runs on the node's host (one worker per GPU); spool and outputs are
+plain files and could live on NFS, the database cannot (WAL needs shared memory, which NFS does not give between
+hosts; SQLite's locking over NFS is a known source of corruption). Workers on other hosts need the stores on a
+server database (PostgreSQL), which this module does not provide.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from celery import Celery
+from celery.signals import worker_process_init, worker_process_shutdown
+from kombu import Queue
+
+from dicomout.outbox import Outbox
+from node_errors import NodeError
+from scp.index import InstanceIndex
+from thighnode.backfill import BackfillStore
+from thighnode.corrections import CorrectionStore
+from thighnode.jobs import RUNNING, Job, JobStore, JobStoreError
+from thighnode.node import retry_policy_of
+from thighnode.priors import PriorFinder, PriorRequests, follow_up_prior
+from thighnode.results import ResultsStore
+from thighnode.settings import Settings
+from thighnode.workflow import SegmenterLike, Workflow
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "thighnode.run_job"
+"""The one task: run a claimed job end to end (arguments: job id, StudyInstanceUID, data directory)."""
+
+SegmenterFactory = Callable[[Settings], "SegmenterLike | None"]
+
+
+class ComputeError(NodeError):
+    """A task that cannot run on this worker (another data directory, stores not open)."""
+
+
+def celery_app(settings: Settings) -> Celery:
+    """The Celery application of the node and of its workers: one durable queue, late acknowledgement,
+    prefetch 1, a task re-queued when its pool process dies, no result backend (results are in the job store)."""
+    c = settings.compute
+    app = Celery("thighnode", broker=c.broker_url, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        broker_connection_retry_on_startup=True,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        task_default_queue=c.queue,
+        task_queues=(Queue(c.queue, durable=True),),
+        task_default_delivery_mode="persistent",
+        worker_hijack_root_logger=False,  # logging is set up by thighnode.cli
+        worker_send_task_events=False,
+        worker_enable_remote_control=False,
+    )
+    return app
+
+
+class CeleryDispatcher:
+    """The node's side: publish a claimed job to the queue."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._app = celery_app(settings)
+        self._queue = settings.compute.queue
+        self._data_dir = str(settings.node.data_dir)
+
+    def send(self, job: Job) -> str:
+        """Publish the task of ``job``; returns the task id. Raises what kombu raises when the broker is away
+        (after 3 tries)."""
+        result = self._app.send_task(
+            TASK_NAME, args=(job.id, job.study_uid, self._data_dir), queue=self._queue,
+            retry=True, retry_policy={"max_retries": 3, "interval_start": 0.5, "interval_step": 1.0},
+        )
+        log.info("job %d: sent to queue %s as task %s", job.id, self._queue, result.id)
+        return str(result.id)
+
+    def close(self) -> None:
+        self._app.close()
+
+
+class JobRunner:
+    """A worker process's side: the stores, the model and the workflow, opened once per process."""
+
+    def __init__(self, settings: Settings, segmenter_factory: SegmenterFactory) -> None:
+        self._settings = settings
+        self._segmenter_factory = segmenter_factory
+        self._segmenter: SegmenterLike | None = None
+        self._stores: list[Any] = []
+        self.jobs: JobStore | None = None
+        self.prior_requests: PriorRequests | None = None
+        self.workflow: Workflow | None = None
+
+    def open(self, **_signal: Any) -> None:
+        """Open the stores and load the model (``worker_process_init``: in the pool process, after the fork)."""
+        s = self._settings
+        t = time.perf_counter()
+        index = InstanceIndex(s.db_path, synchronous="NORMAL")
+        self.jobs = JobStore(s.db_path)
+        outbox = Outbox(s.db_path, retry_policy_of(s))
+        results = ResultsStore(s.db_path)
+        corrections = CorrectionStore(s.db_path)
+        self.prior_requests = PriorRequests(s.db_path)
+        priors = PriorFinder(s, results, self.prior_requests, index)
+        backfill = BackfillStore(s.db_path)  # a --no-send backfill's studies keep their outputs here too
+        self._stores = [index, self.jobs, outbox, results, corrections, self.prior_requests, backfill]
+        self._segmenter = self._segmenter_factory(s)
+        self.workflow = Workflow(s, index, lambda: self._segmenter, results=results, outbox=outbox, priors=priors,
+                                 corrections=corrections, backfill=backfill)
+        log.info("worker process %d ready in %.2f s (data in %s, model %s)", os.getpid(), time.perf_counter() - t,
+                 s.node.data_dir, "loaded" if self._segmenter is not None else "off")
+
+    def close(self, **_signal: Any) -> None:
+        for store in self._stores:
+            close = getattr(store, "close", None)
+            if close is not None:
+                close()
+        self._stores = []
+
+    def run(self, job_id: int, study_uid: str, data_dir: str, *, worker: str = "", redelivered: bool = False) -> dict[str, Any]:
+        """Run job ``job_id`` when it is still running in the job store; a no-op for a job already ended."""
+        if self.workflow is None or self.jobs is None or self.prior_requests is None:
+            raise ComputeError(f"job {job_id}: the worker's stores are not open (worker_process_init did not run)",
+                               job_id=job_id, study_uid=study_uid)
+        if Path(data_dir) != self._settings.node.data_dir:
+            raise ComputeError(
+                f"job {job_id}: the task's data directory is {data_dir}, this worker's is "
+                f"{self._settings.node.data_dir}; node and workers must use the same [node] data_dir",
+                job_id=job_id, study_uid=study_uid,
+            )
+        delivery = "redelivered" if redelivered else "first delivery"
+        job = self.jobs.get(job_id)
+        if job.state != RUNNING:
+            log.info("job %d: task on %s (%s) for a job already %s: nothing to do", job_id, worker, delivery, job.state)
+            return {"job_id": job_id, "state": job.state, "ran": False}
+        log.info("job %d: task started on %s (%s, attempt %d)", job_id, worker, delivery, job.attempts)
+        if self._settings.compute.debug_task_delay_s:
+            time.sleep(self._settings.compute.debug_task_delay_s)
+        outcome = self.workflow.run(job)
+        try:
+            self.jobs.finish(job_id, outcome.state, outcome.reason, series_uid=outcome.series_uid,
+                             timings_s=outcome.timings_s, result=outcome.result)
+        except JobStoreError as exc:  # another delivery of the same job recorded it first
+            log.warning("job %d: outcome not recorded on %s: %s", job_id, worker, exc.message)
+            return {"job_id": job_id, "state": self.jobs.get(job_id).state, "ran": True}
+        follow_up_prior(self.prior_requests, self.jobs, study_uid, outcome.state, outcome.reason,
+                        update_when_prior_arrives=self._settings.prior.update_when_prior_arrives)
+        log.info("job %d: task ended on %s: %s", job_id, worker, outcome.state)
+        return {"job_id": job_id, "state": outcome.state, "ran": True}
+
+
+def worker_app(settings: Settings, segmenter_factory: SegmenterFactory) -> Celery:
+    """The Celery application of a worker: the task bound to a :class:`JobRunner` that each pool process opens
+    once (``worker_process_init``) and closes on exit."""
+    app = celery_app(settings)
+    runner = JobRunner(settings, segmenter_factory)
+    worker_process_init.connect(runner.open, weak=False)
+    worker_process_shutdown.connect(runner.close, weak=False)
+
+    @app.task(name=TASK_NAME, bind=True)
+    def run_job(task: Any, job_id: int, study_uid: str, data_dir: str) -> dict[str, Any]:
+        info = task.request.delivery_info or {}
+        return runner.run(job_id, study_uid, data_dir, worker=str(task.request.hostname or ""),
+                          redelivered=bool(info.get("redelivered")))
+
+    return app
+
+
+def run_worker(settings: Settings, segmenter_factory: SegmenterFactory, *, name: str = "",
+               log_level: str = "INFO") -> None:
+    """Run one worker (blocks until SIGTERM/SIGINT): one pool process, one task at a time."""
+    hostname = name or f"thighnode-{os.getpid()}@%h"
+    app = worker_app(settings, segmenter_factory)
+    app.worker_main([
+        "worker", "--pool=prefork", "--concurrency=1", f"--queues={settings.compute.queue}",
+        f"--hostname={hostname}", "--without-gossip", "--without-mingle", "--without-heartbeat",
+        f"--loglevel={log_level}",
+    ])
