@@ -30,7 +30,9 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
+from scp.association import end_associate_phase
 from scp.errors import InvalidUIDError
+from scp.security import security_alert
 from scp.spool import file_head, write_instance
 from scp.status import (
     STATUS_CANNOT_UNDERSTAND,
@@ -348,6 +350,7 @@ def handle_requested(event: Event, config: IngressConfig) -> None:
     (``AE.require_called_aet`` / ``AE.require_calling_aet``); see :func:`handle_rejected`.
     """
     assoc = event.assoc
+    end_associate_phase(assoc)
     address = _peer(assoc)
     if not config.peer_allowed(address):
         rq = assoc.requestor.primitive
@@ -358,6 +361,7 @@ def handle_requested(event: Event, config: IngressConfig) -> None:
             getattr(rq, "calling_ae_title", "?"),
             getattr(rq, "called_ae_title", "?"),
         )
+        security_alert(address, "association rejected: peer address not in allowed_peers")
         assoc.acse.send_reject(REJECT_RESULT_PERMANENT, REJECT_SOURCE_SERVICE_USER, REJECT_DIAG_NO_REASON)
         assoc.kill()  # waits for the peer to close after reading the A-ASSOCIATE-RJ
         return
