@@ -122,6 +122,11 @@ def request_association(
     )
 
 
+def allow_any_peer(address: str) -> bool:
+    """The allow-list of a policy that admits every peer."""
+    return True
+
+
 class GuardedRequestHandler(RequestHandler):
     """Runs one association on the connection's thread and returns when it has ended.
 
@@ -255,7 +260,7 @@ def start_server(
     port: int,
     evt_handlers: list[EventHandlerType],
     *,
-    policy: ConnectionPolicy,
+    policy: ConnectionPolicy | None = None,
     ssl_context: ssl.SSLContext | None = None,
 ) -> GuardedAssociationServer:
     """Serve associations on ``(host, port)`` with ``ae``'s supported contexts; returns at once.
@@ -264,7 +269,10 @@ def start_server(
     ``ssl_context`` (:func:`scp.tls.server_context`) every connection is DICOM TLS. Each
     association runs on its own thread; ``ae.shutdown()`` stops every server of ``ae``
     (one AE may serve a plain and a TLS port; they share ``maximum_associations``).
+    Without ``policy``: any peer, the defaults of :class:`ConnectionPolicy`.
     """
+    if policy is None:
+        policy = ConnectionPolicy(peer_allowed=allow_any_peer)
     server = ae.make_server(
         (host, port),
         ssl_context=ssl_context,
