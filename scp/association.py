@@ -122,6 +122,10 @@ def request_association(
     )
 
 
+#: How often a connection's thread looks whether its peer left before the A-ASSOCIATE-RQ (s).
+_CLOSED_POLL_S = 0.1
+
+
 def allow_any_peer(address: str) -> bool:
     """The allow-list of a policy that admits every peer."""
     return True
@@ -144,7 +148,14 @@ class GuardedRequestHandler(RequestHandler):
         assoc.acse_timeout = limit_s if acse_s is None else min(acse_s, limit_s)
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
-        assoc.join()
+        while assoc.is_alive():
+            assoc.join(_CLOSED_POLL_S)
+            if assoc.is_alive() and assoc.requestor.primitive is None and not assoc.dul.is_alive():
+                # The connection ended before its A-ASSOCIATE-RQ: pynetdicom would keep the
+                # association (and its maximum_associations slot) waiting for the ACSE
+                # timeout; an empty primitive ends that wait as a timeout does.
+                assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
+                assoc.join()
 
 
 def end_associate_phase(assoc: Association) -> None:
