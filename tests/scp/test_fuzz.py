@@ -127,6 +127,7 @@ def _send_case(port: int, pdus: list[bytes]) -> None:
 # response after the fuzzer aborted) and end; the association ends with it.
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarning")
 def test_node_keeps_answering_c_echo_under_fuzzed_pdus_and_datasets(start_server, tmp_path: Path) -> None:
     server = start_server(associate_timeout_s=1.0, acse_timeout_s=5.0, dimse_timeout_s=5.0, network_timeout_s=5.0)
     ct = write_ct(tmp_path / "ct.dcm", generate_uid(), generate_uid())
