@@ -150,7 +150,8 @@ class GuardedRequestHandler(RequestHandler):
         assoc.start()
         while assoc.is_alive():
             assoc.join(_CLOSED_POLL_S)
-            if assoc.is_alive() and assoc.requestor.primitive is None and not assoc.dul.is_alive():
+            dul_ended = assoc.dul.ident is not None and not assoc.dul.is_alive()  # started, then stopped
+            if assoc.is_alive() and assoc.requestor.primitive is None and dul_ended:
                 # The connection ended before its A-ASSOCIATE-RQ: pynetdicom would keep the
                 # association (and its maximum_associations slot) waiting for the ACSE
                 # timeout; an empty primitive ends that wait as a timeout does.
