@@ -34,7 +34,7 @@ from pynetdicom import AE, evt
 from pynetdicom.events import EventHandlerType
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from scp.security import ConnectionPolicy, PeerConnections, security_alert
+from scp.security import ConnectionPolicy, PeerConnections
 
 if TYPE_CHECKING:  # pragma: no cover
     from pynetdicom.association import Association
@@ -208,10 +208,10 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         """At TCP accept, before any thread or slot: allowed peer, per-peer limit."""
         address = str(client_address[0])
         if not self.policy.peer_allowed(address):
-            security_alert(address, "connection refused at accept: peer address not in allowed_peers")
+            self.policy.alert(address, "connection refused at accept: peer address not in allowed_peers")
             return False
         if not self.connections.acquire(address):
-            security_alert(
+            self.policy.alert(
                 address,
                 f"connection refused at accept: peer already holds {self.policy.max_connections_per_peer} "
                 "connections (max_connections_per_peer)",
@@ -243,14 +243,14 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                 sock = self.tls_context.wrap_socket(request, server_side=True)
             except (ssl.SSLError, OSError) as exc:
                 reason = getattr(exc, "reason", None) or getattr(exc, "verify_message", None) or str(exc) or type(exc).__name__
-                security_alert(address, f"TLS handshake refused: {reason}")
+                self.policy.alert(address, f"TLS handshake refused: {reason}")
                 self.shutdown_request(request)
                 return None
         pending = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
         if not pending:
             readable, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
             if not readable:
-                security_alert(address, f"no A-ASSOCIATE-RQ within {timeout_s:g} s (associate_timeout_s): closed")
+                self.policy.alert(address, f"no A-ASSOCIATE-RQ within {timeout_s:g} s (associate_timeout_s): closed")
                 self.shutdown_request(sock)
                 return None
             if not isinstance(sock, ssl.SSLSocket):

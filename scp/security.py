@@ -36,12 +36,15 @@ class ConnectionPolicy:
     ``peer_allowed`` says whether an IP address (text) may connect at all (checked at
     TCP accept). ``max_connections_per_peer`` bounds the connections one address holds
     at once (pending or associated). ``associate_timeout_s`` bounds the time from TCP
-    accept to a complete A-ASSOCIATE-RQ, TLS handshake included.
+    accept to a complete A-ASSOCIATE-RQ, TLS handshake included. ``alert`` receives every
+    refusal as ``(peer_address, reason)``: :func:`security_alert` unless the caller adds a
+    listener of its own (an audit trail) around it.
     """
 
     peer_allowed: Callable[[str], bool]
     associate_timeout_s: float = 5.0
     max_connections_per_peer: int = 8
+    alert: Callable[[str, str], None] = security_alert
 
     def __post_init__(self) -> None:
         t = self.associate_timeout_s
