@@ -242,8 +242,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             try:
                 sock = self.tls_context.wrap_socket(request, server_side=True)
             except (ssl.SSLError, OSError) as exc:
-                reason = getattr(exc, "reason", None) or getattr(exc, "verify_message", None) or str(exc) or type(exc).__name__
-                self.policy.alert(address, f"TLS handshake refused: {reason}")
+                self.policy.alert(address, f"TLS handshake refused: {_handshake_failure(exc)}")
                 self.shutdown_request(request)
                 return None
         pending = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
@@ -264,6 +263,15 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         # A stalled, half-sent A-ASSOCIATE-RQ ends the connection too (see end_associate_phase).
         sock.settimeout(max(0.1, deadline - time.monotonic()))
         return sock
+
+
+def _handshake_failure(exc: OSError) -> str:
+    """What went wrong in a TLS handshake, in OpenSSL's words where it gives them."""
+    verify = getattr(exc, "verify_message", None)
+    reason = getattr(exc, "reason", None)
+    if verify:
+        return f"{reason}: {verify}" if reason else str(verify)
+    return str(reason or exc or type(exc).__name__)
 
 
 def start_server(
