@@ -21,8 +21,6 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-
 from scp.errors import TlsConfigError
 
 #: TLS 1.2 cipher suites allowed (OpenSSL names): BCP 195's forward-secret AEAD suites.
@@ -134,6 +132,8 @@ def check_tls_files(config: TlsConfig, now: datetime.datetime | None = None) -> 
     certificate is outside its validity period at ``now`` (default: the current time)."""
     server_context(config)
     client_context(config)
+    from cryptography import x509  # here, not at import: a node without TLS never loads it
+
     try:
         certificate = x509.load_pem_x509_certificate(config.certificate.read_bytes())
     except ValueError as exc:
