@@ -31,6 +31,7 @@ test-fast: install
 
 bench: install
 	$(BIN)/python bench/bench_ingress.py
+	$(BIN)/python bench/bench_tls.py
 	$(BIN)/python bench/bench_inference.py
 
 # Train the shipped demonstration bundle from phantoms (fixed seed, six stages; see README).

@@ -45,6 +45,7 @@ from pynetdicom.sop_class import Verification
 
 from dicomout.errors import DestinationError, SendError
 from scp.association import AssociationSettings, RemoteAE, create_ae, request_association
+from scp.tls import TlsConfig, client_context
 from scp.status import STATUS_SUCCESS, describe_status, is_permanent_failure, is_stored
 from scp.validate import is_valid_uid, validate_ae_title
 
@@ -63,7 +64,9 @@ class Destination:
 
     ``timeout_s`` bounds the TCP connect, the association negotiation (ACSE) and
     each DIMSE response. ``max_pdu`` is the maximum PDU length we are willing to
-    receive (PS3.8 D.1.1); 0 means unlimited.
+    receive (PS3.8 D.1.1); 0 means unlimited. With ``tls`` the association is DICOM TLS
+    (PS3.15 Annex B): the destination's certificate must be issued by ``tls``'s trust
+    store for ``host``, and the node presents its own certificate.
     """
 
     name: str
@@ -73,8 +76,11 @@ class Destination:
     calling_ae_title: str = "THIGHNODE"
     timeout_s: float = 30.0
     max_pdu: int = 0
+    tls: TlsConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.tls is not None and not isinstance(self.tls, TlsConfig):
+            raise DestinationError(f"Destination.tls must be a TlsConfig or None; got {type(self.tls).__name__}")
         if not isinstance(self.name, str) or not self.name.strip():
             raise DestinationError(f"Destination.name must be a non-empty string; got {self.name!r}")
         validate_ae_title(self.ae_title, "Destination.ae_title", DestinationError)
@@ -104,7 +110,8 @@ class Destination:
     @property
     def label(self) -> str:
         """``PACS (PACS@127.0.0.1:4242)``: how the destination is named in messages."""
-        return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
+        tls = ", TLS" if self.tls is not None else ""
+        return f"{self.name} ({self.ae_title}@{self.host}:{self.port}{tls})"
 
     @property
     def association(self) -> AssociationSettings:
@@ -113,7 +120,8 @@ class Destination:
 
     @property
     def peer(self) -> RemoteAE:
-        return RemoteAE(self.ae_title, self.host, self.port)
+        tls_context = None if self.tls is None else client_context(self.tls)
+        return RemoteAE(self.ae_title, self.host, self.port, tls_context)
 
 
 # --- results ---------------------------------------------------------------------------

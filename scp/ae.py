@@ -18,7 +18,8 @@ syntax among these is accepted and stored as received.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from pydicom.uid import (
     HTJ2K,
@@ -62,9 +63,8 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.events import EventHandlerType
-from pynetdicom.transport import ThreadedAssociationServer
 
-from scp.association import create_ae, start_server
+from scp.association import GuardedAssociationServer, create_ae, start_server
 from scp.handlers import (
     AssociationLog,
     handle_accepted,
@@ -76,8 +76,10 @@ from scp.handlers import (
 )
 from scp.index import InstanceIndex
 from scp.observer import IngressObserver
-from scp.refusals import RefusalLog
+from scp.refusals import KIND_ASSOCIATION, Refusal, RefusalLog
+from scp.security import ConnectionPolicy, security_alert
 from scp.spool import remove_temporaries
+from scp.tls import check_tls_files, server_context
 from scp.types import IngressConfig
 
 LOGGER = logging.getLogger(__name__)
@@ -143,11 +145,19 @@ def storage_sop_classes() -> tuple[UID, ...]:
 
 
 class IngressServer:
-    """A running ingress SCP; :meth:`stop` shuts it down (idempotent)."""
+    """A running ingress SCP (a plain listener, a TLS listener, or both on one AE);
+    :meth:`stop` shuts it down (idempotent)."""
 
-    def __init__(self, ae: AE, server: ThreadedAssociationServer, config: IngressConfig) -> None:
+    def __init__(
+        self,
+        ae: AE,
+        plain: GuardedAssociationServer | None,
+        config: IngressConfig,
+        tls: GuardedAssociationServer | None = None,
+    ) -> None:
         self._ae = ae
-        self._server = server
+        self._plain = plain
+        self._tls = tls
         self._config = config
         self._stopped = False
 
@@ -157,15 +167,26 @@ class IngressServer:
 
     @property
     def address(self) -> tuple[str, int]:
-        """(host, port) the server listens on."""
-        host, port = self._server.server_address[:2]
+        """(host, port) of the plain listener (of the TLS one when there is no plain one)."""
+        server = self._plain or self._tls
+        assert server is not None
+        host, port = server.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def tls_address(self) -> tuple[str, int] | None:
+        """(host, port) of the TLS listener, None without one."""
+        if self._tls is None:
+            return None
+        host, port = self._tls.server_address[:2]
         return str(host), int(port)
 
     @property
     def serving(self) -> bool:
         """True while the listening socket is open and not stopped (the node's /healthz)."""
         try:
-            return not self._stopped and self._server.socket.fileno() != -1
+            servers = [srv for srv in (self._plain, self._tls) if srv is not None]
+            return not self._stopped and bool(servers) and all(srv.socket.fileno() != -1 for srv in servers)
         except (OSError, AttributeError):
             return False
 
@@ -175,7 +196,7 @@ class IngressServer:
             return
         self._stopped = True
         self._ae.shutdown()
-        LOGGER.info("ingress %s on %s:%d stopped", self._config.ae_title, self._config.host, self._config.port)
+        LOGGER.info("ingress %s on %s stopped", self._config.ae_title, _ports(self._config))
 
     def __enter__(self) -> IngressServer:
         return self
@@ -220,14 +241,65 @@ def start_ingress(
         (evt.EVT_ACCEPTED, handle_accepted, [association_log]),
         (evt.EVT_CONN_CLOSE, handle_conn_close, [association_log]),
     ]
-    server = start_server(ae, config.host, config.port, handlers)
+    policy = ConnectionPolicy(
+        peer_allowed=config.peer_allowed,
+        associate_timeout_s=config.associate_timeout_s,
+        max_connections_per_peer=config.max_connections_per_peer,
+        alert=_alert_to(observer, refusals),
+    )
+    tls_context = None
+    if config.tls is not None and config.tls_port:
+        check_tls_files(config.tls)  # before binding anything: a bad file stops the start with its name
+        tls_context = server_context(config.tls)
+    plain = start_server(ae, config.host, config.port, handlers, policy=policy) if config.plain_port_enabled else None
+    try:
+        tls = (
+            start_server(ae, config.host, config.tls_port, handlers, policy=policy, ssl_context=tls_context)
+            if tls_context is not None
+            else None
+        )
+    except BaseException:
+        ae.shutdown()
+        raise
     LOGGER.info(
-        "ingress %s listening on %s:%d (spool %s, %d storage SOP classes, %d transfer syntaxes)",
+        "ingress %s listening on %s (spool %s, %d storage SOP classes, %d transfer syntaxes, "
+        "associate timeout %g s, %d connections per peer)",
         config.ae_title,
-        config.host,
-        config.port,
+        _ports(config),
         config.spool_dir,
         len(ae.supported_contexts) - 1,
         len(TRANSFER_SYNTAXES),
+        config.associate_timeout_s,
+        config.max_connections_per_peer,
     )
-    return IngressServer(ae, server, config)
+    return IngressServer(ae, plain, config, tls)
+
+
+def _alert_to(observer: IngressObserver | None, refusals: RefusalLog | None) -> Callable[[str, str], None]:
+    """The listener's refusals (peer not allowed, per-peer limit, TLS handshake failed, silent
+    connection): logged by :func:`scp.security.security_alert`, recorded in ``refusals`` and told to
+    ``observer`` (the audit trail's Security Alert); neither may break the listener."""
+
+    def alert(peer_address: str, reason: str) -> None:
+        security_alert(peer_address, reason)
+        if refusals is not None:
+            try:
+                refusals.record(Refusal(at=time.time(), kind=KIND_ASSOCIATION, calling_ae="", peer_address=peer_address,
+                                        status=None, reason=f"connection refused: {reason}"))
+            except Exception:  # noqa: BLE001
+                LOGGER.exception("could not record the refusal of %s", peer_address)
+        if observer is not None:
+            try:
+                observer.security_alert(peer_address, reason)
+            except Exception:  # noqa: BLE001
+                LOGGER.exception("ingress observer security_alert failed")
+
+    return alert
+
+
+def _ports(config: IngressConfig) -> str:
+    ports = [f"{config.host}:{config.port}"] if config.plain_port_enabled else []
+    if config.tls is not None and config.tls_port:
+        mutual = ", client certificate required" if config.tls.require_client_certificate else ""
+        ports.append(f"{config.host}:{config.tls_port} (TLS{mutual})")
+    return " and ".join(ports)

@@ -43,3 +43,8 @@ class QueryArgumentError(RetrieveError):
 
 class QueryFailedError(RetrieveError):
     """A C-FIND could not be completed (no association, refused, failure status, no answer)."""
+
+
+class TlsConfigError(IngressConfigError):
+    """A TLS certificate, private key or trust store is missing, unreadable, expired or
+    does not fit (:class:`scp.tls.TlsConfig`)."""

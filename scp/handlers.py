@@ -31,10 +31,12 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
+from scp.association import end_associate_phase
 from scp.errors import InvalidUIDError
 from scp.index import InstanceConflict
 from scp.integrity import IntegrityLimits, check_dataset, dataset_sha256, read_part10
 from scp.refusals import KIND_ASSOCIATION, KIND_STORE, Refusal, RefusalLog
+from scp.security import security_alert
 from scp.spool import file_head, write_instance
 from scp.status import (
     STATUS_CANNOT_UNDERSTAND,
@@ -480,6 +482,7 @@ def handle_requested(
     (``AE.require_called_aet`` / ``AE.require_calling_aet``); see :func:`handle_rejected`.
     """
     assoc = event.assoc
+    end_associate_phase(assoc)
     address = _peer(assoc)
     if not config.peer_allowed(address):
         rq = assoc.requestor.primitive
@@ -497,6 +500,7 @@ def handle_requested(
         _record_association_refusal(
             refusals, getattr(rq, "calling_ae_title", "?"), address, "peer address not in allowed_peers"
         )
+        security_alert(address, "association rejected: peer address not in allowed_peers")
         assoc.acse.send_reject(REJECT_RESULT_PERMANENT, REJECT_SOURCE_SERVICE_USER, REJECT_DIAG_NO_REASON)
         assoc.kill()  # waits for the peer to close after reading the A-ASSOCIATE-RJ
         return

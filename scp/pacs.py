@@ -22,6 +22,7 @@ from pynetdicom.events import EventHandlerType
 
 from scp.association import AssociationSettings, RemoteAE, request_association
 from scp.errors import QuerySourceError
+from scp.tls import TlsConfig, client_context
 from scp.validate import validate_ae_title
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,6 +43,8 @@ class QuerySource:
     which it must know by host and port - our ingress SCP) or ``"get"`` (C-GET,
     PS3.4 C.4.3: the instances come back on our own association). ``timeout_s``
     bounds connecting, each association step and the wait for each DIMSE message.
+    With ``tls`` the associations are DICOM TLS (PS3.15 Annex B), the PACS's certificate
+    verified against ``tls``'s trust store for ``host``.
     """
 
     name: str
@@ -52,9 +55,12 @@ class QuerySource:
     method: RetrieveMethod = "move"
     move_destination_ae: str = ""
     timeout_s: float = 60.0
+    tls: TlsConfig | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        if self.tls is not None and not isinstance(self.tls, TlsConfig):
+            raise QuerySourceError(f"tls must be a TlsConfig or None; got {type(self.tls).__name__}")
         if not isinstance(self.name, str) or not self.name.strip():
             raise QuerySourceError(f"name must be a non-empty string (used in messages); got {self.name!r}")
         set_(self, "ae_title", validate_ae_title(self.ae_title, "ae_title", QuerySourceError))
@@ -94,7 +100,8 @@ class QuerySource:
 
     @property
     def peer(self) -> RemoteAE:
-        return RemoteAE(self.ae_title, self.host, self.port)
+        tls_context = None if self.tls is None else client_context(self.tls)
+        return RemoteAE(self.ae_title, self.host, self.port, tls_context)
 
 
 def associate(

@@ -14,6 +14,7 @@ from types import MappingProxyType
 from scp.association import AssociationSettings
 from scp.errors import IngressConfigError
 from scp.integrity import IntegrityLimits
+from scp.tls import TlsConfig
 from scp.validate import validate_ae_title
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -114,9 +115,16 @@ class IngressConfig:
     means anyone. ``allowed_peers`` holds IPv4/IPv6 addresses or CIDR networks.
     ``maximum_pdu_size`` is the Maximum Length we announce (PS3.8 D.1), 0 for no limit.
     ``min_free_disk_mb`` is the free space the spool's file system must keep: below it
-    every C-STORE is answered Out of Resources (0xA700). ``max_element_bytes`` (any element
-    but Pixel Data) and ``max_instance_bytes`` bound what one C-STORE may carry; 0 = no limit
-    (see :mod:`scp.integrity`).
+    every C-STORE is answered Out of Resources (0xA700).
+
+    DICOM TLS (PS3.15 Annex B): with ``tls`` and ``tls_port`` > 0 a second listener
+    serves TLS on ``tls_port``; ``plain_port_enabled`` false leaves TLS only (``port`` is
+    then unused). Association-level defence (:class:`scp.security.ConnectionPolicy`):
+    ``associate_timeout_s`` bounds the time from TCP accept to a complete
+    A-ASSOCIATE-RQ (TLS handshake included), ``max_connections_per_peer`` the
+    connections one address holds at once.
+    ``max_element_bytes`` (any element but Pixel Data) and ``max_instance_bytes`` bound what
+    one C-STORE may carry; 0 = no limit (see :mod:`scp.integrity`).
     """
 
     ae_title: str
@@ -134,6 +142,11 @@ class IngressConfig:
     maximum_associations: int = 16
     max_element_bytes: int = 0
     max_instance_bytes: int = 0
+    tls: TlsConfig | None = None
+    tls_port: int = 0
+    plain_port_enabled: bool = True
+    associate_timeout_s: float = 5.0
+    max_connections_per_peer: int = 8
     _peer_networks: tuple[IPNetwork, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -173,6 +186,32 @@ class IngressConfig:
             "maximum_associations",
             _check_int(self.maximum_associations, "maximum_associations", 1, None, ">= 1"),
         )
+        set_(self, "associate_timeout_s", _check_positive_seconds(self.associate_timeout_s, "associate_timeout_s"))
+        set_(
+            self,
+            "max_connections_per_peer",
+            _check_int(self.max_connections_per_peer, "max_connections_per_peer", 1, None, ">= 1"),
+        )
+        set_(self, "tls_port", _check_int(self.tls_port, "tls_port", 0, 65535, "0 (no TLS listener) or 1..65535"))
+        if self.tls is not None and not isinstance(self.tls, TlsConfig):
+            raise IngressConfigError(f"tls must be a TlsConfig or None; got {type(self.tls).__name__}")
+        if self.tls_port and self.tls is None:
+            raise IngressConfigError(
+                f"tls_port is {self.tls_port} but no TLS certificate and key are given; allowed: tls_port 0, "
+                "or a certificate and private key"
+            )
+        if not isinstance(self.plain_port_enabled, bool):
+            raise IngressConfigError(f"plain_port_enabled must be true or false; got {self.plain_port_enabled!r}")
+        if not self.plain_port_enabled and not self.tls_port:
+            raise IngressConfigError(
+                "plain_port_enabled is false and tls_port is 0: the node would not listen at all; "
+                "allowed: a plain port, a TLS port, or both"
+            )
+        if self.plain_port_enabled and self.tls_port == self.port:
+            raise IngressConfigError(
+                f"tls_port {self.tls_port} is the plain port too; allowed: a different port, or plain_port_enabled false"
+            )
+
         for name in ("max_element_bytes", "max_instance_bytes"):
             set_(self, name, _check_int(getattr(self, name), name, 0, None, ">= 0 (0 = no limit)"))
 

@@ -59,6 +59,7 @@ def destinations_of(settings: Settings) -> dict[str, Destination]:
             port=d.port,
             calling_ae_title=settings.node.ae_title,
             timeout_s=settings.node.dimse_timeout_s,
+            tls=settings.security.tls if d.tls else None,
         )
         for d in settings.destinations
     }
@@ -81,6 +82,11 @@ def ingress_config_of(settings: Settings) -> IngressConfig:
         maximum_associations=settings.node.max_associations,
         max_element_bytes=settings.security.max_element_bytes,
         max_instance_bytes=settings.security.max_instance_bytes,
+        tls=settings.security.tls if settings.security.tls_port else None,
+        tls_port=settings.security.tls_port,
+        plain_port_enabled=settings.security.plain_port_enabled,
+        associate_timeout_s=settings.security.associate_timeout_s,
+        max_connections_per_peer=settings.security.max_connections_per_peer,
     )
 
 

@@ -146,6 +146,7 @@ class PriorFinder:
             method=p.method,  # type: ignore[arg-type]
             move_destination_ae=self._settings.node.ae_title,
             timeout_s=self._settings.node.dimse_timeout_s,
+            tls=self._settings.security.tls if p.tls else None,
         )
 
     def describe_source(self) -> str:

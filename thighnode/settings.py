@@ -34,6 +34,8 @@ else:  # pragma: no cover
 from dicomout.outputs.registry import entry_problem
 from node_errors import NodeError
 from pipeline.coverage import REGIONS
+from scp.errors import TlsConfigError
+from scp.tls import TlsConfig
 from scp.validate import validate_ae_title
 
 INSTALL_ROOT = Path(__file__).resolve().parents[1]
@@ -252,6 +254,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "retry_delay_s": _float_range(0.0, lo_open=True),
         "metal_withhold_near_pct": _float_range(0.0, 100.0, lo_open=True),
         "metal_withhold_slices_pct": _float_range(0.0, 100.0, lo_open=True),
+        "tls": _bool,
     },
     "sarcopenia": {
         "group": _choice("gluteal", "above_knee", "all"),
@@ -263,6 +266,14 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "security": {
         "allowed_calling_aets": _ae_list,
         "allowed_peers": _network_list,
+        "associate_timeout_s": _float_range(0.0, 600.0, lo_open=True),
+        "max_connections_per_peer": _int_range(1, 1000),
+        "plain_port_enabled": _bool,
+        "tls_port": _int_range(0, 65535),
+        "tls_certificate": _text,
+        "tls_private_key": _text,
+        "tls_ca_certificates": _text,
+        "tls_require_client_certificate": _bool,
         "max_element_bytes": _int_range(0),
         "max_instance_bytes": _int_range(0),
     },
@@ -287,6 +298,10 @@ _DESTINATION_SCHEMA: dict[str, Callable[[str, Any], Any]] = {
     "ae_title": _ae_title,
     "host": _host,
     "port": _int_range(1, 65535),
+}
+#: Keys a [[destinations]] table may leave out, with their default.
+_DESTINATION_OPTIONAL: dict[str, tuple[Callable[[str, Any], Any], Any]] = {
+    "tls": (_bool, False),
 }
 
 
@@ -384,6 +399,7 @@ class PriorSettings:
     retry_delay_s: float
     metal_withhold_near_pct: float = 7.0  # pipeline.compare: volume change withheld from this share near metal
     metal_withhold_slices_pct: float = 1.0  # ... and from this share in slices holding metal (streaks)
+    tls: bool = False  # query/retrieve over DICOM TLS with [security]'s certificate and trust store
 
 
 @dataclass(frozen=True)
@@ -401,6 +417,29 @@ class SecuritySettings:
     allowed_peers: tuple[str, ...]
     max_element_bytes: int = 16 * 1024 * 1024  # any element but Pixel Data (scp.integrity); 0 = no limit
     max_instance_bytes: int = 2 * 1024 * 1024 * 1024  # one C-STORE's dataset; 0 = no limit
+    associate_timeout_s: float = 5.0  # TCP accept to complete A-ASSOCIATE-RQ (TLS handshake included)
+    max_connections_per_peer: int = 8
+    plain_port_enabled: bool = True  # node.port serves plain DICOM
+    tls_port: int = 0  # 0: no TLS listener
+    tls_certificate: Path | None = None  # resolved paths; None when not configured
+    tls_private_key: Path | None = None
+    tls_ca_certificates: Path | None = None
+    tls_require_client_certificate: bool = False
+
+    @property
+    def tls(self) -> TlsConfig | None:
+        """The node's TLS identity and trust store (files checked to exist), None without a certificate."""
+        if self.tls_certificate is None or self.tls_private_key is None:
+            return None
+        try:
+            return TlsConfig(
+                certificate=self.tls_certificate,
+                private_key=self.tls_private_key,
+                ca_certificates=self.tls_ca_certificates,
+                require_client_certificate=self.tls_require_client_certificate,
+            )
+        except TlsConfigError as exc:
+            raise ConfigError(f"[security] {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -431,6 +470,7 @@ class DestinationSettings:
     ae_title: str
     host: str
     port: int
+    tls: bool = False  # C-STORE over DICOM TLS with [security]'s certificate and trust store
 
 
 @dataclass(frozen=True)
@@ -558,6 +598,55 @@ def _monitoring_sections(values: dict[str, dict[str, Any]], data_dir: Path) -> d
     }
 
 
+def _destinations(raw_dests: Any) -> tuple[DestinationSettings, ...]:
+    """The [[destinations]] tables, validated (names unique)."""
+    destinations = []
+    if not isinstance(raw_dests, list):
+        raise ConfigError(f"destinations = {raw_dests!r}: must be an array of tables ([[destinations]])")
+    for i, dest in enumerate(raw_dests):
+        if not isinstance(dest, dict):
+            raise ConfigError(f"destinations[{i}] = {dest!r}: must be a table with name, ae_title, host, port")
+        unknown = sorted(set(dest) - set(_DESTINATION_SCHEMA) - set(_DESTINATION_OPTIONAL))
+        if unknown:
+            raise ConfigError(
+                f"unknown key destinations[{i}].{unknown[0]}; allowed: "
+                f"{', '.join([*_DESTINATION_SCHEMA, *_DESTINATION_OPTIONAL])}"
+            )
+        missing = [k for k in _DESTINATION_SCHEMA if k not in dest]
+        if missing:
+            raise ConfigError(f"destinations[{i}] lacks the key {missing[0]!r} (name, ae_title, host, port are required)")
+        fields = {k: check(f"destinations[{i}].{k}", dest[k]) for k, check in _DESTINATION_SCHEMA.items()}
+        for k, (check, default) in _DESTINATION_OPTIONAL.items():
+            fields[k] = check(f"destinations[{i}].{k}", dest[k]) if k in dest else default
+        destinations.append(DestinationSettings(**fields))
+    names = [d.name for d in destinations]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"destinations: names must be unique; saw {names}")
+    return tuple(destinations)
+
+
+def _security(values: dict[str, Any], base: Path) -> SecuritySettings:
+    """[security] with TLS paths resolved and the TLS keys checked against each other."""
+    sec = dict(values)
+    for key in ("tls_certificate", "tls_private_key", "tls_ca_certificates"):
+        sec[key] = _resolve(base, sec[key]) if sec[key] else None
+    if sec["tls_port"]:
+        if sec["tls_certificate"] is None or sec["tls_private_key"] is None:
+            raise ConfigError(
+                f"security.tls_port = {sec['tls_port']}: needs security.tls_certificate and security.tls_private_key"
+            )
+    if sec["tls_require_client_certificate"] and sec["tls_ca_certificates"] is None:
+        raise ConfigError(
+            "security.tls_require_client_certificate = true: needs security.tls_ca_certificates "
+            "(the CAs that issue the client certificates)"
+        )
+    if not sec["plain_port_enabled"] and not sec["tls_port"]:
+        raise ConfigError("security.plain_port_enabled = false with security.tls_port = 0: the node would not listen")
+    settings = SecuritySettings(**sec)
+    _ = settings.tls  # the files exist (ConfigError naming the file otherwise)
+    return settings
+
+
 def load_settings(
     path: Path | str | None = None,
     environ: Mapping[str, str] | None = None,
@@ -589,27 +678,7 @@ def load_settings(
             raise ConfigError(f"missing key {section}.{missing[0]} (no default found in {DEFAULT_CONFIG_PATH})")
         values[section] = {k: check(f"{section}.{k}", given[k]) for k, check in schema.items()}
 
-    destinations = []
-    raw_dests = data.get("destinations", [])
-    if not isinstance(raw_dests, list):
-        raise ConfigError(f"destinations = {raw_dests!r}: must be an array of tables ([[destinations]])")
-    for i, dest in enumerate(raw_dests):
-        if not isinstance(dest, dict):
-            raise ConfigError(f"destinations[{i}] = {dest!r}: must be a table with name, ae_title, host, port")
-        unknown = sorted(set(dest) - set(_DESTINATION_SCHEMA))
-        if unknown:
-            raise ConfigError(
-                f"unknown key destinations[{i}].{unknown[0]}; allowed: {', '.join(_DESTINATION_SCHEMA)}"
-            )
-        missing = [k for k in _DESTINATION_SCHEMA if k not in dest]
-        if missing:
-            raise ConfigError(f"destinations[{i}] lacks the key {missing[0]!r} (name, ae_title, host, port are required)")
-        destinations.append(
-            DestinationSettings(**{k: check(f"destinations[{i}].{k}", dest[k]) for k, check in _DESTINATION_SCHEMA.items()})
-        )
-    names = [d.name for d in destinations]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"destinations: names must be unique; saw {names}")
+    destinations = _destinations(data.get("destinations", []))
 
     base = Path(environ.get(f"{ENV_PREFIX}HOME") or os.getcwd())
     node = dict(values["node"])
@@ -625,6 +694,18 @@ def load_settings(
             f"({values['outbox']['base_delay_s']})"
         )
 
+    security = _security(values["security"], base)
+    if security.plain_port_enabled and security.tls_port == node["port"]:
+        raise ConfigError(f"security.tls_port = {security.tls_port}: is node.port too; choose another port")
+    needs_tls = [f"destinations[{i}] ({d.name})" for i, d in enumerate(destinations) if d.tls]
+    if values["prior"]["tls"]:
+        needs_tls.append("prior")
+    if needs_tls and security.tls is None:
+        raise ConfigError(
+            f"{', '.join(needs_tls)}: tls = true needs security.tls_certificate and security.tls_private_key "
+            "(the node's certificate, presented to the peer)"
+        )
+
     return Settings(
         node=NodeSettings(**node),
         retention=RetentionSettings(**values["retention"]),
@@ -637,4 +718,9 @@ def load_settings(
         security=SecuritySettings(**values["security"]), compute=ComputeSettings(**values["compute"]),
         destinations=tuple(destinations),
         sources=tuple(sources), **_monitoring_sections(values, node["data_dir"]),
+
+
+        security=security,
+        destinations=destinations,
+        sources=tuple(sources),
     )

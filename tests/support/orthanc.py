@@ -57,13 +57,20 @@ class OrthancServer:
         http_port: int | None = None,
         modalities: dict[str, tuple[str, str, int]] | None = None,
         start_timeout_s: float = 60.0,
+        dicom_tls: tuple[Path, Path, Path] | None = None,
+        dicom_tls_client_required: bool = True,
     ) -> None:
+        """``dicom_tls`` = (certificate, private key, trusted CA certificates): Orthanc's
+        DICOM port speaks TLS only (Orthanc 1.9+), requires a client certificate from those
+        CAs unless ``dicom_tls_client_required`` is false, and reaches ``modalities`` over TLS."""
         self.root = Path(tmp_dir) / f"orthanc-{aet.lower()}"
         self.aet = aet
         self.dicom_port = dicom_port or free_port()
         self.http_port = http_port or free_port()
         self.modalities = dict(modalities or {})
         self.start_timeout_s = start_timeout_s
+        self.dicom_tls = dicom_tls
+        self.dicom_tls_client_required = dicom_tls_client_required
         self.config_path = self.root / "orthanc.json"
         self.log_path = self.root / "orthanc.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -106,6 +113,21 @@ class OrthancServer:
             "HttpThreadsCount": 4,
             "StableAge": 1,
         }
+        if self.dicom_tls is not None:
+            certificate, key, trusted = self.dicom_tls
+            config.update(
+                {
+                    "DicomTlsEnabled": True,
+                    "DicomTlsCertificate": str(certificate),
+                    "DicomTlsPrivateKey": str(key),
+                    "DicomTlsTrustedCertificates": str(trusted),
+                    "DicomTlsRemoteCertificateRequired": self.dicom_tls_client_required,
+                    "DicomModalities": {
+                        name: {"AET": aet, "Host": host, "Port": port, "UseDicomTls": True}
+                        for name, (aet, host, port) in self.modalities.items()
+                    },
+                }
+            )
         self.config_path.write_text(json.dumps(config, indent=2))
 
     @property
