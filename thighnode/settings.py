@@ -37,6 +37,7 @@ from pipeline.coverage import REGIONS
 from scp.errors import TlsConfigError
 from scp.tls import TlsConfig
 from scp.validate import validate_ae_title
+from thighnode.settings_monitoring import AuditSettings, MetricsSettings, monitoring_sections
 
 INSTALL_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG_PATH = INSTALL_ROOT / "config" / "node.toml"
@@ -443,28 +444,6 @@ class SecuritySettings:
 
 
 @dataclass(frozen=True)
-class AuditSettings:
-    """The DICOM audit trail (thighnode.audit): PHI-bearing, apart from the application log."""
-
-    enabled: bool = True
-    file: Path = Path("var/audit/audit.log")  # resolved against data_dir when relative
-    max_file_mb: float = 50.0  # rotated past this size
-    keep_files: int = 10  # rotated files kept (audit.log.1 ...)
-    syslog_host: str = ""  # "" = no syslog
-    syslog_port: int = 514
-    syslog_protocol: str = "udp"  # udp (RFC 5426) | tcp (RFC 6587 octet counting)
-
-
-@dataclass(frozen=True)
-class MetricsSettings:
-    """The health and metrics HTTP endpoint (thighnode.metrics)."""
-
-    enabled: bool = False
-    host: str = "127.0.0.1"
-    port: int = 9464  # 0: any free port (tests)
-
-
-@dataclass(frozen=True)
 class DestinationSettings:
     name: str
     ae_title: str
@@ -586,18 +565,6 @@ def _resolve(base: Path, value: str) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
-def _monitoring_sections(values: dict[str, dict[str, Any]], data_dir: Path) -> dict[str, Any]:
-    """``[audit]`` (its file resolved against the data directory) and ``[metrics]``, as Settings fields."""
-    audit = values["audit"]
-    host = audit["syslog_host"]
-    if host and any(ch.isspace() for ch in host):
-        raise ConfigError(f"audit.syslog_host = {host!r}: must be an IP address or host name, or \"\" (no syslog)")
-    return {
-        "audit": AuditSettings(**{**audit, "file": _resolve(data_dir, audit["file"])}),
-        "metrics": MetricsSettings(**values["metrics"]),
-    }
-
-
 def _destinations(raw_dests: Any) -> tuple[DestinationSettings, ...]:
     """The [[destinations]] tables, validated (names unique)."""
     destinations = []
@@ -715,12 +682,7 @@ def load_settings(
         outbox=OutboxSettings(**values["outbox"]),
         prior=PriorSettings(**values["prior"]),
         sarcopenia=SarcopeniaSettings(**values["sarcopenia"]),
-        security=SecuritySettings(**values["security"]), compute=ComputeSettings(**values["compute"]),
+        security=security, compute=ComputeSettings(**values["compute"]),
         destinations=tuple(destinations),
-        sources=tuple(sources), **_monitoring_sections(values, node["data_dir"]),
-
-
-        security=security,
-        destinations=destinations,
-        sources=tuple(sources),
+        sources=tuple(sources), **monitoring_sections(values, node["data_dir"]),
     )
