@@ -1,8 +1,8 @@
 """A throwaway Orthanc server for integration tests (test support).
 
 ``OrthancServer`` writes a temporary JSON configuration (storage and index in the
-test's directory, loopback-only REST without authentication, no plugins, free
-ports), runs ``/usr/sbin/Orthanc <config>`` as a subprocess logging to a file, and
+test's directory, loopback-only REST without authentication, no plugins unless
+``dicomweb=True`` loads Debian's DICOMweb plugin at ``/dicom-web/``, free ports), runs ``/usr/sbin/Orthanc <config>`` as a subprocess logging to a file, and
 talks to its REST API with urllib. The process is always killed on exit, also
 when the test fails::
 
@@ -29,6 +29,9 @@ from tests.support.ports import free_port, wait_for_port
 
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
 _INSTALL_HINT = "Orthanc is not installed; .ci/run installs it (apt-get install orthanc)"
+# Where Debian's orthanc-dicomweb package installs the plugin (dpkg -L orthanc-dicomweb).
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+DICOMWEB_ROOT = "/dicom-web/"
 
 
 def orthanc_binary() -> str:
@@ -57,6 +60,7 @@ class OrthancServer:
         http_port: int | None = None,
         modalities: dict[str, tuple[str, str, int]] | None = None,
         start_timeout_s: float = 60.0,
+        dicomweb: bool = False,
     ) -> None:
         self.root = Path(tmp_dir) / f"orthanc-{aet.lower()}"
         self.aet = aet
@@ -64,6 +68,9 @@ class OrthancServer:
         self.http_port = http_port or free_port()
         self.modalities = dict(modalities or {})
         self.start_timeout_s = start_timeout_s
+        self.dicomweb = dicomweb
+        if dicomweb and not Path(DICOMWEB_PLUGIN).is_file():
+            pytest.fail(f"{DICOMWEB_PLUGIN} is missing: the DICOMweb plugin comes with apt-get install orthanc-dicomweb")
         self.config_path = self.root / "orthanc.json"
         self.log_path = self.root / "orthanc.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -83,7 +90,7 @@ class OrthancServer:
             # thighnode re-sends an updated object with the same SOP Instance UID (reprocessing,
             # a prior that arrived later): the PACS must replace it.
             "OverwriteInstances": True,
-            "Plugins": [],
+            "Plugins": [DICOMWEB_PLUGIN] if self.dicomweb else [],
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
@@ -106,6 +113,8 @@ class OrthancServer:
             "HttpThreadsCount": 4,
             "StableAge": 1,
         }
+        if self.dicomweb:
+            config["DicomWeb"] = {"Enable": True, "Root": DICOMWEB_ROOT, "EnableWado": True, "Ssl": False}
         self.config_path.write_text(json.dumps(config, indent=2))
 
     @property
