@@ -45,23 +45,62 @@ async function waitForStack(page) {
 }
 
 async function showSlice(page, slice) {
-  // Scroll the (only) stack viewport to the CT instance, wait until it is rendered, return its canvas.
+  // Scroll the viewport on screen to the CT instance and return its canvas once two renderings a moment
+  // apart are the same and not blank. OHIF replaces the viewport instance (same id, same canvas) while it
+  // sets up a SEG it was given, so the viewport is looked up again before every rendering.
   return page.evaluate(async ({ sop, world }) => {
-    const { viewport } = window.cornerstone.getEnabledElements()[0];
-    const ids = viewport.getImageIds();
-    const index = ids.findIndex((id) => id.includes(`/instances/${sop}/`));
-    if (index < 0) throw new Error(`no image of SOPInstanceUID ${sop} among ${ids.length} in the viewport`);
-    await viewport.setImageIdIndex(index);
-    viewport.render();
-    await new Promise((resolve) => setTimeout(resolve, 400));
-    for (let i = 0; i < 3; i += 1) await new Promise((resolve) => requestAnimationFrame(resolve));
-    const canvas = viewport.canvas ?? viewport.element.querySelector('canvas');
-    const shown = viewport.getCurrentImageId();
+    const settle = () => new Promise((resolve) => setTimeout(() => requestAnimationFrame(resolve), 300));
+    const locate = () => {
+      const shown = window.cornerstone.getEnabledElements().filter((e) => e.viewport.canvas?.isConnected);
+      const ids = shown.length === 1 ? shown[0].viewport.getImageIds?.() ?? [] : [];
+      const index = ids.findIndex((id) => id.includes(`/instances/${sop}/`));
+      return { viewport: index >= 0 ? shown[0].viewport : null, index, seen: `${shown.length} viewports, ${ids.length} images` };
+    };
+    const grab = (canvas) => {
+      // Read the canvas right after cornerstone drew it (IMAGE_RENDERED), and whether anything is on it.
+      const scratch = document.createElement('canvas');
+      [scratch.width, scratch.height] = [canvas.width, canvas.height];
+      const context = scratch.getContext('2d', { willReadFrequently: true });
+      context.drawImage(canvas, 0, 0);
+      const { data } = context.getImageData(0, 0, scratch.width, scratch.height);
+      let drawn = false;
+      for (let i = 3; i < data.length && !drawn; i += 4) drawn = data[i] > 0;
+      return { png: canvas.toDataURL('image/png'), drawn };
+    };
+    const renderAndGrab = (viewport) => new Promise((resolve) => {
+      let settled = false;
+      const done = () => { if (!settled) { settled = true; resolve(grab(viewport.canvas)); } };
+      viewport.element.addEventListener(window.cornerstone.Enums.Events.IMAGE_RENDERED, done, { once: true });
+      setTimeout(done, 2000);
+      viewport.render();
+    });
+    let found = locate();
+    let previous = null;
+    let shot = null;
+    let attempt = 0;
+    for (; attempt < 60; attempt += 1) {
+      found = locate();
+      if (!found.viewport) {
+        previous = null;
+        await settle();
+        continue;
+      }
+      if (found.viewport.getCurrentImageIdIndex() !== found.index) await found.viewport.setImageIdIndex(found.index);
+      shot = await renderAndGrab(found.viewport);
+      if (shot.drawn && shot.png === previous) break;
+      previous = shot.drawn ? shot.png : null;
+      await settle();
+    }
+    if (!found.viewport || !shot) throw new Error(`no viewport showing SOPInstanceUID ${sop} (${found.seen})`);
+    const { viewport, index } = found;
     return {
       index,
-      shownImageId: shown,
-      png: canvas.toDataURL('image/png'),
-      canvasSize: [canvas.width, canvas.height],
+      renderings: attempt + 1,
+      stable: attempt < 60,
+      viewportsOnPage: window.cornerstone.getEnabledElements().length,
+      shownImageId: viewport.getCurrentImageId(),
+      png: shot.png,
+      canvasSize: [viewport.canvas.width, viewport.canvas.height],
       devicePixelRatio: window.devicePixelRatio,
       worldToCanvas: world.map((p) => Array.from(viewport.worldToCanvas(p))),
       cpuRendering: window.cornerstone.getShouldUseCPURendering?.() ?? null,
@@ -100,6 +139,8 @@ async function checkSeg(browser, seg) {
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 }, deviceScaleFactor: 1 });
   const errors = [];
   page.on('pageerror', (e) => errors.push(`pageerror: ${e.message}`));
+  const consoleErrors = [];
+  page.on('console', (m) => { if (m.type() === 'error') consoleErrors.push(m.text().slice(0, 500)); });
   page.on('response', (r) => {
     if (r.status() >= 400) errors.push(`HTTP ${r.status()} ${r.url()} (Accept: ${r.request().headers().accept})`);
   });
@@ -112,10 +153,12 @@ async function checkSeg(browser, seg) {
     const browserText = await page.locator('body').innerText();
     await page.getByText(seg.seriesDescription, { exact: true }).dblclick({ timeout });
     await page.waitForFunction(
-      () => (window.cornerstoneTools.segmentation.state.getSegmentations() ?? []).length > 0,
+      () => (window.cornerstone.getEnabledElements() ?? []).some(
+        (e) => e.viewport.canvas?.isConnected
+          && window.cornerstoneTools.segmentation.state.getSegmentationRepresentations(e.viewportId).length > 0,
+      ),
       null, { timeout },
     );
-    await page.waitForTimeout(1500);
     const overlay = await capture(page, seg.name, 'overlay');
     await page.screenshot({ path: join(request.outDir, `${seg.name}-page.png`) });
     return {
@@ -127,6 +170,7 @@ async function checkSeg(browser, seg) {
       plain,
       overlay,
       errors,
+      consoleErrors,
     };
   } catch (error) {
     await page.screenshot({ path: join(request.outDir, `${seg.name}-failed.png`) }).catch(() => {});

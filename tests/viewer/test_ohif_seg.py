@@ -6,7 +6,8 @@ frames omitted), an SR and a PDF are stored in Orthanc. For each SEG, OHIF opens
 rendered without and with the SEG (double-click on its thumbnail, as a reader does), and the coloured pixels
 the SEG adds are mapped back through cornerstone's own world-to-canvas transform onto the label map: they
 must cover the labelled voxels of that slice (patient's right on the image's left), sit on that slice's
-structure (no shift from omitted frames) and be absent on unlabelled slices. `make viewer-check` installs
+structure (no shift from omitted frames), be tinted with each segment's colour from the label table and be
+absent on unlabelled slices. `make viewer-check` installs
 what it needs (Chromium, Orthanc's DICOMweb plugin, node_modules, the OHIF build) and runs it.
 """
 
@@ -38,6 +39,7 @@ one with both structures, an empty last one."""
 OVERLAY_MIN_RGB_CHANGE = 40  # summed |difference| over R, G, B for a pixel to count as overlay
 MIN_DICE = 0.9
 MAX_CENTROID_ERROR_VOXELS = 0.5  # a one-slice shift moves the right structure by 2 rows
+MIN_COLOUR_COSINE = 0.95  # the overlay's colour shift against the segment colour's direction (1: the same)
 
 
 def _missing() -> str | None:
@@ -113,23 +115,34 @@ def _voxel_of_pixels(shot: dict[str, Any], shape: tuple[int, int]) -> tuple[np.n
     return np.where(outside, -1, r), np.where(outside, -1, c)
 
 
-def _compare(plain: dict[str, Any], overlay: dict[str, Any], sides: np.ndarray) -> dict[str, Any]:
-    """What the SEG added on one slice against ``sides`` (that slice's side map: 0 none, 1 right, 2 left)."""
+def _compare(
+    plain: dict[str, Any], overlay: dict[str, Any], sides: np.ndarray, colours: dict[int, tuple[int, int, int]]
+) -> dict[str, Any]:
+    """What the SEG added on one slice against ``sides`` (that slice's side map: 0 none, 1 right, 2 left),
+    whose structures have the label table's ``colours`` by side."""
     k = plain["k"]
     np.testing.assert_allclose(overlay["worldToCanvas"], plain["worldToCanvas"], atol=0.5,
                                err_msg=f"slice {k}: the camera moved when the SEG was loaded")
-    added = np.abs(_rgb(overlay["file"]) - _rgb(plain["file"])).sum(axis=-1) > OVERLAY_MIN_RGB_CHANGE
+    before, after = _rgb(plain["file"]), _rgb(overlay["file"])
+    added = np.abs(after - before).sum(axis=-1) > OVERLAY_MIN_RGB_CHANGE
     r, c = _voxel_of_pixels(overlay, sides.shape)
     inside = r >= 0
     shown_side = np.zeros(added.shape, np.uint8)
     shown_side[inside] = sides[r[inside], c[inside]]
     expected = shown_side > 0
     dice = 2 * int((added & expected).sum()) / max(int(added.sum()) + int(expected.sum()), 1)
-    errors = {}
+    errors, colour_match = {}, {}
     for side, name in ((1, "right"), (2, "left")):
         structure = sides == side
         if not structure.any():
             continue
+        # Blending: overlay = (1 - alpha) * image + alpha * colour, so the change points from the image's
+        # grey towards the segment's colour (RecommendedDisplayCIELabValue from the label table).
+        drawn = added & (shown_side == side)
+        if drawn.any():
+            change = (after[drawn] - before[drawn]).mean(axis=0)
+            towards = (np.array(colours[side], float) - before[drawn]).mean(axis=0)
+            colour_match[name] = float(change @ towards / (np.linalg.norm(change) * np.linalg.norm(towards)))
         columns = np.nonzero(structure.any(axis=0))[0]
         # The overlay pixels over this structure's column range (patient right: low columns), in voxels.
         here = added & inside & (c >= columns.min() - 3) & (c <= columns.max() + 3)
@@ -137,7 +150,7 @@ def _compare(plain: dict[str, Any], overlay: dict[str, Any], sides: np.ndarray) 
         seen = np.array([r[here].mean(), c[here].mean()]) if here.any() else np.array([np.inf, np.inf])
         errors[name] = (seen - truth).tolist()
     return {"k": k, "added": int(added.sum()), "expected": int(expected.sum()), "dice": dice,
-            "centroid_error_voxels": errors}
+            "centroid_error_voxels": errors, "colour_cosine": colour_match}
 
 
 def _known_orthanc_limitation(error: str, compression: str, study: ViewerStudy) -> bool:
@@ -163,6 +176,9 @@ def _problems(figure: dict[str, Any]) -> list[str]:
     for side, error in figure["centroid_error_voxels"].items():
         if not np.all(np.abs(error) <= MAX_CENTROID_ERROR_VOXELS):
             problems.append(f"slice {figure['k']}: {side} structure off by {error} voxels (rows, columns)")
+    for side, cosine in figure["colour_cosine"].items():
+        if cosine < MIN_COLOUR_COSINE:
+            problems.append(f"slice {figure['k']}: {side} structure not drawn in its segment's colour ({cosine:.3f})")
     return problems
 
 
@@ -175,18 +191,23 @@ def test_seg_overlay_in_ohif_falls_on_the_label_map(viewed: tuple[ViewerStudy, d
     assert [s["label"] for s in seg["segmentations"]] == [f"SEG {compression}"]
     assert sorted(g["label"] for g in seg["segmentations"][0]["segments"]) == ["Femur left", "Sartorius right"]
     sides = study.segmentation.side_map
+    labels = study.segmentation.labels
+    colours = {1: labels.by_key("sartorius").color, 2: labels.by_key("femur").color}
+    swapped = {1: colours[2], 2: colours[1]}
     for plain, overlay in zip(seg["plain"], seg["overlay"], strict=True):
         k = plain["k"]
         sop = study.volume.sop_instance_uids[k]
         assert f"/instances/{sop}/" in overlay["shownImageId"], f"slice {k}: the viewer shows {overlay['shownImageId']}"
-        figure = _compare(plain, overlay, sides[k])
+        assert plain["stable"] and overlay["stable"], f"slice {k}: the canvas never settled (blank or changing)"
+        figure = _compare(plain, overlay, sides[k], colours)
         print(compression, json.dumps(figure))
         assert not _problems(figure), f"{compression}: {_problems(figure)}: {figure}"
         if sides[k].any():
-            # The same pixels against a left-right flip and against the next slice must fail: the check sees
-            # a flipped or one-slice-shifted overlay.
-            assert _problems(_compare(plain, overlay, sides[k][:, ::-1])), f"slice {k}: a flip would pass"
-            assert _problems(_compare(plain, overlay, sides[k + 1])), f"slice {k}: a one-slice shift would pass"
+            # The same pixels against a left-right flip, the next slice or swapped segment colours must fail:
+            # the check sees a flipped, one-slice-shifted or mislabelled overlay.
+            assert _problems(_compare(plain, overlay, sides[k][:, ::-1], colours)), f"slice {k}: a flip would pass"
+            assert _problems(_compare(plain, overlay, sides[k + 1], colours)), f"slice {k}: a shift would pass"
+            assert _problems(_compare(plain, overlay, sides[k], swapped)), f"slice {k}: swapped colours would pass"
 
 
 def test_sr_and_pdf_are_listed_in_ohif(viewed: tuple[ViewerStudy, dict[str, Any]]) -> None:
