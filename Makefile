@@ -34,7 +34,7 @@ test-fast: install
 VIEWER_APT := $(if $(wildcard /usr/bin/chromium),,chromium) \
 	$(if $(wildcard /usr/share/orthanc/plugins/libOrthancDicomWeb.so),,orthanc-dicomweb)
 viewer-deps:
-	$(if $(strip $(VIEWER_APT)),apt-get install -y --no-install-recommends $(VIEWER_APT))
+	$(if $(strip $(VIEWER_APT)),apt-get update && apt-get install -y --no-install-recommends $(VIEWER_APT))
 	cd tests/viewer && npm ci --no-audit --no-fund && node fetch-ohif.mjs
 
 viewer-check: install viewer-deps
