@@ -7,8 +7,8 @@ rendered without and with the SEG (double-click on its thumbnail, as a reader do
 the SEG adds are mapped back through cornerstone's own world-to-canvas transform onto the label map: they
 must cover the labelled voxels of that slice (patient's right on the image's left), sit on that slice's
 structure (no shift from omitted frames), be tinted with each segment's colour from the label table and be
-absent on unlabelled slices. `make viewer-check` installs
-what it needs (Chromium, Orthanc's DICOMweb plugin, node_modules, the OHIF build) and runs it.
+absent on unlabelled slices. `make viewer-check` installs what it needs (Chromium, Orthanc's DICOMweb
+plugin, node_modules, the OHIF build) and runs it.
 """
 
 from __future__ import annotations
@@ -199,6 +199,11 @@ def test_seg_overlay_in_ohif_falls_on_the_label_map(viewed: tuple[ViewerStudy, d
         sop = study.volume.sop_instance_uids[k]
         assert f"/instances/{sop}/" in overlay["shownImageId"], f"slice {k}: the viewer shows {overlay['shownImageId']}"
         assert plain["stable"] and overlay["stable"], f"slice {k}: the canvas never settled (blank or changing)"
+        # Radiological display: +x (towards the patient's left) runs right on the canvas, +y (posterior) down,
+        # so the patient's right is on the image's left whatever the mapping used below.
+        origin, along_row, along_column = (np.array(p) for p in overlay["worldToCanvas"])
+        assert along_row[0] - origin[0] > 0 and abs(along_row[1] - origin[1]) < 1e-3, overlay["worldToCanvas"]
+        assert along_column[1] - origin[1] > 0 and abs(along_column[0] - origin[0]) < 1e-3, overlay["worldToCanvas"]
         figure = _compare(plain, overlay, sides[k], colours)
         print(compression, json.dumps(figure))
         assert not _problems(figure), f"{compression}: {_problems(figure)}: {figure}"
