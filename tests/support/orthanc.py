@@ -3,8 +3,9 @@
 ``OrthancServer`` writes a temporary JSON configuration (storage and index in the
 test's directory, loopback-only REST without authentication, no plugins unless
 ``dicomweb=True`` loads Debian's DICOMweb plugin at ``/dicom-web/``, free ports),
-runs ``/usr/sbin/Orthanc <config>`` as a subprocess logging to a file, and to its REST API with urllib. The process is always killed on exit, also
-when the test fails::
+runs ``/usr/sbin/Orthanc <config>`` as a subprocess logging to a file, and talks to
+its REST API with urllib. The process is always killed on exit, also when the test
+fails::
 
     with OrthancServer(tmp_path, modalities={"NODE": ("THIGHNODE", "127.0.0.1", port)}) as orthanc:
         ...C-STORE to 127.0.0.1:orthanc.dicom_port, AE orthanc.aet...
