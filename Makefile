@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 CONFIG ?=
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-fast bench demo train-demo evaluate-demo clean
+.PHONY: install serve test test-fast bench demo train-demo evaluate-demo clean viewer-deps viewer-check
 
 # A venv with the pinned torch first (the CPU build on a CPU host, CUDA on a GPU host),
 # then the project with its test extras.
@@ -28,6 +28,17 @@ test: install
 # The fast subset: everything but the tests marked integration (real node, Orthanc, dcmtk servers).
 test-fast: install
 	$(BIN)/pytest -m "not integration" $(PYTEST_ARGS)
+
+# The SEG, SR and PDF opened in OHIF in headless Chromium (README "Viewer check"): Debian's chromium and
+# orthanc-dicomweb, then tests/viewer's node_modules (npm ci) and the prebuilt OHIF (fetch-ohif.mjs).
+VIEWER_APT := $(if $(wildcard /usr/bin/chromium),,chromium) \
+	$(if $(wildcard /usr/share/orthanc/plugins/libOrthancDicomWeb.so),,orthanc-dicomweb)
+viewer-deps:
+	$(if $(strip $(VIEWER_APT)),apt-get update && apt-get install -y --no-install-recommends $(VIEWER_APT))
+	cd tests/viewer && npm ci --no-audit --no-fund && node fetch-ohif.mjs
+
+viewer-check: install viewer-deps
+	$(BIN)/pytest -m viewer tests/viewer $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/bench_ingress.py

@@ -1,10 +1,11 @@
 """A throwaway Orthanc server for integration tests (test support).
 
 ``OrthancServer`` writes a temporary JSON configuration (storage and index in the
-test's directory, loopback-only REST without authentication, no plugins, free
-ports), runs ``/usr/sbin/Orthanc <config>`` as a subprocess logging to a file, and
-talks to its REST API with urllib. The process is always killed on exit, also
-when the test fails::
+test's directory, loopback-only REST without authentication, no plugins unless
+``dicomweb=True`` loads Debian's DICOMweb plugin at ``/dicom-web/``, free ports),
+runs ``/usr/sbin/Orthanc <config>`` as a subprocess logging to a file, and talks to
+its REST API with urllib. The process is always killed on exit, also when the test
+fails::
 
     with OrthancServer(tmp_path, modalities={"NODE": ("THIGHNODE", "127.0.0.1", port)}) as orthanc:
         ...C-STORE to 127.0.0.1:orthanc.dicom_port, AE orthanc.aet...
@@ -29,6 +30,9 @@ from tests.support.ports import free_port, wait_for_port
 
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
 _INSTALL_HINT = "Orthanc is not installed; .ci/run installs it (apt-get install orthanc)"
+# Where Debian's orthanc-dicomweb package installs the plugin (dpkg -L orthanc-dicomweb).
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+DICOMWEB_ROOT = "/dicom-web/"
 
 
 def orthanc_binary() -> str:
@@ -59,6 +63,7 @@ class OrthancServer:
         start_timeout_s: float = 60.0,
         dicom_tls: tuple[Path, Path, Path] | None = None,
         dicom_tls_client_required: bool = True,
+        dicomweb: bool = False,
     ) -> None:
         """``dicom_tls`` = (certificate, private key, trusted CA certificates): Orthanc's
         DICOM port speaks TLS only (Orthanc 1.9+), requires a client certificate from those
@@ -71,6 +76,9 @@ class OrthancServer:
         self.start_timeout_s = start_timeout_s
         self.dicom_tls = dicom_tls
         self.dicom_tls_client_required = dicom_tls_client_required
+        self.dicomweb = dicomweb
+        if dicomweb and not Path(DICOMWEB_PLUGIN).is_file():
+            pytest.fail(f"{DICOMWEB_PLUGIN} is missing: the DICOMweb plugin comes with apt-get install orthanc-dicomweb")
         self.config_path = self.root / "orthanc.json"
         self.log_path = self.root / "orthanc.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -90,7 +98,7 @@ class OrthancServer:
             # thighnode re-sends an updated object with the same SOP Instance UID (reprocessing,
             # a prior that arrived later): the PACS must replace it.
             "OverwriteInstances": True,
-            "Plugins": [],
+            "Plugins": [DICOMWEB_PLUGIN] if self.dicomweb else [],
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
@@ -128,6 +136,8 @@ class OrthancServer:
                     },
                 }
             )
+        if self.dicomweb:
+            config["DicomWeb"] = {"Enable": True, "Root": DICOMWEB_ROOT, "EnableWado": True, "Ssl": False}
         self.config_path.write_text(json.dumps(config, indent=2))
 
     @property
