@@ -100,12 +100,21 @@ def prefix(run_flags: tuple[str, ...] | None) -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+@pytest.fixture()
+def scratch() -> Iterator[Path]:
+    """A world-readable directory outside the tester's 0700 temporary directories (uid 10001 must reach it)."""
+    path = Path(tempfile.mkdtemp(prefix="thighnode-run-", dir="/var/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def test_the_image_steps_install_a_node_that_runs_unprivileged_with_only_its_data_dir_writable(
-    prefix: Path, tmp_path: Path
+    prefix: Path, scratch: Path, tmp_path: Path
 ) -> None:
     as_root = os.geteuid() == 0
-    scratch = Path(tempfile.mkdtemp(prefix="thighnode-run-", dir="/var/tmp"))
-    scratch.chmod(0o755)
     data, tmp = scratch / "data", scratch / "tmp"
     data.mkdir()
     tmp.mkdir(mode=0o1777)
@@ -115,6 +124,9 @@ def test_the_image_steps_install_a_node_that_runs_unprivileged_with_only_its_dat
     port = free_port()
     env = {  # the image's ENV, with the port moved to a free one on loopback
         "PATH": f"{prefix}/.venv/bin:/usr/bin:/bin", "THIGHNODE_HOME": str(data), "HOME": str(data),
+        # MONAI asks getpass.getuser() at import: without USER/LOGNAME a uid with no passwd entry
+        # (here 10001; in the image it has one, but `--user <any uid>` has not) stops the node.
+        "USER": "thighnode", "LOGNAME": "thighnode",
         "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "MPLCONFIGDIR": f"{tmp}/matplotlib",
         "XDG_CACHE_HOME": f"{tmp}/cache", "TMPDIR": str(tmp),
         "THIGHNODE_NODE__DATA_DIR": str(data), "THIGHNODE_NODE__HOST": "127.0.0.1", "THIGHNODE_NODE__PORT": str(port),
@@ -157,7 +169,6 @@ def test_the_image_steps_install_a_node_that_runs_unprivileged_with_only_its_dat
     assert (data / "thighnode.db").is_file() and (data / "spool").is_dir()
     if as_root:
         assert _world_writable_entries_of(UID, ("/tmp", "/var/tmp", "/dev/shm"), (data, tmp, scratch)) == []
-    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _podman_pip_args() -> list[str]:
@@ -202,9 +213,10 @@ def image(run_flags: tuple[str, ...] | None) -> str:
 
 
 def test_the_image_runs_unprivileged_read_only_and_becomes_healthy(
-    image: str, run_flags: tuple[str, ...], tmp_path: Path
+    image: str, run_flags: tuple[str, ...], scratch: Path
 ) -> None:
-    data = Path(tempfile.mkdtemp(prefix="thighnode-volume-", dir="/var/tmp"))
+    data = scratch / "volume"
+    data.mkdir()
     os.chown(data, UID, UID)
     port = free_port()
     name = f"thighnode-test-{port}"
@@ -240,6 +252,5 @@ def test_the_image_runs_unprivileged_read_only_and_becomes_healthy(
         exit_code = _run(["podman", "inspect", "-f", "{{.State.ExitCode}}", name]).stdout.strip()
         logs = _run(["podman", "logs", name]).stderr
         _run(["podman", "rm", "-f", name])
-        shutil.rmtree(data, ignore_errors=True)
     assert exit_code == "0", logs[-4000:]
     assert "node stopped" in logs
