@@ -231,4 +231,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Run as a script, read the code of this checkout (not whichever one the venv has installed).
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(main())
