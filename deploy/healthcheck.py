@@ -27,7 +27,8 @@ from scp.status import STATUS_SUCCESS
 from thighnode.settings import load_settings
 
 CALLING_AE_TITLE = "HEALTHCHECK"
-_WILDCARD_HOSTS = {"", "0.0.0.0", "::"}
+#: A listening address that means "every interface" -> the loopback address to check it on.
+_LOOPBACK_OF_WILDCARD = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 def check(host: str, port: int, called_ae_title: str, timeout_s: float) -> tuple[bool, str]:
@@ -63,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds for the connection and each answer")
     args = parser.parse_args(argv)
     settings = load_settings(args.config)
-    host = "127.0.0.1" if settings.node.host in _WILDCARD_HOSTS else settings.node.host
+    host = _LOOPBACK_OF_WILDCARD.get(settings.node.host, settings.node.host)
     healthy, message = check(host, settings.node.port, settings.node.ae_title, args.timeout)
     print(("healthy: " if healthy else "unhealthy: ") + message, file=sys.stdout if healthy else sys.stderr)
     return 0 if healthy else 1
