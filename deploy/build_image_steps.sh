@@ -14,6 +14,7 @@
 # Environment:
 #   PYTHON       the interpreter for the venv (default python3)
 #   TORCH_SPEC   the torch requirement (default torch==2.13.0, the project's pin)
+#   THIGHNODE_EXTRAS  optional extras of the project to install too, comma-separated (e.g. celery)
 #   PIP_*        passed to pip as usual (e.g. PIP_FIND_LINKS=/wheels, PIP_INDEX_URL for a CUDA build)
 set -euo pipefail
 if [ $# -ne 2 ]; then
@@ -24,6 +25,10 @@ src="$(cd "$1" && pwd)"
 prefix="$2"
 python="${PYTHON:-python3}"
 torch_spec="${TORCH_SPEC:-torch==2.13.0}"
+project="$prefix"
+if [ -n "${THIGHNODE_EXTRAS:-}" ]; then
+    project="$prefix[$THIGHNODE_EXTRAS]"
+fi
 
 # 1. The runtime files of the source tree (what the node reads at run time, nothing else).
 mkdir -p "$prefix"
@@ -42,7 +47,7 @@ find "$prefix" -name '*.egg-info' -type d -prune -exec rm -rf {} +
 #    CPU host), then the project, editable, without pip's cache.
 "$python" -m venv "$prefix/.venv"
 "$prefix/.venv/bin/pip" install --no-cache-dir --disable-pip-version-check -q "$torch_spec"
-"$prefix/.venv/bin/pip" install --no-cache-dir --disable-pip-version-check -q -e "$prefix"
+"$prefix/.venv/bin/pip" install --no-cache-dir --disable-pip-version-check -q -e "$project"
 
 # 3. Byte-compile the project (pip compiled the venv's packages), so nothing is written beside the
 #    code at run time.
