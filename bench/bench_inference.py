@@ -28,6 +28,7 @@ import argparse
 import json
 import multiprocessing as mp
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{model:>10} labels new vs baseline{tta}: {100 * same:.4f} % of voxels agree; Dice per structure "
                   f"min {min(dice.values()):.4f}, median {float(np.median(list(dice.values()))):.4f} (lowest: "
                   + ", ".join(f"label {k} {v:.4f}" for k, v in low) + ")")
+    shutil.rmtree(out_dir, ignore_errors=True)
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
     return 0
