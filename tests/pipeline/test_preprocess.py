@@ -15,6 +15,8 @@ from pipeline.preprocess import (
     prepare,
     restore_labels,
     restore_probabilities,
+    restore_probabilities_dense,
+    uniform_cells,
     window_gamma,
 )
 
@@ -129,6 +131,44 @@ def test_restore_rejects_wrong_shape() -> None:
     _, plan = prepare(hu, np.diag([2.0, 1.0, 1.0, 1.0]), PreprocessSettings(spacing_mm=(3, 3, 3)))
     with pytest.raises(ValueError, match="not \\(C"):
         restore_probabilities(np.zeros((2, 3, 3, 3), np.float32), plan)
+
+
+def _smooth_scores(shape: tuple[int, int, int], classes: int, seed: int) -> np.ndarray:
+    """Softmax of smooth random fields: structures of a few voxels, continuous scores (no ties)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand((1, classes) + tuple(max(2, n // 4) for n in shape), generator=g)
+    fields = torch.nn.functional.interpolate(low, size=shape, mode="trilinear", align_corners=False)[0]
+    return torch.softmax(fields * 30.0, dim=0).numpy()
+
+
+@pytest.mark.parametrize("perm,flips,model_mm", [
+    ((0, 1, 2), (False, False, False), (2.0, 2.0, 2.0)),  # upsampled on every axis
+    ((2, 0, 1), (True, False, True), (3.0, 1.6, 0.6)),  # downsampled along one axis
+    ((1, 2, 0), (False, True, True), (1.0, 2.4, 1.8)),
+])
+def test_restore_probabilities_gives_the_dense_restore_labels(perm, flips, model_mm) -> None:
+    hu, _ = _phantom()
+    t_hu = np.ascontiguousarray(np.transpose(hu, perm))
+    affine = np.eye(4)
+    for j in range(3):
+        affine[j, j] = (2.0, 0.8, 0.9)[perm[j]] * (-1 if flips[j] else 1)
+    _, plan = prepare(t_hu, affine, PreprocessSettings(spacing_mm=model_mm, foreground_margin_mm=3.0))
+    scores = _smooth_scores(plan.model_shape, 6, seed=sum(perm))
+    dense = restore_probabilities_dense(scores, plan)
+    fast = restore_probabilities(scores, plan, slab_budget_bytes=64 * 1024)  # many slabs and chunks
+    assert fast.shape == dense.shape == t_hu.shape and fast.dtype == np.uint8
+    assert np.array_equal(fast, dense), f"{np.count_nonzero(fast != dense)} of {fast.size} voxels differ"
+    # the interpolation matters here: nearest-neighbour labels differ from it on many voxels
+    nearest = restore_labels(np.argmax(scores, axis=0).astype(np.uint8), plan)
+    assert np.count_nonzero(nearest != dense) > 0.001 * dense.size
+
+
+def test_uniform_cells_marks_cells_whose_8_corners_share_a_label() -> None:
+    labels = np.zeros((3, 4, 5), dtype=np.uint8)
+    labels[2, 3, 4] = 1  # the far corner: only the cells touching it are mixed
+    cells = uniform_cells(labels)
+    mixed = {tuple(int(v) for v in i) for i in np.argwhere(~cells)}
+    assert mixed == {(1, 2, 3), (1, 2, 4), (1, 3, 3), (1, 3, 4), (2, 2, 3), (2, 2, 4), (2, 3, 3)}
 
 
 def test_settings_validation() -> None:
