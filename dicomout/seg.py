@@ -55,6 +55,7 @@ from pydicom.uid import (
 
 from dicomout import codes
 from dicomout.errors import OutputError
+from dicomout.seg_frames import bulk_applies, fill_binary_frames, skeleton_array
 from dicomout.uids import SEG_SERIES, output_uid, tracking_uid
 from pipeline.labels import Label
 from pipeline.types import SIDE_LEFT, SIDE_NAMES, SIDE_NONE, SIDE_RIGHT, Segmentation, Volume
@@ -392,7 +393,8 @@ def build_seg(
     series_number: int = SEG_SERIES.number, instance_number: int = 1,
     workers: int = 0, omit_empty_frames: bool = True,
     series_uid: str | None = None, instance_uid: str | None = None, series_description: str | None = None,
-) -> hd.seg.Segmentation:
+    highdicom_frames: bool = False,
+) -> Dataset:
     """Build the DICOM Segmentation (PS3.3 A.51, or A.51.x Label Map Segmentation) of a study.
 
     Args:
@@ -411,9 +413,14 @@ def build_seg(
         omit_empty_frames: leave out frames with no pixel of their segment (highdicom's default; each
             frame kept has its PlanePositionSequence: readers place it by position, not by index).
         series_uid, instance_uid, series_description: instead of those from the source series and model.
+        highdicom_frames: let highdicom build every frame (its Segmentation constructor) even where
+            :mod:`dicomout.seg_frames` applies (BINARY, native or deflated, empty frames omitted, two or
+            more segments): the same dataset, 2-3 times slower (bench/bench_seg.py's baseline).
 
     Returns:
-        The Segmentation dataset (write it with ``save_as``).
+        The Segmentation dataset (write it with ``save_as``): a :class:`highdicom.seg.Segmentation`, or, where
+        :mod:`dicomout.seg_frames` built the frames, a plain Dataset with the same attributes (read it with
+        ``highdicom.seg.Segmentation.from_dataset`` or ``hd.seg.segread`` once written).
 
     Raises:
         BuildError: the inputs are inconsistent (shape, geometry, missing sources, empty
@@ -429,12 +436,16 @@ def build_seg(
     segments, array = plan_segments(segmentation, instance_uid)
     descriptions = _segment_descriptions(segments, segmentation, manufacturer, volume.series_instance_uid)
 
+    rows, cols = volume.shape[1:]
+    bulk = not highdicom_frames and bulk_applies(
+        segmentation_type, ts, omit_empty_frames, len(segments), rows, cols
+    )
     try:
         seg = hd.seg.Segmentation(
             source_images=ordered,
-            pixel_array=array,
+            pixel_array=skeleton_array(array) if bulk else array,
             segmentation_type=segmentation_type,
-            segment_descriptions=descriptions,
+            segment_descriptions=descriptions[:1] if bulk else descriptions,
             series_instance_uid=series_uid,
             series_number=series_number,
             sop_instance_uid=instance_uid,
@@ -449,6 +460,8 @@ def build_seg(
             omit_empty_frames=omit_empty_frames,
             workers=workers,
         )
+        if bulk:
+            seg = fill_binary_frames(seg, array, descriptions, volume.sop_instance_uids)
     except (ValueError, TypeError) as exc:
         raise BuildError(f"highdicom refused the Segmentation ({segmentation_type}, {ts.name}): {exc}") from exc
     seg.file_meta.TransferSyntaxUID = ts  # Deflated: pydicom deflates the dataset when it is written
