@@ -85,49 +85,55 @@ def skeleton_array(array: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SegmentFrames:
-    """Where one segment has pixels: the slices (volume index k, in frame order) and the packed frames."""
+    """Where one segment has pixels: the slices (volume index k) in frame order, and its first frame's index."""
 
     number: int
     slices: np.ndarray
-    frames: np.ndarray  # (len(slices), bytes per frame) uint8
+    first_frame: int
 
 
-def pack_segment_frames(array: np.ndarray, numbers: Sequence[int], rank: np.ndarray) -> list[SegmentFrames]:
-    """Each segment's non-empty frames, 1 bit per pixel, in the order of ``rank`` (the slice's place along
-    the normal), compared with ``array`` only inside the segment's bounding box.
+def pack_frames(array: np.ndarray, numbers: Sequence[int], rank: np.ndarray) -> tuple[list[SegmentFrames], bytes]:
+    """Each segment's non-empty frames, 1 bit per pixel, segment after segment, each segment's slices in the
+    order of ``rank`` (the slice's place along the normal), and the Pixel Data holding them.
 
-    ``array[k, r, c]`` is the segment number of the voxel (0 = background).
+    ``array[k, r, c]`` is the segment number of the voxel (0 = background); it is compared with each segment
+    only inside that segment's bounding box, and only the box is packed where whole bytes of a row hold
+    whole columns (columns a multiple of 8).
     """
     n_slices, rows, cols = array.shape
     frame_bytes = rows * cols // 8
     boxes = ndimage.find_objects(array, max_label=max(numbers))
     aligned = cols % 8 == 0
-    result = []
+    segments: list[SegmentFrames] = []
+    crops: list[tuple[slice, int, int, np.ndarray]] = []
+    n_frames = 0
     for number in numbers:
         box = boxes[number - 1]
         if box is None:
             continue
         ks, rs, cs = box
-        if aligned:  # whole bytes of each row: pack only the box, widened to multiples of 8 columns
+        if aligned:  # widened to whole bytes
             c0, c1 = cs.start // 8 * 8, min(cols, -(-cs.stop // 8) * 8)
         else:
             c0, c1 = cs.start, cs.stop
         inside = array[ks, rs, c0:c1] == number
         present = np.flatnonzero(inside.any(axis=(1, 2)))
-        slices = ks.start + present
-        order = np.argsort(rank[slices], kind="stable")
-        slices, inside = slices[order], inside[present[order]]
-        frames = np.zeros((len(slices), frame_bytes), dtype=np.uint8)
+        order = np.argsort(rank[ks.start + present], kind="stable")
+        inside = inside[present[order]]
+        crops.append((rs, c0, c1, np.packbits(inside, axis=-1, bitorder="little") if aligned else inside))
+        segments.append(SegmentFrames(number, ks.start + present[order], n_frames))
+        n_frames += len(present)
+    frames = np.zeros((n_frames, frame_bytes), dtype=np.uint8)
+    for seg, (rs, c0, c1, crop) in zip(segments, crops, strict=True):
+        block = frames[seg.first_frame : seg.first_frame + len(seg.slices)]
         if aligned:
-            frames.reshape(len(slices), rows, cols // 8)[:, rs, c0 // 8 : c1 // 8] = np.packbits(
-                inside, axis=-1, bitorder="little"
-            )
+            block.reshape(len(seg.slices), rows, cols // 8)[:, rs, c0 // 8 : c1 // 8] = crop
         else:
-            full = np.zeros((len(slices), rows, cols), dtype=bool)
-            full[:, rs, c0:c1] = inside
-            frames[:] = np.packbits(full.reshape(len(slices), -1), axis=-1, bitorder="little")
-        result.append(SegmentFrames(number, slices, frames))
-    return result
+            full = np.zeros((len(seg.slices), rows, cols), dtype=bool)
+            full[:, rs, c0:c1] = crop
+            block[:] = np.packbits(full.reshape(len(seg.slices), -1), axis=-1, bitorder="little")
+    del crops
+    return segments, frames.tobytes()
 
 
 def _encode(element: DataElement) -> bytes:
@@ -181,7 +187,7 @@ def fill_binary_frames(
             _encode(item["PlanePositionSequence"]),
         )
 
-    segments = pack_segment_frames(array, [int(d.SegmentNumber) for d in segment_descriptions], rank)
+    segments, pixel_data = pack_frames(array, [int(d.SegmentNumber) for d in segment_descriptions], rank)
     # DimensionIndexValues' position: rank among the slices that hold any segment (highdicom drops the others).
     used = np.zeros(len(rank), dtype=bool)
     for seg in segments:
@@ -213,8 +219,6 @@ def fill_binary_frames(
     result.SegmentSequence = list(segment_descriptions)
     result.NumberOfFrames = sum(len(seg.slices) for seg in segments)
     correct_ambiguous_vr(result, True)  # while every sequence is still a Dataset
-    pixel_data = b"".join(seg.frames.data for seg in segments)
-    del segments
     if len(pixel_data) % 2:
         pixel_data += b"\0"
     result.add(DataElement(_PIXEL_DATA_TAG, "OB", pixel_data))
