@@ -101,6 +101,31 @@ def stage_peaks(log_text: str, samples: list[tuple[float, float]]) -> list[tuple
     return peaks
 
 
+def wait_delivered(node: NodeProcess, timeout_s: float) -> None:
+    """Until a job has ended and no outbox item is pending, read from the node's database (on a loaded
+    machine ``thighnode status`` can take longer than its 60 s limit)."""
+    import sqlite3
+
+    db = node.data_dir / "thighnode.db"
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if node.proc is not None and node.proc.poll() is not None:
+            raise RuntimeError(f"node exited with {node.proc.returncode}; log:\n{node.log()[-3000:]}")
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+            try:
+                ended = con.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('done', 'declined', 'failed')").fetchone()[0]
+                pending = con.execute("SELECT COUNT(*) FROM outbox WHERE state = 'pending'").fetchone()[0]
+            finally:
+                con.close()
+            if ended and not pending:
+                return
+        except sqlite3.OperationalError:
+            pass  # not created yet, or busy
+        time.sleep(1.0)
+    raise TimeoutError(f"the study's outputs were not delivered within {timeout_s:.0f} s")
+
+
 SEG_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
 TARGET_PCT = {"BINARY": 10.0, "LABELMAP": 1.0}
 
@@ -191,11 +216,7 @@ def main() -> int:
                     print(out.stderr)
                     return 1
                 print(f"C-STORE of the study: {t_sent - t_send:.1f} s ({n / (t_sent - t_send):.1f} instances/s)")
-                status = node.wait_for(
-                    lambda s: any(j["state"] in ("done", "declined", "failed") for j in s["jobs"])
-                    and s["outbox_counts"].get("pending", 0) == 0,
-                    timeout_s=3600, what="the study's outputs to be delivered",
-                )
+                wait_delivered(node, timeout_s=3600)
                 peak = _peak_rss_mb(node.proc.pid) if node.proc else float("nan")
             finally:
                 if sampler:
