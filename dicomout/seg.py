@@ -17,7 +17,9 @@ a CT volume's grid) into a highdicom :class:`highdicom.seg.Segmentation`:
   frame's PlanePositionSequence from its source slice and references it in
   DerivationImageSequence (PS3.3 C.7.6.16.2.6);
 * ``segmentation_type="BINARY"`` (Segmentation Storage, 1 bit per pixel, one frame per
-  segment and slice, empty frames omitted) or ``"LABELMAP"`` (Label Map Segmentation
+  segment and slice, empty frames omitted; with native or deflated frames highdicom builds the
+  object around one marker frame per slice and :mod:`dicomout.seg_frames` adds the frames and
+  their per-frame functional groups in bulk: the same dataset, in a third of the time) or ``"LABELMAP"`` (Label Map Segmentation
   Storage, 1.2.840.10008.5.1.4.1.1.66.7, one 8/16-bit frame per non-empty slice whose
   pixel value is the segment number), each with a lossless transfer syntax
   (:data:`BINARY_TRANSFER_SYNTAXES`, :data:`LABELMAP_TRANSFER_SYNTAXES`; by default Deflated

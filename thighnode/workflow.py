@@ -419,7 +419,9 @@ class Workflow:
             with _stage(job, builder.name, timings):
                 ds = builder.build(context, MappingProxyType({name: built[name] for name in builder.needs}))
                 output = _write(ds, out_dir, builder.name)
-            built[builder.name] = ds
+            if any(builder.name in later.builder.needs for later in self._outputs):
+                built[builder.name] = ds  # only what a builder reads is held (a BINARY SEG holds 330 MB of frames)
+            del ds
             if planned.send:
                 files.append(output)
         return files
