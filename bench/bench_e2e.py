@@ -102,7 +102,7 @@ def stage_peaks(log_text: str, samples: list[tuple[float, float]]) -> list[tuple
 
 
 def wait_delivered(node: NodeProcess, timeout_s: float) -> None:
-    """Until a job has ended and no outbox item is pending, read from the node's database (on a loaded
+    """Until every job has ended and no outbox item is pending, read from the node's database (on a loaded
     machine ``thighnode status`` can take longer than its 60 s limit)."""
     import sqlite3
 
@@ -115,10 +115,13 @@ def wait_delivered(node: NodeProcess, timeout_s: float) -> None:
             con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
             try:
                 ended = con.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('done', 'declined', 'failed')").fetchone()[0]
+                open_jobs = con.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE state NOT IN ('done', 'declined', 'failed')"
+                ).fetchone()[0]
                 pending = con.execute("SELECT COUNT(*) FROM outbox WHERE state = 'pending'").fetchone()[0]
             finally:
                 con.close()
-            if ended and not pending:
+            if ended and not open_jobs and not pending:  # a study split by a slow C-STORE is reprocessed whole
                 return
         except sqlite3.OperationalError:
             pass  # not created yet, or busy
@@ -174,6 +177,8 @@ def main() -> int:
     parser.add_argument("--seg-type", default="BINARY", choices=["BINARY", "LABELMAP"])
     parser.add_argument("--binary-compression", default="deflate", choices=["deflate", "JPEG2000", "none"])
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--quiet-period-s", type=float, default=2.0,
+                        help="the node's quiet period; longer on a loaded machine, where C-STORE can pause longer")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="thighnode-bench-e2e-"))
@@ -199,7 +204,7 @@ def main() -> int:
                 f'[outputs]\nseg_type = "{args.seg_type}"\nbinary_compression = "{args.binary_compression}"\n\n'
                 f'[[destinations]]\nname = "pacs"\nae_title = "{pacs.aet}"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\n'
             )
-            node = NodeProcess(tmp / "node", quiet_period_s=2.0, extra_config=extra, load_model=True, port=node_port)
+            node = NodeProcess(tmp / "node", quiet_period_s=args.quiet_period_s, extra_config=extra, load_model=True, port=node_port)
             (tmp / "node").mkdir(parents=True, exist_ok=True)
             node.start(timeout_s=300)
             sampler = RssSampler(node.proc.pid) if node.proc else None
