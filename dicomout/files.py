@@ -4,7 +4,8 @@ pydicom's ``save_as`` encodes each element into a buffer of its own and, for Def
 Endian (PS3.5 A.5), the whole dataset into memory before compressing it: a BINARY SEG of 330 MB of
 frames passes through two or three such copies (issue 24: end-to-end memory). :func:`write_part10`
 writes the file meta information and every element other than native Pixel Data with pydicom, then the
-Pixel Data in slices of :data:`CHUNK_BYTES` straight to the file, through one zlib stream where the
+Pixel Data (bytes, or a buffer with ``getbuffer()`` such as :class:`io.BytesIO` or
+:class:`dicomout.seg_frames.FramesBuffer`) in slices of :data:`CHUNK_BYTES` straight to the file, through one zlib stream where the
 transfer syntax is Deflated. Encapsulated (compressed-frame) Pixel Data is left to pydicom.
 """
 
@@ -74,7 +75,9 @@ def write_part10(ds: Dataset, path: Path) -> None:
     ts = ds.file_meta.TransferSyntaxUID
     pixel_elem = ds.get_item(_PIXEL_DATA) if _PIXEL_DATA in ds else None
     native = pixel_elem is None or (
-        not pixel_elem.is_raw and isinstance(pixel_elem.value, bytes) and not ts.is_encapsulated
+        not pixel_elem.is_raw
+        and (isinstance(pixel_elem.value, bytes) or callable(getattr(pixel_elem.value, "getbuffer", None)))
+        and not ts.is_encapsulated
     )
     after_pixels = any(tag > _PIXEL_DATA for tag in ds.keys())  # e.g. DataSetTrailingPadding: pydicom orders it
     if ts not in _STREAMED or not native or after_pixels:
@@ -100,7 +103,7 @@ def write_part10(ds: Dataset, path: Path) -> None:
         fp.is_little_endian, fp.is_implicit_VR = True, False
         write_dataset(fp, head)
         if pixel_elem is not None:
-            value = memoryview(pixel_elem.value)
+            value = memoryview(pixel_elem.value) if isinstance(pixel_elem.value, bytes) else pixel_elem.value.getbuffer()
             vr = pixel_elem.VR if pixel_elem.VR in ("OB", "OW") else ("OW" if int(ds.get("BitsAllocated", 8)) > 8 else "OB")
             padded = len(value) + len(value) % 2
             fp.write_tag(_PIXEL_DATA)

@@ -28,6 +28,7 @@ Deflated (any other syntax parses it and writes it element by element, correct b
 
 from __future__ import annotations
 
+import io
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,6 +57,45 @@ _FRAME_CONTENT = struct.Struct("<HH2sHIHHIHH2sHII")
 
 class BulkFrameError(ValueError):
     """The skeleton highdicom built is not what the bulk builder expects (dicomout.seg reports it)."""
+
+
+class FramesBuffer(io.BufferedIOBase):
+    """A read-only, seekable view of the packed frames: a buffered Pixel Data value (pydicom writes it in
+    chunks), so the frames are not copied into a bytes object as well."""
+
+    def __init__(self, frames: np.ndarray) -> None:
+        super().__init__()
+        self._view = memoryview(np.ascontiguousarray(frames)).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._pos + size)
+        chunk = bytes(self._view[self._pos : end])
+        self._pos = max(self._pos, end)
+        return chunk
+
+    def read1(self, size: int = -1) -> bytes:
+        return self.read(size)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        if base + offset < 0:
+            raise ValueError(f"seek to {base + offset}: before the start of the frames")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def getbuffer(self) -> memoryview:
+        """The frames' bytes, without a copy (read-only)."""
+        return self._view.toreadonly()
 
 
 def bulk_applies(
@@ -92,9 +132,10 @@ class SegmentFrames:
     first_frame: int
 
 
-def pack_frames(array: np.ndarray, numbers: Sequence[int], rank: np.ndarray) -> tuple[list[SegmentFrames], bytes]:
+def pack_frames(array: np.ndarray, numbers: Sequence[int], rank: np.ndarray) -> tuple[list[SegmentFrames], np.ndarray]:
     """Each segment's non-empty frames, 1 bit per pixel, segment after segment, each segment's slices in the
-    order of ``rank`` (the slice's place along the normal), and the Pixel Data holding them.
+    order of ``rank`` (the slice's place along the normal), and the Pixel Data holding them (uint8, one row
+    per frame).
 
     ``array[k, r, c]`` is the segment number of the voxel (0 = background); it is compared with each segment
     only inside that segment's bounding box, and only the box is packed where whole bytes of a row hold
@@ -133,7 +174,7 @@ def pack_frames(array: np.ndarray, numbers: Sequence[int], rank: np.ndarray) -> 
             full[:, rs, c0:c1] = crop
             block[:] = np.packbits(full.reshape(len(seg.slices), -1), axis=-1, bitorder="little")
     del crops
-    return segments, frames.tobytes()
+    return segments, frames
 
 
 def _encode(element: DataElement) -> bytes:
@@ -187,7 +228,7 @@ def fill_binary_frames(
             _encode(item["PlanePositionSequence"]),
         )
 
-    segments, pixel_data = pack_frames(array, [int(d.SegmentNumber) for d in segment_descriptions], rank)
+    segments, frames = pack_frames(array, [int(d.SegmentNumber) for d in segment_descriptions], rank)
     # DimensionIndexValues' position: rank among the slices that hold any segment (highdicom drops the others).
     used = np.zeros(len(rank), dtype=bool)
     for seg in segments:
@@ -219,10 +260,12 @@ def fill_binary_frames(
     result.SegmentSequence = list(segment_descriptions)
     result.NumberOfFrames = sum(len(seg.slices) for seg in segments)
     correct_ambiguous_vr(result, True)  # while every sequence is still a Dataset
-    if len(pixel_data) % 2:
-        pixel_data += b"\0"
-    result.add(DataElement(_PIXEL_DATA_TAG, "OB", pixel_data))
-    del pixel_data
+    if frames.size % 2:  # padded to an even length (PS3.5 7.1.1): a copy, only for small odd frames
+        pixel_value: bytes | FramesBuffer = frames.tobytes() + b"\0"
+    else:  # the frames as they are, no copy: pydicom reads them from the buffer when writing
+        pixel_value = FramesBuffer(frames)
+    result.add(DataElement(_PIXEL_DATA_TAG, "OB", pixel_value))
+    del frames
     result[_PER_FRAME_TAG] = RawDataElement(_PER_FRAME_TAG, "SQ", 0xFFFFFFFF, b"".join(items), 0, False, True)
     # Encoded as Explicit VR Little Endian already: the writer keeps the raw element as it is.
     result.set_original_encoding(False, True, convert_encodings(result.get("SpecificCharacterSet", "ISO_IR 6")))
