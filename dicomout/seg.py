@@ -57,7 +57,7 @@ from pydicom.uid import (
 
 from dicomout import codes
 from dicomout.errors import OutputError
-from dicomout.seg_frames import bulk_applies, fill_binary_frames, skeleton_array
+from dicomout.seg_frames import BulkFrameError, bulk_applies, fill_binary_frames, skeleton_array
 from dicomout.uids import SEG_SERIES, output_uid, tracking_uid
 from pipeline.labels import Label
 from pipeline.types import SIDE_LEFT, SIDE_NAMES, SIDE_NONE, SIDE_RIGHT, Segmentation, Volume
@@ -442,30 +442,43 @@ def build_seg(
     bulk = not highdicom_frames and bulk_applies(
         segmentation_type, ts, omit_empty_frames, len(segments), rows, cols
     )
-    try:
-        seg = hd.seg.Segmentation(
-            source_images=ordered,
-            pixel_array=skeleton_array(array) if bulk else array,
-            segmentation_type=segmentation_type,
-            segment_descriptions=descriptions[:1] if bulk else descriptions,
-            series_instance_uid=series_uid,
-            series_number=series_number,
-            sop_instance_uid=instance_uid,
-            instance_number=instance_number,
-            manufacturer=manufacturer,
-            manufacturer_model_name=manufacturer_model_name,
-            software_versions=software_version,
-            device_serial_number=device_serial,
-            content_label=CONTENT_LABEL,
-            content_description=f"Thigh and hip muscles by {segmentation.model_name} {segmentation.model_version}"[:64],
-            transfer_syntax_uid=_frame_syntax(ts),
-            omit_empty_frames=omit_empty_frames,
-            workers=workers,
-        )
-        if bulk:
-            seg = fill_binary_frames(seg, array, descriptions, volume.sop_instance_uids)
-    except (ValueError, TypeError) as exc:
-        raise BuildError(f"highdicom refused the Segmentation ({segmentation_type}, {ts.name}): {exc}") from exc
+    def highdicom_seg(pixel_array: np.ndarray, segment_descriptions: list[hd.seg.SegmentDescription]) -> Dataset:
+        try:
+            return hd.seg.Segmentation(
+                source_images=ordered,
+                pixel_array=pixel_array,
+                segmentation_type=segmentation_type,
+                segment_descriptions=segment_descriptions,
+                series_instance_uid=series_uid,
+                series_number=series_number,
+                sop_instance_uid=instance_uid,
+                instance_number=instance_number,
+                manufacturer=manufacturer,
+                manufacturer_model_name=manufacturer_model_name,
+                software_versions=software_version,
+                device_serial_number=device_serial,
+                content_label=CONTENT_LABEL,
+                content_description=f"Thigh and hip muscles by {segmentation.model_name} {segmentation.model_version}"[:64],
+                transfer_syntax_uid=_frame_syntax(ts),
+                omit_empty_frames=omit_empty_frames,
+                workers=workers,
+            )
+        except (ValueError, TypeError) as exc:
+            raise BuildError(f"highdicom refused the Segmentation ({segmentation_type}, {ts.name}): {exc}") from exc
+
+    seg: Dataset | None = None
+    if bulk:
+        try:
+            seg = fill_binary_frames(
+                highdicom_seg(skeleton_array(array), descriptions[:1]), array, descriptions, volume.sop_instance_uids
+            )
+        except BulkFrameError as exc:  # not expected: highdicom then builds every frame, as before
+            logger.warning("build_seg: series %s: bulk frames not possible (%s); highdicom builds them",
+                           volume.series_instance_uid, exc)
+        except (ValueError, TypeError) as exc:
+            raise BuildError(f"bulk frames of the Segmentation ({segmentation_type}, {ts.name}): {exc}") from exc
+    if seg is None:
+        seg = highdicom_seg(array, descriptions)
     seg.file_meta.TransferSyntaxUID = ts  # Deflated: pydicom deflates the dataset when it is written
     seg.SeriesDescription = series_description or SEG_SERIES.description(segmentation.model_name, segmentation.model_version)
     logger.info(

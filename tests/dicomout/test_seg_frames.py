@@ -131,3 +131,21 @@ def test_bulk_seg_passes_dciodvfy(tmp_path: Path) -> None:
     build_seg(volume, seg, paths, **EQUIPMENT).save_as(out, enforce_file_format=True)
     report = run_dciodvfy(out)
     assert report.errors == (), report.output
+
+
+def test_highdicom_builds_every_frame_when_the_skeleton_is_not_as_expected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dicomout.seg as seg_module
+    from dicomout.seg_frames import BulkFrameError
+
+    def refuse(*args: object, **kwargs: object) -> Dataset:
+        raise BulkFrameError("skeleton has 3 frames; expected one per source slice (20)")
+
+    monkeypatch.setattr(seg_module, "fill_binary_frames", refuse)
+    paths, volume, seg = case(tmp_path, "HFS", 64)
+    ds = build_seg(volume, seg, paths, **EQUIPMENT)
+    assert isinstance(ds, hd.seg.Segmentation)
+    out = tmp_path / "seg.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    check_frames_against_label_map(out, paths, volume, seg)
