@@ -216,11 +216,11 @@ def fill_binary_frames(
         )
     k_of_uid = {uid: k for k, uid in enumerate(sop_instance_uids)}
     rank = np.empty(len(sop_instance_uids), dtype=np.int64)
-    slice_parts: list[bytes] = [b""] * len(sop_instance_uids)
+    slice_parts: list[tuple[bytes, bytes] | None] = [None] * len(sop_instance_uids)
     for j, item in enumerate(per_frame):
         uid = str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
         k = k_of_uid.get(uid)
-        if k is None or slice_parts[k]:
+        if k is None or slice_parts[k] is not None:
             raise BulkFrameError(f"skeleton frame {j + 1} references {uid}, not one distinct source slice")
         rank[k] = j
         slice_parts[k] = (
@@ -243,7 +243,7 @@ def fill_binary_frames(
         identification.add(DataElement(0x0062000B, "US", seg.number))  # ReferencedSegmentNumber
         segment_part = _encode(DataElement(0x0062000A, "SQ", [identification]))  # SegmentIdentificationSequence
         for k in seg.slices.tolist():
-            derivation, plane = slice_parts[k]
+            derivation, plane = slice_parts[k]  # type: ignore[misc]  # every slice has its part
             items += (_ITEM, derivation, _frame_content(seg.number, int(position[k])), plane, segment_part, _ITEM_END)
 
     result = Dataset()
