@@ -6,7 +6,8 @@ and prints:
 
 - end-to-end latency: study ready (quiet period over) → last output acknowledged by Orthanc;
 - the time of each stage (select, load, check, segment, measure, seg, sr, pdf, queue);
-- the node's peak resident memory (VmHWM);
+- the node's peak resident memory (VmHWM; targets of issue 24: <= 2 GB for 300 slices, <= 4 GB for 1000) and
+  the peak of its sampled resident memory within each stage;
 - the size of each output object, the SEG's as a share of the CT's bytes beside the target of issue 24
   (BINARY <= 10 %, LABELMAP <= 1 %) and beside the baseline, the same SEG in highdicom's default
   encoding (Explicit VR Little Endian, empty frames omitted: the node's SEG inflated / decompressed and
@@ -14,7 +15,7 @@ and prints:
 - the transfer syntax each object was sent in (the outbox) and the one Orthanc stored, and whether the
   SEG Orthanc gives back decodes to the same frames as the node's file.
 
-Usage: .venv/bin/python bench/bench_e2e.py [--slices 300] [--seg-type BINARY|LABELMAP]
+Usage: .venv/bin/python bench/bench_e2e.py [--slices 300|1000] [--seg-type BINARY|LABELMAP]
        [--binary-compression deflate|JPEG2000|none]
 Figures only; nothing is asserted.
 """
@@ -24,10 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +53,80 @@ def _peak_rss_mb(pid: int) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+class RssSampler(threading.Thread):
+    """The node's resident memory (VmRSS) every ``every_s`` seconds, with the wall-clock time, until stopped."""
+
+    def __init__(self, pid: int, every_s: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.every_s = pid, every_s
+        self.samples: list[tuple[float, float]] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        status = Path(f"/proc/{self.pid}/status")
+        while not self._stop_event.wait(self.every_s):
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        self.samples.append((time.time(), int(line.split()[1]) / 1024.0))
+                        break
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+_STAGE_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) .*job \d+: stage (\w+) (started|ended)")
+
+
+def stage_peaks(log_text: str, samples: list[tuple[float, float]]) -> list[tuple[str, float]]:
+    """Peak sampled RSS (MB) within each stage, from the node log's "stage X started/ended" lines."""
+    started: dict[str, float] = {}
+    peaks = []
+    for line in log_text.splitlines():
+        m = _STAGE_LINE.match(line)
+        if not m:
+            continue
+        at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        if m.group(3) == "started":
+            started[m.group(2)] = at
+        elif m.group(2) in started:
+            t0 = started.pop(m.group(2))
+            inside = [rss for t, rss in samples if t0 <= t <= at]
+            peaks.append((m.group(2), max(inside) if inside else float("nan")))
+    return peaks
+
+
+def wait_delivered(node: NodeProcess, timeout_s: float) -> None:
+    """Until every job has ended and no outbox item is pending, read from the node's database (on a loaded
+    machine ``thighnode status`` can take longer than its 60 s limit)."""
+    import sqlite3
+
+    db = node.data_dir / "thighnode.db"
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if node.proc is not None and node.proc.poll() is not None:
+            raise RuntimeError(f"node exited with {node.proc.returncode}; log:\n{node.log()[-3000:]}")
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+            try:
+                ended = con.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('done', 'declined', 'failed')").fetchone()[0]
+                open_jobs = con.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE state NOT IN ('done', 'declined', 'failed')"
+                ).fetchone()[0]
+                pending = con.execute("SELECT COUNT(*) FROM outbox WHERE state = 'pending'").fetchone()[0]
+            finally:
+                con.close()
+            if ended and not open_jobs and not pending:  # a study split by a slow C-STORE is reprocessed whole
+                return
+        except sqlite3.OperationalError:
+            pass  # not created yet, or busy
+        time.sleep(1.0)
+    raise TimeoutError(f"the study's outputs were not delivered within {timeout_s:.0f} s")
 
 
 SEG_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
@@ -84,7 +162,11 @@ def _report_seg(path: Path, ct_bytes: float, seg_type: str, pacs: OrthancServer,
         back = pydicom.dcmread(held)
         if str(back.SOPInstanceUID) != uid:
             continue
-        same = np.array_equal(back.pixel_array, pydicom.dcmread(path).pixel_array)
+        ours = pydicom.dcmread(path)
+        if back.file_meta.TransferSyntaxUID.is_encapsulated or ours.file_meta.TransferSyntaxUID.is_encapsulated:
+            same = np.array_equal(back.pixel_array, ours.pixel_array)
+        else:  # the packed frames as they are: a 1000-slice BINARY SEG unpacked is ~6 GB per copy
+            same = back.PixelData == ours.PixelData and back.NumberOfFrames == ours.NumberOfFrames
         on_disk = pacs.get_json(f"/instances/{instance}/attachments/dicom/info")["CompressedSize"]
         print(
             f"  Orthanc stored the SEG as {pacs.instance_metadata(instance, 'TransferSyntax')} "
@@ -99,6 +181,8 @@ def main() -> int:
     parser.add_argument("--seg-type", default="BINARY", choices=["BINARY", "LABELMAP"])
     parser.add_argument("--binary-compression", default="deflate", choices=["deflate", "JPEG2000", "none"])
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--quiet-period-s", type=float, default=2.0,
+                        help="the node's quiet period; longer on a loaded machine, where C-STORE can pause longer")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="thighnode-bench-e2e-"))
@@ -124,9 +208,12 @@ def main() -> int:
                 f'[outputs]\nseg_type = "{args.seg_type}"\nbinary_compression = "{args.binary_compression}"\n\n'
                 f'[[destinations]]\nname = "pacs"\nae_title = "{pacs.aet}"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\n'
             )
-            node = NodeProcess(tmp / "node", quiet_period_s=2.0, extra_config=extra, load_model=True, port=node_port)
+            node = NodeProcess(tmp / "node", quiet_period_s=args.quiet_period_s, extra_config=extra, load_model=True, port=node_port)
             (tmp / "node").mkdir(parents=True, exist_ok=True)
             node.start(timeout_s=300)
+            sampler = RssSampler(node.proc.pid) if node.proc else None
+            if sampler:
+                sampler.start()
             try:
                 t_send = time.time()
                 out = subprocess.run(
@@ -138,13 +225,11 @@ def main() -> int:
                     print(out.stderr)
                     return 1
                 print(f"C-STORE of the study: {t_sent - t_send:.1f} s ({n / (t_sent - t_send):.1f} instances/s)")
-                status = node.wait_for(
-                    lambda s: any(j["state"] in ("done", "declined", "failed") for j in s["jobs"])
-                    and s["outbox_counts"].get("pending", 0) == 0,
-                    timeout_s=3600, what="the study's outputs to be delivered",
-                )
+                wait_delivered(node, timeout_s=3600)
                 peak = _peak_rss_mb(node.proc.pid) if node.proc else float("nan")
             finally:
+                if sampler:
+                    sampler.stop()
                 node.stop()
             db = node.data_dir / "thighnode.db"
             import sqlite3
@@ -166,6 +251,10 @@ def main() -> int:
             print(f"end-to-end latency (ready -> last object acknowledged by Orthanc): {last_sent - ready_at:.1f} s")
             print("stage timings (s): " + json.dumps(json.loads(timings)))
             print(f"node peak resident memory (VmHWM): {peak:.0f} MB")
+            if sampler:
+                peaks = stage_peaks(node.log(), sampler.samples)
+                print("peak RSS by stage (MB, sampled every 0.05 s): "
+                      + ", ".join(f"{name} {mb:.0f}" for name, mb in peaks))
             for path, sop_class, ts in outputs:
                 p = Path(path)
                 if p.exists():

@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 import pydicom
 
 from dicomout.context import ModelInfo, OutputSettings, StudyContext, Verification
+from dicomout.files import write_part10
 from dicomout.outputs import plan_outputs
 from node_errors import NodeError
 from pipeline.bodypart import femur_label_volumes_ml
@@ -434,7 +435,9 @@ class Workflow:
             with _stage(job, builder.name, timings):
                 ds = builder.build(context, MappingProxyType({name: built[name] for name in builder.needs}))
                 output = _write(ds, out_dir, builder.name)
-            built[builder.name] = ds
+            if any(builder.name in later.builder.needs for later in self._outputs):
+                built[builder.name] = ds  # only what a builder reads is held (a BINARY SEG holds 330 MB of frames)
+            del ds
             if planned.send:
                 files.append(output)
         return files
@@ -507,7 +510,7 @@ def _write(ds: pydicom.Dataset, out_dir: Path, kind: str) -> OutputFile:
     """Write an output durably (temporary file, fsync, atomic rename), named by its SOP Instance UID."""
     path = out_dir / f"{kind}_{ds.SOPInstanceUID}.dcm"
     tmp = path.with_suffix(".tmp")
-    ds.save_as(tmp, enforce_file_format=True)
+    write_part10(ds, tmp)  # save_as's file, without copies of the Pixel Data (a BINARY SEG's 330 MB)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
