@@ -34,6 +34,7 @@ SOPInstanceUID and their geometry is checked against the volume's affine.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -408,21 +409,17 @@ def build_seg(
             Segmentation Storage).
         transfer_syntax_uid: ``None`` for the type's default; BINARY allows
             :data:`BINARY_TRANSFER_SYNTAXES`, LABELMAP :data:`LABELMAP_TRANSFER_SYNTAXES`.
-        manufacturer, software_version, device_serial, manufacturer_model_name: General
-            Equipment / Enhanced General Equipment (PS3.3 C.7.5.1, C.7.5.2).
-        series_number, instance_number: SeriesNumber / InstanceNumber.
-        workers: frame-compression worker processes (highdicom); 0 encodes in this process.
+        manufacturer, ..., instance_number: General / Enhanced General Equipment (PS3.3 C.7.5.1,
+            C.7.5.2), SeriesNumber, InstanceNumber; workers: highdicom's frame-compression processes.
         omit_empty_frames: leave out frames with no pixel of their segment (highdicom's default; each
             frame kept has its PlanePositionSequence: readers place it by position, not by index).
         series_uid, instance_uid, series_description: instead of those from the source series and model.
-        highdicom_frames: let highdicom build every frame (its Segmentation constructor) even where
-            :mod:`dicomout.seg_frames` applies (BINARY, native or deflated, empty frames omitted, two or
-            more segments): the same dataset, 2-3 times slower (bench/bench_seg.py's baseline).
+        highdicom_frames: highdicom builds every frame even where :mod:`dicomout.seg_frames` applies
+            (the same dataset, 2-3x slower: bench/bench_seg.py's baseline).
 
     Returns:
-        The Segmentation dataset (write it with ``save_as``): a :class:`highdicom.seg.Segmentation`, or, where
-        :mod:`dicomout.seg_frames` built the frames, a plain Dataset with the same attributes (read it with
-        ``highdicom.seg.Segmentation.from_dataset`` or ``hd.seg.segread`` once written).
+        The Segmentation: a :class:`highdicom.seg.Segmentation`, or (:mod:`dicomout.seg_frames`) a plain
+        Dataset with the same attributes (``hd.seg.segread`` reads it once written).
 
     Raises:
         BuildError: the inputs are inconsistent (shape, geometry, missing sources, empty
@@ -439,32 +436,15 @@ def build_seg(
     descriptions = _segment_descriptions(segments, segmentation, manufacturer, volume.series_instance_uid)
 
     rows, cols = volume.shape[1:]
-    bulk = not highdicom_frames and bulk_applies(
-        segmentation_type, ts, omit_empty_frames, len(segments), rows, cols
+    bulk = not highdicom_frames and bulk_applies(segmentation_type, ts, omit_empty_frames, len(segments), rows, cols)
+    highdicom_seg = functools.partial(
+        _highdicom_seg, source_images=ordered, segmentation_type=segmentation_type, ts=ts,
+        series_uid=series_uid, series_number=series_number, instance_uid=instance_uid,
+        instance_number=instance_number, manufacturer=manufacturer, manufacturer_model_name=manufacturer_model_name,
+        software_version=software_version, device_serial=device_serial,
+        content_description=f"Thigh and hip muscles by {segmentation.model_name} {segmentation.model_version}"[:64],
+        omit_empty_frames=omit_empty_frames, workers=workers,
     )
-    def highdicom_seg(pixel_array: np.ndarray, segment_descriptions: list[hd.seg.SegmentDescription]) -> Dataset:
-        try:
-            return hd.seg.Segmentation(
-                source_images=ordered,
-                pixel_array=pixel_array,
-                segmentation_type=segmentation_type,
-                segment_descriptions=segment_descriptions,
-                series_instance_uid=series_uid,
-                series_number=series_number,
-                sop_instance_uid=instance_uid,
-                instance_number=instance_number,
-                manufacturer=manufacturer,
-                manufacturer_model_name=manufacturer_model_name,
-                software_versions=software_version,
-                device_serial_number=device_serial,
-                content_label=CONTENT_LABEL,
-                content_description=f"Thigh and hip muscles by {segmentation.model_name} {segmentation.model_version}"[:64],
-                transfer_syntax_uid=_frame_syntax(ts),
-                omit_empty_frames=omit_empty_frames,
-                workers=workers,
-            )
-        except (ValueError, TypeError) as exc:
-            raise BuildError(f"highdicom refused the Segmentation ({segmentation_type}, {ts.name}): {exc}") from exc
 
     seg: Dataset | None = None
     if bulk:
@@ -481,12 +461,40 @@ def build_seg(
         seg = highdicom_seg(array, descriptions)
     seg.file_meta.TransferSyntaxUID = ts  # Deflated: pydicom deflates the dataset when it is written
     seg.SeriesDescription = series_description or SEG_SERIES.description(segmentation.model_name, segmentation.model_version)
-    logger.info(
-        "build_seg end: series %s, %s %s, %d segments, %d frames in %.2f s",
-        volume.series_instance_uid, segmentation_type, ts.name, len(segments), int(seg.NumberOfFrames),
-        time.monotonic() - started,
-    )
+    logger.info("build_seg end: series %s, %s %s, %d segments, %d frames in %.2f s", volume.series_instance_uid,
+                segmentation_type, ts.name, len(segments), int(seg.NumberOfFrames), time.monotonic() - started)
     return seg
+
+
+def _highdicom_seg(
+    pixel_array: np.ndarray, segment_descriptions: list[hd.seg.SegmentDescription], *,
+    source_images: list[Dataset], segmentation_type: str, ts: UID, series_uid: str, series_number: int,
+    instance_uid: str, instance_number: int, manufacturer: str, manufacturer_model_name: str,
+    software_version: str, device_serial: str, content_description: str, omit_empty_frames: bool, workers: int,
+) -> Dataset:
+    """highdicom's Segmentation constructor with build_seg's arguments; its refusals as BuildError."""
+    try:
+        return hd.seg.Segmentation(
+            source_images=source_images,
+            pixel_array=pixel_array,
+            segmentation_type=segmentation_type,
+            segment_descriptions=segment_descriptions,
+            series_instance_uid=series_uid,
+            series_number=series_number,
+            sop_instance_uid=instance_uid,
+            instance_number=instance_number,
+            manufacturer=manufacturer,
+            manufacturer_model_name=manufacturer_model_name,
+            software_versions=software_version,
+            device_serial_number=device_serial,
+            content_label=CONTENT_LABEL,
+            content_description=content_description,
+            transfer_syntax_uid=_frame_syntax(ts),
+            omit_empty_frames=omit_empty_frames,
+            workers=workers,
+        )
+    except (ValueError, TypeError) as exc:
+        raise BuildError(f"highdicom refused the Segmentation ({segmentation_type}, {ts.name}): {exc}") from exc
 
 
 def segment_map(seg_dataset: Dataset) -> dict[tuple[str, str], int]:
