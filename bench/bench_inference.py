@@ -10,7 +10,7 @@ measures, each in a fresh child process so that peak figures are not mixed, inte
 (baseline, new, baseline, new, ...) because the CPU is shared:
 
 * ``new``: ``Segmenter.segment`` as the node runs it (canonicalise, preprocess, sliding window
-  overlap 0.5 / gaussian / inference_mode, ``sw_batch_size`` of config/node.toml (8), the restore
+  overlap 0.5 / gaussian / inference_mode, ``sw_batch_size`` of config/node.toml (2), the restore
   that interpolates scores only at boundary voxels, metal exclusion, side split, largest components);
 * ``baseline``: the same stage the way it ran before issue 24: MONAI ``sliding_window_inference``
   with ``sw_batch_size`` 2 and the dense restore (``restore_probabilities_dense``: all classes
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slice-mm", type=float, default=1.5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--sw-batch-size", type=int, default=8, help="windows per network call of the new path")
+    parser.add_argument("--sw-batch-size", type=int, default=2, help="windows per network call of the new path (the node's default, config/node.toml)")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved baseline/new pairs per row")
     a = parser.parse_args(argv)
     import tempfile
