@@ -26,6 +26,7 @@ from tests.conftest import require_tool
 from tests.support.celery_worker import phantom_params, study_uid
 from tests.support.node import REPO_ROOT, NodeProcess
 from tests.support.orthanc import OrthancServer
+from tests.support.processes import stop_process_group
 from tests.support.rabbitmq import RabbitMQServer
 
 pytestmark = pytest.mark.integration
@@ -55,13 +56,7 @@ class Worker:
         self.proc.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
+        stop_process_group(self.proc)
 
 
 def _wait(predicate, timeout_s: float, what: str, logs) -> None:  # noqa: ANN001

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset as _write_dataset_body
 from pydicom.uid import (
     UID,
     ComprehensiveSRStorage,
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
@@ -118,3 +124,16 @@ def transfer_syntax_of(path: Path) -> str:
     from pydicom import dcmread
 
     return str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+
+
+def encode_dataset(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """The dataset alone (no file meta) encoded in ``transfer_syntax``, as a C-STORE carries it."""
+    fp = DicomBytesIO()
+    fp.is_implicit_VR = transfer_syntax == ImplicitVRLittleEndian
+    fp.is_little_endian = transfer_syntax != ExplicitVRBigEndian
+    _write_dataset_body(fp, ds)
+    data = fp.getvalue()
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        data = compressor.compress(data) + compressor.flush()
+    return data

@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification
 
 from scp.tls import TlsConfig
 from tests.conftest import require_tool
 from tests.scp.dicom_factory import write_ct
-from tests.scp.tools import AE_TITLE, run_tool
+from tests.scp.tools import AE_TITLE, echo, run_tool
 from tests.support.certs import make_pki
 from tests.support.ports import free_port
 
@@ -46,17 +44,6 @@ def idle_sockets(port: int, count: int, source: str = "127.0.0.1") -> Iterator[l
             s.close()
 
 
-def _echo(port: int) -> bool:
-    ae = AE("ECHOSCU")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title=AE_TITLE)
-    if not assoc.is_established:
-        return False
-    status = assoc.send_c_echo()
-    assoc.release()
-    return bool(status) and status.Status == 0x0000
-
 
 def _closed_by_server(s: socket.socket, wait_s: float) -> bool:
     s.settimeout(wait_s)
@@ -81,14 +68,14 @@ def test_closed_idle_sockets_free_their_association_slots(start_server) -> None:
     with idle_sockets(server.port, 3):
         time.sleep(0.3)
     time.sleep(0.3)
-    assert _echo(server.port)
+    assert echo(server.port)
 
 
 def test_idle_sockets_take_no_association_slot(start_server) -> None:
     server = start_server(maximum_associations=2, acse_timeout_s=30.0, associate_timeout_s=20.0)
     with idle_sockets(server.port, 5):
-        assert _echo(server.port)
-        assert _echo(server.port)
+        assert echo(server.port)
+        assert echo(server.port)
 
 
 def test_flood_from_a_disallowed_address_does_not_keep_an_allowed_sender_out(
@@ -138,7 +125,7 @@ def test_half_sent_associate_request_is_dropped(start_server) -> None:
     try:
         stalled.sendall(bytes([0x01, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x01]))  # type, length 256, 2 bytes
         assert _closed_by_server(stalled, 10.0)
-        assert _echo(server.port)
+        assert echo(server.port)
     finally:
         stalled.close()
 

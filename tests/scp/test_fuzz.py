@@ -22,7 +22,7 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from tests.scp.dicom_factory import write_ct
-from tests.scp.tools import AE_TITLE
+from tests.scp.tools import AE_TITLE, echo
 
 pytestmark = pytest.mark.integration
 
@@ -61,17 +61,6 @@ def _record_session(port: int, ct_path: Path) -> list[bytes]:
     assoc.release()
     return _pdus(bytes(sent))
 
-
-def _echo(port: int) -> bool:
-    ae = AE("ECHOSCU")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title=AE_TITLE)
-    if not assoc.is_established:
-        return False
-    status = assoc.send_c_echo()
-    assoc.release()
-    return bool(status) and status.Status == 0x0000
 
 
 def _mutate(rng: random.Random, data: bytes) -> bytes:
@@ -142,11 +131,11 @@ def test_node_keeps_answering_c_echo_under_fuzzed_pdus_and_datasets(start_server
         for _ in range(BATCH):
             _send_case(server.port, _case(rng, rq, pdata, release))
             done += 1
-        assert _echo(server.port), f"no C-ECHO answer after {done} fuzz cases (seed {SEED})"
+        assert echo(server.port), f"no C-ECHO answer after {done} fuzz cases (seed {SEED})"
     assert done >= BATCH
     # No association is left holding a slot once its peer has gone.
     settle = time.monotonic() + 30.0
     while server.server.ae.active_associations and time.monotonic() < settle:
         time.sleep(0.1)
     assert server.server.ae.active_associations == []
-    assert _echo(server.port)
+    assert echo(server.port)

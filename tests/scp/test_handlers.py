@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import zlib
 from io import BytesIO
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.uid import (
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
@@ -24,23 +21,11 @@ from pynetdicom.sop_class import Verification
 
 from scp import handlers
 from scp.handlers import read_header
-from tests.scp.dicom_factory import base_dataset
+from tests.scp.dicom_factory import base_dataset, encode_dataset
 
 STUDY = "1.2.826.0.1.3680043.8.498.7"
 SERIES = "1.2.826.0.1.3680043.8.498.7.1"
 
-
-def _encode(ds: Dataset, transfer_syntax: str) -> bytes:
-    """The dataset alone (no file meta) encoded in ``transfer_syntax``."""
-    fp = DicomBytesIO()
-    fp.is_implicit_VR = transfer_syntax == ImplicitVRLittleEndian
-    fp.is_little_endian = transfer_syntax != ExplicitVRBigEndian
-    write_dataset(fp, ds)
-    data = fp.getvalue()
-    if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
-        data = compressor.compress(data) + compressor.flush()
-    return data
 
 
 def _ct_dataset() -> Dataset:
@@ -61,7 +46,7 @@ def _ct_dataset() -> Dataset:
     [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian],
 )
 def test_read_header_in_every_uncompressed_syntax(transfer_syntax: str) -> None:
-    data = _encode(_ct_dataset(), transfer_syntax)
+    data = encode_dataset(_ct_dataset(), transfer_syntax)
     header = read_header(BytesIO(data), transfer_syntax)
     assert header == handlers.InstanceHeader(STUDY, SERIES, "CT")
 
@@ -70,7 +55,7 @@ def test_read_header_reports_missing_attributes_as_empty() -> None:
     ds = _ct_dataset()
     del ds.StudyInstanceUID
     del ds.Modality
-    header = read_header(BytesIO(_encode(ds, ExplicitVRLittleEndian)), ExplicitVRLittleEndian)
+    header = read_header(BytesIO(encode_dataset(ds, ExplicitVRLittleEndian)), ExplicitVRLittleEndian)
     assert header == handlers.InstanceHeader("", SERIES, "")
 
 

@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.uid import (
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
@@ -28,7 +26,7 @@ from scp.integrity import IntegrityLimits, check_dataset, expected_pixel_bytes, 
 from scp.refusals import KIND_STORE
 from scp.spool import instance_path, write_instance
 from scp.types import ReceivedInstance
-from tests.scp.dicom_factory import base_dataset
+from tests.scp.dicom_factory import base_dataset, encode_dataset
 
 STUDY = "1.2.826.0.1.3680043.8.498.25"
 SERIES = "1.2.826.0.1.3680043.8.498.25.1"
@@ -47,17 +45,6 @@ def _ct(rows: int = 16, cols: int = 16, *, sop_uid: str | None = None, seed: int
     return ds
 
 
-def _encode(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
-    fp = DicomBytesIO()
-    fp.is_implicit_VR = transfer_syntax == ImplicitVRLittleEndian
-    fp.is_little_endian = transfer_syntax != ExplicitVRBigEndian
-    write_dataset(fp, ds)
-    data = fp.getvalue()
-    if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-        data = c.compress(data) + c.flush()
-    return data
-
 
 def _truncate(ds: Dataset) -> Dataset:
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
@@ -71,8 +58,8 @@ def _truncate(ds: Dataset) -> Dataset:
     "ts", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian]
 )
 def test_complete_pixel_data_passes_and_truncated_fails_in_every_native_syntax(ts: str) -> None:
-    assert check_dataset(_encode(_ct(), ts), ts, NO_LIMITS) is None
-    problem = check_dataset(_encode(_truncate(_ct()), ts), ts, NO_LIMITS)
+    assert check_dataset(encode_dataset(_ct(), ts), ts, NO_LIMITS) is None
+    problem = check_dataset(encode_dataset(_truncate(_ct()), ts), ts, NO_LIMITS)
     assert problem is not None and problem.status == st.STATUS_PIXEL_DATA_LENGTH
     assert "256 bytes" in problem.reason and "512 bytes" in problem.reason  # seen and allowed
     assert len(problem.comment) <= 64
@@ -89,15 +76,15 @@ def test_multiframe_pixel_data_must_hold_every_frame() -> None:
     ds = _ct(8, 8)
     ds.NumberOfFrames = 3
     ds.PixelData = bytes(8 * 8 * 2 * 3)
-    assert check_dataset(_encode(ds), ExplicitVRLittleEndian, NO_LIMITS) is None
+    assert check_dataset(encode_dataset(ds), ExplicitVRLittleEndian, NO_LIMITS) is None
     ds.PixelData = bytes(8 * 8 * 2 * 2)
-    problem = check_dataset(_encode(ds), ExplicitVRLittleEndian, NO_LIMITS)
+    problem = check_dataset(encode_dataset(ds), ExplicitVRLittleEndian, NO_LIMITS)
     assert problem is not None and "NumberOfFrames 3" in problem.reason
 
 
 def test_an_instance_without_pixel_data_passes() -> None:
     ds = base_dataset(CTImageStorage, STUDY, SERIES, "SR")
-    assert check_dataset(_encode(ds), ExplicitVRLittleEndian, NO_LIMITS) is None
+    assert check_dataset(encode_dataset(ds), ExplicitVRLittleEndian, NO_LIMITS) is None
 
 
 @pytest.mark.filterwarnings("ignore:The value length")
@@ -105,7 +92,7 @@ def test_a_large_text_element_is_refused_even_inside_an_undefined_length_sequenc
     limits = IntegrityLimits(max_element_bytes=1024)
     ds = _ct()
     ds.ImageComments = "x" * 4000
-    problem = check_dataset(_encode(ds), ExplicitVRLittleEndian, limits)
+    problem = check_dataset(encode_dataset(ds), ExplicitVRLittleEndian, limits)
     assert problem is not None and problem.status == st.STATUS_ELEMENT_TOO_LARGE
     assert "(0020,4000)" in problem.reason and "4000 bytes" in problem.reason and "1024" in problem.reason
     nested = _ct()
@@ -113,19 +100,19 @@ def test_a_large_text_element_is_refused_even_inside_an_undefined_length_sequenc
     item.CodeMeaning = "y" * 3000
     nested.ReferencedImageSequence = [item]
     nested["ReferencedImageSequence"].is_undefined_length = True
-    problem = check_dataset(_encode(nested), ExplicitVRLittleEndian, limits)
+    problem = check_dataset(encode_dataset(nested), ExplicitVRLittleEndian, limits)
     assert problem is not None and "(0008,0104)" in problem.reason
     # the pixel data itself is not bound by max_element_bytes
-    assert check_dataset(_encode(_ct(64, 64)), ExplicitVRLittleEndian, limits) is None
+    assert check_dataset(encode_dataset(_ct(64, 64)), ExplicitVRLittleEndian, limits) is None
 
 
 def test_instance_size_limit_and_a_deflate_bomb() -> None:
-    data = _encode(_ct())
+    data = encode_dataset(_ct())
     problem = check_dataset(data, ExplicitVRLittleEndian, IntegrityLimits(max_instance_bytes=len(data) - 1))
     assert problem is not None and problem.status == st.STATUS_INSTANCE_TOO_LARGE
     bomb = _ct(512, 512)
     bomb.PixelData = bytes(512 * 512 * 2)  # zeros: deflates to ~0.5 KB
-    deflated = _encode(bomb, DeflatedExplicitVRLittleEndian)
+    deflated = encode_dataset(bomb, DeflatedExplicitVRLittleEndian)
     assert len(deflated) < 10_000
     problem = check_dataset(deflated, DeflatedExplicitVRLittleEndian, IntegrityLimits(max_instance_bytes=100_000))
     assert problem is not None and problem.status == st.STATUS_INSTANCE_TOO_LARGE
@@ -181,7 +168,7 @@ def _plant_invalid_copy(server, sop: str) -> ReceivedInstance:
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = sop
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    data = file_head(meta, "OLDSCU") + _encode(ds)
+    data = file_head(meta, "OLDSCU") + encode_dataset(ds)
     path = write_instance(server.config.spool_dir, STUDY, SERIES, sop, data)
     inst = ReceivedInstance(sop, CTImageStorage, STUDY, SERIES, "CT", ExplicitVRLittleEndian, path, len(data),
                             "OLDSCU", "127.0.0.1", 1000.0)
@@ -267,7 +254,7 @@ def test_the_c_get_sink_refuses_a_truncated_instance_like_the_ingress(tmp_path) 
         meta.MediaStorageSOPClassUID = CTImageStorage
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        return file_head(meta, "PACS") + _encode(ds)
+        return file_head(meta, "PACS") + encode_dataset(ds)
 
     with InstanceIndex(tmp_path / "node.db") as index:
         store = store_into(index, tmp_path / "spool", "PACS")
@@ -283,7 +270,7 @@ def test_the_c_get_sink_refuses_a_truncated_instance_like_the_ingress(tmp_path) 
 @pytest.mark.parametrize("limits", [NO_LIMITS, IntegrityLimits(max_element_bytes=100)])
 def test_a_stream_cut_inside_the_pixel_data_is_refused(ts: str, limits: IntegrityLimits) -> None:
     """The Pixel Data element still declares its full length, but the bytes stop early."""
-    plain = _encode(_ct(), ExplicitVRLittleEndian if ts == DeflatedExplicitVRLittleEndian else ts)[:-200]
+    plain = encode_dataset(_ct(), ExplicitVRLittleEndian if ts == DeflatedExplicitVRLittleEndian else ts)[:-200]
     if ts == DeflatedExplicitVRLittleEndian:
         c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
         plain = c.compress(plain) + c.flush()

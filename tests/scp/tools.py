@@ -7,10 +7,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
 from tests.conftest import require_tool
 from tests.support.ports import free_port, wait_for_port
 
 AE_TITLE = "THIGHNODE"
+
+
+def echo(port: int) -> bool:
+    """One C-ECHO from AE ECHOSCU to the node on loopback; True when answered Success."""
+    ae = AE("ECHOSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title=AE_TITLE)
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status) and status.Status == 0x0000
 
 
 def run_tool(*args: str | Path, timeout_s: float = 180.0) -> subprocess.CompletedProcess[str]:

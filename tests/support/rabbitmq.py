@@ -9,7 +9,6 @@ is stopped on teardown. Skips the test when the package is not installed.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.ports import free_port, wait_for_port
+from tests.support.processes import stop_process_group
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 
@@ -111,13 +111,7 @@ class RabbitMQServer:
     def stop(self) -> None:
         """Stop the broker (its whole process group) and the epmd it started on its own port."""
         if self.proc is not None:
-            if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(timeout=30)
+            stop_process_group(self.proc)
             self.proc = None
         # epmd daemonises out of the broker's process group; ask the one on our port to stop.
         subprocess.run(["epmd", "-port", str(self.epmd_port), "-kill"], env=self.env(), capture_output=True,
