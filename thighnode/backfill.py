@@ -241,7 +241,7 @@ class Backfill:
             for s in self._store.studies(FAILED):
                 self._store.set(s.study_uid, PENDING, f"retried after: {s.reason}")
         stop = stop or threading.Event()
-        started_at, ended_at_start = self._clock(), self._ended()
+        started_at, ended_at_start = self._clock(), _ended(self._store.counts())
         started = 0
         last_report = 0.0
         while not stop.is_set():
@@ -268,7 +268,7 @@ class Backfill:
 
     def progress(self, started_at: float | None = None, ended_at_start: int = 0) -> BackfillProgress:
         counts = self._store.counts()
-        ended = sum(counts.get(s, 0) for s in BACKFILL_FINAL)
+        ended = _ended(counts)
         rate = left = None
         if started_at is not None:
             elapsed = self._clock() - started_at
@@ -279,10 +279,6 @@ class Backfill:
             done=counts.get(DONE, 0), declined=counts.get(DECLINED, 0), failed=counts.get(FAILED, 0),
             in_flight=counts.get(RETRIEVED, 0), pending=counts.get(PENDING, 0), rate_per_h=rate, left_s=left,
         )
-
-    def _ended(self) -> int:
-        counts = self._store.counts()
-        return sum(counts.get(s, 0) for s in BACKFILL_FINAL)
 
     def _start(self, study: BackfillStudy, criteria: BackfillCriteria) -> None:
         from scp.errors import QueryFailedError
@@ -337,7 +333,7 @@ class Backfill:
         now = self._clock()
         for s in self._store.studies(RETRIEVED):
             jobs = self._jobs.jobs(study_uid=s.study_uid)
-            new = jobs[: max(0, len(jobs) - s.jobs_before)] if len(jobs) > s.jobs_before else []
+            new = jobs[: max(0, len(jobs) - s.jobs_before)]  # newest first: the jobs since the retrieval
             latest = new[0] if new else None
             if latest is not None and latest.state in FINAL_STATES:
                 self._store.set(s.study_uid, _backfill_state(latest.state), latest.reason, job_id=latest.id)
@@ -346,6 +342,10 @@ class Backfill:
                 self._store.set(s.study_uid, FAILED, f"retrieved, but no job started within "
                                 f"{self._arrival_timeout_s:g} s: is the node running and the PACS's move "
                                 "destination for this node's AE title correct?")
+
+
+def _ended(counts: dict[str, int]) -> int:
+    return sum(counts.get(s, 0) for s in BACKFILL_FINAL)
 
 
 def _backfill_state(job_state: str) -> str:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import fcntl
 import signal
 import threading
-from pathlib import Path
 from typing import Any, Callable
 
 from node_errors import NodeError
@@ -14,20 +12,6 @@ from node_errors import NodeError
 
 class BackfillCommandError(NodeError):
     """A backfill that cannot start (arguments, node not running, PACS not configured)."""
-
-
-def _node_running(data_dir: Path) -> bool:
-    """True when a node process holds the data directory's lock (thighnode.node)."""
-    path = data_dir / "thighnode.lock"
-    if not path.exists():
-        return False
-    with open(path, "a+", encoding="utf-8") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-        return False
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
@@ -38,6 +22,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from scp.retrieve import retrieve_series
     from thighnode.backfill import Backfill, BackfillCriteria, BackfillProgress, BackfillStore
     from thighnode.jobs import JobStore
+    from thighnode.node import data_dir_in_use
     from thighnode.settings import load_settings
 
     settings = load_settings(args.config)
@@ -48,7 +33,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             return 0
         if not args.date_from or not args.date_to:
             raise BackfillCommandError("--from and --to (YYYYMMDD) are needed to query the archive (or --status)")
-        if not _node_running(settings.node.data_dir) and not args.no_node_check:
+        if not data_dir_in_use(settings.node.data_dir) and not args.no_node_check:
             raise BackfillCommandError(
                 f"no node is running on data directory {settings.node.data_dir}: start `thighnode serve` with the "
                 "same configuration first (the node receives, processes and records each retrieved study)"

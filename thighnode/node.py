@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -43,6 +44,23 @@ if TYPE_CHECKING:
     from thighnode.compute import CeleryDispatcher
 
 log = logging.getLogger(__name__)
+
+#: In the data directory: held (flock) by the one node process that serves it.
+LOCK_FILE = "thighnode.lock"
+
+
+def data_dir_in_use(data_dir: Path) -> bool:
+    """True when a node process holds ``data_dir``'s lock (for commands that need the node running)."""
+    path = data_dir / LOCK_FILE
+    if not path.exists():
+        return False
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return False
 
 
 class NodeStartError(NodeError):
@@ -268,7 +286,7 @@ class Node:
         log.info("node stopped")
 
     def _take_lock(self) -> None:
-        path = self.settings.node.data_dir / "thighnode.lock"
+        path = self.settings.node.data_dir / LOCK_FILE
         f = open(path, "a+", encoding="utf-8")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
