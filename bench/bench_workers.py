@@ -39,26 +39,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from modelkit.phantom import generate_phantom, write_dicom_series  # noqa: E402
-from tests.support.celery_worker import PhantomTruth, phantom_params, study_uid  # noqa: E402
+from tests.support.celery_worker import PhantomTruth, write_studies  # noqa: E402
 from tests.support.node import write_config  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 from tests.support.rabbitmq import RabbitMQServer  # noqa: E402
 from thighnode.jobs import FINAL_STATES  # noqa: E402
 from thighnode.node import Node  # noqa: E402
 from thighnode.settings import load_settings  # noqa: E402
-
-
-def _studies(root: Path, n: int) -> list[Path]:
-    files: list[Path] = []
-    for i in range(n):
-        uid = study_uid(i)
-        files += write_dicom_series(
-            generate_phantom(phantom_params(i)), root / str(i), patient_id=f"TN-B-{i}", patient_name=f"Bench^{i}",
-            patient_sex="M" if i % 2 else "F", birth_date="19600101", height_m=1.7, study_uid=uid,
-            series_uid=uid + ".1", frame_of_reference_uid=uid + ".2", study_date="20240612", accession=f"B{i}",
-        )
-    return files
 
 
 def _run(mode: str, root: Path, files: list[Path], n: int, broker_url: str = "") -> dict[str, float]:
@@ -124,7 +111,7 @@ def main() -> None:
     n = args.studies
     root = Path(tempfile.mkdtemp(prefix="bench_workers_"))
     try:
-        files = _studies(root / "ct", n)
+        files = write_studies(root / "ct", n, "B")
         print(f"{n} studies of {len(files) // n} slices; CPUs {os.cpu_count()}; load average {os.getloadavg()}")
         results = {mode: _run(mode, root, files, n) for mode in ("local-1", "local-2")}
         with RabbitMQServer(root / "mq") as mq:

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from modelkit.phantom import generate_phantom, write_dicom_series
 from tests.conftest import require_tool
-from tests.support.celery_worker import phantom_params, study_uid
+from tests.support.celery_worker import study_uid, write_studies
 from tests.support.node import REPO_ROOT, NodeProcess
 from tests.support.orthanc import OrthancServer
 from tests.support.processes import stop_process_group
@@ -70,16 +69,7 @@ def _wait(predicate, timeout_s: float, what: str, logs) -> None:  # noqa: ANN001
 
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    root = tmp_path_factory.mktemp("celery_ct")
-    files: list[Path] = []
-    for i in range(N_STUDIES):
-        uid = study_uid(i)
-        files += write_dicom_series(
-            generate_phantom(phantom_params(i)), root / str(i), patient_id=f"TN-C-{i}", patient_name=f"Celery^{i}",
-            patient_sex="M" if i % 2 else "F", birth_date="19600101", height_m=1.7, study_uid=uid,
-            series_uid=uid + ".1", frame_of_reference_uid=uid + ".2", study_date="20240612", accession=f"C{i}",
-        )
-    return files
+    return write_studies(tmp_path_factory.mktemp("celery_ct"), N_STUDIES, "C")
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,21 @@ def phantom_params(i: int):  # noqa: ANN201 - modelkit.phantom.PhantomParams
                          fov_top_mm=-60.0, fov_bottom_mm=-260.0)
 
 
+def write_studies(root: Path, n: int, tag: str) -> list[Path]:
+    """Studies 0..n-1 (each its own patient, ``TN-<tag>-<i>``) as DICOM series under ``root``; their files."""
+    from modelkit.phantom import generate_phantom, write_dicom_series
+
+    files: list[Path] = []
+    for i in range(n):
+        uid = study_uid(i)
+        files += write_dicom_series(
+            generate_phantom(phantom_params(i)), root / str(i), patient_id=f"TN-{tag}-{i}", patient_name=f"Phantom^{tag}{i}",
+            patient_sex="M" if i % 2 else "F", birth_date="19600101", height_m=1.7, study_uid=uid,
+            series_uid=uid + ".1", frame_of_reference_uid=uid + ".2", study_date="20240612", accession=f"{tag}{i}",
+        )
+    return files
+
+
 class PhantomTruth:
     """A segmenter returning the truth of the phantom its study was written from (built on first use)."""
 
