@@ -17,7 +17,11 @@ map so that only shape and context are left to learn) changes, per training patc
 * **background clutter** (with probability ``clutter_prob`` per patch): smooth blobs of soft-tissue
   HU (-20..100) painted into unlabelled soft tissue within a few voxels of the labelled structures,
   as bowel, vessels, lymph nodes and unlabelled muscles are in real CT: a blob of muscle density is
-  not by itself a muscle of the table.
+  not by itself a muscle of the table;
+* **fat infiltration** (with probability ``fat_prob`` per patch): each structure gets its own share
+  U(0, ``fat_fraction_max``) of its soft-tissue voxels turned into small fat blobs (-150..-20 HU), the
+  marbling of the aged, atrophic muscle of hip-fracture patients; the label stays the muscle's (as
+  references label it), bone (above the window) is left alone.
 
 The image arrives windowed and gamma-corrected (pipeline.preprocess.window_gamma: clip to
 [lo, hi] HU, scale to [0, 1], power gamma). The transform undoes the gamma, works in HU-linear
@@ -54,9 +58,11 @@ class TissueContrastSettings:
     bias_hu: float = 20.0
     blur_max_vox: float = 0.8
     clutter_prob: float = 0.0
+    fat_prob: float = 0.0
+    fat_fraction_max: float = 0.2
 
     def __post_init__(self) -> None:
-        for name in ("prob", "clutter_prob"):
+        for name in ("prob", "clutter_prob", "fat_prob", "fat_fraction_max"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"contrast augmentation {name} is {getattr(self, name)!r}; allowed: 0 .. 1")
         for name in ("structure_sd_hu", "global_sd_hu", "contrast_fraction", "bias_hu", "blur_max_vox"):
@@ -103,6 +109,8 @@ class RandTissueContrastd(RandomizableTransform, MapTransform):
         weights = soft / np.maximum(soft.sum(0, keepdims=True), 1e-6)
         if s.clutter_prob > 0 and rng.uniform() < s.clutter_prob:
             _paint_clutter(rng, hu, weights[0])
+        if s.fat_prob > 0 and rng.uniform() < s.fat_prob:
+            _infiltrate_fat(rng, hu, weights, s.fat_fraction_max)
         offsets = rng.normal(0.0, s.structure_sd_hu, size=soft.shape[0]).astype(np.float32)
         hu = hu + np.tensordot(offsets, weights, axes=(0, 0))
         scale = rng.uniform(1.0 - s.contrast_fraction, 1.0 + s.contrast_fraction)
@@ -136,3 +144,35 @@ def _paint_clutter(rng: np.random.RandomState, hu: np.ndarray, background: np.nd
     level /= max(float(level.std()), 1e-6)
     paint = where & (blob > rng.uniform(0.8, 1.4))
     hu[paint] = (40.0 + 30.0 * level[paint]).clip(-20.0, 100.0)
+
+
+def _infiltrate_fat(rng: np.random.RandomState, hu: np.ndarray, weights: np.ndarray, fraction_max: float) -> None:
+    """Fat blobs in each structure's soft tissue, a share U(0, fraction_max) per structure (in place)."""
+    owner = np.argmax(weights, axis=0)
+    tissue = (weights[0] < 0.5) & (hu > -30.0) & (hu < 150.0)  # labelled soft tissue; bone and fat excluded
+    if not tissue.any():
+        return
+    shape = hu.shape
+    blob = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma=1.0)
+    level = rng.normal(-90.0, 30.0, size=shape).astype(np.float32)
+    shares = rng.uniform(0.0, fraction_max, size=weights.shape[0])
+    paint = np.zeros(shape, dtype=bool)
+    for c in np.unique(owner[tissue]):
+        inside = tissue & (owner == c)
+        if shares[c] <= 0:
+            continue
+        cut = np.quantile(blob[inside], 1.0 - shares[c])
+        paint |= inside & (blob > cut)
+    hu[paint] = level[paint].clip(-150.0, -20.0)
+
+
+def elastic_deformation(keys: tuple[str, str], modes: tuple[str, str], prob: float,
+                        sigma_vox: tuple[float, float], magnitude: tuple[float, float]) -> list:
+    """MONAI's Rand3DElasticd on image and labels (empty list when ``prob`` is 0): the same random field
+    moves both, so the labels stay on their structures."""
+    if prob <= 0:
+        return []
+    from monai.transforms import Rand3DElasticd
+
+    return [Rand3DElasticd(keys=keys, sigma_range=sigma_vox, magnitude_range=magnitude, prob=prob, mode=modes,
+                           padding_mode="border")]

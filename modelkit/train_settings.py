@@ -121,6 +121,17 @@ class TrainSettings:
     contrast_blur_max_vox: float = 0.8
     #: Share of the augmented patches that also get soft-tissue blobs in unlabelled tissue.
     contrast_clutter_prob: float = 0.0
+    #: Share of the augmented patches whose structures get fat blobs (intramuscular fat infiltration),
+    #: each structure up to ``contrast_fat_fraction_max`` of its soft-tissue voxels.
+    contrast_fat_prob: float = 0.0
+    contrast_fat_fraction_max: float = 0.2
+    #: Elastic deformation (MONAI Rand3DElasticd) of image and labels on this share of the patches: muscle
+    #: shapes beyond the phantoms' smooth ones. ``elastic_sigma_vox``: smoothing of the random field (voxels);
+    #: ``elastic_magnitude``: MONAI's magnitude (the defaults move voxels by 0.4-1.1 voxel on average, up
+    #: to 1.2-3.7 voxels at the 99th percentile: 4-11 mm on the demo's 3 mm grid).
+    elastic_prob: float = 0.0
+    elastic_sigma_vox: tuple[float, float] = (5.0, 8.0)
+    elastic_magnitude: tuple[float, float] = (100.0, 300.0)
     network: NetworkSettings = field(default_factory=NetworkSettings)
     preprocess: PreprocessSettings = field(default_factory=PreprocessSettings)
     bundle_name: str = "thighnode_demo"
@@ -165,6 +176,15 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         self.tissue_contrast()  # validates the contrast_* keys
+        if isinstance(self.elastic_prob, bool) or not isinstance(self.elastic_prob, (int, float)) or not (
+            0.0 <= self.elastic_prob <= 1.0
+        ):
+            raise ValueError(f"TrainSettings.elastic_prob must be a number from 0 to 1; saw {self.elastic_prob!r}")
+        for key in ("elastic_sigma_vox", "elastic_magnitude"):
+            pair = tuple(getattr(self, key))
+            if len(pair) != 2 or not all(isinstance(v, (int, float)) and v >= 0 for v in pair) or pair[0] > pair[1]:
+                raise ValueError(f"TrainSettings.{key} must be [low, high] with 0 <= low <= high; saw {list(pair)!r}")
+            object.__setattr__(self, key, tuple(float(v) for v in pair))
         if self.dicom_dirs:  # the deprecated key: its folders are data folders like any other
             object.__setattr__(self, "data_dirs", tuple(dict.fromkeys((*self.data_dirs, *self.dicom_dirs))))
             object.__setattr__(self, "dicom_dirs", ())
@@ -204,7 +224,8 @@ class TrainSettings:
                 prob=self.contrast_prob, structure_sd_hu=self.contrast_structure_sd_hu,
                 global_sd_hu=self.contrast_global_sd_hu, contrast_fraction=self.contrast_fraction,
                 bias_hu=self.contrast_bias_hu, blur_max_vox=self.contrast_blur_max_vox,
-                clutter_prob=self.contrast_clutter_prob,
+                clutter_prob=self.contrast_clutter_prob, fat_prob=self.contrast_fat_prob,
+                fat_fraction_max=self.contrast_fat_fraction_max,
             )
         except ValueError as exc:
             raise ValueError(f"TrainSettings contrast_* keys: {exc}") from exc

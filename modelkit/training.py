@@ -307,7 +307,7 @@ def build_transforms(settings: TrainSettings, num_classes: int):  # -> monai.tra
         SpatialPadd,
     )
 
-    from modelkit.augment import RandTissueContrastd
+    from modelkit.augment import RandTissueContrastd, elastic_deformation
 
     size = settings.network.img_size
     rot = math.radians(settings.rotate_deg)
@@ -320,6 +320,8 @@ def build_transforms(settings: TrainSettings, num_classes: int):  # -> monai.tra
             raise ValueError("TrainSettings.contrast_prob > 0 needs soft_labels = true (the structures' weights)")
         contrast = [RandTissueContrastd("image", "soft", settings.tissue_contrast(),
                                         (pre.window_lo_hu, pre.window_hi_hu), pre.gamma)]
+    elastic = elastic_deformation(("image", target), ("bilinear", target_mode), settings.elastic_prob,
+                                  settings.elastic_sigma_vox, settings.elastic_magnitude)
     return Compose(
         [
             SpatialPadd(keys=("image", target), spatial_size=size, mode="constant"),
@@ -331,6 +333,7 @@ def build_transforms(settings: TrainSettings, num_classes: int):  # -> monai.tra
                 keys=("image", target), prob=settings.affine_prob, rotate_range=(rot, rot, rot),
                 scale_range=(settings.scale_fraction,) * 3, mode=("bilinear", target_mode), padding_mode="zeros",
             ),
+            *elastic,
             RandFlipd(keys=("image", target), prob=settings.flip_prob, spatial_axis=2),
             *contrast,
             RandScaleIntensityd(keys="image", factors=0.1, prob=settings.intensity_prob),

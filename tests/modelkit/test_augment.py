@@ -106,3 +106,57 @@ def test_clutter_paints_soft_tissue_blobs_into_unlabelled_tissue_near_structures
     assert not changed[far].any()  # nothing painted beyond a few voxels of the structures
     without = np.asarray(_transform(clutter_prob=0.0, **quiet)({"image": image, "soft": soft})["image"])[0]
     np.testing.assert_allclose(without, image[0], atol=1e-5)
+
+
+def test_fat_infiltration_lowers_hu_inside_the_structures_only() -> None:
+    image, soft = _patch()
+    quiet = dict(structure_sd_hu=0, global_sd_hu=0, contrast_fraction=0, bias_hu=0, blur_max_vox=0)
+    out = np.asarray(_transform(fat_prob=1.0, fat_fraction_max=0.3, **quiet)({"image": image, "soft": soft})["image"])[0]
+    inside = soft[0] < 128
+    np.testing.assert_allclose(out[~inside], image[0][~inside], atol=1e-5)  # fat and background untouched
+    lowered = out < image[0] - 1e-3
+    assert lowered[inside].mean() > 0.005 and not (out > image[0] + 1e-3).any()
+    assert lowered[inside].mean() < 0.45
+    without = np.asarray(_transform(fat_prob=0.0, **quiet)({"image": image, "soft": soft})["image"])[0]
+    np.testing.assert_allclose(without, image[0], atol=1e-5)
+
+
+def test_fat_infiltration_leaves_bone_white() -> None:
+    image, soft = _patch()
+    hu = np.full((16, 16, 16), 50.0, dtype=np.float32)
+    hu[4:12, 2:8, 4:12] = 900.0  # structure 1 is bone (clipped to 1 by the window)
+    image = window_gamma(hu, *WINDOW, 2.0)[None]
+    quiet = dict(structure_sd_hu=0, global_sd_hu=0, contrast_fraction=0, bias_hu=0, blur_max_vox=0)
+    out = np.asarray(_transform(fat_prob=1.0, fat_fraction_max=0.5, **quiet)({"image": image, "soft": soft})["image"])[0]
+    assert out[soft[1] == 255].min() == 1.0
+
+
+def test_elastic_deformation_moves_image_and_labels_together(tmp_path) -> None:
+    import torch
+
+    from modelkit.training import build_transforms
+
+    base = {"data_dirs": [str(tmp_path)], "output_bundle": str(tmp_path / "b"), "checkpoint_dir": str(tmp_path / "c"),
+            "affine_prob": 0.0, "flip_prob": 0.0, "intensity_prob": 0.0, "noise_prob": 0.0,
+            "elastic_prob": 1.0, "network": {"img_size": [16, 16, 16]}}
+    chain = build_transforms(TrainSettings.from_dict(base), 3)
+    assert "Rand3DElasticd" in [type(t).__name__ for t in chain.transforms]
+    _, soft = _patch()
+    label = np.argmax(soft, axis=0).astype(np.int64)[None]
+    image = (soft[1:2].astype(np.float32) / 255.0)  # the image is structure 1's mask: must stay its label
+    chain.set_random_state(seed=3)
+    out = chain({"image": torch.as_tensor(image), "soft": torch.as_tensor(soft.astype(np.float32)),
+                 "label": torch.as_tensor(label), "class_indices": None})
+    sample = out[0] if isinstance(out, list) else out
+    img, sft = np.asarray(sample["image"])[0], np.asarray(sample["soft"])[1] / 255.0
+    moved = np.abs(img - image[0]) > 0.5
+    assert moved.mean() > 0.01  # the structure's outline moved by voxels, not by a rounding error
+    np.testing.assert_allclose(img, sft, atol=1e-4)  # and the labels moved with it
+
+
+def test_elastic_and_fat_settings_are_validated(tmp_path) -> None:
+    base = {"data_dirs": [str(tmp_path)], "output_bundle": str(tmp_path / "b"), "checkpoint_dir": str(tmp_path / "c")}
+    with pytest.raises(ValueError, match="elastic_prob"):
+        TrainSettings.from_dict({**base, "elastic_prob": 1.5})
+    with pytest.raises(ValueError, match="fat_fraction_max"):
+        TrainSettings.from_dict({**base, "contrast_fat_fraction_max": 1.2})
