@@ -127,14 +127,14 @@ class JobRunner:
         """Open the stores and load the model (``worker_process_init``: in the pool process, after the fork)."""
         s = self._settings
         t = time.perf_counter()
-        index = InstanceIndex(s.db_path, synchronous="NORMAL")
-        self.jobs = JobStore(s.db_path)
-        outbox = Outbox(s.db_path, retry_policy_of(s))
-        results = ResultsStore(s.db_path)
-        corrections = CorrectionStore(s.db_path)
-        self.prior_requests = PriorRequests(s.db_path)
+        index = InstanceIndex(s.database, synchronous="NORMAL")
+        self.jobs = JobStore(s.database)
+        outbox = Outbox(s.database, retry_policy_of(s))
+        results = ResultsStore(s.database)
+        corrections = CorrectionStore(s.database)
+        self.prior_requests = PriorRequests(s.database)
         priors = PriorFinder(s, results, self.prior_requests, index)
-        backfill = BackfillStore(s.db_path)  # a --no-send backfill's studies keep their outputs here too
+        backfill = BackfillStore(s.database)  # a --no-send backfill's studies keep their outputs here too
         self._stores = [index, self.jobs, outbox, results, corrections, self.prior_requests, backfill]
         self._segmenter = self._segmenter_factory(s)
         self.workflow = Workflow(s, index, lambda: self._segmenter, results=results, outbox=outbox, priors=priors,
