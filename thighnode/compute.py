@@ -139,8 +139,8 @@ class JobRunner:
         self._segmenter = self._segmenter_factory(s)
         self.workflow = Workflow(s, index, lambda: self._segmenter, results=results, outbox=outbox, priors=priors,
                                  corrections=corrections, backfill=backfill)
-        log.info("worker process %d ready in %.2f s (data in %s, model %s)", os.getpid(), time.perf_counter() - t,
-                 s.node.data_dir, "loaded" if self._segmenter is not None else "off")
+        log.info("worker process %d ready in %.2f s (data in %s, stores in %s, model %s)", os.getpid(),
+                 time.perf_counter() - t, s.node.data_dir, s.database, "loaded" if self._segmenter is not None else "off")
 
     def close(self, **_signal: Any) -> None:
         for store in self._stores:

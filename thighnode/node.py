@@ -252,8 +252,8 @@ class Node:
         if self.audit is not None:
             self.audit.application_started()
         log.info(
-            "node %s listening on %s:%d, data in %s, started in %.2f s",
-            s.node.ae_title, s.node.host, s.node.port, s.node.data_dir, time.perf_counter() - t0,
+            "node %s listening on %s:%d, data in %s, stores in %s, started in %.2f s",
+            s.node.ae_title, s.node.host, s.node.port, s.node.data_dir, s.database, time.perf_counter() - t0,
         )
 
     def stop(self) -> None:
