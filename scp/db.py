@@ -105,7 +105,7 @@ def open_db(
     ``autocommit=True``: no implicit transactions (the caller issues BEGIN / COMMIT);
     ``False``: implicit transactions, committed or rolled back by ``with conn:``.
     ``synchronous`` is SQLite's PRAGMA synchronous (NORMAL saves the WAL fsync on commit;
-    only for data that can be rebuilt; PostgreSQL ignores it). ``schema`` (CREATE ... IF NOT
+    only for data that can be rebuilt); on PostgreSQL NORMAL turns ``synchronous_commit`` off. ``schema`` (CREATE ... IF NOT
     EXISTS statements) is applied in one writer transaction (``postgres_extra`` after it, on
     PostgreSQL only). The connection may be used from any thread behind the caller's lock.
     Raises :class:`~scp.errors.DatabaseError` when the SQLite file cannot be put in WAL mode
@@ -117,7 +117,7 @@ def open_db(
     if isinstance(target, PostgresUrl):
         from scp.db_postgres import open_postgres
 
-        return open_postgres(target, schema + postgres_extra, autocommit=autocommit)
+        return open_postgres(target, schema + postgres_extra, autocommit=autocommit, synchronous=synchronous)
     return _open_sqlite(target, schema, synchronous, autocommit)
 
 

@@ -140,11 +140,20 @@ class PostgresConnection:
 
     dialect = POSTGRESQL
 
-    def __init__(self, target: PostgresUrl, *, autocommit: bool) -> None:
+    def __init__(self, target: PostgresUrl, *, autocommit: bool, synchronous: str = "FULL") -> None:
         self.target = target
         self._autocommit = autocommit
-        self._conn = _connect(target, autocommit)
+        self._synchronous = synchronous
+        self._conn = self._open()
         self._translated: dict[tuple[str, bool], str] = {}
+
+    def _open(self) -> Any:
+        conn = _connect(self.target, self._autocommit)
+        if self._synchronous == "NORMAL":  # as SQLite's synchronous=NORMAL: a commit may be lost, never corrupt
+            conn.execute("SET synchronous_commit = off")
+            if not self._autocommit:
+                conn.commit()
+        return conn
 
     @property
     def in_transaction(self) -> bool:
@@ -154,7 +163,7 @@ class PostgresConnection:
 
     def _live(self) -> Any:
         if self._conn.broken:
-            self._conn = _connect(self.target, self._autocommit)
+            self._conn = self._open()
         return self._conn
 
     def _sql(self, sql: str, with_params: bool) -> str:
@@ -221,9 +230,10 @@ class PostgresConnection:
             self._conn.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
-def open_postgres(target: PostgresUrl, schema: str, *, autocommit: bool) -> PostgresConnection:
-    """A :class:`PostgresConnection` to ``target`` with ``schema`` applied (see :func:`scp.db.open_db`)."""
-    conn = PostgresConnection(target, autocommit=autocommit)
+def open_postgres(target: PostgresUrl, schema: str, *, autocommit: bool, synchronous: str = "FULL") -> PostgresConnection:
+    """A :class:`PostgresConnection` to ``target`` with ``schema`` applied (see :func:`scp.db.open_db`);
+    ``synchronous="NORMAL"`` turns the session's ``synchronous_commit`` off (no wait for the WAL flush)."""
+    conn = PostgresConnection(target, autocommit=autocommit, synchronous=synchronous)
     try:
         if schema:
             conn.executescript(schema)

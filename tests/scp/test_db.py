@@ -94,6 +94,10 @@ def test_postgresql_rows_read_like_sqlite_rows(postgres_server) -> None:  # noqa
             row["nope"]
         with pytest.raises(DatabaseError, match="conn.dialect"):
             conn.execute("PRAGMA table_info(t)")
+        assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"
+        normal = open_db(url, synchronous="NORMAL")  # as the node opens the index: the spool is the record
+        assert normal.execute("SHOW synchronous_commit").fetchone()[0] == "off"
+        normal.close()
     finally:
         conn.close()
         postgres_server.drop_database(url)

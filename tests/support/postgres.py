@@ -3,7 +3,7 @@
 The cluster (``initdb``), its socket directory and its log live in a fresh directory under the system
 temp dir that the server's user owns: ``initdb`` and ``postgres`` refuse to run as root, so as root they
 run as the ``postgres`` user the package creates. Authentication is ``trust`` on 127.0.0.1 for the
-superuser ``thighnode``; ``fsync`` is off (a test cluster is thrown away). :meth:`PostgresServer.create_database`
+superuser ``thighnode``; ``fsync`` is off unless ``durable`` (a test cluster is thrown away). :meth:`PostgresServer.create_database`
 gives each test its own database (``LC_COLLATE`` C), dropped with ``WITH (FORCE)`` afterwards.
 """
 
@@ -32,13 +32,15 @@ SUPERUSER = "thighnode"
 class PostgresServer:
     """``with PostgresServer() as pg: url = pg.create_database()`` -> ``postgresql://thighnode@127.0.0.1:<port>/t1``."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        """``durable``: fsync each commit as a production server does (benchmarks); tests leave it off."""
         if not (POSTGRES_BIN / "postgres").exists():
             pytest.fail(f"{POSTGRES_BIN}/postgres is missing: .ci/run installs postgresql (apt-get install -y postgresql)")
         self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="thighnode-pg-"))
         self.proc: subprocess.Popen[bytes] | None = None
         self._names = itertools.count(1)
+        self.durable = durable
         self._as: dict[str, Any] = {}
         if os.geteuid() == 0:  # initdb / postgres refuse root
             user = pwd.getpwnam("postgres")
@@ -60,8 +62,8 @@ class PostgresServer:
         log = open(self.root / "postgres.log", "ab")
         self.proc = subprocess.Popen(
             [str(POSTGRES_BIN / "postgres"), "-D", str(data), "-p", str(self.port), "-k", str(self.root),
-             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
-             "-c", "full_page_writes=off", "-c", "max_connections=300"],
+             "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=300",
+             *(() if self.durable else ("-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"))],
             cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **self._as,
         )
         log.close()
