@@ -82,7 +82,11 @@ def test_the_sqlite_connection_names_its_dialect(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_postgresql_rows_read_like_sqlite_rows(postgres_server) -> None:  # noqa: ANN001
+    import psycopg
+
     url = postgres_server.create_database()
+    with psycopg.connect(url, autocommit=True) as admin:  # the test server's own default is off
+        admin.execute(f"ALTER DATABASE {url.rsplit('/', 1)[1]} SET synchronous_commit = on")
     conn = open_db(url, "CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT, b BLOB);")
     try:
         assert conn.dialect == POSTGRESQL
