@@ -25,7 +25,8 @@ psycopg 3 (``pip install 'thighnode[postgres]'``) is imported only when a Postgr
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from scp.db import POSTGRESQL, PostgresUrl
 from scp.errors import DatabaseError
@@ -76,7 +77,7 @@ def split_script(script: str) -> list[str]:
 class PostgresRow:
     """A result row: ``row["column"]`` (case-insensitive, like :class:`sqlite3.Row`), ``row[0]``, iteration."""
 
-    __slots__ = ("_values", "_names")
+    __slots__ = ("_names", "_values")
 
     def __init__(self, values: Sequence[Any], names: dict[str, int]) -> None:
         self._values = tuple(values)

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from thighnode.corrections import ACCEPTED, OWN, CorrectionRecord, CorrectionStore
 from thighnode.jobs import RUNNING, JobStore, StudyProgress
