@@ -57,8 +57,12 @@ class PostgresServer:
 
     def start(self) -> PostgresServer:
         data = self.root / "data"
-        self._run(str(POSTGRES_BIN / "initdb"), "-D", str(data), "--auth=trust", f"--username={SUPERUSER}",
-                  "--encoding=UTF8", "--locale=C")
+        try:
+            self._run(str(POSTGRES_BIN / "initdb"), "-D", str(data), "--auth=trust", f"--username={SUPERUSER}",
+                      "--encoding=UTF8", "--locale=C")
+        except BaseException:
+            self.stop()
+            raise
         log = open(self.root / "postgres.log", "ab")
         self.proc = subprocess.Popen(
             [str(POSTGRES_BIN / "postgres"), "-D", str(data), "-p", str(self.port), "-k", str(self.root),
