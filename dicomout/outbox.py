@@ -14,7 +14,6 @@ Times are POSIX seconds (``time.time()``), stored as REAL.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -26,7 +25,7 @@ from dicomout.errors import OutputError
 from dicomout.sender import Destination
 from scp.status import describe_status
 from dicomout.transports import DEFAULT_TRANSPORTS, TRANSPORT_CSTORE, Transport
-from scp.db import open_db
+from scp.db import SQLITE, Connection, PostgresUrl, Row, db_target, open_db
 
 LOGGER = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ _COLUMNS = (
 )
 
 
-def _add_transport_column(conn: sqlite3.Connection) -> None:
+def _add_transport_column(conn: Connection) -> None:
     """Migrate a database made before items had a transport kind (they were all C-STORE) or recorded
     the transfer syntax they were sent in (unknown: empty)."""
     columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
@@ -147,7 +146,7 @@ class OutboxItem:
     transfer_syntax_uid: str = ""  # the syntax the destination stored it in ("" until sent, or unknown)
 
 
-def _item(row: sqlite3.Row) -> OutboxItem:
+def _item(row: Row) -> OutboxItem:
     return OutboxItem(
         id=int(row["id"]),
         destination=row["destination"],
@@ -170,25 +169,41 @@ def _item(row: sqlite3.Row) -> OutboxItem:
 
 
 class Outbox:
-    """The ``outbox`` table of the SQLite database at ``db_path``; thread-safe.
+    """The ``outbox`` table of the node's database at ``db_path`` (SQLite file or PostgreSQL URL); thread-safe.
 
-    Every call opens its own short connection, under a lock, so the object may be
+    Every call opens its own short connection to the SQLite file (on PostgreSQL it keeps one: a
+    connection there costs a round trip and authentication), under a lock, so the object may be
     shared by the scheduler and the workflow threads.
     """
 
-    def __init__(self, db_path: Path, policy: RetryPolicy | None = None) -> None:
-        self.db_path = Path(db_path)
+    def __init__(self, db_path: Path | str | PostgresUrl, policy: RetryPolicy | None = None) -> None:
+        self.db_path = db_target(db_path)
         self.policy = policy or RetryPolicy()
         self._lock = threading.RLock()
         #: held by send_pending so that two runs never send the same items twice.
         self.send_lock = threading.Lock()
+        self._kept: Connection | None = None
+        if isinstance(self.db_path, PostgresUrl):
+            self._kept = open_db(self.db_path, _SCHEMA, autocommit=False)
         with self._connect() as conn:
-            conn.executescript(_SCHEMA)
-            _add_transport_column(conn)
+            if conn.dialect == SQLITE:  # a PostgreSQL database never had the older schema
+                conn.executescript(_SCHEMA)
+                _add_transport_column(conn)
+
+    def close(self) -> None:
+        """Close the kept PostgreSQL connection (nothing to do on SQLite)."""
+        with self._lock:
+            if self._kept is not None:
+                self._kept.close()
+                self._kept = None
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def _connect(self) -> Iterator[Connection]:
         with self._lock:
+            if self._kept is not None:
+                with self._kept:  # one transaction: commit, or roll back on error
+                    yield self._kept
+                return
             conn = open_db(self.db_path, autocommit=False)
             try:
                 with conn:  # one transaction: commit, or roll back on error

@@ -48,3 +48,7 @@ class QueryFailedError(RetrieveError):
 class TlsConfigError(IngressConfigError):
     """A TLS certificate, private key or trust store is missing, unreadable, expired or
     does not fit (:class:`scp.tls.TlsConfig`)."""
+
+
+class DatabaseError(IngressError):
+    """The node's database (SQLite file or PostgreSQL server) cannot be opened or used as asked."""

@@ -12,12 +12,11 @@ The table is ``receive_refusals``; this module creates and touches only it.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from scp.db import open_db
+from scp.db import Connection, PostgresUrl, open_db
 
 LOGGER = logging.getLogger(__name__)
 
@@ -56,10 +55,10 @@ class Refusal:
 class RefusalLog:
     """The ``receive_refusals`` table; thread-safe (one connection behind a lock)."""
 
-    def __init__(self, db_path: Path, *, synchronous: str = "NORMAL") -> None:
+    def __init__(self, db_path: Path | str | PostgresUrl, *, synchronous: str = "NORMAL") -> None:
         self._lock = threading.Lock()
         # NORMAL: a refusal lost to a power cut is a lost log line, not lost data.
-        self._conn: sqlite3.Connection | None = open_db(Path(db_path), _SCHEMA, synchronous=synchronous)  # type: ignore[arg-type]
+        self._conn: Connection | None = open_db(db_path, _SCHEMA, synchronous=synchronous)  # type: ignore[arg-type]
 
     def record(self, refusal: Refusal) -> None:
         """Record one refusal. Never raises (a refusal must still be answered when the database fails)."""
@@ -97,7 +96,7 @@ class RefusalLog:
                   for kind, status, n in rows}
         return dict(sorted(counts.items()))
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connection(self) -> Connection:
         if self._conn is None:
             raise RuntimeError("the refusal log is closed")
         return self._conn

@@ -33,3 +33,24 @@ def require_tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed; .ci/run installs it (dcmtk, orthanc, dicom3tools)")
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres_server():  # noqa: ANN201 - tests.support.postgres.PostgresServer
+    """One real PostgreSQL 15 for the session (tests.support.postgres); each test takes its own database."""
+    from tests.support.postgres import PostgresServer
+
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def database(request: pytest.FixtureRequest, tmp_path: Path):  # noqa: ANN201 - Path | str
+    """The node's database, once per backend: a SQLite file in tmp_path, or a fresh PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        yield tmp_path / "node.db"
+        return
+    server = request.getfixturevalue("postgres_server")
+    url = server.create_database()
+    yield url
+    server.drop_database(url)

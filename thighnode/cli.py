@@ -152,7 +152,7 @@ def status_report(settings: Any, refusals: int = 10) -> dict[str, Any]:
 
     stores = _stores_report(settings)
     return {"data_dir": stores.pop("data_dir"), "model": model_status(settings), **stores,
-            **_receive_report(settings.db_path, refusals)}
+            **_receive_report(settings.database, refusals)}
 
 
 def _receive_report(db_path: Any, last: int) -> dict[str, Any]:
@@ -163,7 +163,7 @@ def _receive_report(db_path: Any, last: int) -> dict[str, Any]:
     from scp.index import InstanceIndex
     from scp.refusals import RefusalLog
 
-    if not db_path.exists():
+    if isinstance(db_path, Path) and not db_path.exists():
         return {"refusals": {"counts": {}, "counts_24h": {}, "recent": []}, "conflicts": []}
     log_ = RefusalLog(db_path)
     index = InstanceIndex(db_path)
@@ -196,14 +196,14 @@ def _stores_report(settings: Any) -> dict[str, Any]:
     from scp.index import InstanceIndex
     from thighnode.jobs import JobStore
 
-    if not settings.db_path.exists():
+    if isinstance(settings.database, Path) and not settings.db_path.exists():
         return {"data_dir": str(settings.node.data_dir), "studies": [], "jobs": [], "outbox": [], "outbox_counts": {}}
     from thighnode.priors import PriorRequests
 
-    index = InstanceIndex(settings.db_path)
-    jobs = JobStore(settings.db_path)
-    outbox = Outbox(settings.db_path)
-    priors = PriorRequests(settings.db_path)
+    index = InstanceIndex(settings.database)
+    jobs = JobStore(settings.database)
+    outbox = Outbox(settings.database)
+    priors = PriorRequests(settings.database)
     try:
         studies = [
             {
@@ -253,7 +253,7 @@ def _stores_report(settings: Any) -> dict[str, Any]:
             "job_counts": jobs.counts(),
             "outbox": items,
             "outbox_counts": outbox.counts(),
-            "corrections": _correction_rows(settings.db_path),
+            "corrections": _correction_rows(settings.database),
         }
     finally:
         for store in (index, jobs, outbox, priors):
@@ -379,7 +379,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     from thighnode.jobs import JobStore
 
     settings = _settings(args)
-    store = JobStore(settings.db_path)
+    store = JobStore(settings.database)
     try:
         store.retry(args.job)
     finally:
@@ -403,7 +403,7 @@ def cmd_resend(args: argparse.Namespace) -> int:
             print("error: --destination needs --failed (only a destination's failed items are sent again)",
                   file=sys.stderr)
             return 2
-    outbox = Outbox(settings.db_path)
+    outbox = Outbox(settings.database)
     try:
         items = outbox.resend(item_id=args.item, job_id=args.job, destination=args.destination,
                               failed_only=args.failed)
@@ -425,7 +425,7 @@ def cmd_patient_set_height(args: argparse.Namespace) -> int:
     from thighnode.results import ResultsStore
 
     settings = _settings(args)
-    store = ResultsStore(settings.db_path)
+    store = ResultsStore(settings.database)
     try:
         store.set_height(args.patient_id, args.height_m, issuer=args.issuer)
     finally:

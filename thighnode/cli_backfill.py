@@ -26,7 +26,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from thighnode.settings import load_settings
 
     settings = load_settings(args.config)
-    store = BackfillStore(settings.db_path)
+    store = BackfillStore(settings.database)
     try:
         if args.status:
             _print_status(store)
@@ -50,8 +50,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             calling_ae_title=settings.node.ae_title, method=method,  # type: ignore[arg-type]
             move_destination_ae=settings.node.ae_title, timeout_s=settings.node.dimse_timeout_s,
         )
-        index = InstanceIndex(settings.db_path) if method == "get" else None
-        jobs = JobStore(settings.db_path)
+        index = InstanceIndex(settings.database) if method == "get" else None
+        jobs = JobStore(settings.database)
 
         def retrieve(study_uid: str, series_uids: tuple[str, ...]) -> str:
             sink = store_into(index, settings.spool_dir, source.ae_title) if index is not None else None

@@ -20,13 +20,20 @@ Who does what:
   and died before its acknowledgement) does nothing.
 
 The node learns that a job ended from the job store, not from a result backend (results are ignored): the
-workflow writes the instance index, results, corrections and outbox tables of the same SQLite file anyway, so
-the worker needs the database, and a result message would add a second channel that can disagree with it. The
-cost: the node's SQLite file (WAL journal, :mod:`scp.db`) must be on a local disk shared by every process that
-opens it, so with this backend every worker runs on the node's host (one worker per GPU); spool and outputs are
-plain files and could live on NFS, the database cannot (WAL needs shared memory, which NFS does not give between
-hosts; SQLite's locking over NFS is a known source of corruption). Workers on other hosts need the stores on a
-server database (PostgreSQL), which this module does not provide.
+workflow writes the instance index, results, corrections and outbox tables of the same database anyway, so the
+worker needs the database, and a result message would add a second channel that can disagree with it.
+
+Where workers run depends on ``[storage] database`` (:mod:`scp.db`):
+
+- ``""`` (default): the SQLite file ``<data_dir>/thighnode.db`` in WAL mode. Every process that opens it must be
+  on the node's host (WAL needs shared memory between the processes, which NFS does not give between hosts, and
+  SQLite's locking over NFS is a known source of corruption): one worker per GPU of that host.
+- ``"postgresql://user@host:port/dbname"``: the stores on a PostgreSQL server (:mod:`scp.db_postgres`), so
+  workers may run on other hosts. What they share then: the database (its URL; the password in ``PGPASSWORD`` or
+  ``~/.pgpass``), the broker, and the data directory at the same path on every host (an NFS export): the workers
+  read the spooled CT under ``<data_dir>/spool`` and write ``<data_dir>/outputs``, which the node sends. The job
+  claim stays atomic across hosts: a writer transaction holds one PostgreSQL advisory lock, as SQLite's
+  ``BEGIN IMMEDIATE`` holds its one write lock.
 """
 
 from __future__ import annotations
@@ -127,20 +134,20 @@ class JobRunner:
         """Open the stores and load the model (``worker_process_init``: in the pool process, after the fork)."""
         s = self._settings
         t = time.perf_counter()
-        index = InstanceIndex(s.db_path, synchronous="NORMAL")
-        self.jobs = JobStore(s.db_path)
-        outbox = Outbox(s.db_path, retry_policy_of(s))
-        results = ResultsStore(s.db_path)
-        corrections = CorrectionStore(s.db_path)
-        self.prior_requests = PriorRequests(s.db_path)
+        index = InstanceIndex(s.database, synchronous="NORMAL")
+        self.jobs = JobStore(s.database)
+        outbox = Outbox(s.database, retry_policy_of(s))
+        results = ResultsStore(s.database)
+        corrections = CorrectionStore(s.database)
+        self.prior_requests = PriorRequests(s.database)
         priors = PriorFinder(s, results, self.prior_requests, index)
-        backfill = BackfillStore(s.db_path)  # a --no-send backfill's studies keep their outputs here too
+        backfill = BackfillStore(s.database)  # a --no-send backfill's studies keep their outputs here too
         self._stores = [index, self.jobs, outbox, results, corrections, self.prior_requests, backfill]
         self._segmenter = self._segmenter_factory(s)
         self.workflow = Workflow(s, index, lambda: self._segmenter, results=results, outbox=outbox, priors=priors,
                                  corrections=corrections, backfill=backfill)
-        log.info("worker process %d ready in %.2f s (data in %s, model %s)", os.getpid(), time.perf_counter() - t,
-                 s.node.data_dir, "loaded" if self._segmenter is not None else "off")
+        log.info("worker process %d ready in %.2f s (data in %s, stores in %s, model %s)", os.getpid(),
+                 time.perf_counter() - t, s.node.data_dir, s.database, "loaded" if self._segmenter is not None else "off")
 
     def close(self, **_signal: Any) -> None:
         for store in self._stores:

@@ -117,7 +117,11 @@ class CorrectionStore(SqliteStore):
             raise ValueError(f"correction state {record.state!r}; allowed: {', '.join(CORRECTION_STATES)}")
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO corrections VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO corrections VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (seg_sop_instance_uid) "
+                "DO UPDATE SET study_uid = excluded.study_uid, series_uid = excluded.series_uid, "
+                "job_id = excluded.job_id, state = excluded.state, reason = excluded.reason, "
+                "observer = excluded.observer, received_at = excluded.received_at, "
+                "handled_at = excluded.handled_at, detail_json = excluded.detail_json",
                 (record.seg_sop_instance_uid, record.study_uid, record.series_uid, record.job_id, record.state,
                  record.reason, record.observer, record.received_at, record.handled_at, json.dumps(record.detail)),
             )

@@ -1,4 +1,4 @@
-"""The durable job store (SQLite, WAL): one job per processing of a study.
+"""The durable job store (the node's database: SQLite in WAL mode, or PostgreSQL): one job per processing of a study.
 
 States and transitions (every transition is recorded in ``job_events`` with its
 time and reason)::
@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from node_errors import NodeError
-from scp.db import SqliteStore
+from scp.db import Connection, Row, SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +115,7 @@ class StudyProgress:
     last_received_at: float
 
 
-def _row_to_job(row: sqlite3.Row) -> Job:
+def _row_to_job(row: Row) -> Job:
     return Job(
         id=row["id"],
         study_uid=row["study_uid"],
@@ -179,12 +178,11 @@ class JobStore(SqliteStore):
         log.info("job %d: %s -> %s%s", job_id, from_state, to_state, f" ({reason})" if reason else "")
 
     def _create(self, study_uid: str, received_through: float, reason: str, now: float) -> int:
-        cur = self._db.execute(
+        job_id = int(self._db.execute(
             "INSERT INTO jobs(study_uid, state, reason, created_at, updated_at, received_through) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
             (study_uid, RECEIVED, reason, now, now, received_through),
-        )
-        job_id = int(cur.lastrowid)
+        ).fetchone()[0])
         self._db.execute(
             "INSERT INTO job_events(job_id, at, from_state, to_state, reason) VALUES (?, ?, '', ?, ?)",
             (job_id, now, RECEIVED, reason),
@@ -386,17 +384,21 @@ class JobStore(SqliteStore):
     def stage_durations(self) -> dict[str, tuple[int, float]]:
         """Per stage of the recorded timings (``finish(timings_s=...)``): (jobs that ran it, seconds in all)."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT t.key AS stage, COUNT(*) AS n, SUM(t.value) AS s FROM jobs, json_each(jobs.timings_json) t "
-                "WHERE t.type IN ('integer', 'real') GROUP BY t.key"
-            ).fetchall()
-        return {r["stage"]: (int(r["n"]), float(r["s"])) for r in rows}
+            rows = self._db.execute("SELECT timings_json FROM jobs WHERE timings_json != '{}'").fetchall()
+        totals: dict[str, tuple[int, float]] = {}
+        for row in rows:
+            for stage, seconds in json.loads(row[0]).items():
+                if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
+                    n, s = totals.get(stage, (0, 0.0))
+                    totals[stage] = (n + 1, s + float(seconds))
+        return totals
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT under the store's lock (rolls back on error)."""
+    """BEGIN IMMEDIATE ... COMMIT under the store's lock (rolls back on error): one writer transaction at a
+    time across every process (on PostgreSQL, :mod:`scp.db_postgres` holds its writer lock)."""
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.RLock) -> None:
+    def __init__(self, db: Connection, lock: threading.RLock) -> None:
         self._db = db
         self._lock = lock
 

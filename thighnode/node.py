@@ -196,10 +196,10 @@ class Node:
             raise NodeStartError(exc.message) from exc
         t0 = time.perf_counter()
         # The spooled file is fsync'ed before the index is written; the index commit need not be.
-        self.index = InstanceIndex(s.db_path, synchronous="NORMAL")
+        self.index = InstanceIndex(s.database, synchronous="NORMAL")
         self.index.reconcile(s.spool_dir)
-        self.jobs = JobStore(s.db_path)
-        self.outbox = Outbox(s.db_path, retry_policy_of(s))
+        self.jobs = JobStore(s.database)
+        self.outbox = Outbox(s.database, retry_policy_of(s))
         self._started_at = time.time()
         celery = s.compute.backend == "celery"
         if celery:
@@ -213,11 +213,11 @@ class Node:
                 log.info("resumed %d job(s) left running by the previous process: %s", len(recovered), recovered)
         if self._load_model and not celery:  # with Celery, each worker process loads the model
             self._segmenter = self._build_segmenter()
-        self.results = ResultsStore(s.db_path)
-        self.corrections = CorrectionStore(s.db_path)
-        self.prior_requests = PriorRequests(s.db_path)
+        self.results = ResultsStore(s.database)
+        self.corrections = CorrectionStore(s.database)
+        self.prior_requests = PriorRequests(s.database)
         self.priors = PriorFinder(s, self.results, self.prior_requests, self.index)
-        self.backfill = BackfillStore(s.db_path)
+        self.backfill = BackfillStore(s.database)
         self._workflow = Workflow(
             s, self.index, lambda: self._segmenter, results=self.results, outbox=self.outbox, priors=self.priors,
             corrections=self.corrections, backfill=self.backfill,
@@ -228,7 +228,7 @@ class Node:
             self._dispatcher = CeleryDispatcher(s)
         else:
             self._executor = ThreadPoolExecutor(max_workers=s.processing.workers, thread_name_prefix="job")
-        self.refusals = RefusalLog(s.db_path)
+        self.refusals = RefusalLog(s.database)
         if self.audit is not None:
             self._received_auditor = ReceivedAuditor(self.audit, self.index, self.jobs)
         self._ingress = start_ingress(
@@ -252,8 +252,8 @@ class Node:
         if self.audit is not None:
             self.audit.application_started()
         log.info(
-            "node %s listening on %s:%d, data in %s, started in %.2f s",
-            s.node.ae_title, s.node.host, s.node.port, s.node.data_dir, time.perf_counter() - t0,
+            "node %s listening on %s:%d, data in %s, stores in %s, started in %.2f s",
+            s.node.ae_title, s.node.host, s.node.port, s.node.data_dir, s.database, time.perf_counter() - t0,
         )
 
     def stop(self) -> None:

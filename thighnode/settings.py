@@ -34,10 +34,12 @@ else:  # pragma: no cover
 from dicomout.outputs.registry import entry_problem
 from node_errors import NodeError
 from pipeline.coverage import REGIONS
+from scp.db import PostgresUrl
 from scp.errors import TlsConfigError
 from scp.tls import TlsConfig
 from scp.validate import validate_ae_title
 from thighnode.settings_monitoring import AuditSettings, MetricsSettings, monitoring_sections
+from thighnode.settings_storage import StorageSettings, database_url
 
 INSTALL_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG_PATH = INSTALL_ROOT / "config" / "node.toml"
@@ -212,6 +214,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "min_region_mm": _float_range(0.0, 1000.0, lo_open=True),
         "max_job_attempts": _int_range(1, 100),
     },
+    "storage": {"database": database_url},
     "compute": {
         "backend": _choice("local", "celery"),
         "broker_url": _broker_url,
@@ -468,6 +471,7 @@ class Settings:
     sources: tuple[str, ...] = field(default=(), compare=False)
     audit: AuditSettings = field(default_factory=AuditSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
 
     @property
     def spool_dir(self) -> Path:
@@ -476,6 +480,11 @@ class Settings:
     @property
     def db_path(self) -> Path:
         return self.node.data_dir / "thighnode.db"
+
+    @property
+    def database(self) -> Path | PostgresUrl:
+        """What the stores open: the SQLite file :attr:`db_path`, or ``[storage] database`` (PostgreSQL)."""
+        return self.storage.target(self.node.data_dir)
 
     @property
     def outputs_dir(self) -> Path:
@@ -685,4 +694,5 @@ def load_settings(
         security=security, compute=ComputeSettings(**values["compute"]),
         destinations=tuple(destinations),
         sources=tuple(sources), **monitoring_sections(values, node["data_dir"]),
+        storage=StorageSettings(**values["storage"]),
     )

@@ -38,8 +38,8 @@ def _enqueue(outbox: Outbox, n: int = 1, *, destination: str = "PACS", study: st
     ]
 
 
-def test_enqueue_creates_pending_item_due_now(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "node.db")
+def test_enqueue_creates_pending_item_due_now(database: Path | str) -> None:
+    outbox = Outbox(database)
     (item_id,) = _enqueue(outbox)
     item = outbox.get(item_id)
     assert item is not None
@@ -51,8 +51,8 @@ def test_enqueue_creates_pending_item_due_now(tmp_path: Path) -> None:
     assert outbox.due(T0 - 1) == []
 
 
-def test_enqueue_is_idempotent_and_requeues_with_new_path(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "node.db")
+def test_enqueue_is_idempotent_and_requeues_with_new_path(database: Path | str) -> None:
+    outbox = Outbox(database)
     (item_id,) = _enqueue(outbox)
     item = outbox.due(T0)[0]
     outbox.mark_sent(item, 0, T0 + 1)
@@ -73,8 +73,8 @@ def test_enqueue_is_idempotent_and_requeues_with_new_path(tmp_path: Path) -> Non
     assert other != item_id and outbox.counts() == {STATE_PENDING: 2, STATE_SENT: 0, STATE_FAILED: 0}
 
 
-def test_outcome_of_a_send_racing_a_requeue_is_not_recorded(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "node.db")
+def test_outcome_of_a_send_racing_a_requeue_is_not_recorded(database: Path | str) -> None:
+    outbox = Outbox(database)
     _enqueue(outbox)
     stale = outbox.due(T0)[0]
     _enqueue(outbox, now=T0 + 5)  # reprocessing while the old file was on the wire
@@ -82,9 +82,9 @@ def test_outcome_of_a_send_racing_a_requeue_is_not_recorded(tmp_path: Path) -> N
     assert outbox.items()[0].state == STATE_PENDING
 
 
-def test_backoff_schedule_doubles_and_is_capped(tmp_path: Path) -> None:
+def test_backoff_schedule_doubles_and_is_capped(database: Path | str) -> None:
     policy = RetryPolicy(base_delay_s=10.0, max_delay_s=60.0, max_attempts=50, max_age_s=1e9)
-    outbox = Outbox(tmp_path / "node.db", policy)
+    outbox = Outbox(database, policy)
     _enqueue(outbox)
     now = T0
     delays = []
@@ -105,8 +105,8 @@ def test_default_policy_is_10_s_doubling_capped_at_one_hour() -> None:
     assert [policy.delay_s(n) for n in (1, 2, 3, 9, 10, 200)] == [10.0, 20.0, 40.0, 2560.0, 3600.0, 3600.0]
 
 
-def test_gives_up_after_max_attempts(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "node.db", RetryPolicy(max_attempts=3))
+def test_gives_up_after_max_attempts(database: Path | str) -> None:
+    outbox = Outbox(database, RetryPolicy(max_attempts=3))
     _enqueue(outbox)
     now = T0
     states = []
@@ -123,8 +123,8 @@ def test_gives_up_after_max_attempts(tmp_path: Path) -> None:
     assert outbox.due(now + 1e6) == []
 
 
-def test_gives_up_after_max_age(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "node.db", RetryPolicy(max_age_s=3600.0))
+def test_gives_up_after_max_age(database: Path | str) -> None:
+    outbox = Outbox(database, RetryPolicy(max_age_s=3600.0))
     _enqueue(outbox)
     (item,) = outbox.due(T0)
     assert outbox.mark_retry(item, "refused", None, T0 + 10).state == STATE_PENDING  # type: ignore[union-attr]
@@ -133,8 +133,8 @@ def test_gives_up_after_max_age(tmp_path: Path) -> None:
     assert updated is not None and updated.state == STATE_FAILED and "max_age_s" in updated.last_error
 
 
-def test_permanent_error_fails_at_once(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "node.db")
+def test_permanent_error_fails_at_once(database: Path | str) -> None:
+    outbox = Outbox(database)
     _enqueue(outbox)
     (item,) = outbox.due(T0)
     updated = outbox.mark_retry(item, "refused SOP class", None, T0, permanent=True)
@@ -143,8 +143,8 @@ def test_permanent_error_fails_at_once(tmp_path: Path) -> None:
     assert outbox.counts() == {STATE_PENDING: 0, STATE_SENT: 0, STATE_FAILED: 1}
 
 
-def test_restart_on_the_same_db_resumes_pending_items(tmp_path: Path) -> None:
-    db = tmp_path / "node.db"
+def test_restart_on_the_same_db_resumes_pending_items(database: Path | str) -> None:
+    db = database
     first = Outbox(db)
     ids = _enqueue(first, 3)
     first.mark_sent(first.due(T0)[0], 0, T0)
@@ -157,8 +157,8 @@ def test_restart_on_the_same_db_resumes_pending_items(tmp_path: Path) -> None:
     assert second.items()[1].attempts == 1
 
 
-def test_items_by_study_and_counts(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "node.db")
+def test_items_by_study_and_counts(database: Path | str) -> None:
+    outbox = Outbox(database)
     _enqueue(outbox, 2, study="1.2.3")
     _enqueue(outbox, 3, study="1.2.4")
     assert len(outbox.items()) == 5
@@ -180,8 +180,8 @@ def test_shares_the_db_file_with_other_tables_and_uses_wal(tmp_path: Path) -> No
         assert conn.execute("SELECT state FROM jobs").fetchall() == [("done",)]
 
 
-def test_enqueue_rejects_blank_uids(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "node.db")
+def test_enqueue_rejects_blank_uids(database: Path | str) -> None:
+    outbox = Outbox(database)
     with pytest.raises(OutputError, match="sop_instance_uid is '' "):
         outbox.enqueue(Path("/x.dcm"), "PACS", job_id=1, study_uid="1.2", sop_class_uid=CT, sop_instance_uid="")
 
@@ -193,8 +193,8 @@ def test_retry_policy_validation() -> None:
         RetryPolicy(max_delay_s=5.0)
 
 
-def test_concurrent_enqueues_from_threads(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "node.db")
+def test_concurrent_enqueues_from_threads(database: Path | str) -> None:
+    outbox = Outbox(database)
 
     def worker(w: int) -> None:
         for i in range(20):
@@ -209,8 +209,8 @@ def test_concurrent_enqueues_from_threads(tmp_path: Path) -> None:
     assert outbox.counts()[STATE_PENDING] == 20  # same 20 objects, re-queued, never duplicated
 
 
-def test_send_pending_fails_items_of_unconfigured_destination(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "node.db")
+def test_send_pending_fails_items_of_unconfigured_destination(database: Path | str) -> None:
+    outbox = Outbox(database)
     _enqueue(outbox, 2, destination="OLDPACS")
     configured = {"PACS": Destination("PACS", "PACS", "127.0.0.1", 4242)}
     assert send_pending(outbox, configured, now=T0) == 0
@@ -219,15 +219,15 @@ def test_send_pending_fails_items_of_unconfigured_destination(tmp_path: Path) ->
     assert items[0].last_error == "destination 'OLDPACS' is no longer configured (configured: PACS)"
 
 
-def test_send_pending_with_nothing_due_sends_nothing(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "node.db")
+def test_send_pending_with_nothing_due_sends_nothing(database: Path | str) -> None:
+    outbox = Outbox(database)
     _enqueue(outbox, now=T0 + 60)
     assert send_pending(outbox, {}, now=T0) == 0
     assert outbox.counts()[STATE_PENDING] == 1
 
 
-def test_send_pending_fails_unreadable_file_permanently(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "node.db")
+def test_send_pending_fails_unreadable_file_permanently(tmp_path: Path, database: Path | str) -> None:
+    outbox = Outbox(database)
     outbox.enqueue(tmp_path / "gone.dcm", "PACS", job_id=1, study_uid="1.2", sop_class_uid=CT,
                    sop_instance_uid="1.2.3", now=T0)
     # no server listens: the file is checked before any association is opened
@@ -236,8 +236,8 @@ def test_send_pending_fails_unreadable_file_permanently(tmp_path: Path) -> None:
     assert item.state == STATE_FAILED and "cannot read" in item.last_error and "gone.dcm" in item.last_error
 
 
-def test_items_carry_their_transport_kind_default_cstore(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "db.sqlite")
+def test_items_carry_their_transport_kind_default_cstore(database: Path | str) -> None:
+    outbox = Outbox(database)
     (first,) = _enqueue(outbox)
     other = outbox.enqueue(Path("/data/out/x.dcm"), "ARCHIVE", job_id=7, study_uid="1.2.3", sop_class_uid=CT,
                            sop_instance_uid="1.2.3.9", now=T0, transport="https")
@@ -293,8 +293,8 @@ class _Recorder:
         return [SendResult(p, "", "", None, True) for p in paths]
 
 
-def test_send_pending_dispatches_each_item_to_its_transport(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "db.sqlite")
+def test_send_pending_dispatches_each_item_to_its_transport(database: Path | str) -> None:
+    outbox = Outbox(database)
     (cstore_item,) = _enqueue(outbox)
     web = outbox.enqueue(Path("/data/out/w.dcm"), "PACS", job_id=7, study_uid="1.2.3", sop_class_uid=CT,
                          sop_instance_uid="1.2.3.w", now=T0, transport="web")
@@ -325,8 +325,8 @@ class _StoresAllBut:
                            "refused" if p in self.refuse else "", permanent=p in self.refuse) for p in paths]
 
 
-def test_on_sent_hears_of_the_confirmed_objects_only_once_per_batch(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "db.sqlite")
+def test_on_sent_hears_of_the_confirmed_objects_only_once_per_batch(database: Path | str) -> None:
+    outbox = Outbox(database)
     _enqueue(outbox, 3, study="1.2.3")
     _enqueue(outbox, 1, study="1.2.4")
     heard: list[tuple[str, list[str]]] = []
@@ -341,8 +341,8 @@ def test_on_sent_hears_of_the_confirmed_objects_only_once_per_batch(tmp_path: Pa
     assert len(heard) == 1  # nothing more was sent, nothing more heard
 
 
-def test_a_failing_on_sent_listener_leaves_the_items_sent(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "db.sqlite")
+def test_a_failing_on_sent_listener_leaves_the_items_sent(database: Path | str) -> None:
+    outbox = Outbox(database)
     (item_id,) = _enqueue(outbox)
 
     def broken(dest: Destination, items: tuple[object, ...]) -> None:
@@ -353,20 +353,20 @@ def test_a_failing_on_sent_listener_leaves_the_items_sent(tmp_path: Path) -> Non
     assert stored == 1 and outbox.get(item_id).state == STATE_SENT
 
 
-def test_backlog_counts_pending_items_per_destination_with_the_oldest(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "db.sqlite")
+def test_backlog_counts_pending_items_per_destination_with_the_oldest(database: Path | str) -> None:
+    outbox = Outbox(database)
     _enqueue(outbox, 2, destination="PACS", now=T0 + 5)
     _enqueue(outbox, 1, destination="VNA", study="1.2.9", now=T0)
     sent_id = _enqueue(outbox, 1, destination="VNA", study="1.2.8", now=T0 - 100)[0]
     outbox.mark_sent(outbox.get(sent_id), 0, T0)
     assert [(b.destination, b.pending, b.oldest_created_at) for b in outbox.backlog()] == [
         ("PACS", 2, T0 + 5), ("VNA", 1, T0)]
-def test_default_policy_counts_no_attempts_only_the_age(tmp_path: Path) -> None:
+def test_default_policy_counts_no_attempts_only_the_age(database: Path | str) -> None:
     """Issue 25: with the old default (a count) a PACS outage of ~11 h failed every item for good;
     now an item keeps being retried (backoff capped at max_delay_s) until max_age_s."""
     policy = RetryPolicy()
     assert policy.max_attempts == 0
-    outbox = Outbox(tmp_path / "node.db", policy)
+    outbox = Outbox(database, policy)
     _enqueue(outbox)
     now = T0
     for _ in range(200):  # 200 attempts over ~8 days of backoff would pass the age: stop before it
@@ -389,8 +389,8 @@ def _fail(outbox: Outbox, item_id: int, now: float = T0) -> None:
     outbox.mark_retry(item, "refused", None, now, permanent=True)
 
 
-def test_resend_requeues_failed_items_by_item_job_or_destination_once(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "node.db")
+def test_resend_requeues_failed_items_by_item_job_or_destination_once(database: Path | str) -> None:
+    outbox = Outbox(database)
     a, b = _enqueue(outbox, 2)
     (c,) = _enqueue(outbox, 1, destination="ARCHIVE", study="1.2.4")
     for item_id in (a, b, c):
@@ -405,8 +405,8 @@ def test_resend_requeues_failed_items_by_item_job_or_destination_once(tmp_path: 
     assert outbox.counts() == {STATE_PENDING: 3, STATE_SENT: 0, STATE_FAILED: 0}
 
 
-def test_resend_of_a_sent_item_and_its_errors(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "node.db")
+def test_resend_of_a_sent_item_and_its_errors(database: Path | str) -> None:
+    outbox = Outbox(database)
     (a,) = _enqueue(outbox)
     outbox.mark_sent(outbox.get(a), 0, T0 + 1)  # type: ignore[arg-type]
     assert outbox.resend(destination="PACS", failed_only=True) == []  # only failed ones

@@ -42,8 +42,8 @@ def _inst(
 
 
 @pytest.fixture
-def index(tmp_path: Path):
-    idx = InstanceIndex(tmp_path / "node.sqlite")
+def index(database: Path | str):
+    idx = InstanceIndex(database)
     yield idx
     idx.close()
 
@@ -115,8 +115,8 @@ def test_get_study_of_unknown_study_names_it(index: InstanceIndex) -> None:
     assert index.instances("9.9.9") == []
 
 
-def test_reopening_the_file_keeps_everything(tmp_path: Path) -> None:
-    db = tmp_path / "node.sqlite"
+def test_reopening_the_file_keeps_everything(database: Path | str) -> None:
+    db = database
     first = InstanceIndex(db)
     first.record(_inst("1.2.3.4.1.1", at=10.0))
     first.record(_inst("1.2.3.4.1.2", at=11.0))
@@ -174,8 +174,8 @@ def test_concurrent_records_from_many_threads(index: InstanceIndex) -> None:
     assert len(index.instances(STUDY)) == 8 * 25 + 25
 
 
-def test_closed_index_says_so(tmp_path: Path) -> None:
-    index = InstanceIndex(tmp_path / "node.sqlite")
+def test_closed_index_says_so(database: Path | str) -> None:
+    index = InstanceIndex(database)
     index.close()
     index.close()  # idempotent
     with pytest.raises(IngressError, match="closed"):
@@ -190,7 +190,7 @@ def test_instances_round_trip_every_field(index: InstanceIndex) -> None:
     assert index.instances(STUDY) == [inst]
 
 
-def test_reconcile_restores_spooled_files_whose_index_entry_was_lost(tmp_path: Path) -> None:
+def test_reconcile_restores_spooled_files_whose_index_entry_was_lost(tmp_path: Path, database: Path | str) -> None:
     """A power loss may drop the last index commits (synchronous=NORMAL); the files were fsync'ed
     before Success, so reconcile() must bring every one of them back into the index."""
     from scp.spool import write_instance
@@ -202,7 +202,7 @@ def test_reconcile_restores_spooled_files_whose_index_entry_was_lost(tmp_path: P
         ds = pydicom.dcmread(f, stop_before_pixels=True)
         write_instance(spool, "1.2.3.4", ds.SeriesInstanceUID, ds.SOPInstanceUID, f.read_bytes())
     (spool / "1.2.3.4" / "junk.txt").write_text("not dicom")
-    index = InstanceIndex(tmp_path / "db.sqlite", synchronous="NORMAL")
+    index = InstanceIndex(database, synchronous="NORMAL")
     assert index.reconcile(spool) == 5
     assert index.reconcile(spool) == 0
     study = index.get_study("1.2.3.4")

@@ -72,8 +72,8 @@ class FakeArchiveAndNode:
 
 
 @pytest.fixture()
-def stores(tmp_path: Path):  # noqa: ANN201
-    db = tmp_path / "node.db"
+def stores(database: Path | str):  # noqa: ANN201
+    db = database
     store, jobs = BackfillStore(db), JobStore(db)
     yield store, jobs
     store.close()

@@ -22,8 +22,8 @@ S1 = "1.2.3.4"
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> JobStore:
-    s = JobStore(tmp_path / "t.db")
+def store(database: Path | str) -> JobStore:
+    s = JobStore(database)
     yield s
     s.close()
 
@@ -80,8 +80,8 @@ def test_claim_is_exclusive_and_skips_studies_already_running(store: JobStore) -
     assert store.claim_next(now=100.0) is None
 
 
-def test_recover_puts_running_jobs_back_to_ready_and_logs_events(tmp_path: Path) -> None:
-    db = tmp_path / "t.db"
+def test_recover_puts_running_jobs_back_to_ready_and_logs_events(database: Path | str) -> None:
+    db = database
     s = JobStore(db)
     s.sync([StudyProgress(S1, 1.0)], now=100.0, quiet_period_s=1)
     job = s.claim_next(now=100.0)
@@ -128,8 +128,8 @@ def test_after_a_restart_the_quiet_period_counts_only_time_the_node_ran(store: J
     assert store.sync([StudyProgress(S2, 1100.0)], now=1130.0, quiet_period_s=30, started_at=1000.0) != []
 
 
-def test_a_job_that_keeps_killing_the_node_is_failed_after_max_attempts(tmp_path: Path) -> None:
-    db = tmp_path / "t.db"
+def test_a_job_that_keeps_killing_the_node_is_failed_after_max_attempts(database: Path | str) -> None:
+    db = database
     store = JobStore(db)
     store.sync([StudyProgress(S1, 100.0)], now=100.0, quiet_period_s=0)
     store.sync([StudyProgress(S1, 100.0)], now=101.0, quiet_period_s=0)

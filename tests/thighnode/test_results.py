@@ -28,8 +28,8 @@ def _measurements(volume: float) -> Measurements:
     )
 
 
-def test_heights_are_validated_and_recorded(tmp_path: Path) -> None:
-    store = ResultsStore(tmp_path / "r.db")
+def test_heights_are_validated_and_recorded(database: Path | str) -> None:
+    store = ResultsStore(database)
     with pytest.raises(ResultsError, match="allowed 0.5..2.5"):
         store.set_height("P1", 172)
     store.set_height("P1", 1.72)
@@ -40,8 +40,8 @@ def test_heights_are_validated_and_recorded(tmp_path: Path) -> None:
     store.close()
 
 
-def test_results_round_trip_and_are_replaced_on_reprocessing(tmp_path: Path) -> None:
-    store = ResultsStore(tmp_path / "r.db")
+def test_results_round_trip_and_are_replaced_on_reprocessing(database: Path | str) -> None:
+    store = ResultsStore(database)
     common = dict(series_uid="1.2.3.9", patient_id="P1", issuer="", model_name="m", model_version="1")
     store.save(study_uid="1.2.3", job_id=1, study_date="20240101", measurements=_measurements(500.0), **common)
     store.save(study_uid="1.2.3", job_id=2, study_date="20240101", measurements=_measurements(510.0), **common)
@@ -56,7 +56,7 @@ def test_results_round_trip_and_are_replaced_on_reprocessing(tmp_path: Path) -> 
     store.close()
 
 
-def test_withheld_group_is_not_stored(tmp_path: Path) -> None:
+def test_withheld_group_is_not_stored(database: Path | str) -> None:
     """A group the field of view does not cover has no values: it is not stored, and a prior read
     back has no such group (its comparison says "not reported in the prior study")."""
     m = _measurements(500.0)
@@ -66,7 +66,7 @@ def test_withheld_group_is_not_stored(tmp_path: Path) -> None:
         withheld_reason="not reported: vastus lateralis right cut at the inferior edge of the field of view",
     )
     m = Measurements(**{**m.__dict__, "groups": (*m.groups, withheld)})
-    store = ResultsStore(tmp_path / "r.db")
+    store = ResultsStore(database)
     store.save(study_uid="1.2.3", job_id=1, study_date="20240101", measurements=m, series_uid="1.2.3.9",
                patient_id="P1", issuer="", model_name="m", model_version="1")
     got = store.get("1.2.3")
@@ -75,7 +75,7 @@ def test_withheld_group_is_not_stored(tmp_path: Path) -> None:
     store.close()
 
 
-def test_comparisons_round_trip(tmp_path: Path) -> None:
+def test_comparisons_round_trip(database: Path | str) -> None:
     from pipeline.types import Comparison, StructureChange
 
     change = StructureChange(
@@ -90,14 +90,14 @@ def test_comparisons_round_trip(tmp_path: Path) -> None:
         landmark="top of femoral head", method="common range", changes=(change,), operated_side="right", height_m=1.6,
         axis_text={"right": "from the landmark", "left": "in the current scan's patient z, aligned by bone profile"},
     )
-    store = ResultsStore(tmp_path / "r.db")
+    store = ResultsStore(database)
     store.save_comparison("1.2.4", comp)
     assert store.comparison("1.2.4") == comp
     assert list(store.comparisons()) == ["1.2.4"]
     store.close()
 
 
-def test_profiles_round_trip(tmp_path: Path) -> None:
+def test_profiles_round_trip(database: Path | str) -> None:
     import dataclasses
 
     from pipeline.types import AnatomicalProfiles, BoneProfile, StructureProfile
@@ -114,7 +114,7 @@ def test_profiles_round_trip(tmp_path: Path) -> None:
     )
     bone = BoneProfile(z_mm=(-12.5, -9.5, -6.5), area_mm2=(300.0, 410.5, 0.0), metal=(False, True, False), slice_mm=3.0)
     with_bone = dataclasses.replace(prof, bone={"right": bone, "left": None}, landmark_reliable={"right": True, "left": False})
-    store = ResultsStore(tmp_path / "r.db")
+    store = ResultsStore(database)
     store.save_profiles("1.2.3", prof)
     assert store.profiles("1.2.3") == prof
     store.save_profiles("1.2.5", with_bone)
@@ -148,7 +148,7 @@ def test_profiles_stored_before_bone_profiles_load_without_them(tmp_path: Path) 
     assert prof.fov_z_mm == {"right": (-400.0, 120.0), "left": None} and prof.landmark_z_mm["right"] == -80.5
 
 
-def test_voxels_near_metal_round_trip_for_the_metal_withholding(tmp_path: Path) -> None:
+def test_voxels_near_metal_round_trip_for_the_metal_withholding(database: Path | str) -> None:
     """pipeline.compare withholds a change from a prior's share of voxels near metal too: the counts
     and their distance are kept, and older records without them read back as none near metal."""
     import dataclasses
@@ -156,7 +156,7 @@ def test_voxels_near_metal_round_trip_for_the_metal_withholding(tmp_path: Path) 
     m = _measurements(500.0)
     m = dataclasses.replace(m, metal_proximity_mm=12.0,
                             structures=(dataclasses.replace(m.structures[0], near_metal_voxels=230),))
-    store = ResultsStore(tmp_path / "r.db")
+    store = ResultsStore(database)
     common = dict(series_uid="1.2.3.9", patient_id="P1", issuer="", model_name="m", model_version="1")
     store.save(study_uid="1.2.3", job_id=1, study_date="20240101", measurements=m, **common)
     store.save(study_uid="1.2.4", job_id=2, study_date="20240601", measurements=_measurements(450.0), **common)

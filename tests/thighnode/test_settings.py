@@ -184,3 +184,29 @@ def test_integrity_and_operations_settings_defaults_and_checks(tmp_path: Path) -
         with pytest.raises(ConfigError) as info:
             load_settings(environ={"THIGHNODE_HOME": str(tmp_path), **env})
         assert fragment in str(info.value)
+
+
+def test_storage_database_is_the_sqlite_file_by_default_or_a_postgresql_url(tmp_path: Path) -> None:
+    from scp.db import PostgresUrl
+
+    s = load_settings(environ={"THIGHNODE_HOME": str(tmp_path)})
+    assert s.storage.database == "" and s.database == tmp_path / "var" / "thighnode.db"
+    url = "postgresql://node:s3cret@db.example:5432/thighnode"
+    s = load_settings(environ={"THIGHNODE_HOME": str(tmp_path), "THIGHNODE_STORAGE__DATABASE": url})
+    assert s.database == PostgresUrl(url)
+    assert "s3cret" not in repr(s) and "db.example:5432/thighnode" in repr(s.storage)
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("mysql://node:s3cret@db/thighnode", "storage.database = 'mysql://...': allowed \"\""),
+        ("postgresql://node:s3cret@db:99999/thighnode", "storage.database: PostgreSQL URL of"),
+        ("postgresql://node:s3cret@db:5432/", "the URL names no database"),
+        ("postgresql://node:s3cret@db/thigh node", "white space"),
+    ],
+)
+def test_a_bad_storage_database_is_refused_without_showing_the_password(value: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"THIGHNODE_STORAGE__DATABASE": value})
+    assert fragment in info.value.message and "s3cret" not in info.value.message
