@@ -300,14 +300,17 @@ class Segmenter:
             entropy_map_u8=entropy_u8, thresholds=self._thresholds,
         )
 
-    def postprocess(self, label_map: np.ndarray, affine_lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def postprocess(self, label_map: np.ndarray, affine_lps: np.ndarray, *,
+                    in_place: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(label map, side map) of a restored label map: the side split by the patient's midline and,
         unless switched off, the largest components per structure and side. The volume calibration
-        (modelkit.calibration) fits through this same step."""
+        (modelkit.calibration) fits through this same step. ``in_place``: the islands are dropped
+        from ``label_map`` itself (the segment stage's own array: no second full-size copy)."""
         side_map = split_sides(label_map, affine_lps, femur_id=self._femur_id)
         if self._keep_largest:
-            label_map = keep_largest_components(label_map, side_map)
-            side_map = np.where(label_map > 0, side_map, 0).astype(np.uint8)
+            label_map = keep_largest_components(label_map, side_map, out=label_map if in_place else None)
+            for k in range(0, label_map.shape[0], 32):  # no side where no label is left, a slab at a time
+                side_map[k:k + 32][label_map[k:k + 32] == 0] = 0
         return label_map, side_map
 
     def segment(self, volume: Volume) -> Segmentation:
@@ -325,7 +328,7 @@ class Segmenter:
             del probs
             if self._metal_exclude_hu is not None:
                 _exclude_metal(label_map, volume.hu, self._metal_exclude_hu)
-            label_map, side_map = self.postprocess(label_map, volume.affine_lps)
+            label_map, side_map = self.postprocess(label_map, volume.affine_lps, in_place=True)
             if self._uncertainty == UNCERTAINTY_TTA:
                 uncertainty = self._summarise(entropy, counts, plan, label_map, side_map)
         except SegmentationError:

@@ -476,7 +476,7 @@ def restore_probabilities(
     (z0, z1, wz), (y0, y1, wy), (x0, x1, wx) = (
         _linear_weights(n, m) for n, m in zip(crop_shape, plan.model_shape))
     flat = scores.reshape(num_classes, -1)
-    cropped = np.empty(crop_shape, dtype=np.uint8)
+    full, cropped = _original_and_crop(plan)  # the labels go straight into the output
     slab = max(1, min(crop_shape[0], slab_budget_bytes // max(crop_shape[1] * crop_shape[2] * 8, 1)))
     chunk = max(1, slab_budget_bytes // (num_classes * 4 * 3))
     with torch.inference_mode():
@@ -497,7 +497,7 @@ def restore_probabilities(
                 assert acc is not None
                 out[kz[c:c + chunk], ky[c:c + chunk], kx[c:c + chunk]] = acc.argmax(dim=0).to(torch.uint8).numpy()
             cropped[a:b] = out
-    return _paste(cropped, plan)
+    return full
 
 
 def restore_probabilities_dense(
@@ -547,7 +547,14 @@ def restore_labels(label_map: np.ndarray, plan: PreprocessPlan) -> np.ndarray:
     return _paste(resample_labels(label_map, plan.crop_shape), plan)
 
 
+def _original_and_crop(plan: PreprocessPlan) -> tuple[np.ndarray, np.ndarray]:
+    """A zero uint8 array on the ORIGINAL grid, and the writeable view of its crop in canonical axes:
+    what is written into the view lands in place (no canonical copy to transpose afterwards)."""
+    full = np.zeros(plan.original_shape, dtype=np.uint8)
+    return full, plan.canonical.apply(full)[plan.crop_slices()]
+
+
 def _paste(cropped: np.ndarray, plan: PreprocessPlan) -> np.ndarray:
-    full = np.zeros(plan.canonical.canonical_shape, dtype=np.uint8)
-    full[plan.crop_slices()] = cropped
-    return np.ascontiguousarray(plan.canonical.invert(full))
+    full, crop_view = _original_and_crop(plan)
+    crop_view[...] = cropped
+    return full
