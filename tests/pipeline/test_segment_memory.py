@@ -3,7 +3,7 @@ exactly what the whole-volume steps gave. The references below are the steps as 
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
 
 import numpy as np
 import pytest
@@ -13,12 +13,12 @@ from scipy import ndimage
 import pipeline.postprocess as postprocess
 import pipeline.preprocess as preprocess
 from pipeline.bundle import load_bundle, write_bundle
-from pipeline.inference import Segmenter, _exclude_metal, scale_classes
+from pipeline.inference import Segmenter, _exclude_metal, predict_samples, scale_classes
 from pipeline.labels import load_label_table
 from pipeline.network import NetworkSettings, build_network
 from pipeline.preprocess import PreprocessSettings, all_axis_codes, CanonicalTransform
 from pipeline.types import SIDE_LEFT, SIDE_NONE, SIDE_RIGHT, Volume
-from pipeline.uncertainty import UNCERTAINTY_TTA, quantise_entropy, summarise
+from pipeline.uncertainty import UNCERTAINTY_TTA, bin_counts, quantise_entropy, summarise, voxel_entropy
 
 torch.set_num_threads(1)
 TINY = NetworkSettings(img_size=(16, 16, 16), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=2)
@@ -88,11 +88,33 @@ def _ref_paste(cropped, plan):
     return np.ascontiguousarray(plan.canonical.invert(full))
 
 
+def _ref_predict_tta(sg: Segmenter, volume: Volume):
+    image, plan = preprocess.prepare(volume.hu, volume.affine_lps, sg.bundle.preprocess_settings)
+    counts, total, label_probs = [], None, None
+    with torch.inference_mode():
+        for i, probs in enumerate(predict_samples(sg._network, image, sg.bundle.network_settings.img_size,
+                                                  sg.device, sg._uncertainty_samples, sw_batch_size=sg._sw_batch_size,
+                                                  overlap=sg._overlap, mode=sg._mode)):
+            scaled = probs if sg.bundle.class_weights is None else scale_classes(probs, sg.bundle.class_weights)
+            labels = torch.argmax(scaled, dim=0).to(torch.uint8).numpy()
+            affine = np.asarray(plan.model_affine_lps)
+            counts.append(bin_counts(labels, postprocess.split_sides(labels, affine, femur_id=sg._femur_id),
+                                     len(sg.bundle.labels.labels)))
+            total = probs.clone() if total is None else total.add_(probs)
+            if i == 0:
+                label_probs = probs
+            elif i == 1 and sg._mirror:
+                label_probs += probs
+                label_probs *= 0.5
+        total /= float(len(counts))
+        entropy = voxel_entropy(total)
+    return label_probs, plan, entropy, counts
+
+
 def _ref_segment(segmenter: Segmenter, volume: Volume):
-    """Segmenter.segment with uncertainty as it ran before issue 24's memory work (the model-grid
-    steps, shared, are not what changed)."""
+    """Segmenter.segment with uncertainty as it ran before issue 24's memory work."""
     femur_id = segmenter._femur_id
-    probs, plan, entropy, counts = segmenter.predict_tta(volume)
+    probs, plan, entropy, counts = _ref_predict_tta(segmenter, volume)
     probs = scale_classes(probs, segmenter.bundle.class_weights) if segmenter.bundle.class_weights is not None else probs
     label_map = preprocess.restore_probabilities(probs, plan, slab_budget_bytes=1 << 40)
     _exclude_metal(label_map, volume.hu, 2000.0)
@@ -177,12 +199,13 @@ def bundle(tmp_path_factory):
     return load_bundle(path, labels, "cpu")
 
 
+@pytest.mark.parametrize("mirror,samples", [(False, 2), (True, 3)])
 @pytest.mark.parametrize("affine", [
     np.array([[0, 0, 2.0, -30], [0, 2.0, 0, -20], [3.0, 0, 0, 10], [0, 0, 0, 1]]),  # HFS
     np.array([[0, 0, -2.0, 30], [0, 2.0, 0, -20], [-3.0, 0, 0, 10], [0, 0, 0, 1]]),  # FFS, slices descending
     np.array([[0, 2.0, 0, -30], [3.0, 0, 0, -20], [0, 0, -2.0, 10], [0, 0, 0, 1]]),  # sagittal-like axes
 ])
-def test_segment_with_small_slabs_equals_the_whole_volume_steps(bundle, affine, monkeypatch) -> None:
+def test_segment_with_small_slabs_equals_the_whole_volume_steps(bundle, affine, mirror, samples, monkeypatch) -> None:
     shape = (26, 24, 28)
     k, r, c = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
     rng = np.random.default_rng(0)
@@ -192,7 +215,9 @@ def test_segment_with_small_slabs_equals_the_whole_volume_steps(bundle, affine, 
     volume = Volume(hu=hu.astype(np.float32), affine_lps=affine, frame_of_reference_uid="1.2",
                     study_instance_uid="1.3", series_instance_uid="1.4",
                     sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uids=())
-    segmenter = Segmenter(bundle, device="cpu", num_threads=1, uncertainty="tta")
+    weights = tuple(0.8 + 0.4 * np.random.default_rng(5).random(bundle.labels.num_classes))  # volume calibration
+    segmenter = Segmenter(dataclasses.replace(bundle, class_weights=weights), device="cpu", num_threads=1,
+                          uncertainty="tta", uncertainty_samples=samples, mirror=mirror)
     monkeypatch.setattr(preprocess, "BODY_SLAB_VOXELS", 1)  # the default of foreground_bbox is bound already
     real_bbox = preprocess.foreground_bbox
     monkeypatch.setattr(preprocess, "foreground_bbox", lambda *a, **kw: real_bbox(*a, **kw, slab_voxels=2 * 24 * 28))
