@@ -241,3 +241,58 @@ def test_segment_with_small_slabs_equals_the_whole_volume_steps(bundle, affine, 
         margin = int(np.ceil(10.0 / spacing[axis]))
         assert plan.crop_start[axis] == max(0, box[axis].start - margin)
         assert plan.crop_stop[axis] == min(mask.shape[axis], box[axis].stop + margin)
+
+
+def _ref_femur_reach_mm(segmentation, z_axis, bottom_index, affine_lps):
+    reach = {"right": 0.0, "left": 0.0}
+    femur = segmentation.label_map == segmentation.labels.by_key("femur").id
+    other_axes = tuple(a for a in range(femur.ndim) if a != z_axis)
+    step_mm = abs(float(affine_lps[2, z_axis]))
+    for side, code in (("right", SIDE_RIGHT), ("left", SIDE_LEFT)):
+        indices = np.flatnonzero((femur & (segmentation.side_map == code)).any(axis=other_axes))
+        if indices.size:
+            reach[side] = float(np.abs(indices - bottom_index).max() * step_mm)
+    return reach
+
+
+@pytest.mark.parametrize("z_axis", [0, 1, 2])
+@pytest.mark.parametrize("seed", range(3))
+def test_femur_reach_and_segmented_regions_slab_wise_equal_the_whole_map(z_axis: int, seed: int) -> None:
+    from pipeline.coverage import regions_from_segmentation
+    from pipeline.groups import femur_reach_mm
+    from pipeline.types import Segmentation
+
+    table = load_label_table()
+    shape = [12, 14, 13]
+    shape[z_axis] = 41  # slabs of 16 and a remainder along z
+    rng = np.random.default_rng(seed)
+    lab = rng.choice(np.array([0, table.by_key("femur").id, table.by_key("vastus_lateralis").id,
+                               table.by_key("gluteus_maximus").id], np.uint8), size=shape, p=[0.7, 0.02, 0.2, 0.08])
+    side = np.where(lab > 0, rng.choice(np.array([SIDE_RIGHT, SIDE_LEFT], np.uint8), size=shape), 0).astype(np.uint8)
+    affine = np.eye(4)[[2, 1, 0, 3]] if z_axis == 0 else np.eye(4)[[0, 2, 1, 3]] if z_axis == 1 else np.eye(4)
+    affine[:3, :3] *= 1.5
+    seg = Segmentation(lab, side, table, "unit", "0", affine_lps=affine)
+    for bottom in (0, 40):
+        got = femur_reach_mm(seg, z_axis, bottom, affine)
+        assert got == _ref_femur_reach_mm(seg, z_axis, bottom, affine) and got["right"] > 0
+    for voxel_ml in (0.002, 0.01, 0.25):
+        assert regions_from_segmentation(seg, voxel_ml) == _ref_regions(seg, voxel_ml)
+    assert _ref_regions(seg, 0.25)  # not an empty answer
+
+
+def _ref_regions(segmentation, voxel_ml):
+    """pipeline.coverage.regions_from_segmentation as it was (one bincount of the whole map)."""
+    from pipeline.coverage import MIN_SEGMENTED_ML, SEGMENTATION_REGIONS
+
+    labels = segmentation.label_map
+    axis = int(np.argmax(np.abs(segmentation.affine_lps[2, :3])))
+    counts = np.bincount(labels.ravel(), minlength=segmentation.labels.num_classes)
+    first = np.bincount(np.take(labels, 0, axis=axis).ravel(), minlength=counts.size)
+    last = np.bincount(np.take(labels, -1, axis=axis).ravel(), minlength=counts.size)
+    found = []
+    for region, groups in SEGMENTATION_REGIONS:
+        ids = [label.id for label in segmentation.labels.labels if label.group in groups]
+        if not ids or counts[ids].sum() * voxel_ml < MIN_SEGMENTED_ML:
+            continue
+        found.append(f"{region} (cut)" if bool(first[ids].sum() or last[ids].sum()) else region)
+    return tuple(found)
