@@ -13,7 +13,8 @@ entropy restore, summaries) is wrapped to record the RSS when it starts and its 
 Printed: per step, the RSS at start, its peak and peak - start (MiB), and the stage's peak (VmHWM)
 beside the RSS before the stage (the loaded CT).
 
-``--network light`` swaps the UNETR for a 1x1x1 convolution with the bundle's classes (same tensor
+``--no-release`` leaves out the stage's final ``malloc_trim`` (the RSS after the stage shows what it
+hands back). ``--network light`` swaps the UNETR for a 1x1x1 convolution with the bundle's classes (same tensor
 sizes out of the sliding window, seconds instead of minutes): for iterating on the memory of the
 steps around the network; the figures to report are taken with ``bundle``. Figures only.
 """
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uncertainty", default="tta", choices=["tta", "off"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--network", default="bundle", choices=["bundle", "light"])
+    parser.add_argument("--no-release", action="store_true",
+                        help="skip the stage's malloc_trim (release_freed_memory) to see what it hands back")
     a = parser.parse_args(argv)
 
     import dataclasses
@@ -156,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     segmenter = inference.Segmenter(bundle, device="cpu", num_threads=a.threads, uncertainty=a.uncertainty,
                                     uncertainty_samples=2)
     print(segmenter.describe())
+    if a.no_release:
+        inference.release_freed_memory = lambda: False
     steps = Steps()
     for module, names in (
         (inference, ("prepare", "predict_samples", "predict_scores", "voxel_entropy", "restore_probabilities",
