@@ -284,7 +284,9 @@ def regions_from_segmentation(segmentation: Segmentation, voxel_ml: float) -> tu
     """
     labels = segmentation.label_map
     axis = int(np.argmax(np.abs(segmentation.affine_lps[2, :3])))
-    counts = np.bincount(labels.ravel(), minlength=segmentation.labels.num_classes)
+    counts = np.zeros(max(segmentation.labels.num_classes, 256), dtype=np.int64)
+    for k in range(0, labels.shape[0], 16):  # bincount of the whole map would copy it to int64 first (issue 24)
+        counts += np.bincount(labels[k:k + 16].ravel(), minlength=counts.size)
     first = np.bincount(np.take(labels, 0, axis=axis).ravel(), minlength=counts.size)
     last = np.bincount(np.take(labels, -1, axis=axis).ravel(), minlength=counts.size)
     found = []

@@ -196,11 +196,17 @@ def femur_reach_mm(segmentation: Segmentation, z_axis: int, bottom_index: int, a
     reach = {"right": 0.0, "left": 0.0}
     if FEMUR_KEY not in segmentation.labels.keys():
         return reach
-    femur = segmentation.label_map == segmentation.labels.by_key(FEMUR_KEY).id
-    other_axes = tuple(a for a in range(femur.ndim) if a != z_axis)
+    femur_id = segmentation.labels.by_key(FEMUR_KEY).id
+    labels = np.moveaxis(segmentation.label_map, z_axis, 0)  # views: the slices along z, 16 at a time
+    sides = np.moveaxis(segmentation.side_map, z_axis, 0)
+    hits = {SIDE_RIGHT: np.zeros(labels.shape[0], dtype=bool), SIDE_LEFT: np.zeros(labels.shape[0], dtype=bool)}
+    for k in range(0, labels.shape[0], 16):
+        femur = labels[k:k + 16] == femur_id
+        for code, hit in hits.items():
+            hit[k:k + 16] = (femur & (sides[k:k + 16] == code)).any(axis=(1, 2))
     step_mm = abs(float(affine_lps[2, z_axis]))
     for side, code in (("right", SIDE_RIGHT), ("left", SIDE_LEFT)):
-        indices = np.flatnonzero((femur & (segmentation.side_map == code)).any(axis=other_axes))
+        indices = np.flatnonzero(hits[code])
         if indices.size:
             reach[side] = float(np.abs(indices - bottom_index).max() * step_mm)
     return reach

@@ -144,15 +144,35 @@ def predict_samples(
         yield probs
 
 
-def scale_classes(probs: torch.Tensor, weights) -> torch.Tensor:
+def scale_classes(probs: torch.Tensor, weights, *, in_place: bool = False) -> torch.Tensor:
     """``probs`` (C, ...) times a per-class factor (the bundle's volume calibration): the one place
-    both the Segmenter and the calibration fit (modelkit.calibration) apply the factors."""
-    return probs * torch.tensor(weights, dtype=probs.dtype)[(slice(None),) + (None,) * (probs.dim() - 1)]
+    both the Segmenter and the calibration fit (modelkit.calibration) apply the factors.
+    ``in_place``: into ``probs`` itself (the same products, no second score volume)."""
+    factors = torch.tensor(weights, dtype=probs.dtype)[(slice(None),) + (None,) * (probs.dim() - 1)]
+    if in_place:
+        with torch.inference_mode(probs.is_inference()):
+            return probs.mul_(factors)
+    return probs * factors
 
 
 #: Voxels at or above this HU are metal (implants), never a structure: the segmentation leaves them
 #: unlabelled, so bone labels exclude the metal. The measurement's default metal threshold.
 METAL_EXCLUDE_HU = 2000.0
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap pages freed by the segment stage back to the operating system (glibc
+    ``malloc_trim``: the sliding window's threads leave hundreds of MB of freed blocks in their malloc
+    arenas, which would stay in the node's resident memory through the output stages). False where
+    the C library has no ``malloc_trim`` (musl, macOS): nothing to do there."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def _exclude_metal(label_map: np.ndarray, hu: np.ndarray, threshold_hu: float, slab: int = 32) -> None:
@@ -260,7 +280,10 @@ class Segmenter:
     def predict_tta(self, volume: Volume) -> tuple[torch.Tensor, PreprocessPlan, np.ndarray, list[np.ndarray]]:
         """Model-grid probabilities for the label map (sample 0, or the mean of samples 0 and 1 when
         ``mirror`` is on: what :meth:`predict` gives), the plan, the normalised voxel entropy of the
-        mean over all samples, and per sample its voxels per (label, side) bin."""
+        mean over all samples, and per sample its voxels per (label, side) bin.
+
+        Two score volumes at most are held between samples: sample 0 (the label map's) and the sum,
+        which sample 1 is added into (p1 + p0 = p0 + p1, the same sums as a separate total)."""
         image, plan = prepare(volume.hu, volume.affine_lps, self._bundle.preprocess_settings)
         n_labels = len(self._bundle.labels.labels)
         model_affine = np.asarray(plan.model_affine_lps)
@@ -274,20 +297,34 @@ class Segmenter:
                 self._network, image, self._bundle.network_settings.img_size, self._device,
                 self._uncertainty_samples, sw_batch_size=self._sw_batch_size, overlap=self._overlap, mode=self._mode,
             )):
-                scaled = probs if self._bundle.class_weights is None else scale_classes(probs, self._bundle.class_weights)
-                labels = torch.argmax(scaled, dim=0).to(torch.uint8).numpy()
-                del scaled
+                labels = self._sample_labels(probs)
                 counts.append(bin_counts(labels, split_sides(labels, model_affine, femur_id=self._femur_id), n_labels))
-                total = probs.clone() if total is None else total.add_(probs)
+                del labels
                 if i == 0:
                     label_probs = probs
-                elif i == 1 and self._mirror:
-                    label_probs += probs  # type: ignore[operator]  # as predict_scores(mirror=True)
-                    label_probs *= 0.5  # type: ignore[operator]
+                elif i == 1:
+                    total = probs.add_(label_probs)
+                    if self._mirror:  # as predict_scores(mirror=True): (p0 + p1) * 0.5
+                        label_probs.copy_(total).mul_(0.5)  # type: ignore[union-attr]
+                else:
+                    total.add_(probs)  # type: ignore[union-attr]
+                del probs
             assert total is not None and label_probs is not None
             total /= float(len(counts))
             entropy = voxel_entropy(total)
+            del total
         return label_probs, plan, entropy, counts
+
+    def _sample_labels(self, probs: torch.Tensor, slab: int = 16) -> np.ndarray:
+        """Model-grid labels of one sample (argmax after the volume calibration), ``slab`` slices at a
+        time: no calibrated copy of the whole score volume."""
+        labels = np.empty(tuple(probs.shape[1:]), dtype=np.uint8)
+        for a in range(0, probs.shape[1], slab):
+            part = probs[:, a:a + slab]
+            if self._bundle.class_weights is not None:
+                part = scale_classes(part, self._bundle.class_weights)
+            labels[a:a + slab] = torch.argmax(part, dim=0).to(torch.uint8).numpy()
+        return labels
 
     def _summarise(self, entropy: np.ndarray, counts: list[np.ndarray], plan: PreprocessPlan,
                    label_map: np.ndarray, side_map: np.ndarray) -> SegmentationUncertainty:
@@ -300,14 +337,17 @@ class Segmenter:
             entropy_map_u8=entropy_u8, thresholds=self._thresholds,
         )
 
-    def postprocess(self, label_map: np.ndarray, affine_lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def postprocess(self, label_map: np.ndarray, affine_lps: np.ndarray, *,
+                    in_place: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(label map, side map) of a restored label map: the side split by the patient's midline and,
         unless switched off, the largest components per structure and side. The volume calibration
-        (modelkit.calibration) fits through this same step."""
+        (modelkit.calibration) fits through this same step. ``in_place``: the islands are dropped
+        from ``label_map`` itself (the segment stage's own array: no second full-size copy)."""
         side_map = split_sides(label_map, affine_lps, femur_id=self._femur_id)
         if self._keep_largest:
-            label_map = keep_largest_components(label_map, side_map)
-            side_map = np.where(label_map > 0, side_map, 0).astype(np.uint8)
+            label_map = keep_largest_components(label_map, side_map, out=label_map if in_place else None)
+            for k in range(0, label_map.shape[0], 32):  # no side where no label is left, a slab at a time
+                side_map[k:k + 32][label_map[k:k + 32] == 0] = 0
         return label_map, side_map
 
     def segment(self, volume: Volume) -> Segmentation:
@@ -320,12 +360,12 @@ class Segmenter:
             else:
                 probs, plan = self.predict(volume)
             if self._bundle.class_weights is not None:
-                probs = scale_classes(probs, self._bundle.class_weights)
+                probs = scale_classes(probs, self._bundle.class_weights, in_place=True)
             label_map = restore_probabilities(probs, plan)
             del probs
             if self._metal_exclude_hu is not None:
                 _exclude_metal(label_map, volume.hu, self._metal_exclude_hu)
-            label_map, side_map = self.postprocess(label_map, volume.affine_lps)
+            label_map, side_map = self.postprocess(label_map, volume.affine_lps, in_place=True)
             if self._uncertainty == UNCERTAINTY_TTA:
                 uncertainty = self._summarise(entropy, counts, plan, label_map, side_map)
         except SegmentationError:
@@ -335,6 +375,7 @@ class Segmenter:
                 f"segmentation of series {volume.series_instance_uid} (shape {volume.shape}) with "
                 f"{self._bundle.name} {self._bundle.version} on {self._device} failed: {exc}"
             ) from exc
+        release_freed_memory()
         logger.info(
             "segmented series %s shape %s with %s %s on %s in %.1f s (uncertainty %s)",
             volume.series_instance_uid,

@@ -14,16 +14,11 @@ logger = logging.getLogger(__name__)
 #: Label key of the femur, used to find the patient midline.
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Bounding box of a boolean mask (None when empty), without materialising coordinates."""
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
-        if len(hits) == 0:
-            return None
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
+def _union(boxes: list[tuple[slice, ...]]) -> tuple[slice, ...] | None:
+    """The smallest box holding all ``boxes`` (None when there are none)."""
+    if not boxes:
+        return None
+    return tuple(slice(min(b[i].start for b in boxes), max(b[i].stop for b in boxes)) for i in range(len(boxes[0])))
 
 
 def find_midline_x_mm(label_map: np.ndarray, affine_lps: np.ndarray, femur_id: int | None) -> float:
@@ -34,8 +29,9 @@ def find_midline_x_mm(label_map: np.ndarray, affine_lps: np.ndarray, femur_id: i
     the larger). Otherwise the centre of the x extent of all labelled voxels (the body).
     """
     a = np.asarray(affine_lps, dtype=np.float64)
+    boxes = ndimage.find_objects(label_map)  # one pass, no full-size mask (issue 24)
     if femur_id is not None:
-        box = _bbox(label_map == femur_id)
+        box = boxes[femur_id - 1] if 0 < femur_id <= len(boxes) else None
         if box is not None:
             femur = label_map[box] == femur_id
             offset = np.array([b.start for b in box], dtype=np.float64)
@@ -48,7 +44,7 @@ def find_midline_x_mm(label_map: np.ndarray, affine_lps: np.ndarray, femur_id: i
                     centres = ndimage.center_of_mass(femur, comps, biggest)
                     xs = [float(a[0, :3] @ (np.asarray(c) + offset) + a[0, 3]) for c in centres]
                     return 0.5 * (xs[0] + xs[1])
-    box = _bbox(label_map > 0)
+    box = _union([b for b in boxes if b is not None])
     if box is None:
         centre = (np.asarray(label_map.shape, dtype=np.float64) - 1) / 2
         return float(a[0, :3] @ centre + a[0, 3])
@@ -90,35 +86,56 @@ def split_sides(
 MIN_COMPONENT_FRACTION = 0.2
 
 
+def _component_sizes(comps: np.ndarray, count: int, slab: int) -> np.ndarray:
+    """Voxels per component label (0..count), ``slab`` slices at a time: ``np.bincount`` of the whole
+    box would first copy the int32 labels to int64."""
+    sizes = np.zeros(count + 1, dtype=np.int64)
+    for k in range(0, comps.shape[0], slab):
+        sizes += np.bincount(comps[k:k + slab].ravel(), minlength=count + 1)
+    return sizes
+
+
 def keep_largest_components(
-    label_map: np.ndarray, side_map: np.ndarray, min_fraction: float = MIN_COMPONENT_FRACTION
+    label_map: np.ndarray, side_map: np.ndarray, min_fraction: float = MIN_COMPONENT_FRACTION,
+    *, out: np.ndarray | None = None, slab: int = 16,
 ) -> np.ndarray:
     """Per structure and side keep the largest 3-D (6-connected) components: the largest one and any
     other holding at least ``min_fraction`` of it; smaller islands -> background.
 
-    Returns a new array; the inputs are not modified. Works inside each structure's
-    bounding box so the cost scales with the structures, not the volume.
+    Returns a new array, or ``out`` (which may be ``label_map`` itself: the islands are set to 0 in
+    place) when given; ``side_map`` is not modified. Works inside each structure's bounding box so
+    the cost scales with the structures, not the volume, and counts and drops ``slab`` slices of a
+    box at a time (no int64 copy of a box's component labels).
     """
     if label_map.shape != side_map.shape:
         raise ValueError(f"label_map shape {label_map.shape} differs from side_map shape {side_map.shape}")
-    out = np.array(label_map, copy=True)
+    if out is None:
+        out = np.array(label_map, copy=True)
+    elif out.shape != label_map.shape or out.dtype != label_map.dtype:
+        raise ValueError(f"out is {out.dtype} {out.shape}; allowed: {label_map.dtype} {label_map.shape}")
+    elif out is not label_map:
+        np.copyto(out, label_map)
+    slab = max(1, int(slab))
     objects = ndimage.find_objects(label_map)
     for index, box in enumerate(objects):
         if box is None:
             continue
         label_id = index + 1
-        sub_labels = label_map[box]
-        sub_sides = side_map[box]
         for side in (SIDE_NONE, SIDE_RIGHT, SIDE_LEFT):
-            mask = (sub_labels == label_id) & (sub_sides == side)
+            # islands of one label on one side are never another label's or side's voxels: dropping
+            # them in place leaves every other mask of this loop as it was
+            mask = (label_map[box] == label_id) & (side_map[box] == side)
             if not mask.any():
                 continue
             comps, count = ndimage.label(mask)
+            del mask
             if count <= 1:
                 continue
-            sizes = np.bincount(comps.ravel())
+            sizes = _component_sizes(comps, count, slab)
             sizes[0] = 0
-            drop = mask & (sizes[comps] < min_fraction * sizes.max())
+            small = sizes < min_fraction * sizes.max()
+            small[0] = False  # background of the box: not this structure
             out_view = out[box]
-            out_view[drop] = 0
+            for k in range(0, comps.shape[0], slab):
+                out_view[k:k + slab][small[comps[k:k + slab]]] = 0
     return out

@@ -176,3 +176,52 @@ def test_settings_validation() -> None:
         PreprocessSettings(spacing_mm=(1.0, 0.0, 1.0))
     s = PreprocessSettings(spacing_mm=(3, 3, 3))
     assert PreprocessSettings.from_dict(s.to_dict()) == s
+
+
+def _mask_bbox(mask: np.ndarray):
+    """The box the whole-volume labelling gave (the reference for the slab-wise body_bbox)."""
+    if not mask.any():
+        return None
+    start, stop = [], []
+    for axis in range(3):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        start.append(int(hits[0]))
+        stop.append(int(hits[-1]) + 1)
+    return tuple(start), tuple(stop)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("slab_slices", [1, 2, 3, 7, 100])
+def test_body_bbox_slab_wise_equals_whole_volume_labelling(seed: int, slab_slices: int) -> None:
+    from pipeline.preprocess import body_bbox, body_mask
+
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(5, 25)), int(rng.integers(4, 12)), int(rng.integers(4, 12)))
+    # smoothed noise: blobs of many sizes, some spanning several slabs, some joined only across a border
+    noise = rng.normal(size=shape)
+    from scipy import ndimage
+
+    hu = (ndimage.uniform_filter(noise, size=3) * 3000.0 - 800.0).astype(np.float32)
+    got = body_bbox(hu, -500.0, slab_voxels=slab_slices * shape[1] * shape[2])
+    assert got == _mask_bbox(body_mask(hu, -500.0))
+
+
+@pytest.mark.parametrize("slab_slices", [1, 2, 4, 50])
+def test_body_bbox_ties_go_to_the_first_component_in_c_order(slab_slices: int) -> None:
+    from pipeline.preprocess import body_bbox, body_mask
+
+    hu = np.full((12, 6, 6), -1000.0, dtype=np.float32)
+    hu[8:11, 0:2, 0:2] = 0.0  # 12 voxels, later slices
+    hu[1:4, 4:6, 4:6] = 0.0  # 12 voxels, first in C order: the winner of a tie
+    hu[5, 0, 5] = 0.0  # a speck
+    # a U joined only through a later slab: two pieces in the first slabs, one component
+    hu[4:7, 3, 0] = 0.0
+    hu[4:7, 3, 2] = 0.0
+    hu[6, 3, 1] = 0.0  # 7 voxels
+    ref = _mask_bbox(body_mask(hu, -500.0))
+    assert body_bbox(hu, -500.0, slab_voxels=slab_slices * 36) == ref == ((1, 4, 4), (4, 6, 6))
+    hu[6, 2, 0:3] = 0.0  # the U grows to 10 voxels; then 13 > 12: it wins
+    hu[6, 1, 0:3] = 0.0
+    ref = _mask_bbox(body_mask(hu, -500.0))
+    assert body_bbox(hu, -500.0, slab_voxels=slab_slices * 36) == ref == ((4, 1, 0), (7, 4, 3))
+    assert body_bbox(np.full((3, 4, 5), -1000.0), -500.0) is None
