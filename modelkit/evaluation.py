@@ -265,6 +265,10 @@ def evaluate_bundle(
         names.append(case_name)
         both = [s.dice for s in case_scores if s.side == "both" and not math.isnan(s.dice)]
         logger.info("evaluated %s: mean Dice %.4f", case_name, float(np.mean(both)) if both else math.nan)
+        report = EvaluationReport(bundle.name, bundle.version, tuple(names), tuple(scores),
+                                  (time.monotonic() - started) / max(1, len(names)))
+        if csv_path is not None:  # after every case: a long evaluation stopped early keeps what it measured
+            report.write_csv(Path(csv_path))
     report = EvaluationReport(bundle.name, bundle.version, tuple(names), tuple(scores),
                               (time.monotonic() - started) / max(1, len(names)))
     if csv_path is not None:
