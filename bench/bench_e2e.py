@@ -295,6 +295,9 @@ def main() -> int:
             print("stage timings (s): " + json.dumps(json.loads(timings)))
             print("after ready (s): job " + ", ".join(f"{st} {at - ready_at:.2f}" for st, at in events if at >= ready_at)
                   + "; outbox queued/sent " + ", ".join(f"{c - ready_at:.2f}/{t - ready_at:.2f}" for c, t in queued))
+            for line in node.log().splitlines():
+                if "outbox batch to" in line:  # how long the send itself took (Orthanc's store included)
+                    print("  " + line.split(" INFO ", 1)[-1])
             print(f"node peak resident memory (VmHWM): {peak:.0f} MB")
             if sampler:
                 peaks = stage_peaks(node.log(), sampler.samples)
