@@ -141,7 +141,8 @@ def build_segmenter(settings: Settings) -> SegmenterLike:
         )
     segmenter = Segmenter(bundle, device=m.device, sw_batch_size=m.sw_batch_size, overlap=m.overlap,
                           mirror=m.mirror_override, uncertainty=m.uncertainty,
-                          uncertainty_samples=m.uncertainty_samples, precision=m.precision_override)
+                          uncertainty_samples=m.uncertainty_samples,
+                          precision=None if m.precision == "bundle" else m.precision)  # None: the bundle's
     loaded = replace(active, name=bundle.name, version=bundle.version, sha256=bundle.weights_sha256)
     record_loaded(settings.node.data_dir, loaded)
     log.info("model %s %s (weights sha256 %s, %s) loaded in %.2f s (%s)", bundle.name, bundle.version,

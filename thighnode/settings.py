@@ -368,11 +368,6 @@ class ModelSettings:
         """Segmenter(mirror=...): None follows the bundle."""
         return {"bundle": None, "on": True, "off": False}[self.mirror]
 
-    @property
-    def precision_override(self) -> str | None:
-        """Segmenter(precision=...): None follows the bundle."""
-        return None if self.precision == "bundle" else self.precision
-
 
 @dataclass(frozen=True)
 class OutputsSettings:

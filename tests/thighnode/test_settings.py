@@ -102,10 +102,10 @@ def test_model_mirror_follows_the_bundle_unless_set(tmp_path: Path) -> None:
 
 def test_model_precision_follows_the_bundle_unless_set(tmp_path: Path) -> None:
     s = load_settings(environ={"THIGHNODE_HOME": str(tmp_path)})
-    assert s.model.precision == "bundle" and s.model.precision_override is None
+    assert s.model.precision == "bundle"
     for value in ("fp32", "bf16"):
         set_ = load_settings(environ={"THIGHNODE_HOME": str(tmp_path), "THIGHNODE_MODEL__PRECISION": value})
-        assert set_.model.precision_override == value
+        assert set_.model.precision == value
 
 
 def test_outputs_enabled_defaults_to_seg_sr_pdf_and_takes_import_paths(tmp_path: Path) -> None:
