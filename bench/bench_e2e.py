@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import re
 import subprocess
@@ -62,15 +63,20 @@ class RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.every_s = pid, every_s
         self.samples: list[tuple[float, float]] = []
+        self.cpu: list[tuple[float, float]] = []  # (time, the node's CPU seconds so far)
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        status = Path(f"/proc/{self.pid}/status")
+        status, stat = Path(f"/proc/{self.pid}/status"), Path(f"/proc/{self.pid}/stat")
+        tick = os.sysconf("SC_CLK_TCK")
         while not self._stop_event.wait(self.every_s):
             try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                cpu_s = (int(fields[11]) + int(fields[12])) / tick  # utime + stime of the whole process
                 for line in status.read_text().splitlines():
                     if line.startswith("VmRSS:"):
                         self.samples.append((time.time(), int(line.split()[1]) / 1024.0))
+                        self.cpu.append((time.time(), cpu_s))
                         break
             except OSError:
                 return
@@ -81,6 +87,30 @@ class RssSampler(threading.Thread):
 
 
 _STAGE_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) .*job \d+: stage (\w+) (started|ended)")
+
+
+def stage_cpu(log_text: str, cpu: list[tuple[float, float]]) -> list[tuple[str, float]]:
+    """The node's CPU seconds within each stage (all its threads; sampled, so +-0.05 s at each end)."""
+    out = []
+    for name, t0, t1 in _stage_spans(log_text):
+        inside = [c for t, c in cpu if t0 <= t <= t1]
+        out.append((name, inside[-1] - inside[0] if len(inside) > 1 else float("nan")))
+    return out
+
+
+def _stage_spans(log_text: str) -> list[tuple[str, float, float]]:
+    started: dict[str, float] = {}
+    spans = []
+    for line in log_text.splitlines():
+        m = _STAGE_LINE.match(line)
+        if not m:
+            continue
+        at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        if m.group(3) == "started":
+            started[m.group(2)] = at
+        elif m.group(2) in started:
+            spans.append((m.group(2), started.pop(m.group(2)), at))
+    return spans
 
 
 def stage_peaks(log_text: str, samples: list[tuple[float, float]]) -> list[tuple[str, float]]:
@@ -175,6 +205,16 @@ def _report_seg(path: Path, ct_bytes: float, seg_type: str, pacs: OrthancServer,
         )
 
 
+def site_outbox_env() -> dict[str, str]:
+    """The [outbox] timing of config/node.toml (what a site gets by default: the outbox polled every
+    send_interval_s) as THIGHNODE_* overrides of the test config's short intervals, so the latency
+    includes the wait for the outbox's poll a site has."""
+    import tomllib
+
+    outbox = tomllib.loads((REPO / "config" / "node.toml").read_text(encoding="utf-8"))["outbox"]
+    return {f"THIGHNODE_OUTBOX__{k.upper()}": str(outbox[k]) for k in ("send_interval_s", "base_delay_s", "max_delay_s")}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
@@ -208,7 +248,8 @@ def main() -> int:
                 f'[outputs]\nseg_type = "{args.seg_type}"\nbinary_compression = "{args.binary_compression}"\n\n'
                 f'[[destinations]]\nname = "pacs"\nae_title = "{pacs.aet}"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\n'
             )
-            node = NodeProcess(tmp / "node", quiet_period_s=args.quiet_period_s, extra_config=extra, load_model=True, port=node_port)
+            node = NodeProcess(tmp / "node", quiet_period_s=args.quiet_period_s, extra_config=extra, load_model=True,
+                               port=node_port, extra_env=site_outbox_env())
             (tmp / "node").mkdir(parents=True, exist_ok=True)
             node.start(timeout_s=300)
             sampler = RssSampler(node.proc.pid) if node.proc else None
@@ -242,6 +283,8 @@ def main() -> int:
                 "SELECT at FROM job_events WHERE job_id = ? AND to_state = 'ready' ORDER BY id LIMIT 1", (job_id,)
             ).fetchone()[0]
             last_sent = con.execute("SELECT MAX(sent_at) FROM outbox WHERE state = 'sent'").fetchone()[0]
+            events = con.execute("SELECT to_state, at FROM job_events WHERE job_id = ? ORDER BY id", (job_id,)).fetchall()
+            queued = con.execute("SELECT created_at, sent_at FROM outbox WHERE state = 'sent' ORDER BY id").fetchall()
             outputs = con.execute("SELECT path, sop_class_uid, transfer_syntax_uid FROM outbox").fetchall()
             con.close()
             print(f"job {job_id}: {state} ({reason})")
@@ -250,11 +293,20 @@ def main() -> int:
                 return 1
             print(f"end-to-end latency (ready -> last object acknowledged by Orthanc): {last_sent - ready_at:.1f} s")
             print("stage timings (s): " + json.dumps(json.loads(timings)))
+            print("after ready (s): job " + ", ".join(f"{st} {at - ready_at:.2f}" for st, at in events if at >= ready_at)
+                  + "; outbox queued/sent " + ", ".join(f"{c - ready_at:.2f}/{t - ready_at:.2f}" for c, t in queued))
+            for line in node.log().splitlines():
+                if "outbox batch to" in line:  # how long the send itself took (Orthanc's store included)
+                    print("  " + line.split(" INFO ", 1)[-1])
             print(f"node peak resident memory (VmHWM): {peak:.0f} MB")
             if sampler:
                 peaks = stage_peaks(node.log(), sampler.samples)
                 print("peak RSS by stage (MB, sampled every 0.05 s): "
                       + ", ".join(f"{name} {mb:.0f}" for name, mb in peaks))
+                print("node CPU s by stage (all threads, sampled): "
+                      + ", ".join(f"{name} {s:.2f}" for name, s in stage_cpu(node.log(), sampler.cpu)))
+                if sampler.cpu:
+                    print(f"node CPU s from the send to the end: {sampler.cpu[-1][1] - sampler.cpu[0][1]:.1f}")
             for path, sop_class, ts in outputs:
                 p = Path(path)
                 if p.exists():

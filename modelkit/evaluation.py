@@ -226,12 +226,15 @@ def evaluate_bundle(
     labels: LabelTable | None = None,
     device: str = "auto",
     uncertainty_samples: int = 0,
+    overlap: float | None = None,
+    precision: str | None = None,
 ) -> EvaluationReport:
     """Segment every labelled case of ``data_dir`` (one folder or several, pooled in one report; each a
     folder of NIfTI pairs, of DICOM case folders, or one DICOM case folder, as
     :func:`modelkit.sitecases.held_out_cases` gives) with the bundle, on each case's own grid, and score it.
     ``uncertainty_samples`` >= 2: also draw that many test-time augmentations (pipeline.uncertainty) and
-    record each structure's summaries beside its scores (modelkit.uncertainty_eval relates them to the errors)."""
+    record each structure's summaries beside its scores (modelkit.uncertainty_eval relates them to the errors).
+    ``overlap``, ``precision``: instead of the bundle's sliding_window settings (None: the bundle's)."""
     from modelkit.casefolders import list_labelled_cases, load_case_volume
     from modelkit.nifti import data_folders
     from pipeline.bundle import load_bundle
@@ -243,7 +246,8 @@ def evaluate_bundle(
     dev = select_device(device)
     bundle = load_bundle(Path(bundle_dir), labels, dev)
     segmenter = Segmenter(bundle, device=str(dev), uncertainty="tta" if uncertainty_samples else "off",
-                          uncertainty_samples=max(2, uncertainty_samples))
+                          uncertainty_samples=max(2, uncertainty_samples), overlap=overlap, precision=precision)
+    logger.info("evaluating %s %s: %s", bundle.name, bundle.version, segmenter.describe())
     femur_id = next((l.id for l in labels.labels if l.key == "femur"), None)
     scores: list[StructureScore] = []
     names: list[str] = []
@@ -261,6 +265,10 @@ def evaluate_bundle(
         names.append(case_name)
         both = [s.dice for s in case_scores if s.side == "both" and not math.isnan(s.dice)]
         logger.info("evaluated %s: mean Dice %.4f", case_name, float(np.mean(both)) if both else math.nan)
+        report = EvaluationReport(bundle.name, bundle.version, tuple(names), tuple(scores),
+                                  (time.monotonic() - started) / max(1, len(names)))
+        if csv_path is not None:  # after every case: a long evaluation stopped early keeps what it measured
+            report.write_csv(Path(csv_path))
     report = EvaluationReport(bundle.name, bundle.version, tuple(names), tuple(scores),
                               (time.monotonic() - started) / max(1, len(names)))
     if csv_path is not None:

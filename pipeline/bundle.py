@@ -46,6 +46,10 @@ DEMO_INTENDED_USE = (
 )
 
 
+#: Inference precisions a bundle (metadata.json sliding_window.precision) or the node may name.
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class SlidingWindowSettings:
     """Sliding-window inference parameters (the roi is the network's img_size)."""
@@ -56,8 +60,14 @@ class SlidingWindowSettings:
     #: Mirror test-time augmentation: also predict the left-right mirrored input (model-grid
     #: axis x, the axis the training flips) and average the two probability maps. Twice the time.
     mirror: bool = False
+    #: Arithmetic of the network: "fp32", or "bf16" (bfloat16 autocast where the device supports it:
+    #: pipeline.inference.autocast_dtype); the softmax and everything after it stay float32.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"SlidingWindowSettings.precision must be one of {', '.join(PRECISIONS)}; "
+                             f"saw {self.precision!r}")
         if not isinstance(self.mirror, bool):
             raise ValueError(f"SlidingWindowSettings.mirror must be true or false; saw {self.mirror!r}")
         if not 0.0 <= self.overlap < 1.0:
@@ -171,6 +181,7 @@ def write_bundle(
             "mode": sliding_window.mode,
             "sw_batch_size": sliding_window.sw_batch_size,
             "mirror": sliding_window.mirror,
+            "precision": sliding_window.precision,
         },
         "network_data_format": {
             "inputs": {"image": {"type": "image", "format": "hounsfield", "num_channels": 1,

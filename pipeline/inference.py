@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline.bundle import Bundle
+from pipeline.bundle import PRECISIONS, Bundle
 from pipeline.errors import SegmentationError
 from pipeline.labels import FEMUR_KEY
 from pipeline.postprocess import keep_largest_components, split_sides
@@ -61,8 +61,28 @@ def default_cpu_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _autocast(device: torch.device):
-    return torch.autocast(device_type="cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+def cpu_supports_bf16() -> bool:
+    """The CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX, as oneDNN reports it): without it bf16
+    autocast emulates the arithmetic and is slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - a torch build without oneDNN
+        return False
+
+
+def autocast_dtype(device: torch.device, precision: str = "fp32") -> torch.dtype | None:
+    """The autocast dtype of the network on ``device`` for ``precision`` (pipeline.bundle.PRECISIONS); None =
+    float32. CUDA keeps its float16 AMP for "fp32" (as before this setting) and uses bfloat16 for "bf16" where
+    the GPU has it; the CPU uses bfloat16 only for "bf16" on a CPU with native bfloat16 (cpu_supports_bf16)."""
+    if precision not in PRECISIONS:
+        raise SegmentationError(f"precision {precision!r}: allowed {', '.join(PRECISIONS)}")
+    if device.type == "cuda":
+        return torch.bfloat16 if precision == "bf16" and torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" and device.type == "cpu" and cpu_supports_bf16() else None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _window_probs(network: torch.nn.Module, inp: torch.Tensor, roi_size: tuple[int, int, int], *,
@@ -93,16 +113,17 @@ def predict_scores(
     overlap: float = 0.5,
     mode: str = "gaussian",
     mirror: bool = False,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Softmax class probabilities ``(C, D, H, W)`` (float32, CPU) for a ``(1, D, H, W)`` model input.
 
-    MONAI ``sliding_window_inference`` under ``torch.inference_mode``; bfloat16/float16
-    autocast on CUDA only (CPU autocast is slower for these 3-D convolutions). ``mirror``:
-    the mean of the probabilities of the input and of its mirror along the last axis (x).
+    MONAI ``sliding_window_inference`` under ``torch.inference_mode``, the network under the autocast
+    :func:`autocast_dtype` gives for ``precision``. ``mirror``: the mean of the probabilities of the
+    input and of its mirror along the last axis (x).
     """
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
     kw = dict(sw_batch_size=sw_batch_size, overlap=overlap, mode=mode)
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), _autocast(device, autocast_dtype(device, precision)):
         probs = _window_probs(network, x, roi_size, **kw)
         if mirror:
             probs += torch.flip(_window_probs(network, torch.flip(x, dims=(-1,)), roi_size, **kw), dims=(-1,))
@@ -120,18 +141,21 @@ def predict_samples(
     sw_batch_size: int = 2,
     overlap: float = 0.5,
     mode: str = "gaussian",
+    precision: str = "fp32",
 ) -> Iterator[torch.Tensor]:
     """Softmax ``(C, D, H, W)`` (float32, CPU) of each test-time augmentation in
     :data:`pipeline.uncertainty.TTA_SAMPLES` order (identity, mirror, shift, mirror + shift), mapped
     back onto the input's grid. The shift pads a quarter patch of zeros (the window's own padding
-    value) before every axis, so the sliding-window grid falls elsewhere."""
+    value) before every axis, so the sliding-window grid falls elsewhere. ``precision``: as
+    :func:`predict_scores`, for every sample."""
     if not 1 <= n_samples <= MAX_TTA_SAMPLES:
         raise SegmentationError(f"uncertainty samples = {n_samples}: allowed 1..{MAX_TTA_SAMPLES}")
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
     kw = dict(sw_batch_size=sw_batch_size, overlap=overlap, mode=mode)
     pad = [max(1, int(r) // 4) for r in roi_size]
+    dtype = autocast_dtype(device, precision)
     for kind in TTA_SAMPLES[:n_samples]:
-        with torch.inference_mode(), _autocast(device):  # not held across the yield
+        with torch.inference_mode(), _autocast(device, dtype):  # not held across the yield
             inp = torch.flip(x, dims=(-1,)) if "mirror" in kind else x
             if "shift" in kind:
                 inp = torch.nn.functional.pad(inp, (pad[2], 0, pad[1], 0, pad[0], 0), value=0.0)
@@ -187,6 +211,8 @@ class Segmenter:
     """Segments volumes with one bundle. Thread-safe; load once and share.
 
     ``metal_exclude_hu``: voxels at or above it are set to background before the clean-up (None: off).
+    ``precision``: "fp32" or "bf16" (None: the bundle's sliding_window.precision), for the label map's pass
+    and every uncertainty sample alike (:func:`autocast_dtype`: bf16 only where the device has it).
     ``uncertainty``: ``"tta"`` also draws ``uncertainty_samples`` test-time augmentations
     (pipeline.uncertainty) and attaches their per-structure summaries to the segmentation; the label
     map stays the one ``mirror`` gives (the mirror pass is the second sample), so the reported
@@ -206,6 +232,7 @@ class Segmenter:
         metal_exclude_hu: float | None = METAL_EXCLUDE_HU,
         uncertainty: str = UNCERTAINTY_OFF,
         uncertainty_samples: int = 2,
+        precision: str | None = None,
     ) -> None:
         if uncertainty not in UNCERTAINTY_METHODS:
             raise SegmentationError(f"uncertainty = {uncertainty!r}: allowed {', '.join(UNCERTAINTY_METHODS)}")
@@ -224,6 +251,8 @@ class Segmenter:
         self._overlap = float(overlap if overlap is not None else bundle.sliding_window.overlap)
         self._mode = bundle.sliding_window.mode
         self._mirror = bool(mirror if mirror is not None else bundle.sliding_window.mirror)
+        self._precision = precision if precision is not None else bundle.sliding_window.precision
+        autocast_dtype(self._device, self._precision)  # refuses an unknown name now, not at the first study
         self._num_threads = num_threads if num_threads is not None else default_cpu_threads()
         self._keep_largest = keep_largest
         self._lock = threading.Lock()
@@ -240,8 +269,13 @@ class Segmenter:
         grid = " x ".join(f"{s:g}" for s in self._bundle.preprocess_settings.spacing_mm)
         return (f"device {self._device.type}, model grid {grid} mm, overlap {self._overlap:g} {self._mode}, "
                 f"sw_batch_size {self._sw_batch_size}, mirror {'on' if self._mirror else 'off'}, "
+                f"precision {self._precision} ({self._arithmetic()}), "
                 f"uncertainty {self._uncertainty_label()}, "
                 f"volume calibration {'on' if self._bundle.class_weights is not None else 'off'}")
+
+    def _arithmetic(self) -> str:
+        dtype = autocast_dtype(self._device, self._precision)
+        return "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
 
     def _uncertainty_label(self) -> str:
         if self._uncertainty == UNCERTAINTY_OFF:
@@ -274,6 +308,7 @@ class Segmenter:
                 overlap=self._overlap,
                 mode=self._mode,
                 mirror=self._mirror,
+                precision=self._precision,
             )
         return probs, plan
 
@@ -296,6 +331,7 @@ class Segmenter:
             for i, probs in enumerate(predict_samples(
                 self._network, image, self._bundle.network_settings.img_size, self._device,
                 self._uncertainty_samples, sw_batch_size=self._sw_batch_size, overlap=self._overlap, mode=self._mode,
+                precision=self._precision,
             )):
                 labels = self._sample_labels(probs)
                 counts.append(bin_counts(labels, split_sides(labels, model_affine, femur_id=self._femur_id), n_labels))

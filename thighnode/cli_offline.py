@@ -141,7 +141,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         generate_dataset(tmp, n_subjects=args.phantoms, seed=args.seed, spacing_mm=(2.0, 2.0, 2.0))
         data = tmp
     report = evaluate_bundle(Path(args.bundle), data, csv_path=Path(args.csv) if args.csv else None,
-                             device=args.device, uncertainty_samples=args.uncertainty)
+                             device=args.device, uncertainty_samples=args.uncertainty, overlap=args.overlap,
+                             precision=args.precision)
     print(report.format_table())
     if args.uncertainty:
         from modelkit.uncertainty_eval import format_uncertainty_report
@@ -239,6 +240,10 @@ def add_evaluation_commands(add: AddCommand) -> None:
                         "do not exist yet (e.g. the demo's held-out sets)")
     p.add_argument("--csv", default=None, help="write the table as CSV")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
+    p.add_argument("--overlap", type=float, default=None,
+                   help="sliding-window overlap instead of the bundle's (e.g. 0.25 against its 0.5)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="network arithmetic instead of the bundle's (bf16: bfloat16 autocast where the device has it)")
     p.add_argument("--real", nargs="?", const="", default=None, metavar="DIR",
                    help="also segment the real hip CT (default: ../shared/data/totalseg-hip-ct) and print its Dice "
                         "beside the phantoms', per structure and side")

@@ -15,9 +15,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicomout.outbox import Outbox, RetryPolicy, send_pending
@@ -32,7 +34,7 @@ from thighnode.audit import AuditTrail
 from thighnode.audit_hooks import IngressEvents, ReceivedAuditor, audit_sent, build_audit_trail
 from thighnode.backfill import BackfillStore
 from thighnode.corrections import CorrectionStore
-from thighnode.jobs import FINAL_STATES, RUNNING, STATES, Job, JobStore, StudyProgress
+from thighnode.jobs import DONE, FINAL_STATES, RUNNING, STATES, Job, JobStore, StudyProgress
 from thighnode.metrics import InstanceCounter, MetricsServer, MetricsSnapshot, OutboxBacklog, StageDurations
 from thighnode.models import PROMOTED, active_model, record_loaded
 from thighnode.priors import PriorFinder, PriorRequests, follow_up_prior
@@ -139,7 +141,8 @@ def build_segmenter(settings: Settings) -> SegmenterLike:
         )
     segmenter = Segmenter(bundle, device=m.device, sw_batch_size=m.sw_batch_size, overlap=m.overlap,
                           mirror=m.mirror_override, uncertainty=m.uncertainty,
-                          uncertainty_samples=m.uncertainty_samples)
+                          uncertainty_samples=m.uncertainty_samples,
+                          precision=None if m.precision == "bundle" else m.precision)  # None: the bundle's
     loaded = replace(active, name=bundle.name, version=bundle.version, sha256=bundle.weights_sha256)
     record_loaded(settings.node.data_dir, loaded)
     log.info("model %s %s (weights sha256 %s, %s) loaded in %.2f s (%s)", bundle.name, bundle.version,
@@ -161,6 +164,7 @@ class Node:
         self._busy = 0
         self._busy_lock = threading.Lock()
         self._stopping = threading.Event()
+        self._outbox_wake = threading.Event()  # outputs were queued: send them now, not at the next interval
         self._started_at: float | None = None
         self.index: InstanceIndex | None = None
         self.jobs: JobStore | None = None
@@ -360,6 +364,8 @@ class Node:
                 series_uid=outcome.series_uid, timings_s=outcome.timings_s, result=outcome.result,
             )
             self._after_job(job, outcome.state, outcome.reason)
+            if outcome.state == DONE:
+                self.wake_outbox()
         except Exception:  # noqa: BLE001
             log.exception("job %d: could not record its outcome", job.id)
         finally:
@@ -380,15 +386,31 @@ class Node:
             log.exception("prior retrieval retry failed")
             return 0
 
+    def wake_outbox(self) -> None:
+        """Run the outbox now (a job queued its outputs) instead of at its next ``send_interval_s`` tick; a
+        wake during a run makes that run go round once more, so items queued meanwhile do not wait either."""
+        self._outbox_wake.set()
+        scheduler = self._scheduler
+        if scheduler is not None and not self._stopping.is_set():
+            try:
+                scheduler.modify_job("outbox", next_run_time=datetime.now(timezone.utc))
+            except JobLookupError:  # stopping
+                pass
+
     def send_outbox(self) -> int:
         assert self.outbox is not None
+        sent = 0
         try:
             audit = self.audit
             on_sent = None if audit is None else (lambda dest, items: audit_sent(audit, dest, items))
-            return send_pending(self.outbox, destinations_of(self.settings), on_sent=on_sent)
+            while True:
+                self._outbox_wake.clear()
+                sent += send_pending(self.outbox, destinations_of(self.settings), on_sent=on_sent)
+                if not self._outbox_wake.is_set() or self._stopping.is_set():
+                    return sent
         except Exception:  # noqa: BLE001
             log.exception("outbox run failed")
-            return 0
+            return sent
 
     def purge(self, now: float | None = None) -> int:
         """Retention: delete spooled files of studies idle for longer than keep_received_days

@@ -227,6 +227,7 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "sw_batch_size": _int_range(1, 256),
         "overlap": _float_range(0.0, 0.95),
         "mirror": _choice("bundle", "on", "off"),
+        "precision": _choice("bundle", "fp32", "bf16"),
         "uncertainty": _choice("off", "tta"),
         "uncertainty_samples": _int_range(2, 4),
     },
@@ -363,6 +364,7 @@ class ModelSettings:
     mirror: str  # "bundle" (the bundle's sliding_window.mirror), "on" or "off"
     uncertainty: str = "off"  # "off" or "tta": per-structure uncertainty from test-time augmentation
     uncertainty_samples: int = 2  # 2..4 augmentations (identity, mirror, shift, mirror + shift)
+    precision: str = "bundle"  # "bundle" (the bundle's sliding_window.precision), "fp32" or "bf16"
 
     @property
     def mirror_override(self) -> bool | None:

@@ -100,3 +100,58 @@ def test_a_bundle_is_evaluated_over_several_folders_pooled(tmp_path: Path) -> No
                  "--csv", str(tmp_path / "e.csv")]) == 0
     rows = (tmp_path / "e.csv").read_text().splitlines()
     assert {r.split(",")[0] for r in rows[1:]} == set(pooled.cases)
+
+
+def test_evaluate_passes_overlap_and_precision_instead_of_the_bundles(tmp_path: Path, monkeypatch) -> None:
+    """`thighnode evaluate --overlap 0.25 --precision bf16`: the accuracy check of inference settings."""
+    import modelkit.evaluation as evaluation
+    from thighnode.cli import main
+
+    seen: list[dict] = []
+    report = EvaluationReport("b", "1", (), (), 0.0)
+    monkeypatch.setattr(evaluation, "evaluate_bundle", lambda *a, **k: seen.append(k) or report)
+    assert main(["evaluate", "--bundle", "b", "--data", str(tmp_path), "--overlap", "0.25", "--precision", "bf16"]) == 0
+    assert main(["evaluate", "--bundle", "b", "--data", str(tmp_path)]) == 0
+    assert [(k["overlap"], k["precision"]) for k in seen] == [(0.25, "bf16"), (None, None)]
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--bundle", "b", "--data", str(tmp_path), "--precision", "fp16"])
+
+
+def test_the_csv_holds_every_case_evaluated_before_a_stop(tmp_path: Path, monkeypatch) -> None:
+    """A long evaluation stopped (or failing) part way keeps the cases it scored, with the settings asked for."""
+    import torch
+
+    import pipeline.inference as inference
+    from modelkit.evaluation import evaluate_bundle
+    from pipeline.bundle import write_bundle
+    from pipeline.network import NetworkSettings, build_network
+    from pipeline.preprocess import PreprocessSettings
+    from thighnode.cli import main
+
+    labels = load_label_table()
+    tiny = NetworkSettings(img_size=(32, 32, 32), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=2)
+    torch.manual_seed(0)
+    bundle = write_bundle(tmp_path / "b", build_network(tiny, labels.num_classes), tiny,
+                          PreprocessSettings(spacing_mm=(8.0, 8.0, 8.0)), labels, {"name": "tiny", "version": "0.0.1"})
+    assert main(["phantom", "--out", str(tmp_path / "a"), "--subjects", "2", "--seed", "3", "--spacing", "6"]) == 0
+    made: list[tuple[float, str]] = []
+
+    class StopsAtTheSecondCase(inference.Segmenter):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append((self._overlap, self._precision))
+            self.calls = 0
+
+        def segment(self, volume):
+            self.calls += 1
+            if self.calls == 2:
+                raise KeyboardInterrupt
+            return super().segment(volume)
+
+    monkeypatch.setattr(inference, "Segmenter", StopsAtTheSecondCase)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_bundle(bundle, tmp_path / "a", csv_path=tmp_path / "e.csv", labels=labels, device="cpu",
+                        overlap=0.25, precision="bf16")
+    assert made == [(0.25, "bf16")]
+    rows = (tmp_path / "e.csv").read_text().splitlines()
+    assert {r.split(",")[0] for r in rows[1:]} == {"subject_000"} and len(rows) > 30

@@ -166,3 +166,27 @@ def test_totalseg_hip_ct_has_femur_labels_but_no_shaft(shared_data: Path, table:
     assert search.n_slices == 112 and search.pair_slices == 0 and search.run_mm == 0.0
     assert "0 of 112 axial slices (z 94..427 mm)" in search.describe()
     assert check_field_of_view(volume, CoveragePolicy()).get("hip") is not None  # what the workflow asks now
+
+
+def test_bone_components_in_the_bone_box_equal_those_of_the_whole_slice(monkeypatch) -> None:
+    """find_bone_components labels only the box around the slab's bone: every component, its hole filling
+    (a ring's marrow, not a bay open to the slice border), its moments, thickness and dense share are the
+    same as over the whole slice, also for bone touching the slice border."""
+    import pipeline.bodypart as bodypart
+
+    inside = _synthetic(6, (1, 5), FEMORA + [(0.0, -60.0, 30.0, 12.0)])
+    edges = inside.copy()
+    edges[2:4, 100:140, 0:12] = 900.0  # bone cut by the left edge of the slice
+    edges[3, 0:30, 60:64] = edges[3, 0:30, 80:84] = edges[3, 26:30, 60:84] = 900.0  # a bay open to the top edge
+    edges[4, 200:239, 200:239] = 700.0
+    edges[4, 210:220, 210:220] = 100.0  # a hole near the bottom right corner
+    volumes = [_volume(inside), _volume(edges)]
+    boxed = [bodypart.find_bone_components(v) for v in volumes]
+    monkeypatch.setattr(bodypart, "_bone_box", lambda m: (slice(0, m.shape[1]), slice(0, m.shape[2])) if m.any() else None)
+    for got, volume in zip(boxed, volumes):
+        whole = bodypart.find_bone_components(volume)
+        assert got.slice_idx.size == whole.slice_idx.size >= 12
+        for name in ("z_mm", "slice_idx", "offset_mm", "y_mm", "area_mm2", "roundness", "inscribed_mm", "dense_fraction"):
+            assert np.array_equal(getattr(got, name), getattr(whole, name), equal_nan=True), name
+    empty = bodypart.find_bone_components(_volume(np.full((3, 20, 20), -1000.0)))
+    assert empty.slice_idx.size == 0 and empty.n_slices == 3

@@ -143,3 +143,64 @@ def test_metal_is_never_labelled(bundle) -> None:
     seg = Segmenter(bundle, device="cpu", num_threads=1).segment(with_metal)
     assert not seg.label_map[hu >= 2000].any()
     assert seg.label_map[hu < 2000].any()
+
+
+def test_bundle_carries_the_precision_setting(tmp_path: Path) -> None:
+    from pipeline.bundle import BundleError, SlidingWindowSettings
+
+    labels = load_label_table()
+    net = build_network(TINY, labels.num_classes)
+    path = write_bundle(tmp_path / "m", net, TINY, PreprocessSettings(spacing_mm=(4, 4, 4)), labels,
+                        {"name": "m", "version": "1"}, SlidingWindowSettings(precision="bf16"))
+    loaded = load_bundle(path, labels, "cpu")
+    assert loaded.sliding_window.precision == "bf16"
+    assert Segmenter(loaded, device="cpu")._precision == "bf16"
+    assert Segmenter(loaded, device="cpu", precision="fp32")._precision == "fp32"
+    assert "precision fp32 (float32)" in Segmenter(loaded, device="cpu", precision="fp32").describe()
+    with pytest.raises(SegmentationError, match="precision 'fp16'"):
+        Segmenter(loaded, device="cpu", precision="fp16")
+    with pytest.raises(ValueError, match="precision"):
+        SlidingWindowSettings(precision="half")
+    meta = path / "configs" / "metadata.json"
+    meta.write_text(meta.read_text().replace('"precision": "bf16"', '"precision": "half"'))
+    with pytest.raises(BundleError, match="precision"):
+        load_bundle(path, labels, "cpu")
+    old = path / "configs" / "metadata.json"  # a bundle written before the setting: float32
+    old.write_text(old.read_text().replace(',\n    "precision": "half"', ""))
+    assert load_bundle(path, labels, "cpu").sliding_window.precision == "fp32"
+
+
+def test_autocast_dtype_follows_the_device(monkeypatch) -> None:
+    from pipeline import inference
+
+    cpu = torch.device("cpu")
+    assert inference.autocast_dtype(cpu, "fp32") is None
+    monkeypatch.setattr(inference, "cpu_supports_bf16", lambda: True)
+    assert inference.autocast_dtype(cpu, "bf16") is torch.bfloat16
+    monkeypatch.setattr(inference, "cpu_supports_bf16", lambda: False)
+    assert inference.autocast_dtype(cpu, "bf16") is None  # emulated bfloat16 is slower than float32
+    with pytest.raises(SegmentationError, match="allowed fp32, bf16"):
+        inference.autocast_dtype(cpu, "int8")
+
+
+@pytest.mark.skipif(not __import__("pipeline.inference", fromlist=["x"]).cpu_supports_bf16(),
+                    reason="this CPU has no native bfloat16 (AVX512-BF16 / AMX)")
+def test_bf16_runs_the_network_in_bfloat16_for_the_label_map_and_the_uncertainty(bundle) -> None:
+    """bf16 changes the scores a little (the network's arithmetic), for the label map's pass and every
+    test-time augmentation alike; the output stays float32 probabilities."""
+    from pipeline.inference import predict_samples, predict_scores
+
+    rng = np.random.default_rng(1)
+    image = rng.random((1, 20, 24, 28)).astype(np.float32)
+    net, roi, dev = bundle.network, bundle.network_settings.img_size, torch.device("cpu")
+    fp32 = predict_scores(net, image, roi, dev)
+    bf16 = predict_scores(net, image, roi, dev, precision="bf16")
+    assert bf16.dtype == torch.float32 and torch.allclose(bf16.sum(0), torch.ones_like(bf16[0]), atol=1e-4)
+    assert not torch.equal(bf16, fp32) and torch.allclose(bf16, fp32, atol=0.05)
+    samples32 = list(predict_samples(net, image, roi, dev, 2))
+    samples16 = list(predict_samples(net, image, roi, dev, 2, precision="bf16"))
+    assert torch.equal(samples16[0], bf16) and torch.equal(samples32[0], fp32)
+    assert not torch.equal(samples16[1], samples32[1]) and torch.allclose(samples16[1], samples32[1], atol=0.05)
+    volume = _volume(np.diag([3.0, 2.0, 2.0, 1.0]))
+    seg = Segmenter(bundle, device="cpu", num_threads=1, precision="bf16", uncertainty="tta").segment(volume)
+    assert seg.label_map.shape == volume.shape and seg.uncertainty is not None

@@ -110,3 +110,52 @@ def test_a_node_whose_audit_trail_cannot_be_written_does_not_start(tmp_path: Pat
 
     with open(settings.node.data_dir / "thighnode.lock", "a+", encoding="utf-8") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_send_asked_for_during_an_outbox_run_goes_round_once_more(node: Node, monkeypatch) -> None:
+    """A job that queues its outputs while the outbox is sending wakes it: the run sends again at once
+    instead of leaving the new items for the next send_interval_s."""
+    import thighnode.node as node_module
+
+    calls: list[int] = []
+
+    def send_pending(outbox, destinations, on_sent=None) -> int:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            node.wake_outbox()  # a job finished during this send
+        return 1
+
+    monkeypatch.setattr(node_module, "send_pending", send_pending)
+    node.outbox = object()  # type: ignore[assignment]
+    assert node.send_outbox() == 2 and calls == [0, 1]
+    assert node.send_outbox() == 1 and calls == [0, 1, 2]  # no wake: one pass
+
+
+def test_a_done_job_wakes_the_outbox_before_its_interval(tmp_path: Path, monkeypatch) -> None:
+    """The outbox runs every send_interval_s (10 s by default); a finished job's outputs go at once."""
+    import threading
+
+    import thighnode.node as node_module
+    from tests.support.ports import free_port
+    from thighnode.workflow import Outcome
+
+    settings = load_settings(environ={
+        "THIGHNODE_HOME": str(tmp_path), "THIGHNODE_NODE__HOST": "127.0.0.1",
+        "THIGHNODE_NODE__PORT": str(free_port()), "THIGHNODE_OUTBOX__SEND_INTERVAL_S": "3600",
+    })
+    sent = threading.Event()
+    monkeypatch.setattr(node_module, "send_pending", lambda *a, **k: sent.set() or 0)
+    node = Node(settings, load_model=False)
+    node.start()
+    try:
+        assert node.jobs is not None and node._workflow is not None
+        monkeypatch.setattr(node._workflow, "run", lambda job: Outcome(DONE, "SEG queued to pacs"))
+        node.jobs.sync([StudyProgress(OLD, 1.0)], now=10.0, quiet_period_s=0)
+        job = node.jobs.claim_next()
+        assert job is not None and not sent.is_set()
+        node._busy += 1  # as tick() does before handing the job to a worker
+        node._run_job(job)
+        assert sent.wait(60), "the outbox was not run when the job ended"
+        assert node.jobs.jobs(state=DONE)[0].id == job.id
+    finally:
+        node.stop()

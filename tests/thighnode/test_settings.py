@@ -68,6 +68,7 @@ def test_environment_overrides_a_key(tmp_path: Path) -> None:
         ({"THIGHNODE_SECURITY__ALLOWED_PEERS": '["10.0.0.300"]'}, "allowed_peers[0] = '10.0.0.300'"),
         ({"THIGHNODE_MODEL__DEVICE": "tpu"}, "model.device = 'tpu': allowed auto, cpu, cuda, cuda:N"),
         ({"THIGHNODE_MODEL__MIRROR": "yes"}, "model.mirror = 'yes': allowed bundle, on, off"),
+        ({"THIGHNODE_MODEL__PRECISION": "fp16"}, "model.precision = 'fp16': allowed bundle, fp32, bf16"),
         ({"THIGHNODE_OUTPUTS__BINARY_COMPRESSION": "zip"}, "outputs.binary_compression = 'zip': allowed deflate, JPEG2000, none"),
         ({"THIGHNODE_DESTINATIONS": '[{name = "p", host = "h", port = 1}]'}, "lacks the key 'ae_title'"),
         ({"THIGHNODE_PROCESSING__ACCEPT_REGIONS": '["hip", "abdomen"]'},
@@ -97,6 +98,14 @@ def test_model_mirror_follows_the_bundle_unless_set(tmp_path: Path) -> None:
     on = load_settings(environ={"THIGHNODE_HOME": str(tmp_path), "THIGHNODE_MODEL__MIRROR": "on"})
     off = load_settings(environ={"THIGHNODE_HOME": str(tmp_path), "THIGHNODE_MODEL__MIRROR": "off"})
     assert (on.model.mirror_override, off.model.mirror_override) == (True, False)
+
+
+def test_model_precision_follows_the_bundle_unless_set(tmp_path: Path) -> None:
+    s = load_settings(environ={"THIGHNODE_HOME": str(tmp_path)})
+    assert s.model.precision == "bundle"
+    for value in ("fp32", "bf16"):
+        set_ = load_settings(environ={"THIGHNODE_HOME": str(tmp_path), "THIGHNODE_MODEL__PRECISION": value})
+        assert set_.model.precision == value
 
 
 def test_outputs_enabled_defaults_to_seg_sr_pdf_and_takes_import_paths(tmp_path: Path) -> None:
