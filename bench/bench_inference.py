@@ -13,7 +13,7 @@ measures, each in a fresh child process so that peak figures are not mixed, inte
   overlap 0.5 / gaussian / inference_mode, ``sw_batch_size`` of config/node.toml (2), the restore
   that interpolates scores only at boundary voxels, metal exclusion, side split, largest components);
 * ``baseline``: the same stage the way it ran before issue 24: MONAI ``sliding_window_inference``
-  with ``sw_batch_size`` 2 and the dense restore (``restore_probabilities_dense``: all classes
+  in float32 with ``sw_batch_size`` 2 and the dense restore (``restore_probabilities_dense``: all classes
   interpolated at every voxel of the crop);
 * each also with the node's default uncertainty (``-tta``: 2 test-time augmentation samples).
 
@@ -98,10 +98,11 @@ def _child(kind: str, model: str, args: dict, queue) -> None:
     tta = {"uncertainty": "tta", "uncertainty_samples": 2} if kind.endswith("-tta") else {}
     if kind.startswith("baseline"):
         inference.restore_probabilities = restore_probabilities_dense  # the restore before issue 24
-        segmenter = Segmenter(bundle, device=str(device), num_threads=args["threads"], sw_batch_size=2, **tta)
+        segmenter = Segmenter(bundle, device=str(device), num_threads=args["threads"], sw_batch_size=2,
+                              precision="fp32", **tta)
     else:
         segmenter = Segmenter(bundle, device=str(device), num_threads=args["threads"],
-                              sw_batch_size=args["sw_batch_size"], **tta)
+                              sw_batch_size=args["sw_batch_size"], precision=args["precision"], **tta)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--sw-batch-size", type=int, default=2, help="windows per network call of the new path (the node's default, config/node.toml)")
+    parser.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                        help="arithmetic of the new path (default: the bundle's; ViT-B: fp32); the baseline is fp32")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved baseline/new pairs per row")
     a = parser.parse_args(argv)
     import tempfile
@@ -168,11 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     num_classes = load_label_table().num_classes
     out_dir = Path(tempfile.mkdtemp(prefix="bench_inference_"))
     args = {"bundle": a.bundle, "device": a.device, "slices": a.slices, "slice_mm": a.slice_mm, "threads": a.threads,
-            "sw_batch_size": a.sw_batch_size, "out_dir": out_dir}
+            "sw_batch_size": a.sw_batch_size, "precision": a.precision, "out_dir": out_dir}
     models = ["demo"] + (["production"] if a.production else [])
     results = []
     print(f"synthetic CT {a.slices}x512x512, 0.8 mm pixels, {a.slice_mm} mm slices; device {a.device}, "
-          f"{a.threads} threads; new path sw_batch_size {a.sw_batch_size}; baseline = MONAI sliding window "
+          f"{a.threads} threads; new path sw_batch_size {a.sw_batch_size}, precision {a.precision or 'bundle'}; "
+          f"baseline = MONAI sliding window fp32 "
           f"sw_batch_size 2 + dense restore (before issue 24)")
     for model in models:
         for tta in ("", "-tta"):
