@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", default=str(REPO / "bundles" / "thighnode_demo"))
     parser.add_argument("--production", action="store_true", help="also time the paper's ViT-B UNETR (slow on CPU)")
+    parser.add_argument("--production-only", action="store_true", help="only the ViT-B rows")
+    parser.add_argument("--no-tta", action="store_true", help="skip the rows with the default uncertainty")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--slice-mm", type=float, default=1.5)
@@ -172,14 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(tempfile.mkdtemp(prefix="bench_inference_"))
     args = {"bundle": a.bundle, "device": a.device, "slices": a.slices, "slice_mm": a.slice_mm, "threads": a.threads,
             "sw_batch_size": a.sw_batch_size, "precision": a.precision, "out_dir": out_dir}
-    models = ["demo"] + (["production"] if a.production else [])
+    models = (["demo"] if not a.production_only else []) + (["production"] if a.production or a.production_only else [])
     results = []
     print(f"synthetic CT {a.slices}x512x512, 0.8 mm pixels, {a.slice_mm} mm slices; device {a.device}, "
           f"{a.threads} threads; new path sw_batch_size {a.sw_batch_size}, precision {a.precision or 'bundle'}; "
           f"baseline = MONAI sliding window fp32 "
           f"sw_batch_size 2 + dense restore (before issue 24)")
     for model in models:
-        for tta in ("", "-tta"):
+        for tta in ("",) if a.no_tta else ("", "-tta"):
             runs = []
             for _ in range(max(1, a.repeats)):
                 runs.append((run("baseline" + tta, model, args), run("new" + tta, model, args)))
