@@ -19,7 +19,7 @@ from tests.conftest import require_tool
 from tests.support.audit_schema import schema_errors
 from tests.support.node import NodeProcess
 from tests.support.orthanc import OrthancServer
-from tests.support.ports import free_port
+from tests.support.ports import free_port, wait_for_port
 from tests.support.prometheus import parse_exposition, value
 from tests.support.synthetic_ct import DEFAULT_PATIENT, write_ct_series
 
@@ -88,6 +88,7 @@ def test_metrics_count_a_received_study_and_health_is_ok(tmp_path: Path) -> None
     metrics_port = free_port()
     extra = f'[metrics]\nenabled = true\nport = {metrics_port}\n'
     with NodeProcess(tmp_path / "node", extra_config=extra) as node:
+        wait_for_port(metrics_port)  # the endpoint starts after the DICOM listener NodeProcess waits for
         status, body = _scrape(metrics_port, "/healthz")
         assert status == 200 and json.loads(body) == {"status": "ok", "listener": True, "scheduler": True}
         _push(node.port, files)
