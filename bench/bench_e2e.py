@@ -115,19 +115,10 @@ def _stage_spans(log_text: str) -> list[tuple[str, float, float]]:
 
 def stage_peaks(log_text: str, samples: list[tuple[float, float]]) -> list[tuple[str, float]]:
     """Peak sampled RSS (MB) within each stage, from the node log's "stage X started/ended" lines."""
-    started: dict[str, float] = {}
     peaks = []
-    for line in log_text.splitlines():
-        m = _STAGE_LINE.match(line)
-        if not m:
-            continue
-        at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-        if m.group(3) == "started":
-            started[m.group(2)] = at
-        elif m.group(2) in started:
-            t0 = started.pop(m.group(2))
-            inside = [rss for t, rss in samples if t0 <= t <= at]
-            peaks.append((m.group(2), max(inside) if inside else float("nan")))
+    for name, t0, t1 in _stage_spans(log_text):
+        inside = [rss for t, rss in samples if t0 <= t <= t1]
+        peaks.append((name, max(inside) if inside else float("nan")))
     return peaks
 
 
