@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pydicom
@@ -55,29 +54,9 @@ def test_the_tables_name_the_codes_classes_and_syntaxes(statement: str) -> None:
 @pytest.fixture(scope="module")
 def built_outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Dataset]:
     """SEG, SR and PDF as the node builds them for one small synthetic CT (default [outputs] settings)."""
-    from dicomout.context import ModelInfo, OutputSettings, StudyContext
-    from dicomout.outputs import BUILTIN_OUTPUTS, plan_outputs
-    from pipeline.selection import patient_info
-    from pipeline.types import SelectedSeries
-    from tests.dicomout.test_seg import MODEL_NAME, MODEL_VERSION, make_case
-    from tests.dicomout.test_sr import hand_made_measurements
+    from tests.dicomout.test_outputs import build_all_outputs, hand_made_context
 
-    paths, volume, seg = make_case(tmp_path_factory.mktemp("conformance"), "HFS")
-    headers = tuple(pydicom.dcmread(p, stop_before_pixels=True) for p in paths)
-    selected = SelectedSeries(
-        volume.study_instance_uid, volume.series_instance_uid, tuple(paths), "test", headers=headers,
-        patient=patient_info(headers[0]), study_date=str(headers[0].get("StudyDate", "")),
-    )
-    context = StudyContext(
-        job_id=1, study_uid=volume.study_instance_uid, selected=selected, volume=volume, segmentation=seg,
-        measurements=hand_made_measurements(volume, seg), model=ModelInfo(MODEL_NAME, MODEL_VERSION, demonstration=True),
-        settings=OutputSettings(institution_name="Test Hospital"), software_version="9.9.9",
-        content_time=datetime(2031, 2, 3, 4, 5, 6, tzinfo=timezone.utc),
-    )
-    built: dict[str, Dataset] = {}
-    for planned in plan_outputs(list(BUILTIN_OUTPUTS)):
-        built[planned.builder.name] = planned.builder.build(context, {n: built[n] for n in planned.builder.needs})
-    return built
+    return build_all_outputs(hand_made_context(tmp_path_factory.mktemp("conformance")))
 
 
 def _annex_rows(statement: str, iod: str) -> list[re.Match[str]]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+from pydicom import Dataset
+
+from dicomout.context import StudyContext
 from dicomout.errors import OutputPluginError
 from dicomout.outputs import BUILTIN_OUTPUTS, entry_problem, load_output, plan_outputs
 
@@ -83,39 +87,45 @@ def test_a_plug_in_output_derives_its_own_uids() -> None:
         output_uid(series, "1", "Note.file")
 
 
-def test_the_built_in_builders_read_only_the_context(tmp_path) -> None:  # noqa: ANN001
-    """Given one context, SEG -> SR -> PDF come out the same twice; the content time is the context's."""
+def hand_made_context(directory: Path) -> StudyContext:
+    """The StudyContext of one small synthetic CT (tests.dicomout.test_seg's case, hand-made measurements),
+    default [outputs] settings but the institution "Test Hospital", a fixed content time."""
     from datetime import datetime, timezone
 
     import pydicom
 
-    from dicomout.context import ModelInfo, OutputSettings, StudyContext
+    from dicomout.context import ModelInfo, OutputSettings
     from pipeline.selection import patient_info
     from pipeline.types import SelectedSeries
     from tests.dicomout.test_seg import MODEL_NAME, MODEL_VERSION, make_case
     from tests.dicomout.test_sr import hand_made_measurements
 
-    paths, volume, seg = make_case(tmp_path, "HFS")
+    paths, volume, seg = make_case(directory, "HFS")
     headers = tuple(pydicom.dcmread(p, stop_before_pixels=True) for p in paths)
     selected = SelectedSeries(
         volume.study_instance_uid, volume.series_instance_uid, tuple(paths), "test", headers=headers,
         patient=patient_info(headers[0]), study_date=str(headers[0].get("StudyDate", "")),
     )
-    context = StudyContext(
+    return StudyContext(
         job_id=1, study_uid=volume.study_instance_uid, selected=selected, volume=volume, segmentation=seg,
         measurements=hand_made_measurements(volume, seg), model=ModelInfo(MODEL_NAME, MODEL_VERSION, demonstration=True),
         settings=OutputSettings(institution_name="Test Hospital"), software_version="9.9.9",
         content_time=datetime(2031, 2, 3, 4, 5, 6, tzinfo=timezone.utc),
     )
 
-    def build_all() -> dict[str, pydicom.Dataset]:
-        built: dict[str, pydicom.Dataset] = {}
-        for planned in plan_outputs(list(BUILTIN_OUTPUTS)):
-            needs = {name: built[name] for name in planned.builder.needs}
-            built[planned.builder.name] = planned.builder.build(context, needs)
-        return built
 
-    first, second = build_all(), build_all()
+def build_all_outputs(context: StudyContext) -> dict[str, Dataset]:
+    """Every built-in output built from ``context`` in plan order, each given what it needs."""
+    built: dict[str, Dataset] = {}
+    for planned in plan_outputs(list(BUILTIN_OUTPUTS)):
+        built[planned.builder.name] = planned.builder.build(context, {n: built[n] for n in planned.builder.needs})
+    return built
+
+
+def test_the_built_in_builders_read_only_the_context(tmp_path) -> None:  # noqa: ANN001
+    """Given one context, SEG -> SR -> PDF come out the same twice; the content time is the context's."""
+    context = hand_made_context(tmp_path)
+    first, second = build_all_outputs(context), build_all_outputs(context)
     assert [first[k].SOPInstanceUID for k in first] == [second[k].SOPInstanceUID for k in second]
     assert first["pdf"].EncapsulatedDocument == second["pdf"].EncapsulatedDocument
     assert (first["pdf"].ContentDate, first["pdf"].ContentTime) == ("20310203", "040506")
