@@ -48,16 +48,11 @@ from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown
 from kombu import Queue
 
-from dicomout.outbox import Outbox
 from node_errors import NodeError
-from scp.index import InstanceIndex
-from thighnode.backfill import BackfillStore
-from thighnode.corrections import CorrectionStore
 from thighnode.jobs import RUNNING, Job, JobStore, JobStoreError
-from thighnode.node import retry_policy_of
-from thighnode.priors import PriorFinder, PriorRequests, follow_up_prior
-from thighnode.results import ResultsStore
+from thighnode.priors import PriorRequests, follow_up_prior
 from thighnode.settings import Settings
+from thighnode.stores import Stores, open_stores
 from thighnode.workflow import SegmenterLike, Workflow
 
 log = logging.getLogger(__name__)
@@ -125,7 +120,7 @@ class JobRunner:
         self._settings = settings
         self._segmenter_factory = segmenter_factory
         self._segmenter: SegmenterLike | None = None
-        self._stores: list[Any] = []
+        self._stores: Stores | None = None
         self.jobs: JobStore | None = None
         self.prior_requests: PriorRequests | None = None
         self.workflow: Workflow | None = None
@@ -134,27 +129,17 @@ class JobRunner:
         """Open the stores and load the model (``worker_process_init``: in the pool process, after the fork)."""
         s = self._settings
         t = time.perf_counter()
-        index = InstanceIndex(s.database, synchronous="NORMAL")
-        self.jobs = JobStore(s.database)
-        outbox = Outbox(s.database, retry_policy_of(s))
-        results = ResultsStore(s.database)
-        corrections = CorrectionStore(s.database)
-        self.prior_requests = PriorRequests(s.database)
-        priors = PriorFinder(s, results, self.prior_requests, index)
-        backfill = BackfillStore(s.database)  # a --no-send backfill's studies keep their outputs here too
-        self._stores = [index, self.jobs, outbox, results, corrections, self.prior_requests, backfill]
+        stores = self._stores = open_stores(s)
+        self.jobs, self.prior_requests = stores.jobs, stores.prior_requests
         self._segmenter = self._segmenter_factory(s)
-        self.workflow = Workflow(s, index, lambda: self._segmenter, results=results, outbox=outbox, priors=priors,
-                                 corrections=corrections, backfill=backfill)
+        self.workflow = stores.workflow(s, lambda: self._segmenter)
         log.info("worker process %d ready in %.2f s (data in %s, stores in %s, model %s)", os.getpid(),
                  time.perf_counter() - t, s.node.data_dir, s.database, "loaded" if self._segmenter is not None else "off")
 
     def close(self, **_signal: Any) -> None:
-        for store in self._stores:
-            close = getattr(store, "close", None)
-            if close is not None:
-                close()
-        self._stores = []
+        if self._stores is not None:
+            self._stores.close()
+        self._stores = None
 
     def run(self, job_id: int, study_uid: str, data_dir: str, *, worker: str = "", redelivered: bool = False) -> dict[str, Any]:
         """Run job ``job_id`` when it is still running in the job store; a no-op for a job already ended."""

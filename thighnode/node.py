@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from dicomout.outbox import Outbox, RetryPolicy, send_pending
+from dicomout.outbox import Outbox, send_pending
 from dicomout.sender import Destination
 from node_errors import NodeError
 from scp.ae import IngressServer, start_ingress
@@ -40,6 +40,7 @@ from thighnode.models import PROMOTED, active_model, record_loaded
 from thighnode.priors import PriorFinder, PriorRequests, follow_up_prior
 from thighnode.results import ResultsStore
 from thighnode.settings import Settings
+from thighnode.stores import Stores, open_stores
 from thighnode.workflow import SegmenterLike, Workflow
 
 if TYPE_CHECKING:
@@ -110,15 +111,6 @@ def ingress_config_of(settings: Settings) -> IngressConfig:
     )
 
 
-def retry_policy_of(settings: Settings) -> RetryPolicy:
-    return RetryPolicy(
-        base_delay_s=max(settings.outbox.base_delay_s, 0.001),
-        max_delay_s=max(settings.outbox.max_delay_s, settings.outbox.base_delay_s, 0.001),
-        max_attempts=settings.outbox.max_attempts,
-        max_age_s=settings.outbox.max_age_days * 86400.0,
-    )
-
-
 def build_segmenter(settings: Settings) -> SegmenterLike:
     """The active model (thighnode.models: the promoted one, else ``[model] bundle``), loaded once; what was
     loaded is recorded in ``<data_dir>/models/loaded.json`` for `thighnode status`. Used by the node (local
@@ -178,6 +170,7 @@ class Node:
         self._ingress: IngressServer | None = None
         self._scheduler: BackgroundScheduler | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._stores: Stores | None = None
         self._workflow: Workflow | None = None
         self.audit: AuditTrail | None = None
         self._received_auditor: ReceivedAuditor | None = None
@@ -199,11 +192,11 @@ class Node:
             self._release_lock()
             raise NodeStartError(exc.message) from exc
         t0 = time.perf_counter()
-        # The spooled file is fsync'ed before the index is written; the index commit need not be.
-        self.index = InstanceIndex(s.database, synchronous="NORMAL")
+        stores = self._stores = open_stores(s)
+        self.index, self.jobs, self.outbox = stores.index, stores.jobs, stores.outbox
+        self.results, self.corrections, self.backfill = stores.results, stores.corrections, stores.backfill
+        self.prior_requests, self.priors = stores.prior_requests, stores.priors
         self.index.reconcile(s.spool_dir)
-        self.jobs = JobStore(s.database)
-        self.outbox = Outbox(s.database, retry_policy_of(s))
         self._started_at = time.time()
         celery = s.compute.backend == "celery"
         if celery:
@@ -217,15 +210,7 @@ class Node:
                 log.info("resumed %d job(s) left running by the previous process: %s", len(recovered), recovered)
         if self._load_model and not celery:  # with Celery, each worker process loads the model
             self._segmenter = self._build_segmenter()
-        self.results = ResultsStore(s.database)
-        self.corrections = CorrectionStore(s.database)
-        self.prior_requests = PriorRequests(s.database)
-        self.priors = PriorFinder(s, self.results, self.prior_requests, self.index)
-        self.backfill = BackfillStore(s.database)
-        self._workflow = Workflow(
-            s, self.index, lambda: self._segmenter, results=self.results, outbox=self.outbox, priors=self.priors,
-            corrections=self.corrections, backfill=self.backfill,
-        )
+        self._workflow = stores.workflow(s, lambda: self._segmenter)
         if celery:
             from thighnode.compute import CeleryDispatcher
 
@@ -277,11 +262,10 @@ class Node:
         if self._dispatcher is not None:
             self._dispatcher.close()
             self._dispatcher = None
-        for store in (self.index, self.jobs, self.outbox, self.results, self.prior_requests, self.corrections,
-                      self.backfill, self.refusals):
-            close = getattr(store, "close", None)
-            if close is not None:
-                close()
+        if self._stores is not None:
+            self._stores.close()
+        if self.refusals is not None:
+            self.refusals.close()
         if self.audit is not None:
             self.audit.application_stopped()
             self.audit.close()

@@ -180,7 +180,8 @@ def test_integrity_and_operations_settings_defaults_and_checks(tmp_path: Path) -
     assert s.outbox.max_attempts == 0  # retried by age, not by count (issue 25)
     assert s.processing.max_job_attempts == 3
     assert (s.security.max_element_bytes, s.security.max_instance_bytes) == (16 * 1024 * 1024, 2 * 1024**3)
-    from thighnode.node import ingress_config_of, retry_policy_of
+    from thighnode.node import ingress_config_of
+    from thighnode.stores import retry_policy_of
 
     assert ingress_config_of(s).integrity_limits.max_element_bytes == 16 * 1024 * 1024
     assert retry_policy_of(s).max_attempts == 0
