@@ -170,6 +170,19 @@ def retrieve_series(
     return result
 
 
+def retrieve_study(
+    source: QuerySource, study_uid: str, series_uids: tuple[str, ...], *, store: InstanceSink | None = None
+) -> str:
+    """Retrieve each of ``series_uids`` of study ``study_uid`` (:func:`retrieve_series`); '' when all
+    succeeded, else the failures' reasons joined by "; " (every series is tried)."""
+    errors = []
+    for uid in series_uids:
+        result = retrieve_series(source, study_uid, uid, store=store)
+        if not result.ok:
+            errors.append(result.error or f"status {result.status}")
+    return "; ".join(errors)
+
+
 def _failed(error: str, *, counts: Counts = (0, 0, 0)) -> RetrieveResult:
     return RetrieveResult(
         ok=False,

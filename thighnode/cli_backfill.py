@@ -15,14 +15,14 @@ class BackfillCommandError(NodeError):
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from scp.instance_sink import store_into
     from scp.index import InstanceIndex
     from scp.pacs import QuerySource
     from scp.query import find_series, find_studies_in_range
-    from scp.retrieve import retrieve_series
+    from scp.retrieve import retrieve_study
     from thighnode.backfill import Backfill, BackfillCriteria, BackfillProgress, BackfillStore
     from thighnode.jobs import JobStore
     from thighnode.node import data_dir_in_use
+    from thighnode.priors import retrieval_sink
     from thighnode.settings import load_settings
 
     settings = load_settings(args.config)
@@ -54,13 +54,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         jobs = JobStore(settings.database)
 
         def retrieve(study_uid: str, series_uids: tuple[str, ...]) -> str:
-            sink = store_into(index, settings.spool_dir, source.ae_title) if index is not None else None
-            errors = []
-            for uid in series_uids:
-                result = retrieve_series(source, study_uid, uid, store=sink)
-                if not result.ok:
-                    errors.append(result.error or f"status {result.status}")
-            return "; ".join(errors)
+            sink = retrieval_sink(settings, index, source.ae_title) if index is not None else None
+            return retrieve_study(source, study_uid, series_uids, store=sink)
 
         def report(progress: BackfillProgress) -> None:
             print(progress.line(), flush=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pipeline.compare import compare_studies
 from pipeline.types import AnatomicalProfiles, Comparison, Measurements, PatientInfo, PriorSearch
@@ -19,6 +20,10 @@ from scp.db import SqliteStore
 from thighnode.jobs import DONE, JobStore
 from thighnode.results import ResultsStore
 from thighnode.settings import Settings
+
+if TYPE_CHECKING:
+    from scp.index import InstanceIndex
+    from scp.instance_sink import InstanceSink
 
 log = logging.getLogger(__name__)
 
@@ -282,22 +287,13 @@ class PriorFinder:
 
     def retrieve(self, prior_study_uid: str, series_uids: tuple[str, ...]) -> str:
         """Retrieve the series; '' on success, else the reason."""
-        from scp.instance_sink import store_into
-        from scp.integrity import IntegrityLimits
-        from scp.retrieve import retrieve_series
+        from scp.retrieve import retrieve_study
 
         source = self.query_source()
         store = None
         if source.method == "get" and self._index is not None:
-            sec = self._settings.security
-            store = store_into(self._index, self._settings.spool_dir, source.ae_title,
-                               limits=IntegrityLimits(sec.max_element_bytes, sec.max_instance_bytes))
-        errors = []
-        for uid in series_uids:
-            result = retrieve_series(source, prior_study_uid, uid, store=store)
-            if not result.ok:
-                errors.append(result.error or f"status {result.status}")
-        return "; ".join(errors)
+            store = retrieval_sink(self._settings, self._index, source.ae_title)
+        return retrieve_study(source, prior_study_uid, series_uids, store=store)
 
     def retry_due(self, now: float | None = None) -> int:
         """Retry failed retrievals whose time has come (scheduler job). Returns the number retried."""
@@ -338,3 +334,14 @@ def follow_up_prior(
             )
         else:
             requests.mark(study_uid, ARRIVED)
+
+
+def retrieval_sink(settings: Settings, index: InstanceIndex, source_ae_title: str) -> InstanceSink:
+    """Where a C-GET's instances go: spooled and indexed as the listener stores them, with the same
+    [security] integrity limits (element and instance sizes)."""
+    from scp.instance_sink import store_into
+    from scp.integrity import IntegrityLimits
+
+    sec = settings.security
+    return store_into(index, settings.spool_dir, source_ae_title,
+                      limits=IntegrityLimits(sec.max_element_bytes, sec.max_instance_bytes))
