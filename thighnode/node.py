@@ -210,7 +210,7 @@ class Node:
                 log.info("resumed %d job(s) left running by the previous process: %s", len(recovered), recovered)
         if self._load_model and not celery:  # with Celery, each worker process loads the model
             self._segmenter = self._build_segmenter()
-        self._workflow = stores.workflow(s, lambda: self._segmenter)
+        self._workflow = stores.workflow(s, lambda: self._segmenter, on_queued=self.wake_outbox)
         if celery:
             from thighnode.compute import CeleryDispatcher
 

@@ -44,9 +44,12 @@ class Stores:
     priors: PriorFinder
     backfill: BackfillStore  # a --no-send backfill's studies keep their outputs
 
-    def workflow(self, settings: Settings, segmenter: Callable[[], SegmenterLike | None]) -> Workflow:
+    def workflow(self, settings: Settings, segmenter: Callable[[], SegmenterLike | None],
+                 on_queued: Callable[[], None] | None = None) -> Workflow:
+        """``on_queued``: called when a job has queued an output (the node wakes its sender)."""
         return Workflow(settings, self.index, segmenter, results=self.results, outbox=self.outbox,
-                        priors=self.priors, corrections=self.corrections, backfill=self.backfill)
+                        priors=self.priors, corrections=self.corrections, backfill=self.backfill,
+                        on_queued=on_queued)
 
     def close(self) -> None:
         for store in (self.index, self.jobs, self.outbox, self.results, self.prior_requests, self.corrections,

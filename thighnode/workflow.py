@@ -27,9 +27,12 @@ recorded with its reason. When no CT arrived since the model's results, that is 
 (``result["kind"] = "correction"``; declined when every SEG was refused): the model does not run again.
 
 Outputs are written under ``<data_dir>/outputs/<StudyInstanceUID>/`` (``<name>_<SOPInstanceUID>.dcm``) with UIDs derived
-from the source series and the model version (reprocessing replaces them in the PACS),
-then queued in the outbox for every configured destination. The job is marked done only
-after that, so a crash before it re-runs the job and re-queues the same objects.
+from the source series and the model version (reprocessing replaces them in the PACS). Each is
+queued in the outbox for every configured destination as soon as it is written (the SEG is on its
+way to the PACS while the SR and the PDF are built; ``on_queued`` wakes the sender); a later output
+that fails leaves the job failed with a reason naming what was already queued. The job is marked
+done only after the last one, so a crash before it re-runs the job and re-queues the same objects
+(the outbox is idempotent on destination and SOP Instance UID).
 """
 
 from __future__ import annotations
@@ -150,6 +153,7 @@ class Workflow:
         corrections: CorrectionStore | None = None,
         backfill: BackfillStore | None = None,
         clock: Callable[[], datetime] = _utc_now,
+        on_queued: Callable[[], None] | None = None,
     ) -> None:
         self._settings = settings
         self._index = index
@@ -160,6 +164,7 @@ class Workflow:
         self._corrections = corrections
         self._backfill = backfill
         self._clock = clock  # the outputs' content time
+        self._on_queued = on_queued  # an output was queued: wake the sender (the node's outbox)
         out = settings.outputs
         self._output_settings = OutputSettings(
             seg_type=out.seg_type, labelmap_compression=out.labelmap_compression,
@@ -199,10 +204,10 @@ class Workflow:
         except NodeError as exc:
             exc.with_context(job_id=job.id, study_uid=job.study_uid)
             log.error("job %d failed: %s", job.id, exc.message)
-            return ended(FAILED, exc.message)
+            return ended(FAILED, exc.message + _already_queued(result))
         except Exception as exc:  # noqa: BLE001 - a bug must fail the job, not the worker
             log.error("job %d failed with an internal error:\n%s", job.id, traceback.format_exc())
-            return ended(FAILED, f"internal error: {type(exc).__name__}: {exc}")
+            return ended(FAILED, f"internal error: {type(exc).__name__}: {exc}" + _already_queued(result))
 
     def _process(self, job: Job, timings: dict[str, float], result: dict[str, Any]) -> str:
         """The stages of one job, recorded in ``timings`` and ``result``; returns the reason of a done job."""
@@ -256,16 +261,21 @@ class Workflow:
                             demonstration=bool(getattr(bundle, "demonstration", False)), sha256=segmentation.model_sha256),
             settings=self._output_settings, software_version=__version__, content_time=self._clock(),
         )
-        outputs = self._build_outputs(job, context, timings)
+        held = self._held_reason(job)
+        destinations: list[str] = []
+
+        def queue(output: OutputFile) -> None:
+            t = time.perf_counter()
+            destinations[:] = self._queue(job, [output])
+            result.setdefault("queued", []).append(output.kind)
+            timings["queue"] = round(timings.get("queue", 0.0) + time.perf_counter() - t, 3)
+            if destinations and self._on_queued is not None:
+                self._on_queued()
+
+        outputs = self._build_outputs(job, context, timings, queue=None if held else queue)
         result["outputs"] = [{"kind": o.kind, "sop_instance_uid": o.sop_instance_uid, "path": str(o.path)} for o in outputs]
-        if self._priors is not None and self._priors.is_requested_prior(job.study_uid) and not (
-            self._settings.prior.send_prior_results
-        ):
-            return "processed as a prior study; outputs not sent (prior.send_prior_results = false)"
-        if self._backfill is not None and self._backfill.holds_outputs(job.study_uid):
-            return f"processed for a backfill with --no-send; outputs kept in {self._study_outputs(job)}, not sent"
-        with _stage(job, "queue", timings):
-            destinations = self._queue(job, outputs)
+        if held:
+            return held
         if destinations:
             reason = f"{'+'.join(o.kind.upper() for o in outputs)} queued to {', '.join(destinations)}"
         else:
@@ -419,11 +429,22 @@ class Workflow:
     def _study_outputs(self, job: Job) -> Path:
         return self._settings.outputs_dir / job.study_uid
 
+    def _held_reason(self, job: Job) -> str:
+        """Why this job's outputs are kept, not sent (a requested prior, a --no-send backfill), or ""."""
+        if self._priors is not None and self._priors.is_requested_prior(job.study_uid) and not (
+            self._settings.prior.send_prior_results
+        ):
+            return "processed as a prior study; outputs not sent (prior.send_prior_results = false)"
+        if self._backfill is not None and self._backfill.holds_outputs(job.study_uid):
+            return f"processed for a backfill with --no-send; outputs kept in {self._study_outputs(job)}, not sent"
+        return ""
+
     def _build_outputs(
-        self, job: Job, context: StudyContext, timings: dict[str, float], only: tuple[str, ...] | None = None
+        self, job: Job, context: StudyContext, timings: dict[str, float], only: tuple[str, ...] | None = None,
+        queue: Callable[[OutputFile], None] | None = None,
     ) -> list[OutputFile]:
         """Build and write every planned output (one stage each; ``only``: those of these names);
-        returns those to send, in order."""
+        returns those to send, in order; ``queue`` receives each of them as soon as it is written."""
         out_dir = self._study_outputs(job)
         out_dir.mkdir(parents=True, exist_ok=True)
         built: dict[str, pydicom.Dataset] = {}
@@ -440,6 +461,8 @@ class Workflow:
             del ds
             if planned.send:
                 files.append(output)
+                if queue is not None:
+                    queue(output)
         return files
 
     def _save_results(
@@ -475,6 +498,12 @@ class Workflow:
                 )
             names.append(dest.name)
         return names
+
+
+def _already_queued(result: Mapping[str, Any]) -> str:
+    """The failure reason's tail when outputs built before the failure were already queued."""
+    queued = result.get("queued")
+    return f" (already queued before the failure: {', '.join(k.upper() for k in queued)})" if queued else ""
 
 
 def _read_seg(path: Path) -> pydicom.Dataset:

@@ -53,7 +53,7 @@ def phantom_study(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 
 
 def _run(tmp_path: Path, phantom_study, extra_env: dict[str, str] | None = None, bundle: object = None,  # noqa: ANN001, ANN202
-         segmenter: object = None):
+         segmenter: object = None, on_queued: object = None):
     phantom, labels, paths = phantom_study
     env = {"THIGHNODE_HOME": str(tmp_path),
            "THIGHNODE_DESTINATIONS": '[{name = "pacs", ae_title = "PACS", host = "127.0.0.1", port = 4242}]',
@@ -69,7 +69,8 @@ def _run(tmp_path: Path, phantom_study, extra_env: dict[str, str] | None = None,
     seg = TruthSegmenter({STUDY: phantom}, labels)
     if bundle is not None:
         seg.bundle = bundle  # type: ignore[attr-defined]  # what a pipeline.inference.Segmenter carries
-    wf = Workflow(settings, index, lambda: segmenter or seg, results=results, outbox=outbox)
+    wf = Workflow(settings, index, lambda: segmenter or seg, results=results, outbox=outbox,
+                  on_queued=on_queued)  # type: ignore[arg-type]
     outcome = wf.run(job)
     return settings, outcome, results, outbox
 
@@ -159,6 +160,42 @@ def test_one_job_parses_each_source_file_once_for_its_header_and_once_for_its_pi
     _, outcome, _, _ = _run(tmp_path, phantom_study)
     assert outcome.state == DONE, outcome.reason
     assert {(p, True): 1 for p in sources} | {(p, False): 1 for p in sources} == reads
+
+
+def test_each_output_is_queued_and_the_sender_woken_as_soon_as_it_is_written(
+    tmp_path: Path, phantom_study  # noqa: ANN001
+) -> None:
+    """The SEG travels to the PACS while the SR and the PDF are built (issue 24's end-to-end time)."""
+    seen: list[list[str]] = []
+    holder: dict[str, Outbox] = {}
+
+    def woken() -> None:
+        outbox = holder.get("outbox") or Outbox(load_settings(environ={"THIGHNODE_HOME": str(tmp_path)}).db_path)
+        holder["outbox"] = outbox
+        seen.append(sorted(Path(i.path).name.split("_")[0] for i in outbox.items(study_uid=STUDY)))
+
+    _, outcome, _, _ = _run(tmp_path, phantom_study, on_queued=woken)
+    assert outcome.state == DONE, outcome.reason
+    assert seen == [["seg"], ["seg", "sr"], ["pdf", "seg", "sr"]]
+    assert outcome.result["queued"] == ["seg", "sr", "pdf"]
+    assert outcome.reason.startswith("SEG+SR+PDF queued to pacs")
+
+
+def test_an_output_failing_after_the_seg_was_queued_fails_the_job_naming_what_went(
+    tmp_path: Path, phantom_study, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    from dicomout.errors import OutputError
+    from dicomout.outputs.pdf import PdfOutput
+
+    def broken(self, context, built):  # noqa: ANN001, ANN202
+        raise OutputError("the report could not be rendered (test)")
+
+    monkeypatch.setattr(PdfOutput, "build", broken)
+    _, outcome, _, outbox = _run(tmp_path, phantom_study)
+    assert outcome.state == "failed"
+    assert outcome.reason.startswith("the report could not be rendered (test)")
+    assert outcome.reason.endswith("(already queued before the failure: SEG, SR)")
+    assert sorted(Path(i.path).name.split("_")[0] for i in outbox.items(study_uid=STUDY)) == ["seg", "sr"]
 
 
 def test_reprocessing_replaces_outputs_with_the_same_uids(tmp_path: Path, phantom_study) -> None:  # noqa: ANN001
