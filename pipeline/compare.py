@@ -10,13 +10,14 @@ and the profiles each study keeps are those of :mod:`pipeline.profiles`.
 
 Alignment per side
     On the landmark (the top of the femoral head, after pipeline.profiles' other-side fallback)
-    when both studies have one there: z is relative to it. Otherwise - the landmark missing in
-    either study, or only unreliable (metal near it on both sides) in both - by the model-free
-    bone-profile registration of :mod:`pipeline.boneshift` when both studies kept bone profiles:
+    when both studies have a reliable one there: z is relative to it. Otherwise - the landmark
+    missing in either study, or unreliable (metal within 30 mm of it on both sides: a prosthesis
+    or screws move the top of what the model calls femur by centimetres) in either - by the
+    model-free bone-profile registration of :mod:`pipeline.boneshift` when both studies kept bone profiles:
     both scans' profiles are placed on the current scan's absolute patient z (the prior's moved
     by the registration's shift), and the common range below is in that z. A failed registration
     leaves the side not compared with the registration's reason (correlation, overlap), except
-    that unreliable landmarks in both are then used as before. Profiles stored before bone
+    that unreliable landmarks are then used as before. Profiles stored before bone
     profiles existed offer no registration: the side is not compared, as before.
 
 Common-range integration (:func:`compare_studies`)
@@ -318,7 +319,7 @@ def _align(current: AnatomicalProfiles, prior: AnatomicalProfiles) -> dict[str, 
             name for name, prof in studies
             if prof.landmark_z_mm.get(side) is None or prof.fov_z_mm.get(side) is None
         ]
-        unreliable = all(not prof.landmark_reliable.get(side, True) for _, prof in studies)
+        unreliable = any(not prof.landmark_reliable.get(side, True) for _, prof in studies)
         landmark = _Alignment("landmark", {"current": 0.0, "prior": 0.0})
         if not missing and not unreliable:
             out[side] = landmark
@@ -340,7 +341,7 @@ def _align(current: AnatomicalProfiles, prior: AnatomicalProfiles) -> dict[str, 
         elif missing:
             out[side] = _Alignment("", {"current": 0.0, "prior": 0.0}, f"{reason}; {reg.reason}", reg)
         else:
-            out[side] = landmark  # unreliable landmarks in both: used as before
+            out[side] = landmark  # an unreliable landmark and no registration: used as before
     return out
 
 

@@ -218,3 +218,27 @@ def test_sides_with_landmarks_stay_aligned_on_them(table: LabelTable, settings: 
     assert BoneRegistration(True, 1.0, 0.95, 80.0, "").describe() == (
         "aligned by bone profile registration (correlation 0.95, shift +1.0 mm)"
     )
+
+
+def test_a_landmark_misplaced_by_metal_in_one_scan_only_is_replaced_by_the_registration(
+    table: LabelTable, settings: MeasurementSettings
+) -> None:
+    """A follow-up with prostheses on both sides: its femoral-head landmark is unreliable (metal within 30 mm)
+    and found 30 mm off; the prior's is good. Aligning on the misplaced landmark cut 30 mm off the common range
+    (a trunk muscle at the top of the scan then showed -90 % on phantom pairs); the bone profiles (metal
+    slices left out) place the scans as they are: no change."""
+    from pipeline.compare import _on_axis
+
+    full = _scan(table, settings)
+    off = {side: -30.0 for side in ("right", "left")}
+    misplaced = dataclasses.replace(
+        _on_axis(full.profiles, off),
+        landmark_z_mm={s: (z + 30.0 if z is not None else None) for s, z in full.profiles.landmark_z_mm.items()},
+        landmark_reliable={"right": False, "left": False},
+    )
+    c = _compare(full, full, current_profiles=misplaced)
+    compared = [ch for ch in c.changes if ch.compared]
+    assert len(compared) >= 30, [(ch.key, ch.side, ch.reason) for ch in c.changes if not ch.compared]
+    for ch in compared:
+        assert abs(ch.change_ratio) <= 0.005 and abs(ch.change_ml) <= 0.5, (ch.key, ch.side, ch.change_ml)
+        assert "aligned by bone profile registration" in ch.reason
