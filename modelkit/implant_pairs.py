@@ -25,7 +25,11 @@ the common range holds every muscle whole): true change % = 100 x (follow-up / p
 Per muscle and side a row holds the truth, the reported change or the reason it is withheld, the
 error in percentage points and the two quantities the rule decides from (the largest share of its
 voxels near metal, and in slices holding metal, in either scan), so thresholds can be chosen on
-calibration pairs (:func:`choose_thresholds`) and checked on test pairs.
+calibration pairs (:func:`choose_thresholds`) and checked on test pairs. With ``uncertainty_samples``
+(default 2, the node's ``[model] uncertainty_samples``) the segmenter also draws the node's test-time
+augmentations and each row carries the largest TTA volume CV and mean entropy of either scan, so a
+rule based on them can be judged on the same rows (2026-12-07, seeds 17/18, 15 pairs each: they did
+not separate the wrong changes from the right ones; README, "Implants at follow-up").
 """
 
 from __future__ import annotations
@@ -84,6 +88,8 @@ class MuscleRow:
     unruled_pct: float | None  # without the rule (metal_withhold_near_pct=None)
     near_metal_pct: float  # largest share (%) of its voxels near metal in either scan (what the rule uses)
     metal_slices_pct: float = 0.0  # largest share (%) of its voxels in slices holding metal, either scan
+    volume_cv_pct: float | None = None  # largest TTA volume CV (%) of either scan (None: uncertainty off)
+    mean_entropy: float | None = None  # largest TTA mean voxel entropy (0..1) of either scan
 
     @property
     def error_pp(self) -> float | None:
@@ -280,9 +286,22 @@ def near_metal_pct(*studies) -> dict[tuple[str, str], float]:
     return out
 
 
+def uncertainty_of(*studies) -> dict[tuple[str, str], tuple[float, float]]:
+    """Per (key, side): the largest TTA volume CV (%) and mean entropy over the studies' Measurements
+    (structures without an uncertainty summary are left out)."""
+    out: dict[tuple[str, str], tuple[float, float]] = {}
+    for m in studies:
+        for s in m.structures:
+            if s.side in ("left", "right") and s.uncertainty is not None:
+                cv, ent = out.get((s.key, s.side), (0.0, 0.0))
+                out[(s.key, s.side)] = (max(cv, s.uncertainty.volume_cv_pct), max(ent, s.uncertainty.mean_entropy))
+    return out
+
+
 def pair_rows(pair: ImplantPair, truth: Mapping[tuple[str, str], float], ruled, unruled,
               near: Mapping[tuple[str, str], float], muscles: Sequence[str],
-              slices: Mapping[tuple[str, str], float] | None = None) -> list[MuscleRow]:
+              slices: Mapping[tuple[str, str], float] | None = None,
+              uncertainty: Mapping[tuple[str, str], tuple[float, float]] | None = None) -> list[MuscleRow]:
     """The rows of one pair from the truth and the two comparisons (with and without the rule)."""
     rows = []
     atrophied = set(pair.follow_up.atrophy)  # type: ignore[attr-defined]
@@ -301,6 +320,8 @@ def pair_rows(pair: ImplantPair, truth: Mapping[tuple[str, str], float], ruled, 
                 unruled_pct=100.0 * ch0.change_ratio if shown0 else None,  # type: ignore[union-attr]
                 near_metal_pct=near.get((key, side), 0.0),
                 metal_slices_pct=(slices or {}).get((key, side), 0.0),
+                volume_cv_pct=(uncertainty or {}).get((key, side), (None, None))[0],
+                mean_entropy=(uncertainty or {}).get((key, side), (None, None))[1],
             ))
     return rows
 
@@ -333,7 +354,7 @@ def _run_pair(pair: ImplantPair, segmenter, settings, thresholds: tuple[float, f
     unruled = compare_studies(cur_m, cur_p, prior_m, prior_p, metal_withhold_near_pct=None,
                               metal_withhold_slices_pct=None, **kw)
     return pair_rows(pair, true_change_pct(truths[0], truths[1]), ruled, unruled, near_metal_pct(prior_m, cur_m),
-                     muscles, metal_slices_pct(unruled, cur_p, prior_p))
+                     muscles, metal_slices_pct(unruled, cur_p, prior_p), uncertainty_of(prior_m, cur_m))
 
 
 def evaluate_implants(
@@ -345,6 +366,7 @@ def evaluate_implants(
     threshold_pct: float | None = None,
     slices_threshold_pct: float | None = None,
     variants: Sequence[tuple[str, str]] | None = None,
+    uncertainty_samples: int = 2,
     segmenter=None,  # -> pipeline.inference.Segmenter (tests inject a fake)
 ) -> ImplantEvaluation:
     """Run ``pairs`` implant pairs of the set ``seed`` through the data path (module docstring).
@@ -361,7 +383,9 @@ def evaluate_implants(
     threshold = METAL_WITHHOLD_NEAR_PCT if threshold_pct is None else float(threshold_pct)
     slices_threshold = METAL_WITHHOLD_SLICES_PCT if slices_threshold_pct is None else float(slices_threshold_pct)
     if segmenter is None:
-        segmenter = Segmenter(load_bundle(Path(bundle_dir), load_label_table(), "auto"))
+        segmenter = Segmenter(load_bundle(Path(bundle_dir), load_label_table(), "auto"),
+                              uncertainty="tta" if uncertainty_samples else "off",
+                              uncertainty_samples=uncertainty_samples or 2)
     muscles = [label.key for label in segmenter.bundle.labels.labels if not label.is_bone]
     settings = load_measurement_settings()
     rows: list[MuscleRow] = []

@@ -205,7 +205,8 @@ def cmd_evaluate_implants(args: argparse.Namespace) -> int:
         threshold = prior.metal_withhold_near_pct if threshold is None else threshold
         slices = prior.metal_withhold_slices_pct if slices is None else slices
     result = evaluate_implants(args.bundle, pairs=args.pairs, seed=args.seed, spacing_mm=args.spacing,
-                               threshold_pct=threshold, slices_threshold_pct=slices)
+                               threshold_pct=threshold, slices_threshold_pct=slices,
+                               uncertainty_samples=args.uncertainty_samples)
     print(result.format_table())
     if args.json is not None:
         print(f"wrote {result.write_json(args.json)}")
@@ -279,6 +280,9 @@ def add_evaluation_commands(add: AddCommand) -> None:
     p.add_argument("--slices-threshold", type=float, default=None, metavar="PCT",
                    help="withhold from this share of voxels in slices holding metal (default: the node "
                         "configuration's prior.metal_withhold_slices_pct)")
+    p.add_argument("--uncertainty-samples", type=int, default=2, choices=(0, 2, 3, 4), metavar="N",
+                   help="test-time augmentations per scan, as the node's [model] uncertainty_samples (default "
+                        "%(default)s; 0: off); each row records the largest volume CV and entropy of either scan")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write every row and the summaries as JSON")
     p.set_defaults(func=cmd_evaluate_implants, log_level="INFO")
 

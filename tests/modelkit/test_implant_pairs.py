@@ -152,3 +152,20 @@ def test_five_pairs_hold_every_implant_kind_and_fifteen_every_combination() -> N
     assert {k for k, _ in variants[:5]} == set(KINDS)
     assert {s for _, s in variants[:5]} == set(IMPLANT_SIDES)
     assert set(variants) == {(k, s) for k in KINDS for s in IMPLANT_SIDES} and len(variants) == 15
+
+
+def test_rows_carry_the_largest_tta_uncertainty_of_either_scan() -> None:
+    from modelkit.implant_pairs import uncertainty_of
+    from pipeline.types import StructureUncertainty
+
+    def study(cv_right: float, ent_right: float, with_left: bool) -> SimpleNamespace:
+        def s(side: str, cv: float, ent: float) -> SimpleNamespace:
+            return SimpleNamespace(key="psoas", side=side, uncertainty=StructureUncertainty("tta", 2, ent, cv))
+        structures = [s("right", cv_right, ent_right), s("both", 99.0, 0.9)]
+        if with_left:
+            structures.append(s("left", 0.5, 0.01))
+        return SimpleNamespace(structures=structures)
+
+    u = uncertainty_of(study(1.0, 0.20, True), study(3.0, 0.05, False))
+    assert u == {("psoas", "right"): (3.0, 0.20), ("psoas", "left"): (0.5, 0.01)}  # "both" is not a row
+    assert uncertainty_of(SimpleNamespace(structures=[SimpleNamespace(key="psoas", side="left", uncertainty=None)])) == {}
