@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from io import BytesIO
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     UID,
@@ -246,6 +248,39 @@ def test_jpeg_ls_file_is_delivered_in_its_own_transfer_syntax(tmp_path: Path, or
     (instance,) = orthanc.instances()
     assert orthanc.instance_metadata(instance, "TransferSyntax") == JPEGLSLossless
     assert orthanc.instance_tags(instance)["SOPInstanceUID"] == result.sop_instance_uid
+
+
+def test_a_file_in_an_accepted_syntax_is_sent_as_stored_without_decoding_it(
+    tmp_path: Path, orthanc: OrthancServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender reads only the header of a file the peer takes as it is: a deflated BINARY SEG of a
+    300-slice CT inflates to 222 MB in memory (and is deflated again by pynetdicom) when it is decoded."""
+    import dicomout.sender
+
+    full_reads: list[str] = []
+    real = dicomout.sender.dcmread
+
+    def counting(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if not kwargs.get("stop_before_pixels"):
+            full_reads.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(dicomout.sender, "dcmread", counting)
+    plain, other = write_ct_series(tmp_path / "ct", 2)
+    compressed = compress_jpegls(plain, tmp_path / "ct_jpegls.dcm")
+    deflated = tmp_path / "ct_deflated.dcm"
+    ds = dcmread(other)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(deflated, enforce_file_format=True)
+    results = send_files([compressed, deflated], _orthanc_destination(orthanc))
+    assert [r.ok for r in results] == [True, True] and full_reads == []
+    assert [r.transfer_syntax_uid for r in results] == [JPEGLSLossless, DeflatedExplicitVRLittleEndian]
+    stored = {orthanc.instance_tags(i)["SOPInstanceUID"]: i for i in orthanc.instances()}
+    assert set(stored) == {r.sop_instance_uid for r in results}
+    for path in (compressed, deflated):
+        instance = stored[dcmread(path, stop_before_pixels=True).SOPInstanceUID]
+        kept = dcmread(BytesIO(orthanc.get_bytes(f"/instances/{instance}/file")))
+        assert kept.PixelData == dcmread(path).PixelData  # the stored bytes arrived unchanged
 
 
 @pytest.mark.integration
