@@ -90,6 +90,8 @@ class MuscleRow:
     metal_slices_pct: float = 0.0  # largest share (%) of its voxels in slices holding metal, either scan
     volume_cv_pct: float | None = None  # largest TTA volume CV (%) of either scan (None: uncertainty off)
     mean_entropy: float | None = None  # largest TTA mean voxel entropy (0..1) of either scan
+    prior_ml: float | None = None  # the prior's volume inside the common range (without the rule)
+    partial: bool = False  # compared over part of it only (flag partial_common_range, without the rule)
 
     @property
     def error_pp(self) -> float | None:
@@ -268,8 +270,10 @@ def true_change_pct(prior_ml: Mapping[tuple[str, str], float], follow_ml: Mappin
 def metal_slices_pct(comparison, current, prior) -> dict[tuple[str, str], float]:  # noqa: ANN001
     """Per (key, side) compared over a common range: pipeline.compare.metal_slices_pct (what its rule
     decides from), from the two studies' AnatomicalProfiles."""
+    from pipeline.compare import aligned_profiles
     from pipeline.compare import metal_slices_pct as share
 
+    current, prior = aligned_profiles(current, prior)  # the common range is on the comparison's axis
     return {(c.key, c.side): share(current, prior, c.key, c.side, c.common_range_mm)[0]
             for c in comparison.changes if c.common_range_mm is not None}
 
@@ -322,6 +326,8 @@ def pair_rows(pair: ImplantPair, truth: Mapping[tuple[str, str], float], ruled, 
                 metal_slices_pct=(slices or {}).get((key, side), 0.0),
                 volume_cv_pct=(uncertainty or {}).get((key, side), (None, None))[0],
                 mean_entropy=(uncertainty or {}).get((key, side), (None, None))[1],
+                prior_ml=ch0.prior_volume_ml if ch0 is not None else None,
+                partial=ch0 is not None and "partial_common_range" in ch0.flags,
             ))
     return rows
 

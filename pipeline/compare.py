@@ -229,8 +229,7 @@ def compare_studies(
     height = height_m if height_m is not None else current.height_m
     _check_arguments(metal_margin_mm, metal_withhold_near_pct, metal_withhold_slices_pct, height)
     alignment = _align(current_profiles, prior_profiles)
-    current_profiles = _on_axis(current_profiles, {s: a.offset_mm["current"] for s, a in alignment.items()})
-    prior_profiles = _on_axis(prior_profiles, {s: a.offset_mm["prior"] for s, a in alignment.items()})
+    current_profiles, prior_profiles = aligned_profiles(current_profiles, prior_profiles, alignment)
     common, side_reason = _common_ranges(current_profiles, prior_profiles, alignment)
     ctx = _Context(
         current=current,
@@ -343,6 +342,16 @@ def _align(current: AnatomicalProfiles, prior: AnatomicalProfiles) -> dict[str, 
         else:
             out[side] = landmark  # an unreliable landmark and no registration: used as before
     return out
+
+
+def aligned_profiles(
+    current: AnatomicalProfiles, prior: AnatomicalProfiles, alignment: Mapping[str, _Alignment] | None = None
+) -> tuple[AnatomicalProfiles, AnatomicalProfiles]:
+    """Both studies' profiles on the comparison's axis per side (:func:`_align`), as compare_studies uses them."""
+    alignment = _align(current, prior) if alignment is None else alignment
+    return (_on_axis(current, {s: a.offset_mm["current"] for s, a in alignment.items()}),
+            _on_axis(prior, {s: a.offset_mm["prior"] for s, a in alignment.items()}))
+
 
 
 def _on_axis(profiles: AnatomicalProfiles, offset_mm: Mapping[str, float]) -> AnatomicalProfiles:
