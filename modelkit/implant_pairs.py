@@ -136,6 +136,7 @@ class ImplantEvaluation:
     pairs: tuple[tuple[int, str, str], ...]  # (index, kind, implant side)
     rows: tuple[MuscleRow, ...]
     seconds_per_pair: float
+    withhold_partial: bool = True  # the rule also withholds structures the field of view cuts
 
     def with_rule(self) -> Summary:
         return summarize([(r.reported_pct, r.true_pct) for r in self.rows])
@@ -164,7 +165,9 @@ class ImplantEvaluation:
             f"bundle {self.bundle}, {len(self.pairs)} pairs (seed {self.seed}, {self.spacing_mm:g} mm), "
             f"{self.seconds_per_pair:.0f} s/pair",
             f"with the rule (withheld from {self.threshold_pct:g} % of voxels near metal or "
-            f"{self.slices_threshold_pct:g} % in slices with metal): {self.with_rule().line()}",
+            f"{self.slices_threshold_pct:g} % in slices with metal"
+            + ("; and when the field of view cuts the structure" if self.withhold_partial else "")
+            + f"): {self.with_rule().line()}",
             f"without the rule: {self.without_rule().line()}",
             "least withholding with no shown error > 5 pp on these pairs: "
             + f"near {_pct(chosen[0])}, slices {_pct(chosen[1])} ({chosen[2]} withheld)"
@@ -176,6 +179,7 @@ class ImplantEvaluation:
         return {
             "bundle": self.bundle, "seed": self.seed, "spacing_mm": self.spacing_mm,
             "threshold_pct": self.threshold_pct, "slices_threshold_pct": self.slices_threshold_pct,
+            "withhold_partial": self.withhold_partial,
             "seconds_per_pair": self.seconds_per_pair,
             "pairs": [{"index": i, "kind": k, "implant_side": s} for i, k, s in self.pairs],
             "with_rule": dataclasses.asdict(self.with_rule()),
@@ -333,7 +337,7 @@ def pair_rows(pair: ImplantPair, truth: Mapping[tuple[str, str], float], ruled, 
 
 
 def _run_pair(pair: ImplantPair, segmenter, settings, thresholds: tuple[float, float], muscles: Sequence[str],
-              keep: list | None = None) -> list[MuscleRow]:
+              keep: list | None = None, withhold_partial: bool = True) -> list[MuscleRow]:
     """The rows of one pair; ``keep`` (a list) receives (measurements, profiles) of prior and follow-up."""
     from modelkit.phantom import generate_phantom
     from modelkit.sidecheck import _truth_ml, _volume
@@ -356,7 +360,7 @@ def _run_pair(pair: ImplantPair, segmenter, settings, thresholds: tuple[float, f
     if keep is not None:
         keep.extend(studies)
     ruled = compare_studies(cur_m, cur_p, prior_m, prior_p, metal_withhold_near_pct=thresholds[0],
-                            metal_withhold_slices_pct=thresholds[1], **kw)
+                            metal_withhold_slices_pct=thresholds[1], withhold_partial=withhold_partial, **kw)
     unruled = compare_studies(cur_m, cur_p, prior_m, prior_p, metal_withhold_near_pct=None,
                               metal_withhold_slices_pct=None, **kw)
     return pair_rows(pair, true_change_pct(truths[0], truths[1]), ruled, unruled, near_metal_pct(prior_m, cur_m),
@@ -373,6 +377,7 @@ def evaluate_implants(
     slices_threshold_pct: float | None = None,
     variants: Sequence[tuple[str, str]] | None = None,
     uncertainty_samples: int = 2,
+    withhold_partial: bool = True,
     segmenter=None,  # -> pipeline.inference.Segmenter (tests inject a fake)
 ) -> ImplantEvaluation:
     """Run ``pairs`` implant pairs of the set ``seed`` through the data path (module docstring).
@@ -399,7 +404,8 @@ def evaluate_implants(
     t0 = time.monotonic()
     for i in range(pairs):
         pair = pair_params(i, seed, spacing_mm=spacing_mm, variants=variants)
-        rows.extend(_run_pair(pair, segmenter, settings, (threshold, slices_threshold), muscles))
+        rows.extend(_run_pair(pair, segmenter, settings, (threshold, slices_threshold), muscles,
+                              withhold_partial=withhold_partial))
         done.append((pair.index, pair.kind, pair.implant_side))
         logger.info("implant pair %d (%s %s) done", i, pair.kind, pair.implant_side)
     bundle = segmenter.bundle
@@ -407,4 +413,5 @@ def evaluate_implants(
         bundle=f"{bundle.name} {bundle.version}", seed=seed, spacing_mm=spacing_mm, threshold_pct=threshold,
         slices_threshold_pct=slices_threshold,
         pairs=tuple(done), rows=tuple(rows), seconds_per_pair=(time.monotonic() - t0) / pairs,
+        withhold_partial=withhold_partial,
     )

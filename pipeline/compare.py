@@ -52,6 +52,11 @@ Flags of a :class:`StructureChange`
       shown as a number is worse than no number: the change is not given and ``reason`` gives
       the share, where and the scan. Measured quantities only; the default thresholds were chosen
       on phantom pairs (``thighnode evaluate-implants``, modelkit.implant_pairs).
+    * field-of-view withholding (``withhold_partial``, the node's ``[prior] withhold_partial``, default
+      on; ``compared=False``, flag ``partial_common_range`` kept): a structure flagged partial as above
+      has no change either. Near the cut the model's outline is least reliable: on implant phantom
+      pairs (demo bundle 0.9.0, seed 17) 24 of 96 changes of cut structures were off by > 5 pp (up to
+      23 pp: the trunk muscles at the top of the scan, iliacus, psoas), 0 of 26 of whole ones.
     * ``compared=False`` (also): no landmark on that side in either scan and no bone-profile
       registration (or a failed one), no overlap of the two ranges, or the structure has no
       voxel inside the common range in either scan.
@@ -198,6 +203,7 @@ class _Context:
     metal_margin_mm: float
     metal_withhold_near_pct: float | None  # None: never withheld (evaluations: the rule's effect)
     metal_withhold_slices_pct: float | None  # None: never withheld
+    withhold_partial: bool  # a structure cut by either scan's field of view: change withheld
     height2_m2: float | None
     profiles_by_key: Mapping[str, Mapping[tuple[str, str], StructureProfile]]  # study -> (key, side) -> profile
 
@@ -215,6 +221,7 @@ def compare_studies(
     metal_margin_mm: float = 30.0,
     metal_withhold_near_pct: float | None = METAL_WITHHOLD_NEAR_PCT,
     metal_withhold_slices_pct: float | None = METAL_WITHHOLD_SLICES_PCT,
+    withhold_partial: bool = False,
 ) -> Comparison:
     """Change of every structure and side between ``prior`` and ``current`` over their common range.
 
@@ -222,8 +229,9 @@ def compare_studies(
     change per height² is None without one. ``metal_withhold_near_pct`` (0 < x <= 100): the share
     of a structure's voxels near metal from which its change is withheld (None: never; for
     evaluations that show the rule's effect); ``metal_withhold_slices_pct`` likewise for the share
-    in slices holding metal. See the module docstring for the range, the integration, the flags
-    and the withholding.
+    in slices holding metal. ``withhold_partial``: a structure either scan's field of view cuts
+    (flag partial_common_range) has its change withheld too (the node's ``[prior] withhold_partial``).
+    See the module docstring for the range, the integration, the flags and the withholding.
     """
     t0 = time.perf_counter()
     height = height_m if height_m is not None else current.height_m
@@ -242,6 +250,7 @@ def compare_studies(
         metal_margin_mm=metal_margin_mm,
         metal_withhold_near_pct=metal_withhold_near_pct,
         metal_withhold_slices_pct=metal_withhold_slices_pct,
+        withhold_partial=withhold_partial,
         height2_m2=height * height if height is not None else None,
         profiles_by_key={
             name: {(p.key, p.side): p for p in prof.profiles}
@@ -421,15 +430,18 @@ def _compare_structure(m: StructureMeasurement, side: str, ctx: _Context) -> Str
     assert cur is not None and pri is not None
     flags: list[str] = []
     reasons: list[str] = []
-    partial = _partial_reason(sums, meas, rng, range_text)
+    partial = _partial_why(sums, meas, rng)
     if partial:
         flags.append(FLAG_PARTIAL_COMMON_RANGE)
-        reasons.append(partial)
+        reasons.append(_partial_reason(partial, range_text, withheld=False))
     metal = _metal_reason(side, (cur, pri), meas, rng, ctx)
     if metal:
         flags.append(FLAG_METAL)
         reasons.append(metal)
     withheld = _metal_withhold_reason(meas, ctx) or _metal_slices_reason(m.key, side, rng, ctx)
+    if partial and ctx.withhold_partial and not withheld:
+        reasons[0] = _partial_reason(partial, range_text, withheld=True)
+        return _not_compared(m, side, "; ".join(reasons), rng, tuple(flags))
     if withheld:
         if FLAG_METAL not in flags:
             flags.append(FLAG_METAL)
@@ -459,11 +471,10 @@ def _compare_structure(m: StructureMeasurement, side: str, ctx: _Context) -> Str
     )
 
 
-def _partial_reason(
+def _partial_why(
     sums: Mapping[str, _RangeSums | None],
     meas: Mapping[str, StructureMeasurement | None],
     rng: tuple[float, float],
-    range_text: str,
 ) -> str:
     """Why the structure is compared over part of it only (flag partial_common_range), or ""."""
     lo, hi = rng
@@ -474,9 +485,20 @@ def _partial_reason(
     partial_meas = [name for name, x in meas.items() if x is not None and x.is_partial]
     if not (cut_by or partial_meas):
         return ""
-    why = "extends beyond it in the " + " and ".join(cut_by) + " scan" if cut_by else (
+    return "extends beyond it in the " + " and ".join(cut_by) + " scan" if cut_by else (
         "cut by the field of view of the " + " and ".join(partial_meas) + " scan"
     )
+
+
+def _partial_reason(why: str, range_text: str, withheld: bool) -> str:
+    """The reason text of a partial structure: compared over the common range only, or (``withheld``,
+    ``[prior] withhold_partial``) not compared at all."""
+    if withheld:
+        return (
+            f"the field of view cuts it (common range {range_text}; {why}): near the cut the model's outline is "
+            "unreliable (phantom pairs: README, Implants at follow-up), so the change is not shown "
+            "([prior] withhold_partial)"
+        )
     return f"compared over the common range {range_text} only ({why}); the rest is not compared"
 
 

@@ -197,16 +197,15 @@ def cmd_evaluate_implants(args: argparse.Namespace) -> int:
     """Implant phantom pairs: every muscle's change within 5 pp of the truth or withheld (an evaluation: exit 0)."""
     from modelkit.implant_pairs import evaluate_implants
 
-    threshold, slices = args.threshold, args.slices_threshold
-    if threshold is None or slices is None:
-        from thighnode.settings import load_settings
+    from thighnode.settings import load_settings
 
-        prior = load_settings(args.config).prior
-        threshold = prior.metal_withhold_near_pct if threshold is None else threshold
-        slices = prior.metal_withhold_slices_pct if slices is None else slices
+    prior = load_settings(args.config).prior
+    threshold = prior.metal_withhold_near_pct if args.threshold is None else args.threshold
+    slices = prior.metal_withhold_slices_pct if args.slices_threshold is None else args.slices_threshold
     result = evaluate_implants(args.bundle, pairs=args.pairs, seed=args.seed, spacing_mm=args.spacing,
                                threshold_pct=threshold, slices_threshold_pct=slices,
-                               uncertainty_samples=args.uncertainty_samples)
+                               uncertainty_samples=args.uncertainty_samples,
+                               withhold_partial=prior.withhold_partial and not args.keep_partial)
     print(result.format_table())
     if args.json is not None:
         print(f"wrote {result.write_json(args.json)}")
@@ -280,6 +279,9 @@ def add_evaluation_commands(add: AddCommand) -> None:
     p.add_argument("--slices-threshold", type=float, default=None, metavar="PCT",
                    help="withhold from this share of voxels in slices holding metal (default: the node "
                         "configuration's prior.metal_withhold_slices_pct)")
+    p.add_argument("--keep-partial", action="store_true",
+                   help="compare structures the field of view cuts over the common range (default: the node "
+                        "configuration's prior.withhold_partial, which withholds them)")
     p.add_argument("--uncertainty-samples", type=int, default=2, choices=(0, 2, 3, 4), metavar="N",
                    help="test-time augmentations per scan, as the node's [model] uncertainty_samples (default "
                         "%(default)s; 0: off); each row records the largest volume CV and entropy of either scan")

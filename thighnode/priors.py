@@ -182,6 +182,7 @@ class PriorFinder:
                 prior_study_uid=prior_result.study_uid, height_m=measurements.height_m,
                 metal_withhold_near_pct=self._settings.prior.metal_withhold_near_pct,
                 metal_withhold_slices_pct=self._settings.prior.metal_withhold_slices_pct,
+                withhold_partial=self._settings.prior.withhold_partial,
             )
             self._results.save_comparison(study_uid, comparison)
             for request in self._requests.for_prior(prior_result.study_uid):

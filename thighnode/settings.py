@@ -253,13 +253,12 @@ _SCHEMA: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "host": _host,
         "port": _int_range(1, 65535),
         "method": _choice("move", "get"),
-        "send_prior_results": _bool,
-        "update_when_prior_arrives": _bool,
+        "send_prior_results": _bool, "update_when_prior_arrives": _bool,
         "retrieve_attempts": _int_range(1, 100),
         "retry_delay_s": _float_range(0.0, lo_open=True),
         "metal_withhold_near_pct": _float_range(0.0, 100.0, lo_open=True),
         "metal_withhold_slices_pct": _float_range(0.0, 100.0, lo_open=True),
-        "tls": _bool,
+        "withhold_partial": _bool, "tls": _bool,
     },
     "sarcopenia": {
         "group": _choice("gluteal", "above_knee", "all"),
@@ -405,6 +404,7 @@ class PriorSettings:
     retry_delay_s: float
     metal_withhold_near_pct: float = 7.0  # pipeline.compare: volume change withheld from this share near metal
     metal_withhold_slices_pct: float = 1.0  # ... and from this share in slices holding metal (streaks)
+    withhold_partial: bool = True  # pipeline.compare: a structure cut by either scan's field of view: change withheld
     tls: bool = False  # query/retrieve over DICOM TLS with [security]'s certificate and trust store
 
 

@@ -100,11 +100,12 @@ def test_the_real_hip_ct_sent_twice_as_prior_and_follow_up_reports_no_change(tmp
     assert comparison is not None and comparison.prior_study_uid == prior_uid and comparison.changes
     _assert_no_change(comparison)
     compared = {(c.key, c.side) for c in comparison.changes if c.compared}
-    assert len(compared) >= 6, compared  # structures away from the metal are compared
+    assert compared, [(c.key, c.side, c.reason) for c in comparison.changes]  # whole structures away from metal
     for key in ("gluteus_maximus", "gluteus_medius", "gluteus_minimus"):
         for side in ("right", "left"):  # the node's defaults: compared, or withheld for the metal (left prosthesis)
-            c = comparison.change(key, side)
-            assert c is not None and (c.compared or "metal" in c.reason), (key, side, c)
+            c = comparison.change(key, side)  # or because this hip CT's field of view cuts it ([prior] withhold_partial)
+            assert c is not None and (
+                c.compared or "metal" in c.reason or c.reason.startswith("the field of view cuts it")), (key, side, c)
     # the numbers behind the withholding: the same stored results compared with the metal rules off must compare
     # every gluteal muscle on both sides, with no change (the alignment and the common range, not the rule)
     (prior_result, prior_profiles), (follow_result, follow_profiles) = stored[prior_uid], stored[follow_uid]

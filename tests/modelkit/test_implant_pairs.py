@@ -116,11 +116,14 @@ def test_one_pair_through_the_data_path_with_a_perfect_model(monkeypatch, tmp_pa
     assert with_rule.rows == without.rows == len(ev.rows) > 40
     assert with_rule.wrong == 0 and with_rule.withheld > without.withheld
     withheld = [r for r in ev.rows if r.reported_pct is None and r.unruled_pct is not None]
-    assert withheld and all(r.near_metal_pct >= 10.0 or r.metal_slices_pct >= 100.0 for r in withheld)
-    assert all(r.side == "left" for r in withheld if r.near_metal_pct >= 10.0)
-    assert any(r.near_metal_pct >= 10.0 for r in withheld)
+    metal = [r for r in withheld if "cannot be trusted" in r.reason]
+    assert metal and all(r.near_metal_pct >= 10.0 or r.metal_slices_pct >= 100.0 for r in metal)
+    assert all(r.side == "left" for r in metal if r.near_metal_pct >= 10.0)
+    assert any(r.near_metal_pct >= 10.0 for r in metal)
     assert any(r.metal_slices_pct > 0 for r in ev.rows) and all(r.metal_slices_pct <= 100.0 for r in ev.rows)
-    assert all("cannot be trusted" in r.reason for r in withheld)
+    cut = [r for r in withheld if r not in metal]  # the rest: withheld because the field of view cuts them
+    assert cut and all(r.partial and r.reason.startswith("the field of view cuts it") for r in cut)
+    assert ev.withhold_partial and all(r.reported_pct is None for r in ev.rows if r.partial)
     for r in ev.rows:
         if r.reported_pct is not None:
             assert abs(r.error_pp) <= 5.0, r  # type: ignore[arg-type]  # a perfect model: alignment only

@@ -288,6 +288,26 @@ def test_shorter_follow_up_compares_only_the_common_range(prior: Scan, short_fov
     assert hi + lm == pytest.approx(-10.3, abs=4.0)  # type: ignore[operator]
 
 
+def test_withhold_partial_withholds_every_structure_the_field_of_view_cuts_and_keeps_the_rest(
+    prior: Scan, short_fov: Scan, table: LabelTable
+) -> None:
+    """[prior] withhold_partial (the node's default): a change over part of a structure only is not shown
+    (phantom pairs: those changes were the wrong ones, README "Implants at follow-up"); whole ones are."""
+    plain, ruled = _compare(short_fov, prior), _compare(short_fov, prior, withhold_partial=True)
+    withheld = 0
+    for ch, ch0 in zip(ruled.changes, plain.changes, strict=True):
+        assert (ch.key, ch.side) == (ch0.key, ch0.side)
+        if ch0.compared and FLAG_PARTIAL_COMMON_RANGE in ch0.flags:
+            assert not ch.compared and ch.change_ml is None and ch.change_ratio is None
+            assert FLAG_PARTIAL_COMMON_RANGE in ch.flags
+            assert ch.reason.startswith("the field of view cuts it (common range ") and "change is not shown" in ch.reason
+            assert f"{ch0.common_range_mm[0]:.0f}" in ch.reason  # type: ignore[index]  # the range it was compared over
+            withheld += 1
+        else:
+            assert ch == ch0
+    assert withheld >= 16 and any(ch.compared for ch in ruled.changes)
+
+
 # --------------------------------------------------------------------------- (d) other slice spacing
 
 

@@ -326,7 +326,7 @@ def test_evaluate_implants_passes_its_options_writes_json_and_exits_0(monkeypatc
     argv = ["evaluate-implants", "--bundle", "b", "--pairs", "3", "--seed", "11", "--spacing", "4", "--json", str(out)]
     assert main(argv) == 0
     assert seen == {"bundle": Path("b"), "pairs": 3, "seed": 11, "spacing_mm": 4.0, "threshold_pct": 7.0,
-                    "slices_threshold_pct": 1.0, "uncertainty_samples": 2}
+                    "slices_threshold_pct": 1.0, "uncertainty_samples": 2, "withhold_partial": True}
     printed = capsys.readouterr().out
     assert "1 shown with |error| > 5 pp" in printed and str(out) in printed
     assert json.loads(out.read_text())["with_rule"]["wrong"] == 1
@@ -337,6 +337,9 @@ def test_evaluate_implants_passes_its_options_writes_json_and_exits_0(monkeypatc
     assert main(["evaluate-implants", "--threshold", "7.5", "--slices-threshold", "60"]) == 0
     assert seen["threshold_pct"] == 7.5 and seen["slices_threshold_pct"] == 60.0
     assert main(["evaluate-implants", "--uncertainty-samples", "0"]) == 0 and seen["uncertainty_samples"] == 0
+    assert main(["evaluate-implants", "--keep-partial"]) == 0 and seen["withhold_partial"] is False
+    config.write_text("[prior]\nwithhold_partial = false\n")
+    assert main(["evaluate-implants", "--config", str(config)]) == 0 and seen["withhold_partial"] is False
 
 
 def test_resend_queues_failed_items_again_once_and_checks_its_arguments(tmp_path: Path, capsys) -> None:  # noqa: ANN001
