@@ -196,7 +196,6 @@ def cmd_realcheck(args: argparse.Namespace) -> int:
 def cmd_evaluate_implants(args: argparse.Namespace) -> int:
     """Implant phantom pairs: every muscle's change within 5 pp of the truth or withheld (an evaluation: exit 0)."""
     from modelkit.implant_pairs import evaluate_implants
-
     from thighnode.settings import load_settings
 
     prior = load_settings(args.config).prior
@@ -265,28 +264,7 @@ def add_evaluation_commands(add: AddCommand) -> None:
                    help="allowed total change of the unaffected muscles of each leg (0.02 = 2 %%)")
     p.set_defaults(func=cmd_sidecheck, log_level="INFO")
 
-    p = add("evaluate-implants", "phantom pairs with an implant at follow-up: each muscle's change within 5 pp of the "
-            "truth, or withheld near metal with its reason (with and without the withholding rule)")
-    p.add_argument("--bundle", type=Path, default=DEMO_BUNDLE, help="default %(default)s")
-    p.add_argument("--pairs", type=int, default=6, help="number of pairs (default %(default)s)")
-    p.add_argument("--seed", type=int, default=18,
-                   help="subject set (default %(default)s, the test pairs; 17: the pairs the withholding thresholds "
-                        "were chosen on; no demo training or calibration set uses either)")
-    p.add_argument("--spacing", type=float, default=3.0, help="phantom voxel size in mm (default %(default)s)")
-    p.add_argument("--threshold", type=float, default=None, metavar="PCT",
-                   help="withhold from this share of voxels near metal (default: the node configuration's "
-                        "prior.metal_withhold_near_pct)")
-    p.add_argument("--slices-threshold", type=float, default=None, metavar="PCT",
-                   help="withhold from this share of voxels in slices holding metal (default: the node "
-                        "configuration's prior.metal_withhold_slices_pct)")
-    p.add_argument("--keep-partial", action="store_true",
-                   help="compare structures the field of view cuts over the common range (default: the node "
-                        "configuration's prior.withhold_partial, which withholds them)")
-    p.add_argument("--uncertainty-samples", type=int, default=2, choices=(0, 2, 3, 4), metavar="N",
-                   help="test-time augmentations per scan, as the node's [model] uncertainty_samples (default "
-                        "%(default)s; 0: off); each row records the largest volume CV and entropy of either scan")
-    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write every row and the summaries as JSON")
-    p.set_defaults(func=cmd_evaluate_implants, log_level="INFO")
+    _add_evaluate_implants(add)
 
     p = add("realcheck", "Dice and volumes of a bundle on the real TotalSegmentator hip CT against its reference labels")
     p.add_argument("--bundle", type=Path, default=None, help="default: the repository's demonstration bundle")
@@ -329,3 +307,28 @@ def add_offline_commands(add: AddCommand) -> None:
     add_training_commands(add)
     add_research_commands(add)
     add_evaluation_commands(add)
+
+
+def _add_evaluate_implants(add: AddCommand) -> None:
+    p = add("evaluate-implants", "phantom pairs with an implant at follow-up: each muscle's change within 5 pp of the "
+            "truth, or withheld near metal with its reason (with and without the withholding rule)")
+    p.add_argument("--bundle", type=Path, default=DEMO_BUNDLE, help="default %(default)s")
+    p.add_argument("--pairs", type=int, default=6, help="number of pairs (default %(default)s)")
+    p.add_argument("--seed", type=int, default=18,
+                   help="subject set (default %(default)s, the test pairs; 17: the pairs the withholding thresholds "
+                        "were chosen on; no demo training or calibration set uses either)")
+    p.add_argument("--spacing", type=float, default=3.0, help="phantom voxel size in mm (default %(default)s)")
+    p.add_argument("--threshold", type=float, default=None, metavar="PCT",
+                   help="withhold from this share of voxels near metal (default: the node configuration's "
+                        "prior.metal_withhold_near_pct)")
+    p.add_argument("--slices-threshold", type=float, default=None, metavar="PCT",
+                   help="withhold from this share of voxels in slices holding metal (default: the node "
+                        "configuration's prior.metal_withhold_slices_pct)")
+    p.add_argument("--keep-partial", action="store_true",
+                   help="compare structures the field of view cuts over the common range (default: the node "
+                        "configuration's prior.withhold_partial, which withholds them)")
+    p.add_argument("--uncertainty-samples", type=int, default=2, choices=(0, 2, 3, 4), metavar="N",
+                   help="test-time augmentations per scan, as the node's [model] uncertainty_samples (default "
+                        "%(default)s; 0: off); each row records the largest volume CV and entropy of either scan")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write every row and the summaries as JSON")
+    p.set_defaults(func=cmd_evaluate_implants, log_level="INFO")

@@ -19,7 +19,13 @@ from pipeline.compare import anatomical_profiles, compare_studies
 from pipeline.labels import LabelTable, load_label_table
 from pipeline.measure import MeasurementSettings, load_measurement_settings, measure
 from pipeline.profiles import BONE_HU
-from pipeline.types import AnatomicalProfiles, BoneProfile, Comparison, PatientInfo, Segmentation
+from pipeline.types import (
+    AnatomicalProfiles,
+    BoneProfile,
+    Comparison,
+    PatientInfo,
+    Segmentation,
+)
 from tests.pipeline.test_compare import HEIGHT_M, Scan, _scan, _volume
 
 SHIFT_MM = 37.0
@@ -227,12 +233,12 @@ def test_a_landmark_misplaced_by_metal_in_one_scan_only_is_replaced_by_the_regis
     and found 30 mm off; the prior's is good. Aligning on the misplaced landmark cut 30 mm off the common range
     (a trunk muscle at the top of the scan then showed -90 % on phantom pairs); the bone profiles (metal
     slices left out) place the scans as they are: no change."""
-    from pipeline.compare import _on_axis
+    from pipeline.alignment import on_axis
 
     full = _scan(table, settings)
     off = {side: -30.0 for side in ("right", "left")}
     misplaced = dataclasses.replace(
-        _on_axis(full.profiles, off),
+        on_axis(full.profiles, off),
         landmark_z_mm={s: (z + 30.0 if z is not None else None) for s, z in full.profiles.landmark_z_mm.items()},
         landmark_reliable={"right": False, "left": False},
     )
