@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import zlib
 from pathlib import Path
+from struct import error as struct_error
 from typing import BinaryIO
 
 from pydicom.dataset import Dataset
@@ -115,3 +116,54 @@ def write_part10(ds: Dataset, path: Path) -> None:
                 sink.write(b"\0")
         if isinstance(sink, _Deflater):
             sink.finish()
+
+
+INFLATE_STEP = 1024 * 1024
+"""A Deflated file's stream is inflated this many bytes at a time by :func:`read_leading`."""
+
+
+def read_leading(path: Path, last_tag: int) -> Dataset:
+    """The top-level elements of a Part 10 file up to ``last_tag`` (inclusive; never its Pixel Data), with
+    ``file_meta``; for a Deflated file only as much of the stream is inflated as they need.
+
+    pydicom's ``dcmread`` inflates a Deflated dataset whole, even with ``stop_before_pixels``: 730 MB in
+    memory to read the SOP Instance UID of the BINARY SEG of a 1000-slice CT (issue 24: the outbox's header
+    read and the audit's patient read, while the next output is built). Raises like ``dcmread`` for a file
+    that is not Part 10.
+    """
+    from pydicom import dcmread
+    from pydicom.filereader import read_dataset
+    from pynetdicom.dsutils import split_dataset
+
+    meta, offset = split_dataset(path)
+    ts = meta.get("TransferSyntaxUID")
+    if ts is None or not ts.is_deflated:
+        return dcmread(path, stop_before_pixels=True)
+
+    def stop(tag: int, vr: str | None, length: int) -> bool:
+        return tag > last_tag or tag == _PIXEL_DATA
+
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = bytearray()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        pending, eof = b"", False
+        while True:
+            if not pending and not eof:
+                pending = f.read(INFLATE_STEP)
+                eof = not pending
+            inflated += inflater.decompress(pending, INFLATE_STEP) if pending else inflater.flush()
+            pending = inflater.unconsumed_tail
+            done = eof and not pending
+            if done and not inflater.eof:
+                raise ValueError(f"{Path(path).name}: the Deflated dataset ends before its stream does (a cut file)")
+            buffer = io.BytesIO(bytes(inflated))
+            try:
+                ds = read_dataset(buffer, False, True, stop_when=stop)
+            except (EOFError, OSError, ValueError, struct_error):
+                if done:
+                    raise
+                continue
+            if buffer.tell() < len(inflated) or done:  # stopped at a later tag, or the whole dataset read
+                ds.file_meta = meta
+                return ds

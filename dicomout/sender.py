@@ -48,9 +48,15 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 from dicomout.errors import DestinationError, SendError
-from scp.association import AssociationSettings, RemoteAE, create_ae, request_association
-from scp.tls import TlsConfig, client_context
+from dicomout.files import read_leading
+from scp.association import (
+    AssociationSettings,
+    RemoteAE,
+    create_ae,
+    request_association,
+)
 from scp.status import STATUS_SUCCESS, describe_status, is_permanent_failure, is_stored
+from scp.tls import TlsConfig, client_context
 from scp.validate import is_valid_uid, validate_ae_title
 
 LOGGER = logging.getLogger(__name__)
@@ -249,7 +255,7 @@ def _chunk_by_contexts(headers: list[_ObjectHeader]) -> Iterator[tuple[list[_Obj
 def _read_header(index: int, path: Path) -> _ObjectHeader | SendResult:
     """The header of a Part 10 file, or a permanent failure result."""
     try:
-        ds = dcmread(path, stop_before_pixels=True)
+        ds = read_leading(path, 0x00080018)  # up to SOPInstanceUID; a Deflated SEG is not inflated whole
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
         return SendResult(path, "", "", None, False, f"cannot read {path} as a DICOM Part 10 file: {exc}", True)
     meta = getattr(ds, "file_meta", None)

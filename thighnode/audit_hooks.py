@@ -18,8 +18,7 @@ import math
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import pydicom
-
+from dicomout.files import read_leading
 from dicomout.outbox import OutboxItem
 from node_errors import NodeError
 from dicomout.sender import Destination
@@ -65,7 +64,7 @@ def build_audit_trail(settings: Settings) -> AuditTrail | None:
 def read_patient(path: Path) -> tuple[str, str]:
     """(PatientID, PatientName) of a DICOM file, ("", "") when it cannot be read."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID", "PatientName"])
+        ds = read_leading(path, 0x00100020)  # up to PatientID: a Deflated SEG is not inflated whole
     except Exception as exc:  # noqa: BLE001 - the audit message is still written, without the patient
         log.warning("audit: patient identifiers of %s not readable (%s)", path.name, type(exc).__name__)
         return "", ""

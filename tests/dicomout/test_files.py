@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+)
 
 from dicomout import files
 from dicomout.files import write_part10
@@ -59,3 +64,68 @@ def test_write_part10_pads_odd_pixel_data_and_fills_file_meta(tmp_path: Path) ->
     read = pydicom.dcmread(ours)
     assert read.file_meta.MediaStorageSOPInstanceUID == "2.25.7"
     assert read.PixelData[:3] == b"\x01\x02\x03"
+
+
+def _big_deflated(path: Path, pixel_mb: int = 48) -> Path:
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.91"
+    ds.PatientName = "Test^Leading"
+    ds.PatientID = "TN-LEAD-1"
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.92"
+    ds.PixelData = bytes(pixel_mb * 1024 * 1024)
+    ds["PixelData"].VR = "OB"
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    write_part10(ds, path)
+    return path
+
+
+def test_read_leading_inflates_only_what_the_leading_elements_need(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A Deflated file's header without inflating its 48 MB of Pixel Data (pydicom's dcmread inflates it all)."""
+    path = _big_deflated(tmp_path / "big.dcm")
+    inflated: list[int] = []
+    real = files.zlib.decompressobj
+
+    class Counting:
+        def __init__(self, *args) -> None:  # noqa: ANN002
+            self._d = real(*args)
+
+        def decompress(self, data: bytes, max_length: int = 0) -> bytes:
+            out = self._d.decompress(data, max_length)
+            inflated.append(len(out))
+            return out
+
+        def flush(self) -> bytes:
+            out = self._d.flush()
+            inflated.append(len(out))
+            return out
+
+        @property
+        def unconsumed_tail(self) -> bytes:
+            return self._d.unconsumed_tail
+
+    monkeypatch.setattr(files.zlib, "decompressobj", Counting)
+    ds = files.read_leading(path, 0x00100020)
+    assert ds.PatientID == "TN-LEAD-1" and str(ds.PatientName) == "Test^Leading"
+    assert ds.SOPInstanceUID == "1.2.826.0.1.3680043.8.498.91" and "StudyInstanceUID" not in ds
+    assert ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    assert 0 < sum(inflated) <= 2 * files.INFLATE_STEP  # of 48 MB
+    whole = files.read_leading(path, 0x7FE00010)  # everything before the Pixel Data, never the Pixel Data
+    assert whole.StudyInstanceUID == "1.2.826.0.1.3680043.8.498.92" and "PixelData" not in whole
+
+
+def test_read_leading_of_a_native_file_and_of_a_damaged_one(tmp_path: Path) -> None:
+    path = _big_deflated(tmp_path / "big.dcm", pixel_mb=1)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    native = tmp_path / "native.dcm"
+    ds.save_as(native, enforce_file_format=True)
+    head = files.read_leading(native, 0x00100020)
+    assert head.PatientID == "TN-LEAD-1" and "PixelData" not in head
+    damaged = tmp_path / "damaged.dcm"
+    damaged.write_bytes(path.read_bytes()[:400])  # meta and the start of the deflated stream only
+    with pytest.raises(Exception):  # noqa: B017, PT011 - whatever dcmread would raise for a cut file
+        files.read_leading(damaged, 0x7FE00010)
