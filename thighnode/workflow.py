@@ -27,12 +27,15 @@ recorded with its reason. When no CT arrived since the model's results, that is 
 (``result["kind"] = "correction"``; declined when every SEG was refused): the model does not run again.
 
 Outputs are written under ``<data_dir>/outputs/<StudyInstanceUID>/`` (``<name>_<SOPInstanceUID>.dcm``) with UIDs derived
-from the source series and the model version (reprocessing replaces them in the PACS). Each is
-queued in the outbox for every configured destination as soon as it is written (the SEG is on its
-way to the PACS while the SR and the PDF are built; ``on_queued`` wakes the sender); a later output
-that fails leaves the job failed with a reason naming what was already queued. The job is marked
-done only after the last one, so a crash before it re-runs the job and re-queues the same objects
-(the outbox is idempotent on destination and SOP Instance UID).
+from the source series and the model version (reprocessing replaces them in the PACS). In the node's
+own workers (``on_queued`` given: it wakes the node's sender) each is queued in the outbox for every
+configured destination as soon as it is written: the SEG is on its way to the PACS while the SR and
+the PDF are built, and a later output that fails leaves the job failed with a reason naming what was
+already queued. A Celery worker (no ``on_queued``: the node's sender runs on its own tick) queues them
+all when the last one is written, so that a task killed and redelivered sends each output once. The
+job is marked done only after the queueing, so a crash before it re-runs the job and re-queues the
+same objects (the outbox is idempotent on destination and SOP Instance UID; an output queued early
+by the crashed run may be sent again, with the same UIDs, replacing it in the PACS).
 """
 
 from __future__ import annotations
@@ -272,10 +275,14 @@ class Workflow:
             if destinations and self._on_queued is not None:
                 self._on_queued()
 
-        outputs = self._build_outputs(job, context, timings, queue=None if held else queue)
+        early = not held and self._on_queued is not None  # the node's own workers (module docstring)
+        outputs = self._build_outputs(job, context, timings, queue=queue if early else None)
         result["outputs"] = [{"kind": o.kind, "sop_instance_uid": o.sop_instance_uid, "path": str(o.path)} for o in outputs]
         if held:
             return held
+        if not early:
+            with _stage(job, "queue", timings):
+                destinations = self._queue(job, outputs)
         if destinations:
             reason = f"{'+'.join(o.kind.upper() for o in outputs)} queued to {', '.join(destinations)}"
         else:

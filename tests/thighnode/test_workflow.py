@@ -191,11 +191,28 @@ def test_an_output_failing_after_the_seg_was_queued_fails_the_job_naming_what_we
         raise OutputError("the report could not be rendered (test)")
 
     monkeypatch.setattr(PdfOutput, "build", broken)
-    _, outcome, _, outbox = _run(tmp_path, phantom_study)
+    _, outcome, _, outbox = _run(tmp_path, phantom_study, on_queued=lambda: None)
     assert outcome.state == "failed"
     assert outcome.reason.startswith("the report could not be rendered (test)")
     assert outcome.reason.endswith("(already queued before the failure: SEG, SR)")
     assert sorted(Path(i.path).name.split("_")[0] for i in outbox.items(study_uid=STUDY)) == ["seg", "sr"]
+
+
+def test_without_a_sender_to_wake_outputs_are_queued_only_when_the_last_one_is_written(
+    tmp_path: Path, phantom_study, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    """A Celery worker has no sender to wake: it queues at the end, so a task killed after the SEG was
+    written and redelivered to another worker sends every output once (tests/integration/test_celery_workers)."""
+    from dicomout.errors import OutputError
+    from dicomout.outputs.pdf import PdfOutput
+
+    def broken(self, context, built):  # noqa: ANN001, ANN202
+        raise OutputError("the report could not be rendered (test)")
+
+    monkeypatch.setattr(PdfOutput, "build", broken)
+    _, outcome, _, outbox = _run(tmp_path, phantom_study)
+    assert outcome.state == "failed" and outcome.reason == "the report could not be rendered (test)"
+    assert outbox.items(study_uid=STUDY) == [] and "queued" not in outcome.result
 
 
 def test_reprocessing_replaces_outputs_with_the_same_uids(tmp_path: Path, phantom_study) -> None:  # noqa: ANN001
