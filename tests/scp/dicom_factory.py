@@ -137,3 +137,15 @@ def encode_dataset(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -
         compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
         data = compressor.compress(data) + compressor.flush()
     return data
+
+
+def c_get_part10(ds: Dataset, source_ae: str = "PACS") -> bytes:
+    """A CT dataset as a C-GET sink receives it: the node's Part 10 head (scp.spool.file_head) then the
+    dataset in Explicit VR Little Endian."""
+    from scp.spool import file_head
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return file_head(meta, source_ae) + encode_dataset(ds)

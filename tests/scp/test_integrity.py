@@ -247,14 +247,7 @@ def test_the_c_get_sink_refuses_a_truncated_instance_like_the_ingress(tmp_path) 
     from scp.errors import IngressError
     from scp.index import InstanceIndex
     from scp.instance_sink import store_into
-    from scp.spool import file_head
-
-    def part10(ds: Dataset) -> bytes:
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        return file_head(meta, "PACS") + encode_dataset(ds)
+    from tests.scp.dicom_factory import c_get_part10 as part10
 
     with InstanceIndex(tmp_path / "node.db") as index:
         store = store_into(index, tmp_path / "spool", "PACS")

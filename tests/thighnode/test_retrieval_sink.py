@@ -5,24 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from scp.errors import IngressError
 from scp.index import InstanceIndex
-from scp.spool import file_head
-from tests.scp.dicom_factory import encode_dataset
+from tests.scp.dicom_factory import c_get_part10 as _part10
 from tests.scp.test_integrity import _ct
 from thighnode.priors import retrieval_sink
 from thighnode.settings import load_settings
-
-
-def _part10(ds: Dataset) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return file_head(meta, "PACS") + encode_dataset(ds)
 
 
 def test_the_sink_applies_the_configured_element_limit(tmp_path: Path) -> None:
