@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from modelkit.phantom_types import IMPLANT_KINDS
+from pipeline.types import FLAG_PARTIAL_COMMON_RANGE
 
 logger = logging.getLogger(__name__)
 
@@ -331,7 +332,7 @@ def pair_rows(pair: ImplantPair, truth: Mapping[tuple[str, str], float], ruled, 
                 volume_cv_pct=(uncertainty or {}).get((key, side), (None, None))[0],
                 mean_entropy=(uncertainty or {}).get((key, side), (None, None))[1],
                 prior_ml=ch0.prior_volume_ml if ch0 is not None else None,
-                partial=ch0 is not None and "partial_common_range" in ch0.flags,
+                partial=ch0 is not None and FLAG_PARTIAL_COMMON_RANGE in ch0.flags,
             ))
     return rows
 
